@@ -1,0 +1,68 @@
+"""The ``msgate`` command: one typer sub-app per group, one file per group (typer docs)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from msgate import __version__
+from msgate.cli import audit_cmd, db_cmd, keys_cmd, serve_cmd
+from msgate.cli.common import State, err_console
+from msgate.config import load_settings
+from msgate.errors import MsgateError
+from msgate.log import setup_logging
+
+app = typer.Typer(name="msgate", help="msgate: hospital-side AI worker for MS (DICOM + HL7 in, SR + ORU out).",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(keys_cmd.app, name="keys", help="Key ring: init, rotate, status, retire.")
+app.add_typer(db_cmd.app, name="db", help="Database migrations.")
+app.add_typer(audit_cmd.app, name="audit", help="Audit chain: verify, tail.")
+app.command("serve")(serve_cmd.serve)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"msgate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    """Settings come from MSGATE_* environment variables and the optional --config TOML file."""
+    settings = load_settings(config)
+    setup_logging(settings.log_level, settings.log_format)
+    ctx.obj = State(settings, debug=debug)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except MsgateError as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2 if exc.code in ("config", "key_permissions", "key_not_found") else 1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # the CLI's edge: one line, no traceback, unless --debug
+        if debug:
+            raise
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        err_console.print(f"[red]error:[/red] unexpected {type(exc).__name__}; rerun with --debug for details")
+        sys.exit(1)

@@ -1,0 +1,96 @@
+"""``msgate serve [--role ...]``: run one role, or every role in one process group (``all``).
+
+A role is a function ``run(store: Store, stop: threading.Event) -> None`` that blocks until ``stop``
+is set. Roles are imported lazily, so the light roles never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+import time
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+from msgate.cli.common import state
+from msgate.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, Enum):
+    all = "all"
+    dicom = "dicom"
+    hl7 = "hl7"
+    scheduler = "scheduler"
+    worker = "worker"
+    publish = "publish"
+    keys = "keys"
+
+
+ROLE_RUNNERS: dict[str, str] = {
+    "dicom": "msgate.listener.server:run",
+    "hl7": "msgate.hl7.server:run",
+    "scheduler": "msgate.workers.scheduler:run",
+    "worker": "msgate.workers.worker:run",
+    "publish": "msgate.results.outbox:run",
+    "keys": "msgate.model.he_keys:run",
+}
+
+
+def runner(role: str) -> Any:
+    module_name, func = ROLE_RUNNERS[role].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return None
+        raise
+    return getattr(module, func, None)
+
+
+def available_roles() -> list[str]:
+    return [role for role in ROLE_RUNNERS if runner(role) is not None]
+
+
+def serve(
+    ctx: typer.Context,
+    role: Annotated[Role, typer.Option("--role", "-r", help="which role to run")] = Role.all,
+) -> None:
+    """Run msgate's services until SIGINT/SIGTERM."""
+    st = state(ctx)
+    store = st.store(create_keys=True)
+    roles = available_roles() if role is Role.all else [role.value]
+    runners = {name: runner(name) for name in roles}
+    missing = [name for name, fn in runners.items() if fn is None]
+    if missing:
+        raise ConfigError(f"role {', '.join(missing)} is not available in this build")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = [threading.Thread(target=_guard, args=(name, fn, store, stop), name=f"role-{name}", daemon=True)
+               for name, fn in runners.items()]
+    for thread in threads:
+        thread.start()
+    log.info("msgate started", extra={"role": ",".join(roles) or "none", "count": len(roles)})
+    while not stop.is_set() and (not threads or any(t.is_alive() for t in threads)):
+        stop.wait(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=15)
+    store.close()
+    log.info("msgate stopped", extra={"role": ",".join(roles)})
+
+
+def _guard(name: str, fn: Any, store: Any, stop: threading.Event) -> None:
+    """Run one role; a crash stops the whole process group so a supervisor restarts it."""
+    started = time.monotonic()
+    try:
+        fn(store, stop)
+    except Exception:
+        log.exception("role crashed", extra={"role": name, "elapsed_s": round(time.monotonic() - started, 1)})
+        stop.set()

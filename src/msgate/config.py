@@ -1,0 +1,197 @@
+"""One Settings object (pydantic-settings), built in the CLI and passed down; never at import time.
+
+Sources, highest priority first: keyword overrides, environment variables ``MSGATE_*`` (nested with
+``__``, e.g. ``MSGATE_DICOM__PORT=11113``), the TOML file given with ``--config``, then defaults.
+Invalid settings raise one :class:`~msgate.errors.ConfigError` that names the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from msgate.errors import ConfigError
+
+PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "password", "secret", "example"})
+
+
+class TlsSettings(BaseModel):
+    """Optional TLS for a listener. With ``ca_file`` set, client certificates are required."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+
+
+def _check_networks(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"not an IP network: {value!r}") from exc
+    return values
+
+
+class DicomSettings(BaseModel):
+    """The DICOM listener (C-ECHO, C-STORE SCP)."""
+
+    ae_title: str = Field("MSGATE", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    max_pdu: int = Field(262_144, ge=0, description="0 means unlimited")
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    max_associations: int = Field(32, ge=1)
+    allowed_aets: list[str] = Field(default_factory=list, description="empty: any calling AE (warned at start)")
+    allowed_networks: list[str] = Field(default_factory=list, description="empty: any source address")
+    quiet_seconds: float = Field(10.0, gt=0, description="a study with no new instance for this long is stable")
+    tls: TlsSettings = TlsSettings()
+
+    _nets = field_validator("allowed_networks")(_check_networks)
+
+
+class Hl7Settings(BaseModel):
+    """The HL7 v2 MLLP feed and the identity msgate uses in messages it sends."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(2575, ge=0, le=65535)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    idle_timeout: float = Field(600.0, gt=0)
+    allowed_networks: list[str] = Field(default_factory=list)
+    sending_application: str = "MSGATE"
+    sending_facility: str = "MSGATE"
+    tls: TlsSettings = TlsSettings()
+
+    _nets = field_validator("allowed_networks")(_check_networks)
+
+
+class PacsDestination(BaseModel):
+    """A C-STORE destination for results (SR, SEG, parametric map, SC)."""
+
+    name: str = "pacs"
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    ae_title: str = Field("PACS", min_length=1, max_length=16)
+
+
+class Hl7Destination(BaseModel):
+    """The interface engine that receives ORU^R01 over MLLP."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(2576, ge=1, le=65535)
+    receiving_application: str = "EHR"
+    receiving_facility: str = "HOSPITAL"
+
+
+class StorageSettings(BaseModel):
+    """Blob store and retention."""
+
+    blob_backend: Literal["local", "postgres"] = "local"
+    chunk_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    min_free_bytes: int = Field(2 * 1024**3, ge=0, description="below this, ingest answers out-of-resources")
+    retention_days: float = Field(30.0, ge=0, description="purge source images this long after delivery")
+
+
+class MetricsSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything msgate reads from its environment. See README "Configuration"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MSGATE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Path("./var")
+    database_url: str | None = Field(None, description="None: SQLite under home; postgresql+psycopg://... in production")
+    broker_url: str | None = Field(None, description="None: durable embedded queue under home; redis://... in production")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "kv"] = "json"
+    dicom: DicomSettings = DicomSettings()
+    hl7: Hl7Settings = Hl7Settings()
+    pacs: list[PacsDestination] = Field(default_factory=list)
+    hl7_out: Hl7Destination | None = None
+    storage: StorageSettings = StorageSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _no_placeholder_password(cls, value: str | None) -> str | None:
+        if value and "@" in value and ":" in value.split("@", 1)[0].split("//", 1)[-1]:
+            password = value.split("@", 1)[0].split("//", 1)[-1].split(":", 1)[1]
+            if password.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("uses a placeholder password; set a real secret")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    # Derived locations under home. Roles create them on start, not here.
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'msgate.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.home / 'queue.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def keyring_path(self) -> Path:
+        return self.home / "keys" / "keyring.json"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.database_url is None or self.resolved_database_url.startswith("sqlite")
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return "MSGATE_" + "__".join(str(part).upper() for part in loc if not isinstance(part, int))
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the Settings; raise ConfigError naming the first invalid setting."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+
+    try:
+        loaded = _FileSettings(**overrides) if config_file else Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"invalid setting {_env_name(first['loc'])}: {first['msg']}") from None
+    except ValueError as exc:  # a malformed TOML file or env value that is not valid JSON
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    return Settings.model_validate(loaded.model_dump()) if config_file else loaded

@@ -1,0 +1,96 @@
+"""PHI-safe structured logging (stdlib ``logging``, one JSON or key=value line per record).
+
+Rules (STYLE.md, "Logging"):
+- ``extra`` keys outside :data:`ALLOWED_FIELDS` are dropped, so a dataset or a name passed by mistake
+  never reaches the output;
+- exceptions are rendered as their type and stack frames only, never their message text, because
+  third-party messages (pydicom, hl7apy, drivers) may quote field values;
+- pynetdicom's identifier logging is switched off and its debug handlers stay silent.
+Use :func:`uid_hash` (a keyed hash) when a UID is needed for correlation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+ALLOWED_FIELDS = frozenset(
+    {
+        "instance_id", "study_id", "series_id", "message_id", "patient_id", "job_id", "blob_id",
+        "outbox_id", "case_id", "assoc_id", "conn_id", "reason", "status", "code", "duration_ms",
+        "role", "host", "port", "count", "bytes", "kek_id", "state", "attempt", "peer", "calling_aet",
+        "msg_type", "version", "uid_hash", "error_type", "ack", "queue", "device", "worker",
+        "destination", "seq", "elapsed_s", "batch", "sop_class", "transfer_syntax", "model_version",
+    }
+)
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
+
+
+def _safe_exception(exc_info: Any) -> dict[str, Any]:
+    exc_type, exc, tb = exc_info
+    frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(tb)]
+    return {"error_type": getattr(exc_type, "__name__", str(exc_type)), "stack": frames[-8:]}
+
+
+def safe_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The allowlisted ``extra`` fields of a record; everything else is dropped."""
+    fields: dict[str, Any] = {}
+    for key, value in vars(record).items():
+        if key in _STANDARD_ATTRS or key.startswith("_"):
+            continue
+        if key in ALLOWED_FIELDS:
+            fields[key] = value if isinstance(value, (int, float, bool)) or value is None else str(value)
+    return fields
+
+
+class SafeFormatter(logging.Formatter):
+    """Render a record as one JSON object (``json``) or ``key=value`` pairs (``kv``)."""
+
+    def __init__(self, style: str = "json") -> None:
+        super().__init__()
+        self.output_style = style
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+        }
+        doc.update(safe_fields(record))
+        if record.exc_info and record.exc_info[0] is not None:
+            doc.update(_safe_exception(record.exc_info))
+        if self.output_style == "json":
+            return json.dumps(doc, default=str, ensure_ascii=False)
+        return " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, str) or ' ' in v else v}"
+                        for k, v in doc.items())
+
+
+def quiet_pynetdicom() -> None:
+    """Switch off pynetdicom's identifier logging and its chatty (UID-printing) handlers."""
+    from pynetdicom import _config as pynd_config
+
+    pynd_config.LOG_REQUEST_IDENTIFIERS = False
+    pynd_config.LOG_RESPONSE_IDENTIFIERS = False
+    pynd_config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def setup_logging(level: str = "INFO", style: str = "json", stream: TextIO | None = None) -> None:
+    """Install the PHI-safe formatter on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_msgate", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(SafeFormatter(style))
+    handler._msgate = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    quiet_pynetdicom()
+    for noisy in ("hl7apy", "pydicom", "highdicom", "celery", "kombu", "amqp", "alembic", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,1 @@
+"""msgate.model"""

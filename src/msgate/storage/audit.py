@@ -1,0 +1,106 @@
+"""Append-only, hash-chained audit log of ingests, decryptions, sends, operator actions and key events.
+
+``hash_n = sha256(hash_{n-1} | canonical JSON of event n)``. The chain tip lives in ``audit_head``,
+locked by each append (``SELECT ... FOR UPDATE``; SQLite serialises writers anyway), so concurrent
+writers cannot fork the chain. :func:`verify` names the first record that was edited, deleted or
+reordered, and notices a deleted tail through the head. Details hold internal ids only, never PHI.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from msgate.storage.models import AuditEvent, AuditHead, utcnow
+
+GENESIS = "0" * 64
+
+
+def canonical(*, seq: int, ts: datetime, kind: str, actor: str, subject: str, detail: dict[str, Any]) -> bytes:
+    doc = {"seq": seq, "ts": ts.astimezone(UTC).isoformat(timespec="microseconds"), "kind": kind,
+           "actor": actor, "subject": subject, "detail": detail}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def chain_hash(prev_hash: str, body: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"|" + body).hexdigest()
+
+
+def operator() -> str:
+    """The actor name for CLI actions: the OS user running the command."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli:unknown"
+
+
+def append(session: Session, *, kind: str, actor: str, subject: str = "",
+           detail: dict[str, Any] | None = None) -> AuditEvent:
+    """Add one event to the chain inside the caller's transaction."""
+    head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
+    ts = utcnow()
+    seq = head.seq + 1
+    payload = json.loads(json.dumps(detail or {}, default=str))
+    digest = chain_hash(head.hash, canonical(seq=seq, ts=ts, kind=kind, actor=actor, subject=subject, detail=payload))
+    event = AuditEvent(seq=seq, ts=ts, kind=kind, actor=actor, subject=subject, detail=payload,
+                       prev_hash=head.hash, hash=digest)
+    head.seq, head.hash = seq, digest
+    session.add(event)
+    session.add(head)
+    return event
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    reason: str = ""
+
+
+def verify(session: Session, batch: int = 5000) -> Verification:
+    """Walk the whole chain in order; stop at the first inconsistency."""
+    prev_hash, expected_seq, checked = GENESIS, 1, 0
+    last_seq = 0
+    while True:
+        rows: Sequence[AuditEvent] = session.exec(
+            select(AuditEvent).where(AuditEvent.seq > last_seq).order_by(col(AuditEvent.seq)).limit(batch)
+        ).all()
+        if not rows:
+            break
+        for event in rows:
+            problem = _check(event, expected_seq, prev_hash)
+            if problem:
+                return Verification(False, checked, event.seq if "missing" not in problem else expected_seq, problem)
+            prev_hash, expected_seq, checked, last_seq = event.hash, event.seq + 1, checked + 1, event.seq
+    head = session.get(AuditHead, 1)
+    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev_hash):
+        return Verification(False, checked, expected_seq, f"records after seq {expected_seq - 1} were deleted "
+                            f"(head says {head.seq})")
+    return Verification(True, checked)
+
+
+def _check(event: AuditEvent, expected_seq: int, prev_hash: str) -> str:
+    if event.seq != expected_seq:
+        return f"record {expected_seq} is missing (next is {event.seq})"
+    if event.prev_hash != prev_hash:
+        return f"record {event.seq} does not link to its predecessor (deleted or reordered)"
+    body = canonical(seq=event.seq, ts=event.ts, kind=event.kind, actor=event.actor, subject=event.subject,
+                     detail=event.detail)
+    if chain_hash(prev_hash, body) != event.hash:
+        return f"record {event.seq} was altered (its hash does not match its content)"
+    return ""
+
+
+def tail(session: Session, limit: int = 20, kind: str | None = None) -> list[AuditEvent]:
+    query = select(AuditEvent).order_by(col(AuditEvent.seq).desc()).limit(limit)
+    if kind:
+        query = query.where(col(AuditEvent.kind).startswith(kind))
+    return list(reversed(session.exec(query).all()))

@@ -1,0 +1,263 @@
+"""Encrypted blobs behind one interface, with two body backends.
+
+- ``LocalBodies`` (embedded default): one file per blob under ``MSGATE_HOME/blobs``, written atomically
+  (temp file, fsync, rename, fsync of the folder). Paths use random blob ids, never UIDs.
+- ``PostgresBodies``: ciphertext chunks as rows of ``blob_chunk``, streamed in and out one row at a
+  time, inside the caller's transaction; workers on several machines then share one store.
+
+:class:`Blobs` does the envelope encryption and keeps the ``blob`` index row (wrapped data key).
+Memory stays bounded by the chunk size in both directions.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from sqlalchemy import delete, insert, select
+from sqlmodel import Session
+
+from msgate.errors import TamperedData, TruncatedData
+from msgate.storage import crypto
+from msgate.storage.db import Database
+from msgate.storage.keyring import KeyRing
+from msgate.storage.models import Blob, BlobChunk, new_id, utcnow
+
+Source = bytes | bytearray | memoryview | Path | BinaryIO
+
+
+class Bodies(Protocol):
+    name: str
+
+    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int: ...
+    def reader(self, session: Session, blob_id: str) -> Callable[[int], bytes]: ...
+    def delete(self, session: Session, blob_id: str) -> None: ...
+    def exists(self, session: Session, blob_id: str) -> bool: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBodies:
+    """Blob bodies as files; a write is durable when it returns."""
+
+    name = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, blob_id: str) -> Path:
+        return self.root / blob_id[:2] / blob_id[2:4] / blob_id
+
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        created = [p for p in (folder.parent, folder) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for made in created:
+            _fsync_dir(made.parent)
+
+    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int:
+        target = self.path(blob_id)
+        self._ensure_dir(target.parent)
+        tmp = target.with_name(f".{blob_id}.tmp")
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                size += len(piece)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return size
+
+    def reader(self, session: Session, blob_id: str) -> Callable[[int], bytes]:
+        path = self.path(blob_id)
+        if not path.exists():
+            raise TruncatedData(f"blob {blob_id} has no body on disk (deleted or never written)")
+        handle = path.open("rb")
+        return _closing_reader(handle)
+
+    def delete(self, session: Session, blob_id: str) -> None:
+        self.path(blob_id).unlink(missing_ok=True)
+
+    def exists(self, session: Session, blob_id: str) -> bool:
+        return self.path(blob_id).exists()
+
+
+def _closing_reader(handle: BinaryIO) -> Callable[[int], bytes]:
+    def read(n: int) -> bytes:
+        data = handle.read(n)
+        if len(data) < n:
+            handle.close()
+        return data
+
+    return read
+
+
+class _PieceReader:
+    """Turns an iterator of byte pieces into a read(n) callable without holding more than needed."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.pieces = pieces
+        self.buffer = bytearray()
+
+    def __call__(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            piece = next(self.pieces, None)
+            if piece is None:
+                break
+            self.buffer += piece
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+
+class PostgresBodies:
+    """Blob bodies as ``blob_chunk`` rows (seq 0 is the header, then one row per ciphertext chunk)."""
+
+    name = "postgres"
+
+    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int:
+        size = 0
+        for seq, piece in enumerate(pieces):
+            session.execute(insert(BlobChunk), {"blob_id": blob_id, "seq": seq, "data": piece})
+            size += len(piece)
+        return size
+
+    def reader(self, session: Session, blob_id: str) -> Callable[[int], bytes]:
+        rows = session.execute(
+            select(BlobChunk.data).where(BlobChunk.blob_id == blob_id).order_by(BlobChunk.seq)  # type: ignore[arg-type]
+            .execution_options(stream_results=True, yield_per=1)
+        ).scalars()
+        return _PieceReader(iter(rows))
+
+    def delete(self, session: Session, blob_id: str) -> None:
+        session.execute(delete(BlobChunk).where(BlobChunk.blob_id == blob_id))  # type: ignore[arg-type]
+
+    def exists(self, session: Session, blob_id: str) -> bool:
+        found = session.execute(
+            select(BlobChunk.seq).where(BlobChunk.blob_id == blob_id).limit(1)  # type: ignore[arg-type]
+        ).first()
+        return found is not None
+
+
+def _source_reader(source: Source) -> tuple[Callable[[int], bytes], Callable[[], None]]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream: BinaryIO = io.BytesIO(source)
+    elif isinstance(source, Path):
+        stream = source.open("rb")
+    else:
+        return source.read, lambda: None
+    return stream.read, stream.close
+
+
+class Blobs:
+    """The encrypted blob store: ``put`` in the caller's transaction, ``open``/``read`` to decrypt."""
+
+    def __init__(self, *, db: Database, ring: KeyRing, bodies: Bodies, chunk_bytes: int = crypto.DEFAULT_CHUNK):
+        self.db = db
+        self.ring = ring
+        self.bodies = bodies
+        self.chunk_bytes = chunk_bytes
+
+    def write_body(self, session: Session, *, kind: str, source: Source) -> Blob:
+        """Encrypt and write the body (durable on return); return the index row, not yet added."""
+        blob_id = new_id()
+        dek, wrapped = crypto.new_data_key(self.ring, blob_id=blob_id, kind=kind)
+        counted = _Counting(*_source_reader(source))
+        try:
+            pieces = crypto.encrypt_stream(dek, counted.read, blob_id=blob_id, kind=kind, chunk_size=self.chunk_bytes)
+            stored = self.bodies.write(session, blob_id, pieces)
+        finally:
+            counted.close()
+        return Blob(id=blob_id, kind=kind, backend=self.bodies.name, kek_id=wrapped.kek_id,
+                    wrapped_dek=wrapped.wrapped, size=counted.total, stored_size=stored, created_at=utcnow())
+
+    def put(self, session: Session, *, kind: str, source: Source) -> Blob:
+        """Write the body and add the index row to ``session``; durable once the caller commits."""
+        blob = self.write_body(session, kind=kind, source=source)
+        session.add(blob)
+        return blob
+
+    def discard_body(self, session: Session, blob_id: str) -> None:
+        """Remove a body whose index row was never committed (lost race, rolled-back ingest)."""
+        self.bodies.delete(session, blob_id)
+
+    def _dek(self, blob: Blob) -> bytes:
+        return crypto.unwrap_key(self.ring, crypto.WrappedKey(blob.kek_id, blob.wrapped_dek),
+                                 blob_id=blob.id, kind=blob.kind)
+
+    def open(self, session: Session, blob_id: str) -> Iterator[bytes]:
+        """Plaintext chunks of a blob; raises a CryptoError subclass instead of returning garbage."""
+        blob = session.get(Blob, blob_id)
+        if blob is None:
+            raise TamperedData(f"blob {blob_id} has no index row")
+        if blob.purged_at is not None:
+            raise TruncatedData(f"blob {blob_id} was purged by retention at {blob.purged_at:%Y-%m-%d}")
+        dek = self._dek(blob)
+        return crypto.decrypt_stream(dek, self.bodies.reader(session, blob_id), blob_id=blob.id, kind=blob.kind)
+
+    def read(self, session: Session, blob_id: str) -> bytes:
+        return b"".join(self.open(session, blob_id))
+
+    def read_to(self, session: Session, blob_id: str, target: BinaryIO) -> int:
+        total = 0
+        for chunk in self.open(session, blob_id):
+            target.write(chunk)
+            total += len(chunk)
+        return total
+
+    def rewrap(self, blob: Blob) -> bool:
+        """Re-wrap the blob's data key under the active KEK (body untouched). False if already there."""
+        if blob.kek_id == self.ring.active_id:
+            return False
+        wrapped = crypto.wrap_key(self.ring.active, self._dek(blob), blob_id=blob.id, kind=blob.kind)
+        blob.kek_id, blob.wrapped_dek = wrapped.kek_id, wrapped.wrapped
+        return True
+
+    def purge(self, session: Session, blob: Blob) -> None:
+        """Delete the body, keep the index row (marked purged) for the audit trail."""
+        self.bodies.delete(session, blob.id)
+        blob.purged_at = utcnow()
+        session.add(blob)
+
+
+class _Counting:
+    def __init__(self, read: Callable[[int], bytes], close: Callable[[], None]) -> None:
+        self._read, self.close, self.total = read, close, 0
+
+    def read(self, n: int) -> bytes:
+        data = self._read(n)
+        self.total += len(data)
+        return data
+
+
+def make_bodies(backend: str, blob_dir: Path) -> Bodies:
+    return PostgresBodies() if backend == "postgres" else LocalBodies(blob_dir)
+
+
+def free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

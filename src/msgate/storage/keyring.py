@@ -1,0 +1,149 @@
+"""The key ring: key-encryption keys (KEKs) with ids, and the blind-index key.
+
+A JSON file under ``MSGATE_HOME/keys``, mode 0600, made by ``msgate keys init``. The service refuses
+to start when the file or its folder is readable by group or others. ``rotate`` adds a new active
+KEK; old KEKs stay until every data key they wrap has been re-wrapped, then they can be retired.
+In production, put the file on an encrypted volume or mount it as a secret (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from msgate.errors import ConfigError, KeyFilePermissions, KeyNotFound
+
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Kek:
+    """One key-encryption key. ``retired`` keys are kept for reading only until dropped."""
+
+    id: str
+    key: bytes = field(repr=False)
+    created: datetime
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The loaded key ring. ``index_key`` keys the HMAC blind indexes and the log hashes."""
+
+    keks: tuple[Kek, ...]
+    active_id: str
+    index_key: bytes = field(repr=False)
+    path: Path | None = None
+
+    @property
+    def active(self) -> Kek:
+        return self.get(self.active_id)
+
+    def get(self, kek_id: str) -> Kek:
+        for kek in self.keks:
+            if kek.id == kek_id:
+                return kek
+        raise KeyNotFound(f"key {kek_id!r} is not in the key ring; restore it from backup")
+
+    def with_new_kek(self) -> KeyRing:
+        kek = _new_kek(len(self.keks) + 1)
+        return KeyRing(keks=(*self.keks, kek), active_id=kek.id, index_key=self.index_key, path=self.path)
+
+    def without(self, kek_id: str) -> KeyRing:
+        if kek_id == self.active_id:
+            raise ConfigError("cannot retire the active key; rotate first")
+        self.get(kek_id)
+        return KeyRing(
+            keks=tuple(k for k in self.keks if k.id != kek_id),
+            active_id=self.active_id, index_key=self.index_key, path=self.path,
+        )
+
+
+def _new_kek(serial: int) -> Kek:
+    now = datetime.now(UTC)
+    kek_id = f"kek-{now:%Y%m%d%H%M%S}-{serial:03d}-{secrets.token_hex(2)}"
+    return Kek(id=kek_id, key=secrets.token_bytes(KEY_BYTES), created=now)
+
+
+def generate() -> KeyRing:
+    kek = _new_kek(1)
+    return KeyRing(keks=(kek,), active_id=kek.id, index_key=secrets.token_bytes(KEY_BYTES))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def save(ring: KeyRing, path: Path) -> None:
+    """Write atomically with mode 0600 (temp file, fsync, rename, fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    doc = {
+        "format": 1,
+        "active": ring.active_id,
+        "index_key": _b64(ring.index_key),
+        "keks": [
+            {"id": k.id, "key": _b64(k.key), "created": k.created.isoformat(), "retired": k.retired}
+            for k in ring.keks
+        ],
+    }
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(doc, indent=1).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_permissions(path: Path) -> None:
+    """Refuse a key file or folder that group or others can read or write."""
+    for target in (path, path.parent):
+        mode = stat.S_IMODE(target.stat().st_mode)
+        if mode & 0o077:
+            raise KeyFilePermissions(
+                f"{target} has mode {mode:04o}; key material must not be accessible to group or others "
+                f"(chmod {'600' if target == path else '700'} {target})"
+            )
+
+
+def load(path: Path) -> KeyRing:
+    """Load and check the key ring; a clear error if it is missing, too open or malformed."""
+    if not path.exists():
+        raise ConfigError(f"no key ring at {path}; run `msgate keys init`")
+    check_permissions(path)
+    try:
+        doc = json.loads(path.read_text())
+        keks = tuple(
+            Kek(id=k["id"], key=base64.b64decode(k["key"]), created=datetime.fromisoformat(k["created"]),
+                retired=bool(k.get("retired", False)))
+            for k in doc["keks"]
+        )
+        ring = KeyRing(keks=keks, active_id=doc["active"], index_key=base64.b64decode(doc["index_key"]), path=path)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"key ring {path} is malformed ({type(exc).__name__})") from None
+    if any(len(k.key) != KEY_BYTES for k in keks) or len(ring.index_key) != KEY_BYTES:
+        raise ConfigError(f"key ring {path} holds a key of the wrong length")
+    ring.get(ring.active_id)
+    return ring
+
+
+def init(path: Path) -> KeyRing:
+    """Create a new key ring; refuse to overwrite an existing one (that would orphan every blob)."""
+    if path.exists():
+        raise ConfigError(f"a key ring already exists at {path}; use `msgate keys rotate`")
+    ring = generate()
+    save(ring, path)
+    return KeyRing(keks=ring.keks, active_id=ring.active_id, index_key=ring.index_key, path=path)

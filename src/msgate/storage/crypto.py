@@ -25,11 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from msgate.errors import CryptoError, TamperedData, TruncatedData, WrongKey
+from msgate.errors import CryptoError, KeyNotFound, TamperedData, TruncatedData, WrongKey
 from msgate.storage.keyring import Kek, KeyRing
 
 MAGIC = b"MSGB"
@@ -154,44 +152,46 @@ def decrypt_bytes(dek: bytes, data: bytes, *, blob_id: str, kind: str) -> bytes:
 FIELD_MAGIC = b"F1"
 
 
-def _field_key(kek: Kek) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"msgate-field-v1").derive(kek.key)
-
-
 class FieldCipher:
-    """Encrypts PHI columns (AES-256-GCM under a key derived from a KEK) and computes blind indexes.
+    """Encrypts PHI columns and computes blind indexes.
 
-    The associated data is the column name, so a value copied into another column does not decrypt.
+    Values are encrypted with AES-256-GCM under a *field data key* (``data_key`` table), which is
+    wrapped by a KEK like any blob key, so rotation re-wraps one key instead of rewriting rows. The
+    associated data is the column name, so a value copied into another column does not decrypt.
+    Token: ``b"F1" | len(key_id) | key_id | nonce | ciphertext``.
     """
 
-    def __init__(self, ring: KeyRing) -> None:
+    def __init__(self, ring: KeyRing, keys: dict[str, bytes], active: str) -> None:
         self.ring = ring
-        self._keys = {kek.id: AESGCM(_field_key(kek)) for kek in ring.keks}
+        self.active = active
+        self._keys = {key_id: AESGCM(key) for key_id, key in keys.items()}
 
     def encrypt(self, value: str | None, *, column: str) -> bytes | None:
         if value is None:
             return None
-        kek_id = self.ring.active_id.encode()
+        key_id = self.active.encode()
         nonce = os.urandom(12)
-        ct = self._keys[self.ring.active_id].encrypt(nonce, value.encode("utf-8"), column.encode())
-        return FIELD_MAGIC + bytes([len(kek_id)]) + kek_id + nonce + ct
+        ct = self._keys[self.active].encrypt(nonce, value.encode("utf-8"), column.encode())
+        return FIELD_MAGIC + bytes([len(key_id)]) + key_id + nonce + ct
 
-    def key_id_of(self, token: bytes) -> str:
+    @staticmethod
+    def key_id_of(token: bytes) -> str:
         return token[3 : 3 + token[2]].decode()
 
     def decrypt(self, token: bytes | None, *, column: str) -> str | None:
         if token is None:
             return None
+        token = bytes(token)
         if token[:2] != FIELD_MAGIC:
             raise TamperedData(f"column {column} holds a value that is not a msgate field ciphertext")
-        kek_id = self.key_id_of(token)
-        if kek_id not in self._keys:
-            self.ring.get(kek_id)  # raises KeyNotFound with the id
+        key_id = self.key_id_of(token)
+        if key_id not in self._keys:
+            raise KeyNotFound(f"field key {key_id!r} is not available; the database and key ring do not match")
         body = token[3 + token[2] :]
         try:
-            return self._keys[kek_id].decrypt(body[:12], body[12:], column.encode()).decode("utf-8")
+            return self._keys[key_id].decrypt(body[:12], body[12:], column.encode()).decode("utf-8")
         except InvalidTag:
-            raise TamperedData(f"column {column} value failed authentication (altered or wrong key)") from None
+            raise TamperedData(f"column {column} value failed authentication (altered or moved)") from None
 
     def blind_index(self, value: str, *, scope: str) -> str:
         """Keyed HMAC-SHA256 for equality lookups; ``scope`` separates e.g. MRN from accession."""

@@ -74,6 +74,17 @@ class Blob(SQLModel, table=True):
     purged_at: datetime | None = _ts()
 
 
+class DataKey(SQLModel, table=True):
+    """A non-blob data key (e.g. the PHI field key), wrapped by KEK ``kek_id``."""
+
+    __tablename__ = "data_key"
+    id: str = Field(primary_key=True, max_length=32)
+    purpose: str = Field(max_length=32, index=True)
+    kek_id: str = Field(max_length=64, index=True)
+    wrapped: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _created()
+
+
 class BlobChunk(SQLModel, table=True):
     """Ciphertext chunks of the PostgreSQL blob backend, streamed in and out one row at a time."""
 

@@ -13,9 +13,11 @@ from msgate.config import Settings
 from msgate.errors import ConfigError
 from msgate.storage import keyring
 from msgate.storage.blobs import Blobs, make_bodies
+from msgate.storage import crypto
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.db import Database
 from msgate.storage.ingest import Ingest
+from msgate.storage.models import DataKey, new_id
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,22 @@ def load_or_create_ring(settings: Settings, *, create: bool) -> keyring.KeyRing:
     return keyring.load(path)
 
 
+def field_cipher(db: Database, ring: keyring.KeyRing) -> FieldCipher:
+    """Load (or on first use create) the PHI field key, wrapped by the active KEK in ``data_key``."""
+    from sqlmodel import col, select
+
+    with db.session() as session:
+        rows = session.exec(select(DataKey).where(DataKey.purpose == "field").order_by(col(DataKey.created_at))).all()
+        if not rows:
+            key_id = new_id()
+            plain, wrapped = crypto.new_data_key(ring, blob_id=key_id, kind="field")
+            session.add(DataKey(id=key_id, purpose="field", kek_id=wrapped.kek_id, wrapped=wrapped.wrapped))
+            return FieldCipher(ring, {key_id: plain}, key_id)
+        keys = {row.id: crypto.unwrap_key(ring, crypto.WrappedKey(row.kek_id, row.wrapped), blob_id=row.id,
+                                          kind="field") for row in rows}
+        return FieldCipher(ring, keys, rows[-1].id)
+
+
 def open_store(settings: Settings, *, migrate: bool = True, create_keys: bool = True) -> Store:
     """Open (and on first start migrate) the store described by ``settings``."""
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -51,7 +69,7 @@ def open_store(settings: Settings, *, migrate: bool = True, create_keys: bool = 
     db = Database(settings.resolved_database_url)
     if migrate:
         db.upgrade()
-    cipher = FieldCipher(ring)
+    cipher = field_cipher(db, ring)
     if settings.storage.blob_backend == "postgres" and db.is_sqlite:
         raise ConfigError("MSGATE_STORAGE__BLOB_BACKEND=postgres needs MSGATE_DATABASE_URL=postgresql+psycopg://...")
     bodies = make_bodies(settings.storage.blob_backend, settings.blob_dir)

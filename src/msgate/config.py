@@ -20,11 +20,18 @@ from pydantic_settings import (
 )
 
 from msgate.errors import ConfigError
+from msgate.listener.rules import ListenerRules
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "password", "secret", "example"})
 
 
-class TlsSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section; unknown keys are errors, so a typo in the TOML file is named."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(Section):
     """Optional TLS for a listener. With ``ca_file`` set, client certificates are required."""
 
     enabled: bool = False
@@ -127,6 +134,7 @@ class Settings(BaseSettings):
     hl7_out: Hl7Destination | None = None
     storage: StorageSettings = StorageSettings()
     metrics: MetricsSettings = MetricsSettings()
+    rules: ListenerRules = ListenerRules()  # series roles and routing, see msgate.listener.rules
 
     @field_validator("database_url", "broker_url")
     @classmethod

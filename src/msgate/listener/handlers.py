@@ -1,0 +1,167 @@
+"""Event handlers: C-ECHO, C-STORE (persist, then acknowledge), and the association life cycle.
+
+Status codes (PS3.4 §B.2.3, §GG.4): ``0x0000`` only after the encrypted blob is fsynced and its index
+row committed; ``0xA700`` out of resources (disk floor, database unavailable); ``0xA900`` dataset
+does not match the SOP class (a required UID missing); ``0xC210`` cannot understand (undecodable or
+truncated); ``0xC000`` any other failure. No exception leaves a handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom import evt
+
+from msgate.errors import Rejected, Transient
+from msgate.listener import dataset
+from msgate.listener.tracking import Tracker
+from msgate.storage import repo_studies
+from msgate.storage.models import new_id
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND, FAILURE = 0x0000, 0xA700, 0xA900, 0xC210, 0xC000
+
+
+def status_for(exc: Rejected) -> int:
+    """The DIMSE failure status of a rejected dataset."""
+    if exc.code.startswith("missing_"):
+        return DATA_SET_MISMATCH
+    if exc.code in ("undecodable", "truncated"):
+        return CANNOT_UNDERSTAND
+    return FAILURE
+
+
+@dataclass
+class _AssocStats:
+    assoc_id: str
+    calling_aet: str
+    instances: int = 0
+    failures: int = 0
+
+
+@dataclass
+class Listener:
+    """Shared state of the handlers: the store, the tracker and per-association counters."""
+
+    store: Store
+    tracker: Tracker
+    stats: dict[int, _AssocStats] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_ended, ["released"]),
+            (evt.EVT_ABORTED, self.on_ended, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self.on_closed),
+            (evt.EVT_REJECTED, self.on_rejected),
+        ]
+
+    # --- C-ECHO / C-STORE ---------------------------------------------------------------------------
+
+    def on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE: store the bytes as received (no transcoding), then answer."""
+        started = time.perf_counter()
+        stats = self._stats(event.assoc)
+        try:
+            data = event.encoded_dataset()
+            header = dataset.parse(data)
+            stored = self.store.ingest.store_instance(source=data, calling_aet=stats.calling_aet,
+                                                      assoc_id=stats.assoc_id, header=header)
+        except Rejected as exc:
+            return self._failed(stats, status_for(exc), exc.code)
+        except Transient as exc:
+            return self._failed(stats, OUT_OF_RESOURCES, exc.code)
+        except OSError as exc:
+            log.exception("store failed", extra={"assoc_id": stats.assoc_id})
+            return self._failed(stats, OUT_OF_RESOURCES, type(exc).__name__)
+        except Exception:
+            log.exception("store failed", extra={"assoc_id": stats.assoc_id})
+            return self._failed(stats, FAILURE, "internal")
+        stats.instances += 1
+        try:
+            self.tracker.instance_stored(stored, header, assoc_id=stats.assoc_id, calling_aet=stats.calling_aet)
+        except Exception:  # the instance is durable; tracking recovers at the quiet period
+            log.exception("tracking failed", extra={"instance_id": stored.instance_id})
+        log.debug("instance stored", extra={"instance_id": stored.instance_id, "status": 0,
+                                            "duration_ms": round((time.perf_counter() - started) * 1e3, 2)})
+        return SUCCESS
+
+    def _failed(self, stats: _AssocStats, status: int, reason: str) -> int:
+        stats.failures += 1
+        log.warning("instance refused", extra={"status": f"0x{status:04X}", "reason": reason,
+                                               "assoc_id": stats.assoc_id})
+        return status
+
+    # --- association life cycle ------------------------------------------------------------------------
+
+    def _stats(self, assoc: Any) -> _AssocStats:
+        with self.lock:
+            stats = self.stats.get(id(assoc))
+            if stats is None:  # EVT_ESTABLISHED not seen (should not happen); keep counting anyway
+                stats = _AssocStats(new_id(), _aet(assoc))
+                self.stats[id(assoc)] = stats
+            return stats
+
+    def on_established(self, event: evt.Event) -> None:
+        stats = _AssocStats(new_id(), _aet(event.assoc))
+        with self.lock:
+            self.stats[id(event.assoc)] = stats
+        try:
+            with self.store.db.session() as session:
+                repo_studies.open_association(session, assoc_id=stats.assoc_id, calling_aet=stats.calling_aet,
+                                              peer_host=str(event.assoc.requestor.address))
+        except Exception:
+            log.exception("association not recorded", extra={"assoc_id": stats.assoc_id})
+        log.info("association established", extra={"assoc_id": stats.assoc_id, "calling_aet": stats.calling_aet})
+
+    def on_ended(self, event: evt.Event, outcome: str) -> None:
+        self._end(event.assoc, outcome)
+
+    def _end(self, assoc: Any, outcome: str) -> None:
+        with self.lock:
+            stats = self.stats.pop(id(assoc), None)
+        if stats is None:
+            return
+        self.tracker.association_ended(stats.assoc_id, released=outcome == "released")
+        try:
+            with self.store.db.session() as session:
+                repo_studies.close_association(session, assoc_id=stats.assoc_id, outcome=outcome,
+                                               instances=stats.instances, failures=stats.failures)
+        except Exception:
+            log.exception("association end not recorded", extra={"assoc_id": stats.assoc_id})
+        log.info("association ended", extra={"assoc_id": stats.assoc_id, "state": outcome,
+                                             "count": stats.instances})
+
+    def on_closed(self, event: evt.Event) -> None:
+        """Transport closed: a release or abort event normally ends the association first, but it can
+        race the close; whatever is still open half a second later ended without release or abort."""
+        assoc = event.assoc
+        timer = threading.Timer(0.5, self._end_if_open, args=(assoc,))
+        timer.daemon = True
+        timer.start()
+
+    def _end_if_open(self, assoc: Any) -> None:
+        outcome = "released" if getattr(assoc, "is_released", False) else (
+            "aborted" if getattr(assoc, "is_aborted", False) else "closed")
+        self._end(assoc, outcome)
+
+    def on_rejected(self, event: evt.Event) -> None:
+        log.warning("association rejected", extra={"calling_aet": _aet(event.assoc),
+                                                   "peer": str(event.assoc.requestor.address)})
+
+
+def _aet(assoc: Any) -> str:
+    title = assoc.requestor.ae_title
+    return (title.decode(errors="replace") if isinstance(title, bytes) else str(title or "")).strip()

@@ -1,0 +1,230 @@
+"""Series roles and study routing: ordered, configurable rules with defaults for the main vendors.
+
+**Roles** (:class:`RoleRule`) are tried in order; the first rule whose every given condition matches
+decides the series role. Conditions are case-insensitive regular expressions searched in
+SeriesDescription + ProtocolName (``text``), SequenceName, ImageType and ScanningSequence (both as
+``A\\B`` strings), and an InversionTime range in ms. A series that no rule matches is ``OTHER``.
+
+**Routing** (:class:`RoutingRule`) decides per study, from its first instance, what happens once it is
+complete: ``pipeline`` (hand to the MS model when the rule's required roles are present),
+``store_only`` (kept, never scheduled) or ``ignore`` (kept until retention, never scheduled, shown as
+ignored). The first matching rule wins; with none matching the study is ``store_only``.
+
+Both lists live in the ``[rules]`` section of the TOML config (``[[rules.roles]]``,
+``[[rules.routing]]``); ``msgate rules test FILE...`` shows the decisions for given files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class Role(str, Enum):
+    """What a series is for the MS pipeline."""
+
+    FLAIR = "FLAIR"
+    QSM = "QSM"
+    QSM_SOURCE = "QSM_SOURCE"  # magnitude / phase echoes a QSM map can be computed from
+    T1 = "T1"
+    T2 = "T2"
+    SWI = "SWI"
+    DERIVED = "DERIVED"  # reformats, projections, maps the pipeline does not use
+    OTHER = "OTHER"
+
+
+Route = Literal["pipeline", "store_only", "ignore"]
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {value!r} ({exc})") from exc
+    return value
+
+
+@lru_cache(maxsize=512)
+def _rx(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+class RoleRule(BaseModel):
+    """One ordered role rule; every condition given must match (an empty rule matches everything)."""
+
+    role: Role
+    name: str = ""
+    text: str | None = Field(None, description="regex on SeriesDescription + ProtocolName")
+    sequence_name: str | None = None
+    image_type: str | None = None
+    scanning_sequence: str | None = None
+    inversion_time_min: float | None = None
+    inversion_time_max: float | None = None
+
+    _rx = field_validator("text", "sequence_name", "image_type", "scanning_sequence")(_check_regex)
+
+    def matches(self, f: SeriesFields) -> bool:
+        for pattern, value in ((self.text, f.text), (self.sequence_name, f.sequence_name),
+                               (self.image_type, f.image_type), (self.scanning_sequence, f.scanning_sequence)):
+            if pattern is not None and not _rx(pattern).search(value):
+                return False
+        if self.inversion_time_min is not None or self.inversion_time_max is not None:
+            ti = f.inversion_time
+            if ti is None:
+                return False
+            if self.inversion_time_min is not None and ti < self.inversion_time_min:
+                return False
+            if self.inversion_time_max is not None and ti > self.inversion_time_max:
+                return False
+        return True
+
+
+class RoutingRule(BaseModel):
+    """One ordered routing rule; every condition given must match."""
+
+    name: str = ""
+    action: Route = "pipeline"
+    modality: list[str] | None = Field(None, description="any of these modalities (e.g. ['MR'])")
+    body_part: str | None = Field(None, description="regex on BodyPartExamined ('' when absent)")
+    study_description: str | None = Field(None, description="regex on StudyDescription")
+    calling_aet: list[str] | None = Field(None, description="any of these calling AE titles")
+    required_roles: list[Role] = Field(default_factory=lambda: [Role.FLAIR])
+
+    _rx = field_validator("body_part", "study_description")(_check_regex)
+
+    def matches(self, f: StudyFields) -> bool:
+        if self.modality is not None and f.modality.upper() not in {m.upper() for m in self.modality}:
+            return False
+        if self.calling_aet is not None and f.calling_aet.strip() not in {a.strip() for a in self.calling_aet}:
+            return False
+        if self.body_part is not None and not _rx(self.body_part).search(f.body_part):
+            return False
+        return self.study_description is None or bool(_rx(self.study_description).search(f.study_description))
+
+
+_FLAIR = r"flair|dark[-_ ]?fluid|\btirm\b.*\bfl|fluid[-_ ]?att"
+_W = r"(?<![a-z])(mag|magnitude|pha|phase)(?![a-z])"
+_SOURCE = rf"(qsm|swi|swan|susc|gre).*{_W}|{_W}.*(qsm|swi|swan|gre)"
+
+DEFAULT_ROLE_RULES: list[RoleRule] = [
+    # Reformats and projections first: a FLAIR MPR is not the FLAIR acquisition.
+    RoleRule(role=Role.DERIVED, name="reformat/projection",
+             image_type=r"\b(REFORMATTED|PROJECTION IMAGE|MPR|MIP|MNIP)\b"),
+    RoleRule(role=Role.DERIVED, name="reformat by name", text=r"(?<![a-z])(mpr|mip|minip|mnip|reformat)(?![a-z])"),
+    # QSM maps, then their magnitude/phase sources (Siemens/GE/Philips), then SWI.
+    RoleRule(role=Role.QSM_SOURCE, name="QSM/SWI magnitude or phase", text=_SOURCE),
+    RoleRule(role=Role.QSM, name="QSM map", text=r"(?<![a-z])qsm|susceptibility[-_ ]?map|(?<![a-z])chi[-_ ]?map"),
+    RoleRule(role=Role.QSM_SOURCE, name="GRE phase image", image_type=r"\b(P|PHASE)\b", scanning_sequence=r"GR"),
+    RoleRule(role=Role.SWI, name="SWI", text=r"(?<![a-z])(swi|swan|swip)|susceptibility|venobold"),
+    RoleRule(role=Role.SWI, name="SWI image type", image_type=r"\bSWI\b"),
+    # FLAIR: Siemens t2_tirm_*_dark-fluid / t2_space_dark-fluid, GE AX/3D FLAIR, FLAIR CUBE, Philips T2W_FLAIR.
+    RoleRule(role=Role.FLAIR, name="FLAIR by name", text=_FLAIR),
+    RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"\bIR\b",
+             inversion_time_min=1500, inversion_time_max=3500),
+    # T1: MPRAGE/MP2RAGE (Siemens), BRAVO/SPGR (GE), sT1W_3D_TFE (Philips).
+    RoleRule(role=Role.T1, name="T1 by name",
+             text=r"mp-?rage|mp2rage|bravo|spgr|t1w|(?<![a-z0-9])t1|(?<![a-z])tfe(?![a-z])|(?<![a-z])vibe"),
+    RoleRule(role=Role.T1, name="short-TI inversion recovery gradient echo", scanning_sequence=r"\bIR\b.*\bGR\b|"
+             r"\bGR\b.*\bIR\b", inversion_time_min=300, inversion_time_max=1300),
+    RoleRule(role=Role.T2, name="T2 by name", text=r"t2w|(?<![a-z0-9])t2|(?<![a-z])(tse|fse)(?![a-z])"),
+]
+
+DEFAULT_ROUTING: list[RoutingRule] = [
+    RoutingRule(name="MR brain to the MS pipeline", action="pipeline", modality=["MR"],
+                body_part=r"^$|head|brain|skull|neuro|cerebr|kopf|cran", required_roles=[Role.FLAIR]),
+    RoutingRule(name="everything else is stored only", action="store_only", required_roles=[]),
+]
+
+
+class ListenerRules(BaseModel):
+    """The ``[rules]`` settings section: role rules and routing rules, both ordered."""
+
+    roles: list[RoleRule] = Field(default_factory=lambda: list(DEFAULT_ROLE_RULES))
+    routing: list[RoutingRule] = Field(default_factory=lambda: list(DEFAULT_ROUTING))
+
+
+@dataclass(frozen=True)
+class SeriesFields:
+    """The series attributes the role rules read (plain strings, multi-values joined with ``\\``)."""
+
+    text: str = ""
+    sequence_name: str = ""
+    image_type: str = ""
+    scanning_sequence: str = ""
+    inversion_time: float | None = None
+
+
+@dataclass(frozen=True)
+class StudyFields:
+    modality: str = ""
+    body_part: str = ""
+    study_description: str = ""
+    calling_aet: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    role: Role
+    role_rule: str
+    route: Route
+    route_rule: str
+    required_roles: tuple[Role, ...]
+
+
+def _text(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _float(ds: Any, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0] if value else None
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def series_fields(ds: Any) -> SeriesFields:
+    """Read the role inputs from a pydicom header (``ds`` is ``pydicom.Dataset``)."""
+    text = " | ".join(filter(None, (_text(ds, "SeriesDescription"), _text(ds, "ProtocolName"))))
+    seq = _text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
+    return SeriesFields(text=text, sequence_name=seq, image_type=_text(ds, "ImageType"),
+                        scanning_sequence=_text(ds, "ScanningSequence"), inversion_time=_float(ds, "InversionTime"))
+
+
+def study_fields(ds: Any, calling_aet: str = "") -> StudyFields:
+    return StudyFields(modality=_text(ds, "Modality"), body_part=_text(ds, "BodyPartExamined"),
+                       study_description=_text(ds, "StudyDescription"), calling_aet=calling_aet)
+
+
+def classify(fields: SeriesFields, rules: list[RoleRule]) -> tuple[Role, str]:
+    """The role of a series and the name of the rule that decided it."""
+    for index, rule in enumerate(rules):
+        if rule.matches(fields):
+            return rule.role, rule.name or f"roles[{index}]"
+    return Role.OTHER, "no rule matched"
+
+
+def route(fields: StudyFields, rules: list[RoutingRule]) -> RoutingRule:
+    for rule in rules:
+        if rule.matches(fields):
+            return rule
+    return RoutingRule(name="no rule matched", action="store_only", required_roles=[])
+
+
+def decide(ds: Any, rules: ListenerRules, calling_aet: str = "") -> Decision:
+    role, role_rule = classify(series_fields(ds), rules.roles)
+    chosen = route(study_fields(ds, calling_aet), rules.routing)
+    return Decision(role, role_rule, chosen.action, chosen.name, tuple(chosen.required_roles))

@@ -1,0 +1,202 @@
+"""Study tracking and readiness: which studies are receiving, and when each one is complete.
+
+A study is *ready* (pipeline route) as soon as every association that delivered to it is released and
+every required role (FLAIR by default) is present; otherwise, once no instance has arrived for
+``quiet_seconds``, it is ``ready`` if the roles are there, else ``stable`` (incomplete). Store-only
+and ignored studies end as ``stored`` / ``ignored``. A later instance reopens a finished study.
+
+Decisions run on one tracker thread, woken at once by a release, so readiness follows a release
+within milliseconds. Ready studies go to the scheduler hooks (:meth:`Tracker.add_hook`) after the
+state change is committed (state, ``ready_at``, ``runs`` and a ``study.ready`` audit event).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydicom.dataset import Dataset
+from sqlmodel import Session
+
+from msgate.listener import rules as rules_mod
+from msgate.storage import repo_studies
+from msgate.storage.ingest import StoredInstance
+from msgate.storage.models import Study
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReadyStudy:
+    """What a scheduler hook receives."""
+
+    study_id: int
+    run: int
+    reason: str  # "released" or "quiet"
+    roles: tuple[str, ...]
+
+
+ReadyHook = Callable[[ReadyStudy], None]
+
+
+@dataclass
+class _Active:
+    last: float
+    route: str | None = None
+    required: tuple[str, ...] = ()
+    assocs: set[str] = field(default_factory=set)
+    released_pending: bool = False
+
+
+class Tracker:
+    """In-process view of the receiving studies; the database stays the source of truth."""
+
+    def __init__(self, store: Store, *, quiet_seconds: float, rules: rules_mod.ListenerRules) -> None:
+        self.store, self.quiet, self.rules = store, quiet_seconds, rules
+        self._active: dict[int, _Active] = {}
+        self._by_assoc: dict[str, set[int]] = {}
+        self._lock = threading.Condition()
+        self._hooks: list[ReadyHook] = []
+
+    def add_hook(self, hook: ReadyHook) -> None:
+        """Register a scheduler hook, called with each ReadyStudy after its state is committed."""
+        self._hooks.append(hook)
+
+    # --- called from association threads -----------------------------------------------------------
+
+    def instance_stored(self, stored: StoredInstance, header: Dataset, *, assoc_id: str, calling_aet: str) -> None:
+        """Index-side bookkeeping after a commit: role, route, reopening; memory-only on the hot path."""
+        if stored.new_series or stored.new_study:
+            self._classify(stored, header, calling_aet)
+        with self._lock:
+            entry = self._active.get(stored.study_id)
+            if entry is None:
+                entry = _Active(last=time.monotonic())
+                self._active[stored.study_id] = entry
+                fresh = True
+            else:
+                fresh = False
+            entry.last = time.monotonic()
+            entry.assocs.add(assoc_id)
+            self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
+        if fresh and not stored.new_study:
+            with self.store.db.session() as session:
+                if repo_studies.reopen(session, study_id=stored.study_id):
+                    log.info("study reopened", extra={"study_id": stored.study_id})
+
+    def _classify(self, stored: StoredInstance, header: Dataset, calling_aet: str) -> None:
+        decision = rules_mod.decide(header, self.rules, calling_aet)
+        with self.store.db.session() as session:
+            if stored.new_series:
+                repo_studies.set_series_role(session, series_id=stored.series_id, role=decision.role.value)
+            if stored.new_study:
+                repo_studies.set_study_route(session, study_id=stored.study_id, route=decision.route)
+
+    def association_ended(self, assoc_id: str, *, released: bool) -> None:
+        """A release may make its studies ready now; an abort leaves them to the quiet period."""
+        with self._lock:
+            for study_id in self._by_assoc.pop(assoc_id, set()):
+                entry = self._active.get(study_id)
+                if entry is not None:
+                    entry.assocs.discard(assoc_id)
+                    entry.released_pending = released and not entry.assocs
+            self._lock.notify_all()
+
+    # --- the tracker thread ------------------------------------------------------------------------
+
+    def load_open(self) -> None:
+        """After a restart: studies still receiving are tracked from their last arrival time."""
+        with self.store.db.session() as session:
+            rows = repo_studies.receiving_studies(session)
+        now_wall, now_mono = datetime.now(UTC), time.monotonic()
+        with self._lock:
+            for row in rows:
+                age = (now_wall - row.last_received_at).total_seconds() if row.last_received_at else self.quiet
+                self._active.setdefault(row.study_id, _Active(last=now_mono - max(0.0, age)))
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._lock:
+                self._lock.wait(timeout=min(0.25, self.quiet / 4))
+                now = time.monotonic()
+                due = [(sid, "quiet" if now - e.last >= self.quiet else "released", e.last)
+                       for sid, e in self._active.items()
+                       if now - e.last >= self.quiet or (e.released_pending and not e.assocs)]
+                for sid, _, _ in due:
+                    self._active[sid].released_pending = False
+            for study_id, reason, seen in due:
+                try:
+                    self._evaluate(study_id, reason, seen)
+                except Exception:
+                    log.exception("readiness check failed", extra={"study_id": study_id})
+
+    def _evaluate(self, study_id: int, reason: str, seen: float) -> None:
+        with self.store.db.session() as session:
+            rule = self._rule_for(session, study_id)
+            roles = self._roles(session, study_id)
+            missing = [r.value for r in rule.required_roles if r.value not in roles] if rule.action == "pipeline" else []
+            if rule.action == "pipeline":
+                state = "ready" if not missing else ("stable" if reason == "quiet" else "")
+            else:
+                state = "ignored" if rule.action == "ignore" else "stored"
+            if not state:
+                return  # released with roles missing: wait for the quiet period
+            run = repo_studies.finish(session, study_id=study_id, state=state, reason=reason,
+                                      roles=sorted(roles), missing=missing)
+        with self._lock:
+            entry = self._active.get(study_id)
+            arrived_since = entry is not None and (entry.last != seen or bool(entry.assocs))
+            if entry is not None and not arrived_since:
+                del self._active[study_id]
+        if arrived_since:  # an instance raced the decision: the study is receiving again
+            with self.store.db.session() as session:
+                repo_studies.reopen(session, study_id=study_id)
+        log.info("study finished", extra={"study_id": study_id, "state": state, "reason": reason})
+        if run is not None:
+            ready = ReadyStudy(study_id, run, reason, tuple(sorted(roles)))
+            for hook in self._hooks:
+                try:
+                    hook(ready)
+                except Exception:
+                    log.exception("scheduler hook failed", extra={"study_id": study_id})
+
+    def _rule_for(self, session: Session, study_id: int) -> rules_mod.RoutingRule:
+        """Route the study from its stored attributes (the current rules; recorded in ``study.route``)."""
+        study = session.get(Study, study_id)
+        if study is None:
+            return rules_mod.RoutingRule(name="missing", action="store_only", required_roles=[])
+        series = repo_studies.series_of(session, study_id=study_id)
+        fields = rules_mod.StudyFields(
+            modality=(study.modalities.split(",") or [""])[0],
+            body_part=next((s.body_part for s in series if s.body_part), ""),
+            study_description=self.store.cipher.decrypt(study.study_description_enc, column="study.description") or "",
+            calling_aet=study.calling_aet)
+        rule = rules_mod.route(fields, self.rules.routing)
+        if study.route != rule.action:
+            study.route = rule.action
+            session.add(study)
+        return rule
+
+    def _roles(self, session: Session, study_id: int) -> set[str]:
+        """Roles present; a series whose role was never written (crash) is classified from its row."""
+        present: set[str] = set()
+        for series in repo_studies.series_of(session, study_id=study_id):
+            role = series.role
+            if role is None:
+                cipher = self.store.cipher
+                text = " | ".join(filter(None, (cipher.decrypt(series.description_enc, column="series.description"),
+                                                cipher.decrypt(series.protocol_enc, column="series.protocol"))))
+                fields = rules_mod.SeriesFields(text=text, sequence_name=series.sequence_name,
+                                                image_type=series.image_type,
+                                                scanning_sequence=series.scanning_sequence,
+                                                inversion_time=series.inversion_time)
+                role = rules_mod.classify(fields, self.rules.roles)[0].value
+                series.role = role
+                session.add(series)
+            present.add(role)
+        return present

@@ -49,7 +49,7 @@ def _check_networks(values: list[str]) -> list[str]:
     return values
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(Section):
     """The DICOM listener (C-ECHO, C-STORE SCP)."""
 
     ae_title: str = Field("MSGATE", min_length=1, max_length=16)
@@ -68,7 +68,7 @@ class DicomSettings(BaseModel):
     _nets = field_validator("allowed_networks")(_check_networks)
 
 
-class Hl7Settings(BaseModel):
+class Hl7Settings(Section):
     """The HL7 v2 MLLP feed and the identity msgate uses in messages it sends."""
 
     host: str = "127.0.0.1"
@@ -83,7 +83,7 @@ class Hl7Settings(BaseModel):
     _nets = field_validator("allowed_networks")(_check_networks)
 
 
-class PacsDestination(BaseModel):
+class PacsDestination(Section):
     """A C-STORE destination for results (SR, SEG, parametric map, SC)."""
 
     name: str = "pacs"
@@ -92,7 +92,7 @@ class PacsDestination(BaseModel):
     ae_title: str = Field("PACS", min_length=1, max_length=16)
 
 
-class Hl7Destination(BaseModel):
+class Hl7Destination(Section):
     """The interface engine that receives ORU^R01 over MLLP."""
 
     host: str = "127.0.0.1"
@@ -101,16 +101,17 @@ class Hl7Destination(BaseModel):
     receiving_facility: str = "HOSPITAL"
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     """Blob store and retention."""
 
     blob_backend: Literal["local", "postgres"] = "local"
     chunk_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
     min_free_bytes: int = Field(2 * 1024**3, ge=0, description="below this, ingest answers out-of-resources")
     retention_days: float = Field(30.0, ge=0, description="purge source images this long after delivery")
+    purge_free_bytes: int = Field(5 * 1024**3, ge=0, description="below this free space, purge delivered studies, oldest first")
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
@@ -202,4 +203,4 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid setting {_env_name(first['loc'])}: {first['msg']}") from None
     except ValueError as exc:  # a malformed TOML file or env value that is not valid JSON
         raise ConfigError(f"invalid configuration: {exc}") from None
-    return Settings.model_validate(loaded.model_dump()) if config_file else loaded
+    return loaded

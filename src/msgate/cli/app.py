@@ -45,7 +45,7 @@ def root(
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except MsgateError as exc:
         if debug:
             raise
@@ -66,3 +66,4 @@ def main() -> None:
             sys.exit(exc.exit_code)
         err_console.print(f"[red]error:[/red] unexpected {type(exc).__name__}; rerun with --debug for details")
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

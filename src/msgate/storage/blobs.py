@@ -53,19 +53,21 @@ class LocalBodies:
     name = "local"
 
     def __init__(self, root: Path) -> None:
+        """256 bucket folders are made (and made durable) once, so a write never creates a folder."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not (root / "ff").is_dir():
+            for bucket in range(256):
+                (root / f"{bucket:02x}").mkdir(exist_ok=True, mode=0o700)
+            _fsync_dir(root)
 
     def path(self, blob_id: str) -> Path:
-        return self.root / blob_id[:2] / blob_id[2:4] / blob_id
+        return self.root / blob_id[:2] / blob_id
 
     def _ensure_dir(self, folder: Path) -> None:
-        if folder.is_dir():
-            return
-        created = [p for p in (folder.parent, folder) if not p.exists()]
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for made in created:
-            _fsync_dir(made.parent)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _fsync_dir(folder.parent)
 
     def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int:
         target = self.path(blob_id)

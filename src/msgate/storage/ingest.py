@@ -161,10 +161,14 @@ class Ingest:
                 session.rollback()
                 self.blobs.discard_body(session, blob.id)
                 raise
+        log.debug("instance stored", extra={"instance_id": stored.instance_id, "study_id": stored.study_id,
+                                            "series_id": stored.series_id, "version": stored.version,
+                                            "blob_id": blob.id, "calling_aet": calling_aet})
         return stored
 
     def _index_instance(self, session: Session, ds: Dataset, blob_id: str, sop_index: str, digest: str, size: int,
                         calling_aet: str, assoc_id: str | None) -> StoredInstance:
+        """Rows are locked in a fixed order (study, series, audit head) so writers cannot deadlock."""
         now = utcnow()
         study, new_study = self._study(session, ds, calling_aet)
         series, new_series = self._series(session, ds, study)
@@ -198,7 +202,7 @@ class Ingest:
     def _study(self, session: Session, ds: Dataset, calling_aet: str) -> tuple[Study, bool]:
         enc, idx = self.cipher.encrypt, self.cipher.blind_index
         uid_index = idx(_text(ds, "StudyInstanceUID"), scope="study")
-        study = session.exec(select(Study).where(Study.study_uid_index == uid_index)).first()
+        study = session.exec(select(Study).where(Study.study_uid_index == uid_index).with_for_update()).first()
         if study is not None:
             modality = _text(ds, "Modality")
             if modality and modality not in study.modalities.split(","):
@@ -225,7 +229,7 @@ class Ingest:
 
     def _series(self, session: Session, ds: Dataset, study: Study) -> tuple[Series, bool]:
         uid_index = self.cipher.blind_index(_text(ds, "SeriesInstanceUID"), scope="series")
-        series = session.exec(select(Series).where(Series.series_uid_index == uid_index)).first()
+        series = session.exec(select(Series).where(Series.series_uid_index == uid_index).with_for_update()).first()
         if series is not None:
             return series, False
         enc = self.cipher.encrypt
@@ -272,6 +276,7 @@ class Ingest:
                 for blob_id in written:
                     self.blobs.discard_body(session, blob_id)
                 raise
+        log.debug("hl7 stored", extra={"count": len(results), "batch": sum(1 for _, dup in results if dup)})
         return [StoredMessage(message_id=m.id, duplicate=dup) for m, dup in results]  # type: ignore[misc]
 
     def _one_hl7(self, session: Session, raw: bytes, header: Hl7Header, key: str, found: dict[str, Hl7Message],

@@ -1,0 +1,88 @@
+"""Encrypted, fsynced blob write vs a plain fsynced file write of the same bytes, in the same run.
+
+Both sides use the same durable protocol (temp file, write, fsync, rename, fsync of the folder), so the
+ratio isolates what envelope encryption costs. Sizes 0.5 MB and 50 MB; repetitions are interleaved
+write by write (plain, encrypted, plain, ...) so each ratio comes from one noisy period; medians are reported.
+
+    python bench/storage.py [--runs 5] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from msgate.storage import keyring
+from msgate.storage.blobs import Blobs, LocalBodies, _fsync_dir
+from msgate.storage.db import Database
+
+SIZES = {"0.5MB": 512 * 1024, "50MB": 50 * 1024 * 1024}
+WRITES = {"0.5MB": 100, "50MB": 4}
+
+
+def plain_write(root: Path, name: str, data: bytes) -> None:
+    folder = root / name[:2]
+    folder.mkdir(exist_ok=True)
+    tmp, target = folder / f".{name}.tmp", folder / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+    os.close(fd)
+    os.replace(tmp, target)
+    _fsync_dir(folder)
+
+
+def one_run(size_name: str, work: Path, blobs: Blobs) -> tuple[float, float]:
+    data = os.urandom(SIZES[size_name])
+    n = WRITES[size_name]
+    plain_root = work / "plain"
+    plain_root.mkdir(exist_ok=True)
+    plain_s = enc_s = 0.0
+    for i in range(n):  # interleaved write by write, so both sides see the same noise
+        start = time.perf_counter()
+        plain_write(plain_root, f"{os.urandom(8).hex()}", data)
+        plain_s += time.perf_counter() - start
+        start = time.perf_counter()
+        blobs.write_body(None, kind="dicom", source=data)  # type: ignore[arg-type]
+        enc_s += time.perf_counter() - start
+    mb = n * len(data) / 1e6
+    return mb / plain_s, mb / enc_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        blobs = Blobs(db=Database(f"sqlite:///{work}/idx.db"), ring=keyring.generate(),
+                      bodies=LocalBodies(work / "blobs"))
+        for size_name in SIZES:
+            plain, enc, ratios = [], [], []
+            for _ in range(args.runs):
+                p, e = one_run(size_name, work, blobs)
+                plain.append(p)
+                enc.append(e)
+                ratios.append(e / p)
+            results[size_name] = {
+                "plain_MBps": round(statistics.median(plain), 1), "encrypted_MBps": round(statistics.median(enc), 1),
+                "ratio_median": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+            }
+            print(f"{size_name:>6}: plain {results[size_name]['plain_MBps']:>8} MB/s  encrypted "
+                  f"{results[size_name]['encrypted_MBps']:>8} MB/s  ratio {results[size_name]['ratio_median']} "
+                  f"(per run {results[size_name]['ratios']})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""``msgate db upgrade|current|purge``: migrations and retention."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from msgate.cli.common import console, print_json, state
+from msgate.storage import retention
+from msgate.storage.db import Database
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+def upgrade(ctx: typer.Context, revision: str = "head") -> None:
+    """Apply database migrations (also done on first start)."""
+    settings = state(ctx).settings
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
+    db.upgrade(revision)
+    console.print(f"database at revision {db.current_revision()}")
+    db.dispose()
+
+
+@app.command()
+def current(ctx: typer.Context) -> None:
+    """Show the database's migration revision."""
+    db = Database(state(ctx).settings.resolved_database_url)
+    console.print(db.current_revision() or "empty (run `msgate db upgrade`)")
+    db.dispose()
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be purged")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Apply retention: purge source images of delivered studies (index rows and audit stay)."""
+    store = state(ctx).store()
+    report = retention.purge(store, dry_run=dry_run)
+    if json_out:
+        print_json(report.as_dict())
+        return
+    verb = "would purge" if dry_run else "purged"
+    console.print(f"{verb} {len(report.studies)} studies, {report.blobs} blobs, {report.bytes / 1e6:.1f} MB "
+                  f"({report.by_age} by age, {report.by_space} by free space)")

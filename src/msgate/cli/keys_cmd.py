@@ -1,0 +1,91 @@
+"""``msgate keys init|rotate|status|retire``: the key ring and the data keys it wraps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from msgate.cli.common import console, print_json, state
+from msgate.errors import ConfigError
+from msgate.storage import audit, keyring, rotation
+
+app = typer.Typer(no_args_is_help=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create a new key ring (mode 0600) under MSGATE_HOME/keys."""
+    settings = state(ctx).settings
+    ring = keyring.init(settings.keyring_path)
+    console.print(f"created key ring {settings.keyring_path} with active key [bold]{ring.active_id}[/bold]")
+    console.print("Back it up now: without it, nothing msgate stored can be decrypted.")
+
+
+@app.command()
+def rotate(
+    ctx: typer.Context,
+    resume: Annotated[bool, typer.Option("--resume", help="only finish re-wrapping; add no new key")] = False,
+) -> None:
+    """Add a new active KEK and re-wrap every data key under it (bodies are not re-encrypted)."""
+    st = state(ctx)
+    path = st.settings.keyring_path
+    ring = keyring.load(path)
+    if not resume:
+        ring = ring.with_new_kek()
+        keyring.save(ring, path)
+        console.print(f"new active key [bold]{ring.active_id}[/bold]; restart running services to use it")
+    store = st.store()
+    with store.db.session() as session:
+        total = rotation.pending(session, ring.active_id)
+    with Progress(TextColumn("re-wrapping data keys"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+        task = bar.add_task("rewrap", total=total)
+        report = rotation.rotate(store, progress=lambda n: bar.advance(task, n))
+        bar.update(task, completed=total)
+    console.print(f"re-wrapped {report.rewrapped_blobs} blob keys and {report.rewrapped_keys} field keys")
+    if report.remaining:
+        console.print(f"[yellow]still wrapped by old keys: {report.remaining}; run `msgate keys rotate --resume`")
+
+
+@app.command()
+def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Key ids, ages, and how many data keys each wraps."""
+    st = state(ctx)
+    ring = keyring.load(st.settings.keyring_path)
+    store = st.store()
+    with store.db.session() as session:
+        usage = rotation.key_usage(session)
+    now = datetime.now(UTC)
+    rows = [{"id": k.id, "active": k.id == ring.active_id, "created": k.created.isoformat(),
+             "age_days": round((now - k.created).total_seconds() / 86400, 1), "wraps": usage.get(k.id, 0)}
+            for k in ring.keks]
+    unknown = sorted(set(usage) - {k.id for k in ring.keks})
+    if json_out:
+        print_json({"keys": rows, "missing_keys": unknown, "keyring": str(st.settings.keyring_path)})
+        return
+    table = Table("key id", "active", "age (days)", "data keys wrapped")
+    for row in rows:
+        table.add_row(str(row["id"]), "yes" if row["active"] else "", str(row["age_days"]), str(row["wraps"]))
+    console.print(table)
+    if unknown:
+        console.print(f"[red]data keys wrapped by keys missing from the ring: {unknown}")
+
+
+@app.command()
+def retire(ctx: typer.Context, kek_id: str) -> None:
+    """Drop an old KEK once no data key is wrapped by it."""
+    st = state(ctx)
+    ring = keyring.load(st.settings.keyring_path)
+    store = st.store()
+    with store.db.session() as session:
+        still = rotation.key_usage(session).get(kek_id, 0)
+    if still:
+        raise ConfigError(f"key {kek_id} still wraps {still} data keys; run `msgate keys rotate --resume` first")
+    keyring.save(ring.without(kek_id), st.settings.keyring_path)
+    with store.db.session() as session:
+        audit.append(session, kind="key.retire", actor=audit.operator(), subject=f"kek:{kek_id}")
+    console.print(f"retired {kek_id}")

@@ -1,0 +1,85 @@
+"""Retention: purge the source images of studies whose results were delivered.
+
+Two policies, both only for delivered studies (``study.delivered_at`` set by the outbox):
+- by age: ``storage.retention_days`` after delivery;
+- by free space: while free space is under ``storage.purge_free_bytes``, oldest delivery first.
+Purging deletes blob bodies and marks the rows; index rows and the audit trail stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlmodel import col, func, select
+
+from msgate.storage import audit
+from msgate.storage.blobs import free_bytes
+from msgate.storage.models import Blob, Instance, Study, utcnow
+from msgate.storage.store import Store
+
+
+@dataclass
+class PurgeReport:
+    dry_run: bool
+    studies: list[int] = field(default_factory=list)
+    blobs: int = 0
+    bytes: int = 0
+    by_age: int = 0
+    by_space: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def _candidates(store: Store) -> list[tuple[int, Any, int]]:
+    """Delivered, unpurged studies, oldest delivery first, with their stored bytes."""
+    with store.db.session() as session:
+        rows = session.exec(
+            select(Study.id, Study.delivered_at, func.coalesce(func.sum(Blob.stored_size), 0))
+            .join(Instance, col(Instance.study_id) == col(Study.id), isouter=True)
+            .join(Blob, col(Blob.id) == col(Instance.blob_id), isouter=True)
+            .where(col(Study.delivered_at).is_not(None), col(Study.purged_at).is_(None))
+            .group_by(Study.id, Study.delivered_at).order_by(col(Study.delivered_at))
+        ).all()
+    return [(int(sid), delivered, int(size)) for sid, delivered, size in rows]  # type: ignore[arg-type]
+
+
+def purge(store: Store, *, dry_run: bool = False) -> PurgeReport:
+    settings = store.settings.storage
+    report = PurgeReport(dry_run=dry_run)
+    cutoff = utcnow() - timedelta(days=settings.retention_days)
+    space_path = store.settings.blob_dir if settings.blob_backend == "local" else store.settings.home
+    free = free_bytes(space_path)
+    for study_id, delivered, size in _candidates(store):
+        if delivered <= cutoff:
+            report.by_age += 1
+        elif free < settings.purge_free_bytes:
+            report.by_space += 1
+            free += size
+        else:
+            continue
+        report.studies.append(study_id)
+        report.bytes += size
+        report.blobs += _purge_study(store, study_id, dry_run)
+    return report
+
+
+def _purge_study(store: Store, study_id: int, dry_run: bool) -> int:
+    with store.db.session() as session:
+        blobs = session.exec(
+            select(Blob).join(Instance, col(Instance.blob_id) == col(Blob.id))
+            .where(Instance.study_id == study_id, col(Blob.purged_at).is_(None))
+        ).all()
+        if dry_run:
+            return len(blobs)
+        for blob in blobs:
+            store.blobs.purge(session, blob)
+        study = session.get(Study, study_id)
+        assert study is not None
+        study.purged_at = utcnow()
+        session.add(study)
+        audit.append(session, kind="retention.purge", actor="retention", subject=f"study:{study_id}",
+                     detail={"blobs": len(blobs)})
+        return len(blobs)

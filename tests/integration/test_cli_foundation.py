@@ -1,0 +1,59 @@
+"""The CLI as operators run it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def run(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "MSGATE_HOME": str(home), "MSGATE_STORAGE__MIN_FREE_BYTES": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "msgate", *args], capture_output=True, text=True, env=full_env,
+                          timeout=120)
+
+
+def test_help_lists_groups(tmp_path: Path) -> None:
+    result = run(tmp_path, "--help")
+    assert result.returncode == 0
+    for group in ("keys", "db", "audit", "serve"):
+        assert group in result.stdout
+
+
+def test_keys_lifecycle_and_audit(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run(home, "keys", "init").returncode == 0
+    again = run(home, "keys", "init")
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert run(home, "db", "upgrade").returncode == 0
+    rotated = run(home, "keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    status = run(home, "keys", "status", "--json")
+    assert status.returncode == 0 and status.stdout.count('"id"') == 2
+    assert run(home, "audit", "verify").returncode == 0
+    with sqlite3.connect(home / "msgate.db") as conn:
+        conn.execute("UPDATE audit_event SET actor = 'mallory' WHERE seq = 1")
+    broken = run(home, "audit", "verify")
+    assert broken.returncode == 1 and "record 1" in broken.stderr
+
+
+def test_open_key_file_is_refused_cleanly(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    run(home, "keys", "init")
+    os.chmod(home / "keys" / "keyring.json", 0o644)
+    result = run(home, "keys", "status")
+    assert result.returncode == 2 and "0644" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_invalid_setting_named_without_traceback(tmp_path: Path) -> None:
+    result = run(tmp_path, "keys", "status", env={"MSGATE_DICOM__PORT": "eleven"})
+    assert result.returncode == 2
+    assert "MSGATE_DICOM__PORT" in result.stderr and "Traceback" not in result.stderr
+    debug = run(tmp_path, "--debug", "keys", "status", env={"MSGATE_DICOM__PORT": "eleven"})
+    assert "Traceback" in debug.stderr

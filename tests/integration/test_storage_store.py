@@ -1,0 +1,225 @@
+"""The store on both backends: blobs, ingest idempotency, tamper detection, concurrency, retention."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import col, func, select
+
+from msgate.errors import Rejected, TamperedData, Transient, TruncatedData
+from msgate.storage import audit, retention
+from msgate.storage.ingest import Hl7Header
+from msgate.storage.models import Blob, Hl7Message, Instance, Series, Study, utcnow
+from msgate.storage.store import Store, open_store
+from tests.dicom_factory import mr_slice
+
+pytestmark = pytest.mark.integration
+
+
+def test_blob_round_trip_many_chunks(store: Store) -> None:
+    store.blobs.chunk_bytes = 4096
+    data = bytes(range(256)) * 100
+    with store.db.session() as s:
+        blob = store.blobs.put(s, kind="result", source=data)
+    with store.db.session() as s:
+        assert store.blobs.read(s, blob.id) == data
+        row = s.get(Blob, blob.id)
+        assert row is not None and row.size == len(data) and row.kek_id == store.ring.active_id
+    if store.settings.storage.blob_backend == "local":
+        assert not list(store.settings.blob_dir.rglob("*.tmp"))
+
+
+@pytest.mark.postgres
+def test_postgres_blob_streams_in_bounded_memory(tmp_path: Path, pg_url: str) -> None:
+    """The local backend is covered by test_crypto's 256 MB stream."""
+    from msgate.storage import keyring
+    from tests.conftest import make_settings
+
+    keyring.init(tmp_path / "keys" / "keyring.json")
+    store = open_store(make_settings(tmp_path, "postgres", pg_url))
+    size = 48 * 1024 * 1024
+    source = store.settings.home / "big.bin"
+    with source.open("wb") as f:
+        f.truncate(size)
+    tracemalloc.start()
+    with store.db.session() as s:
+        blob = store.blobs.put(s, kind="dicom", source=source)
+    with store.db.session() as s:
+        total = sum(len(piece) for piece in store.blobs.open(s, blob.id))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert total == size and peak < 20 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_instance_ingest_is_idempotent_and_versions_changes(store: Store) -> None:
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.2", "series_uid": "1.2.826.0.1.3680043.8.498.3"}
+    raw = mr_slice(sop_uid="1.2.826.0.1.3680043.8.498.1", seed=1, **uids)
+    first = store.ingest.store_instance(source=raw, calling_aet="PACS")
+    again = store.ingest.store_instance(source=raw, calling_aet="PACS")
+    assert not first.duplicate and again.duplicate and again.instance_id == first.instance_id
+    changed = mr_slice(sop_uid="1.2.826.0.1.3680043.8.498.1", seed=2, **uids)
+    second = store.ingest.store_instance(source=changed, calling_aet="PACS")
+    assert second.version == 2 and not second.duplicate
+    with store.db.session() as s:
+        rows = s.exec(select(Instance).order_by(col(Instance.version))).all()
+        assert [(r.version, r.current) for r in rows] == [(1, False), (2, True)]
+        assert store.blobs.read(s, rows[0].blob_id) == raw and store.blobs.read(s, rows[1].blob_id) == changed
+        series = s.exec(select(Series)).one()
+        assert series.instance_count == 1
+        kinds = [e.kind for e in audit.tail(s, 10)]
+        assert kinds.count("ingest.instance") == 2
+
+
+def test_bad_datasets_are_rejected_without_harm(store: Store) -> None:
+    good = mr_slice()
+    store.ingest.store_instance(source=good)
+    with pytest.raises(Rejected) as err:
+        store.ingest.store_instance(source=b"\x00garbage" * 50)
+    assert err.value.code in {"undecodable", "missing_SOPInstanceUID"}
+    import pydicom
+    import io
+
+    ds = pydicom.dcmread(io.BytesIO(good))
+    del ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(Rejected, match="SOPInstanceUID"):
+        store.ingest.store_instance(source=buf.getvalue())
+    with store.db.session() as s:
+        assert s.exec(select(func.count()).select_from(Instance)).one() == 1
+
+
+def test_disk_floor_is_transient(store: Store) -> None:
+    store.ingest.min_free_bytes = 1 << 60
+    with pytest.raises(Transient) as err:
+        store.ingest.store_instance(source=mr_slice())
+    assert err.value.code == "disk_floor"
+
+
+def test_hl7_dedup_and_group_commit(store: Store) -> None:
+    h = lambda cid: Hl7Header(control_id=cid, sending_application="LIS", sending_facility="H1",  # noqa: E731
+                              message_type="ORU", trigger="R01", version="2.5.1")
+    batch = store.ingest.store_hl7_batch([(b"MSH|1", h("1")), (b"MSH|2", h("2")), (b"MSH|1again", h("1"))])
+    assert [m.duplicate for m in batch] == [False, False, True] and batch[0].message_id == batch[2].message_id
+    other_app = Hl7Header(control_id="1", sending_application="ADT", sending_facility="H1")
+    assert not store.ingest.store_hl7(raw=b"MSH|x", header=other_app).duplicate
+    with store.db.session() as s:
+        assert s.exec(select(func.count()).select_from(Hl7Message)).one() == 3
+        msg = s.get(Hl7Message, batch[0].message_id)
+        assert msg is not None and store.blobs.read(s, msg.blob_id) == b"MSH|1" and msg.duplicates == 1
+
+
+def _tamper(store: Store, sql: str) -> audit.Verification:
+    with store.db.session() as s:
+        s.exec(text(sql))  # type: ignore[call-overload]
+    with store.db.session() as s:
+        return audit.verify(s)
+
+
+@pytest.mark.parametrize("sql,bad_seq", [
+    ("UPDATE audit_event SET actor = 'mallory' WHERE seq = 3", 3),
+    ("DELETE FROM audit_event WHERE seq = 2", 2),
+    ("DELETE FROM audit_event WHERE seq = 5", 5),
+    ("UPDATE audit_event SET seq = 100 WHERE seq = 2; UPDATE audit_event SET seq = 2 WHERE seq = 3;"
+     " UPDATE audit_event SET seq = 3 WHERE seq = 100", 2),
+])
+def test_audit_detects_tampering(store: Store, sql: str, bad_seq: int) -> None:
+    for i in range(5):
+        store.ingest.store_instance(source=mr_slice(index=i))
+    with store.db.session() as s:
+        assert audit.verify(s).ok and audit.verify(s).checked == 5
+    result = None
+    for statement in sql.split(";"):
+        if statement.strip():
+            result = _tamper(store, statement)
+    assert result is not None and not result.ok and result.first_bad_seq == bad_seq, result
+
+
+def test_concurrent_ingest_keeps_chain_and_counts(store: Store) -> None:
+    study = "1.2.826.0.1.3680043.8.498.77"
+    series = "1.2.826.0.1.3680043.8.498.78"
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            for i in range(8):
+                store.ingest.store_instance(source=mr_slice(study_uid=study, series_uid=series, index=offset * 8 + i))
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with store.db.session() as s:
+        assert s.exec(select(func.count()).select_from(Study)).one() == 1
+        assert s.exec(select(Series)).one().instance_count == 32
+        assert audit.verify(s).ok and audit.verify(s).checked == 32
+
+
+def test_rotation_rewraps_and_old_key_can_be_retired(settings, store: Store) -> None:  # type: ignore[no-untyped-def]
+    from msgate.storage import keyring, rotation
+
+    raws = [mr_slice(index=i) for i in range(3)]
+    for raw in raws:
+        store.ingest.store_instance(source=raw)
+    old_id = store.ring.active_id
+    keyring.save(store.ring.with_new_kek(), settings.keyring_path)
+    rotated = open_store(settings)
+    report = rotation.rotate(rotated)
+    assert report.rewrapped_blobs == 3 and report.rewrapped_keys == 1 and not report.remaining
+    keyring.save(keyring.load(settings.keyring_path).without(old_id), settings.keyring_path)
+    fresh = open_store(settings)
+    with fresh.db.session() as s:
+        blobs = s.exec(select(Instance.blob_id)).all()
+        assert sorted(fresh.blobs.read(s, b) for b in blobs) == sorted(raws)
+        study = s.exec(select(Study)).first()
+        assert study is not None
+        assert fresh.cipher.decrypt(study.patient_name_enc, column="study.patient_name") == "PHITEST^ZELDA"
+        assert audit.verify(s).ok
+
+
+def test_retention_purges_bodies_keeps_rows(store: Store) -> None:
+    stored = store.ingest.store_instance(source=mr_slice())
+    store.ingest.store_instance(source=mr_slice())  # another study, not delivered
+    with store.db.session() as s:
+        study = s.get(Study, stored.study_id)
+        assert study is not None
+        study.delivered_at = utcnow() - timedelta(days=store.settings.storage.retention_days + 1)
+        s.add(study)
+    dry = retention.purge(store, dry_run=True)
+    assert dry.studies == [stored.study_id] and dry.blobs == 1
+    report = retention.purge(store)
+    assert report.studies == [stored.study_id] and report.by_age == 1
+    with store.db.session() as s:
+        inst = s.get(Instance, stored.instance_id)
+        assert inst is not None
+        with pytest.raises(TruncatedData, match="purged"):
+            store.blobs.read(s, inst.blob_id)
+        assert s.exec(select(func.count()).select_from(Instance)).one() == 2
+        assert audit.verify(s).ok and audit.tail(s, 1)[0].kind == "retention.purge"
+    assert retention.purge(store).studies == []
+
+
+def test_tampered_blob_file_is_detected(tmp_path: Path) -> None:
+    """File-level tampering of the local backend; PostgreSQL rows are covered by test_crypto."""
+    from tests.conftest import make_settings
+
+    store = open_store(make_settings(tmp_path, "sqlite"))
+    stored = store.ingest.store_instance(source=mr_slice())
+    with store.db.session() as s:
+        inst = s.get(Instance, stored.instance_id)
+        assert inst is not None
+        path: Path = store.blobs.bodies.path(inst.blob_id)  # type: ignore[attr-defined]
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(TamperedData):
+            store.blobs.read(s, inst.blob_id)

@@ -1,0 +1,55 @@
+"""Key ring files: permissions, refusal to overwrite, malformed files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from msgate.errors import ConfigError, KeyFilePermissions
+from msgate.storage import keyring
+
+
+def test_init_writes_0600_and_loads(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "keyring.json"
+    ring = keyring.init(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    loaded = keyring.load(path)
+    assert loaded.active_id == ring.active_id and loaded.active.key == ring.active.key
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "keyring.json"
+    keyring.init(path)
+    with pytest.raises(ConfigError, match="already exists"):
+        keyring.init(path)
+
+
+@pytest.mark.parametrize("target,mode", [("file", 0o644), ("file", 0o640), ("dir", 0o755), ("dir", 0o770)])
+def test_open_permissions_are_refused(tmp_path: Path, target: str, mode: int) -> None:
+    path = tmp_path / "keys" / "keyring.json"
+    keyring.init(path)
+    os.chmod(path if target == "file" else path.parent, mode)
+    with pytest.raises(KeyFilePermissions, match="chmod"):
+        keyring.load(path)
+
+
+def test_missing_and_malformed(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "keyring.json"
+    with pytest.raises(ConfigError, match="keys init"):
+        keyring.load(path)
+    keyring.init(path)
+    path.write_text('{"keks": []}')
+    with pytest.raises(ConfigError, match="malformed"):
+        keyring.load(path)
+
+
+def test_rotate_and_retire_in_memory() -> None:
+    ring = keyring.generate()
+    rotated = ring.with_new_kek()
+    assert rotated.active_id != ring.active_id and len(rotated.keks) == 2
+    with pytest.raises(ConfigError):
+        rotated.without(rotated.active_id)
+    assert [k.id for k in rotated.without(ring.active_id).keks] == [rotated.active_id]

@@ -1,0 +1,112 @@
+"""MLLP client for outbound messages (the results outbox): one reused connection, timeouts, MSA-1.
+
+Only ``AA`` and ``CA`` are success. ``AE``/``CE``, a timeout, a dropped connection or an answer that
+cannot be read are :class:`~msgate.errors.Transient` (retry later); ``AR``/``CR`` are
+:class:`~msgate.errors.Rejected` (permanent). An ACK whose MSA-2 does not echo our MSH-10 is Transient.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+
+from msgate.errors import Rejected, Transient
+from msgate.hl7 import mllp
+from msgate.hl7.msh import HeaderError, read_msh
+from msgate.hl7.parse import parse
+
+
+@dataclass(frozen=True)
+class AckResult:
+    code: str
+    control_id: str
+    text: str = ""
+    error_code: str = ""
+
+
+def read_ack(raw: bytes) -> AckResult:
+    try:
+        msg = parse(raw)
+    except Exception:
+        raise Transient("unreadable acknowledgement", code="bad_ack") from None
+    msa = msg.first("MSA")
+    if msa is None:
+        raise Transient("acknowledgement without MSA", code="bad_ack")
+    err = msg.first("ERR")
+    error_code = (err.get(3, 1) or err.get(1, 4, 1)) if err is not None else ""
+    return AckResult(msa.get(1).strip().upper(), msa.get(2).strip(), msa.get(3), error_code)
+
+
+class MllpClient:
+    """``send(message)`` returns the :class:`AckResult` of an AA/CA answer, or raises."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 30.0, connect_timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None, max_ack_bytes: int = 1 << 20) -> None:
+        self.host, self.port, self.timeout, self.connect_timeout = host, port, timeout, connect_timeout
+        self.ssl_context, self.max_ack_bytes = ssl_context, max_ack_bytes
+        self._sock: socket.socket | None = None
+        self._deframer = mllp.Deframer(max_ack_bytes)
+        self._frames: list[bytes] = []
+
+    def __enter__(self) -> MllpClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+                self._deframer = mllp.Deframer(self.max_ack_bytes)
+                self._frames = []
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            except OSError as exc:
+                raise Transient(f"cannot connect to the MLLP peer ({type(exc).__name__})", code="connect") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(self.timeout)
+            self._sock = sock
+        return self._sock
+
+    def exchange(self, message: bytes) -> bytes:
+        """Send one framed message and return the next frame received (raw ACK bytes)."""
+        sock = self._connect()
+        try:
+            sock.sendall(mllp.frame(message))
+            while not self._frames:
+                data = sock.recv(65536)
+                if not data:
+                    raise Transient("peer closed the connection before acknowledging", code="closed")
+                self._frames.extend(e.payload for e in self._deframer.feed(data) if e.kind == "frame")
+        except (OSError, Transient) as exc:
+            self.close()
+            if isinstance(exc, Transient):
+                raise
+            raise Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io") from None
+        return self._frames.pop(0)
+
+    def send(self, message: str | bytes, *, encoding: str = "utf-8") -> AckResult:
+        raw = message.encode(encoding) if isinstance(message, str) else message
+        try:
+            control_id = read_msh(raw).control_id
+        except HeaderError:
+            raise Rejected("outbound message has no readable MSH", code="bad_message") from None
+        ack = read_ack(self.exchange(raw))
+        if ack.control_id and ack.control_id != control_id:
+            self.close()
+            raise Transient("acknowledgement for another message", code="ack_mismatch")
+        if ack.code in ("AA", "CA"):
+            return ack
+        if ack.code in ("AR", "CR"):
+            raise Rejected(f"peer rejected the message ({ack.code} {ack.error_code})".strip(), code="rejected")
+        raise Transient(f"peer answered {ack.code or 'nothing usable'} ({ack.error_code})", code="nak")

@@ -1,0 +1,241 @@
+"""The HL7 role: an asyncio MLLP server that acknowledges only what it has stored.
+
+Commit path (on the event loop, per frame): read MSH only (:mod:`msgate.hl7.msh`), decide AR for what
+cannot be accepted, then store through ``Ingest.store_hl7_batch``. One committer task hands every
+message that arrived while the previous commit ran to the next commit (group commit); each ACK is
+written only after the commit that holds its message has returned. Original mode answers ``AA``;
+enhanced mode (MSH-15/16 valued) answers ``CA`` per MSH-15, then the application ACK per MSH-16 once
+the mapping thread is done. Duplicates (MSH-10 + MSH-3/4) are acknowledged again and not mapped again.
+
+Mapping path: a worker thread maps committed messages in batches (:func:`msgate.hl7.mapping.map_messages`).
+Messages still ``pending`` at start (a crash between commit and mapping) are mapped on start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlmodel import col, select
+
+from msgate.config import Hl7Settings
+from msgate.errors import Rejected, Transient
+from msgate.hl7 import mllp
+from msgate.hl7.ack import AckError, build_ack, wrap_batch
+from msgate.hl7.mapping import map_messages
+from msgate.hl7.msh import HeaderError, Msh, check_msh, read_msh
+from msgate.hl7.parse import is_batch, split_batch
+from msgate.storage.ingest import Hl7Header, StoredMessage
+from msgate.storage.models import Hl7Message
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+ORDER_TRIGGERS = {"ORM": {"O01"}, "OMI": {"O23"}, "OMG": {"O19"}, "ORU": {"R01", ""}}
+MAX_GROUP = 256
+_conn_ids = itertools.count(1)
+
+
+def supported(msh: Msh) -> AckError | None:
+    """None when msgate handles this type; else the ERR for AR (200 unknown type, 201 unknown event)."""
+    if msh.message_type == "ADT":
+        return None
+    triggers = ORDER_TRIGGERS.get(msh.message_type)
+    if triggers is None:
+        return AckError(200, "MSH^1^9^1")
+    if msh.trigger not in triggers:
+        return AckError(201, "MSH^1^9^2")
+    return None
+
+
+@dataclass
+class _Pending:
+    raw: bytes
+    header: Hl7Header
+    future: asyncio.Future[StoredMessage]
+
+
+class Committer:
+    """Group commit: one batch in flight; everything that queued meanwhile goes in the next one."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.batches = 0
+
+    async def submit(self, raw: bytes, header: Hl7Header) -> StoredMessage:
+        fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(raw, header, fut))
+        return await fut
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self.queue.get()]
+            while not self.queue.empty() and len(group) < MAX_GROUP:
+                group.append(self.queue.get_nowait())
+            try:
+                results = await loop.run_in_executor(None, self._commit, group)
+            except Exception as exc:  # resolve every waiter; the connection turns it into AE
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self.batches += 1
+            for item, result in zip(group, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    def _commit(self, group: list[_Pending]) -> list[StoredMessage]:
+        return self.store.ingest.store_hl7_batch([(p.raw, p.header) for p in group])
+
+
+AppAck = Callable[[str, str], None]
+
+
+class MappingWorker(threading.Thread):
+    """Maps committed messages off the ACK path, in batches; calls back for enhanced-mode app ACKs."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(name="hl7-mapping", daemon=True)
+        self.store = store
+        self.items: queue.Queue[tuple[int, str, AppAck | None] | None] = queue.Queue()
+        self.mapped = 0
+
+    def recover(self) -> int:
+        with self.store.db.session() as session:
+            ids = session.exec(select(Hl7Message.id).where(Hl7Message.mapping_state == "pending")
+                               .order_by(col(Hl7Message.id))).all()
+        for message_id in ids:
+            if message_id is not None:
+                self.items.put((message_id, "", None))
+        return len(ids)
+
+    def run(self) -> None:
+        while True:
+            first = self.items.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 64:
+                try:
+                    nxt = self.items.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.items.put(None)
+                    break
+                batch.append(nxt)
+            self._map(batch)
+
+    def _map(self, batch: list[tuple[int, str, AppAck | None]]) -> None:
+        acks = {mid: code for mid, code, _ in batch if code}
+        try:
+            outcomes = map_messages(self.store, [mid for mid, _, _ in batch], acks=acks)
+        except Exception:
+            log.exception("mapping batch failed", extra={"count": len(batch)})
+            return
+        self.mapped += len(outcomes)
+        for mid, _, callback in batch:
+            outcome = outcomes.get(mid)
+            if outcome is not None and outcome.state == "error":
+                log.warning("mapping error", extra={"message_id": mid, "reason": outcome.error})
+            if callback is not None and outcome is not None:
+                callback("AE" if outcome.state == "error" else "AA", outcome.error or "")
+
+
+class Hl7Server:
+    """The MLLP listener. ``await start()`` binds (port 0 allowed); ``port`` is the bound port."""
+
+    def __init__(self, store: Store, settings: Hl7Settings | None = None) -> None:
+        self.store = store
+        self.settings = settings or store.settings.hl7
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in self.settings.allowed_networks]
+        self.committer = Committer(store)
+        self.mapper = MappingWorker(store)
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.connections: set[Any] = set()
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        tls = self.settings.tls
+        if not tls.enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        if tls.cert_file is None or tls.key_file is None:
+            raise Rejected("MSGATE_HL7__TLS__ENABLED needs cert_file and key_file", code="config")
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.ca_file is not None:
+            ctx.load_verify_locations(tls.ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    async def start(self) -> int:
+        recovered = self.mapper.recover()
+        self.mapper.start()
+        self._tasks.append(asyncio.create_task(self.committer.run()))
+        from msgate.hl7.connection import Connection
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await Connection(self, reader, writer, next(_conn_ids)).serve()
+
+        self._server = await asyncio.start_server(accept, self.settings.host, self.settings.port, ssl=self._ssl(),
+                                                  limit=1 << 20, backlog=256)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("hl7 listening", extra={"role": "hl7", "host": self.settings.host, "port": self.port,
+                                         "count": recovered})
+        return self.port
+
+    def allowed(self, host: str) -> bool:
+        if not self.networks:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in net for net in self.networks)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.writer.close()
+        for _ in range(100):
+            if not self.connections:
+                break
+            await asyncio.sleep(0.02)
+        while not self.committer.queue.empty():
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        self.mapper.items.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self.mapper.join, 30)
+
+
+def run(store: Store, stop: threading.Event) -> None:
+    """Serve role ``hl7``: block until ``stop`` is set (``msgate serve --role hl7``)."""
+
+    async def main() -> None:
+        server = Hl7Server(store)
+        await server.start()
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await server.stop()
+        log.info("hl7 stopped", extra={"role": "hl7", "elapsed_s": round(time.monotonic() - started, 2)})
+
+    asyncio.run(main())
+
+
+__all__ = ["Hl7Server", "run", "supported", "Transient", "HeaderError", "read_msh", "check_msh", "build_ack",
+           "wrap_batch", "mllp", "split_batch", "is_batch"]

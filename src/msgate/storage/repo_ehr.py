@@ -1,0 +1,142 @@
+"""EHR queries and writes used by the HL7 mapping and the operator views: patients, merges, snapshots.
+
+Identifiers are looked up by blind index ``HMAC("mrn", f"{authority}|{value}")``, exactly as the DICOM
+ingest indexes ``IssuerOfPatientID|PatientID``, so an HL7 patient and a DICOM study link without
+decrypting anything. A merged patient points at its survivor (``merged_into_id``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from msgate.model.features import FEATURES
+from msgate.storage.crypto import FieldCipher
+from msgate.storage.models import Observation, Order, Patient, PatientIdentifier, Study, utcnow
+
+
+@dataclass(frozen=True)
+class Identifier:
+    value: str
+    authority: str = ""
+    id_type: str = "MR"
+
+
+def id_index(cipher: FieldCipher, ident: Identifier) -> str:
+    return cipher.blind_index(f"{ident.authority}|{ident.value}", scope="mrn")
+
+
+def survivor(session: Session, patient: Patient) -> Patient:
+    seen = set()
+    while patient.merged_into_id is not None and patient.id not in seen:
+        seen.add(patient.id)
+        nxt = session.get(Patient, patient.merged_into_id)
+        if nxt is None:
+            break
+        patient = nxt
+    return patient
+
+
+def find_patient(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> Patient | None:
+    if not idents:
+        return None
+    indexes = [id_index(cipher, i) for i in idents]
+    row = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes))).first()
+    if row is None:
+        return None
+    patient = session.get(Patient, row.patient_id)
+    return survivor(session, patient) if patient is not None else None
+
+
+def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifier], *, name: str | None = None,
+                   birth_date: str | None = None, sex: str | None = None) -> Patient:
+    """Find the patient by any identifier or create one; set demographics given; add new identifiers."""
+    patient = find_patient(session, cipher, idents)
+    if patient is None:
+        patient = Patient()
+        session.add(patient)
+        session.flush()
+    enc = cipher.encrypt
+    if name:
+        patient.name_enc = enc(name, column="patient.name")
+    if birth_date:
+        patient.birth_date_enc = enc(birth_date, column="patient.birth_date")
+    if sex:
+        patient.sex_enc = enc(sex, column="patient.sex")
+    patient.updated_at = utcnow()
+    session.add(patient)
+    add_identifiers(session, cipher, patient, idents)
+    return patient
+
+
+def add_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:
+    assert patient.id is not None
+    for ident in idents:
+        index = id_index(cipher, ident)
+        existing = session.exec(select(PatientIdentifier).where(PatientIdentifier.id_index == index)).first()
+        if existing is None:
+            session.add(PatientIdentifier(patient_id=patient.id, id_index=index, authority=ident.authority[:64],
+                                          id_type=ident.id_type[:16] or "MR",
+                                          value_enc=cipher.encrypt(ident.value, column="patient_identifier.value")))
+        elif existing.patient_id != patient.id:
+            existing.patient_id = patient.id
+            session.add(existing)
+        session.flush()
+        session.execute(update(Study).where(col(Study.dicom_patient_index) == index, col(Study.patient_id).is_(None))
+                        .values(patient_id=patient.id))
+
+
+def merge(session: Session, *, survivor_patient: Patient, retired: Patient) -> None:
+    """ADT^A40: move the retired patient's identifiers, orders, observations and studies to the survivor."""
+    if retired.id == survivor_patient.id:
+        return
+    sid, rid = survivor_patient.id, retired.id
+    for table, column in ((PatientIdentifier, PatientIdentifier.patient_id), (Order, Order.patient_id),
+                          (Observation, Observation.patient_id), (Study, Study.patient_id)):
+        session.execute(update(table).where(col(column) == rid).values(patient_id=sid))
+    retired.merged_into_id = sid
+    retired.updated_at = utcnow()
+    session.add(retired)
+
+
+def _age(birth: str, at: date) -> float | None:
+    try:
+        born = date(int(birth[:4]), int(birth[4:6] or 1), int(birth[6:8] or 1))
+    except ValueError:
+        return None
+    return round((at - born).days / 365.25, 2)
+
+
+def snapshot(session: Session, cipher: FieldCipher, patient: Patient, at: datetime) -> dict[str, Any]:
+    """The EHR feature values the model would get for ``patient`` at ``at`` (None: missing/expired)."""
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
+    out: dict[str, Any] = {}
+    for spec in FEATURES:
+        out[spec.name] = None
+        since = at - timedelta(days=spec.validity_days)
+        row = session.exec(select(Observation).where(
+            Observation.patient_id == patient.id, Observation.feature == spec.name,
+            col(Observation.withdrawn).is_(False), col(Observation.observed_at) <= at,
+            col(Observation.observed_at) >= since).order_by(col(Observation.observed_at).desc())).first()
+        if row is not None:
+            raw = cipher.decrypt(row.value_enc, column="observation.value")
+            value: Any = raw
+            if spec.kind == "numeric" and raw is not None:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+            out[spec.name] = {"value": value, "unit": row.unit, "observed_at": row.observed_at, "status": row.status,
+                              "source": f"observation:{row.id}"}
+    birth = cipher.decrypt(patient.birth_date_enc, column="patient.birth_date")
+    if out.get("age") is None and birth:
+        age = _age(birth, at.date())
+        out["age"] = {"value": age, "unit": "a", "observed_at": None, "status": "", "source": "PID-7"} if age else None
+    sex = cipher.decrypt(patient.sex_enc, column="patient.sex")
+    if out.get("sex") is None and sex in ("F", "M"):
+        out["sex"] = {"value": sex, "unit": "", "observed_at": None, "status": "", "source": "PID-8"}
+    return out

@@ -1,0 +1,112 @@
+"""Every public conformance message gets the right answer over real MLLP, and supported ones map."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from hl7_helpers import CONFORMANCE, RawClient, err, make_store, msa, running_server, wait_row
+from sqlmodel import select
+
+from msgate.hl7 import mllp
+from msgate.hl7.msh import read_msh
+from msgate.hl7.parse import is_batch, split_batch
+from msgate.storage.models import Hl7Message, Observation, Order, Patient, PatientIdentifier
+
+pytestmark = pytest.mark.integration
+FILES = sorted(CONFORMANCE.glob("*.hl7"))
+UNSUPPORTED = {"bar_p01_v2.4_nondefault_subcomp_hapi.hl7": "200", "erp_z99_v2.3.1_olis_8859-1_zseg_hapi.hl7": "200",
+               "mdm_t02_v2.3.1_escapes_nhapi.hl7": "200", "oml_o21_v2.5.1_5char_encoding_nist_mig.hl7": "200"}
+# Mapping outcome other than "mapped", with the reason.
+NOT_MAPPED = {
+    "adt_a24_nondefault_separators_hapi.hl7": ("skipped", None),  # A24 (link) is stored, not mapped
+    "oru_r01_v2.4_ft_highlight_hapi.hl7": ("error", "no_patient_segment"),  # published without PID
+    "oru_r01_v2.5.1_newborn_screening_large_monai_mig.hl7": ("error", "no_patient_identifier"),  # PID-3 has no id
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    store = make_store(tmp_path_factory.mktemp("conf"))
+    with running_server(store) as srv:
+        yield srv, store
+    store.close()
+
+
+def _answers(client: RawClient, count: int, timeout: float) -> list[bytes]:
+    client.sock.settimeout(timeout)
+    out = []
+    try:
+        while len(out) < count:
+            out.append(client.recv_frame())
+    except (socket.timeout, TimeoutError):
+        pass
+    return out
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_conformance_message_answer_and_mapping(server, path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv, store = server
+    raw = path.read_bytes()
+    messages = split_batch(raw)[0] if is_batch(raw) else [raw]
+    msh = read_msh(messages[0])
+    with store.db.session() as session:  # some published samples reuse another's MSH-10 (template copies)
+        seen = session.exec(select(Hl7Message).where(
+            Hl7Message.dedup_index == store.ingest.dedup_key(msh.header()))).first() is not None
+    client = RawClient(srv.port)
+    try:
+        client.send(mllp.frame(raw))
+        if path.name in UNSUPPORTED:
+            answer = _answers(client, 1, 10)[0]
+            assert msa(answer)[1] == "AR" and msa(answer)[2] == msh.control_id
+            fields = err(answer)
+            assert UNSUPPORTED[path.name] in "^".join(fields)
+            return
+        enhanced = msh.enhanced
+        expect_accept = not (enhanced and msh.accept_ack in ("NE", "ER"))
+        expect_app = enhanced and msh.app_ack in ("AL", "SU")
+        answers = _answers(client, int(expect_accept) + int(expect_app), 10 if expect_accept else 1.5)
+    finally:
+        client.close()
+    codes = [msa(a)[1] for a in answers]
+    if expect_accept and is_batch(raw):
+        assert answers[0].startswith(b"FHS") and codes == ["AA"]
+    elif expect_accept:
+        assert codes[0] == ("CA" if enhanced else "AA")
+        assert all(msa(a)[2] == msh.control_id for a in answers)
+    else:
+        assert answers == []
+    if expect_app:
+        assert codes[-1] == "AA" or path.name in NOT_MAPPED
+    header = msh.header()
+    wait_row(store, header)
+    with store.db.session() as session:
+        row = session.exec(select(Hl7Message).where(
+            Hl7Message.dedup_index == store.ingest.dedup_key(header))).one()
+        state, error = NOT_MAPPED.get(path.name, ("mapped", None))
+        if seen:  # a duplicate is acknowledged again and not applied twice
+            for _ in range(100):
+                session.refresh(row)
+                if row.duplicates >= 1:
+                    break
+                time.sleep(0.05)
+            assert row.duplicates >= 1
+            return
+        assert (row.mapping_state, row.mapping_error) == (state, error)
+        assert row.message_type == header.message_type and row.trigger == header.trigger
+        if state != "mapped":
+            return
+        mtype = header.message_type
+        if mtype in ("ADT", "ORM", "OMI", "ORU"):
+            assert row.patient_id is not None
+            patient = session.get(Patient, row.patient_id)
+            assert patient is not None and patient.merged_into_id is None
+            ids = session.exec(select(PatientIdentifier).where(PatientIdentifier.patient_id == patient.id)).all()
+            assert ids
+        if mtype in ("ORM", "OMI"):
+            assert session.exec(select(Order).where(Order.message_id == row.id)).first() is not None
+        if mtype == "ORU":
+            obs = session.exec(select(Observation).where(Observation.message_id == row.id)).all()
+            assert obs or "no_observations" in str(row.validation)

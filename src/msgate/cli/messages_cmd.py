@@ -1,0 +1,97 @@
+"""``msgate messages list|show|replay``: the HL7 feed as an operator sees it (no payloads shown)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from sqlmodel import col, select
+
+from msgate.cli.common import console, fail, print_json, state
+from msgate.storage import audit
+from msgate.storage.models import Hl7Message
+from msgate.storage.store import Store
+
+app = typer.Typer(help="Inbound HL7 messages: type, control id, received, ACK, mapping and validation.",
+                  no_args_is_help=True)
+
+
+def _row(store: Store, m: Hl7Message, detail: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": m.id, "type": f"{m.message_type}^{m.trigger}".rstrip("^"), "version": m.version,
+        "control_id": store.cipher.decrypt(m.control_id_enc, column="hl7.control_id"),
+        "sending_application": m.sending_application, "sending_facility": m.sending_facility,
+        "received_at": m.received_at, "ack": m.ack_code, "ack_at": m.ack_at, "mapping_state": m.mapping_state,
+        "mapping_error": m.mapping_error, "duplicates": m.duplicates,
+        "findings": len((m.validation or {}).get("findings", [])),
+    }
+    if detail:
+        out["validation"] = m.validation
+        out["patient_id"] = m.patient_id
+        out["blob_id"] = m.blob_id
+    return out
+
+
+@app.command("list")
+def list_messages(
+    ctx: typer.Context,
+    state_filter: Annotated[str | None, typer.Option("--state", help="pending, mapped, skipped or error")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The most recent messages, newest first."""
+    store = state(ctx).store()
+    with store.db.session() as session:
+        query = select(Hl7Message).order_by(col(Hl7Message.id).desc()).limit(limit)
+        if state_filter:
+            query = query.where(Hl7Message.mapping_state == state_filter)
+        rows = [_row(store, m) for m in session.exec(query).all()]
+    if as_json:
+        print_json(rows)
+        return
+    for r in rows:
+        console.print(f"{r['id']:>6}  {r['type']:<12} {r['control_id'] or '':<24} {r['received_at']:%Y-%m-%d %H:%M:%S}  "
+                      f"ack={r['ack'] or '-':<3} {r['mapping_state']:<8} {r['mapping_error'] or ''}  "
+                      f"findings={r['findings']}", highlight=False)
+
+
+@app.command("show")
+def show(ctx: typer.Context, message_id: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One message's header, ACK, mapping state and validation findings."""
+    store = state(ctx).store()
+    with store.db.session() as session:
+        m = session.get(Hl7Message, message_id)
+        if m is None:
+            fail(f"no message {message_id}")
+            return
+        data = _row(store, m, detail=True)
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        console.print(f"{key:>20}: {value}", highlight=False)
+
+
+@app.command("replay")
+def replay(
+    ctx: typer.Context,
+    message_id: Annotated[int | None, typer.Argument(help="one message; omit with --errors")] = None,
+    errors: Annotated[bool, typer.Option("--errors", help="every message in the error state")] = False,
+) -> None:
+    """Map stored messages again (after fixing the cause of a mapping error)."""
+    from msgate.hl7.mapping import map_messages
+
+    store = state(ctx).store()
+    with store.db.session() as session:
+        if message_id is not None:
+            ids = [message_id]
+        elif errors:
+            ids = [i for i in session.exec(select(Hl7Message.id).where(Hl7Message.mapping_state == "error")).all()
+                   if i is not None]
+        else:
+            fail("give a message id or --errors")
+            return
+        audit.append(session, kind="hl7.replay", actor=audit.operator(), subject="hl7", detail={"count": len(ids)})
+    outcomes = map_messages(store, ids)
+    for mid, outcome in outcomes.items():
+        console.print(f"{mid}: {outcome.state} {outcome.error or ''}", highlight=False)

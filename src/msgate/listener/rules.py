@@ -22,7 +22,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Role(str, Enum):
@@ -58,6 +58,8 @@ def _rx(pattern: str) -> re.Pattern[str]:
 class RoleRule(BaseModel):
     """One ordered role rule; every condition given must match (an empty rule matches everything)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     role: Role
     name: str = ""
     text: str | None = Field(None, description="regex on SeriesDescription + ProtocolName")
@@ -87,6 +89,8 @@ class RoleRule(BaseModel):
 
 class RoutingRule(BaseModel):
     """One ordered routing rule; every condition given must match."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = ""
     action: Route = "pipeline"
@@ -144,6 +148,8 @@ DEFAULT_ROUTING: list[RoutingRule] = [
 
 class ListenerRules(BaseModel):
     """The ``[rules]`` settings section: role rules and routing rules, both ordered."""
+
+    model_config = ConfigDict(extra="forbid")
 
     roles: list[RoleRule] = Field(default_factory=lambda: list(DEFAULT_ROLE_RULES))
     routing: list[RoutingRule] = Field(default_factory=lambda: list(DEFAULT_ROUTING))

@@ -103,3 +103,14 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     assert da and da == db
     generate_cohort(tmp_path / "c", 2, seed=12, resolution=2, protocol="2d")
     assert _digest(tmp_path / "c")["labels.jsonl"] != da["labels.jsonl"]
+
+
+def test_enhanced_multiframe_is_readable_and_reproducible(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        generate_cohort(tmp_path / name, 1, seed=5, resolution=2, protocol="2d", enhanced=True)
+    files = sorted((tmp_path / "a" / "dicom").rglob("*.dcm"))
+    assert len(files) == 3
+    ds = pydicom.dcmread(files[0])
+    assert ds.SOPClassUID == pydicom.uid.LegacyConvertedEnhancedMRImageStorage
+    assert ds.pixel_array.shape == (int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

@@ -23,15 +23,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from numpy.typing import NDArray
 
-from msgate.model.synth.anatomy import WarpParams, load_template, make_anatomy
-from msgate.model.synth.contrasts import acquire, tissue_images
+from msgate.model.synth.anatomy import Anatomy, WarpParams, load_template, make_anatomy
+from msgate.model.synth.contrasts import Series, acquire, tissue_images
 from msgate.model.synth.dicom_writer import StudyInfo, SeriesInfo, TRANSFER_SYNTAXES, uid, write_series
-from msgate.model.synth.ehr import sample_ehr
+from msgate.model.synth.ehr import Observation, sample_ehr
 from msgate.model.synth.hl7_writer import Hl7Context, adt_a04, orm_o01, oru_r01
-from msgate.model.synth.latent import Diagnosis, sample_latent
+from msgate.model.synth.latent import Diagnosis, Latent, sample_latent
 from msgate.model.synth.lesions import LesionMaps, place_lesions, sample_specs
-from msgate.model.synth.protocols import VENDORS, plan_series
+from msgate.model.synth.protocols import VENDORS, SeriesPlan, plan_series
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _study_info(cfg: CohortConfig, index: int, age: float, sex: str, rng: np.ran
     )
 
 
-def _write_mask(maps: LesionMaps, affine: np.ndarray, path: Path) -> None:
+def _write_mask(maps: LesionMaps, affine: NDArray[np.float64], path: Path) -> None:
     """Lesion label map as NIfTI; gzip with mtime 0 so the bytes are reproducible."""
     img = nib.Nifti1Image(maps.labels, affine)
     img.header.set_data_dtype(np.uint16)
@@ -87,7 +88,7 @@ def _write_mask(maps: LesionMaps, affine: np.ndarray, path: Path) -> None:
     path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
-def _write_hl7(cfg: CohortConfig, st: StudyInfo, obs: list, edss: float, rng: np.random.Generator) -> list[str]:
+def _write_hl7(cfg: CohortConfig, st: StudyInfo, obs: list[Observation], edss: float, rng: np.random.Generator) -> list[str]:
     scan = datetime.strptime(st.study_date + st.study_time, "%Y%m%d%H%M%S")
     family, given = st.patient_name.split("^")
     ctx = Hl7Context(st.patient_id, family, given, st.birth_date, st.sex, st.accession,
@@ -105,25 +106,51 @@ def _write_hl7(cfg: CohortConfig, st: StudyInfo, obs: list, edss: float, rng: np
     return out
 
 
-def generate_subject(cfg: CohortConfig, index: int) -> dict[str, object]:
-    """Generate and write one subject; returns its labels.jsonl record."""
+@dataclass
+class Subject:
+    """Everything simulated for one subject, before anything is written."""
+
+    latent: Latent
+    study: StudyInfo
+    anatomy: Anatomy
+    lesions: LesionMaps
+    plans: list[SeriesPlan]
+    series: list[Series]
+    rng: np.random.Generator
+
+
+def simulate_subject(cfg: CohortConfig, index: int) -> Subject:
+    """Draw latent, anatomy, lesions and the acquired series of one subject (no I/O)."""
     rng = subject_rng(cfg.seed, index)
     lat = sample_latent(_diagnosis(cfg.mix, rng), rng)
     st = _study_info(cfg, index, lat.age, lat.sex, rng)
     an = make_anatomy(load_template(cfg.resolution), WarpParams.sample(rng), lat.atrophy, rng)
     maps = place_lesions(sample_specs(lat, rng), an, rng)
     images = tissue_images(an, maps, rng)
-    series = []
-    for number, plan in enumerate(plan_series(st.manufacturer, cfg.protocol, rng), start=1):
-        s = acquire(images[plan.role], plan.acq, an.affine, rng)
+    plans = plan_series(st.manufacturer, cfg.protocol, rng)
+    series = [acquire(images[p.role], p.acq, an.affine, rng) for p in plans]
+    return Subject(lat, st, an, maps, plans, series, rng)
+
+
+def _write_dicom(cfg: CohortConfig, sub: Subject, index: int) -> list[dict[str, object]]:
+    out = []
+    for number, (plan, s) in enumerate(zip(sub.plans, sub.series), start=1):
         se = SeriesInfo(uid("series", cfg.seed, index, number), number, plan.description, plan.protocol_name)
-        folder = cfg.out_dir / "dicom" / st.patient_id / f"S{number:03d}"
-        write_series(s, st, se, folder, cfg.ts, cfg.enhanced)
-        series.append({"role": plan.role, "series_uid": se.uid, "description": plan.description,
-                       "protocol_name": plan.protocol_name, "mode": plan.acq.mode,
-                       "slice_thickness_mm": float(s.affine[2, 2]), "dir": str(folder.relative_to(cfg.out_dir))})
+        folder = cfg.out_dir / "dicom" / sub.study.patient_id / f"S{number:03d}"
+        write_series(s, sub.study, se, folder, cfg.ts, cfg.enhanced)
+        out.append({"role": plan.role, "series_uid": se.uid, "description": plan.description,
+                    "protocol_name": plan.protocol_name, "mode": plan.acq.mode,
+                    "slice_thickness_mm": float(s.affine[2, 2]), "dir": str(folder.relative_to(cfg.out_dir))})
+    return out
+
+
+def generate_subject(cfg: CohortConfig, index: int) -> dict[str, object]:
+    """Generate and write one subject; returns its labels.jsonl record."""
+    sub = simulate_subject(cfg, index)
+    lat, st, maps, rng = sub.latent, sub.study, sub.lesions, sub.rng
+    series = _write_dicom(cfg, sub, index)
     mask = cfg.out_dir / "masks" / f"{st.patient_id}_lesions.nii.gz"
-    _write_mask(maps, an.affine, mask)
+    _write_mask(maps, sub.anatomy.affine, mask)
     obs = sample_ehr(lat, datetime.strptime(st.study_date, "%Y%m%d").date(), cfg.missing_rate, rng)
     hl7 = _write_hl7(cfg, st, obs, lat.edss, rng)
     return {

@@ -132,7 +132,16 @@ def _series_header(s: Series, st: StudyInfo, se: SeriesInfo) -> Dataset:
     if acq.role == "QSM":
         ds.RescaleType = "PPM"
     ds.BurnedInAnnotation, ds.SOPClassUID = "NO", MRImageStorage
+    ds.WindowCenter, ds.WindowWidth = _window(s)
     return ds
+
+
+def _window(s: Series) -> tuple[str, str]:
+    """Display window in output units: ±0.15 ppm for QSM, 0..p99.5 for magnitude images."""
+    if s.acq.role == "QSM":
+        return "0", "0.3"
+    top = float(np.percentile(s.pixels[::4, ::4, ::2], 99.5)) * s.slope + s.intercept
+    return _ds(round(top / 2.0)), _ds(round(max(top, 1.0)))
 
 
 def _slice(header: Dataset, s: Series, k: int, sop_uid: str) -> Dataset:
@@ -195,9 +204,21 @@ def _write_enhanced(slices: list[Dataset], se: SeriesInfo, out_dir: Path, ts: UI
         series_number=se.number + 100, sop_instance_uid=uid(se.uid, "enhanced"), instance_number=1,
         transfer_syntax_uid=ts,
     )
+    _pin_generated_values(mf, slices[0], uid(se.uid, "dimension-organization"))
     path = out_dir / "enhanced.dcm"
     mf.save_as(path, enforce_file_format=True)
     return path
+
+
+def _pin_generated_values(mf: Dataset, first: Dataset, dim_uid: str) -> None:
+    """Replace the clock times and random UIDs highdicom sets, for reproducible bytes."""
+    mf.InstanceCreationDate, mf.InstanceCreationTime = first.ContentDate, first.ContentTime
+    for item in mf.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = first.ContentDate + first.ContentTime
+    for item in list(mf.get("DimensionOrganizationSequence", [])) + list(mf.get("DimensionIndexSequence", [])):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = dim_uid
 
 
 def volume_values(s: Series) -> NDArray[np.float32]:

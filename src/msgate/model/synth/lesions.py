@@ -77,7 +77,7 @@ def _ms_specs(lat: Latent, rng: np.random.Generator) -> list[LesionSpec]:
     n = int(rng.poisson(3.0 + 40.0 * lat.severity**1.2))
     locs = rng.choice(len(LOCATIONS), size=n, p=[0.45, 0.25, 0.12, 0.18])
     p_bh = 0.1 + 0.35 * lat.severity
-    return [LesionSpec("ovoid", LOCATIONS[int(i)], _axes(rng, 3.0, 0.35, (0.4, 0.7)),
+    return [LesionSpec("ovoid", LOCATIONS[int(i)], _axes(rng, 3.5 + 2.5 * lat.severity, 0.35, (0.45, 0.8)),
                        rim=bool(rng.random() < RIM_P[lat.phenotype]),
                        black_hole=bool(rng.random() < p_bh)) for i in locs]
 

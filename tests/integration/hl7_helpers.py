@@ -126,3 +126,48 @@ def wait_row(store: Store, header: object, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("message not stored and mapped in time")
+
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(__import__("sys").executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_env(home: Path, port: int) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
+    env.update(MSGATE_HOME=str(home), MSGATE_HL7__PORT=str(port), MSGATE_STORAGE__MIN_FREE_BYTES="0",
+               MSGATE_METRICS__ENABLED="false")
+    return env
+
+
+def start_serve(home: Path, port: int):  # type: ignore[no-untyped-def]
+    """``msgate serve --role hl7`` as a subprocess; returns once the port accepts connections."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "msgate", "serve", "--role", "hl7"], env=serve_env(home, port),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def open_home_store(home: Path) -> Store:
+    settings = load_settings(home=home, storage={"min_free_bytes": 0}, metrics={"enabled": False})
+    return open_store(settings, create_keys=False)

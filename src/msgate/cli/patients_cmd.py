@@ -17,6 +17,11 @@ app = typer.Typer(help="Patients from the HL7 feed and the feature snapshot the 
                   no_args_is_help=True)
 
 
+@app.callback()
+def _group() -> None:
+    """Patients (a group, so ``show`` stays a sub-command when more are added)."""
+
+
 def _find(store: Any, session: Any, ident: str) -> Patient | None:
     if ident.isdigit():
         patient = session.get(Patient, int(ident))

@@ -69,7 +69,8 @@ def _pixels(ds: Dataset, rows: int, cols: int, seed: int) -> np.ndarray:
 
 
 def write_series(folder: Path, *, count: int, description: str = "AX FLAIR", study_uid: str | None = None,
-                 number: int = 1, size: int = 64) -> list[Path]:
+                 number: int = 1, size: int = 64, scanning: tuple[str, ...] = ("SE", "IR"),
+                 inversion_time: float = 2500.0) -> list[Path]:
     """A synthetic MR series (MR Image Storage, explicit VR LE), one file per slice."""
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
@@ -78,8 +79,8 @@ def write_series(folder: Path, *, count: int, description: str = "AX FLAIR", stu
         ds = _base(study_uid, series_uid, description, "1.2.840.10008.5.1.4.1.1.4", number)
         ds.InstanceNumber, ds.ImagePositionPatient = index + 1, [0.0, 0.0, float(index)]
         ds.ImageOrientationPatient, ds.PixelSpacing, ds.SliceThickness = [1, 0, 0, 0, 1, 0], [1.0, 1.0], 1.0
-        ds.ScanningSequence, ds.SequenceName = ["SE", "IR"], "*tir2d1_16"
-        ds.InversionTime, ds.ImageType = 2500.0, ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ScanningSequence, ds.SequenceName = list(scanning), "*tir2d1_16"
+        ds.InversionTime, ds.ImageType = inversion_time, ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.PixelData = _pixels(ds, size, size, number * 1000 + index).tobytes()
         paths.append(_save(ds, folder / f"s{number:02d}_{index:04d}.dcm"))
     return paths

@@ -129,11 +129,12 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
     RoleRule(role=Role.SWI, name="SWI image type", image_type=r"\bSWI\b"),
     # FLAIR: Siemens t2_tirm_*_dark-fluid / t2_space_dark-fluid, GE AX/3D FLAIR, FLAIR CUBE, Philips T2W_FLAIR.
     RoleRule(role=Role.FLAIR, name="FLAIR by name", text=_FLAIR),
-    RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"\bIR\b",
-             inversion_time_min=1500, inversion_time_max=3500),
-    # T1: MPRAGE/MP2RAGE (Siemens), BRAVO/SPGR (GE), sT1W_3D_TFE (Philips).
+    # T1: MPRAGE/MP2RAGE (Siemens), BRAVO/SPGR (GE), sT1W_3D_TFE (Philips). Names before sequence
+    # parameters: a labelled series is trusted over its TI, an unlabelled one is judged by it.
     RoleRule(role=Role.T1, name="T1 by name",
              text=r"mp-?rage|mp2rage|bravo|spgr|t1w|(?<![a-z0-9])t1|(?<![a-z])tfe(?![a-z])|(?<![a-z])vibe"),
+    RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"\bIR\b",
+             inversion_time_min=1500, inversion_time_max=3500),
     RoleRule(role=Role.T1, name="short-TI inversion recovery gradient echo", scanning_sequence=r"\bIR\b.*\bGR\b|"
              r"\bGR\b.*\bIR\b", inversion_time_min=300, inversion_time_max=1300),
     RoleRule(role=Role.T2, name="T2 by name", text=r"t2w|(?<![a-z0-9])t2|(?<![a-z])(tse|fse)(?![a-z])"),

@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from msgate.storage import audit
-from msgate.storage.models import Association, Series, Study, utcnow
+from msgate.storage.models import Association, Instance, Series, Study, utcnow
 
 FINAL_STATES = frozenset({"ready", "stable", "stored", "ignored"})
 
@@ -103,3 +103,10 @@ def list_studies(session: Session, *, state: str | None = None, limit: int = 200
     if state:
         query = query.where(Study.state == state)
     return list(session.exec(query).all())
+
+
+def associations_of(session: Session, *, study_id: int) -> list[Association]:
+    """The associations that delivered instances of a study (through ``instance.assoc_id``)."""
+    ids = select(Instance.assoc_id).where(Instance.study_id == study_id).distinct()
+    return list(session.exec(select(Association).where(col(Association.id).in_(ids))
+                             .order_by(col(Association.started_at))).all())

@@ -1,0 +1,56 @@
+"""``msgate rules test FILE...``: what the series-role and routing rules decide for given DICOM files.
+
+Reads each file's header only (no pixel data), applies the configured ``[rules]`` section, and prints
+the role, the route and the rules that decided them. Nothing is stored; file contents are not logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydicom import dcmread
+from rich.table import Table
+
+from msgate.cli.common import console, print_json, state
+from msgate.listener import rules
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+def test(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="DICOM files", exists=True, dir_okay=False)],
+    calling_aet: Annotated[str, typer.Option("--calling-aet", help="as if sent by this AE")] = "",
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the role and route the rules give each file."""
+    cfg = state(ctx).settings.rules
+    docs = []
+    failed = False
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, force=True)
+            decision = rules.decide(ds, cfg, calling_aet)
+        except Exception as exc:  # one unreadable file must not hide the others
+            failed = True
+            docs.append({"file": str(path), "error": type(exc).__name__})
+            continue
+        docs.append({"file": str(path), "role": decision.role.value, "role_rule": decision.role_rule,
+                     "route": decision.route, "route_rule": decision.route_rule,
+                     "required_roles": [r.value for r in decision.required_roles]})
+    if json_out:
+        print_json(docs)
+    else:
+        table = Table("file", "role", "role rule", "route", "route rule", "required roles")
+        for d in docs:
+            if "error" in d:
+                table.add_row(str(d["file"]), "[red]unreadable[/red]", str(d["error"]), "", "", "")
+            else:
+                table.add_row(str(d["file"]), str(d["role"]), str(d["role_rule"]), str(d["route"]),
+                              str(d["route_rule"]), ",".join(d["required_roles"]))  # type: ignore[arg-type]
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)

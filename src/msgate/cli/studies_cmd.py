@@ -1,0 +1,109 @@
+"""``msgate studies list|show``: operator views of received studies.
+
+PHI (accession, patient id, study date, series descriptions) is decrypted only for display, and
+every display is recorded in the audit chain (``phi.view``, actor = the OS user).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from msgate.cli.common import console, fail, print_json, state
+from msgate.storage import audit, repo_studies
+from msgate.storage.models import Study
+from msgate.storage.store import Store
+
+app = typer.Typer(no_args_is_help=True)
+
+
+def _ts(value: Any) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def _study_doc(store: Store, study: Study) -> dict[str, Any]:
+    dec = store.cipher.decrypt
+    return {
+        "id": study.id, "accession": dec(study.accession_enc, column="study.accession"),
+        "patient_id": dec(study.patient_id_enc, column="study.patient_id"),
+        "study_date": dec(study.study_date_enc, column="study.study_date"),
+        "state": study.state, "route": study.route, "calling_aet": study.calling_aet,
+        "modalities": study.modalities, "instances": study.instance_count, "runs": study.runs,
+        "first_received_at": _ts(study.first_received_at), "last_received_at": _ts(study.last_received_at),
+        "ready_at": _ts(study.ready_at),
+    }
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    state_filter: Annotated[str | None, typer.Option("--state", help="receiving, ready, stable, stored, ignored")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="most recent first")] = 200,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List studies, newest first (PHI shown is audited)."""
+    store = state(ctx).store()
+    with store.db.session() as session:
+        studies = repo_studies.list_studies(session, state=state_filter, limit=limit)
+        docs = [_study_doc(store, s) for s in studies]
+        if docs:
+            audit.append(session, kind="phi.view", actor=audit.operator(), subject="studies:list",
+                         detail={"study_ids": [d["id"] for d in docs][:500]})
+    if json_out:
+        print_json(docs)
+        return
+    table = Table("id", "accession", "patient id", "study date", "state", "route", "AE", "inst", "received (UTC)",
+                  "ready (UTC)")
+    for d in docs:
+        table.add_row(str(d["id"]), d["accession"] or "", d["patient_id"] or "", d["study_date"] or "", d["state"],
+                      d["route"] or "", d["calling_aet"], str(d["instances"]), d["last_received_at"] or "",
+                      d["ready_at"] or "")
+    console.print(table)
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    study_id: Annotated[int, typer.Argument(help="study id from `msgate studies list`")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One study with its series (role, instance count) and associations (PHI shown is audited)."""
+    store = state(ctx).store()
+    dec = store.cipher.decrypt
+    with store.db.session() as session:
+        study = session.get(Study, study_id)
+        if study is None:
+            fail(f"no study {study_id}")
+            return
+        doc = _study_doc(store, study)
+        doc["series"] = [
+            {"id": s.id, "number": s.series_number, "modality": s.modality, "role": s.role,
+             "description": dec(s.description_enc, column="series.description"), "instances": s.instance_count,
+             "first_received_at": _ts(s.first_received_at), "last_received_at": _ts(s.last_received_at)}
+            for s in repo_studies.series_of(session, study_id=study_id)]
+        doc["associations"] = [
+            {"id": a.id, "calling_aet": a.calling_aet, "peer": a.peer_host, "outcome": a.outcome,
+             "instances": a.instances, "failures": a.failures, "started_at": _ts(a.started_at),
+             "ended_at": _ts(a.ended_at)}
+            for a in repo_studies.associations_of(session, study_id=study_id)]
+        audit.append(session, kind="phi.view", actor=audit.operator(), subject=f"study:{study_id}", detail={})
+    if json_out:
+        print_json(doc)
+        return
+    console.print(f"study {doc['id']}  accession {doc['accession'] or '-'}  patient {doc['patient_id'] or '-'}  "
+                  f"date {doc['study_date'] or '-'}", highlight=False)
+    console.print(f"state {doc['state']} (route {doc['route'] or '-'}, runs {doc['runs']})  calling AE "
+                  f"{doc['calling_aet']}  received {doc['first_received_at']} .. {doc['last_received_at']}  "
+                  f"ready {doc['ready_at'] or '-'}", highlight=False)
+    table = Table("series", "no.", "modality", "role", "description", "instances", "last received (UTC)")
+    for s in doc["series"]:
+        table.add_row(str(s["id"]), str(s["number"] or ""), s["modality"], s["role"] or "", s["description"] or "",
+                      str(s["instances"]), s["last_received_at"] or "")
+    console.print(table)
+    assoc = Table("association", "calling AE", "peer", "outcome", "instances", "failures", "started (UTC)")
+    for a in doc["associations"]:
+        assoc.add_row(a["id"][:12], a["calling_aet"], a["peer"], a["outcome"], str(a["instances"]),
+                      str(a["failures"]), a["started_at"] or "")
+    console.print(assoc)

@@ -328,3 +328,13 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = 0
     hash: str = Field(default="0" * 64, max_length=64)
+
+
+class Heartbeat(SQLModel, table=True):
+    """Each running role's last sign of life, written every few seconds by ``msgate serve``."""
+
+    role: str = Field(primary_key=True, max_length=16)
+    instance: str = Field(primary_key=True, max_length=96)
+    started_at: datetime = _created()
+    beat_at: datetime = _created()
+    info: dict[str, Any] = _json()

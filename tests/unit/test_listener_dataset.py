@@ -1,0 +1,45 @@
+"""The pre-store checks: header, required UIDs, truncation; and their DIMSE status codes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from msgate.errors import Rejected
+from msgate.listener.dataset import parse
+from msgate.listener.handlers import status_for
+
+FILES = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
+         "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_dcmtk.dcm"]
+CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "dicom"
+
+
+def _all() -> list[bytes]:
+    paths = [Path(get_testdata_file(n)) for n in FILES] + sorted(CONFORMANCE.glob("*.dcm"))
+    return [p.read_bytes() for p in paths]
+
+
+@pytest.mark.parametrize("data", _all())
+def test_complete_files_pass_and_truncated_ones_are_refused(data: bytes) -> None:
+    assert parse(data).SOPInstanceUID
+    for cut in (1, 10, 100, len(data) // 2):
+        with pytest.raises(Rejected) as info:
+            parse(data[:-cut])
+        assert status_for(info.value) in (0xC210, 0xA900)
+
+
+def test_missing_uid_is_a900_and_garbage_is_c210() -> None:
+    ds = dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    with pytest.raises(Rejected) as info:
+        parse(buf.getvalue())
+    assert status_for(info.value) == 0xA900
+    with pytest.raises(Rejected) as info:
+        parse(bytes(range(256)) * 10)
+    assert status_for(info.value) in (0xC210, 0xA900)

@@ -1,0 +1,98 @@
+"""Series-role and routing rules: vendor naming, ordering, configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from msgate.config import load_settings
+from msgate.errors import ConfigError
+from msgate.listener.rules import ListenerRules, Role, RoleRule, RoutingRule, classify, decide, series_fields
+
+VENDOR_NAMES = [
+    # Siemens
+    ("t2_tirm_tra_dark-fluid", {}, Role.FLAIR),
+    ("t2_space_dark-fluid_sag_p2_iso", {}, Role.FLAIR),
+    ("t2_space_dark-fluid_sag_p2_iso_MPR_tra", {}, Role.DERIVED),
+    ("T1 MPRAGE", {}, Role.T1),
+    ("t1_mprage_sag_p2_iso", {}, Role.T1),
+    ("QSM", {}, Role.QSM),
+    ("SWI phase", {}, Role.QSM_SOURCE),
+    ("SWI magnitude", {}, Role.QSM_SOURCE),
+    ("qsm_mag", {}, Role.QSM_SOURCE),
+    ("SWI_Images", {}, Role.SWI),
+    ("mIP_Images(SW)", {}, Role.DERIVED),
+    ("t2_tse_tra", {}, Role.T2),
+    # GE
+    ("AX FLAIR", {}, Role.FLAIR),
+    ("3D FLAIR", {}, Role.FLAIR),
+    ("Sag FLAIR CUBE", {}, Role.FLAIR),
+    ("BRAVO", {}, Role.T1),
+    ("Ax SWAN", {}, Role.SWI),
+    ("AX T2 FSE", {}, Role.T2),
+    # Philips
+    ("T2W_FLAIR", {}, Role.FLAIR),
+    ("sT1W_3D_TFE", {}, Role.T1),
+    ("SWIp", {}, Role.SWI),
+    # parameters only
+    ("", {"ScanningSequence": ["SE", "IR"], "InversionTime": 2500}, Role.FLAIR),
+    ("", {"ScanningSequence": ["GR", "IR"], "InversionTime": 900}, Role.T1),
+    ("", {"ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"], "ScanningSequence": "GR"}, Role.QSM_SOURCE),
+    ("", {"ImageType": ["DERIVED", "SECONDARY", "REFORMATTED"]}, Role.DERIVED),
+    ("localizer", {}, Role.OTHER),
+    ("Ax DWI", {}, Role.OTHER),
+]
+
+
+def _ds(description: str, **attrs: object) -> Dataset:
+    ds = Dataset()
+    if description:
+        ds.SeriesDescription = description
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(("description", "attrs", "role"), VENDOR_NAMES)
+def test_default_roles_for_vendor_naming(description: str, attrs: dict[str, object], role: Role) -> None:
+    assert classify(series_fields(_ds(description, **attrs)), ListenerRules().roles)[0] is role
+
+
+def test_protocol_name_counts_when_description_is_empty() -> None:
+    ds = _ds("", ProtocolName="AX FLAIR")
+    assert classify(series_fields(ds), ListenerRules().roles)[0] is Role.FLAIR
+
+
+def test_rules_are_ordered_first_match_wins() -> None:
+    custom = [RoleRule(role=Role.OTHER, name="site override", text="AX FLAIR ZOOM"), *ListenerRules().roles]
+    assert classify(series_fields(_ds("AX FLAIR ZOOM")), custom) == (Role.OTHER, "site override")
+
+
+def test_routing_defaults_and_first_match() -> None:
+    rules = ListenerRules()
+    brain = _ds("AX FLAIR", Modality="MR", BodyPartExamined="BRAIN")
+    assert (decide(brain, rules).route, decide(brain, rules).required_roles) == ("pipeline", (Role.FLAIR,))
+    assert decide(_ds("AX", Modality="MR", BodyPartExamined="KNEE"), rules).route == "store_only"
+    assert decide(_ds("AX", Modality="CT"), rules).route == "store_only"
+    ignore = ListenerRules(routing=[RoutingRule(action="ignore", calling_aet=["RESEARCH"], required_roles=[]),
+                                    *rules.routing])
+    assert decide(brain, ignore, calling_aet="RESEARCH").route == "ignore"
+    assert decide(brain, ignore, calling_aet="SCANNER1").route == "pipeline"
+    by_desc = ListenerRules(routing=[RoutingRule(action="pipeline", study_description=r"\bMS\b",
+                                                 required_roles=[Role.FLAIR, Role.QSM])])
+    ds = _ds("x", Modality="MR", StudyDescription="MRI BRAIN MS PROTOCOL")
+    assert decide(ds, by_desc).required_roles == (Role.FLAIR, Role.QSM)
+    assert decide(_ds("x", Modality="MR", StudyDescription="KNEE"), by_desc).route == "store_only"
+
+
+def test_rules_from_toml_and_bad_regex_named(tmp_path: Path) -> None:
+    config = tmp_path / "msgate.toml"
+    config.write_text('[[rules.routing]]\naction = "ignore"\nmodality = ["CT"]\nrequired_roles = []\n'
+                      '[[rules.roles]]\nrole = "FLAIR"\ntext = "DARKFLUIDX"\n')
+    settings = load_settings(config, home=tmp_path)
+    assert settings.rules.routing[0].action == "ignore" and len(settings.rules.roles) == 1
+    config.write_text('[[rules.roles]]\nrole = "FLAIR"\ntext = "(unclosed"\n')
+    with pytest.raises(ConfigError, match="RULES"):
+        load_settings(config, home=tmp_path)

@@ -1,0 +1,115 @@
+"""Mapping edge cases on messages built with hl7apy: v2.3/v2.7, custom delimiters, escapes, repeated OBX,
+Z-segments, unit conversion, corrections and withdrawals, merges, orders linked by accession; snapshot."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hl7apy.core import Message
+from sqlmodel import select
+
+from msgate.config import load_settings
+from msgate.hl7.mapping import map_messages
+from msgate.hl7.msh import read_msh
+from msgate.storage import repo_ehr
+from msgate.storage.models import Hl7Message, Observation, Order, Patient
+from msgate.storage.store import Store, open_store
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Store:
+    s = open_store(load_settings(home=tmp_path, storage={"min_free_bytes": 0}))
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def _oru(version: str, cid: str, obx: list[tuple[str, str, str, str, str]], mrn: str = "M1",
+         enc: dict[str, str] | None = None) -> bytes:
+    msg = Message("ORU_R01", version=version, **({"encoding_chars": enc} if enc else {}))
+    c = (enc or {}).get("COMPONENT", "^")
+    msg.msh.msh_3, msg.msh.msh_4, msg.msh.msh_7 = "LAB", "HOSP", "20250101120000"
+    msg.msh.msh_9 = (f"ORU{c}R01{c}ORU_R01" if version != "2.3" else f"ORU{c}R01")
+    msg.msh.msh_10, msg.msh.msh_11 = cid, "P"
+    pid = msg.add_segment("PID")
+    pid.pid_3 = f"{mrn}{c}{c}{c}HOSP{c}MR"
+    pid.pid_5 = f"DOE{c}JANE"
+    pid.pid_7 = "19800101"
+    pid.pid_8 = "F"
+    obr = msg.add_segment("OBR")
+    obr.obr_1, obr.obr_7 = "1", "20250101100000"
+    for n, (vt, code, value, unit, status) in enumerate(obx, 1):
+        seg = msg.add_segment("OBX")
+        seg.obx_1, seg.obx_2, seg.obx_3 = str(n), vt, code.replace("^", c)
+        seg.obx_5, seg.obx_11 = value, status
+        if unit:
+            seg.obx_6 = unit
+    er7 = msg.to_er7().replace("\n", "\r")
+    return (er7 + "\rZPR|1|custom\r").encode()
+
+
+def _store_and_map(store: Store, raw: bytes) -> int:
+    stored = store.ingest.store_hl7(raw=raw, header=read_msh(raw).header())
+    outcome = map_messages(store, [stored.message_id])[stored.message_id]
+    assert outcome.state == "mapped", outcome
+    return stored.message_id
+
+
+def _obs(store: Store, code: str) -> list[tuple[str | None, bool, str, str | None]]:
+    with store.db.session() as s:
+        rows = s.exec(select(Observation).where(Observation.code == code).order_by(Observation.id)).all()
+        return [(store.cipher.decrypt(r.value_enc, column="observation.value"), r.withdrawn, r.unit, r.feature)
+                for r in rows]
+
+
+@pytest.mark.parametrize("version", ["2.3", "2.5.1", "2.7"])
+def test_oru_versions_units_repeated_obx(store: Store, version: str) -> None:
+    raw = _oru(version, "V" + version, [("NM", "101281-4^NfL^LN", "0.012", "ng/mL", "F"),
+                                        ("NM", "MS-T25FW^T25FW^L", "0.1", "min", "F"),
+                                        ("ST", "X1^Note^L", "a\\T\\b", "", "F")])
+    _store_and_map(store, raw)
+    assert _obs(store, "101281-4") == [("12.0", False, "pg/mL", "nfl")]
+    assert _obs(store, "MS-T25FW") == [("6.0", False, "s", "t25fw")]
+    assert _obs(store, "X1")[0][0] == "a&b"
+
+
+def test_custom_encoding_characters(store: Store) -> None:
+    enc = {"FIELD": "|", "COMPONENT": "$", "REPETITION": "*", "ESCAPE": "!", "SUBCOMPONENT": "@"}
+    _store_and_map(store, _oru("2.5", "E1", [("NM", "14117-6$IgG index$LN", "0.9", "", "F")], enc=enc))
+    assert _obs(store, "14117-6") == [("0.9", False, "{ratio}", "igg_index")]
+
+
+def test_correction_replaces_and_withdrawal_withdraws(store: Store) -> None:
+    _store_and_map(store, _oru("2.5.1", "K1", [("NM", "101281-4^NfL^LN", "10", "pg/mL", "F")]))
+    _store_and_map(store, _oru("2.5.1", "K2", [("NM", "101281-4^NfL^LN", "11", "pg/mL", "C")]))
+    assert _obs(store, "101281-4") == [("11.0", False, "pg/mL", "nfl")]
+    _store_and_map(store, _oru("2.5.1", "K3", [("NM", "101281-4^NfL^LN", "", "pg/mL", "W")]))
+    assert _obs(store, "101281-4")[0][1] is True
+    with store.db.session() as s:
+        patient = s.exec(select(Patient)).one()
+        snap = repo_ehr.snapshot(s, store.cipher, patient, datetime(2025, 2, 1, tzinfo=UTC))
+    assert snap["nfl"] is None and snap["sex"]["value"] == "F" and 44 < snap["age"]["value"] < 46
+
+
+def test_merge_moves_observations_to_survivor(store: Store) -> None:
+    _store_and_map(store, _oru("2.5.1", "G1", [("NM", "101281-4^NfL^LN", "9", "pg/mL", "F")], mrn="OLD"))
+    a40 = (b"MSH|^~\\&|ADT|HOSP|||20250102||ADT^A40^ADT_A39|G2|P|2.5.1\rEVN|A40|20250102\r"
+           b"PID|1||NEW^^^HOSP^MR||DOE^JANE\rMRG|OLD^^^HOSP^MR\r")
+    _store_and_map(store, a40)
+    with store.db.session() as s:
+        old = repo_ehr.find_patient(s, store.cipher, [repo_ehr.Identifier("OLD", "HOSP")])
+        new = repo_ehr.find_patient(s, store.cipher, [repo_ehr.Identifier("NEW", "HOSP")])
+        assert old is not None and new is not None and old.id == new.id
+        assert {o.patient_id for o in s.exec(select(Observation)).all()} == {new.id}
+
+
+def test_order_links_accession(store: Store) -> None:
+    omi = (b"MSH|^~\\&|RIS|HOSP|||20250102||OMI^O23^OMI_O23|O1|P|2.5.1\rPID|1||M9^^^HOSP^MR\r"
+           b"ORC|NW|PL1|FL1\rOBR|1|PL1|FL1|MR^MRI brain\rIPC|ACC123|RP1|1.2.3|SPS1|MR\r")
+    mid = _store_and_map(store, omi)
+    with store.db.session() as s:
+        order = s.exec(select(Order)).one()
+        assert order.accession_index == store.cipher.blind_index("ACC123", scope="accession")
+        assert order.message_id == mid and order.patient_id is not None
+        assert s.get(Hl7Message, mid).patient_id == order.patient_id  # type: ignore[union-attr]

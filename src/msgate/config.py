@@ -8,6 +8,7 @@ Invalid settings raise one :class:`~msgate.errors.ConfigError` that names the se
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,6 +118,35 @@ class MetricsSettings(Section):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class WorkerSettings(Section):
+    """Scheduler and Celery workers (see msgate.workers). Times in seconds."""
+
+    required_ehr_fields: list[str] = Field(default_factory=lambda: ["age", "sex"],
+                                           description="feature names a case waits for (model.features)")
+    ehr_deadline_seconds: float = Field(600.0, ge=0, description="then run with the missing fields masked")
+    scan_seconds: float = Field(2.0, gt=0, description="scheduler / reconciler period")
+    lookback_seconds: float = Field(3600.0, ge=0, description="ready studies older than deadline+this are done")
+    publish_grace_seconds: float = Field(10.0, ge=0, description="unpublished jobs older than this are re-sent")
+    batch_size: int = Field(4, ge=1, description="dynamic batching: cases per predict call")
+    batch_wait_seconds: float = Field(0.2, ge=0, description="how long a batch waits for more queued cases")
+    soft_time_limit: float = Field(600.0, gt=0)
+    hard_time_limit: float = Field(900.0, gt=0)
+    visibility_timeout: float = Field(3600.0, gt=0, description="Redis redelivery; must exceed hard_time_limit")
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_max: float = Field(300.0, gt=0)
+    device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    model_module: str = Field("msgate.model.predict", description="module with load_model() and predict(cases)")
+    embedded_worker: bool = Field(True, description="role worker in embedded mode runs an in-process worker")
+
+    @field_validator("visibility_timeout")
+    @classmethod
+    def _visibility_after_hard_limit(cls, value: float, info: Any) -> float:
+        hard = info.data.get("hard_time_limit")
+        if hard is not None and value <= hard:
+            raise ValueError("must be longer than hard_time_limit, or a slow task is delivered twice")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything msgate reads from its environment. See README "Configuration"."""
 
@@ -125,6 +155,7 @@ class Settings(BaseSettings):
     )
 
     home: Path = Path("./var")
+    keyring_file: Path | None = Field(None, description="None: home/keys/keyring.json")
     database_url: str | None = Field(None, description="None: SQLite under home; postgresql+psycopg://... in production")
     broker_url: str | None = Field(None, description="None: durable embedded queue under home; redis://... in production")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -135,6 +166,7 @@ class Settings(BaseSettings):
     hl7_out: Hl7Destination | None = None
     storage: StorageSettings = StorageSettings()
     metrics: MetricsSettings = MetricsSettings()
+    workers: WorkerSettings = WorkerSettings()
     rules: ListenerRules = ListenerRules()  # series roles and routing, see msgate.listener.rules
 
     @field_validator("database_url", "broker_url")
@@ -177,7 +209,7 @@ class Settings(BaseSettings):
 
     @property
     def keyring_path(self) -> Path:
-        return self.home / "keys" / "keyring.json"
+        return self.keyring_file or self.home / "keys" / "keyring.json"
 
     @property
     def is_embedded(self) -> bool:
@@ -193,11 +225,14 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"config file not found: {config_file}")
 
+    secrets_dir = os.environ.get("MSGATE_SECRETS_DIR")  # e.g. /run/secrets: a file msgate_database_url
+
     class _FileSettings(Settings):
-        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file,
+                                             "secrets_dir": secrets_dir})
 
     try:
-        loaded = _FileSettings(**overrides) if config_file else Settings(**overrides)
+        loaded = _FileSettings(**overrides) if (config_file or secrets_dir) else Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"invalid setting {_env_name(first['loc'])}: {first['msg']}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,9 +19,44 @@ from msgate.log import setup_logging
 app = typer.Typer(name="msgate", help="msgate: hospital-side AI worker for MS (DICOM + HL7 in, SR + ORU out).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(keys_cmd.app, name="keys", help="Key ring: init, rotate, status, retire.")
-app.add_typer(db_cmd.app, name="db", help="Database migrations.")
+app.add_typer(db_cmd.app, name="db", help="Database migrations and retention.")
 app.add_typer(audit_cmd.app, name="audit", help="Audit chain: verify, tail.")
 app.command("serve")(serve_cmd.serve)
+
+# Command groups of the pipeline stages, one file each. A group whose module is not part of this
+# build is left out of --help; an error inside a module that exists is raised, not hidden.
+GROUPS = (
+    ("studies_cmd", "studies", "Studies received by the DICOM listener."),
+    ("rules_cmd", "rules", "What the routing and role rules decide for DICOM files."),
+    ("messages_cmd", "messages", "HL7 messages received by the feed."),
+    ("patients_cmd", "patients", "Patients and their EHR feature snapshot."),
+    ("jobs_cmd", "jobs", "Inference jobs: list, show, retry, cancel."),
+    ("outbox_cmd", "outbox", "Result deliveries: list, retry, drop."),
+    ("synth", "synth", "Synthetic MS cohort as DICOM + HL7 files."),
+    ("train_cmd", "train", "Train the models on the synthetic cohort or the store."),
+    ("evaluate_cmd", "evaluate", "Evaluation reports with plots."),
+    ("status_cmd", "status", None),
+    ("trace_cmd", "trace", None),
+    ("demo_cmd", "demo", None),
+)
+
+
+def _mount(module_name: str, name: str, help_text: str | None) -> None:
+    full = f"msgate.cli.{module_name}"
+    try:
+        module = importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name == full:
+            return
+        raise
+    if help_text is None:  # a single command, not a group
+        app.command(name)(module.command)
+    else:
+        app.add_typer(module.app, name=name, help=help_text)
+
+
+for _module, _name, _help in GROUPS:
+    _mount(_module, _name, _help)
 
 
 def _version(value: bool) -> None:

@@ -74,16 +74,45 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     threads = [threading.Thread(target=_guard, args=(name, fn, store, stop), name=f"role-{name}", daemon=True)
                for name, fn in runners.items()]
+    metrics_server = None
+    if st.settings.metrics.enabled:
+        from msgate import metrics
+
+        metrics_server = metrics.serve(store.db, st.settings.metrics.host, st.settings.metrics.port)
     for thread in threads:
         thread.start()
+    beats = threading.Thread(target=_heartbeats, args=(store, roles, threads, stop), name="heartbeat", daemon=True)
+    beats.start()
     log.info("msgate started", extra={"role": ",".join(roles) or "none", "count": len(roles)})
     while not stop.is_set() and (not threads or any(t.is_alive() for t in threads)):
         stop.wait(0.5)
     stop.set()
     for thread in threads:
         thread.join(timeout=15)
+    beats.join(timeout=5)
+    if metrics_server is not None:
+        metrics_server.shutdown()
     store.close()
     log.info("msgate stopped", extra={"role": ",".join(roles)})
+
+
+def _heartbeats(store: Any, roles: list[str], threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Record every live role every few seconds; remove this process's rows on the way out."""
+    from msgate.storage import heartbeat
+    from msgate.storage.models import utcnow
+
+    started = utcnow()
+    while not stop.is_set():
+        alive = [role for role, thread in zip(roles, threads, strict=True) if thread.is_alive()]
+        try:
+            heartbeat.beat(store.db, alive, started)
+        except Exception:
+            log.warning("heartbeat failed", extra={"reason": "database"})
+        stop.wait(heartbeat.INTERVAL_S)
+    try:
+        heartbeat.clear(store.db, roles)
+    except Exception:
+        log.warning("heartbeat cleanup failed", extra={"reason": "database"})
 
 
 def _guard(name: str, fn: Any, store: Any, stop: threading.Event) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from msgate import metrics
 from msgate.errors import Rejected, Transient
 from msgate.storage import audit
 from msgate.storage.blobs import Blobs, free_bytes
@@ -115,6 +117,21 @@ class Ingest:
     def store_instance(self, *, source: bytes | Path, calling_aet: str = "", assoc_id: str | None = None,
                        header: Dataset | None = None, actor: str = "listener") -> StoredInstance:
         """Store one encoded dataset (file meta + dataset, as received). Safe to call twice."""
+        started = time.perf_counter()
+        try:
+            stored = self._store_instance(source, calling_aet, assoc_id, header, actor)
+        except Rejected:
+            metrics.INSTANCES.labels("rejected").inc()
+            raise
+        except Transient:
+            metrics.INSTANCES.labels("transient").inc()
+            raise
+        metrics.INSTANCES.labels("duplicate" if stored.duplicate else "stored").inc()
+        metrics.INGEST_SECONDS.labels("dicom").observe(time.perf_counter() - started)
+        return stored
+
+    def _store_instance(self, source: bytes | Path, calling_aet: str, assoc_id: str | None,
+                        header: Dataset | None, actor: str) -> StoredInstance:
         self.check_space()
         ds = header if header is not None else read_header(source)
         sop_index = self.cipher.blind_index(_text(ds, "SOPInstanceUID"), scope="sop")
@@ -261,7 +278,12 @@ class Ingest:
         """Group commit: write every body, then one transaction. Every result follows the commit."""
         if not items:
             return []
-        self.check_space()
+        started = time.perf_counter()
+        try:
+            self.check_space()
+        except Transient:
+            metrics.HL7_MESSAGES.labels("transient").inc(len(items))
+            raise
         keys = [self.dedup_key(h) for _, h in items]
         with self.db.session() as session:
             found = {m.dedup_index: m for m in session.exec(
@@ -277,6 +299,10 @@ class Ingest:
                     self.blobs.discard_body(session, blob_id)
                 raise
         log.debug("hl7 stored", extra={"count": len(results), "batch": sum(1 for _, dup in results if dup)})
+        duplicates = sum(1 for _, dup in results if dup)
+        metrics.HL7_MESSAGES.labels("duplicate").inc(duplicates)
+        metrics.HL7_MESSAGES.labels("stored").inc(len(results) - duplicates)
+        metrics.INGEST_SECONDS.labels("hl7").observe(time.perf_counter() - started)
         return [StoredMessage(message_id=m.id, duplicate=dup) for m, dup in results]  # type: ignore[misc]
 
     def _one_hl7(self, session: Session, raw: bytes, header: Hl7Header, key: str, found: dict[str, Hl7Message],

@@ -1,0 +1,126 @@
+"""``msgate status [--json] [--watch] [--role R] [--quiet]``: the whole system's health at a glance.
+
+Exit code 0 healthy, 1 degraded, 2 down, so it can feed monitoring and compose health checks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from msgate.cli import status_probe as probe
+from msgate.cli.common import console, print_json, state
+from msgate.cli.serve_cmd import available_roles
+from msgate.config import Settings
+from msgate.storage.db import Database
+
+LEVEL = {"ok": 0, "degraded": 1, "down": 2}
+STYLE = {"ok": "green", "degraded": "yellow", "down": "red"}
+
+
+def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
+    db = Database(settings.resolved_database_url)
+    try:
+        report: dict[str, Any] = {"database": probe.database(db), "keys": probe.keys(settings),
+                                  "disk": probe.disk(settings)}
+        if report["database"]["health"] == "down":
+            return _finish(report, critical=True)
+        expected = (only_role,) if only_role else tuple(r for r in probe.PIPELINE_ROLES if r in available_roles())
+        report["roles"] = probe.roles(db, expected)
+        if "dicom" in expected:
+            report["roles"]["dicom"]["port_open"] = probe.port_open(settings.dicom.host, settings.dicom.port)
+        if "hl7" in expected:
+            report["roles"]["hl7"]["port_open"] = probe.port_open(settings.hl7.host, settings.hl7.port)
+        if only_role in (None, "scheduler", "worker", "publish"):
+            report["broker"] = probe.broker(settings)
+        if only_role is None:
+            report["jobs"] = probe.jobs(db)
+            report["outbox"] = probe.outbox(db)
+        return _finish(report)
+    finally:
+        db.dispose()
+
+
+def _finish(report: dict[str, Any], critical: bool = False) -> dict[str, Any]:
+    levels = [LEVEL[part["health"]] for part in report.values() if isinstance(part, dict) and "health" in part]
+    roles = report.get("roles", {})
+    role_levels = [LEVEL[r["health"]] for r in roles.values()]
+    if role_levels and all(level == 2 for level in role_levels):
+        levels.append(2)  # nothing is running
+    elif role_levels:
+        levels.append(min(1, max(role_levels)))  # some roles down: degraded
+    if report.get("broker", {}).get("health") == "down":
+        levels.append(1)
+    worst = max(levels + [2 if critical else 0])
+    report["health"] = {0: "ok", 1: "degraded", 2: "down"}[worst]
+    return report
+
+
+def render(report: dict[str, Any]) -> Group:
+    health = report["health"]
+    head = Table.grid(padding=(0, 1))
+    head.add_row(f"[bold]msgate[/bold] [{STYLE[health]}]{health.upper()}[/]")
+    parts = Table("component", "health", "detail", box=None, show_edge=False, pad_edge=False, width=78)
+    for name in ("database", "keys", "disk", "broker"):
+        if name in report:
+            part = report[name]
+            parts.add_row(name, _h(part["health"]), _detail(part))
+    for role, info in report.get("roles", {}).items():
+        parts.add_row(f"role {role}", _h(info["health"]), _detail(info))
+    if "jobs" in report:
+        jobs = report["jobs"]
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(jobs["last_hour"].items())) or "none"
+        timing = f"p50 {jobs['p50_s']:.1f}s p95 {jobs['p95_s']:.1f}s" if jobs["p50_s"] is not None else ""
+        parts.add_row("jobs (1 h)", "", f"{counts} {timing}".strip())
+        for failure in jobs["recent_failures"]:
+            parts.add_row("", "", f"[red]job {failure['job']}: {failure['reason']}")
+    if "outbox" in report:
+        out = report["outbox"]
+        parts.add_row("outbox", _h(out["health"]), f"backlog {out['backlog']}, oldest {out['oldest_s']:.0f}s, "
+                      f"dead {out['dead_letters']}")
+        for error in out["recent_errors"]:
+            parts.add_row("", "", f"[yellow]{error['destination']}: {error['reason']}")
+    return Group(head, parts)
+
+
+def _h(level: str) -> str:
+    return f"[{STYLE[level]}]{level}[/]"
+
+
+def _detail(part: dict[str, Any]) -> str:
+    skip = {"health"}
+    bits = [f"{k} {v}" for k, v in part.items() if k not in skip and v not in ("", None, [], {})]
+    return ", ".join(bits)[:200]
+
+
+def command(
+    ctx: typer.Context,
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh every 2 s until Ctrl-C")] = False,
+    role: Annotated[str | None, typer.Option("--role", help="check only this role (container health checks)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing; exit code only")] = False,
+) -> None:
+    """Health of every role, the broker, the database and disk; queues, jobs, outbox, keys.
+
+    Exit code: 0 healthy, 1 degraded, 2 down.
+    """
+    settings = state(ctx).settings
+    if watch:
+        with Live(render(collect(settings, role)), console=console, refresh_per_second=1) as live:
+            try:
+                while True:
+                    time.sleep(2)
+                    live.update(render(collect(settings, role)))
+            except KeyboardInterrupt:
+                pass
+    report = collect(settings, role)
+    if json_out:
+        print_json(report)
+    elif not quiet:
+        console.print(render(report))
+    raise typer.Exit(LEVEL[report["health"]])

@@ -1,0 +1,144 @@
+"""What ``msgate status`` measures: one function per component, each returning a plain dict.
+
+Health levels: ``ok``, ``degraded`` (works but needs attention), ``down``. Nothing here prints PHI:
+errors shown are msgate's own reason strings.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+from datetime import timedelta
+from typing import Any
+
+from sqlmodel import col, func, select
+
+from msgate.config import Settings
+from msgate.storage import heartbeat, keyring
+from msgate.storage.blobs import free_bytes
+from msgate.storage.db import Database
+from msgate.storage.models import Job, OutboxEntry, utcnow
+
+QUEUES = ("gpu", "publish")
+PIPELINE_ROLES = ("dicom", "hl7", "scheduler", "worker", "publish")
+STALE_AFTER_S = heartbeat.INTERVAL_S * 4
+
+
+def database(db: Database) -> dict[str, Any]:
+    if not db.ping():
+        return {"health": "down", "reason": "database unreachable"}
+    revision = db.current_revision()
+    return {"health": "ok" if revision else "degraded", "revision": revision,
+            "backend": "sqlite" if db.is_sqlite else "postgresql"}
+
+
+def keys(settings: Settings) -> dict[str, Any]:
+    try:
+        ring = keyring.load(settings.keyring_path)
+    except Exception as exc:  # ConfigError / KeyFilePermissions carry operator-facing text
+        return {"health": "down", "reason": str(exc)}
+    now = utcnow()
+    active_age = (now - ring.active.created).days
+    return {"health": "ok", "active": ring.active_id, "active_age_days": active_age, "keys": len(ring.keks)}
+
+
+def disk(settings: Settings) -> dict[str, Any]:
+    free = free_bytes(settings.blob_dir)
+    floor = settings.storage.min_free_bytes
+    health = "ok" if free >= max(floor, settings.storage.purge_free_bytes) else "degraded"
+    return {"health": health, "free_gb": round(free / 1e9, 2), "floor_gb": round(floor / 1e9, 2),
+            "reason": "free space below the ingest floor" if free < floor else ""}
+
+
+def roles(db: Database, expected: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    now = utcnow()
+    beats = heartbeat.read(db)
+    out: dict[str, dict[str, Any]] = {}
+    for role in expected:
+        mine = [b for b in beats if b.role == role]
+        live = [b for b in mine if (now - b.beat_at).total_seconds() <= STALE_AFTER_S]
+        info: dict[str, Any] = {"instances": len(live)}
+        for beat in live:
+            info.update(beat.info)
+        if live:
+            info["health"] = "ok"
+        else:
+            info["health"] = "down"
+            info["reason"] = "stale heartbeat (crashed?)" if mine else "not running"
+        out[role] = info
+    return out
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    try:
+        with socket.create_connection((target, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def broker(settings: Settings) -> dict[str, Any]:
+    """Reachability and queue depths; workers answer Celery's ping where the broker supports broadcast."""
+    from kombu import Connection
+
+    url = settings.resolved_broker_url
+    depths: dict[str, int] = {}
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            channel = conn.default_channel
+            for queue in QUEUES:
+                try:
+                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+                except Exception:  # not declared yet: nothing queued
+                    depths[queue] = 0
+    except Exception:
+        return {"health": "down", "reason": "broker unreachable", "kind": url.split(":", 1)[0]}
+    result: dict[str, Any] = {"health": "ok", "kind": url.split(":", 1)[0], "queues": depths}
+    if url.startswith("redis"):
+        result["workers"] = celery_ping(url)
+    return result
+
+
+def celery_ping(url: str) -> list[str]:
+    from celery import Celery
+
+    app = Celery(broker=url)
+    try:
+        replies = app.control.inspect(timeout=1.0).ping() or {}
+    except Exception:
+        return []
+    finally:
+        app.close()
+    return sorted(replies)
+
+
+def jobs(db: Database, hours: float = 1.0) -> dict[str, Any]:
+    since = utcnow() - timedelta(hours=hours)
+    with db.session() as session:
+        counts = dict(session.exec(select(Job.state, func.count()).where(Job.created_at >= since)
+                                   .group_by(Job.state)).all())
+        done = session.exec(select(Job.created_at, Job.finished_at).where(
+            Job.state == "done", col(Job.finished_at).is_not(None), Job.created_at >= since)).all()
+        failures = session.exec(select(Job.id, Job.error).where(Job.state == "failed")
+                                .order_by(col(Job.finished_at).desc()).limit(3)).all()
+    durations = sorted((f - c).total_seconds() for c, f in done if f is not None)
+    p50 = statistics.median(durations) if durations else None
+    p95 = durations[max(0, int(round(0.95 * len(durations))) - 1)] if durations else None
+    return {"last_hour": counts, "p50_s": p50, "p95_s": p95,
+            "recent_failures": [{"job": jid[:8], "reason": (err or "")[:120]} for jid, err in failures]}
+
+
+def outbox(db: Database) -> dict[str, Any]:
+    with db.session() as session:
+        backlog, oldest = session.exec(select(func.count(), func.min(OutboxEntry.created_at)).where(
+            col(OutboxEntry.state).in_(("pending", "sending")))).one()
+        dead = session.exec(select(func.count()).where(OutboxEntry.state == "dead")).one()
+        errors = session.exec(select(OutboxEntry.destination, OutboxEntry.last_error).where(
+            col(OutboxEntry.last_error).is_not(None), OutboxEntry.state != "delivered")
+            .order_by(col(OutboxEntry.next_attempt_at).desc()).limit(3)).all()
+    age = (utcnow() - oldest).total_seconds() if oldest else 0.0
+    health = "ok" if not dead and age < 3600 else "degraded"
+    return {"health": health, "backlog": backlog, "oldest_s": round(age, 1), "dead_letters": dead,
+            "recent_errors": [{"destination": d, "reason": (e or "")[:120]} for d, e in errors]}

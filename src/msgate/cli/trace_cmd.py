@@ -1,0 +1,135 @@
+"""``msgate trace ID``: the timeline of one accession, study UID, job id or HL7 control id.
+
+association -> instances -> HL7 messages -> readiness -> job stages -> SR/ORU attempts and
+acknowledgements. Lookups go through the blind indexes; a control id is matched by decrypting the
+recent messages' MSH-10 in memory. The trace itself is audited.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlmodel import Session, col, select
+
+from msgate.cli.common import console, fail, print_json, state
+from msgate.storage import audit
+from msgate.storage.models import (
+    Association, Hl7Message, Instance, Job, Order, OutboxAttempt, OutboxEntry, Series, Study,
+)
+from msgate.storage.store import Store
+
+CONTROL_ID_SCAN = 20_000
+
+
+def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study], list[Hl7Message], list[Job]]:
+    """Resolve ``ident`` as a study UID, accession, job id or HL7 control id."""
+    idx = store.cipher.blind_index
+    studies = list(session.exec(select(Study).where(Study.study_uid_index == idx(ident, scope="study"))).all())
+    studies += session.exec(select(Study).where(Study.accession_index == idx(ident, scope="accession"))).all()
+    jobs = list(session.exec(select(Job).where(col(Job.id).startswith(ident.lower()))).all()) if len(ident) >= 6 else []
+    for job in jobs:
+        study = session.get(Study, job.study_id)
+        if study is not None and study not in studies:
+            studies.append(study)
+    messages = [m for m in session.exec(select(Hl7Message).order_by(col(Hl7Message.id).desc()).limit(CONTROL_ID_SCAN))
+                if store.cipher.decrypt(m.control_id_enc, column="hl7.control_id") == ident]
+    return studies, messages, jobs
+
+
+def _event(ts: datetime | None, stage: str, what: str, ref: str = "") -> dict[str, Any]:
+    return {"time": ts.isoformat() if ts else None, "stage": stage, "event": what, "ref": ref}
+
+
+def study_events(store: Store, session: Session, study: Study) -> list[dict[str, Any]]:
+    sid = study.id
+    events = [_event(study.first_received_at, "dicom", f"study first instance (state now {study.state})",
+                     f"study:{sid}")]
+    assoc_ids = session.exec(select(Instance.assoc_id).where(Instance.study_id == sid).distinct()).all()
+    for assoc in session.exec(select(Association).where(col(Association.id).in_([a for a in assoc_ids if a]))):
+        events.append(_event(assoc.started_at, "dicom", f"association from {assoc.calling_aet}: "
+                             f"{assoc.instances} stored, {assoc.failures} failed", f"assoc:{assoc.id[:8]}"))
+        if assoc.ended_at:
+            events.append(_event(assoc.ended_at, "dicom", f"association {assoc.outcome}", f"assoc:{assoc.id[:8]}"))
+    for series in session.exec(select(Series).where(Series.study_id == sid)):
+        events.append(_event(series.last_received_at, "dicom", f"series {series.series_number or '?'} "
+                             f"role {series.role or '-'}: {series.instance_count} instances", f"series:{series.id}"))
+    if study.ready_at:
+        events.append(_event(study.ready_at, "ready", f"study ready (runs {study.runs})", f"study:{sid}"))
+    if study.accession_index:
+        for order in session.exec(select(Order).where(Order.accession_index == study.accession_index)):
+            msg = session.get(Hl7Message, order.message_id) if order.message_id else None
+            if msg is not None:
+                events.extend(message_events(msg))
+    if study.patient_id:
+        for msg in session.exec(select(Hl7Message).where(Hl7Message.patient_id == study.patient_id)):
+            events.extend(message_events(msg))
+    for job in session.exec(select(Job).where(Job.study_id == sid)):
+        events.extend(job_events(session, job))
+    return events
+
+
+def message_events(msg: Hl7Message) -> list[dict[str, Any]]:
+    kind = f"{msg.message_type}^{msg.trigger}".strip("^")
+    events = [_event(msg.received_at, "hl7", f"{kind} v{msg.version} from {msg.sending_application}",
+                     f"hl7:{msg.id}")]
+    if msg.ack_at:
+        events.append(_event(msg.ack_at, "hl7", f"ACK {msg.ack_code}", f"hl7:{msg.id}"))
+    events.append(_event(msg.received_at, "hl7", f"mapping {msg.mapping_state}"
+                         + (f": {msg.mapping_error}" if msg.mapping_error else ""), f"hl7:{msg.id}"))
+    return events
+
+
+def job_events(session: Session, job: Job) -> list[dict[str, Any]]:
+    ref = f"job:{job.id[:8]}"
+    events = [_event(job.created_at, "job", f"job created (model {job.model_version or '?'})", ref)]
+    for label, ts in (("published to the queue", job.published_at), ("started", job.started_at),
+                      (f"finished: {job.state}", job.finished_at)):
+        if ts:
+            events.append(_event(ts, "job", label, ref))
+    if job.stages:
+        stages = ", ".join(f"{k} {v:.2f}s" if isinstance(v, (int, float)) else f"{k} {v}"
+                           for k, v in job.stages.items())
+        events.append(_event(job.finished_at or job.started_at, "job", f"stages: {stages}", ref))
+    if job.error:
+        events.append(_event(job.finished_at, "job", f"error: {job.error}", ref))
+    for entry in session.exec(select(OutboxEntry).where(OutboxEntry.job_id == job.id)):
+        out_ref = f"outbox:{entry.id[:8]}"
+        events.append(_event(entry.created_at, "result", f"{entry.kind} to {entry.destination} queued", out_ref))
+        for attempt in session.exec(select(OutboxAttempt).where(OutboxAttempt.entry_id == entry.id)):
+            events.append(_event(attempt.started_at, "result", f"attempt {attempt.outcome}: "
+                                 f"{attempt.peer_status} {attempt.detail}".strip(), out_ref))
+        if entry.delivered_at:
+            events.append(_event(entry.delivered_at, "result", f"{entry.kind} delivered", out_ref))
+    return events
+
+
+def command(
+    ctx: typer.Context,
+    ident: Annotated[str, typer.Argument(metavar="ID", help="accession, study UID, job id (prefix) or HL7 control id")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Timeline of one accession, study, job or HL7 message, from association to acknowledgements."""
+    store = state(ctx).store()
+    with store.db.session() as session:
+        studies, messages, jobs = find_studies(store, session, ident)
+        if not (studies or messages or jobs):
+            fail("nothing found for that id (accession, study UID, job id or HL7 control id)")
+        events: list[dict[str, Any]] = []
+        for study in studies:
+            events += study_events(store, session, study)
+        for msg in messages:
+            events += message_events(msg)
+        unique = {(e["time"], e["stage"], e["event"], e["ref"]): e for e in events}
+        timeline = sorted(unique.values(), key=lambda e: e["time"] or "")
+        audit.append(session, kind="operator.trace", actor=audit.operator(),
+                     subject=",".join(f"study:{s.id}" for s in studies) or "hl7")
+    if json_out:
+        print_json({"studies": [s.id for s in studies], "events": timeline})
+        return
+    table = Table("time (UTC)", "stage", "event", "ref")
+    for e in timeline:
+        table.add_row((e["time"] or "")[11:23], e["stage"], e["event"], e["ref"])
+    console.print(table)

@@ -1,0 +1,149 @@
+"""C-STORE SCU for result objects, immune to pynetdicom's requestor reactor race.
+
+The race (reference/peer-baselines.md, observation 5): ``send_c_store`` pauses the association's
+reactor by clearing ``_reactor_checkpoint`` and polling ``_is_paused``. After the previous send set
+the checkpoint again, the reactor may still report "paused" while it is about to wake up; it then
+takes the next C-STORE-RSP off the DIMSE queue as an "unexpected" message, and the sender waits out
+its DIMSE timeout. :class:`_Checkpoint` replaces the association's checkpoint with an Event that
+knows when the reactor is really parked inside ``wait()``, and :meth:`Sender.send` parks it before
+every C-STORE, so no response can reach the reactor. A DIMSE timeout, an abort or a lost
+association is still reported (Transient) and the outbox retries with the same SOP Instance UID.
+
+Status classes (PS3.4 Annex B.2.3, PS3.7 C): success ``0x0000`` and warnings ``0xB000``/``0xB006``/
+``0xB007`` are delivered; ``0xA7xx`` (out of resources), ``0xCxxx`` (cannot understand) and every
+transport failure are retried; ``0xA9xx`` (data set does not match SOP class), ``0x0122`` (SOP class
+not supported) and ``0x0124`` (not authorised) are permanent.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+
+from msgate.config import PacsDestination
+from msgate.errors import Rejected, Transient
+
+log = logging.getLogger(__name__)
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+PERMANENT = frozenset({0x0122, 0x0124})
+PARK_TIMEOUT = 5.0
+
+
+class _Checkpoint(threading.Event):
+    """``threading.Event`` that records whether a thread is blocked in :meth:`wait` (the reactor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parked = False
+        self.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:  # type: ignore[attr-defined]  # Event's own condition
+            if self._flag:  # type: ignore[attr-defined]
+                return True
+            self.parked = True
+            self._cond.notify_all()  # type: ignore[attr-defined]
+            try:
+                return bool(self._cond.wait(timeout))  # type: ignore[attr-defined]
+            finally:
+                self.parked = False
+
+    def park(self, timeout: float) -> bool:
+        """Clear the flag and block until the reactor sits in ``wait()``: it cannot take messages then."""
+        with self._cond:  # type: ignore[attr-defined]
+            self._flag = False  # type: ignore[attr-defined]
+            return bool(self._cond.wait_for(lambda: self.parked, timeout))  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sop_instance_uid: str
+    status: int | None
+    detail: str
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is not None and (self.status == 0x0000 or self.status in WARNINGS)
+
+    @property
+    def permanent(self) -> bool:
+        return self.status is not None and ((self.status & 0xFF00) == 0xA900 or self.status in PERMANENT)
+
+
+class Sender:
+    """One association to one destination; ``send`` one Part-10 encoded object at a time."""
+
+    def __init__(self, dest: PacsDestination, *, calling_aet: str = "MSGATE", acse_timeout: float = 30.0,
+                 dimse_timeout: float = 60.0, network_timeout: float = 60.0) -> None:
+        self.dest, self.calling_aet = dest, calling_aet
+        self.timeouts = (acse_timeout, dimse_timeout, network_timeout)
+        self.assoc: Association | None = None
+        self.checkpoint: _Checkpoint | None = None
+
+    def open(self, sop_classes: Sequence[str]) -> None:
+        ae = AE(ae_title=self.calling_aet)
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = self.timeouts
+        for uid in dict.fromkeys(sop_classes):
+            ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        if not assoc.is_established:
+            reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
+            raise Transient(f"association {reason}", code=f"assoc_{reason.replace(' ', '_')}")
+        self.checkpoint = _Checkpoint()
+        assoc._reactor_checkpoint = self.checkpoint  # the reactor reads the attribute on every loop
+        self.assoc = assoc
+
+    def send(self, encoded: bytes) -> Outcome:
+        """C-STORE one object; the Outcome's status is None when no valid response came back."""
+        ds: Dataset = dcmread(io.BytesIO(encoded))
+        uid = str(ds.SOPInstanceUID)
+        assoc, checkpoint = self.assoc, self.checkpoint
+        if assoc is None or checkpoint is None or not assoc.is_established:
+            return Outcome(uid, None, "association lost")
+        if not checkpoint.park(PARK_TIMEOUT):
+            return Outcome(uid, None, "reactor did not pause")
+        try:
+            rsp = assoc.send_c_store(ds)
+        except (ValueError, RuntimeError, AttributeError) as exc:
+            checkpoint.set()
+            return Outcome(uid, None, f"send failed ({type(exc).__name__})")
+        if "Status" not in rsp:
+            return Outcome(uid, None, "no response (DIMSE timeout or abort)")
+        status = int(rsp.Status)
+        return Outcome(uid, status, f"0x{status:04X}")
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+        self.assoc = None
+
+
+@contextmanager
+def association(dest: PacsDestination, sop_classes: Sequence[str], **kwargs: float | str) -> Iterator[Sender]:
+    sender = Sender(dest, **kwargs)  # type: ignore[arg-type]
+    sender.open(sop_classes)
+    try:
+        yield sender
+    finally:
+        sender.close()
+
+
+def sop_class_of(encoded: bytes) -> str:
+    ds = dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    uid = ds.get("SOPClassUID")
+    if not uid:
+        raise Rejected("result object without SOP Class UID", code="bad_object")
+    return str(uid)

@@ -1,0 +1,97 @@
+"""The ORU^R01 side of a result: findings from the same ModelResult and codes as the SR, order numbers
+from the EHR model, built and strictly validated by :mod:`msgate.hl7.oru`.
+
+MSH-10 is a placeholder here; the outbox writes a fresh control id into MSH-10 for every attempt
+(:func:`with_control_id`) and records it on the attempt row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from sqlmodel import Session, col, select
+
+from msgate.config import Settings
+from msgate.hl7.oru import Finding, OruInput, build_oru
+from msgate.model.types import ModelResult
+from msgate.results import codes
+from msgate.storage.crypto import FieldCipher
+from msgate.storage.models import Order, Study
+
+PLACEHOLDER_CONTROL_ID = "MSGATE-UNSENT"
+
+
+@dataclass(frozen=True)
+class OrderNumbers:
+    placer: str
+    filler: str
+    accession: str
+
+
+def _cwe(concept: codes.CodedConcept) -> str:
+    return f"{concept.value}^{concept.meaning}^{concept.scheme_designator}"
+
+
+def _nm(concept: codes.CodedConcept, value: float, units: str = "1", digits: int = 4) -> Finding:
+    text = f"{value:.{digits}f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+    return Finding(concept.value, concept.scheme_designator, concept.meaning, "NM", text or "0", units)
+
+
+def findings(result: ModelResult) -> tuple[Finding, ...]:
+    """One OBX per image-level finding of the SR, same codes."""
+    klass = codes.EDSS_CLASS_VALUES[result.edss_class]
+    dx = codes.MULTIPLE_SCLEROSIS if result.diagnosis == "MS" else codes.SMALL_VESSEL_DISEASE
+    out = [
+        Finding(codes.EDSS_CLASS.value, codes.SCHEME, codes.EDSS_CLASS.meaning, "CE", _cwe(klass)),
+        _nm(codes.EDSS_ESTIMATE, float(result.edss_estimate), "{score}", 1),
+        *(_nm(code, float(p)) for code, p in zip(codes.EDSS_CLASS_PROBABILITY, result.edss_probabilities, strict=True)),
+        _nm(codes.CONFIDENCE, float(result.confidence)),
+        _nm(codes.UNCERTAINTY, float(result.uncertainty)),
+        Finding(codes.DIAGNOSIS.value, codes.SCHEME, codes.DIAGNOSIS.meaning, "CE", _cwe(dx)),
+        _nm(codes.P_MS, float(result.p_ms)),
+        _nm(codes.LESION_COUNT, len(result.lesions), "{lesions}"),
+        _nm(codes.LESION_VOLUME_TOTAL, float(result.lesion_volume_ml), "mL", 3),
+    ]
+    if result.rim_count is not None:
+        out.append(_nm(codes.RIM_COUNT, result.rim_count, "{lesions}"))
+    return tuple(out)
+
+
+def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source: Dataset) -> OrderNumbers:
+    """Placer/filler from the order that shares the study's accession; the accession from the images."""
+    accession = str(source.get("AccessionNumber", "") or "")
+    order = None
+    if study.accession_index:
+        order = session.exec(select(Order).where(Order.accession_index == study.accession_index)
+                             .order_by(col(Order.updated_at).desc())).first()
+    placer = cipher.decrypt(order.placer_enc, column="order.placer") if order and order.placer_enc else None
+    filler = cipher.decrypt(order.filler_enc, column="order.filler") if order and order.filler_enc else None
+    return OrderNumbers(placer or accession, filler or accession, accession)
+
+
+def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, sr_uid: str, correction: bool,
+               settings: Settings) -> str:
+    dest = settings.hl7_out
+    name = source.get("PatientName")
+    return build_oru(OruInput(
+        patient_id=str(source.get("PatientID", "") or ""), patient_authority=str(source.get("IssuerOfPatientID", "") or ""),
+        accession=numbers.accession, placer_number=numbers.placer, filler_number=numbers.filler,
+        sr_sop_instance_uid=sr_uid, model_name=result.model_name, model_version=result.model_version,
+        control_id=PLACEHOLDER_CONTROL_ID, findings=findings(result), status="C" if correction else "P",
+        patient_name=str(name) if name else "",
+        sending_application=settings.hl7.sending_application, sending_facility=settings.hl7.sending_facility,
+        receiving_application=dest.receiving_application if dest else "EHR",
+        receiving_facility=dest.receiving_facility if dest else "HOSPITAL",
+    ))
+
+
+def with_control_id(message: bytes, control_id: str) -> bytes:
+    """The same ER7 message with MSH-10 replaced (the field separator is read from MSH-1)."""
+    head, sep, rest = message.partition(b"\r")
+    if not head.startswith(b"MSH") or len(head) < 4:
+        raise ValueError('Argument "message" does not start with an MSH segment')
+    fs = head[3:4]
+    parts = head.split(fs)
+    parts[9] = control_id.encode("ascii")
+    return fs.join(parts) + sep + rest

@@ -1,0 +1,39 @@
+"""Who made a result object: the device (msgate) and the algorithm (model name and version).
+
+IHE AI Results (AIR) asks for the device observer and algorithm identification on every object; the
+same values go into the SR observer context, the SEG/PM equipment module and the ORU OBX-17.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+
+from msgate import __version__
+from msgate.model.types import ModelResult
+
+MANUFACTURER = "msgate"
+# generate_uid(entropy_srcs=["msgate-device"]): stable across installs; per-site UIDs would need a setting.
+DEVICE_UID = "1.2.826.0.1.3680043.8.498.59761513911664245990710283127292338158"
+
+
+@dataclass(frozen=True)
+class Identity:
+    model_name: str
+    model_version: str
+    manufacturer: str = MANUFACTURER
+    device_serial_number: str = "msgate"
+    device_uid: str = DEVICE_UID
+
+    @property
+    def software_versions(self) -> str:
+        return f"msgate {__version__}"
+
+    @property
+    def algorithm(self) -> hd.sr.AlgorithmIdentification:
+        return hd.sr.AlgorithmIdentification(name=self.model_name, version=self.model_version)
+
+    @classmethod
+    def of(cls, result: ModelResult) -> Identity:
+        return cls(model_name=result.model_name, model_version=result.model_version)

@@ -1,0 +1,387 @@
+"""The durable results outbox and its sender loop (role ``publish``: ``run(store, stop)``).
+
+An entry is one rendered object (encrypted blob) for one destination: ``dicom`` to a PACS named in
+``MSGATE_PACS`` or ``hl7`` to ``MSGATE_HL7_OUT``. States::
+
+    pending --claim--> sending --peer success--> delivered
+                          |----transient failure--> pending (attempts + 1, next_attempt_at = backoff)
+                          |----permanent failure or max age--> dead       (operator: retry | drop)
+
+- A claim is a lease: ``sending`` with ``next_attempt_at`` = lease end. A sender killed mid-send leaves
+  the lease to expire; the next sender takes the entry again (an ``interrupted`` attempt is recorded)
+  and resends it. Resends reuse the SOP Instance UID, so the PACS keeps one copy.
+- Success is only the peer's answer: C-STORE ``0x0000``/warning, or MSA-1 ``AA``/``CA``.
+- Backoff is exponential with "equal jitter": ``cap = min(max_delay, base * 2**(n-1))``, the delay is
+  uniform in ``[cap/2, cap]``. After ``max_age`` since creation (or since the last operator retry) a
+  failing entry is dead-lettered; ``AR``/``CR`` and permanent DIMSE statuses dead-letter at once.
+- Each HL7 attempt writes a new MSH-10 into the message; it is recorded on the attempt row.
+- Every attempt is an :class:`OutboxAttempt` row and a ``send.attempt`` audit event. When every entry of
+  a study's jobs is delivered (or dropped), ``Study.delivered_at`` is set (retention starts from it).
+- DICOM destinations are served in parallel, one association per destination and round.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from msgate.config import PacsDestination, Settings
+from msgate.errors import MsgateError, Rejected, Transient
+from msgate.storage import audit
+from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+ACTOR = "outbox"
+HL7_DESTINATION = "hl7"
+KIND_ORDER = {"out.seg": 0, "out.pm": 1, "out.sc": 2, "out.sr": 3, "out.oru": 4}
+OPEN_STATES = ("pending", "sending", "dead")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Retry policy; ``MSGATE_RESULTS__*`` when the settings have a ``results`` section."""
+
+    base_delay: float = 5.0
+    max_delay: float = 3600.0
+    max_age: float = 3 * 24 * 3600.0
+    lease: float = 300.0
+    batch: int = 50
+    poll: float = 1.0
+    dimse_timeout: float = 60.0
+    hl7_timeout: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        section = getattr(settings, "results", None)
+        if section is None:
+            return cls()
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{name: getattr(section, name) for name in names if hasattr(section, name)})
+
+
+def backoff(attempts: int, policy: Policy, rng: random.Random | None = None) -> float:
+    cap = min(policy.max_delay, policy.base_delay * 2 ** max(0, attempts - 1))
+    return cap / 2 + (rng or random).uniform(0, cap / 2)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one send gave: ``delivered``, ``retry`` or ``dead``, with the peer's answer."""
+
+    outcome: str
+    peer_status: str = ""
+    detail: str = ""
+
+
+# --- enqueue --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    kind: str  # blob kind: out.sr, out.seg, out.pm, out.sc, out.oru
+    data: bytes
+
+
+def enqueue(store: Store, session: Session, *, job_id: str, objects: Sequence[Rendered]) -> list[OutboxEntry]:
+    """Encrypt each object once and add one entry per destination, inside the caller's transaction."""
+    settings = store.settings
+    entries = []
+    for obj in objects:
+        destinations = [HL7_DESTINATION] if obj.kind == "out.oru" else [d.name for d in settings.pacs]
+        if obj.kind == "out.oru" and settings.hl7_out is None:
+            destinations = []
+        if not destinations:
+            continue
+        blob = store.blobs.put(session, kind=obj.kind, source=obj.data)
+        session.flush()
+        for dest in destinations:
+            entry = OutboxEntry(job_id=job_id, kind="hl7" if obj.kind == "out.oru" else "dicom",
+                                destination=dest[:64], blob_id=blob.id)
+            session.add(entry)
+            entries.append(entry)
+    session.flush()
+    for entry in entries:
+        audit.append(session, kind="outbox.enqueued", actor=ACTOR, subject=f"outbox:{entry.id}",
+                     detail={"job_id": job_id, "destination": entry.destination, "kind": entry.kind,
+                             "blob_id": entry.blob_id})
+    return entries
+
+
+# --- claim and record -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    job_id: str | None
+    kind: str
+    destination: str
+    blob_id: str
+    blob_kind: str
+    attempts: int
+    created_at: datetime
+
+
+def claim(store: Store, policy: Policy, *, now: datetime | None = None) -> list[Claimed]:
+    """Take due entries (pending, or sending with an expired lease) under a lease."""
+    now = now or utcnow()
+    with store.db.session() as session:
+        rows = session.exec(
+            select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+            .where(col(OutboxEntry.state).in_(("pending", "sending")), col(OutboxEntry.next_attempt_at) <= now)
+            .order_by(col(OutboxEntry.next_attempt_at)).limit(policy.batch).with_for_update()
+        ).all()
+        out = []
+        for entry, blob_kind in rows:
+            if entry.state == "sending":
+                _attempt(session, entry, Attempt("interrupted", "", "lease expired: the sender stopped mid-send"))
+            entry.state, entry.next_attempt_at = "sending", now + timedelta(seconds=policy.lease)
+            session.add(entry)
+            out.append(Claimed(entry.id, entry.job_id, entry.kind, entry.destination, entry.blob_id, blob_kind,
+                               entry.attempts, entry.created_at))
+    return out
+
+
+def _attempt(session: Session, entry: OutboxEntry, result: Attempt) -> None:
+    session.add(OutboxAttempt(entry_id=entry.id, outcome=result.outcome[:16], peer_status=result.peer_status[:64],
+                              detail=result.detail[:512]))
+    audit.append(session, kind="send.attempt", actor=ACTOR, subject=f"outbox:{entry.id}",
+                 detail={"job_id": entry.job_id, "destination": entry.destination, "kind": entry.kind,
+                         "attempt": entry.attempts, "outcome": result.outcome, "peer_status": result.peer_status})
+
+
+def _window_start(session: Session, entry: OutboxEntry) -> datetime:
+    requeued = session.exec(select(OutboxAttempt.started_at).where(OutboxAttempt.entry_id == entry.id,
+                                                                   OutboxAttempt.outcome == "requeued")
+                            .order_by(col(OutboxAttempt.started_at).desc())).first()
+    return max(entry.created_at, requeued) if requeued else entry.created_at
+
+
+def record(store: Store, claimed: Claimed, result: Attempt, policy: Policy, *, now: datetime | None = None) -> str:
+    """Apply one attempt's outcome to the entry; returns the entry's new state."""
+    now = now or utcnow()
+    with store.db.session() as session:
+        entry = session.exec(select(OutboxEntry).where(OutboxEntry.id == claimed.id).with_for_update()).first()
+        if entry is None or entry.state != "sending":
+            return entry.state if entry is not None else "gone"  # dropped by an operator meanwhile
+        entry.attempts += 1
+        outcome = result.outcome
+        if outcome == "retry" and now - _window_start(session, entry) > timedelta(seconds=policy.max_age):
+            outcome, result = "dead", Attempt("expired", result.peer_status, f"max age reached; {result.detail}")
+        if outcome == "delivered":
+            entry.state, entry.delivered_at, entry.last_error = "delivered", now, None
+        elif outcome == "dead" or result.outcome == "expired":
+            entry.state, entry.last_error = "dead", result.detail[:512]
+        else:
+            entry.state, entry.last_error = "pending", result.detail[:512]
+            entry.next_attempt_at = now + timedelta(seconds=backoff(entry.attempts, policy))
+        session.add(entry)
+        _attempt(session, entry, result)
+        if entry.state == "delivered":
+            _mark_study(session, entry, now)
+        state = entry.state
+    log.info("outbox attempt", extra={"outbox_id": claimed.id, "destination": claimed.destination,
+                                      "state": state, "status": result.peer_status, "attempt": claimed.attempts + 1})
+    return state
+
+
+def _mark_study(session: Session, entry: OutboxEntry, now: datetime) -> None:
+    job = session.get(Job, entry.job_id) if entry.job_id else None
+    if job is None:
+        return
+    open_rows = session.exec(
+        select(OutboxEntry.id).join(Job, col(Job.id) == col(OutboxEntry.job_id))
+        .where(Job.study_id == job.study_id, col(OutboxEntry.state).in_(OPEN_STATES))
+    ).first()
+    study = session.get(Study, job.study_id)
+    if open_rows is None and study is not None and study.delivered_at is None:
+        study.delivered_at = now
+        session.add(study)
+        audit.append(session, kind="study.delivered", actor=ACTOR, subject=f"study:{study.id}",
+                     detail={"job_id": job.id})
+
+
+# --- delivery -------------------------------------------------------------------------------------
+
+
+def _read(store: Store, blob_id: str) -> bytes:
+    with store.db.session() as session:
+        return store.blobs.read(session, blob_id)
+
+
+def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed], policy: Policy) -> None:
+    """One association for the batch; each object's own status decides its outcome."""
+    from msgate.results.dicom_send import Sender, sop_class_of
+
+    payloads = [(item, _read(store, item.blob_id)) for item in items]
+    sender = Sender(dest, calling_aet=store.settings.dicom.ae_title, dimse_timeout=policy.dimse_timeout)
+    try:
+        sender.open([sop_class_of(data) for _, data in payloads])
+    except MsgateError as exc:
+        for item, _ in payloads:
+            record(store, item, Attempt("retry", exc.code, str(exc)), policy)
+        return
+    try:
+        for item, data in payloads:
+            out = sender.send(data)
+            if out.delivered:
+                result = Attempt("delivered", out.detail, "stored by the peer")
+            elif out.permanent:
+                result = Attempt("dead", out.detail, "permanent C-STORE failure status")
+            else:
+                result = Attempt("retry", out.detail if out.status is not None else "none", out.detail)
+            record(store, item, result, policy)
+    finally:
+        sender.close()
+
+
+def control_id(entry_id: str, attempt: int) -> str:
+    """A fresh MSH-10 for each attempt of an entry (20 characters at most, HL7 v2.5.1 ST)."""
+    return f"MG{entry_id[:12]}{attempt:04d}"
+
+
+def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
+    from msgate.hl7.client import MllpClient
+    from msgate.results.hl7_out import with_control_id
+
+    dest = store.settings.hl7_out
+    if dest is None:
+        for item in items:
+            record(store, item, Attempt("retry", "", "no HL7 destination configured"), policy)
+        return
+    with MllpClient(dest.host, dest.port, timeout=policy.hl7_timeout) as client:
+        for item in items:
+            msh10 = control_id(item.id, item.attempts + 1)
+            try:
+                ack = client.send(with_control_id(_read(store, item.blob_id), msh10))
+                result = Attempt("delivered", ack.code, f"MSH-10 {msh10}")
+            except Rejected as exc:
+                result = Attempt("dead", exc.code, f"MSH-10 {msh10}: {exc}")
+            except Transient as exc:
+                result = Attempt("retry", exc.code, f"MSH-10 {msh10}: {exc}")
+            record(store, item, result, policy)
+
+
+def deliver(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
+    """Send a claimed batch: destinations in parallel, each destination's objects in order."""
+    groups: dict[str, list[Claimed]] = defaultdict(list)
+    for item in sorted(items, key=lambda i: (i.created_at, KIND_ORDER.get(i.blob_kind, 9))):
+        groups[item.destination].append(item)
+    pacs = {d.name: d for d in store.settings.pacs}
+
+    def one(dest_name: str, batch: list[Claimed]) -> None:
+        try:
+            if dest_name == HL7_DESTINATION:
+                deliver_hl7(store, batch, policy)
+            elif dest_name in pacs:
+                deliver_dicom(store, pacs[dest_name], batch, policy)
+            else:
+                for item in batch:
+                    record(store, item, Attempt("retry", "", "destination not configured"), policy)
+        except Exception:
+            log.exception("outbox delivery failed", extra={"destination": dest_name})
+
+    if len(groups) == 1:
+        one(*next(iter(groups.items())))
+        return
+    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="outbox") as pool:
+        for future in [pool.submit(one, name, batch) for name, batch in groups.items()]:
+            future.result()
+
+
+def run_once(store: Store, policy: Policy | None = None) -> int:
+    """Claim and deliver one round; returns the number of entries attempted."""
+    policy = policy or Policy.from_settings(store.settings)
+    items = claim(store, policy)
+    if items:
+        deliver(store, items, policy)
+    return len(items)
+
+
+def run(store: Store, stop: threading.Event, policy: Policy | None = None) -> None:
+    """The ``publish`` role: deliver until ``stop`` is set."""
+    policy = policy or Policy.from_settings(store.settings)
+    log.info("outbox sender started", extra={"count": len(store.settings.pacs)})
+    while not stop.is_set():
+        try:
+            busy = run_once(store, policy)
+        except Transient:
+            log.warning("outbox round failed; retrying", extra={"reason": "transient"})
+            busy = 0
+        if not busy:
+            stop.wait(policy.poll)
+    log.info("outbox sender stopped")
+
+
+# --- operator actions -----------------------------------------------------------------------------
+
+
+def entries(session: Session, *, state: str | None = None, job_id: str | None = None,
+            limit: int = 200) -> list[OutboxEntry]:
+    query = select(OutboxEntry).order_by(col(OutboxEntry.created_at).desc()).limit(limit)
+    if state:
+        query = query.where(OutboxEntry.state == state)
+    if job_id:
+        query = query.where(OutboxEntry.job_id == job_id)
+    return list(session.exec(query).all())
+
+
+def attempts_of(session: Session, entry_id: str) -> list[OutboxAttempt]:
+    return list(session.exec(select(OutboxAttempt).where(OutboxAttempt.entry_id == entry_id)
+                             .order_by(col(OutboxAttempt.started_at), col(OutboxAttempt.id))).all())
+
+
+def requeue(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
+    """Operator retry: dead or pending entries become due now; their max-age window restarts."""
+    done = []
+    with store.db.session() as session:
+        for entry_id in entry_ids:
+            entry = session.get(OutboxEntry, entry_id)
+            if entry is None or entry.state not in ("dead", "pending"):
+                continue
+            entry.state, entry.next_attempt_at = "pending", utcnow()
+            session.add(entry)
+            session.add(OutboxAttempt(entry_id=entry.id, outcome="requeued", detail=f"by {actor}"[:512]))
+            audit.append(session, kind="outbox.retry", actor=actor, subject=f"outbox:{entry.id}",
+                         detail={"job_id": entry.job_id, "destination": entry.destination})
+            done.append(entry.id)
+    return done
+
+
+def drop(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
+    """Operator drop: the entry is never sent; it no longer holds back the study's delivered mark."""
+    done = []
+    with store.db.session() as session:
+        for entry_id in entry_ids:
+            entry = session.get(OutboxEntry, entry_id)
+            if entry is None or entry.state == "delivered" or entry.state == "dropped":
+                continue
+            entry.state = "dropped"
+            session.add(entry)
+            session.add(OutboxAttempt(entry_id=entry.id, outcome="dropped", detail=f"by {actor}"[:512]))
+            audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
+                         detail={"job_id": entry.job_id, "destination": entry.destination})
+            done.append(entry.id)
+    return done
+
+
+def summary(entry: OutboxEntry, attempts: Sequence[OutboxAttempt], blob_kind: str = "") -> dict[str, Any]:
+    return {
+        "id": entry.id, "job_id": entry.job_id, "kind": entry.kind, "object": blob_kind.removeprefix("out."),
+        "destination": entry.destination, "state": entry.state, "attempts": entry.attempts,
+        "next_attempt_at": entry.next_attempt_at, "created_at": entry.created_at,
+        "delivered_at": entry.delivered_at, "last_error": entry.last_error,
+        "history": [{"at": a.started_at, "outcome": a.outcome, "peer_status": a.peer_status, "detail": a.detail}
+                    for a in attempts],
+    }

@@ -1,0 +1,141 @@
+"""Render one job's result as SR + SEG + Parametric Map + key images and ORU^R01, and queue them.
+
+``publish_job(store, job_id)`` is what the ``msgate.publish`` task runs. It is idempotent: a job that
+already has outbox entries is not rendered again (a redelivered task is harmless). A job that was
+superseded or cancelled before it was published is skipped; its successor publishes. A job that
+supersedes an earlier published one renders a new SR whose Predecessor Documents Sequence names the
+earlier SR, and an ORU whose OBR-25/OBX-11 is ``C`` (correction).
+
+Objects go into the original study, one new series each (SR 9800, SEG 9801, PM 9802, SC 9803); UIDs
+are generated once here and stored in the encrypted blobs, so every resend reuses them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+
+import highdicom as hd
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlmodel import col, select
+
+from msgate.errors import Rejected
+from msgate.model.types import ModelResult
+from msgate.results import heatmap, hl7_out, seg as seg_mod, sr as sr_mod
+from msgate.results.identity import Identity
+from msgate.results.outbox import Rendered, enqueue
+from msgate.results.sources import load_flair
+from msgate.storage import audit
+from msgate.storage.models import Blob, Job, OutboxEntry, Study
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+PUBLISHABLE = ("done",)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    key_images: int = 3  # 0 turns the Secondary Capture key images off
+    parametric_map: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: object) -> RenderOptions:
+        section = getattr(settings, "results", None)
+        if section is None:
+            return cls()
+        return cls(key_images=int(getattr(section, "key_images", cls.key_images)),
+                   parametric_map=bool(getattr(section, "parametric_map", cls.parametric_map)))
+
+
+@dataclass
+class RenderedJob:
+    objects: list[Rendered] = field(default_factory=list)
+    sr_uid: str = ""
+    correction: bool = False
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def render(result: ModelResult, sources: list[Dataset], *, options: RenderOptions = RenderOptions(),
+           previous: list[Dataset] | None = None) -> tuple[list[Rendered], str]:
+    """The DICOM objects of one result (SEG first); returns them and the SR SOP Instance UID."""
+    ident = Identity.of(result)
+    seg = seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
+    sr_uid = hd.UID()
+    report = sr_mod.build_sr(result, sources, seg, ident, series_uid=hd.UID(), sop_uid=sr_uid, previous=previous or ())
+    objects = []
+    if seg is not None:
+        objects.append(Rendered("out.seg", _encode(seg.dataset)))
+    if options.parametric_map:
+        pm = heatmap.build_pm(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
+        if pm is not None:
+            objects.append(Rendered("out.pm", _encode(pm)))
+    if options.key_images > 0:
+        series = hd.UID()
+        for sc in heatmap.build_key_images(result, sources, ident, series_uid=series,
+                                           sop_uids=[hd.UID() for _ in range(options.key_images)]):
+            objects.append(Rendered("out.sc", _encode(sc)))
+    objects.append(Rendered("out.sr", _encode(report)))
+    return objects, sr_uid
+
+
+def previous_sr(store: Store, job: Job) -> Dataset | None:
+    """The SR header of the nearest superseded job that was published (walks ``supersedes_id``)."""
+    seen = {job.id}
+    current = job.supersedes_id
+    with store.db.session() as session:
+        while current and current not in seen:
+            seen.add(current)
+            blob_id = session.exec(
+                select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                .where(OutboxEntry.job_id == current, Blob.kind == "out.sr")).first()
+            if blob_id is not None:
+                return dcmread(io.BytesIO(store.blobs.read(session, blob_id)), stop_before_pixels=True)
+            older = session.get(Job, current)
+            current = older.supersedes_id if older is not None else None
+    return None
+
+
+def publish_job(store: Store, job_id: str) -> str:
+    """Render and enqueue; returns ``queued``, ``already`` or ``skipped:<state>``."""
+    from msgate.workers.results_io import read_result
+
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise Rejected("no such job", code="no_job")
+        if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:
+            return "already"
+        if job.state not in PUBLISHABLE:
+            return f"skipped:{job.state}"
+    result = read_result(store, job_id)
+    if result is None:
+        raise Rejected("the job has no stored result", code="no_result")
+    sources = load_flair(store, study_id=job.study_id)
+    previous = previous_sr(store, job)
+    objects, sr_uid = render(result, sources, options=RenderOptions.from_settings(store.settings),
+                             previous=[previous] if previous is not None else None)
+    with store.db.session() as session:
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        if store.settings.hl7_out is not None:
+            numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources[0])
+            oru = hl7_out.render_oru(result, source=sources[0], numbers=numbers, sr_uid=sr_uid,
+                                     correction=previous is not None, settings=store.settings)
+            objects.append(Rendered("out.oru", oru.encode("utf-8")))
+        if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:
+            return "already"  # a concurrent run won
+        queued = enqueue(store, session, job_id=job_id, objects=objects)
+        study.delivered_at = None  # new results are pending for this study
+        session.add(study)
+        audit.append(session, kind="results.rendered", actor="publish", subject=f"job:{job_id}",
+                     detail={"objects": [o.kind for o in objects], "entries": len(queued),
+                             "correction": previous is not None, "model_version": result.model_version})
+    log.info("results queued", extra={"job_id": job_id, "count": len(queued)})
+    return "queued"

@@ -1,0 +1,133 @@
+"""TID 1500 Measurement Report in a Comprehensive 3D SR (PS3.16 TID 1500, 1501, 1411), highdicom only.
+
+Content tree:
+
+- observation context: device observer msgate, model name and version (TID 1004);
+- procedure reported: MRI head (LOINC 24590-2);
+- one image-level group (TID 1501) with the EDSS class and MS-vs-cSVD qualitative evaluations and the
+  EDSS estimate, class probabilities, confidence, uncertainty, P(MS), lesion count, total lesion volume
+  and Rim+ count measurements, referencing every source FLAIR image;
+- one volumetric ROI group (TID 1411) per lesion, referencing its SEG segment (by segment number only:
+  DCMTK warns when an IMAGE item carries both frame and segment numbers), with its tracking id
+  ``Lesion <label>``, location, volume, Rim+ probability and rim status;
+- a TEXT comment: unverified AI output, not for diagnosis.
+
+Every group carries the algorithm identification. VerificationFlag stays UNVERIFIED; the
+CompletionFlag is PARTIAL when an input the model uses was missing (no QSM, EHR fields missing).
+The patient and study modules are copied from the source images by highdicom (the SR goes into the
+original study); a superseding SR lists the previous one in the Predecessor Documents Sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as pcodes
+
+from msgate.model.types import ModelResult
+from msgate.results import codes
+from msgate.results.identity import Identity
+from msgate.results.seg import SegResult
+
+DISCLAIMER = "Unverified AI output, not for diagnosis. Results require review by a qualified clinician."
+PARTIAL_FLAGS = ("qsm_absent", "ehr_missing")
+
+
+def is_complete(result: ModelResult) -> bool:
+    return not any(flag.startswith(PARTIAL_FLAGS) for flag in result.flags)
+
+
+def _m(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, ident: Identity) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=ident.algorithm)
+
+
+def image_group(result: ModelResult, sources: Sequence[Dataset], ident: Identity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    measurements = [_m(codes.EDSS_ESTIMATE, result.edss_estimate, codes.UNIT_SCORE, ident)]
+    measurements += [_m(code, p, codes.UNIT_ONE, ident)
+                     for code, p in zip(codes.EDSS_CLASS_PROBABILITY, result.edss_probabilities, strict=True)]
+    measurements += [
+        _m(codes.CONFIDENCE, result.confidence, codes.UNIT_ONE, ident),
+        _m(codes.UNCERTAINTY, result.uncertainty, codes.UNIT_ONE, ident),
+        _m(codes.P_MS, result.p_ms, codes.UNIT_ONE, ident),
+        _m(codes.LESION_COUNT, len(result.lesions), codes.UNIT_COUNT, ident),
+        _m(codes.LESION_VOLUME_TOTAL, result.lesion_volume_ml, codes.UNIT_ML, ident),
+    ]
+    if result.rim_count is not None:
+        measurements.append(_m(codes.RIM_COUNT, result.rim_count, codes.UNIT_COUNT, ident))
+    diagnosis = codes.MULTIPLE_SCLEROSIS if result.diagnosis == "MS" else codes.SMALL_VESSEL_DISEASE
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="MS AI image-level findings"),
+        algorithm_id=ident.algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(codes.EDSS_CLASS, codes.EDSS_CLASS_VALUES[result.edss_class]),
+            hd.sr.QualitativeEvaluation(codes.DIAGNOSIS, diagnosis),
+        ],
+    )
+
+
+def lesion_groups(result: ModelResult, seg: SegResult | None, series_uid: str,
+                  ident: Identity) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    if seg is None:
+        return []
+    groups = []
+    for lesion in result.lesions:
+        number = seg.lesion_segment.get(lesion.label)
+        if number is None:
+            continue
+        measurements = [_m(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML, ident)]
+        evaluations = []
+        if lesion.rim_probability is not None:
+            measurements.append(_m(codes.RIM_PROBABILITY, lesion.rim_probability, codes.UNIT_ONE, ident))
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                codes.RIM_STATUS, codes.PRESENT if lesion.rim_positive else codes.ABSENT))
+        sites = [hd.sr.FindingSite(codes.LOCATION[lesion.location])] if lesion.location in codes.LOCATION else None
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Lesion {lesion.label}"),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
+                segment_number=number,
+                source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
+            finding_type=codes.LESION, algorithm_id=ident.algorithm, measurements=measurements,
+            qualitative_evaluations=evaluations or None, finding_sites=sites,
+        ))
+    return groups
+
+
+def measurement_report(result: ModelResult, sources: Sequence[Dataset], seg: SegResult | None,
+                       ident: Identity) -> hd.sr.MeasurementReport:
+    observer = hd.sr.ObserverContext(
+        observer_type=pcodes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=ident.device_uid, name="msgate", manufacturer_name=ident.manufacturer,
+            model_name=f"{ident.model_name} {ident.model_version}"[:64], serial_number=ident.device_serial_number),
+    )
+    groups: list[object] = [image_group(result, sources, ident)]
+    groups += lesion_groups(result, seg, str(sources[0].SeriesInstanceUID), ident)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.PROCEDURE_MRI_HEAD, imaging_measurements=groups,  # type: ignore[arg-type]
+        title=codes.REPORT_TITLE,
+    )
+    report[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DISCLAIMER_NAME, value=DISCLAIMER, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return report
+
+
+def build_sr(result: ModelResult, sources: Sequence[Dataset], seg: SegResult | None, ident: Identity, *,
+             series_uid: str, sop_uid: str, series_number: int = 9800,
+             previous: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+    """The SR in the sources' study; ``previous``: SRs this one supersedes (at least their UIDs)."""
+    report = measurement_report(result, sources, seg, ident)
+    evidence = [*sources, *([seg.dataset] if seg is not None else [])]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report, series_instance_uid=series_uid, series_number=series_number,
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer=ident.manufacturer,
+        is_complete=is_complete(result), is_final=False, is_verified=False,
+        previous_versions=list(previous) or None, series_description="MS AI report (unverified)",
+        manufacturer_model_name=ident.model_name, software_versions=ident.software_versions,
+        device_serial_number=ident.device_serial_number,
+    )

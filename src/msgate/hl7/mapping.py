@@ -90,7 +90,8 @@ def identifiers(seg: Segment, n: int = 3) -> list[Identifier]:
     return out
 
 
-def _patient_from_pid(session: Session, store: Store, pid: Segment, outcome: Outcome) -> Patient:
+def _patient_from_pid(session: Session, store: Store, pid: Segment, outcome: Outcome, *,
+                      demographics: bool = True) -> Patient:
     idents = identifiers(pid, 3) or identifiers(pid, 2) or identifiers(pid, 4)
     if not idents:
         raise MappingError("no_patient_identifier")
@@ -101,7 +102,8 @@ def _patient_from_pid(session: Session, store: Store, pid: Segment, outcome: Out
         outcome.findings.append({"code": "invalid_birth_date", "location": "PID^1^7", "severity": "W"})
         birth = None
     sex = pid.get(8).strip().upper()[:1] or None
-    patient = repo_ehr.upsert_patient(session, store.cipher, idents, name=name, birth_date=birth, sex=sex)
+    patient = repo_ehr.upsert_patient(session, store.cipher, idents, name=name, birth_date=birth, sex=sex,
+                                      update_demographics=demographics)
     outcome.patient_id = patient.id
     return patient
 
@@ -143,7 +145,7 @@ def _index(store: Store, value: str, scope: str) -> tuple[str | None, bytes | No
 
 def _map_order(session: Session, store: Store, msg: Message, message_id: int, outcome: Outcome) -> None:
     pid = msg.first("PID")
-    patient = _patient_from_pid(session, store, pid, outcome) if pid is not None else None
+    patient = _patient_from_pid(session, store, pid, outcome, demographics=False) if pid is not None else None
     orcs = msg.all("ORC")
     if not orcs:
         raise MappingError("no_order_segment")
@@ -252,7 +254,7 @@ def _map_oru(session: Session, store: Store, msg: Message, message_id: int, outc
     pid = msg.first("PID")
     if pid is None:
         raise MappingError("no_patient_segment")
-    patient = _patient_from_pid(session, store, pid, outcome)
+    patient = _patient_from_pid(session, store, pid, outcome, demographics=False)
     assert patient.id is not None
     rows: list[dict[str, Any]] = []
     obr: Segment | None = None

@@ -53,41 +53,65 @@ def find_patient(session: Session, cipher: FieldCipher, idents: list[Identifier]
 
 
 def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifier], *, name: str | None = None,
-                   birth_date: str | None = None, sex: str | None = None) -> Patient:
-    """Find the patient by any identifier or create one; set demographics given; add new identifiers."""
-    patient = find_patient(session, cipher, idents)
+                   birth_date: str | None = None, sex: str | None = None, update_demographics: bool = True) -> Patient:
+    """Find the patient by any identifier or create one; set the demographics given; add new identifiers.
+
+    With ``update_demographics=False`` (orders and results) an existing patient's demographics are left to
+    ADT, which owns them; a new patient still gets them.
+    """
+    by_index = {id_index(cipher, i): i for i in idents}
+    rows = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(list(by_index)))).all()
+    found = session.get(Patient, rows[0].patient_id) if rows else None
+    patient = survivor(session, found) if found is not None else None
+    created = patient is None
     if patient is None:
         patient = Patient()
+    if created or update_demographics:
+        enc = cipher.encrypt
+        if name:
+            patient.name_enc = enc(name, column="patient.name")
+        if birth_date:
+            patient.birth_date_enc = enc(birth_date, column="patient.birth_date")
+        if sex:
+            patient.sex_enc = enc(sex, column="patient.sex")
+        patient.updated_at = utcnow()
         session.add(patient)
         session.flush()
-    enc = cipher.encrypt
-    if name:
-        patient.name_enc = enc(name, column="patient.name")
-    if birth_date:
-        patient.birth_date_enc = enc(birth_date, column="patient.birth_date")
-    if sex:
-        patient.sex_enc = enc(sex, column="patient.sex")
-    patient.updated_at = utcnow()
-    session.add(patient)
-    add_identifiers(session, cipher, patient, idents)
+    known = {r.id_index for r in rows}
+    missing = [i for index, i in by_index.items() if index not in known]
+    if missing:
+        _insert_identifiers(session, cipher, patient, missing)
     return patient
 
 
-def add_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:
+def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:
     assert patient.id is not None
+    indexes = []
     for ident in idents:
         index = id_index(cipher, ident)
-        existing = session.exec(select(PatientIdentifier).where(PatientIdentifier.id_index == index)).first()
+        indexes.append(index)
+        session.add(PatientIdentifier(patient_id=patient.id, id_index=index, authority=ident.authority[:64],
+                                      id_type=ident.id_type[:16] or "MR",
+                                      value_enc=cipher.encrypt(ident.value, column="patient_identifier.value")))
+    session.flush()
+    session.execute(update(Study).where(col(Study.dicom_patient_index).in_(indexes), col(Study.patient_id).is_(None))
+                    .values(patient_id=patient.id))
+
+
+def add_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:
+    """Point these identifiers at ``patient`` (creating the missing ones), e.g. after a merge."""
+    assert patient.id is not None
+    missing = []
+    for ident in idents:
+        existing = session.exec(select(PatientIdentifier).where(
+            PatientIdentifier.id_index == id_index(cipher, ident))).first()
         if existing is None:
-            session.add(PatientIdentifier(patient_id=patient.id, id_index=index, authority=ident.authority[:64],
-                                          id_type=ident.id_type[:16] or "MR",
-                                          value_enc=cipher.encrypt(ident.value, column="patient_identifier.value")))
+            missing.append(ident)
         elif existing.patient_id != patient.id:
             existing.patient_id = patient.id
             session.add(existing)
-        session.flush()
-        session.execute(update(Study).where(col(Study.dicom_patient_index) == index, col(Study.patient_id).is_(None))
-                        .values(patient_id=patient.id))
+    if missing:
+        _insert_identifiers(session, cipher, patient, missing)
 
 
 def merge(session: Session, *, survivor_patient: Patient, retired: Patient) -> None:

@@ -1,0 +1,110 @@
+"""Rim+ classifiers on lesion-centred QSM + FLAIR patches.
+
+:class:`AsymmetricRimNet` follows the asymmetric QSM-FLAIR design (arXiv 2606.16756): QSM is the
+primary stream; a lighter FLAIR stream produces, at every scale, a spatial FiLM (per-voxel,
+per-channel ``gamma``, ``beta``) that modulates the QSM features: ``h <- h * (1 + gamma) + beta``.
+FLAIR says *where* the lesion and its border are; QSM says whether the border is paramagnetic.
+:class:`StackedRimNet` is the ablation baseline: both modalities stacked as input channels.
+
+Both return ``(logit, embedding)``; ``embed_modalities`` gives the unconditioned QSM and FLAIR
+embeddings for cross-modal contrastive pretraining.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1), nn.BatchNorm3d(cout))
+
+
+class AsymmetricRimNet(nn.Module):
+    """QSM encoder conditioned on FLAIR through spatial FiLM at each of three scales."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32) -> None:
+        super().__init__()
+        fw = tuple(max(4, w // 2) for w in widths)
+        self.q_blocks = nn.ModuleList(_block(a, b) for a, b in zip((1,) + widths[:-1], widths))
+        self.f_blocks = nn.ModuleList(_block(a, b) for a, b in zip((1,) + fw[:-1], fw))
+        self.films = nn.ModuleList(nn.Conv3d(f, 2 * w, 1) for f, w in zip(fw, widths))
+        for film in self.films:
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
+        self.head = nn.Sequential(nn.Linear(2 * widths[-1], 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+        self.proj_q = nn.Sequential(nn.Linear(2 * widths[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
+        self.proj_f = nn.Sequential(nn.Linear(2 * fw[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
+        self.proj_sup = nn.Sequential(nn.Linear(2 * widths[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
+
+    @staticmethod
+    def _pool(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h.mean(dim=(2, 3, 4)), h.amax(dim=(2, 3, 4))], dim=1)
+
+    def _streams(self, x: torch.Tensor, film: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        q, f = x[:, :1], x[:, 1:2]
+        for i, (qb, fb, fm) in enumerate(zip(self.q_blocks, self.f_blocks, self.films)):
+            if i:
+                q, f = F.max_pool3d(q, 2), F.max_pool3d(f, 2)
+            f = F.leaky_relu(fb(f), 0.1)
+            q = qb(q)
+            if film:
+                gamma, beta = fm(f).chunk(2, dim=1)
+                q = q * (1.0 + gamma) + beta
+            q = F.leaky_relu(q, 0.1)
+        return self._pool(q), self._pool(f)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, _ = self._streams(x, film=True)
+        return self.head(emb).squeeze(1), emb
+
+    def embed_modalities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected QSM (unconditioned) and FLAIR embeddings, for cross-modal pretraining."""
+        q, f = self._streams(x, film=False)
+        return self.proj_q(q), self.proj_f(f)
+
+
+class StackedRimNet(nn.Module):
+    """Ablation baseline: QSM and FLAIR as two input channels of one encoder."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_block(a, b) for a, b in zip((2,) + widths[:-1], widths))
+        self.head = nn.Sequential(nn.Linear(2 * widths[-1], 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+        self.proj_sup = nn.Sequential(nn.Linear(2 * widths[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        for i, blk in enumerate(self.blocks):
+            if i:
+                h = F.max_pool3d(h, 2)
+            h = F.leaky_relu(blk(h), 0.1)
+        emb = AsymmetricRimNet._pool(h)
+        return self.head(emb).squeeze(1), emb
+
+
+def build_rim_net(arch: str, widths: tuple[int, int, int]) -> nn.Module:
+    """``asymmetric`` (shipped) or ``stacked`` (ablation)."""
+    if arch == "asymmetric":
+        return AsymmetricRimNet(widths)
+    if arch == "stacked":
+        return StackedRimNet(widths)
+    raise ValueError(f'Argument "arch" must be "asymmetric" or "stacked", got "{arch}".')
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) on L2-normalised projections."""
+    z = F.normalize(z, dim=1)
+    sim = z @ z.T / temperature
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, -1e9)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    n_pos = pos.sum(1)
+    keep = n_pos > 0
+    if not keep.any():
+        return z.sum() * 0.0
+    per = -(log_prob * pos).sum(1)[keep] / n_pos[keep]
+    return per.mean()

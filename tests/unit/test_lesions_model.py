@@ -1,0 +1,137 @@
+"""Lesion model API on tiny untrained networks: shapes, determinism, QSM-absent, checkpoint, FiLM wiring."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msgate.model.lesions.model import DEFAULT_CHECKPOINT, build_model, load_lesion_model, save_lesion_model
+from msgate.model.lesions.presets import get_preset
+from msgate.model.lesions.rims import AsymmetricRimNet, StackedRimNet, supcon_loss
+from msgate.model.types import LESION_LOCATIONS, Volume
+
+torch.set_num_threads(1)
+TINY = dataclasses.replace(get_preset("tiny"), seg_channels=(4, 8), seg_strides=(2,), seg_roi=16, rim_patch=8,
+                           rim_widths=(4, 8, 8), min_lesion_voxels=1, threshold=0.5)
+
+
+def _volumes(qsm: bool = True) -> dict[str, Volume]:
+    rng = np.random.default_rng(0)
+    aff = np.diag([-2.0, -2.0, 2.0, 1.0])
+    flair = rng.normal(1.0, 0.05, (12, 20, 18)).astype(np.float32) * 500
+    flair[4:7, 8:11, 6:9] = 900.0  # 27 voxels
+    flair[1:3, 2:4, 12:14] = 900.0  # 8 voxels
+    vols = {"FLAIR": Volume(flair, aff, "FLAIR")}
+    if qsm:
+        vols["QSM"] = Volume(rng.normal(0, 0.002, (12, 20, 18)).astype(np.float32), aff, "QSM")
+    return vols
+
+
+class _Bright(torch.nn.Module):
+    """Stand-in segmenter: bright FLAIR (normalised > 1.4) is lesion."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] - 1.4) * 20.0
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    return build_model(TINY, {"version": "test", "preset": "tiny", "training_data": "none"}, ("asymmetric", "stacked"))
+
+
+def test_segment_shapes_and_geometry() -> None:
+    m = build_model(TINY, {}, ("asymmetric",))
+    m.seg = _Bright()
+    vols = _volumes()
+    les = m.segment(vols)
+    assert sorted(round(f.volume_ml * 1000) for f in les.findings) == [64, 216]
+    big = max(les.findings, key=lambda f: f.volume_ml)
+    aff = vols["FLAIR"].affine_lps
+    np.testing.assert_allclose(big.centroid_lps, aff[:3, :3] @ np.array([7.0, 9.0, 5.0]) + aff[:3, 3], atol=1e-6)
+    scores = m.classify_rims(vols, les)
+    assert scores.assessable and set(scores.probabilities) == {f.label for f in les.findings}
+    assert all(p is not None and 0.0 <= p <= 1.0 for p in scores.probabilities.values())
+    assert les.label_map.shape == vols["FLAIR"].data.shape
+    assert les.label_map.dtype == np.int16
+    assert sorted(f.label for f in les.findings) == sorted(int(v) for v in np.unique(les.label_map) if v > 0)
+    for f in les.findings:
+        assert f.rim_probability is None and f.location in LESION_LOCATIONS
+        assert f.volume_ml == pytest.approx((les.label_map == f.label).sum() * 8 / 1000, rel=1e-3)
+        assert len(f.centroid_lps) == 3
+
+
+def test_eval_mode_is_deterministic(model) -> None:  # type: ignore[no-untyped-def]
+    vols = _volumes()
+    a, b = model.segment(vols), model.segment(vols)
+    np.testing.assert_array_equal(a.label_map, b.label_map)
+    ra, rb = model.classify_rims(vols, a), model.classify_rims(vols, b)
+    assert ra.probabilities == rb.probabilities
+
+
+def test_qsm_absent_is_not_assessable() -> None:
+    m = build_model(TINY, {}, ("asymmetric",))
+    m.seg = _Bright()
+    vols = _volumes(qsm=False)
+    les = m.segment(vols)
+    assert len(les.findings) == 2
+    scores = m.classify_rims(vols, les)
+    assert scores.assessable is False
+    assert all(p is None for p in scores.probabilities.values())
+    assert all(f.rim_probability is None for f in scores.apply(les))
+
+
+def test_checkpoint_metadata_round_trip(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "m.pt"
+    save_lesion_model(model, path)
+    back = load_lesion_model(path)
+    assert back.meta == model.meta and back.preset == model.preset and set(back.rim) == set(model.rim)
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["version"] == "test" and side["preset_config"]["name"] == "tiny"
+    x = torch.randn(3, 2, 8, 8, 8)
+    for name in model.rim:
+        np.testing.assert_allclose(back.rim_logits(x.numpy(), name), model.rim_logits(x.numpy(), name), rtol=1e-5)
+
+
+def test_foreign_checkpoint_rejected(tmp_path: Path) -> None:
+    torch.save({"format": "other"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_lesion_model(tmp_path / "x.pt")
+
+
+def test_film_conditioning_changes_the_output() -> None:
+    torch.manual_seed(1)
+    net = AsymmetricRimNet((4, 8, 8)).eval()
+    for film in net.films:  # trained FiLM is non-zero; the zero init makes it the identity
+        torch.nn.init.normal_(film.weight, std=0.5)
+    x = torch.randn(2, 2, 8, 8, 8)
+    y = x.clone()
+    y[:, 1] = torch.randn(2, 8, 8, 8)  # same QSM, different FLAIR
+    with torch.no_grad():
+        assert not torch.allclose(net(x)[0], net(y)[0])
+        for film in net.films:
+            torch.nn.init.zeros_(film.weight)
+            torch.nn.init.zeros_(film.bias)
+        torch.testing.assert_close(net(x)[0], net(y)[0])  # without FiLM, FLAIR cannot reach the output
+
+
+def test_stacked_baseline_and_supcon_shapes() -> None:
+    net = StackedRimNet((4, 8, 8)).eval()
+    logit, emb = net(torch.randn(3, 2, 8, 8, 8))
+    assert logit.shape == (3,) and emb.shape == (3, 16)
+    loss = supcon_loss(torch.randn(4, 5), torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="shipped checkpoint not built yet")
+def test_shipped_checkpoint_metadata() -> None:
+    assert DEFAULT_CHECKPOINT.stat().st_size < 5_000_000
+    m = load_lesion_model()
+    assert m.preset.name == "tiny"
+    assert {"version", "preset", "training_data", "seed"} <= set(m.meta)
+    assert "not for clinical use" in m.meta["intended_use"]

@@ -54,7 +54,9 @@ RIM_PROBABILITY = local("P-PRL", "Probability of paramagnetic rim")
 VOLUME = codes.SCT.Volume  # SCT 118565006
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
-LOCATION = {name: local(f"LOC-{name.upper().replace('_', '-')}", name.replace("_", " ").capitalize())
+_LOCATION_MEANINGS = {"periventricular": "Periventricular", "juxtacortical": "Juxtacortical",
+                      "infratentorial": "Infratentorial", "deep_wm": "Deep white matter"}
+LOCATION = {name: local(f"LOC-{name.upper().replace('_', '-')}", _LOCATION_MEANINGS.get(name, name))
             for name in LESION_LOCATIONS}
 
 # Heatmap

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from msgate.model.types import ModelResult
 from msgate.results import codes
-from msgate.results.identity import Identity
+from msgate.results.identity import Identity, copy_patient_study
 from msgate.results.seg import check_grid
 
 BANNER = "NOT FOR DIAGNOSIS - unverified AI output"
@@ -124,6 +124,7 @@ def build_key_images(result: ModelResult, sources: Sequence[Dataset], ident: Ide
             pixel_spacing=(spacing[0], spacing[1]), patient_orientation=_orientation(ref),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
+        copy_patient_study(sc, ref)
         sc.SeriesDescription = "MS AI key images (unverified, not for diagnosis)"
         sc.BurnedInAnnotation = "YES"
         sc.ImageComments = BANNER

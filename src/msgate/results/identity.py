@@ -6,9 +6,11 @@ same values go into the SR observer context, the SEG/PM equipment module and the
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 
 from msgate import __version__
 from msgate.model.types import ModelResult
@@ -37,3 +39,23 @@ class Identity:
     @classmethod
     def of(cls, result: ModelResult) -> Identity:
         return cls(model_name=result.model_name, model_version=result.model_version)
+
+
+def copy_patient_study(target: Dataset, source: Dataset) -> None:
+    """Copy every root attribute of the source IOD's Patient and Study IE modules that the source has.
+
+    highdicom does this for SR, SEG and PM; ``SCImage.from_ref_dataset`` copies only a subset
+    (e.g. not Issuer of Patient ID), and results must carry the modules exactly.
+    """
+    # highdicom's standard tables (private module, no public equivalent in 0.28)
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+
+    iod = get_sop_class_iod_map()[source.SOPClassUID]
+    attributes = get_module_attribute_map()
+    for module in get_iod_module_map()[iod]:
+        if module["ie"] not in ("Patient", "Study"):
+            continue
+        for attr in attributes[module["key"]]:
+            keyword = attr["keyword"]
+            if not attr["path"] and keyword in source:
+                target[keyword] = deepcopy(source[keyword])

@@ -181,7 +181,7 @@ def record(store: Store, claimed: Claimed, result: Attempt, policy: Policy, *, n
             outcome, result = "dead", Attempt("expired", result.peer_status, f"max age reached; {result.detail}")
         if outcome == "delivered":
             entry.state, entry.delivered_at, entry.last_error = "delivered", now, None
-        elif outcome == "dead" or result.outcome == "expired":
+        elif outcome == "dead":
             entry.state, entry.last_error = "dead", result.detail[:512]
         else:
             entry.state, entry.last_error = "pending", result.detail[:512]
@@ -372,6 +372,8 @@ def drop(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
             session.add(OutboxAttempt(entry_id=entry.id, outcome="dropped", detail=f"by {actor}"[:512]))
             audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
                          detail={"job_id": entry.job_id, "destination": entry.destination})
+            session.flush()
+            _mark_study(session, entry, utcnow())
             done.append(entry.id)
     return done
 

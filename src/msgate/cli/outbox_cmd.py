@@ -1,0 +1,105 @@
+"""``msgate outbox list|retry|drop [--json]``: result deliveries, their attempts and peer answers.
+
+``list`` shows every entry with its attempts (``--state dead`` for the dead letters); ``retry`` makes
+dead or waiting entries due now (their max-age window restarts); ``drop`` abandons entries. Both
+actions are recorded as attempts and audited with the operator's name. The output holds internal
+ids, destinations and peer statuses only, no PHI.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from sqlmodel import col, select
+
+from msgate.cli.common import console, fail, print_json, state
+from msgate.results import outbox
+from msgate.storage import audit
+from msgate.storage.models import Blob, OutboxEntry
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    state_: Annotated[str | None, typer.Option("--state", help="pending, sending, delivered, dead, dropped")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="only this job's entries")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List outbox entries (newest first) with every attempt and the peer's answer."""
+    store = state(ctx).store()
+    with store.db.session() as session:
+        rows = outbox.entries(session, state=state_, job_id=job, limit=limit)
+        kinds = dict(session.exec(select(Blob.id, Blob.kind).where(col(Blob.id).in_([r.blob_id for r in rows]))).all())
+        data = [outbox.summary(r, outbox.attempts_of(session, r.id), kinds.get(r.blob_id, "")) for r in rows]
+    if json_out:
+        print_json(data)
+        return
+    table = Table("id", "job", "object", "destination", "state", "tries", "next / delivered (UTC)", "last answer")
+    for d in data:
+        when = d["delivered_at"] or (d["next_attempt_at"] if d["state"] in ("pending", "sending") else None)
+        last = d["history"][-1] if d["history"] else None
+        answer = f"{last['outcome']} {last['peer_status']}".strip() if last else ""
+        table.add_row(d["id"][:12], (d["job_id"] or "")[:12], d["object"], d["destination"], d["state"],
+                      str(d["attempts"]), f"{when:%Y-%m-%d %H:%M:%S}" if when else "", answer)
+    console.print(table)
+
+
+def _resolve(ctx: typer.Context, ids: list[str], dead: bool, job: str | None) -> list[str]:
+    store = state(ctx).store()
+    with store.db.session() as session:
+        query = select(OutboxEntry.id)
+        if dead:
+            query = query.where(OutboxEntry.state == "dead")
+        if job:
+            query = query.where(OutboxEntry.job_id == job)
+        found = set(session.exec(query).all()) if (dead or job) else set()
+        for prefix in ids:
+            matches = session.exec(select(OutboxEntry.id).where(col(OutboxEntry.id).startswith(prefix))).all()
+            if len(matches) != 1:
+                fail(f"{prefix!r} matches {len(matches)} outbox entries")
+            found.add(matches[0])
+    if not found:
+        fail("nothing selected: give entry ids, --dead or --job")
+    return sorted(found)
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    ids: Annotated[list[str] | None, typer.Argument(help="entry ids (a unique prefix is enough)")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="every dead-lettered entry")] = False,
+    job: Annotated[str | None, typer.Option("--job", help="every entry of this job")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Send dead or waiting entries again now."""
+    selected = _resolve(ctx, ids or [], dead, job)
+    done = outbox.requeue(state(ctx).store(), selected, actor=audit.operator())
+    _report("requeued", done, selected, json_out)
+
+
+@app.command()
+def drop(
+    ctx: typer.Context,
+    ids: Annotated[list[str] | None, typer.Argument(help="entry ids (a unique prefix is enough)")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="every dead-lettered entry")] = False,
+    job: Annotated[str | None, typer.Option("--job", help="every entry of this job")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Abandon entries: they are never sent."""
+    selected = _resolve(ctx, ids or [], dead, job)
+    done = outbox.drop(state(ctx).store(), selected, actor=audit.operator())
+    _report("dropped", done, selected, json_out)
+
+
+def _report(action: str, done: list[str], selected: list[str], json_out: bool) -> None:
+    skipped = [i for i in selected if i not in done]
+    if json_out:
+        print_json({action: done, "skipped": skipped})
+        return
+    console.print(f"{action} {len(done)} entr{'y' if len(done) == 1 else 'ies'}"
+                  + (f"; skipped {len(skipped)} (delivered, dropped or in flight)" if skipped else ""))

@@ -1,0 +1,301 @@
+"""SR, SEG, Parametric Map, key images and ORU rendered from one synthetic ModelResult, read back."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from msgate.config import load_settings
+from msgate.model.types import ModelResult
+from msgate.results import codes, heatmap, hl7_out, outbox, payload
+from msgate.results.identity import Identity
+from msgate.results.publish import RenderOptions, render
+from msgate.results.seg import build_seg, class_masks, frame_map
+from msgate.results.sources import sort_slices
+from msgate.results.sr import DISCLAIMER, build_sr
+from tests.integration.pacs_peers import flair_series, model_result
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                 "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                 "ReferringPhysicianName", "StudyDescription")
+
+
+@pytest.fixture(scope="module")
+def sources() -> list[Dataset]:
+    return sort_slices(flair_series(n=12, rows=40, cols=48, seed=3))
+
+
+@pytest.fixture(scope="module")
+def result(sources: list[Dataset]) -> ModelResult:
+    return model_result((len(sources), 40, 48))
+
+
+@pytest.fixture(scope="module")
+def rendered(sources: list[Dataset], result: ModelResult) -> dict[str, list[Dataset]]:
+    objects, _ = render(result, sources, options=RenderOptions(key_images=2))
+    out: dict[str, list[Dataset]] = {}
+    for obj in objects:
+        out.setdefault(obj.kind, []).append(dcmread(io.BytesIO(obj.data)))
+    return out
+
+
+def _reread(ds: Dataset) -> Dataset:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _algorithm(group: Dataset) -> tuple[str, str]:
+    """(Algorithm Name, Algorithm Version) of a measurement group (DCM 111001 / 111003)."""
+    items = {item.ConceptNameCodeSequence[0].CodeValue: item.get("TextValue") for item in group[0].ContentSequence}
+    return items["111001"], items["111003"]
+
+
+def test_sort_slices_orders_along_the_normal(sources: list[Dataset]) -> None:
+    z = [float(ds.ImagePositionPatient[2]) for ds in sources]
+    assert z == sorted(z)
+
+
+def test_sr_values_read_back_with_highdicom(rendered: dict[str, list[Dataset]], result: ModelResult) -> None:
+    sr = hd.sr.Comprehensive3DSR.from_dataset(rendered["out.sr"][0])
+    group = sr.content.get_image_measurement_groups()[0]
+    values = {m.name.value: m.value for m in group.get_measurements()}
+    assert values[codes.EDSS_ESTIMATE.value] == pytest.approx(result.edss_estimate)
+    for code, p in zip(codes.EDSS_CLASS_PROBABILITY, result.edss_probabilities, strict=True):
+        assert values[code.value] == pytest.approx(p)
+    assert values[codes.CONFIDENCE.value] == pytest.approx(result.confidence)
+    assert values[codes.UNCERTAINTY.value] == pytest.approx(result.uncertainty)
+    assert values[codes.P_MS.value] == pytest.approx(result.p_ms)
+    assert values[codes.LESION_COUNT.value] == len(result.lesions)
+    assert values[codes.LESION_VOLUME_TOTAL.value] == pytest.approx(result.lesion_volume_ml)
+    assert values[codes.RIM_COUNT.value] == result.rim_count == 1
+    evaluations = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+    assert evaluations[codes.EDSS_CLASS.value] == codes.EDSS_CLASS_VALUES[result.edss_class].value
+    assert evaluations[codes.DIAGNOSIS.value] == codes.MULTIPLE_SCLEROSIS.value
+    assert _algorithm(group) == (result.model_name, result.model_version)
+    assert len(group.source_images) == 12
+
+
+def test_sr_lesion_groups_reference_their_segments(rendered: dict[str, list[Dataset]], result: ModelResult) -> None:
+    seg = rendered["out.seg"][0]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(rendered["out.sr"][0])
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(result.lesions)
+    labels = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
+    for group, lesion in zip(groups, result.lesions, strict=True):
+        assert group.tracking_identifier == f"Lesion {lesion.label}"
+        ref = group.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        expected = "Paramagnetic rim lesion" if lesion.rim_positive else "MS lesion"
+        assert labels[ref.referenced_segment_numbers[0]] == expected
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert values[codes.VOLUME.value] == pytest.approx(lesion.volume_ml)
+        assert values[codes.RIM_PROBABILITY.value] == pytest.approx(lesion.rim_probability)
+        rim = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}[codes.RIM_STATUS.value]
+        assert rim == (codes.PRESENT.value if lesion.rim_positive else codes.ABSENT.value)
+        assert _algorithm(group) == (result.model_name, result.model_version)
+
+
+def test_sr_flags_observer_and_disclaimer(rendered: dict[str, list[Dataset]], result: ModelResult) -> None:
+    ds = rendered["out.sr"][0]
+    assert ds.VerificationFlag == "UNVERIFIED"
+    assert ds.CompletionFlag == "COMPLETE"
+    assert ds.PreliminaryFlag == "PRELIMINARY"
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    procedure = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure[0].ConceptCodeSequence[0].CodeValue == "24590-2"
+    context = {i.ConceptNameCodeSequence[0].CodeMeaning: i.get("TextValue") or i.get("UID")
+               for i in ds.ContentSequence if i.RelationshipType == "HAS OBS CONTEXT"}
+    assert context["Device Observer Name"] == "msgate"
+    assert context["Device Observer Model Name"] == f"{result.model_name} {result.model_version}"
+    assert len(sr.content.get_observer_contexts()) == 1
+    texts = [i.TextValue for i in ds.ContentSequence if i.ValueType == "TEXT" and i.RelationshipType == "CONTAINS"]
+    assert texts == [DISCLAIMER]
+
+
+def test_sr_without_qsm_is_partial_and_has_no_rim_count(sources: list[Dataset]) -> None:
+    result = model_result((len(sources), 40, 48), qsm=False)
+    ident = Identity.of(result)
+    seg = build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
+    assert seg is not None and list(seg.class_segment) == ["lesion"]
+    ds = _reread(build_sr(result, sources, seg, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
+    assert ds.CompletionFlag == "PARTIAL"
+    group = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()[0]
+    assert codes.RIM_COUNT.value not in {m.name.value for m in group.get_measurements()}
+
+
+def test_sr_goes_into_the_original_study_with_modules_copied(rendered: dict[str, list[Dataset]],
+                                                             sources: list[Dataset]) -> None:
+    for kind, items in rendered.items():
+        for ds in items:
+            for keyword in PATIENT_STUDY:
+                assert ds.get(keyword) == sources[0].get(keyword), (kind, keyword)
+            assert ds.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    series = {items[0].SeriesInstanceUID for items in rendered.values()}
+    assert len(series) == len(rendered)
+
+
+def test_superseding_sr_names_its_predecessor(sources: list[Dataset], result: ModelResult,
+                                              rendered: dict[str, list[Dataset]]) -> None:
+    old = rendered["out.sr"][0]
+    objects, sr_uid = render(result, sources, options=RenderOptions(key_images=0, parametric_map=False),
+                             previous=[old])
+    new = dcmread(io.BytesIO(objects[-1].data))
+    assert new.SOPInstanceUID == sr_uid != old.SOPInstanceUID
+    ref = new.PredecessorDocumentsSequence[0]
+    assert ref.StudyInstanceUID == old.StudyInstanceUID
+    assert ref.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
+
+
+def test_seg_geometry_round_trip(rendered: dict[str, list[Dataset]], sources: list[Dataset],
+                                 result: ModelResult) -> None:
+    """Every SEG frame lies on its source slice (same position, orientation, spacing) and equals the mask."""
+    seg = hd.seg.Segmentation.from_dataset(rendered["out.seg"][0])
+    assert seg.SegmentationType == "BINARY"
+    k_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
+    masks = class_masks(result)
+    keys = {s.SegmentNumber: ("rim" if s.SegmentLabel.startswith("Paramagnetic") else "lesion")
+            for s in seg.SegmentSequence}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.25, 1.0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    frames = frame_map(seg)
+    nonempty = sum(int(masks[key].any(axis=(1, 2)).sum()) for key in keys.values())
+    assert seg.NumberOfFrames == len(frames) == nonempty  # empty frames omitted
+    pixels = seg.pixel_array.reshape(seg.NumberOfFrames, seg.Rows, seg.Columns)
+    for (number, sop_uid), n in frames.items():
+        k = k_of[sop_uid]
+        frame = seg.PerFrameFunctionalGroupsSequence[n - 1]
+        ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert ipp == [float(v) for v in sources[k].ImagePositionPatient]
+        np.testing.assert_array_equal(pixels[n - 1].astype(bool), masks[keys[number]][k])
+    volume = seg.get_volume()
+    assert volume is not None
+    for label in {int(v) for v in np.unique(result.lesion_mask)} - {0}:
+        k, r, c = (int(v[0]) for v in np.nonzero(result.lesion_mask == label))
+        lps = np.asarray(sources[k].ImagePositionPatient, dtype=float) + np.array([c * 1.0, r * 1.25, 0.0])
+        ijk = np.linalg.inv(volume.affine) @ np.append(lps, 1.0)
+        number = next(n for n, key in keys.items() if masks[key][k, r, c])
+        assert volume.array[tuple(int(round(x)) for x in ijk[:3])][number - 1]
+
+
+def test_parametric_map_values_match_the_heatmap(rendered: dict[str, list[Dataset]], sources: list[Dataset],
+                                                 result: ModelResult) -> None:
+    pm = rendered["out.pm"][0]
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    assert pm.NumberOfFrames == len(sources)
+    k_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
+    pixels = pm.pixel_array
+    for n, frame in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        k = k_of[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        np.testing.assert_allclose(pixels[n], result.heatmap[k], atol=1e-6)  # type: ignore[index]
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.LUTLabel == "GRADCAM"
+
+
+def test_key_images_are_rgb_with_banner_and_source(rendered: dict[str, list[Dataset]], sources: list[Dataset],
+                                                   result: ModelResult) -> None:
+    images = rendered["out.sc"]
+    assert len(images) == 2
+    uids = {str(ds.SOPInstanceUID) for ds in sources}
+    expected = {str(sources[k].SOPInstanceUID) for k in heatmap.key_slices(result, 2)}
+    assert {ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in images} == expected <= uids
+    for ds in images:
+        assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+        assert ds.BurnedInAnnotation == "YES" and ds.Columns >= heatmap.MIN_COLUMNS
+        banner = ds.pixel_array[2, :, :]
+        assert (banner[:, 0] > 120).mean() > 0.5 and (banner[:, 1] < 60).mean() > 0.5  # red strip
+
+
+def test_key_images_can_be_switched_off(sources: list[Dataset], result: ModelResult) -> None:
+    objects, _ = render(result, sources, options=RenderOptions(key_images=0, parametric_map=False))
+    assert [o.kind for o in objects] == ["out.seg", "out.sr"]
+
+
+def test_empty_mask_gives_no_seg_and_no_lesion_groups(sources: list[Dataset], result: ModelResult) -> None:
+    empty = ModelResult(**{**result.__dict__, "lesions": (), "lesion_mask": np.zeros_like(result.lesion_mask)})
+    objects, _ = render(empty, sources, options=RenderOptions(key_images=1))
+    assert [o.kind for o in objects] == ["out.pm", "out.sc", "out.sr"]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(objects[-1].data)))
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
+
+
+def test_grid_mismatch_is_refused(sources: list[Dataset]) -> None:
+    wrong = model_result((len(sources), 40, 40))
+    with pytest.raises(ValueError, match="FLAIR grid"):
+        render(wrong, sources)
+
+
+def _oru(result: ModelResult, source: Dataset, correction: bool) -> str:
+    settings = load_settings(home=Path("/nonexistent"), hl7_out={"host": "127.0.0.1", "port": 2576})
+    numbers = hl7_out.OrderNumbers("PL123", "FI456", "ACC-R-1")
+    return hl7_out.render_oru(result, source=source, numbers=numbers, sr_uid="1.2.3.4", correction=correction,
+                              settings=settings)
+
+
+def test_oru_carries_findings_uids_and_order_numbers(sources: list[Dataset], result: ModelResult) -> None:
+    er7 = hl7_out.with_control_id(_oru(result, sources[0], False).encode(), "MGabc0001").decode()
+    msg = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    msg.validate()
+    assert msg.msh.msh_10.value == "MGabc0001"
+    segments = {line[:3]: line.split("|") for line in er7.split("\r") if line}
+    obr = segments["OBR"]
+    assert (obr[2], obr[3], obr[18], obr[25]) == ("PL123", "FI456", "ACC-R-1", "P")
+    obx = [line.split("|") for line in er7.split("\r") if line.startswith("OBX")]
+    values = {o[3].split("^")[0]: o[5] for o in obx}
+    assert values["113014"] == "1.2.3.4"
+    assert float(values[codes.P_MS.value]) == pytest.approx(result.p_ms)
+    assert values[codes.EDSS_CLASS.value].startswith(codes.EDSS_CLASS_VALUES[result.edss_class].value + "^")
+    assert values[codes.DIAGNOSIS.value].startswith("24700007^")
+    assert int(values[codes.RIM_COUNT.value]) == result.rim_count
+    assert all(o[11] == "P" for o in obx)
+    assert len(obx) == len(hl7_out.findings(result)) + 1
+
+
+def test_correction_oru_has_status_c(sources: list[Dataset], result: ModelResult) -> None:
+    er7 = _oru(result, sources[0], True)
+    assert all(line.split("|")[11] == "C" for line in er7.split("\r") if line.startswith("OBX"))
+
+
+def test_control_id_rewrite_keeps_the_rest() -> None:
+    msg = b"MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|OLD|P|2.5.1\rPID|1\r"
+    out = hl7_out.with_control_id(msg, "NEW1")
+    assert out == msg.replace(b"|OLD|", b"|NEW1|")
+    ids = {outbox.control_id("0123456789abcdef0123456789abcdef", n) for n in range(1, 50)}
+    assert len(ids) == 49 and all(len(i) <= 20 for i in ids)
+
+
+def test_payload_round_trip(result: ModelResult) -> None:
+    back = payload.load_result(payload.dump_result(result))
+    assert back.lesions == result.lesions and back.flags == result.flags
+    np.testing.assert_array_equal(back.lesion_mask, result.lesion_mask)
+    np.testing.assert_array_equal(back.heatmap, result.heatmap)  # type: ignore[arg-type]
+    assert (back.edss_probabilities, back.p_ms) == (result.edss_probabilities, result.p_ms)
+
+
+def test_backoff_is_exponential_jittered_and_capped() -> None:
+    policy = outbox.Policy(base_delay=5, max_delay=3600)
+    rng = random.Random(1)
+    for n in range(1, 20):
+        cap = min(3600, 5 * 2 ** (n - 1))
+        delays = [outbox.backoff(n, policy, rng) for _ in range(20)]
+        assert all(cap / 2 <= d <= cap for d in delays)
+    assert len({round(outbox.backoff(3, policy, rng), 6) for _ in range(10)}) > 1
+
+
+def test_every_local_code_is_documented() -> None:
+    text = DOCS.read_text()
+    for value, scheme, meaning in codes.table():
+        assert scheme == "99MSGATE"
+        assert re.search(rf"\|\s*`{re.escape(value)}`\s*\|\s*{re.escape(meaning)}\s*\|", text), value

@@ -1,0 +1,133 @@
+"""``msgate demo``: the whole system, end to end, on a fresh machine (no Redis or PostgreSQL needed).
+
+Starts msgate on the embedded defaults in a temporary home, a PACS and an interface engine to stand in
+for the hospital's, makes three synthetic patients (MS with rims, MS without rims, cSVD), sends their
+HL7 over MLLP and their MRI over C-STORE to the real ports, shows progress live, prints each
+patient's result as received back by the stand-ins, and writes key images and summary.html. Exit
+code 0 only if every SR and ORU was acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from msgate.cli.common import console
+from msgate.demo import run as demo
+from msgate.demo.patients import make_patients
+from msgate.demo.peers import MllpStandIn, PacsStandIn
+from msgate.demo.report import key_images, write_html
+from msgate.errors import MsgateError
+
+
+def _table(rows: list[demo.Progress], elapsed: float) -> Table:
+    table = Table(title=f"msgate demo — {elapsed:.0f} s", title_justify="left")
+    table.add_column("patient")
+    for stage in demo.STAGES:
+        table.add_column(stage, justify="right")
+    for row in rows:
+        cells = [f"{row.stages[s]:.0f}s" if s in row.stages else ("…" if s != "job" else row.job_state or "…")
+                 for s in demo.STAGES]
+        table.add_row(row.patient.kind, *cells)
+    return table
+
+
+def command(
+    out: Annotated[Path, typer.Option("--out", help="output folder: key images, summary.html, logs")] = Path("demo-out"),
+    he: Annotated[bool, typer.Option("--he", help="EHR features under homomorphic encryption")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every SR and ORU")] = 900.0,
+    keep_home: Annotated[bool, typer.Option("--keep-home", help="keep the temporary MSGATE_HOME")] = False,
+) -> None:
+    """Run the whole system end to end on three synthetic patients and show the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="msgate-demo-"))
+    pacs, mllp = PacsStandIn(out / "pacs"), MllpStandIn(out / "interface-engine")
+    pacs.start()
+    mllp.start()
+    dicom_port, hl7_port = demo.free_port(), demo.free_port()
+    system = demo.System(demo.environment(home, pacs, mllp, dicom_port, hl7_port, he), out / "msgate.log")
+    console.print(f"msgate home {home}; DICOM 127.0.0.1:{dicom_port} (AE MSGATE); HL7 127.0.0.1:{hl7_port}")
+    console.print(f"stand-ins: PACS {pacs.ae_title}@127.0.0.1:{pacs.port}, interface engine 127.0.0.1:{mllp.port}")
+    ok = False
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            patients_future = pool.submit(make_patients, out / "patients")
+            system.start()
+            with console.status("starting msgate and generating 3 synthetic patients"):
+                system.wait_ports([dicom_port, hl7_port])
+                patients = patients_future.result()
+        ok = _follow(patients, system, home, pacs, mllp, dicom_port, hl7_port, timeout, out)
+    finally:
+        system.stop()
+        pacs.stop()
+        mllp.stop()
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _follow(patients: list, system: demo.System, home: Path, pacs: PacsStandIn, mllp: MllpStandIn,  # type: ignore[type-arg]
+            dicom_port: int, hl7_port: int, timeout: float, out: Path) -> bool:
+    rows = [demo.Progress(p) for p in patients]
+    t0 = time.monotonic()
+    for row in rows:
+        if not system.alive():
+            raise MsgateError(f"msgate stopped while starting; see {out / 'msgate.log'}")
+        demo.send_hl7(row.patient, hl7_port)
+        row.mark("hl7 acked", time.monotonic() - t0)
+        stored = demo.send_dicom(row.patient, dicom_port)
+        if stored != len(row.patient.dicom_files):
+            row.error = f"{len(row.patient.dicom_files) - stored} instances not stored"
+        row.mark("dicom stored", time.monotonic() - t0)
+    store = demo.wait_for_store(home)
+    done = False
+    with Live(_table(rows, 0), console=console, refresh_per_second=2) as live:
+        while time.monotonic() - t0 < timeout and system.alive():
+            done = demo.poll(store, rows, pacs, mllp, t0)
+            live.update(_table(rows, time.monotonic() - t0))
+            if done:
+                break
+            time.sleep(1)
+    time.sleep(1)  # let the stand-ins finish writing the last objects
+    results = [demo.summary_row(row, pacs, mllp) for row in rows]
+    images = key_images(pacs.objects("OT"), out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    summary = write_html(results, images, out)
+    _print(results)
+    store.close()
+    all_acked = all(r["sr"]["count"] and r["oru"]["received"] for r in results)
+    console.print(f"\nsummary: {summary}   results: {out / 'results.json'}   log: {out / 'msgate.log'}")
+    if not all_acked:
+        console.print("[red]not every SR and ORU was acknowledged[/red]" + ("" if system.alive() else
+                      " (msgate stopped; see the log)"))
+    return bool(done and all_acked)
+
+
+def _print(results: list[dict]) -> None:  # type: ignore[type-arg]
+    table = Table(title="results (as received by the stand-in PACS and interface engine)", title_justify="left")
+    for column in ("patient", "EDSS class (conf.)", "MS vs cSVD", "lesions", "Rim+", "truth", "SR", "ORU"):
+        table.add_column(column)
+    for r in results:
+        v, t = r["result"], r["truth"]
+        rim = v.get("rim_count")
+        table.add_row(
+            f"{r['subject']}\n{r['kind']}",
+            f"{v.get('edss_class', '-')} ({v.get('confidence', 0):.2f})" if v else "-",
+            f"{v.get('diagnosis', '-')} (P(MS) {v.get('p_ms', 0):.2f})" if v else "-",
+            str(int(v["lesion_count"])) if "lesion_count" in v else "-",
+            str(int(rim)) if rim is not None else "n/a",
+            f"{t['diagnosis']}, EDSS {t['edss']}, {t['rims']} rims",
+            "acked" if r["sr"]["count"] else "[red]missing", "acked" if r["oru"]["received"] else "[red]missing")
+    console.print(table)
+    for r in results:
+        stages = ", ".join(f"{k} at {v}s" for k, v in r["stages_s"].items())
+        console.print(f"{r['subject']}: {stages}" + (f"  [red]{r['error']}" if r["error"] else ""))

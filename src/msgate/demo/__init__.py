@@ -1,0 +1,1 @@
+"""``msgate demo``: the whole system on the embedded defaults, with stand-in PACS and interface engine."""

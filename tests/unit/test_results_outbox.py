@@ -1,0 +1,204 @@
+"""Outbox state machine and publish_job on the real store (SQLite, and PostgreSQL when marked), no sockets."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlmodel import col, select
+from typer.testing import CliRunner
+
+from msgate.cli import outbox_cmd
+from msgate.cli.common import State
+from msgate.results import outbox
+from msgate.results.publish import publish_job
+from msgate.storage.models import AuditEvent, Blob, Job, OutboxAttempt, OutboxEntry, Series, Study, utcnow
+from msgate.storage.store import Store, open_store
+from msgate.workers.results_io import store_result
+from tests.conftest import make_settings
+from tests.integration.pacs_peers import encode, flair_series, model_result
+
+POLICY = outbox.Policy(base_delay=4, max_delay=3600, max_age=3600, lease=60)
+
+
+@pytest.fixture
+def rstore(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[Store]:
+    pg = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    home = tmp_path / "home"
+    if backend == "postgres":
+        from msgate.storage import keyring
+
+        keyring.init(home / "keys" / "keyring.json")
+    settings = make_settings(home, backend, pg, hl7_out={"port": 2599},
+                             pacs=[{"name": "pacs-a", "port": 11999}, {"name": "pacs-b", "port": 11998}])
+    st = open_store(settings)
+    yield st
+    st.close()
+
+
+def _job(store: Store, *, with_flair: bool = False, supersedes: str | None = None, idem: str = "k1") -> str:
+    if with_flair:
+        for ds in flair_series(n=12, rows=40, cols=48, seed=5, study_uid="1.2.826.0.1.3680043.8.498.1"):
+            store.ingest.store_instance(source=encode(ds))
+    with store.db.session() as session:
+        series = session.exec(select(Series)).first()
+        if series is not None:
+            series.role = "FLAIR"
+            session.add(series)
+            study_id = series.study_id
+        else:
+            study = Study(study_uid_index=f"idx-{idem}")
+            session.add(study)
+            session.flush()
+            assert study.id is not None
+            study_id = study.id
+        job = Job(study_id=study_id, idem_key=idem, state="done", supersedes_id=supersedes)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _entries(store: Store, job_id: str, n: int = 2) -> list[str]:
+    with store.db.session() as session:
+        objects = [outbox.Rendered("out.sr", b"DICM" * 8)] * (n // 2)
+        return [e.id for e in outbox.enqueue(store, session, job_id=job_id, objects=objects)]
+
+
+def _state(store: Store, entry_id: str) -> OutboxEntry:
+    with store.db.session() as session:
+        entry = session.get(OutboxEntry, entry_id)
+        assert entry is not None
+        return entry
+
+
+def _outcomes(store: Store, entry_id: str) -> list[str]:
+    with store.db.session() as session:
+        return [a.outcome for a in outbox.attempts_of(session, entry_id)]
+
+
+def test_enqueue_one_entry_per_pacs_and_a_retry_backs_off(rstore: Store) -> None:
+    job = _job(rstore)
+    ids = _entries(rstore, job)
+    assert {_state(rstore, i).destination for i in ids} == {"pacs-a", "pacs-b"}
+    claimed = outbox.claim(rstore, POLICY)
+    assert {c.id for c in claimed} == set(ids) and all(_state(rstore, i).state == "sending" for i in ids)
+    assert outbox.claim(rstore, POLICY) == []  # leased
+    before = utcnow()
+    assert outbox.record(rstore, claimed[0], outbox.Attempt("retry", "0xA700", "out of resources"), POLICY) == "pending"
+    entry = _state(rstore, claimed[0].id)
+    assert entry.attempts == 1 and entry.last_error == "out of resources"
+    assert before + timedelta(seconds=1.9) <= entry.next_attempt_at <= utcnow() + timedelta(seconds=4)
+    with rstore.db.session() as session:
+        events = session.exec(select(AuditEvent).where(AuditEvent.kind == "send.attempt")).all()
+    assert [(e.subject, e.detail["outcome"], e.detail["peer_status"]) for e in events] == \
+        [(f"outbox:{claimed[0].id}", "retry", "0xA700")]
+
+
+def test_expired_lease_is_reclaimed_and_recorded_as_interrupted(rstore: Store) -> None:
+    entry_id = _entries(rstore, _job(rstore))[0]
+    outbox.claim(rstore, outbox.Policy(lease=60))
+    later = utcnow() + timedelta(seconds=61)
+    again = [c for c in outbox.claim(rstore, POLICY, now=later) if c.id == entry_id]
+    assert again and _outcomes(rstore, entry_id) == ["interrupted"]
+    outbox.record(rstore, again[0], outbox.Attempt("delivered", "0x0000"), POLICY)
+    assert _state(rstore, entry_id).state == "delivered"
+
+
+def test_max_age_and_permanent_failures_dead_letter(rstore: Store) -> None:
+    a, b = _entries(rstore, _job(rstore))
+    claimed = {c.id: c for c in outbox.claim(rstore, POLICY)}
+    late = utcnow() + timedelta(seconds=POLICY.max_age + 1)
+    assert outbox.record(rstore, claimed[a], outbox.Attempt("retry", "0xA700", "busy"), POLICY, now=late) == "dead"
+    assert _outcomes(rstore, a) == ["expired"]
+    assert outbox.record(rstore, claimed[b], outbox.Attempt("dead", "rejected", "AR"), POLICY) == "dead"
+    # an operator retry restarts the age window
+    assert outbox.requeue(rstore, [a], actor="cli:test") == [a]
+    claimed = {c.id: c for c in outbox.claim(rstore, POLICY)}
+    assert outbox.record(rstore, claimed[a], outbox.Attempt("retry", "0xA700", "busy"), POLICY) == "pending"
+    assert _outcomes(rstore, a) == ["expired", "requeued", "retry"]
+
+
+def test_study_delivered_only_when_every_entry_is_done(rstore: Store) -> None:
+    job = _job(rstore)
+    a, b = _entries(rstore, job)
+    claimed = {c.id: c for c in outbox.claim(rstore, POLICY)}
+    outbox.record(rstore, claimed[a], outbox.Attempt("delivered", "0x0000"), POLICY)
+    with rstore.db.session() as session:
+        assert session.exec(select(Study)).one().delivered_at is None
+    outbox.record(rstore, claimed[b], outbox.Attempt("dead", "0xA900"), POLICY)
+    with rstore.db.session() as session:
+        assert session.exec(select(Study)).one().delivered_at is None
+    assert outbox.drop(rstore, [b], actor="cli:test") == [b]
+    with rstore.db.session() as session:
+        assert session.exec(select(Study)).one().delivered_at is not None
+    assert outbox.drop(rstore, [a], actor="cli:test") == []  # delivered entries stay
+
+
+def test_cli_list_retry_drop(rstore: Store) -> None:
+    a, b = _entries(rstore, _job(rstore))
+    claimed = {c.id: c for c in outbox.claim(rstore, POLICY)}
+    outbox.record(rstore, claimed[a], outbox.Attempt("dead", "rejected", "MSH-10 X: peer rejected (AR)"), POLICY)
+    outbox.record(rstore, claimed[b], outbox.Attempt("retry", "0xA700", "busy"), POLICY)
+    runner = CliRunner()
+    obj = State(rstore.settings)
+    out = runner.invoke(outbox_cmd.app, ["list", "--state", "dead", "--json"], obj=obj)
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert [r["id"] for r in rows] == [a]
+    assert rows[0]["history"][-1]["peer_status"] == "rejected" and rows[0]["object"] == "sr"
+    out = runner.invoke(outbox_cmd.app, ["list"], obj=obj)
+    assert out.exit_code == 0 and "dead" in out.output and "pacs-" in out.output
+    out = runner.invoke(outbox_cmd.app, ["retry", "--dead", "--json"], obj=obj)
+    assert json.loads(out.output)["requeued"] == [a]
+    out = runner.invoke(outbox_cmd.app, ["drop", b[:10], "--json"], obj=obj)
+    assert json.loads(out.output)["dropped"] == [b]
+    assert _state(rstore, a).state == "pending" and _state(rstore, b).state == "dropped"
+    with rstore.db.session() as session:
+        kinds = [e.kind for e in session.exec(select(AuditEvent).order_by(col(AuditEvent.seq))).all()]
+    assert "outbox.retry" in kinds and "outbox.drop" in kinds
+
+
+def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store) -> None:
+    first = _job(rstore, with_flair=True)
+    shape = (12, 40, 48)
+    store_result(rstore, job_id=first, result=model_result(shape))
+    assert publish_job(rstore, first) == "queued"
+    assert publish_job(rstore, first) == "already"
+    with rstore.db.session() as session:
+        rows = session.exec(select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                            .where(OutboxEntry.job_id == first)).all()
+        old_sr_blob = next(e.blob_id for e, k in rows if k == "out.sr")
+        old_sr = dcmread(io.BytesIO(rstore.blobs.read(session, old_sr_blob)))
+        session.get(Job, first).state = "superseded"  # type: ignore[union-attr]
+    kinds = sorted(k for _, k in rows)
+    n_sc = kinds.count("out.sc") // 2
+    assert kinds == sorted(["out.seg"] * 2 + ["out.pm"] * 2 + ["out.sc"] * 2 * n_sc + ["out.sr"] * 2 + ["out.oru"])
+    assert publish_job(rstore, first) == "already"
+    second = _job(rstore, supersedes=first, idem="k2")
+    store_result(rstore, job_id=second, result=model_result(shape, version="0.3.2", edss=5.0))
+    assert publish_job(rstore, second) == "queued"
+    with rstore.db.session() as session:
+        rows = session.exec(select(OutboxEntry.blob_id, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                            .where(OutboxEntry.job_id == second)).all()
+        blobs = {k: rstore.blobs.read(session, b) for b, k in rows}
+        attempts = session.exec(select(OutboxAttempt)).all()
+    assert attempts == []
+    new_sr = dcmread(io.BytesIO(blobs["out.sr"]))
+    ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert new_sr.StudyInstanceUID == old_sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.1"
+    oru = blobs["out.oru"].decode()
+    assert new_sr.SOPInstanceUID in oru
+    assert all(line.split("|")[11] == "C" for line in oru.split("\r") if line.startswith("OBX"))
+
+
+def test_superseded_job_is_not_published(rstore: Store) -> None:
+    job = _job(rstore)
+    with rstore.db.session() as session:
+        session.get(Job, job).state = "superseded"  # type: ignore[union-attr]
+    assert publish_job(rstore, job) == "skipped:superseded"

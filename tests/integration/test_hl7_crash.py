@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,24 +44,25 @@ def test_sigkill_mid_stream_loses_no_acknowledged_message(tmp_path: Path) -> Non
                 except Transient:
                     return
                 acked.append(i)
-                if i == 700:
-                    proc.send_signal(signal.SIGKILL)
-                    killed.set()
 
     thread = threading.Thread(target=stream)
     thread.start()
+    while len(acked) < 700 and thread.is_alive():
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)  # while the client is mid-stream
+    killed.set()
     thread.join(120)
     assert killed.is_set() and 700 <= len(acked) < TOTAL
     proc.wait(10)
-    store = open_home_store(home)
-    with store.db.session() as session:
-        keys = set(session.exec(select(Hl7Message.dedup_index)).all())
-    for i in acked:  # every acknowledged message is durable
-        header = Hl7Header(control_id=f"CR{i:05d}", sending_application="LAB", sending_facility="HOSP")
-        assert store.ingest.dedup_key(header) in keys
-    store.close()
-    proc = start_serve(home, port)
+    proc = start_serve(home, port)  # indexes what the journal holds before it listens
     try:
+        store = open_home_store(home)
+        with store.db.session() as session:
+            keys = set(session.exec(select(Hl7Message.dedup_index)).all())
+        for i in acked:  # every acknowledged message is durable
+            header = Hl7Header(control_id=f"CR{i:05d}", sending_application="LAB", sending_facility="HOSP")
+            assert store.ingest.dedup_key(header) in keys
+        store.close()
         done = set(acked)
         with MllpClient("127.0.0.1", port, timeout=10) as client:
             for i in range(TOTAL):

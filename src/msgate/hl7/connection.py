@@ -120,8 +120,9 @@ class Connection:
                                                                "msg_type": f"{msh.message_type}^{msh.trigger}"})
             return msh, self._ack("AR", msh, (problem,), text="message type not handled")
         prefix = "C" if msh.enhanced else "A"
+        code = f"{prefix}A"
         try:
-            stored = await self.server.committer.submit(raw, msh.header())
+            await self.server.committer.submit(raw, msh.header(), code, self._app_ack_callback(msh))
         except Transient as exc:
             log.warning("hl7 store failed", extra={"conn_id": self.conn_id, "reason": exc.code})
             return msh, self._ack(f"{prefix}E", msh, (AckError(207, "MSH^1"),), text="temporarily unable to store")
@@ -131,9 +132,6 @@ class Connection:
         except Exception:
             log.exception("hl7 store failed", extra={"conn_id": self.conn_id})
             return msh, self._ack(f"{prefix}E", msh, (AckError(207, "MSH^1"),), text="internal error")
-        code = f"{prefix}A"
-        if not stored.duplicate:
-            self.server.mapper.items.put((stored.message_id, code, self._app_ack_callback(msh)))
         if msh.enhanced and msh.accept_ack in ("NE", "ER"):
             return msh, None
         return msh, self._ack(code, msh)

@@ -1,14 +1,15 @@
 """The HL7 role: an asyncio MLLP server that acknowledges only what it has stored.
 
-Commit path (on the event loop, per frame): read MSH only (:mod:`msgate.hl7.msh`), decide AR for what
-cannot be accepted, then store through ``Ingest.store_hl7_batch``. One committer task hands every
-message that arrived while the previous commit ran to the next commit (group commit); each ACK is
-written only after the commit that holds its message has returned. Original mode answers ``AA``;
-enhanced mode (MSH-15/16 valued) answers ``CA`` per MSH-15, then the application ACK per MSH-16 once
-the mapping thread is done. Duplicates (MSH-10 + MSH-3/4) are acknowledged again and not mapped again.
+Commit path (on the event loop, per frame): read MSH only (:mod:`msgate.hl7.msh`) and decide AR for what
+cannot be accepted; then the message is made durable, encrypted, in the commit journal
+(:mod:`msgate.hl7.journal`, one ``fdatasync`` per group of messages that arrived together) and only then
+answered: ``AA`` in original mode, ``CA`` in enhanced mode (MSH-15/16 valued, per MSH-15). The
+:class:`Indexer` thread moves journaled messages into the index through ``Ingest.store_hl7_batch``
+(deduplicated on MSH-10 + MSH-3/4, audited); a duplicate is acknowledged again and never mapped again.
 
-Mapping path: a worker thread maps committed messages in batches (:func:`msgate.hl7.mapping.map_messages`).
-Messages still ``pending`` at start (a crash between commit and mapping) are mapped on start.
+Mapping path: a worker thread maps indexed messages in batches (:func:`msgate.hl7.mapping.map_messages`);
+in enhanced mode it triggers the application ACK per MSH-16 on the same connection. At start, journal
+segments left by a crash are indexed and messages still ``pending`` are mapped, before the port opens.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from msgate.config import Hl7Settings
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
 from msgate.hl7.ack import AckError, build_ack, wrap_batch
+from msgate.hl7.journal import Journal, read_segment
 from msgate.hl7.mapping import map_messages
 from msgate.hl7.msh import HeaderError, Msh, check_msh, read_msh
 from msgate.hl7.parse import is_batch, split_batch
-from msgate.storage.ingest import Hl7Header, StoredMessage
+from msgate.storage.ingest import Hl7Header
 from msgate.storage.models import Hl7Message
 from msgate.storage.store import Store
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ORDER_TRIGGERS = {"ORM": {"O01"}, "OMI": {"O23"}, "OMG": {"O19"}, "ORU": {"R01", ""}}
 MAX_GROUP = 256
+AppAck = Callable[[str, str], None]
 _conn_ids = itertools.count(1)
 
 
@@ -61,21 +64,27 @@ def supported(msh: Msh) -> AckError | None:
 class _Pending:
     raw: bytes
     header: Hl7Header
-    future: asyncio.Future[StoredMessage]
+    ack: str
+    callback: AppAck | None
+    future: asyncio.Future[None]
 
 
 class Committer:
-    """Group commit: one batch in flight; everything that queued meanwhile goes in the next one."""
+    """Group commit: one journal fsync in flight; everything that queued meanwhile goes in the next one.
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    A message's future resolves only after the fsync that holds it; the indexer then stores it through
+    ``Ingest.store_hl7_batch`` (dedup, audit) and hands it to the mapping worker.
+    """
+
+    def __init__(self, store: Store, journal: Journal, indexer: Indexer) -> None:
+        self.store, self.journal, self.indexer = store, journal, indexer
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.batches = 0
 
-    async def submit(self, raw: bytes, header: Hl7Header) -> StoredMessage:
-        fut: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(raw, header, fut))
-        return await fut
+    async def submit(self, raw: bytes, header: Hl7Header, ack: str, callback: AppAck | None) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(raw, header, ack, callback, fut))
+        await fut
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -84,22 +93,91 @@ class Committer:
             while not self.queue.empty() and len(group) < MAX_GROUP:
                 group.append(self.queue.get_nowait())
             try:
-                results = await loop.run_in_executor(None, self._commit, group)
+                segment = await loop.run_in_executor(None, self._commit, group)
             except Exception as exc:  # resolve every waiter; the connection turns it into AE
                 for item in group:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
             self.batches += 1
-            for item, result in zip(group, results, strict=True):
+            self.indexer.items.put((segment, [(p.raw, p.header, p.ack, p.callback) for p in group]))
+            for item in group:
                 if not item.future.done():
-                    item.future.set_result(result)
+                    item.future.set_result(None)
 
-    def _commit(self, group: list[_Pending]) -> list[StoredMessage]:
-        return self.store.ingest.store_hl7_batch([(p.raw, p.header) for p in group])
+    def _commit(self, group: list[_Pending]) -> str:
+        self.store.ingest.check_space()
+        try:
+            return self.journal.append([p.raw for p in group])
+        except OSError as exc:
+            raise Transient(f"journal write failed ({type(exc).__name__})", code="journal_io") from None
 
 
-AppAck = Callable[[str, str], None]
+
+
+class Indexer(threading.Thread):
+    """Moves journaled messages into the store (``store_hl7_batch``), then queues them for mapping."""
+
+    def __init__(self, store: Store, journal: Journal, mapper: MappingWorker) -> None:
+        super().__init__(name="hl7-indexer", daemon=True)
+        self.store, self.journal, self.mapper = store, journal, mapper
+        self.items: queue.Queue[tuple[str, list[tuple[bytes, Hl7Header, str, AppAck | None]]] | None] = queue.Queue()
+
+    def recover(self) -> int:
+        """Index the segments a crash left behind (records already stored are skipped, not counted twice)."""
+        total = 0
+        for path in self.journal.leftovers():
+            raws = read_segment(path, self.store.ring)
+            items = [(raw, read_msh(raw).header()) for raw in raws]
+            keys = [self.store.ingest.dedup_key(h) for _, h in items]
+            with self.store.db.session() as session:
+                known = set(session.exec(select(Hl7Message.dedup_index).where(
+                    col(Hl7Message.dedup_index).in_(set(keys)))).all()) if keys else set()
+            fresh, seen = [], set()
+            for item, key in zip(items, keys, strict=True):
+                if key not in known and key not in seen:
+                    fresh.append(item)
+                    seen.add(key)
+            for k in range(0, len(fresh), MAX_GROUP):
+                for stored in self.store.ingest.store_hl7_batch(fresh[k:k + MAX_GROUP]):
+                    self.mapper.items.put((stored.message_id, "", None))
+            total += len(fresh)
+            path.unlink()
+        return total
+
+    def run(self) -> None:
+        while True:
+            first = self.items.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 32:
+                try:
+                    nxt = self.items.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.items.put(None)
+                    break
+                batch.append(nxt)
+            self._index(batch)
+
+    def _index(self, batch: list[tuple[str, list[tuple[bytes, Hl7Header, str, AppAck | None]]]]) -> None:
+        flat = [entry for _, entries in batch for entry in entries]
+        for attempt in range(10):
+            try:
+                results = self.store.ingest.store_hl7_batch([(raw, header) for raw, header, _, _ in flat])
+                break
+            except Exception:  # still in the journal: retried here, and on restart at the latest
+                log.exception("hl7 indexing failed; retrying", extra={"count": len(flat), "attempt": attempt})
+                time.sleep(min(5.0, 0.2 * 2 ** attempt))
+        else:
+            return
+        for (_, _, ack, callback), stored in zip(flat, results, strict=True):
+            if not stored.duplicate:
+                self.mapper.items.put((stored.message_id, ack, callback))
+        for segment, entries in batch:
+            self.journal.indexed(segment, len(entries))
 
 
 class MappingWorker(threading.Thread):
@@ -160,8 +238,10 @@ class Hl7Server:
         self.store = store
         self.settings = settings or store.settings.hl7
         self.networks = [ipaddress.ip_network(n, strict=False) for n in self.settings.allowed_networks]
-        self.committer = Committer(store)
+        self.journal = Journal(store.settings.home / "hl7-journal", store.ring)
         self.mapper = MappingWorker(store)
+        self.indexer = Indexer(store, self.journal, self.mapper)
+        self.committer = Committer(store, self.journal, self.indexer)
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -181,8 +261,11 @@ class Hl7Server:
         return ctx
 
     async def start(self) -> int:
-        recovered = self.mapper.recover()
+        loop = asyncio.get_running_loop()
+        recovered = await loop.run_in_executor(None, self.indexer.recover)
+        recovered += self.mapper.recover()
         self.mapper.start()
+        self.indexer.start()
         self._tasks.append(asyncio.create_task(self.committer.run()))
         from msgate.hl7.connection import Connection
 
@@ -218,8 +301,12 @@ class Hl7Server:
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
+        loop = asyncio.get_running_loop()
+        self.indexer.items.put(None)
+        await loop.run_in_executor(None, self.indexer.join, 30)
+        self.journal.close()
         self.mapper.items.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self.mapper.join, 30)
+        await loop.run_in_executor(None, self.mapper.join, 30)
 
 
 def run(store: Store, stop: threading.Event) -> None:

@@ -136,7 +136,7 @@ class WorkerSettings(Section):
     retry_backoff_max: float = Field(300.0, gt=0)
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     model_module: str = Field("msgate.model.predict", description="module with load_model() and predict(cases)")
-    embedded_worker: bool = Field(True, description="role worker in embedded mode runs an in-process worker")
+    queue_prefix: str = Field("", max_length=64, description="Redis key prefix: several deployments, one Redis")
 
     @field_validator("visibility_timeout")
     @classmethod

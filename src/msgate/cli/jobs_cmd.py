@@ -1,0 +1,183 @@
+"""``msgate jobs list|show|retry|cancel``: inference jobs, their stage timings and failure reasons.
+
+Jobs hold no PHI (internal ids, states, timings, reasons), so showing them is not a PHI view; retry
+and cancel are operator actions and are recorded in the audit chain (``job.retry``/``job.cancel``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlmodel import col, select
+
+from msgate.cli.common import console, fail, print_json, state
+from msgate.storage import audit
+from msgate.storage.models import Job, Result, utcnow
+from msgate.storage.store import Store
+
+app = typer.Typer(no_args_is_help=True)
+RETRYABLE = ("failed", "cancelled")
+CANCELLABLE = ("queued", "running")
+STAGES = ("queue_wait_ms", "load_ms", "decode_ms", "transforms_ms", "inference_ms", "store_ms", "ready_to_result_ms")
+
+
+def _ts(value: Any) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def job_doc(job: Job, *, has_result: bool | None = None) -> dict[str, Any]:
+    flags = job.flags or {}
+    doc = {"id": job.id, "study_id": job.study_id, "state": job.state, "model_version": job.model_version,
+           "attempts": job.attempts, "error": job.error, "supersedes": job.supersedes_id,
+           "created_at": _ts(job.created_at), "published_at": _ts(job.published_at),
+           "started_at": _ts(job.started_at), "finished_at": _ts(job.finished_at),
+           "stages": dict(job.stages or {}), "series": flags.get("series", {}),
+           "ehr_missing": flags.get("ehr_missing", []), "ehr_deadline": bool(flags.get("required_missing")),
+           "handed_off_at": flags.get("handoff_at")}
+    if has_result is not None:
+        doc["result"] = has_result
+    return doc
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    state_filter: Annotated[str | None, typer.Option("--state", help="queued, running, done, failed, superseded, "
+                                                     "cancelled")] = None,
+    study: Annotated[int | None, typer.Option("--study", help="jobs of one study")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="most recent first")] = 100,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs, newest first."""
+    store = state(ctx).store()
+    with store.db.session() as session:
+        query = select(Job).order_by(col(Job.created_at).desc()).limit(limit)
+        if state_filter:
+            query = query.where(Job.state == state_filter)
+        if study is not None:
+            query = query.where(Job.study_id == study)
+        docs = [job_doc(j) for j in session.exec(query).all()]
+    if json_out:
+        print_json(docs)
+        return
+    table = Table("job", "study", "state", "created (UTC)", "tries", "batch", "inference ms", "ready->result ms",
+                  "reason")
+    for d in docs:
+        st = d["stages"]
+        table.add_row(d["id"], str(d["study_id"]), d["state"], d["created_at"] or "", str(d["attempts"]),
+                      str(st.get("batch", "")), str(st.get("inference_ms", "")),
+                      str(st.get("ready_to_result_ms", "")), (d["error"] or "")[:60])
+    console.print(table)
+
+
+def _get(store: Store, job_id: str) -> Job:
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            matches = session.exec(select(Job).where(col(Job.id).startswith(job_id)).limit(2)).all()
+            job = matches[0] if len(matches) == 1 else None
+    if job is None:
+        fail(f"no job {job_id}")
+    assert job is not None
+    return job
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="job id (or a unique prefix)")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One job: state, reason, stage timings, the series it used and its EHR gaps."""
+    store = state(ctx).store()
+    job = _get(store, job_id)
+    with store.db.session() as session:
+        has_result = session.exec(select(Result.id).where(Result.job_id == job.id)).first() is not None
+    doc = job_doc(job, has_result=has_result)
+    if json_out:
+        print_json(doc)
+        return
+    console.print(f"job {doc['id']}  study {doc['study_id']}  state [bold]{doc['state']}[/bold]  "
+                  f"attempts {doc['attempts']}  model {doc['model_version'] or '-'}  result {'yes' if has_result else 'no'}")
+    if doc["error"]:
+        console.print(f"reason: {doc['error']}", highlight=False)
+    if doc["supersedes"]:
+        console.print(f"supersedes job {doc['supersedes']}")
+    console.print(f"created {doc['created_at']}  published {doc['published_at'] or '-'}  started "
+                  f"{doc['started_at'] or '-'}  finished {doc['finished_at'] or '-'}", highlight=False)
+    table = Table("stage", "ms")
+    for name in STAGES:
+        if name in doc["stages"]:
+            table.add_row(name.removesuffix("_ms"), str(doc["stages"][name]))
+    if "batch" in doc["stages"]:
+        table.add_row("batch size", str(doc["stages"]["batch"]))
+    console.print(table)
+    if doc["ehr_missing"]:
+        console.print(f"EHR missing: {', '.join(doc['ehr_missing'])}"
+                      + ("  (ran after the EHR deadline)" if doc["ehr_deadline"] else ""))
+
+
+def _publish(store: Store, job_id: str) -> bool:
+    from msgate.workers import jobs, tasks
+    from msgate.workers.celery_app import build_app
+
+    try:
+        tasks.send_infer(build_app(store.settings), job_id)
+    except Exception:
+        return False
+    jobs.mark_published(store.db, job_id)
+    return True
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="a failed or cancelled job")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Queue a failed or cancelled job again (same case, same key)."""
+    store = state(ctx).store()
+    job = _get(store, job_id)
+    with store.db.session() as session:
+        row = session.exec(select(Job).where(Job.id == job.id).with_for_update()).one()
+        if row.state not in RETRYABLE:
+            fail(f"job {row.id} is {row.state}; only failed or cancelled jobs can be retried")
+        previous = row.state
+        row.state, row.published_at, row.finished_at = "queued", None, None
+        row.flags = {k: v for k, v in row.flags.items() if k not in ("owner", "lease_until", "handoff_at")}
+        session.add(row)
+        audit.append(session, kind="job.retry", actor=audit.operator(), subject=f"job:{row.id}",
+                     detail={"from": previous})
+    published = _publish(store, job.id)
+    out = {"id": job.id, "state": "queued", "published": published}
+    if json_out:
+        print_json(out)
+    else:
+        console.print(f"job {job.id} queued again" + ("" if published else " (broker unreachable: the scheduler's "
+                                                                              "reconciler will send it)"))
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="a queued or running job")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Cancel a queued or running job (a running one finishes its computation but is not published)."""
+    store = state(ctx).store()
+    job = _get(store, job_id)
+    with store.db.session() as session:
+        row = session.exec(select(Job).where(Job.id == job.id).with_for_update()).one()
+        if row.state not in CANCELLABLE:
+            fail(f"job {row.id} is {row.state}; only queued or running jobs can be cancelled")
+        previous = row.state
+        row.state, row.finished_at, row.error = "cancelled", utcnow(), "cancelled by operator"
+        session.add(row)
+        audit.append(session, kind="job.cancel", actor=audit.operator(), subject=f"job:{row.id}",
+                     detail={"from": previous})
+    if json_out:
+        print_json({"id": job.id, "state": "cancelled", "from": previous})
+    else:
+        console.print(f"job {job.id} cancelled (was {previous})")

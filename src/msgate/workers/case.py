@@ -1,0 +1,116 @@
+"""Load one job's case: decrypt in memory, decode, assemble volumes, build the EHR vector.
+
+Nothing decrypted touches the disk: blob plaintext goes from ``store.blobs.read`` into pydicom via
+``BytesIO``. Each decryption is recorded first (``decrypt.inference`` audit events, one per series
+and one for the EHR snapshot; internal ids only). The model gets a pseudonymous :class:`Case`: its
+``case_id`` is the job id, and no names, UIDs or accession numbers are in it.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlmodel import col, select
+
+from msgate.errors import Rejected
+from msgate.model.types import Case, Role, Volume
+from msgate.storage import audit
+from msgate.storage.models import Instance, Series, Study
+from msgate.storage.store import Store
+from msgate.workers import ehr as ehr_mod
+from msgate.workers import volume as volume_mod
+
+ROLES: tuple[Role, ...] = ("FLAIR", "QSM", "T1")
+
+
+@dataclass
+class Loaded:
+    case: Case
+    flags: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    flair_instances: list[int] = field(default_factory=list)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+def _audit(store: Store, *, actor: str, job_id: str, detail: dict[str, Any]) -> None:
+    with store.db.session() as session:
+        audit.append(session, kind="decrypt.inference", actor=actor[:64], subject=f"job:{job_id}", detail=detail)
+
+
+def _read_series(store: Store, series_id: int, role: str, *, actor: str, job_id: str) -> list[tuple[int, bytes]]:
+    with store.db.session() as session:
+        rows = session.exec(select(Instance.id, Instance.blob_id).where(
+            Instance.series_id == series_id, col(Instance.current).is_(True)).order_by(col(Instance.id))).all()
+    if not rows:
+        raise Rejected(f"series {role} has no stored instances", code="empty_series")
+    _audit(store, actor=actor, job_id=job_id, detail={"series_id": series_id, "role": role, "instances": len(rows)})
+    out = []
+    with store.db.session() as session:
+        for instance_id, blob_id in rows:
+            out.append((int(instance_id), store.blobs.read(session, blob_id)))  # type: ignore[arg-type]
+    return out
+
+
+def _parse(raw: list[tuple[int, bytes]], role: str) -> list[Dataset]:
+    out = []
+    for n, (_, data) in enumerate(raw, start=1):
+        try:
+            out.append(dcmread(io.BytesIO(data), force=True))
+        except Exception as exc:  # pydicom raises many types for damaged files
+            raise Rejected(f"series {role}: instance {n} is not a readable DICOM dataset ({type(exc).__name__})",
+                           code="undecodable") from None
+    return out
+
+
+def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], actor: str) -> Loaded:
+    """Build the Case for a job (``series``: role -> series id, chosen by the scheduler)."""
+    if "FLAIR" not in series:
+        raise Rejected("the case has no FLAIR series", code="no_flair")
+    stages = {"load_ms": 0.0, "decode_ms": 0.0}
+    volumes: dict[str, Volume] = {}
+    flags: list[str] = []
+    flair_instances: list[int] = []
+    for role in ROLES:
+        if role not in series:
+            flags.append(f"{role.lower()}_absent")
+            continue
+        t0 = time.perf_counter()
+        raw = _read_series(store, series[role], role, actor=actor, job_id=job_id)
+        datasets = _parse(raw, role)
+        stages["load_ms"] += _ms(t0)
+        t0 = time.perf_counter()
+        assembly = volume_mod.assemble(datasets, role)
+        stages["decode_ms"] += _ms(t0)
+        volumes[role] = assembly.volume
+        flags.extend(f"{role.lower()}_{flag}" for flag in assembly.flags)
+        if role == "FLAIR":
+            flair_instances = [iid for iid, _ in raw]
+        del raw, datasets
+    t0 = time.perf_counter()
+    with store.db.session() as session:
+        study = session.get(Study, study_id)
+        if study is None:
+            raise Rejected("the study was deleted", code="no_study")
+        link = ehr_mod.link(session, study)
+        snap = ehr_mod.snapshot(session, store.cipher, study, link)
+    _audit(store, actor=actor, job_id=job_id, detail={"ehr": True, "patient_id": link.patient_id})
+    stages["load_ms"] += _ms(t0)
+    case = Case(case_id=job_id, volumes=volumes, ehr=ehr_mod.vector(snap))
+    return Loaded(case, flags, stages, flair_instances)
+
+
+def choose_series(rows: list[Series]) -> dict[str, Series]:
+    """Per role, the series with the most instances (then the lowest id), as the results side does."""
+    chosen: dict[str, Series] = {}
+    for row in sorted(rows, key=lambda s: (-s.instance_count, s.id or 0)):
+        if row.role in ROLES and row.role not in chosen:
+            chosen[row.role] = row
+    return chosen

@@ -1,0 +1,111 @@
+"""The EHR side of a case: which patient and order a study links to, and its feature snapshot.
+
+Linking (no decryption needed, blind indexes only): the order with the study's accession number
+(``Order.accession_index``), else the study's linked patient (``Study.patient_id``, set when an HL7
+identifier matches the DICOM ``IssuerOfPatientID|PatientID``), else that identifier looked up
+directly. Merged patients resolve to the survivor. The snapshot is taken at the study date with the
+feature schema's validity windows (``storage.repo_ehr.snapshot``); age and sex fall back to the DICOM
+header when the EHR has no demographics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, time
+from typing import Any
+
+import numpy as np
+from sqlmodel import Session, col, select
+
+from msgate.model.features import FEATURES
+from msgate.model.types import EhrVector
+from msgate.storage import repo_ehr
+from msgate.storage.crypto import FieldCipher
+from msgate.storage.models import Order, Patient, PatientIdentifier, Study
+
+
+@dataclass(frozen=True)
+class EhrLink:
+    patient_id: int | None
+    order_id: int | None
+
+
+def link(session: Session, study: Study) -> EhrLink:
+    order = None
+    if study.accession_index:
+        order = session.exec(select(Order).where(Order.accession_index == study.accession_index)
+                             .order_by(col(Order.updated_at).desc())).first()
+    patient_id = order.patient_id if order is not None and order.patient_id else study.patient_id
+    if patient_id is None and study.dicom_patient_index:
+        ident = session.exec(select(PatientIdentifier)
+                             .where(PatientIdentifier.id_index == study.dicom_patient_index)).first()
+        patient_id = ident.patient_id if ident is not None else None
+    if patient_id is not None:
+        patient = session.get(Patient, patient_id)
+        patient_id = repo_ehr.survivor(session, patient).id if patient is not None else None
+    return EhrLink(patient_id, order.id if order is not None else None)
+
+
+def study_datetime(cipher: FieldCipher, study: Study) -> datetime:
+    """End of the study day (UTC); the ready time when the study has no StudyDate."""
+    raw = cipher.decrypt(study.study_date_enc, column="study.study_date") or ""
+    try:
+        day = datetime.strptime(raw[:8], "%Y%m%d").date()
+        return datetime.combine(day, time(23, 59, 59), tzinfo=UTC)
+    except ValueError:
+        return study.ready_at or study.first_received_at
+
+
+def snapshot(session: Session, cipher: FieldCipher, study: Study, ehr_link: EhrLink) -> dict[str, Any]:
+    """Feature name -> {"value", "observed_at", "source", ...} or None (missing or expired)."""
+    at = study_datetime(cipher, study)
+    patient = session.get(Patient, ehr_link.patient_id) if ehr_link.patient_id is not None else None
+    snap: dict[str, Any] = ({spec.name: None for spec in FEATURES} if patient is None
+                            else repo_ehr.snapshot(session, cipher, patient, at))
+    if snap.get("age") is None:
+        birth = cipher.decrypt(study.patient_birth_date_enc, column="study.birth_date") or ""
+        age = repo_ehr._age(birth, at.date()) if len(birth) >= 8 else None
+        snap["age"] = {"value": age, "unit": "a", "observed_at": None, "source": "dicom"} if age else None
+    if snap.get("sex") is None:
+        sex = cipher.decrypt(study.patient_sex_enc, column="study.sex")
+        snap["sex"] = {"value": sex, "unit": "", "observed_at": None, "source": "dicom"} if sex in ("F", "M") else None
+    return snap
+
+
+def values(snap: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: (entry or {}).get("value") if entry else None for name, entry in snap.items()}
+
+
+def snapshot_hash(snap: Mapping[str, Any]) -> str:
+    """A hash of what the model would see (values and their dates), not of where they came from."""
+    doc = {name: None if not entry else [entry.get("value"), str(entry.get("observed_at"))]
+           for name, entry in sorted(snap.items())}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def missing(snap: Mapping[str, Any]) -> list[str]:
+    return [spec.name for spec in FEATURES if not snap.get(spec.name) or snap[spec.name].get("value") is None]
+
+
+def vector(snap: Mapping[str, Any]) -> EhrVector:
+    """The EhrVector: numeric as given; binary/categorical as the index into the spec's categories.
+
+    Same encoding as ``msgate.model.patient.ehr.ehr_vector``; a value that does not fit its spec
+    (an unknown category, a non-numeric number) counts as missing rather than failing the case.
+    """
+    vals = np.zeros(len(FEATURES), np.float32)
+    present = np.zeros(len(FEATURES), bool)
+    raw = values(snap)
+    for i, spec in enumerate(FEATURES):
+        value = raw.get(spec.name)
+        if value is None:
+            continue
+        try:
+            vals[i] = float(value) if spec.kind == "numeric" else float(spec.categories.index(str(value)))
+        except (TypeError, ValueError):
+            continue
+        present[i] = True
+    return EhrVector(vals, present, tuple(f.name for f in FEATURES))

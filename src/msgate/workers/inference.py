@@ -1,0 +1,172 @@
+"""The inference runner behind the ``msgate.infer`` task (the task itself is only the Celery shell).
+
+``run`` claims the job of the message, then batches: it claims other queued jobs (up to
+``batch_size``, waiting at most ``batch_wait_seconds``), loads every case, runs ``predict`` once for
+the batch (one by one if the batch fails), stores each result encrypted (upserted by job id) and
+hands each finished job to ``msgate.publish``. A job that failed for a permanent reason (an unusable
+series, a broken blob) fails alone, with a readable reason; the others in its batch go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from msgate.errors import CryptoError, Rejected, Transient
+from msgate.model.types import Case, ModelResult
+from msgate.storage.models import Job, Study
+from msgate.workers import case as case_mod
+from msgate.workers import jobs
+from msgate.workers.results_io import store_result
+from msgate.workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+Handoff = Callable[[str], None]
+
+
+@dataclass
+class Item:
+    claim: jobs.Claim
+    case: Case | None = None
+    flags: list[str] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)
+    flair_instances: list[int] = field(default_factory=list)
+    result: ModelResult | None = None
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff) -> str:
+    """Run the job of one message (and any batch it gathers); returns a short outcome for the log."""
+    wk = rt.settings.workers
+    lease = wk.hard_time_limit
+    primary = jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=lease, via="message", task_id=task_id)
+    if primary is None:
+        return _not_claimed(rt, job_id, handoff)
+    rt.model()  # loaded once per process, before the batch clock starts
+    items = [Item(primary)] + [Item(c) for c in _gather(rt, exclude={job_id})]
+    try:
+        _load_all(rt, items)
+        _predict(rt, items)
+        _store_and_finish(rt, items, handoff)
+    except Transient as exc:
+        for item in items:
+            jobs.release(rt.store.db, item.claim.job_id, owner=rt.owner, error=f"transient: {exc}")
+        raise
+    return f"batch of {len(items)}"
+
+
+def _not_claimed(rt: Runtime, job_id: str, handoff: Handoff) -> str:
+    job = jobs.state_of(rt.store.db, job_id)
+    if job is None:
+        return "no such job"
+    if job.state == "done" and "handoff_at" not in job.flags:
+        handoff(job_id)  # stored, but the hand-off was lost (e.g. the broker was down)
+        jobs.mark_handed_off(rt.store.db, job_id)
+        return "handed off"
+    return f"skipped ({job.state})"
+
+
+def _gather(rt: Runtime, *, exclude: set[str]) -> list[jobs.Claim]:
+    """Dynamic batching: claim queued jobs until the batch is full or the wait is over."""
+    wk = rt.settings.workers
+    claims: list[jobs.Claim] = []
+    deadline = time.monotonic() + wk.batch_wait_seconds
+    while len(claims) + 1 < wk.batch_size:
+        for jid in jobs.queued_ids(rt.store.db, exclude=list(exclude), limit=wk.batch_size - 1 - len(claims)):
+            exclude.add(jid)
+            claim = jobs.claim(rt.store.db, jid, owner=rt.owner, lease_seconds=wk.hard_time_limit, via="batch")
+            if claim is not None:
+                claims.append(claim)
+        if time.monotonic() >= deadline or len(claims) + 1 >= wk.batch_size:
+            break
+        time.sleep(0.02)
+    return claims
+
+
+def _fail(rt: Runtime, item: Item, reason: str) -> None:
+    log.warning("job failed", extra={"job_id": item.claim.job_id, "reason": reason})
+    jobs.finish(rt.store.db, item.claim.job_id, owner=rt.owner, state="failed", stages=item.stages, error=reason)
+
+
+def _load_all(rt: Runtime, items: list[Item]) -> None:
+    pre = rt.preprocess()
+    for item in items:
+        flags = item.claim.flags
+        try:
+            loaded = case_mod.load(rt.store, job_id=item.claim.job_id, study_id=item.claim.study_id,
+                                   series={k: int(v) for k, v in flags.get("series", {}).items()}, actor=rt.owner)
+            item.case, item.flags, item.flair_instances = loaded.case, loaded.flags, loaded.flair_instances
+            item.stages.update(loaded.stages)
+            t0 = time.perf_counter()
+            if pre is not None:
+                item.case = pre(item.case)
+            item.stages["transforms_ms"] = _ms(t0)
+        except Rejected as exc:
+            _fail(rt, item, str(exc))
+        except CryptoError as exc:
+            _fail(rt, item, f"stored data cannot be decrypted ({exc.code})")
+
+
+def _predict(rt: Runtime, items: list[Item]) -> None:
+    ready = [i for i in items if i.case is not None]
+    if not ready:
+        return
+    t0 = time.perf_counter()
+    try:
+        results = rt.predict([i.case for i in ready])  # type: ignore[misc]
+    except Exception:
+        if len(ready) == 1:
+            log.exception("inference failed", extra={"job_id": ready[0].claim.job_id})
+            _fail(rt, ready[0], "inference failed (model error; see worker log)")
+            ready[0].case = None
+            return
+        log.warning("batch inference failed; running the cases one by one", extra={"batch": len(ready)})
+        for item in ready:
+            _predict(rt, [item])
+        return
+    elapsed = _ms(t0)
+    for item, result in zip(ready, results, strict=True):
+        item.result = result
+        item.stages["inference_ms"] = elapsed
+        item.stages["batch"] = len(ready)
+
+
+def _store_and_finish(rt: Runtime, items: list[Item], handoff: Handoff) -> None:
+    for item in items:
+        if item.result is None:
+            continue
+        job_id = item.claim.job_id
+        flags = list(dict.fromkeys([*item.result.flags, *item.claim.flags.get("result_flags", []), *item.flags]))
+        result = dataclasses.replace(item.result, case_id=job_id, flags=tuple(flags))
+        t0 = time.perf_counter()
+        store_result(rt.store, job_id=job_id, result=result)
+        item.stages["store_ms"] = _ms(t0)
+        ready_at = item.claim.flags.get("ready_ts")
+        if ready_at:
+            item.stages["ready_to_result_ms"] = round((time.time() - float(ready_at)) * 1000, 1)
+        extra = {"model_version": result.model_version, "flair_instances": item.flair_instances}
+        if jobs.finish(rt.store.db, job_id, owner=rt.owner, state="done", stages=item.stages, flags=extra):
+            _handoff(rt, job_id, handoff)
+        log.info("job done", extra={"job_id": job_id, "batch": item.stages.get("batch"),
+                                    "duration_ms": item.stages.get("inference_ms")})
+
+
+def _handoff(rt: Runtime, job_id: str, handoff: Handoff) -> None:
+    try:
+        handoff(job_id)
+    except Exception:  # the reconciler hands it off later; the result is stored
+        log.warning("hand-off to publish failed; the reconciler retries", extra={"job_id": job_id})
+        return
+    jobs.mark_handed_off(rt.store.db, job_id)
+
+
+def study_of(rt: Runtime, job: Job) -> Study | None:
+    with rt.store.db.session() as session:
+        return session.get(Study, job.study_id)

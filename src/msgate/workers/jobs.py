@@ -1,0 +1,204 @@
+"""Job rows: creation (with supersession), claims with leases, outcomes, and the reconciler's queries.
+
+States: ``queued -> running -> done | failed``; ``superseded`` (a newer job for the same study) and
+``cancelled`` (operator) can end a queued or running job, and a running task then stores its result
+but does not hand off. Every change is a conditional update on the current state, so two workers,
+a retry and an operator cannot both win.
+
+A claim holds a *lease* (``flags.lease_until``, epoch seconds = now + hard time limit + margin).
+Who may claim a job:
+- its own message (``via="message"``) claims a queued job; it also takes over a running job that
+  was claimed by the *same* task id (the message was delivered again: its first holder died), or
+  whose lease ran out;
+- dynamic batching (``via="batch"``) claims queued jobs only.
+The reconciler returns running jobs with an expired lease to ``queued`` and republishes them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from msgate.storage import audit
+from msgate.storage.db import Database
+from msgate.storage.models import Job, Result, utcnow
+
+ACTIVE = ("queued", "running")
+SUPERSEDABLE = ("queued", "running", "done", "failed")
+FINAL = ("done", "failed", "superseded", "cancelled")
+LEASE_MARGIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    study_id: int
+    flags: dict[str, Any]
+    created_at: datetime
+    published_at: datetime | None
+
+
+def _with(flags: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A new dict (JSON columns are not mutation-tracked)."""
+    out = dict(flags)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def create(db: Database, *, study_id: int, idem_key: str, model_version: str, flags: dict[str, Any],
+           actor: str = "scheduler") -> Job | None:
+    """Insert a queued job unless one with ``idem_key`` exists; supersede the study's older jobs."""
+    try:
+        with db.session() as session:
+            if session.exec(select(Job.id).where(Job.idem_key == idem_key)).first() is not None:
+                return None
+            older = session.exec(select(Job).where(Job.study_id == study_id, col(Job.state).in_(SUPERSEDABLE))
+                                 .order_by(col(Job.created_at).desc()).with_for_update()).all()
+            job = Job(study_id=study_id, idem_key=idem_key, model_version=model_version[:64], flags=flags,
+                      supersedes_id=older[0].id if older else None)
+            for old in older:
+                old.state, old.finished_at = "superseded", old.finished_at or utcnow()
+                session.add(old)
+            session.add(job)
+            session.flush()
+            audit.append(session, kind="job.created", actor=actor, subject=f"job:{job.id}",
+                         detail={"study_id": study_id, "supersedes": job.supersedes_id,
+                                 "superseded": [o.id for o in older]})
+            return job
+    except IntegrityError:
+        return None  # another scheduler created the same key first
+
+
+def mark_published(db: Database, job_id: str) -> None:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.published_at is None:
+            job.published_at = utcnow()
+            session.add(job)
+
+
+def claim(db: Database, job_id: str, *, owner: str, lease_seconds: float, via: str,
+          task_id: str | None = None) -> Claim | None:
+    """Move a job to running for ``owner``; None if someone else holds it or it is finished."""
+    with db.session() as session:
+        job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or not _claimable(job, via, task_id):
+            return None
+        now = utcnow()
+        job.flags = _with(job.flags, owner=owner, lease_until=time.time() + lease_seconds + LEASE_MARGIN_SECONDS,
+                          claim=via, task_id=task_id if via == "message" else job.flags.get("task_id"))
+        job.state, job.started_at, job.attempts, job.error = "running", now, job.attempts + 1, None
+        stages = dict(job.stages)
+        if job.published_at is not None and "queue_wait_ms" not in stages:
+            stages["queue_wait_ms"] = round((now - job.published_at).total_seconds() * 1000, 1)
+        job.stages = stages
+        session.add(job)
+        return Claim(job.id, job.study_id, dict(job.flags), job.created_at, job.published_at)
+
+
+def _claimable(job: Job, via: str, task_id: str | None) -> bool:
+    if job.state == "queued":
+        return True
+    if job.state != "running" or via != "message":
+        return False
+    lease_expired = float(job.flags.get("lease_until", 0)) < time.time()
+    redelivered = task_id is not None and job.flags.get("task_id") == task_id and job.flags.get("claim") == "message"
+    return lease_expired or redelivered
+
+
+def queued_ids(db: Database, *, exclude: Sequence[str], limit: int) -> list[str]:
+    """Queued jobs that a batch could take, oldest first."""
+    if limit <= 0:
+        return []
+    with db.session() as session:
+        rows = session.exec(select(Job.id).where(Job.state == "queued", col(Job.id).not_in(list(exclude)))
+                            .order_by(col(Job.created_at)).limit(limit)).all()
+    return list(rows)
+
+
+def state_of(db: Database, job_id: str) -> Job | None:
+    with db.session() as session:
+        return session.get(Job, job_id)
+
+
+def finish(db: Database, job_id: str, *, owner: str, state: str, stages: dict[str, Any],
+           error: str | None = None, flags: dict[str, Any] | None = None) -> bool:
+    """running -> ``state`` if ``owner`` still holds the job; False if it was superseded/cancelled/taken."""
+    with db.session() as session:
+        job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
+            return False
+        job.stages = {**job.stages, **stages}
+        if job.state != "running" or job.flags.get("owner") != owner:
+            session.add(job)
+            return False
+        job.state, job.finished_at, job.error = state, utcnow(), (error or None) and error[:512]
+        job.flags = _with({**job.flags, **(flags or {})}, lease_until=None)
+        session.add(job)
+        audit.append(session, kind=f"job.{state}", actor=owner[:64], subject=f"job:{job_id}",
+                     detail={"reason": (error or "")[:200]})
+        return True
+
+
+def release(db: Database, job_id: str, *, owner: str, error: str) -> bool:
+    """running -> queued (a transient failure); the message's retry or the reconciler runs it again."""
+    with db.session() as session:
+        job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or job.state != "running" or job.flags.get("owner") != owner:
+            return False
+        job.state, job.error = "queued", error[:512]
+        job.flags = _with(job.flags, lease_until=None, owner=None)
+        session.add(job)
+        return True
+
+
+def mark_handed_off(db: Database, job_id: str) -> None:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None and "handoff_at" not in job.flags:
+            job.flags = _with(job.flags, handoff_at=utcnow().isoformat())
+            session.add(job)
+
+
+def unpublished(db: Database, *, older_than: float, limit: int = 200) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with db.session() as session:
+        return list(session.exec(select(Job.id).where(Job.state == "queued", col(Job.published_at).is_(None),
+                                                      col(Job.created_at) <= cutoff)
+                                 .order_by(col(Job.created_at)).limit(limit)).all())
+
+
+def expire_leases(db: Database) -> list[str]:
+    """Running jobs whose lease ran out (worker lost): back to queued, unpublished."""
+    now, out = time.time(), []
+    with db.session() as session:
+        for job in session.exec(select(Job).where(Job.state == "running").with_for_update()).all():
+            if float(job.flags.get("lease_until", 0)) < now:
+                job.state, job.published_at = "queued", None
+                job.error = "worker lost (lease expired); re-queued"
+                job.flags = _with(job.flags, owner=None, lease_until=None)
+                session.add(job)
+                out.append(job.id)
+    return out
+
+
+def not_handed_off(db: Database, *, older_than: float, limit: int = 200) -> list[str]:
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with db.session() as session:
+        rows = session.exec(select(Job).where(Job.state == "done", col(Job.finished_at) <= cutoff)
+                            .order_by(col(Job.finished_at).desc()).limit(limit * 5)).all()
+    return [j.id for j in rows if "handoff_at" not in j.flags][:limit]
+
+
+def result_count(session: Session, job_id: str) -> int:
+    return len(session.exec(select(Result.id).where(Result.job_id == job_id)).all())

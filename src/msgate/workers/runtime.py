@@ -1,0 +1,134 @@
+"""Per-process worker state: the store, the model (loaded once, after any fork) and the device.
+
+The model module (``workers.model_module``, default ``msgate.model.predict``) provides
+``load_model()`` and ``predict(cases) -> list[ModelResult]``; optionally ``preprocess(case) -> case``
+(the MONAI transforms, timed separately), ``MODEL_VERSION``/``model_version()`` and ``MODEL_NAME``.
+``load_model`` gets ``device=`` when its signature takes it. CUDA is used when available, else CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from msgate.config import Settings
+from msgate.errors import Rejected
+from msgate.model.types import Case, ModelResult
+from msgate.storage.store import Store, open_store
+
+log = logging.getLogger(__name__)
+UNVERSIONED = "unversioned"
+
+
+def resolve_device(wanted: str) -> str:
+    if wanted != "auto":
+        return wanted
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def import_model_module(settings: Settings) -> ModuleType:
+    name = settings.workers.model_module
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise Rejected(f"model module {name} is not installed", code="no_model") from None
+        raise
+
+
+def model_version(settings: Settings) -> str:
+    """The model version for idempotency keys, without loading weights."""
+    try:
+        module = import_model_module(settings)
+    except Rejected:
+        return UNVERSIONED
+    fn = getattr(module, "model_version", None)
+    version = fn() if callable(fn) else getattr(module, "MODEL_VERSION", UNVERSIONED)
+    return str(version)[:64]
+
+
+class Runtime:
+    """One per worker process; ``model()`` loads lazily and once (thread-safe)."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self._lock = threading.Lock()
+        self._module: ModuleType | None = None
+        self.device = resolve_device(settings.workers.device)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.version = UNVERSIONED
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = open_store(self.settings, migrate=False, create_keys=False)
+        return self._store
+
+    def model(self) -> ModuleType:
+        if self._module is None:
+            with self._lock:
+                if self._module is None:
+                    self._module = self._load()
+        return self._module
+
+    def _load(self) -> ModuleType:
+        t0 = time.perf_counter()
+        module = import_model_module(self.settings)
+        loader = getattr(module, "load_model", None)
+        if callable(loader):
+            params = inspect.signature(loader).parameters
+            loader(device=self.device) if "device" in params else loader()
+        self.version = model_version(self.settings)
+        warm = getattr(module, "warm_up", None)
+        if callable(warm):
+            warm()
+        log.info("model loaded", extra={"device": self.device, "model_version": self.version,
+                                        "duration_ms": round((time.perf_counter() - t0) * 1000, 1)})
+        return module
+
+    def preprocess(self) -> Callable[[Case], Case] | None:
+        fn = getattr(self.model(), "preprocess", None)
+        return fn if callable(fn) else None
+
+    def predict(self, cases: Sequence[Case]) -> list[ModelResult]:
+        predict: Any = self.model().predict
+        results = list(predict(list(cases)))
+        if len(results) != len(cases):
+            raise RuntimeError(f"predict returned {len(results)} results for {len(cases)} cases")
+        return results
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get(settings: Settings, store: Store | None = None) -> Runtime:
+    """This process's Runtime (re-created after a fork: the pid is part of its identity)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.owner.rsplit(":", 1)[1] != str(os.getpid()):
+            _runtime = Runtime(settings, store)
+        return _runtime
+
+
+def install(runtime: Runtime) -> None:
+    """Use ``runtime`` in this process (the worker role passes its already-open store)."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = runtime

@@ -1,0 +1,223 @@
+"""The scheduler role: ready studies -> jobs, and the reconciler of the task outbox.
+
+Every ``scan_seconds`` (and at once when the listener's readiness hook fires, :func:`hook`) it looks
+at the studies that became ready recently, and at ready studies whose patient's EHR changed, and
+*plans* each one (:func:`plan`): the series per role, the linked order/patient, the EHR snapshot
+at the study date and the idempotency key
+
+    sha256(study UID index | series-set hash | EHR snapshot hash | model version).
+
+A key that already has a job does nothing (a study or message sent again runs once). A new key
+creates a job that supersedes the study's earlier ones (a changed series set or a corrected value:
+the new result goes out as a correction). While a required EHR field (``workers.required_ehr_fields``)
+is missing the case waits, up to ``ehr_deadline_seconds`` after the study became ready; then it runs
+with the missing fields masked and flagged (``ehr_deadline``, ``ehr_missing:<name>``).
+
+Transactional outbox for tasks: the job row is committed first, then the task is sent and
+``published_at`` set. The reconciler re-sends committed jobs that never reached the broker, returns
+jobs of lost workers (expired lease) to the queue, and re-sends lost hand-offs to ``publish``.
+State lives in the database only, so a restarted scheduler picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from sqlmodel import Session, col, select
+
+from msgate.config import Settings
+from msgate.storage.models import Instance, Job, Observation, Order, Series, Study, utcnow
+from msgate.storage.store import Store
+from msgate.workers import case as case_mod
+from msgate.workers import ehr as ehr_mod
+from msgate.workers import jobs, runtime, tasks
+
+log = logging.getLogger(__name__)
+
+_wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+
+def hook(ready: Any) -> None:
+    """Readiness hook for the listener's ``Tracker.add_hook``: wake the scheduler for this study."""
+    _wakeups.put(int(ready.study_id))
+
+
+@dataclass(frozen=True)
+class Plan:
+    study_id: int
+    idem_key: str
+    series: dict[str, int]
+    missing: list[str]
+    required_missing: list[str]
+    wait_until: datetime | None
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+def series_hash(session: Session, chosen: dict[str, Series]) -> str:
+    digest = hashlib.sha256()
+    for role in sorted(chosen):
+        series = chosen[role]
+        hashes = sorted(session.exec(select(Instance.content_hash).where(
+            Instance.series_id == series.id, col(Instance.current).is_(True))).all())
+        digest.update(f"{role}|{series.series_uid_index}|{len(hashes)}|".encode())
+        for h in hashes:
+            digest.update(h.encode())
+    return digest.hexdigest()
+
+
+def idem_key(study_uid_index: str, series_digest: str, ehr_digest: str, model_version: str) -> str:
+    return hashlib.sha256(f"{study_uid_index}|{series_digest}|{ehr_digest}|{model_version}".encode()).hexdigest()
+
+
+def plan(session: Session, store: Store, study: Study, *, model_version: str) -> Plan | None:
+    """What job this ready study needs now; None when it has no FLAIR series."""
+    chosen = case_mod.choose_series(list(session.exec(select(Series).where(Series.study_id == study.id)).all()))
+    if "FLAIR" not in chosen or study.id is None:
+        return None
+    link = ehr_mod.link(session, study)
+    snap = ehr_mod.snapshot(session, store.cipher, study, link)
+    missing = ehr_mod.missing(snap)
+    required = [name for name in store.settings.workers.required_ehr_fields if name in missing]
+    ready_at = study.ready_at or utcnow()
+    deadline = ready_at + timedelta(seconds=store.settings.workers.ehr_deadline_seconds)
+    key = idem_key(study.study_uid_index, series_hash(session, chosen), ehr_mod.snapshot_hash(snap), model_version)
+    result_flags = [f"ehr_missing:{name}" for name in missing] + (["ehr_deadline"] if required else [])
+    flags = {"series": {role: s.id for role, s in chosen.items()}, "patient_id": link.patient_id,
+             "order_id": link.order_id, "ready_ts": ready_at.timestamp(), "ehr_missing": missing,
+             "required_missing": required, "result_flags": result_flags}
+    return Plan(study.id, key, flags["series"], missing, required, deadline if required else None, flags)
+
+
+class Scheduler:
+    """One scan: plan what changed, create jobs, publish; then reconcile."""
+
+    def __init__(self, store: Store, app: Celery) -> None:
+        self.store, self.app = store, app
+        self.settings: Settings = store.settings
+        self.model_version = runtime.model_version(self.settings)
+        wk = self.settings.workers
+        self.watermark = utcnow() - timedelta(seconds=wk.lookback_seconds)
+
+    def candidates(self, session: Session, extra: set[int]) -> list[Study]:
+        wk = self.settings.workers
+        now = utcnow()
+        since = now - timedelta(seconds=wk.ehr_deadline_seconds + wk.lookback_seconds)
+        studies = {s.id: s for s in session.exec(select(Study).where(
+            Study.state == "ready", col(Study.ready_at) >= since)).all()}
+        for sid in extra:
+            study = session.get(Study, sid)
+            if study is not None and study.state == "ready":
+                studies[sid] = study
+        changed = self._ehr_changed(session)
+        latest: dict[int, Job] = {}
+        if studies:
+            for job in session.exec(select(Job).where(col(Job.study_id).in_(list(studies)))
+                                    .order_by(col(Job.created_at))).all():
+                latest[job.study_id] = job
+        out = []
+        for sid, study in studies.items():
+            job = latest.get(sid)  # type: ignore[arg-type]
+            fresh = job is None or (study.ready_at is not None and job.created_at < study.ready_at)
+            if fresh or study.patient_id in changed[0] or study.accession_index in changed[1] or sid in extra:
+                out.append(study)
+        self.watermark = now - timedelta(seconds=1)
+        return out
+
+    def _ehr_changed(self, session: Session) -> tuple[set[int | None], set[str | None]]:
+        patients = set(session.exec(select(Observation.patient_id).where(
+            col(Observation.updated_at) >= self.watermark)).all())
+        orders = session.exec(select(Order.patient_id, Order.accession_index).where(
+            col(Order.updated_at) >= self.watermark)).all()
+        return patients | {p for p, _ in orders}, {a for _, a in orders if a}
+
+    def scan(self, extra: set[int] | None = None) -> list[str]:
+        """Create the jobs that are due; returns their ids (published or left to the reconciler)."""
+        created = []
+        with self.store.db.session() as session:
+            studies = self.candidates(session, extra or set())
+            plans = [p for s in studies if (p := plan(session, self.store, s, model_version=self.model_version))]
+        now = utcnow()
+        for p in plans:
+            if p.wait_until is not None and now < p.wait_until:
+                continue  # waiting for the HL7 feed
+            job = jobs.create(self.store.db, study_id=p.study_id, idem_key=p.idem_key,
+                              model_version=self.model_version, flags=p.flags)
+            if job is not None:
+                log.info("job created", extra={"job_id": job.id, "study_id": p.study_id,
+                                               "count": len(p.required_missing)})
+                self.publish(job.id)
+                created.append(job.id)
+        return created
+
+    def publish(self, job_id: str) -> bool:
+        try:
+            tasks.send_infer(self.app, job_id)
+        except Exception as exc:  # broker down: the reconciler sends it later
+            log.warning("could not publish the job; the reconciler retries",
+                        extra={"job_id": job_id, "error_type": type(exc).__name__})
+            return False
+        jobs.mark_published(self.store.db, job_id)
+        return True
+
+    def reconcile(self) -> dict[str, int]:
+        wk = self.settings.workers
+        db = self.store.db
+        expired = jobs.expire_leases(db)
+        for jid in expired:
+            log.warning("worker lost; job re-queued", extra={"job_id": jid})
+        sent = 0
+        for jid in jobs.unpublished(db, older_than=wk.publish_grace_seconds):
+            if not self.publish(jid):
+                break
+            sent += 1
+        handed = 0
+        for jid in jobs.not_handed_off(db, older_than=wk.publish_grace_seconds):
+            try:
+                tasks.send_publish(self.app, jid)
+            except Exception:
+                break
+            jobs.mark_handed_off(db, jid)
+            handed += 1
+        if sent or handed:
+            log.info("reconciled", extra={"count": sent, "batch": handed})
+        return {"expired": len(expired), "republished": sent, "handed_off": handed}
+
+
+def _drain(timeout: float) -> set[int]:
+    out: set[int] = set()
+    try:
+        out.add(_wakeups.get(timeout=timeout))
+        while True:
+            out.add(_wakeups.get_nowait())
+    except queue.Empty:
+        pass
+    return out
+
+
+def run(store: Store, stop: threading.Event) -> None:
+    """The ``scheduler`` role: scan and reconcile until ``stop`` is set."""
+    from msgate.workers.celery_app import build_app
+
+    sched = Scheduler(store, build_app(store.settings))
+    period = store.settings.workers.scan_seconds
+    log.info("scheduler started", extra={"model_version": sched.model_version})
+    next_reconcile = 0.0
+    extra: set[int] = set()
+    while not stop.is_set():
+        try:
+            sched.scan(extra)
+            if time.monotonic() >= next_reconcile:
+                sched.reconcile()
+                next_reconcile = time.monotonic() + period
+        except Exception:
+            log.exception("scheduler pass failed")
+        extra = _drain(period)
+    log.info("scheduler stopped")

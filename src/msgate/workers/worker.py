@@ -1,0 +1,95 @@
+"""The ``worker`` role: a Celery worker on queue ``gpu`` with the solo pool, one process per GPU.
+
+The solo pool runs tasks in the worker's own process: CUDA is initialised once, never in a forked
+child (pytorch/pytorch#40403). The model is loaded and warmed up before the first message is taken.
+With several GPUs the role starts one child process per device (``spawn``, ``CUDA_VISIBLE_DEVICES``).
+Embedded mode (no ``MSGATE_BROKER_URL``) runs the same worker on the durable SQLite transport.
+
+Time limits: the solo pool cannot interrupt a running task, so the hard limit is enforced by the
+job lease (``jobs.expire_leases`` in the scheduler's reconciler) and the Redis visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+from typing import Any
+
+from msgate.config import Settings
+from msgate.storage.store import Store, open_store
+from msgate.workers import celery_app, runtime
+
+log = logging.getLogger(__name__)
+
+
+def gpu_count(settings: Settings) -> int:
+    if not runtime.resolve_device(settings.workers.device).startswith("cuda"):
+        return 0
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def start_controller(store: Store, *, queues: tuple[str, ...] = (celery_app.GPU_QUEUE,),
+                     hostname: str | None = None) -> Any:
+    """Build the app, load the model (warm-up) and return a started-later WorkController."""
+    settings = store.settings
+    app = celery_app.build_app(settings)
+    app.set_current()  # the solo pool traces tasks through the current app
+    app.set_default()
+    rt = runtime.Runtime(settings, store)
+    runtime.install(rt)
+    rt.model()
+    log.info("worker ready", extra={"device": rt.device, "model_version": rt.version, "worker": rt.owner,
+                                    "queue": ",".join(queues)})
+    return app.WorkController(app=app, pool_cls="solo", concurrency=1, queues=list(queues),
+                              hostname=hostname or f"gpu{os.getpid()}@{socket.gethostname()}",
+                              without_mingle=True, without_gossip=True, without_heartbeat=True,
+                              prefetch_multiplier=1, loglevel=settings.log_level)
+
+
+def serve_one(store: Store, stop: threading.Event) -> None:
+    controller = start_controller(store)
+    thread = threading.Thread(target=controller.start, name="celery-worker", daemon=True)
+    thread.start()
+    try:
+        while not stop.is_set() and thread.is_alive():
+            stop.wait(0.5)
+    finally:
+        controller.stop(in_sighandler=False)
+        thread.join(timeout=30)
+
+
+def _child(settings: Settings, device_index: int) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
+    from msgate.log import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    store = open_store(settings, migrate=False, create_keys=False)
+    stop = threading.Event()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serve_one(store, stop)
+
+
+def run(store: Store, stop: threading.Event) -> None:
+    """One solo worker in this process, or one child per GPU when there are several."""
+    n = gpu_count(store.settings)
+    if n <= 1:
+        serve_one(store, stop)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=_child, args=(store.settings, i), name=f"gpu-worker-{i}") for i in range(n)]
+    for child in children:
+        child.start()
+    log.info("GPU workers started", extra={"count": n})
+    while not stop.is_set() and all(c.is_alive() for c in children):
+        stop.wait(1.0)
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=30)

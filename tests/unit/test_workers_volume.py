@@ -1,0 +1,123 @@
+"""Volume assembly: ordering, duplicates, gaps, tilt, localisers, multi-frame, compressed and broken data."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+from msgate.errors import Rejected
+from msgate.workers.volume import assemble
+
+IOP = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def _slice(z: float, *, value: int | None = None, iop: list[float] = IOP, x: float = 0.0, rows: int = 8,
+           instance: int = 1, rle: bool = False) -> Dataset:
+    ds = Dataset()
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImagePositionPatient = [x, 0.0, z]
+    ds.ImageOrientationPatient = iop
+    ds.PixelSpacing = [0.5, 0.75]
+    ds.InstanceNumber = instance
+    ds.Rows, ds.Columns = rows, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -1
+    pixels = np.full((rows, 8), int(z * 10) if value is None else value, dtype=np.uint16)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if rle:
+        ds.compress(RLELossless, pixels)
+    else:
+        ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def test_sorted_along_normal_with_lps_affine_and_rescale() -> None:
+    vol = assemble([_slice(z) for z in (4.0, 0.0, 2.0, 6.0)], "FLAIR").volume
+    assert vol.data.shape == (4, 8, 8)
+    assert [float(vol.data[k, 0, 0]) for k in range(4)] == [-1.0, 39.0, 79.0, 119.0]  # 2 * z*10 - 1
+    np.testing.assert_allclose(vol.affine_lps[:3, :], [[0.75, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 2.0, 0]])
+    assert vol.spacing == (0.75, 0.5, 2.0)
+
+
+def test_duplicate_positions_keep_the_latest_instance() -> None:
+    result = assemble([_slice(0.0), _slice(1.0, value=5, instance=2), _slice(1.0, value=9, instance=7),
+                       _slice(2.0)], "FLAIR")
+    assert result.volume.data.shape[0] == 3 and "duplicate_positions" in result.flags
+    assert float(result.volume.data[1, 0, 0]) == 2 * 9 - 1
+
+
+def test_missing_slice_is_interpolated_and_flagged() -> None:
+    result = assemble([_slice(z) for z in (0.0, 1.0, 2.0, 4.0, 5.0, 6.0)], "FLAIR")
+    assert result.volume.data.shape[0] == 7 and "missing_slices" in result.flags
+    assert float(result.volume.data[3, 0, 0]) == pytest.approx((39 + 79) / 2)
+
+
+def test_too_many_missing_slices_rejected() -> None:
+    with pytest.raises(Rejected, match="missing"):
+        assemble([_slice(z) for z in (0.0, 1.0, 5.0, 9.0)], "FLAIR")
+
+
+def test_gantry_tilt_gives_a_sheared_affine() -> None:
+    result = assemble([_slice(float(k), x=0.2 * k) for k in range(5)], "FLAIR")
+    assert "gantry_tilt" in result.flags
+    np.testing.assert_allclose(result.volume.affine_lps[:3, 2], [0.2, 0.0, 1.0])
+
+
+def test_localiser_of_another_orientation_is_dropped() -> None:
+    sag = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+    result = assemble([_slice(float(k)) for k in range(4)] + [_slice(0.0, iop=sag)], "FLAIR")
+    assert result.volume.data.shape[0] == 4 and "mixed_orientation" in result.flags
+
+
+def test_rle_compressed_pixels_decode() -> None:
+    vol = assemble([_slice(float(k), rle=True) for k in range(3)], "QSM").volume
+    assert float(vol.data[2, 0, 0]) == 39.0
+
+
+def test_enhanced_multiframe() -> None:
+    ds = _slice(0.0)
+    frames = np.stack([np.full((8, 8), 10 * f, np.uint16) for f in (2, 0, 1)])
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = IOP
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = [1.0, 1.0]
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for z in (2.0, 0.0, 1.0):
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, z]
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    vol = assemble([dcmread(io.BytesIO(buf.getvalue()), force=True)], "FLAIR").volume
+    assert [float(vol.data[k, 0, 0]) for k in range(3)] == [0.0, 10.0, 20.0]
+
+
+def test_truncated_pixel_data_names_the_series() -> None:
+    bad = _slice(1.0)
+    bad.PixelData = bad.PixelData[:10]
+    with pytest.raises(Rejected, match="series FLAIR instance 2: pixel data cannot be decoded"):
+        assemble([_slice(0.0), bad, _slice(2.0)], "FLAIR")
+
+
+def test_too_few_slices_and_no_geometry() -> None:
+    with pytest.raises(Rejected, match="usable slice"):
+        assemble([_slice(0.0), _slice(1.0)], "FLAIR")
+    no_pos = _slice(0.0)
+    del no_pos.ImagePositionPatient
+    with pytest.raises(Rejected, match="ImagePositionPatient"):
+        assemble([no_pos, _slice(1.0), _slice(2.0)], "FLAIR")

@@ -18,7 +18,9 @@ from pynetdicom import evt
 
 from msgate.errors import Rejected, Transient
 from msgate.listener import dataset
+from msgate.listener.committer import GroupCommitter
 from msgate.listener.tracking import Tracker
+from msgate.storage.ingest import StoredInstance
 from msgate.storage import repo_studies
 from msgate.storage.models import new_id
 from msgate.storage.store import Store
@@ -51,6 +53,7 @@ class Listener:
 
     store: Store
     tracker: Tracker
+    committer: GroupCommitter | None = None
     stats: dict[int, _AssocStats] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -77,8 +80,7 @@ class Listener:
         try:
             data = event.encoded_dataset()
             header = dataset.parse(data)
-            stored = self.store.ingest.store_instance(source=data, calling_aet=stats.calling_aet,
-                                                      assoc_id=stats.assoc_id, header=header)
+            stored = self._persist(data, header, stats)
         except Rejected as exc:
             return self._failed(stats, status_for(exc), exc.code)
         except Transient as exc:
@@ -97,6 +99,17 @@ class Listener:
         log.debug("instance stored", extra={"instance_id": stored.instance_id, "status": 0,
                                             "duration_ms": round((time.perf_counter() - started) * 1e3, 2)})
         return SUCCESS
+
+    def _persist(self, data: bytes, header: Any, stats: _AssocStats) -> StoredInstance:
+        """Encrypted body (fsynced), then the index row committed, grouped with concurrent instances."""
+        ingest = self.store.ingest
+        if self.committer is None:
+            return ingest.store_instance(source=data, calling_aet=stats.calling_aet, assoc_id=stats.assoc_id,
+                                         header=header)
+        prepared = ingest.prepare_instance(source=data, header=header, calling_aet=stats.calling_aet,
+                                           assoc_id=stats.assoc_id)
+        del data  # the body is on disk; only the header stays in memory
+        return self.committer.commit(prepared)
 
     def _failed(self, stats: _AssocStats, status: int, reason: str) -> int:
         stats.failures += 1

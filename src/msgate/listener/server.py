@@ -28,6 +28,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from msgate.config import DicomSettings
 from msgate.errors import ConfigError
 from msgate.listener import fastpath
+from msgate.listener.committer import GroupCommitter
 from msgate.listener.handlers import Listener
 from msgate.listener.tracking import Tracker
 from msgate.log import quiet_pynetdicom
@@ -105,7 +106,8 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
     quiet_pynetdicom()
     fastpath.install()
     tracker = tracker or Tracker(store, quiet_seconds=cfg.quiet_seconds, rules=settings.rules)
-    listener = Listener(store=store, tracker=tracker)
+    committer = GroupCommitter(store.ingest) if store.ingest.can_group_commit else None
+    listener = Listener(store=store, tracker=tracker, committer=committer)
     ae = build_ae(cfg)
     handler = type("MsgateRequestHandler", (_AccessControlledHandler,),
                    {"networks": [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]})

@@ -29,7 +29,7 @@ from msgate.storage import audit
 from msgate.storage.blobs import Blobs, free_bytes
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.db import Database
-from msgate.storage.models import Hl7Message, Instance, Series, Study, utcnow
+from msgate.storage.models import Blob, Hl7Message, Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ class StoredInstance:
     version: int
     new_series: bool
     new_study: bool
+
+
+@dataclass(frozen=True)
+class PreparedInstance:
+    """An instance whose encrypted body is durable but not yet indexed (see ``Ingest.commit_instances``)."""
+
+    ds: Dataset
+    blob: Blob
+    sop_index: str
+    digest: str
+    calling_aet: str
+    assoc_id: str | None
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,63 @@ class Ingest:
                                             "series_id": stored.series_id, "version": stored.version,
                                             "blob_id": blob.id, "calling_aet": calling_aet})
         return stored
+
+    # --- DICOM group commit (listener): bodies written in parallel, index rows in one transaction ---
+
+    @property
+    def can_group_commit(self) -> bool:
+        """Bodies written outside the index transaction need file bodies (PostgreSQL bodies are rows)."""
+        return self.blobs.bodies.name == "local"
+
+    def prepare_instance(self, *, source: bytes, header: Dataset | None = None, calling_aet: str = "",
+                         assoc_id: str | None = None) -> PreparedInstance:
+        """Phase 1: checks, then the encrypted body written and fsynced (no index row yet, no lock taken)."""
+        self.check_space()
+        ds = header if header is not None else read_header(source)
+        blob = self.blobs.write_body(None, kind="dicom", source=source)  # type: ignore[arg-type]
+        return PreparedInstance(ds, blob, self.cipher.blind_index(_text(ds, "SOPInstanceUID"), scope="sop"),
+                                content_hash(self.cipher, source), calling_aet, assoc_id)
+
+    def commit_instances(self, items: Sequence[PreparedInstance], *,
+                         actor: str = "listener") -> list[StoredInstance | Exception]:
+        """Phase 2: index every prepared instance in one transaction; each result follows the commit.
+
+        A duplicate (same SOP Instance UID and bytes) keeps the first copy and drops the new body. If
+        the transaction fails, the items are retried one by one so one bad item fails alone.
+        """
+        started = time.perf_counter()
+        dropped: list[str] = []
+        try:
+            with self.db.session() as session:
+                results: list[StoredInstance | Exception] = []
+                for item in items:
+                    existing = self._current(session, item.sop_index)
+                    if existing is not None and existing.content_hash == item.digest:
+                        results.append(self._duplicate(existing))
+                        dropped.append(item.blob.id)
+                        continue
+                    session.add(item.blob)
+                    session.flush()
+                    stored = self._index_instance(session, item.ds, item.blob.id, item.sop_index, item.digest,
+                                                  item.blob.size, item.calling_aet, item.assoc_id)
+                    audit.append(session, kind="ingest.instance", actor=actor, subject=f"instance:{stored.instance_id}",
+                                 detail={"study_id": stored.study_id, "series_id": stored.series_id,
+                                         "version": stored.version, "blob_id": item.blob.id,
+                                         "calling_aet": item.calling_aet})
+                    results.append(stored)
+        except Exception as exc:
+            if len(items) > 1:
+                return [r for item in items for r in self.commit_instances([item], actor=actor)]
+            self.blobs.discard_body(None, items[0].blob.id)  # type: ignore[arg-type]
+            metrics.INSTANCES.labels("transient" if isinstance(exc, Transient) else "rejected").inc()
+            return [exc]
+        for blob_id in dropped:
+            self.blobs.discard_body(None, blob_id)  # type: ignore[arg-type]
+        for result in results:
+            metrics.INSTANCES.labels("duplicate" if isinstance(result, StoredInstance) and result.duplicate
+                                     else "stored").inc()
+        metrics.INGEST_SECONDS.labels("dicom").observe(time.perf_counter() - started)
+        return results
 
     def _index_instance(self, session: Session, ds: Dataset, blob_id: str, sop_index: str, digest: str, size: int,
                         calling_aet: str, assoc_id: str | None) -> StoredInstance:

@@ -270,7 +270,6 @@ class MllpReceiver:
 def start_mllp_receiver(codes: list[str] | None = None) -> MllpReceiver:
     import asyncio
 
-    import hl7
     from hl7.mllp import start_hl7_server
 
     rx = MllpReceiver(free_port(), list(codes or []))
@@ -279,10 +278,9 @@ def start_mllp_receiver(codes: list[str] | None = None) -> MllpReceiver:
     async def handle(reader: object, writer: object) -> None:
         try:
             while not writer.is_closing():  # type: ignore[attr-defined]
-                raw = await reader.readmessage()  # type: ignore[attr-defined]
-                message = hl7.parse(raw)
+                message = await reader.readmessage()  # type: ignore[attr-defined]  # parsed by python-hl7
                 code = rx.codes.pop(0) if rx.codes else "AA"
-                rx.messages.append(str(raw))
+                rx.messages.append(str(message))
                 rx.answered.append(code)
                 writer.writemessage(message.create_ack(ack_code=code))  # type: ignore[attr-defined]
                 await writer.drain()  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ def build_pm(result: ModelResult, sources: Sequence[Dataset], ident: Identity, *
         lut_label="GRADCAM", lut_explanation=codes.SALIENCY.meaning, unit=codes.UNIT_ONE,
         value_range=(0.0, 1.0), slope=1.0, intercept=0.0,
     )
-    return hd.pm.ParametricMap(
+    pm = hd.pm.ParametricMap(
         source_images=list(sources), pixel_array=np.clip(result.heatmap, 0.0, 1.0).astype(np.float32),
         series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=ident.manufacturer, manufacturer_model_name=ident.model_name,
@@ -44,6 +44,8 @@ def build_pm(result: ModelResult, sources: Sequence[Dataset], ident: Identity, *
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0,
                                                          window_explanation="saliency 0..1")],
     )
+    pm.Laterality = None  # Type 2C; the brain is not a paired structure: present, empty
+    return pm
 
 
 def key_slices(result: ModelResult, count: int) -> list[int]:
@@ -127,6 +129,7 @@ def build_key_images(result: ModelResult, sources: Sequence[Dataset], ident: Ide
         copy_patient_study(sc, ref)
         sc.SeriesDescription = "MS AI key images (unverified, not for diagnosis)"
         sc.BurnedInAnnotation = "YES"
+        sc.Laterality = None  # Type 2C, present and empty (unpaired structure)
         sc.ImageComments = BANNER
         sc.DerivationDescription = f"FLAIR with {codes.SALIENCY.meaning} and lesion outlines, {ident.model_name} {ident.model_version}"
         sc.SourceImageSequence = [_ref(ref)]

@@ -211,7 +211,8 @@ class ScriptedScp:
         self.server.shutdown()  # type: ignore[attr-defined]
 
 
-def start_scripted_scp(statuses: list[int], *, delay: float = 0.0, ae_title: str = "SCRIPTED") -> ScriptedScp:
+def start_scripted_scp(statuses: list[int], *, delay: float = 0.0, ae_title: str = "SCRIPTED",
+                       require_called_aet: bool = False) -> ScriptedScp:
     from pynetdicom import AE, AllStoragePresentationContexts, evt
     from pynetdicom.sop_class import Verification
 
@@ -231,6 +232,7 @@ def start_scripted_scp(statuses: list[int], *, delay: float = 0.0, ae_title: str
         return status
 
     ae = AE(ae_title=ae_title)
+    ae.require_called_aet = require_called_aet
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
     scp.server = ae.start_server(("127.0.0.1", scp.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])

@@ -43,3 +43,34 @@ def lesions(
     typer.echo(f"Dice {met['dice_mean']['value']:.3f}  F1>=3mm {met['f1 >=3 mm']['value']:.3f}  "
                f"Rim+ ROC-AUC {met.get('roc_auc asymmetric', {}).get('value', float('nan')):.3f}  "
                f"PR-AUC {met.get('pr_auc asymmetric', {}).get('value', float('nan')):.3f}  -> {report / 'report.md'}")
+
+
+@app.command("patient")
+def patient(
+    model: Path | None = typer.Option(None, "--model", help="checkpoint (default: the shipped patient-tiny.pt)"),
+    data: Path | None = typer.Option(None, "--data", help="held-out cache file or folder (*.npz)"),
+    synthetic: int | None = typer.Option(None, "--synthetic", min=10, help="simulate N held-out subjects instead"),
+    seed: int = typer.Option(202, "--seed", help="cohort seed for --synthetic (never used in training)"),
+    train_data: Path | None = typer.Option(None, "--train-data", help="training cache (random-forest and reference baselines)"),
+    baselines: Path | None = typer.Option(None, "--baselines", help="folder with patient-image.pt / patient-ehr.pt"),
+    report: Path = typer.Option(Path("var/reports/patient"), "--report", help="output folder"),
+    n_boot: int = typer.Option(1000, "--bootstrap", min=10, help="bootstrap resamples"),
+    cache_dir: Path = typer.Option(Path("var/cache/patient"), "--cache-dir", help="where --synthetic writes arrays"),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
+) -> None:
+    """metrics.json + report.md: ROC, confusion, reliability/ECE, EDSS scatter, ablation, Grad-CAM, baselines."""
+    import torch
+
+    from msgate.model.patient.evaluate import evaluate_patient
+    from msgate.model.patient.synthdata import build_cache
+
+    if (synthetic is None) == (data is None):
+        raise typer.BadParameter("give exactly one of --data PATH or --synthetic N")
+    torch.set_num_threads(threads)
+    if synthetic is not None:
+        data = build_cache(cache_dir / f"test-s{seed}-n{synthetic}.npz", seed, synthetic, "tiny")
+    assert data is not None
+    met = evaluate_patient(model, data, report, train_data=train_data, baseline_dir=baselines, n_boot=n_boot)
+    mm = met["models"]["multimodal"]
+    typer.echo(f"EDSS bal. acc {mm['edss_balanced_accuracy']['value']:.3f}  MAE {mm['edss_mae']['value']:.2f}  "
+               f"MS AUC {mm['ms_auc']['value']:.3f}  ECE {mm['edss_ece']['value']:.3f}  -> {report / 'report.md'}")

@@ -1,0 +1,137 @@
+"""The single model entry point for the workers: ``predict(cases) -> list[ModelResult]``.
+
+Chain per batch: lesion model (``patient.lesionsrc.load_lesion_source``) -> MONAI preprocessing onto
+the model grid -> patient network (eval mode) -> temperature-scaled EDSS and MS probabilities ->
+MC-dropout uncertainty (fixed generator: deterministic) -> Grad-CAM heatmap mapped back to the FLAIR
+grid -> exact per-feature EHR contributions to the EDSS estimate (EDSS points) -> flags.
+Research software, not for diagnosis (docs/model-card.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from msgate.model.patient import checkpoint
+from msgate.model.patient.calibration import normalised_entropy, sigmoid, softmax
+from msgate.model.patient.ehr import missing_flags, raw_columns
+from msgate.model.patient.explain import ehr_contributions, gradcam
+from msgate.model.patient.lesionsrc import LesionOutput, LesionSource, lesion_features, load_lesion_source
+from msgate.model.patient.preprocess import ModelInput, prepare, to_flair_grid
+from msgate.model.types import Case, ModelResult
+
+
+@dataclass
+class PatientModel:
+    """A loaded checkpoint plus the lesion source and the decision thresholds."""
+
+    ckpt: checkpoint.PatientCheckpoint
+    lesions: LesionSource
+    review_confidence: float = 0.5  # calibrated max probability below this -> "review"
+    review_uncertainty: float = 0.8  # normalised MC-dropout entropy above this -> "review"
+    mc_samples: int = 16
+    batch_size: int = 4
+    heatmaps: bool = True
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.ckpt.meta.get("model_name", checkpoint.MODEL_NAME))
+
+    @property
+    def version(self) -> str:
+        return f"{self.ckpt.meta.get('model_version', checkpoint.MODEL_VERSION)}+{self.ckpt.meta['preset']}"
+
+
+_DEFAULT: PatientModel | None = None
+
+
+def load_model(path: Path | str | None = None, *, review_confidence: float = 0.5,
+               lesion_source: LesionSource | None = None) -> PatientModel:
+    """Load the patient checkpoint (default: the packaged ``patient-tiny.pt``) and the lesion source it
+    was trained with (``heuristic`` stand-in or the issue-6 lesion model; see ``lesionsrc``)."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    ckpt = checkpoint.load(path)
+    source = lesion_source or load_lesion_source(str(ckpt.meta.get("lesion_source", "heuristic")))
+    return PatientModel(ckpt, source, review_confidence)
+
+
+def _inputs(model: PatientModel, case: Case) -> tuple[LesionOutput, ModelInput, NDArray[np.float32], NDArray[np.float32]]:
+    if "FLAIR" not in case.volumes:
+        raise ValueError(f'Case "{case.case_id}" has no FLAIR volume; FLAIR is required.')
+    les = model.lesions(case.volumes)
+    mi = prepare(case.volumes, les.labels, checkpoint.preset_from_meta(model.ckpt.meta))
+    x, m = raw_columns(case.ehr)
+    feats = lesion_features(les.findings, "QSM" in case.volumes)
+    return les, mi, model.ckpt.scaler.transform(x, m), feats
+
+
+def _mc_probs(model: PatientModel, z: torch.Tensor, e: torch.Tensor) -> NDArray[np.float64]:
+    net = model.ckpt.net
+    gen = torch.Generator().manual_seed(0)
+    probs = []
+    with torch.no_grad():
+        for _ in range(model.mc_samples):
+            keep = (torch.rand(z.shape[1:], generator=gen) >= net.drop.p).float() / (1.0 - net.drop.p)
+            out = net.fusion(z * keep, e)
+            probs.append(softmax(out[:, :4].numpy(), model.ckpt.t_edss))
+    return np.mean(probs, axis=0)  # type: ignore[no-any-return]
+
+
+def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel) -> tuple[str, ...]:
+    flags = [f for f, role in (("qsm_absent", "QSM"), ("t1_absent", "T1")) if role not in case.volumes]
+    flags += missing_flags(case.ehr)
+    if confidence < model.review_confidence or uncertainty > model.review_uncertainty:
+        flags.append("review")
+    return tuple(flags)
+
+
+def _predict_batch(model: PatientModel, cases: list[Case]) -> list[ModelResult]:
+    net = model.ckpt.net.eval()
+    prepared = [_inputs(model, c) for c in cases]
+    image = torch.as_tensor(np.stack([p[1].image for p in prepared]))
+    present = torch.as_tensor(np.stack([p[1].present for p in prepared]))
+    ehr = torch.as_tensor(np.stack([p[2] for p in prepared]))
+    lesion = torch.as_tensor(np.stack([p[3] for p in prepared]))
+    with torch.no_grad():
+        z = net.image_embedding(image, present, lesion)
+        e = net.ehr_embedding(ehr)
+        out = net.heads(z, e)
+    probs = softmax(out["edss_logits"].numpy(), model.ckpt.t_edss)
+    p_ms = sigmoid(out["ms_logit"].numpy(), model.ckpt.t_ms)
+    unc = normalised_entropy(_mc_probs(model, z, e))
+    contribs = ehr_contributions(net, z, ehr, "edss")
+    heat = None
+    if model.heatmaps and net.mode != "ehr":
+        layer = str(model.ckpt.meta["preset_config"]["gradcam_layer"])
+        heat = gradcam(net, image, present, lesion, ehr, "edss", layer, class_idx=None)
+    results = []
+    for i, case in enumerate(cases):
+        les, mi = prepared[i][0], prepared[i][1]
+        conf = float(probs[i].max())
+        results.append(ModelResult(
+            case_id=case.case_id, model_name=model.name, model_version=model.version,
+            edss_probabilities=tuple(float(p) for p in probs[i]),
+            edss_estimate=float(np.clip(np.round(float(out["edss"][i]) * 2) / 2, 0.0, 9.5)),
+            confidence=conf, uncertainty=float(unc[i]), p_ms=float(p_ms[i]), lesions=les.findings,
+            lesion_mask=les.labels.astype(np.int16),
+            heatmap=None if heat is None else to_flair_grid(heat[i], mi.affine_ras, case.flair),
+            ehr_contributions=contribs[i], flags=_flags(case, conf, float(unc[i]), model)))
+    return results
+
+
+def predict(cases: list[Case], model: PatientModel | None = None) -> list[ModelResult]:
+    """One ``ModelResult`` per case, in order; batched; deterministic in eval mode."""
+    global _DEFAULT
+    if model is None:
+        if _DEFAULT is None:
+            _DEFAULT = load_model()
+        model = _DEFAULT
+    out: list[ModelResult] = []
+    for s in range(0, len(cases), model.batch_size):
+        out.extend(_predict_batch(model, cases[s:s + model.batch_size]))
+    return out

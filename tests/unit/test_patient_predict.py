@@ -1,0 +1,121 @@
+"""predict(): chain lesion source -> preprocessing -> network; flags, heatmap grid, determinism,
+schema-hash refusal (random micro network saved as a checkpoint, small synthetic volumes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msgate.model.patient import checkpoint
+from msgate.model.patient.ehr import N_COLUMNS, EhrScaler, ehr_vector
+from msgate.model.patient.lesionsrc import HeuristicLesions
+from msgate.model.patient.network import PatientNet
+from msgate.model.patient.presets import Preset
+from msgate.model.predict import load_model, predict
+from msgate.model.types import EDSS_BINS, Case, Volume
+
+torch.set_num_threads(1)
+MICRO = Preset("micro", (16, 16, 16), 12.0, (4, 4, 8, 8), (1, 1, 1, 1), 16, 32, 16, 0.2, 1, 2, 1e-3, 1,
+               "encoder.layer3")
+
+
+def _volume(role: str, shape: tuple[int, int, int], spacing: float, seed: int) -> Volume:
+    rng = np.random.default_rng(seed)
+    k, r, c = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    brain = (k**2 + r**2 + c**2) < 0.7
+    data = np.where(brain, 400.0, 0.0) + rng.normal(0, 5, shape)
+    if role == "FLAIR":
+        data[(k - 0.2) ** 2 + (r - 0.1) ** 2 + c**2 < 0.02] = 900.0
+    if role == "QSM":
+        data = np.where(brain, -0.02, 0.0) + rng.normal(0, 0.002, shape)
+    aff = np.diag([-spacing, -spacing, spacing, 1.0])
+    aff[:3, 3] = [60.0, 70.0, -50.0]
+    return Volume(data.astype(np.float32), aff, role)  # type: ignore[arg-type]
+
+
+def _case(case_id: str = "c1", roles: tuple[str, ...] = ("FLAIR", "QSM", "T1"), ehr: dict[str, object] | None = None) -> Case:
+    vols = {role: _volume(role, (20, 24, 22) if role == "FLAIR" else (30, 24, 22), 5.0 if role == "FLAIR" else 4.0, i)
+            for i, role in enumerate(roles)}
+    values = {"age": 41.0, "sex": "F", "disease_duration": 5.0, "t25fw": 5.1, "nhpt": 20.0, "sdmt": 55,
+              "nfl": 9.0, "ocb": "POS", "igg_index": 0.8, "relapses_2y": 1, "dmt": "fingolimod"}
+    return Case(case_id, vols, ehr_vector(values if ehr is None else ehr))
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = PatientNet(MICRO).eval()
+    scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
+    path = tmp_path_factory.mktemp("ck") / "patient-micro.pt"
+    checkpoint.save(path, net, scaler, {"preset": "micro", "preset_config": MICRO.to_dict(),
+                                        "temperature_edss": 1.3, "temperature_ms": 1.1, "lesion_source": "heuristic",
+                                        "training_data": "none (unit test)"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_path: Path):  # type: ignore[no-untyped-def]
+    return load_model(ckpt_path, lesion_source=HeuristicLesions())
+
+
+def test_result_fields_ranges_and_heatmap_in_flair_grid(model) -> None:  # type: ignore[no-untyped-def]
+    case = _case()
+    (res,) = predict([case], model)
+    assert len(res.edss_probabilities) == len(EDSS_BINS)
+    assert abs(sum(res.edss_probabilities) - 1.0) < 1e-6
+    assert 0.0 <= res.p_ms <= 1.0 and 0.0 <= res.uncertainty <= 1.0 and 0.0 <= res.edss_estimate <= 9.5
+    assert res.confidence == pytest.approx(max(res.edss_probabilities))
+    assert res.heatmap is not None and res.heatmap.shape == case.flair.data.shape
+    assert res.heatmap.dtype == np.float32 and 0.0 <= res.heatmap.min() and res.heatmap.max() <= 1.0
+    assert res.lesion_mask.shape == case.flair.data.shape and res.lesion_mask.dtype == np.int16
+    assert set(res.ehr_contributions) == set(case.ehr.names)
+    assert res.model_version.endswith("+micro")
+    assert not any(f in res.flags for f in ("qsm_absent", "t1_absent"))
+
+
+def test_missing_modalities_and_ehr_are_flagged(model) -> None:  # type: ignore[no-untyped-def]
+    res_q, res_t, res_e = predict([_case("q", ("FLAIR", "T1")), _case("t", ("FLAIR", "QSM")),
+                                   _case("e", ehr={"age": 50.0, "sex": "M"})], model)
+    assert "qsm_absent" in res_q.flags and not res_q.rim_assessable and res_q.rim_count is None
+    assert all(f.rim_probability is None for f in res_q.lesions)
+    assert "t1_absent" in res_t.flags and "qsm_absent" not in res_t.flags
+    assert "ehr_missing:nfl" in res_e.flags and "ehr_missing:age" not in res_e.flags
+    assert res_e.ehr_contributions["nfl"] == 0.0
+
+
+def test_review_flag_follows_threshold(model) -> None:  # type: ignore[no-untyped-def]
+    strict = replace(model, review_confidence=1.01)
+    lax = replace(model, review_confidence=0.0, review_uncertainty=1.01)
+    assert "review" in predict([_case()], strict)[0].flags
+    assert "review" not in predict([_case()], lax)[0].flags
+
+
+def test_deterministic_and_batch_invariant(model) -> None:  # type: ignore[no-untyped-def]
+    a = predict([_case()], model)[0]
+    b = predict([_case()], model)[0]
+    c = predict([_case("x", ("FLAIR",)), _case()], model)[1]
+    assert a.edss_probabilities == b.edss_probabilities and a.uncertainty == b.uncertainty
+    assert np.array_equal(a.heatmap, b.heatmap)
+    assert np.allclose(a.edss_probabilities, c.edss_probabilities, atol=1e-6)
+    assert abs(a.uncertainty - c.uncertainty) < 1e-6 and np.allclose(a.heatmap, c.heatmap, atol=1e-5)
+
+
+def test_schema_mismatch_is_refused(ckpt_path: Path, tmp_path: Path) -> None:
+    blob = torch.load(ckpt_path, weights_only=True)
+    meta = json.loads(blob["meta_json"])
+    meta["feature_schema_hash"] = "0" * 64
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": blob["state_dict"], "meta_json": json.dumps(meta)}, bad)
+    with pytest.raises(checkpoint.SchemaMismatch, match="feature schema"):
+        checkpoint.load(bad)
+
+
+def test_flair_is_required(model) -> None:  # type: ignore[no-untyped-def]
+    case = _case()
+    with pytest.raises(ValueError, match="FLAIR"):
+        predict([Case("nf", {"T1": case.volumes["T1"]}, case.ehr)], model)

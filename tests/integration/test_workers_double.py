@@ -90,12 +90,12 @@ def mr_slice(*, study_uid: str, series_uid: str, index: int, description: str, m
 
 
 def add_series(store: Store, *, study_uid: str, role: str, mrn: str, accession: str, slices: int = 8,
-               seed: int = 0, rle: bool = False, corrupt: bool = False) -> int:
+               seed: int = 0, rle: bool = False, corrupt: bool = False, size: int = 16) -> int:
     series_uid = generate_uid()
     stored = None
     for k in range(slices):
         data = mr_slice(study_uid=study_uid, series_uid=series_uid, index=k, description=f"AX {role}", mrn=mrn,
-                        accession=accession, seed=seed, rle=rle, corrupt=corrupt)
+                        accession=accession, seed=seed, rle=rle, corrupt=corrupt, rows=size, cols=size)
         stored = store.ingest.store_instance(source=data, calling_aet="TEST")
     assert stored is not None
     with store.db.session() as session:

@@ -49,15 +49,20 @@ def import_model_module(settings: Settings) -> ModuleType:
         raise
 
 
+def declared_version(module: ModuleType) -> str | None:
+    """A version the module states without loading weights (``model_version()`` or ``MODEL_VERSION``)."""
+    fn = getattr(module, "model_version", None)
+    version = fn() if callable(fn) else getattr(module, "MODEL_VERSION", None)
+    return None if version is None else str(version)[:64]
+
+
 def model_version(settings: Settings) -> str:
-    """The model version for idempotency keys, without loading weights."""
+    """The model version for idempotency keys; loads the model (once per process) if it must."""
     try:
         module = import_model_module(settings)
     except Rejected:
         return UNVERSIONED
-    fn = getattr(module, "model_version", None)
-    version = fn() if callable(fn) else getattr(module, "MODEL_VERSION", UNVERSIONED)
-    return str(version)[:64]
+    return declared_version(module) or get(settings).loaded_version()
 
 
 class Runtime:
@@ -68,6 +73,7 @@ class Runtime:
         self._store = store
         self._lock = threading.Lock()
         self._module: ModuleType | None = None
+        self._model: Any = None  # what load_model() returned, passed back to predict(model=...)
         self.device = resolve_device(settings.workers.device)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.version = UNVERSIONED
@@ -93,14 +99,35 @@ class Runtime:
         loader = getattr(module, "load_model", None)
         if callable(loader):
             params = inspect.signature(loader).parameters
-            loader(device=self.device) if "device" in params else loader()
-        self.version = model_version(self.settings)
+            self._model = loader(device=self.device) if "device" in params else loader()
+        self.version = (declared_version(module) or str(getattr(self._model, "version", "") or "")[:64]
+                        or UNVERSIONED)
         warm = getattr(module, "warm_up", None)
-        if callable(warm):
-            warm()
+        warm() if callable(warm) else self._warm_up(module)
         log.info("model loaded", extra={"device": self.device, "model_version": self.version,
                                         "duration_ms": round((time.perf_counter() - t0) * 1000, 1)})
         return module
+
+    def _warm_up(self, module: ModuleType) -> None:
+        """One predict on a small synthetic case: kernels, caches and allocators are ready for the first job."""
+        import numpy as np
+
+        from msgate.model.features import FEATURES
+        from msgate.model.types import EhrVector, Volume
+
+        rng = np.random.default_rng(0)
+        flair = Volume(rng.random((16, 32, 32), dtype=np.float32) * 100, np.diag([1.0, 1.0, 3.0, 1.0]), "FLAIR")
+        ehr = EhrVector(np.zeros(len(FEATURES), np.float32), np.zeros(len(FEATURES), bool),
+                        tuple(f.name for f in FEATURES))
+        self._module = module
+        try:
+            self.predict([Case("warm-up", {"FLAIR": flair}, ehr)])
+        except Exception:  # a model that cannot run a toy case still serves real ones; the log says so
+            log.warning("model warm-up failed", extra={"device": self.device}, exc_info=True)
+
+    def loaded_version(self) -> str:
+        self.model()
+        return self.version
 
     def preprocess(self) -> Callable[[Case], Case] | None:
         fn = getattr(self.model(), "preprocess", None)
@@ -108,7 +135,10 @@ class Runtime:
 
     def predict(self, cases: Sequence[Case]) -> list[ModelResult]:
         predict: Any = self.model().predict
-        results = list(predict(list(cases)))
+        if self._model is not None and "model" in inspect.signature(predict).parameters:
+            results = list(predict(list(cases), model=self._model))
+        else:
+            results = list(predict(list(cases)))
         if len(results) != len(cases):
             raise RuntimeError(f"predict returned {len(results)} results for {len(cases)} cases")
         return results

@@ -102,9 +102,16 @@ class Scheduler:
     def __init__(self, store: Store, app: Celery) -> None:
         self.store, self.app = store, app
         self.settings: Settings = store.settings
-        self.model_version = runtime.model_version(self.settings)
+        self.model_version = self._model_version()
         wk = self.settings.workers
         self.watermark = utcnow() - timedelta(seconds=wk.lookback_seconds)
+
+    def _model_version(self) -> str | None:
+        try:
+            return runtime.model_version(self.settings)
+        except Exception:  # e.g. no checkpoint yet: no jobs until the model can be loaded
+            log.exception("model unavailable; no jobs are created until it loads")
+            return None
 
     def candidates(self, session: Session, extra: set[int]) -> list[Study]:
         wk = self.settings.workers
@@ -140,16 +147,21 @@ class Scheduler:
 
     def scan(self, extra: set[int] | None = None) -> list[str]:
         """Create the jobs that are due; returns their ids (published or left to the reconciler)."""
-        created = []
+        created: list[str] = []
+        if self.model_version is None:
+            self.model_version = self._model_version()
+            if self.model_version is None:
+                return created
+        version = self.model_version
         with self.store.db.session() as session:
             studies = self.candidates(session, extra or set())
-            plans = [p for s in studies if (p := plan(session, self.store, s, model_version=self.model_version))]
+            plans = [p for s in studies if (p := plan(session, self.store, s, model_version=version))]
         now = utcnow()
         for p in plans:
             if p.wait_until is not None and now < p.wait_until:
                 continue  # waiting for the HL7 feed
             job = jobs.create(self.store.db, study_id=p.study_id, idem_key=p.idem_key,
-                              model_version=self.model_version, flags=p.flags)
+                              model_version=version, flags=p.flags)
             if job is not None:
                 log.info("job created", extra={"job_id": job.id, "study_id": p.study_id,
                                                "count": len(p.required_missing)})

@@ -1,0 +1,121 @@
+"""Job bookkeeping without a worker: idempotency keys, supersession, leases, EHR waiting, the jobs CLI.
+
+Embedded SQLite store; the broker is the embedded SQLite transport (a file, no sockets)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+import test_workers_double as double  # noqa: E402
+from conftest import make_settings  # noqa: E402
+from msgate.cli import jobs_cmd  # noqa: E402
+from msgate.storage.models import Job  # noqa: E402
+from msgate.storage.store import Store, open_store  # noqa: E402
+from msgate.workers import jobs  # noqa: E402
+from msgate.workers.celery_app import build_app  # noqa: E402
+from msgate.workers.scheduler import Scheduler, hook  # noqa: E402
+
+WORKERS = {"model_module": "test_workers_double", "ehr_deadline_seconds": 0, "required_ehr_fields": [],
+           "hard_time_limit": 2, "soft_time_limit": 1, "visibility_timeout": 3}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    st = open_store(make_settings(tmp_path / "home", "sqlite", workers=WORKERS))
+    yield st  # type: ignore[misc]
+    st.close()
+
+
+@pytest.fixture
+def sched(store: Store) -> Scheduler:
+    return Scheduler(store, build_app(store.settings))
+
+
+def _jobs(store: Store) -> list[Job]:
+    with store.db.session() as session:
+        return list(session.exec(select(Job).order_by(Job.created_at)).all())  # type: ignore[arg-type]
+
+
+def test_key_is_stable_and_changes_with_content(store: Store, sched: Scheduler) -> None:
+    study_id, uid = double.make_study(store, seed=1)
+    [first] = sched.scan()
+    double.mark_ready(store, study_id)
+    assert sched.scan() == []
+    double.add_patient(store, mrn="MRN00001", nfl=9.0)  # an HL7 value arrives: the EHR hash changes
+    [second] = sched.scan()
+    old, new = _jobs(store)
+    assert (old.id, new.id) == (first, second) and old.state == "superseded" and new.supersedes_id == first
+    assert old.idem_key != new.idem_key and all(j.published_at is not None for j in (old, new))
+
+
+def test_required_field_waits_until_the_deadline(tmp_path: Path) -> None:
+    st = open_store(make_settings(tmp_path / "h2", "sqlite",
+                                  workers={**WORKERS, "required_ehr_fields": ["nfl"], "ehr_deadline_seconds": 1}))
+    try:
+        sched = Scheduler(st, build_app(st.settings))
+        double.make_study(st, seed=2)
+        assert sched.scan() == []
+        time.sleep(1.1)
+        [job_id] = sched.scan()
+        [job] = _jobs(st)
+        assert job.flags["required_missing"] == ["nfl"] and "ehr_deadline" in job.flags["result_flags"]
+    finally:
+        st.close()
+
+
+def test_claims_and_leases(store: Store, sched: Scheduler) -> None:
+    double.make_study(store, seed=3)
+    [job_id] = sched.scan()
+    db = store.db
+    assert jobs.claim(db, job_id, owner="a:1", lease_seconds=60, via="message", task_id="t1") is not None
+    assert jobs.claim(db, job_id, owner="b:2", lease_seconds=60, via="batch") is None
+    assert jobs.claim(db, job_id, owner="b:2", lease_seconds=60, via="message", task_id="t2") is None
+    # the same message delivered again means its first holder died: take over
+    assert jobs.claim(db, job_id, owner="b:2", lease_seconds=60, via="message", task_id="t1") is not None
+    assert not jobs.finish(db, job_id, owner="a:1", state="done", stages={})  # the old owner lost it
+    with db.session() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.flags = {**row.flags, "lease_until": time.time() - 1}
+        session.add(row)
+    assert jobs.expire_leases(db) == [job_id]
+    [job] = _jobs(store)
+    assert job.state == "queued" and job.published_at is None and "lease expired" in (job.error or "")
+
+
+def test_hook_wakes_the_scheduler() -> None:
+    from msgate.workers import scheduler
+
+    hook(type("Ready", (), {"study_id": 42})())
+    assert scheduler._drain(0.1) == {42}
+
+
+def test_jobs_cli(store: Store, sched: Scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    double.make_study(store, seed=4)
+    [job_id] = sched.scan()
+    monkeypatch.setenv("MSGATE_HOME", str(store.settings.home))
+    monkeypatch.setenv("MSGATE_STORAGE__MIN_FREE_BYTES", "0")
+    runner = CliRunner()
+    out = runner.invoke(jobs_cmd.app, ["list", "--json"])
+    assert out.exit_code == 0, out.output
+    assert [d["id"] for d in json.loads(out.output)] == [job_id]
+    out = runner.invoke(jobs_cmd.app, ["retry", job_id])
+    assert out.exit_code == 1 and "only failed or cancelled" in out.output
+    out = runner.invoke(jobs_cmd.app, ["cancel", job_id[:10], "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["state"] == "cancelled"
+    out = runner.invoke(jobs_cmd.app, ["retry", job_id, "--json"])
+    assert out.exit_code == 0 and json.loads(out.output) == {"id": job_id, "state": "queued", "published": True}
+    out = runner.invoke(jobs_cmd.app, ["show", job_id, "--json"])
+    doc = json.loads(out.output)
+    assert doc["state"] == "queued" and doc["result"] is False and doc["series"] == {"FLAIR": 1}
+    out = runner.invoke(jobs_cmd.app, ["show", job_id])
+    assert out.exit_code == 0 and "queued" in out.output

@@ -182,7 +182,7 @@ from msgate.config import load_settings
 from msgate.results import outbox
 from msgate.storage.store import open_store
 store = open_store(load_settings())
-outbox.run(store, threading.Event(), outbox.Policy(base_delay=0.2, max_delay=1.0, lease=3.0, poll=0.1))
+outbox.run(store, threading.Event(), outbox.Policy(base_delay=0.2, max_delay=1.0, lease=3.0, poll=0.1), consume=False)
 """
 
 

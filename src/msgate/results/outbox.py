@@ -309,19 +309,28 @@ def run_once(store: Store, policy: Policy | None = None) -> int:
     return len(items)
 
 
-def run(store: Store, stop: threading.Event, policy: Policy | None = None) -> None:
-    """The ``publish`` role: deliver until ``stop`` is set."""
+def run(store: Store, stop: threading.Event, policy: Policy | None = None, *, consume: bool = True) -> None:
+    """The ``publish`` role: consume ``msgate.publish`` tasks and deliver until ``stop`` is set."""
+    from msgate.results.consumer import PublishConsumer
+
     policy = policy or Policy.from_settings(store.settings)
+    consumer = PublishConsumer(store).start() if consume else None
     log.info("outbox sender started", extra={"count": len(store.settings.pacs)})
-    while not stop.is_set():
-        try:
-            busy = run_once(store, policy)
-        except Transient:
-            log.warning("outbox round failed; retrying", extra={"reason": "transient"})
-            busy = 0
-        if not busy:
-            stop.wait(policy.poll)
-    log.info("outbox sender stopped")
+    try:
+        while not stop.is_set():
+            try:
+                busy = run_once(store, policy)
+            except Transient:
+                log.warning("outbox round failed; retrying", extra={"reason": "transient"})
+                busy = 0
+            if consumer is not None and not consumer.alive():
+                raise RuntimeError("the publish consumer stopped")
+            if not busy:
+                stop.wait(policy.poll)
+    finally:
+        if consumer is not None:
+            consumer.stop()
+        log.info("outbox sender stopped")
 
 
 # --- operator actions -----------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""The ``publish`` role's Celery consumer: a solo worker on queue ``publish`` (task ``msgate.publish``).
+
+It runs in the publish role next to the outbox sender and uses the role's store. Rendering needs no
+model or GPU, so the solo pool in a thread is enough; ``acks_late`` redelivers a task whose process
+died, and :func:`msgate.results.publish.publish_job` is idempotent by job id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class PublishConsumer:
+    def __init__(self, store: Store) -> None:
+        from msgate.results import tasks
+        from msgate.workers import celery_app
+
+        tasks.use_store(store)
+        self.app = celery_app.build_app(store.settings)
+        self.app.set_default()
+        self.controller: Any = self.app.WorkController(
+            app=self.app, pool_cls="solo", concurrency=1, queues=[celery_app.PUBLISH_QUEUE],
+            hostname=f"publish{os.getpid()}@{socket.gethostname()}", without_mingle=True, without_gossip=True,
+            without_heartbeat=True, prefetch_multiplier=1, loglevel=store.settings.log_level)
+        self.thread = threading.Thread(target=self._start, name="publish-consumer", daemon=True)
+
+    def _start(self) -> None:
+        self.app.set_current()  # the solo pool traces tasks through this thread's current app
+        self.controller.start()
+
+    def start(self) -> PublishConsumer:
+        self.thread.start()
+        log.info("publish consumer started", extra={"queue": "publish"})
+        return self
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        try:
+            self.controller.stop(in_sighandler=False)
+        finally:
+            self.thread.join(timeout=30)

@@ -102,6 +102,12 @@ class Hl7Destination(Section):
     receiving_facility: str = "HOSPITAL"
 
 
+class ResultsSettings(Section):
+    """What the results publisher renders (msgate.results; docs/results.md)."""
+
+    key_images: int = Field(3, ge=0, le=20, description="RGB Secondary Capture key images per result; 0 turns them off")
+
+
 class StorageSettings(Section):
     """Blob store and retention."""
 
@@ -164,6 +170,7 @@ class Settings(BaseSettings):
     hl7: Hl7Settings = Hl7Settings()
     pacs: list[PacsDestination] = Field(default_factory=list)
     hl7_out: Hl7Destination | None = None
+    results: ResultsSettings = ResultsSettings()
     storage: StorageSettings = StorageSettings()
     metrics: MetricsSettings = MetricsSettings()
     workers: WorkerSettings = WorkerSettings()

@@ -299,3 +299,9 @@ def test_every_local_code_is_documented() -> None:
     for value, scheme, meaning in codes.table():
         assert scheme == "99MSGATE"
         assert re.search(rf"\|\s*`{re.escape(value)}`\s*\|\s*{re.escape(meaning)}\s*\|", text), value
+
+
+def test_key_images_setting(tmp_path: Path) -> None:
+    assert RenderOptions.from_settings(load_settings(home=tmp_path)).key_images == 3
+    off = load_settings(home=tmp_path, results={"key_images": 0})
+    assert RenderOptions.from_settings(off) == RenderOptions(key_images=0, parametric_map=True)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -153,6 +153,31 @@ class WorkerSettings(Section):
         return value
 
 
+class HeSettings(Section):
+    """Homomorphic mode (``MSGATE_HE__ENABLED``): EHR features stay under CKKS on the GPU workers.
+
+    Parameters are checked against the 128-bit security limits of the HomomorphicEncryption.org
+    standard (total coefficient modulus bits per ``poly_modulus_degree``) and the depth the HE circuit
+    needs (msgate.model.he). Changing them makes the keys role rotate to a new CKKS key.
+    """
+
+    enabled: bool = False
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [44, 32, 32, 32, 32, 44])
+    global_scale_bits: int = 32
+
+    @model_validator(mode="after")
+    def _secure(self) -> HeSettings:
+        self.params()
+        return self
+
+    def params(self) -> Any:
+        """The checked :class:`msgate.model.he.HeParams`."""
+        from msgate.model.he import HeParams
+
+        return HeParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.global_scale_bits).check()
+
+
 class Settings(BaseSettings):
     """Everything msgate reads from its environment. See README "Configuration"."""
 
@@ -175,6 +200,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     workers: WorkerSettings = WorkerSettings()
     rules: ListenerRules = ListenerRules()  # series roles and routing, see msgate.listener.rules
+    he: HeSettings = HeSettings()
 
     @field_validator("database_url", "broker_url")
     @classmethod

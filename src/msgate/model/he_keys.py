@@ -1,0 +1,330 @@
+"""The CKKS key service (trusted side): keys, public contexts, encrypt + MAC, verify + decrypt + softmax.
+
+Files under ``MSGATE_HOME/keys/he/`` (folder 0700):
+
+- ``<key_id>.secret`` (0600): the serialized *private* TenSEAL context and the request MAC key,
+  AES-256-GCM encrypted with a fresh data key that is wrapped by the active KEK of msgate's key ring
+  (:func:`msgate.storage.crypto.wrap_key`; ``msgate keys rotate`` re-wraps KEKs, not this file's body).
+- ``public/<key_id>.ctx`` and ``public/<key_id>.json``: the public context (public key, relinearisation
+  and Galois keys, no secret key) and its metadata (parameters, SHA-256, the *result* MAC key).
+  Workers read only ``public/`` and cache each context by key id.
+- ``active``: the key id new requests use. Rotation makes a new key active and keeps the old ones for
+  results still in flight until :meth:`HeKeys.retire`.
+
+Authentication (CKKS itself gives none). A request carries ``tag = HMAC(mac_key, key id, request id,
+case ids, layout, SHA-256 of every input ciphertext)``; the worker echoes the tag and the digests of
+the ciphertexts it actually used, and MACs its result with the result key. :meth:`HeKeys.open_result`
+recomputes both before it decrypts, so an altered, truncated, reordered or swapped ciphertext (or a
+result for another request) fails with :class:`~msgate.errors.TamperedData`, never garbage. The
+result key is held by workers: it protects the way back against the broker and the network, not
+against a malicious worker (HE gives confidentiality, not verifiable computation; docs/security.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from msgate.errors import ConfigError, KeyNotFound, TamperedData
+from msgate.model import he
+
+if TYPE_CHECKING:
+    import tenseal as ts
+
+    from msgate.storage.keyring import KeyRing
+    from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+KIND = "he-ckks"
+HIDDEN = 32  # EhrEncoder hidden width of every preset (presets.py: ehr_hidden)
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class EncryptedPack:
+    """One pack of cases under CKKS, as sent to a worker."""
+
+    key_id: str
+    request_id: str
+    case_ids: tuple[str, ...]
+    layout: he.Layout
+    ciphertexts: tuple[bytes, ...] = field(repr=False)
+    tag: bytes = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c) for c in self.ciphertexts)
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-ready (the Celery JSON serializer)."""
+        return {"key_id": self.key_id, "request_id": self.request_id, "case_ids": list(self.case_ids),
+                "layout": self.layout.to_dict(), "ciphertexts": [_b64(c) for c in self.ciphertexts],
+                "tag": _b64(self.tag)}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> EncryptedPack:
+        return cls(str(d["key_id"]), str(d["request_id"]), tuple(d["case_ids"]), he.Layout.from_dict(d["layout"]),
+                   tuple(base64.b64decode(c) for c in d["ciphertexts"]), base64.b64decode(d["tag"]))
+
+
+@dataclass(frozen=True)
+class EncryptedResult:
+    """The worker's answer: encrypted lane-wise logits bound to the request it answers."""
+
+    key_id: str
+    request_id: str
+    case_ids: tuple[str, ...]
+    layout: he.Layout
+    request_tag: bytes = field(repr=False)
+    input_digests: tuple[str, ...]
+    ciphertext: bytes = field(repr=False)
+    n_out: int
+    tag: bytes = field(repr=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "request_id": self.request_id, "case_ids": list(self.case_ids),
+                "layout": self.layout.to_dict(), "request_tag": _b64(self.request_tag),
+                "input_digests": list(self.input_digests), "ciphertext": _b64(self.ciphertext),
+                "n_out": self.n_out, "tag": _b64(self.tag)}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> EncryptedResult:
+        return cls(str(d["key_id"]), str(d["request_id"]), tuple(d["case_ids"]), he.Layout.from_dict(d["layout"]),
+                   base64.b64decode(d["request_tag"]), tuple(d["input_digests"]), base64.b64decode(d["ciphertext"]),
+                   int(d["n_out"]), base64.b64decode(d["tag"]))
+
+
+def request_mac(mac_key: bytes, *, key_id: str, request_id: str, case_ids: tuple[str, ...], layout: he.Layout,
+                digests: tuple[str, ...]) -> bytes:
+    msg = json.dumps(["msgate-he-req-v1", key_id, request_id, list(case_ids), layout.to_dict(), list(digests)],
+                     sort_keys=True).encode()
+    return hmac.new(mac_key, msg, hashlib.sha256).digest()
+
+
+def result_mac(result_key: bytes, *, request_id: str, request_tag: bytes, digests: tuple[str, ...],
+               ciphertext: bytes, n_out: int) -> bytes:
+    msg = json.dumps(["msgate-he-res-v1", request_id, _b64(request_tag), list(digests), _sha(ciphertext), n_out]
+                     ).encode()
+    return hmac.new(result_key, msg, hashlib.sha256).digest()
+
+
+def result_key_of(mac_key: bytes) -> bytes:
+    """The result MAC key handed to workers (derived; it cannot forge requests)."""
+    return hmac.new(mac_key, b"msgate-he-result-key-v1", hashlib.sha256).digest()
+
+
+@dataclass
+class _Secret:
+    ctx: ts.Context
+    mac_key: bytes = field(repr=False)
+
+
+class HeKeys:
+    """Key generation, rotation, encryption and decryption; one per key-service process."""
+
+    def __init__(self, home: Path, ring: KeyRing | None = None) -> None:
+        self.dir = Path(home) / "keys" / "he"
+        self.public_dir = self.dir / "public"
+        self.ring = ring
+        self._secrets: dict[str, _Secret] = {}
+        self._lock = threading.Lock()
+
+    # -- keys -----------------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self.public_dir.mkdir(exist_ok=True)
+
+    def generate(self, params: he.HeParams) -> str:
+        """Create a key pair, store it (secret wrapped, 0600; public beside it) and make it active."""
+        from msgate.storage import crypto
+
+        params.check()
+        self._prepare()
+        key_id = f"he-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+        ctx = he.make_context(params)
+        mac_key = secrets.token_bytes(32)
+        body = json.dumps({"context": _b64(ctx.serialize(save_secret_key=True)), "mac_key": _b64(mac_key)}).encode()
+        if self.ring is not None:
+            dek, wrapped = crypto.new_data_key(self.ring, blob_id=key_id, kind=KIND)
+            doc = {"format": "msgate-he-secret-v1", "kek_id": wrapped.kek_id, "wrapped_dek": _b64(wrapped.wrapped),
+                   "body": _b64(crypto.encrypt_bytes(dek, body, blob_id=key_id, kind=KIND))}
+        else:
+            doc = {"format": "msgate-he-secret-v1", "kek_id": None, "body": _b64(body)}
+        _write_private(self.dir / f"{key_id}.secret", json.dumps(doc).encode())
+        pub = ctx.copy()
+        pub.make_context_public()
+        pub_bytes = pub.serialize()
+        _write_public(self.public_dir / f"{key_id}.ctx", pub_bytes)
+        meta = {"key_id": key_id, "params": params.to_dict(), "sha256": _sha(pub_bytes), "bytes": len(pub_bytes),
+                "created": time.time(), "result_key": _b64(result_key_of(mac_key))}
+        _write_public(self.public_dir / f"{key_id}.json", json.dumps(meta, indent=1).encode())
+        with self._lock:
+            self._secrets[key_id] = _Secret(ctx, mac_key)
+        _write_public(self.dir / "active", key_id.encode())
+        log.info("CKKS key generated", extra={"key_id": key_id, "bytes": len(pub_bytes)})
+        return key_id
+
+    rotate = generate  # a new key becomes active; older ones stay readable until retired
+
+    def key_ids(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.secret")) if self.dir.exists() else []
+
+    def active_id(self) -> str | None:
+        p = self.dir / "active"
+        return p.read_text().strip() if p.exists() else None
+
+    def params_of(self, key_id: str) -> he.HeParams:
+        meta = json.loads((self.public_dir / f"{key_id}.json").read_text())
+        return he.HeParams.from_dict(meta["params"])
+
+    def ensure(self, params: he.HeParams) -> str:
+        """The active key id; generates one when there is none or its parameters differ (rotation)."""
+        active = self.active_id()
+        if active is None or active not in self.key_ids() or self.params_of(active) != params:
+            return self.generate(params)
+        return active
+
+    def retire(self, key_id: str) -> None:
+        if key_id == self.active_id():
+            raise ConfigError("cannot retire the active CKKS key; rotate first")
+        for p in (self.dir / f"{key_id}.secret", self.public_dir / f"{key_id}.ctx", self.public_dir / f"{key_id}.json"):
+            p.unlink(missing_ok=True)
+        self._secrets.pop(key_id, None)
+
+    def _secret(self, key_id: str) -> _Secret:
+        import tenseal as ts
+
+        from msgate.storage import crypto, keyring
+
+        with self._lock:
+            if key_id in self._secrets:
+                return self._secrets[key_id]
+        path = self.dir / f"{key_id}.secret"
+        if not path.exists():
+            raise KeyNotFound(f"CKKS key {key_id!r} is not in {self.dir}; it was retired or never made here")
+        keyring.check_permissions(path)
+        doc = json.loads(path.read_bytes())
+        body = base64.b64decode(doc["body"])
+        if doc.get("kek_id"):
+            if self.ring is None:
+                raise ConfigError(f"CKKS key {key_id} is wrapped by the key ring; open the store first")
+            dek = crypto.unwrap_key(self.ring, crypto.WrappedKey(doc["kek_id"], base64.b64decode(doc["wrapped_dek"])),
+                                    blob_id=key_id, kind=KIND)
+            body = crypto.decrypt_bytes(dek, body, blob_id=key_id, kind=KIND)
+        inner = json.loads(body)
+        sec = _Secret(ts.context_from(base64.b64decode(inner["context"])), base64.b64decode(inner["mac_key"]))
+        with self._lock:
+            self._secrets[key_id] = sec
+        return sec
+
+    # -- requests and results -------------------------------------------------------------------------
+
+    def encrypt(self, u: np.ndarray, case_ids: list[str], *, key_id: str | None = None,
+                hidden: int = HIDDEN, max_batch: int | None = None) -> list[EncryptedPack]:
+        """Encrypt model EHR inputs ``u`` [B, 2 * n_columns] (standardised on this side) into MACed packs
+        of at most ``max_batch`` cases (default: as many as fit one pack)."""
+        import tenseal as ts
+
+        key_id = key_id or self.active_id()
+        if key_id is None:
+            raise ConfigError("no CKKS key; start the keys role or run HeKeys.generate")
+        sec = self._secret(key_id)
+        params = self.params_of(key_id)
+        x = he.with_bias(np.asarray(u, np.float64))
+        if len(case_ids) != len(x):
+            raise ValueError("one case id per input row")
+        cap = min(he.max_pack(hidden, params.slots), max_batch or len(x) or 1)
+        packs = []
+        for s in range(0, len(x), cap):
+            xb, ids = x[s:s + cap], tuple(case_ids[s:s + cap])
+            lay = he.make_layout(len(xb), x.shape[1], hidden, params.slots)
+            cts = tuple(ts.ckks_vector(sec.ctx, v).serialize() for v in he.pack_inputs(lay, xb))
+            rid = secrets.token_hex(12)
+            tag = request_mac(sec.mac_key, key_id=key_id, request_id=rid, case_ids=ids, layout=lay,
+                              digests=tuple(_sha(c) for c in cts))
+            packs.append(EncryptedPack(key_id, rid, ids, lay, cts, tag))
+        return packs
+
+    def open_result(self, res: EncryptedResult) -> np.ndarray:
+        """Verify both MACs, decrypt and return the logits [B, n_out]; :class:`TamperedData` otherwise."""
+        import tenseal as ts
+
+        sec = self._secret(res.key_id)
+        want = request_mac(sec.mac_key, key_id=res.key_id, request_id=res.request_id, case_ids=res.case_ids,
+                           layout=res.layout, digests=res.input_digests)
+        if not hmac.compare_digest(want, res.request_tag):
+            raise TamperedData("HE result answers inputs this key service did not send (altered or swapped "
+                               "ciphertext, case list or layout)", code="he_request_mac")
+        rtag = result_mac(result_key_of(sec.mac_key), request_id=res.request_id, request_tag=res.request_tag,
+                          digests=res.input_digests, ciphertext=res.ciphertext, n_out=res.n_out)
+        if not hmac.compare_digest(rtag, res.tag):
+            raise TamperedData("HE result ciphertext failed its MAC (altered in transit)", code="he_result_mac")
+        try:
+            vec = ts.ckks_vector_from(sec.ctx, res.ciphertext)
+        except Exception:  # noqa: BLE001 - TenSEAL raises bare ValueError/RuntimeError on bad bytes
+            raise TamperedData("HE result ciphertext does not parse", code="he_parse") from None
+        return he.unpack_outputs(res.layout, vec.decrypt(), res.n_out)
+
+    def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
+        """Decrypt and calibrate: per case EDSS probabilities (softmax / T), EDSS estimate, P(MS)."""
+        from msgate.model.patient.calibration import sigmoid, softmax
+
+        logits = self.open_result(res)
+        probs = softmax(logits[:, :4], t_edss)
+        p_ms = sigmoid(logits[:, 5], t_ms)
+        return [{"case_id": cid, "edss_probabilities": [float(p) for p in probs[i]],
+                 "edss": float(logits[i, 4]), "p_ms": float(p_ms[i]), "key_id": res.key_id}
+                for i, cid in enumerate(res.case_ids)]
+
+
+def run(store: Store, stop: threading.Event) -> None:
+    """Role ``keys``: keep an active CKKS key for ``settings.he`` (rotating on a parameter change) and
+    serve encrypt/decrypt requests on the broker's ``he-keys`` queue while HE is enabled."""
+    settings = store.settings
+    he_settings = getattr(settings, "he", None)
+    if he_settings is None or not he_settings.enabled:
+        log.info("HE disabled; keys role idle", extra={"role": "keys"})
+        stop.wait()
+        return
+    keys = HeKeys(settings.home, store.ring)
+    key_id = keys.ensure(he_settings.params())
+    log.info("CKKS key service ready", extra={"role": "keys", "key_id": key_id})
+    stop.wait()

@@ -30,7 +30,7 @@ from msgate.errors import ConfigError
 from msgate.listener import fastpath
 from msgate.listener.committer import GroupCommitter
 from msgate.listener.handlers import Listener
-from msgate.listener.tracking import Tracker
+from msgate.listener.tracking import ReadyHook, Tracker
 from msgate.log import quiet_pynetdicom
 from msgate.storage.store import Store
 
@@ -99,6 +99,15 @@ def _reject_at_negotiation(assoc: Any) -> None:
     acse._negotiate_as_acceptor = negotiate
 
 
+_READY_HOOKS: list[ReadyHook] = []
+
+
+def add_ready_hook(hook: ReadyHook) -> None:
+    """Register a scheduler hook for listeners started afterwards in this process (``serve --role all``
+    wires the scheduler here); it gets each :class:`~msgate.listener.tracking.ReadyStudy` after commit."""
+    _READY_HOOKS.append(hook)
+
+
 def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, ThreadedAssociationServer, Tracker]:
     """Start the listener (non-blocking); returns the AE, its server and the readiness tracker."""
     settings = store.settings
@@ -106,6 +115,8 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
     quiet_pynetdicom()
     fastpath.install()
     tracker = tracker or Tracker(store, quiet_seconds=cfg.quiet_seconds, rules=settings.rules)
+    for hook in _READY_HOOKS:
+        tracker.add_hook(hook)
     committer = GroupCommitter(store.ingest) if store.ingest.can_group_commit else None
     listener = Listener(store=store, tracker=tracker, committer=committer)
     ae = build_ae(cfg)

@@ -75,6 +75,8 @@ class Tracker:
             self._classify(stored, header, calling_aet)
         with self._lock:
             entry = self._active.get(stored.study_id)
+            if entry is None and stored.duplicate:
+                return  # a re-send of what the study already has does not reopen it
             if entry is None:
                 entry = _Active(last=time.monotonic())
                 self._active[stored.study_id] = entry

@@ -1,0 +1,56 @@
+"""The listener in-process on both storage setups (SQLite + file bodies with group commit, PostgreSQL
+with row bodies and per-instance commits): the scheduler hook sees each ready study once per run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dicom_helpers import free_port, pynd_send, write_series
+from sqlmodel import select
+
+from msgate.listener import server
+from msgate.listener.tracking import ReadyStudy
+from msgate.storage.models import Instance, Study
+from msgate.storage.store import Store
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_ready_hook_called_after_commit(store: Store, tmp_path: Path) -> None:
+    store.settings.dicom.port = free_port()
+    store.settings.dicom.quiet_seconds = 30
+    seen: list[tuple[ReadyStudy, str]] = []
+
+    def hook(ready: ReadyStudy) -> None:
+        with store.db.session() as session:
+            study = session.get(Study, ready.study_id)
+            seen.append((ready, study.state if study else "?"))
+
+    ae, srv, tracker = server.start(store)
+    tracker.add_hook(hook)
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        files = write_series(tmp_path / "s", count=4, description="AX FLAIR")
+        assert pynd_send(srv.server_address[1], files) == [0, 0, 0, 0]
+        released = time.monotonic()
+        while not seen and time.monotonic() - released < 5:
+            time.sleep(0.01)
+        assert seen and time.monotonic() - released < 1.0
+        ready, state = seen[0]
+        assert (ready.run, ready.reason, ready.roles, state) == (1, "released", ("FLAIR",), "ready")
+        assert pynd_send(srv.server_address[1], files[:1]) == [0]  # duplicate: success, not stored twice
+        with store.db.session() as session:
+            assert len(session.exec(select(Instance)).all()) == 4
+        time.sleep(0.3)
+        with store.db.session() as session:
+            assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]
+        assert len(seen) == 1
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        ae.shutdown()

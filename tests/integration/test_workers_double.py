@@ -114,14 +114,14 @@ def mark_ready(store: Store, study_id: int) -> None:
 
 
 def make_study(store: Store, *, seed: int = 0, roles: Sequence[str] = ("FLAIR",), corrupt_role: str | None = None,
-               mrn: str | None = None, rle: bool = False, slices: int = 8) -> tuple[int, str]:
+               mrn: str | None = None, rle: bool = False, slices: int = 8, size: int = 16) -> tuple[int, str]:
     """A ready study; returns (study id, study UID)."""
     study_uid = generate_uid()
     mrn = mrn or f"MRN{seed:05d}"
     study_id = 0
     for role in roles:
         study_id = add_series(store, study_uid=study_uid, role=role, mrn=mrn, accession=f"ACC{seed:05d}",
-                              seed=seed, rle=rle, corrupt=(role == corrupt_role), slices=slices)
+                              seed=seed, rle=rle, corrupt=(role == corrupt_role), slices=slices, size=size)
     mark_ready(store, study_id)
     return study_id, study_uid
 

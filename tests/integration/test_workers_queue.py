@@ -285,3 +285,52 @@ def _wait_port(port: int, timeout: float = 10) -> None:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"port {port} did not open")
+
+
+def test_scheduler_role_turns_ready_studies_into_results(tmp_path: Path) -> None:
+    """``run(store, stop)`` as ``msgate serve`` calls it: the hook wakes it, the reconciler runs in it."""
+    import threading
+
+    from msgate.workers import scheduler
+
+    rig = make_rig(tmp_path, "embedded", None)
+    stop = threading.Event()
+    thread = threading.Thread(target=scheduler.run, args=(rig.store, stop), daemon=True)
+    try:
+        thread.start()
+        rig.start_worker()
+        study_id, _ = double.make_study(rig.store, seed=30)
+        scheduler.hook(type("Ready", (), {"study_id": study_id})())
+        rig.wait(rig.settled(1), what="the scheduler role's job")
+        assert rig.jobs()[0].state == "done"
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        rig.close()
+
+
+def _real_checkpoint() -> bool:
+    try:
+        from msgate.model.patient import checkpoint
+
+        return checkpoint.DEFAULT_PATH.is_file()
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_checkpoint(), reason="the tiny patient checkpoint is not packaged yet")
+def test_real_tiny_model_end_to_end(rig_factory: Callable[..., Rig]) -> None:
+    """The real ``msgate.model.predict`` (tiny preset) behind the same queue: one result, rendered fields."""
+    rig = rig_factory(model_module="msgate.model.predict", hard_time_limit=300, soft_time_limit=240,
+                      visibility_timeout=400)
+    double.add_patient(rig.store, mrn="MRN00040", nfl=10.0)
+    double.make_study(rig.store, seed=40, roles=("FLAIR", "QSM", "T1"), slices=24, size=64, rle=True)
+    [job_id] = rig.sched.scan()
+    rig.start_worker()
+    rig.wait(rig.settled(1), timeout=240, what="the real model's job")
+    [job] = rig.jobs()
+    assert job.state == "done", job.error
+    result = read_result(rig.store, job_id)
+    assert result is not None and len(result.edss_probabilities) == 4 and 0.0 <= result.p_ms <= 1.0
+    assert result.model_version == job.model_version and rig.results(job_id) == 1

@@ -18,7 +18,6 @@ from typing import Any
 
 from msgate.errors import CryptoError, Rejected, Transient
 from msgate.model.types import Case, ModelResult
-from msgate.storage.models import Job, Study
 from msgate.workers import case as case_mod
 from msgate.workers import jobs
 from msgate.workers.results_io import store_result
@@ -165,8 +164,3 @@ def _handoff(rt: Runtime, job_id: str, handoff: Handoff) -> None:
         log.warning("hand-off to publish failed; the reconciler retries", extra={"job_id": job_id})
         return
     jobs.mark_handed_off(rt.store.db, job_id)
-
-
-def study_of(rt: Runtime, job: Job) -> Study | None:
-    with rt.store.db.session() as session:
-        return session.get(Study, job.study_id)

@@ -142,7 +142,7 @@ def finish(db: Database, job_id: str, *, owner: str, state: str, stages: dict[st
         if job.state != "running" or job.flags.get("owner") != owner:
             session.add(job)
             return False
-        job.state, job.finished_at, job.error = state, utcnow(), (error or None) and error[:512]
+        job.state, job.finished_at, job.error = state, utcnow(), error[:512] if error else None
         job.flags = _with({**job.flags, **(flags or {})}, lease_until=None)
         session.add(job)
         audit.append(session, kind=f"job.{state}", actor=owner[:64], subject=f"job:{job_id}",
@@ -156,7 +156,7 @@ def release(db: Database, job_id: str, *, owner: str, error: str) -> bool:
         job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
         if job is None or job.state != "running" or job.flags.get("owner") != owner:
             return False
-        job.state, job.error = "queued", error[:512]
+        job.state, job.error, job.published_at = "queued", error[:512], None  # the reconciler re-sends it
         job.flags = _with(job.flags, lease_until=None, owner=None)
         session.add(job)
         return True

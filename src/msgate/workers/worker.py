@@ -43,12 +43,26 @@ def start_controller(store: Store, *, queues: tuple[str, ...] = (celery_app.GPU_
     rt = runtime.Runtime(settings, store)
     runtime.install(rt)
     rt.model()
+    _advertise(rt)
     log.info("worker ready", extra={"device": rt.device, "model_version": rt.version, "worker": rt.owner,
                                     "queue": ",".join(queues)})
     return app.WorkController(app=app, pool_cls="solo", concurrency=1, queues=list(queues),
                               hostname=hostname or f"gpu{os.getpid()}@{socket.gethostname()}",
                               without_mingle=True, without_gossip=True, without_heartbeat=True,
                               prefetch_multiplier=1, loglevel=settings.log_level)
+
+
+def _advertise(rt: runtime.Runtime) -> None:
+    """Device and model version on this process's heartbeat (shown by ``msgate status``)."""
+    facts: dict[str, Any] = {"device": rt.device, "model_version": rt.version, "pool": "solo"}
+    if rt.device.startswith("cuda"):
+        import torch
+
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["gpu_memory_mb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**20)
+    from msgate.storage import heartbeat
+
+    heartbeat.set_info("worker", **facts)
 
 
 def serve_one(store: Store, stop: threading.Event) -> None:

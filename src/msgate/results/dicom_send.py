@@ -43,7 +43,12 @@ PARK_TIMEOUT = 5.0
 
 
 class _Checkpoint(threading.Event):
-    """``threading.Event`` that records whether a thread is blocked in :meth:`wait` (the reactor)."""
+    """``threading.Event`` whose waiter (the reactor) cannot slip through once it is parked.
+
+    Unlike ``Event.wait``, a waiter that was notified by ``set()`` but finds the flag cleared again
+    when it gets the lock back keeps waiting (``wait_for`` on the flag). So "parked and the flag
+    is clear" really means the reactor cannot take a message until the next ``set()``.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +62,7 @@ class _Checkpoint(threading.Event):
             self.parked = True
             self._cond.notify_all()  # type: ignore[attr-defined]
             try:
-                return bool(self._cond.wait(timeout))  # type: ignore[attr-defined]
+                return bool(self._cond.wait_for(lambda: self._flag, timeout))  # type: ignore[attr-defined]
             finally:
                 self.parked = False
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import select, update
 
-from msgate.results import outbox
+from msgate.results import outbox, outbox_ops
 from msgate.results.hl7_out import render_oru, OrderNumbers
 from msgate.storage.models import Job, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store, open_store
@@ -69,7 +69,7 @@ def _entries(store: Store) -> list[OutboxEntry]:
 
 def _history(store: Store, entry_id: str) -> list[tuple[str, str, str]]:
     with store.db.session() as session:
-        return [(a.outcome, a.peer_status, a.detail) for a in outbox.attempts_of(session, entry_id)]
+        return [(a.outcome, a.peer_status, a.detail) for a in outbox_ops.attempts_of(session, entry_id)]
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_mllp_ar_dead_letters_and_outbox_list_shows_it(tmp: Path) -> None:
 SENDER = """
 import sys, threading
 from msgate.config import load_settings
-from msgate.results import outbox
+from msgate.results import outbox, outbox_ops
 from msgate.storage.store import open_store
 store = open_store(load_settings())
 outbox.run(store, threading.Event(), outbox.Policy(base_delay=0.2, max_delay=1.0, lease=3.0, poll=0.1), consume=False)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from msgate.cli import outbox_cmd
 from msgate.cli.common import State
-from msgate.results import outbox
+from msgate.results import outbox, outbox_ops
 from msgate.results.publish import publish_job
 from msgate.storage.models import AuditEvent, Blob, Job, OutboxAttempt, OutboxEntry, Series, Study, utcnow
 from msgate.storage.store import Store, open_store
@@ -78,7 +78,7 @@ def _state(store: Store, entry_id: str) -> OutboxEntry:
 
 def _outcomes(store: Store, entry_id: str) -> list[str]:
     with store.db.session() as session:
-        return [a.outcome for a in outbox.attempts_of(session, entry_id)]
+        return [a.outcome for a in outbox_ops.attempts_of(session, entry_id)]
 
 
 def test_enqueue_one_entry_per_pacs_and_a_retry_backs_off(rstore: Store) -> None:
@@ -117,7 +117,7 @@ def test_max_age_and_permanent_failures_dead_letter(rstore: Store) -> None:
     assert _outcomes(rstore, a) == ["expired"]
     assert outbox.record(rstore, claimed[b], outbox.Attempt("dead", "rejected", "AR"), POLICY) == "dead"
     # an operator retry restarts the age window
-    assert outbox.requeue(rstore, [a], actor="cli:test") == [a]
+    assert outbox_ops.requeue(rstore, [a], actor="cli:test") == [a]
     claimed = {c.id: c for c in outbox.claim(rstore, POLICY)}
     assert outbox.record(rstore, claimed[a], outbox.Attempt("retry", "0xA700", "busy"), POLICY) == "pending"
     assert _outcomes(rstore, a) == ["expired", "requeued", "retry"]
@@ -133,10 +133,10 @@ def test_study_delivered_only_when_every_entry_is_done(rstore: Store) -> None:
     outbox.record(rstore, claimed[b], outbox.Attempt("dead", "0xA900"), POLICY)
     with rstore.db.session() as session:
         assert session.exec(select(Study)).one().delivered_at is None
-    assert outbox.drop(rstore, [b], actor="cli:test") == [b]
+    assert outbox_ops.drop(rstore, [b], actor="cli:test") == [b]
     with rstore.db.session() as session:
         assert session.exec(select(Study)).one().delivered_at is not None
-    assert outbox.drop(rstore, [a], actor="cli:test") == []  # delivered entries stay
+    assert outbox_ops.drop(rstore, [a], actor="cli:test") == []  # delivered entries stay
 
 
 def test_cli_list_retry_drop(rstore: Store) -> None:

@@ -15,7 +15,7 @@ from rich.table import Table
 from sqlmodel import col, select
 
 from msgate.cli.common import console, fail, print_json, state
-from msgate.results import outbox
+from msgate.results import outbox_ops as outbox
 from msgate.storage import audit
 from msgate.storage.models import Blob, OutboxEntry
 

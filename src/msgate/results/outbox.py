@@ -25,18 +25,16 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlmodel import Session, col, select
 
 from msgate.config import PacsDestination, Settings
-from msgate.errors import MsgateError, Rejected, Transient
+from msgate.errors import CryptoError, MsgateError, Rejected, Transient
 from msgate.storage import audit
 from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
@@ -224,7 +222,14 @@ def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed],
     """One association for the batch; each object's own status decides its outcome."""
     from msgate.results.dicom_send import Sender, sop_class_of
 
-    payloads = [(item, _read(store, item.blob_id)) for item in items]
+    payloads = []
+    for item in items:
+        try:
+            payloads.append((item, _read(store, item.blob_id)))
+        except CryptoError as exc:
+            record(store, item, Attempt("dead", exc.code, "the stored object cannot be decrypted"), policy)
+    if not payloads:
+        return
     sender = Sender(dest, calling_aet=store.settings.dicom.ae_title, dimse_timeout=policy.dimse_timeout)
     try:
         sender.open([sop_class_of(data) for _, data in payloads])
@@ -264,7 +269,12 @@ def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
         for item in items:
             msh10 = control_id(item.id, item.attempts + 1)
             try:
-                ack = client.send(with_control_id(_read(store, item.blob_id), msh10))
+                message = with_control_id(_read(store, item.blob_id), msh10)
+            except CryptoError as exc:
+                record(store, item, Attempt("dead", exc.code, "the stored message cannot be decrypted"), policy)
+                continue
+            try:
+                ack = client.send(message)
                 result = Attempt("delivered", ack.code, f"MSH-10 {msh10}")
             except Rejected as exc:
                 result = Attempt("dead", exc.code, f"MSH-10 {msh10}: {exc}")
@@ -331,68 +341,3 @@ def run(store: Store, stop: threading.Event, policy: Policy | None = None, *, co
         if consumer is not None:
             consumer.stop()
         log.info("outbox sender stopped")
-
-
-# --- operator actions -----------------------------------------------------------------------------
-
-
-def entries(session: Session, *, state: str | None = None, job_id: str | None = None,
-            limit: int = 200) -> list[OutboxEntry]:
-    query = select(OutboxEntry).order_by(col(OutboxEntry.created_at).desc()).limit(limit)
-    if state:
-        query = query.where(OutboxEntry.state == state)
-    if job_id:
-        query = query.where(OutboxEntry.job_id == job_id)
-    return list(session.exec(query).all())
-
-
-def attempts_of(session: Session, entry_id: str) -> list[OutboxAttempt]:
-    return list(session.exec(select(OutboxAttempt).where(OutboxAttempt.entry_id == entry_id)
-                             .order_by(col(OutboxAttempt.started_at), col(OutboxAttempt.id))).all())
-
-
-def requeue(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
-    """Operator retry: dead or pending entries become due now; their max-age window restarts."""
-    done = []
-    with store.db.session() as session:
-        for entry_id in entry_ids:
-            entry = session.get(OutboxEntry, entry_id)
-            if entry is None or entry.state not in ("dead", "pending"):
-                continue
-            entry.state, entry.next_attempt_at = "pending", utcnow()
-            session.add(entry)
-            session.add(OutboxAttempt(entry_id=entry.id, outcome="requeued", detail=f"by {actor}"[:512]))
-            audit.append(session, kind="outbox.retry", actor=actor, subject=f"outbox:{entry.id}",
-                         detail={"job_id": entry.job_id, "destination": entry.destination})
-            done.append(entry.id)
-    return done
-
-
-def drop(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
-    """Operator drop: the entry is never sent; it no longer holds back the study's delivered mark."""
-    done = []
-    with store.db.session() as session:
-        for entry_id in entry_ids:
-            entry = session.get(OutboxEntry, entry_id)
-            if entry is None or entry.state == "delivered" or entry.state == "dropped":
-                continue
-            entry.state = "dropped"
-            session.add(entry)
-            session.add(OutboxAttempt(entry_id=entry.id, outcome="dropped", detail=f"by {actor}"[:512]))
-            audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
-                         detail={"job_id": entry.job_id, "destination": entry.destination})
-            session.flush()
-            _mark_study(session, entry, utcnow())
-            done.append(entry.id)
-    return done
-
-
-def summary(entry: OutboxEntry, attempts: Sequence[OutboxAttempt], blob_kind: str = "") -> dict[str, Any]:
-    return {
-        "id": entry.id, "job_id": entry.job_id, "kind": entry.kind, "object": blob_kind.removeprefix("out."),
-        "destination": entry.destination, "state": entry.state, "attempts": entry.attempts,
-        "next_attempt_at": entry.next_attempt_at, "created_at": entry.created_at,
-        "delivered_at": entry.delivered_at, "last_error": entry.last_error,
-        "history": [{"at": a.started_at, "outcome": a.outcome, "peer_status": a.peer_status, "detail": a.detail}
-                    for a in attempts],
-    }

@@ -1,0 +1,79 @@
+"""Operator views and actions on the results outbox (``msgate outbox list|retry|drop``, ``msgate trace``).
+
+Every action is recorded as an attempt row (``requeued``/``dropped``) and audited with the operator's
+name; a retry restarts the entry's max-age window (see :mod:`msgate.results.outbox`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from msgate.results.outbox import _mark_study
+from msgate.storage import audit
+from msgate.storage.models import OutboxAttempt, OutboxEntry, utcnow
+from msgate.storage.store import Store
+
+
+def entries(session: Session, *, state: str | None = None, job_id: str | None = None,
+            limit: int = 200) -> list[OutboxEntry]:
+    query = select(OutboxEntry).order_by(col(OutboxEntry.created_at).desc()).limit(limit)
+    if state:
+        query = query.where(OutboxEntry.state == state)
+    if job_id:
+        query = query.where(OutboxEntry.job_id == job_id)
+    return list(session.exec(query).all())
+
+
+def attempts_of(session: Session, entry_id: str) -> list[OutboxAttempt]:
+    return list(session.exec(select(OutboxAttempt).where(OutboxAttempt.entry_id == entry_id)
+                             .order_by(col(OutboxAttempt.started_at), col(OutboxAttempt.id))).all())
+
+
+def requeue(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
+    """Operator retry: dead or pending entries become due now; their max-age window restarts."""
+    done = []
+    with store.db.session() as session:
+        for entry_id in entry_ids:
+            entry = session.get(OutboxEntry, entry_id)
+            if entry is None or entry.state not in ("dead", "pending"):
+                continue
+            entry.state, entry.next_attempt_at = "pending", utcnow()
+            session.add(entry)
+            session.add(OutboxAttempt(entry_id=entry.id, outcome="requeued", detail=f"by {actor}"[:512]))
+            audit.append(session, kind="outbox.retry", actor=actor, subject=f"outbox:{entry.id}",
+                         detail={"job_id": entry.job_id, "destination": entry.destination})
+            done.append(entry.id)
+    return done
+
+
+def drop(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
+    """Operator drop: the entry is never sent; it no longer holds back the study's delivered mark."""
+    done = []
+    with store.db.session() as session:
+        for entry_id in entry_ids:
+            entry = session.get(OutboxEntry, entry_id)
+            if entry is None or entry.state == "delivered" or entry.state == "dropped":
+                continue
+            entry.state = "dropped"
+            session.add(entry)
+            session.add(OutboxAttempt(entry_id=entry.id, outcome="dropped", detail=f"by {actor}"[:512]))
+            audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
+                         detail={"job_id": entry.job_id, "destination": entry.destination})
+            session.flush()
+            _mark_study(session, entry, utcnow())
+            done.append(entry.id)
+    return done
+
+
+def summary(entry: OutboxEntry, attempts: Sequence[OutboxAttempt], blob_kind: str = "") -> dict[str, Any]:
+    return {
+        "id": entry.id, "job_id": entry.job_id, "kind": entry.kind, "object": blob_kind.removeprefix("out."),
+        "destination": entry.destination, "state": entry.state, "attempts": entry.attempts,
+        "next_attempt_at": entry.next_attempt_at, "created_at": entry.created_at,
+        "delivered_at": entry.delivered_at, "last_error": entry.last_error,
+        "history": [{"at": a.started_at, "outcome": a.outcome, "peer_status": a.peer_status, "detail": a.detail}
+                    for a in attempts],
+    }

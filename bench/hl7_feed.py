@@ -47,6 +47,7 @@ def serve_msgate(port: int, home: str, ready: mp.Event) -> None:  # type: ignore
     from msgate.storage.store import open_store
 
     logging.disable(logging.INFO)
+    sys.setswitchinterval(0.001)  # as msgate.hl7.server.run does
     store = open_store(load_settings(home=Path(home), storage={"min_free_bytes": 0}, hl7={"port": port}))
 
     async def main() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
-
 import pytest
 from hl7_helpers import RawClient, err, make_store, msa, running_server
 
@@ -18,9 +16,9 @@ def good(cid: str) -> bytes:
     return GOOD.replace(b"{cid}", cid.encode())
 
 
-@pytest.fixture()
-def server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    store = make_store(tmp_path, max_message_bytes=4096, idle_timeout=1.0)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    store = make_store(tmp_path_factory.mktemp("bad"), max_message_bytes=4096, idle_timeout=1.0)
     with running_server(store) as srv:
         yield srv
     store.close()

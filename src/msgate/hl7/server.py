@@ -20,6 +20,7 @@ import itertools
 import logging
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -311,6 +312,10 @@ class Hl7Server:
 
 def run(store: Store, stop: threading.Event) -> None:
     """Serve role ``hl7``: block until ``stop`` is set (``msgate serve --role hl7``)."""
+
+    # The indexer and mapping threads share the GIL with the event loop; a 1 ms switch interval (default
+    # 5 ms) bounds how long an arriving frame waits for it, which is what the ACK latency target needs.
+    sys.setswitchinterval(0.001)
 
     async def main() -> None:
         server = Hl7Server(store)

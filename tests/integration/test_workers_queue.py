@@ -165,7 +165,7 @@ def test_study_sent_twice_runs_once(rig_factory: Callable[..., Rig]) -> None:
                                                        AuditEvent.subject == f"job:{job.id}")).all()
         assert len(events) == 2  # the FLAIR series and the EHR snapshot
         assert audit.verify(session).ok
-    assert "handoff_at" in job.flags
+    assert "handoff_at" in job.flags and len(job.flags["flair_instances"]) == 8
     assert rig.publish_depth() == 1  # handed to msgate.publish (the results side consumes it)
 
 

@@ -40,7 +40,9 @@ def _slice(z: float, *, value: int | None = None, iop: list[float] = IOP, x: flo
 
 
 def test_sorted_along_normal_with_lps_affine_and_rescale() -> None:
-    vol = assemble([_slice(z) for z in (4.0, 0.0, 2.0, 6.0)], "FLAIR").volume
+    result = assemble([_slice(z) for z in (4.0, 0.0, 2.0, 6.0)], "FLAIR")
+    vol = result.volume
+    assert result.sources == (1, 2, 0, 3)
     assert vol.data.shape == (4, 8, 8)
     assert [float(vol.data[k, 0, 0]) for k in range(4)] == [-1.0, 39.0, 79.0, 119.0]  # 2 * z*10 - 1
     np.testing.assert_allclose(vol.affine_lps[:3, :], [[0.75, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 2.0, 0]])
@@ -57,6 +59,7 @@ def test_duplicate_positions_keep_the_latest_instance() -> None:
 def test_missing_slice_is_interpolated_and_flagged() -> None:
     result = assemble([_slice(z) for z in (0.0, 1.0, 2.0, 4.0, 5.0, 6.0)], "FLAIR")
     assert result.volume.data.shape[0] == 7 and "missing_slices" in result.flags
+    assert result.sources == (0, 1, 2, None, 3, 4, 5)
     assert float(result.volume.data[3, 0, 0]) == pytest.approx((39 + 79) / 2)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from msgate.workers import ehr as ehr_mod
 from msgate.workers import volume as volume_mod
 
 ROLES: tuple[Role, ...] = ("FLAIR", "QSM", "T1")
+READ_THREADS = 4
+"""Blob reads per series run on this many connections (PostgreSQL: round trips dominate; SQLite
+transactions take the write lock, so one)."""
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Loaded:
     case: Case
     flags: list[str] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
-    flair_instances: list[int] = field(default_factory=list)
+    flair_instances: list[int | None] = field(default_factory=list)
 
 
 def _ms(start: float) -> float:
@@ -52,11 +56,20 @@ def _read_series(store: Store, series_id: int, role: str, *, actor: str, job_id:
     if not rows:
         raise Rejected(f"series {role} has no stored instances", code="empty_series")
     _audit(store, actor=actor, job_id=job_id, detail={"series_id": series_id, "role": role, "instances": len(rows)})
-    out = []
+    pairs = [(int(iid), str(bid)) for iid, bid in rows]  # type: ignore[arg-type]
+    threads = 1 if store.db.is_sqlite else min(READ_THREADS, len(pairs))
+    if threads <= 1:
+        return _read_blobs(store, pairs)
+    chunks = [pairs[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="case-read") as pool:
+        parts = list(pool.map(lambda chunk: _read_blobs(store, chunk), chunks))
+    order = {iid: n for n, (iid, _) in enumerate(pairs)}
+    return sorted((item for part in parts for item in part), key=lambda item: order[item[0]])
+
+
+def _read_blobs(store: Store, pairs: list[tuple[int, str]]) -> list[tuple[int, bytes]]:
     with store.db.session() as session:
-        for instance_id, blob_id in rows:
-            out.append((int(instance_id), store.blobs.read(session, blob_id)))  # type: ignore[arg-type]
-    return out
+        return [(iid, store.blobs.read(session, blob_id)) for iid, blob_id in pairs]
 
 
 def _parse(raw: list[tuple[int, bytes]], role: str) -> list[Dataset]:
@@ -77,7 +90,7 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
     stages = {"load_ms": 0.0, "decode_ms": 0.0}
     volumes: dict[str, Volume] = {}
     flags: list[str] = []
-    flair_instances: list[int] = []
+    flair_instances: list[int | None] = []
     for role in ROLES:
         if role not in series:
             flags.append(f"{role.lower()}_absent")
@@ -92,7 +105,7 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
         volumes[role] = assembly.volume
         flags.extend(f"{role.lower()}_{flag}" for flag in assembly.flags)
         if role == "FLAIR":
-            flair_instances = [iid for iid, _ in raw]
+            flair_instances = [None if src is None else raw[src][0] for src in assembly.sources]
         del raw, datasets
     t0 = time.perf_counter()
     with store.db.session() as session:
@@ -104,7 +117,7 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
     _audit(store, actor=actor, job_id=job_id, detail={"ehr": True, "patient_id": link.patient_id})
     stages["load_ms"] += _ms(t0)
     case = Case(case_id=job_id, volumes=volumes, ehr=ehr_mod.vector(snap))
-    return Loaded(case, flags, stages, flair_instances)
+    return Loaded(case, flags, {k: round(v, 1) for k, v in stages.items()}, flair_instances)
 
 
 def choose_series(rows: list[Series]) -> dict[str, Series]:

@@ -33,7 +33,7 @@ class Item:
     case: Case | None = None
     flags: list[str] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)
-    flair_instances: list[int] = field(default_factory=list)
+    flair_instances: list[int | None] = field(default_factory=list)
     result: ModelResult | None = None
 
 

@@ -40,12 +40,14 @@ class Plane:
     spacing: tuple[float, float]  # (row spacing, column spacing), PixelSpacing order
     pixels: np.ndarray
     order: tuple[int, int]  # (instance number, frame) for "latest wins" on duplicates
+    source: int = 0  # index of the dataset it came from
 
 
 @dataclass(frozen=True)
 class Assembly:
     volume: Volume
     flags: tuple[str, ...] = field(default_factory=tuple)
+    sources: tuple[int | None, ...] = ()  # per slice k: the dataset index, None where interpolated
 
 
 def _floats(value: Any, n: int, what: str) -> np.ndarray:
@@ -131,9 +133,12 @@ def planes_of(datasets: list[Dataset], role: str) -> list[Plane]:
     planes: list[Plane] = []
     for i, ds in enumerate(datasets):
         if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            planes.extend(_multiframe_planes(ds, f"series {role} multi-frame instance {i + 1}"))
+            found = _multiframe_planes(ds, f"series {role} multi-frame instance {i + 1}")
         else:
-            planes.extend(_single_planes(ds, f"series {role} instance {i + 1}"))
+            found = _single_planes(ds, f"series {role} instance {i + 1}")
+        for plane in found:
+            plane.source = i
+        planes.extend(found)
     return planes
 
 
@@ -162,7 +167,7 @@ def assemble(datasets: list[Dataset], role: Role) -> Assembly:
     if len(planes) < MIN_SLICES:
         raise Rejected(f"series {role} has {len(planes)} usable slice(s); at least {MIN_SLICES} are needed",
                        code="too_few_slices")
-    data, step = _stack(planes, normal, flags, role)
+    data, step, sources = _stack(planes, normal, flags, role)
     affine = np.eye(4)
     affine[:3, 0] = row_dir * planes[0].spacing[1]
     affine[:3, 1] = col_dir * planes[0].spacing[0]
@@ -171,7 +176,7 @@ def assemble(datasets: list[Dataset], role: Role) -> Assembly:
     tilt = np.degrees(np.arccos(np.clip(abs(step @ normal) / np.linalg.norm(step), -1.0, 1.0)))
     if tilt > TILT_TOLERANCE_DEG:
         flags.append("gantry_tilt")
-    return Assembly(Volume(data=data, affine_lps=affine, role=role), tuple(flags))
+    return Assembly(Volume(data=data, affine_lps=affine, role=role), tuple(flags), sources)
 
 
 def _dedupe(planes: list[Plane], normal: np.ndarray, flags: list[str]) -> list[Plane]:
@@ -188,7 +193,8 @@ def _dedupe(planes: list[Plane], normal: np.ndarray, flags: list[str]) -> list[P
     return kept
 
 
-def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str], role: str) -> tuple[np.ndarray, np.ndarray]:
+def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str],
+           role: str) -> tuple[np.ndarray, np.ndarray, tuple[int | None, ...]]:
     """Stack along the normal; fill missing slices by linear interpolation (or reject too many gaps)."""
     dist = np.array([float(p.position @ normal) for p in planes])
     gaps = np.diff(dist)
@@ -202,9 +208,11 @@ def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str], role: str)
     if missing / total > MAX_MISSING_FRACTION:
         raise Rejected(f"series {role}: {missing} of {total} slices are missing", code="missing_slices")
     out = np.empty((total, *planes[0].pixels.shape), dtype=np.float32)
+    sources: list[int | None] = [None] * total
     k = 0
     for i, plane in enumerate(planes):
         out[k] = plane.pixels
+        sources[k] = plane.source
         if i < len(counts):
             for j in range(1, int(counts[i])):
                 w = j / counts[i]
@@ -213,4 +221,4 @@ def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str], role: str)
     if missing:
         flags.append("missing_slices")
     step = (planes[-1].position - planes[0].position) / (total - 1)
-    return out, step
+    return out, step, tuple(sources)

@@ -119,3 +119,16 @@ def test_flair_is_required(model) -> None:  # type: ignore[no-untyped-def]
     case = _case()
     with pytest.raises(ValueError, match="FLAIR"):
         predict([Case("nf", {"T1": case.volumes["T1"]}, case.ehr)], model)
+
+
+def test_model_grid_round_trip_keeps_geometry() -> None:
+    from msgate.model.patient.preprocess import prepare, to_flair_grid
+
+    case = _case()
+    mask = np.zeros(case.flair.data.shape, np.int16)
+    mask[4:9, 5:11, 12:18] = 1  # an off-centre block, in [k, r, c]
+    mi = prepare(case.volumes, mask, replace(MICRO, grid=(24, 24, 24), spacing_mm=5.0))
+    back = to_flair_grid(mi.image[3], mi.affine_ras, case.flair)
+    assert back.shape == mask.shape
+    inside, outside = back[mask > 0].mean(), back[mask == 0].mean()
+    assert inside > 0.5 and outside < 0.05

@@ -69,6 +69,7 @@ def load_data(path: Path) -> tuple[Data, dict[str, NDArray[Any]]]:
     parts = [dict(np.load(p)) for p in cache_files(path)]
     z = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("seed", "lesion_source")}
     z["lesion_source"] = np.asarray(str(parts[0].get("lesion_source", "heuristic")))
+    z["seeds"] = np.unique([int(p["seed"]) for p in parts])
     d = Data(z["image"], z["present"].astype(np.float32), z["lesion"].astype(np.float32), z["ehr_x"], z["ehr_m"],
              z["edss"].astype(np.float32), z["edss_class"].astype(np.int64), z["ms"].astype(np.float32),
              z["n_rim"].astype(np.float32), z["index"].astype(np.int64))
@@ -231,7 +232,10 @@ def train_patient(cache: Path, preset_name: str, out: Path, mode: Mode = "multim
     net, info = fit(preset, train, val, scaler, mode, seed, device)
     temps = calibrate(net, val, scaler, device)
     meta = {"preset": preset.name, "preset_config": preset.to_dict(), "seed": seed, **temps,
-            "training_data": data_note or f"synthetic cache {cache}: {len(train)} train / {len(val)} validation patients",
+            "training_data": data_note or (
+                f"synthetic cohort (msgate.model.synth, 2 mm, missing_rate 0.1) seed(s) {raw['seeds'].tolist()}, "
+                f"{len(data)} patients split by patient into {len(train)} train / {len(val)} validation; "
+                f"lesion source {raw['lesion_source']}"),
             "n_train": len(train), "lesion_source": str(raw["lesion_source"]), "n_val": len(val),
             "train_seconds": info["train_seconds"], "epochs_run": len(info["history"]),
             "best_val_loss": info["best_val_loss"], "device": device.type}

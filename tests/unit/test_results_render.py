@@ -112,6 +112,7 @@ def test_sr_flags_observer_and_disclaimer(rendered: dict[str, list[Dataset]], re
     assert ds.VerificationFlag == "UNVERIFIED"
     assert ds.CompletionFlag == "COMPLETE"
     assert ds.PreliminaryFlag == "PRELIMINARY"
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99MSGATE"
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     procedure = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert procedure[0].ConceptCodeSequence[0].CodeValue == "24590-2"

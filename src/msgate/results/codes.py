@@ -8,6 +8,7 @@ v2 the same designator is a local coding system, table 0396 ``99zzz``). The tabl
 
 from __future__ import annotations
 
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
@@ -15,6 +16,12 @@ from msgate.model.types import EDSS_BINS, LESION_LOCATIONS
 
 SCHEME = "99MSGATE"
 SCHEME_VERSION = "1"
+
+
+def scheme_identification() -> CodingSchemeIdentificationItem:
+    """The Coding Scheme Identification Sequence item that declares ``99MSGATE`` in SR and SEG."""
+    return CodingSchemeIdentificationItem(designator=SCHEME, name="msgate local codes", version=SCHEME_VERSION,
+                                          responsible_organization="msgate (docs/results.md)")
 
 
 def local(value: str, meaning: str) -> CodedConcept:

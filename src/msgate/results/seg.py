@@ -75,7 +75,7 @@ def build_seg(result: ModelResult, sources: Sequence[Dataset], ident: Identity, 
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=ident.manufacturer,
         manufacturer_model_name=ident.model_name, software_versions=ident.software_versions,
         device_serial_number=ident.device_serial_number, series_description="MS lesions (AI, unverified)",
-        content_label="LESIONS", omit_empty_frames=True,
+        content_label="LESIONS", omit_empty_frames=True, coding_schemes=[codes.scheme_identification()],
     )
     out = SegResult(seg, {key: n for n, (key, _, _) in enumerate(present, start=1)})
     _lesion_frames(result, out, sources)

@@ -129,5 +129,5 @@ def build_sr(result: ModelResult, sources: Sequence[Dataset], seg: SegResult | N
         is_complete=is_complete(result), is_final=False, is_verified=False,
         previous_versions=list(previous) or None, series_description="MS AI report (unverified)",
         manufacturer_model_name=ident.model_name, software_versions=ident.software_versions,
-        device_serial_number=ident.device_serial_number,
+        device_serial_number=ident.device_serial_number, coding_schemes=[codes.scheme_identification()],
     )

@@ -42,7 +42,7 @@ def test_worker_context_is_public_and_cannot_decrypt(setup: tuple[HeKeys, HeWork
         ts.ckks_vector_from(ctx, pack.ciphertexts[0]).decrypt()
     res = worker.evaluate(pack, z)
     with pytest.raises(ValueError, match="secret"):
-        ts.ckks_vector_from(ctx, res.ciphertext).decrypt()
+        ts.ckks_vector_from(ctx, res.ciphertexts[0]).decrypt()
     assert worker.keys.load_seconds[key_id] > 0
 
 
@@ -83,9 +83,13 @@ def test_altered_or_swapped_ciphertexts_are_detected(setup: tuple[HeKeys, HeWork
     # 4. the encrypted result altered, or another request's result substituted
     res1, res2 = worker.evaluate(p1, z[:2]), worker.evaluate(p2, z[2:])
     with pytest.raises(TamperedData, match="MAC"):
-        keys.open_result(dataclasses.replace(res1, ciphertext=_flip(res1.ciphertext, 100)))
+        keys.open_result(dataclasses.replace(res1, ciphertexts=(_flip(res1.ciphertexts[0], 100),
+                                                                *res1.ciphertexts[1:])))
     with pytest.raises(TamperedData, match="MAC"):
-        keys.open_result(dataclasses.replace(res1, ciphertext=res2.ciphertext))
+        keys.open_result(dataclasses.replace(res1, ciphertexts=res2.ciphertexts))
+    with pytest.raises(TamperedData, match="MAC"):  # two outputs swapped (EDSS logit <-> MS logit)
+        c = res1.ciphertexts
+        keys.open_result(dataclasses.replace(res1, ciphertexts=(c[5], *c[1:5], c[0])))
     assert keys.open_result(res1).shape == (2, 6)
 
 

@@ -22,8 +22,14 @@ def test_layout_fits_the_slots(batch: int) -> None:
 
 
 def test_pack_too_big_is_refused() -> None:
-    with pytest.raises(ValueError, match="1..16"):
-        he.make_layout(17, 41, 32, 4096)
+    with pytest.raises(ValueError, match="1..128"):
+        he.make_layout(129, 41, 32, 4096)
+
+
+def test_packing_cuts_ciphertexts_and_rotations() -> None:
+    one, sixteen = he.make_layout(1, 41, 32, 4096), he.make_layout(16, 41, 32, 4096)
+    assert (one.n_ciphertexts, one.rotations) == (1, 6)
+    assert (sixteen.n_ciphertexts, sixteen.rotations) == (6, 3)
 
 
 def test_packing_algebra_in_plaintext() -> None:
@@ -36,10 +42,9 @@ def test_packing_algebra_in_plaintext() -> None:
                                                             he.weight_patterns(lay, model.w1b), strict=True))
     y = np.asarray(acc).reshape(lay.blocks, lay.lanes).sum(0)
     m, off = model.readout(z)
-    mp, cmp_, op = he.readout_patterns(lay, m, off, model.c)
-    lanes = np.asarray(mp) * y + np.asarray(cmp_) * y * y + np.asarray(op)
-    np.testing.assert_allclose(he.unpack_outputs(lay, lanes.tolist(), model.n_out), model.plain_logits(u, z),
-                               atol=1e-9)
+    outs = [np.asarray(mk) * y + np.asarray(cmk) * y * y + np.asarray(ok)
+            for mk, cmk, ok in he.readout_patterns(lay, m, off, model.c)]
+    np.testing.assert_allclose(he.unpack_outputs(lay, outs), model.plain_logits(u, z), atol=1e-9)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 16])

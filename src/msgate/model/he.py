@@ -8,18 +8,19 @@ The algebra. With ``u`` the model EHR input ``[standardised values, mask]`` plus
 ``o = A(z) + W diag(g) b2``. Only ``x`` is encrypted. The worker evaluates
 ``M y + (c M) y^2 + o`` (the polynomial split across the readout, so ``c`` costs no level).
 
-Packing (SIMD, several cases per ciphertext). Slots are ``n = N / 2``. A *lane* ``r = (b, k, j)``
-indexes case ``b`` (of ``B``), output row ``k`` (``K`` = 6 outputs padded to 8) and hidden unit ``j``
-(``H``): ``R = B * K * H`` lanes. The key service writes feature ``f = c * G + g`` of case ``b`` into
-every lane of case ``b`` in slot block ``g`` of ciphertext ``c`` (``G`` blocks of ``R`` lanes per
-ciphertext, ``C = ceil(F / G)`` ciphertexts). The worker multiplies ciphertext ``c`` by the plaintext
-``W1b[j, f]`` laid out the same way and adds the ``C`` products (level 1); when ``G > 1`` it sums the
-``G`` blocks with TenSEAL's strided rotate-and-sum (``enc_matmul_plain`` with a ones kernel: ``log2 G``
-rotations, level 2). Every lane now holds ``y[b, j]`` (replicated over ``k``); it multiplies by the
-lane-wise ``M[b, k, j]`` and, after one square, by ``c M[b, k, j]``, and adds the offset in the
-``j = 0`` lane. The key service decrypts and sums over ``j`` (``H`` adds in plaintext) to get the
-logits. No TenSEAL ``mm`` (one rotation per input feature, ~350 ms measured) is used at all: the only
-rotations are the ``log2 G`` block sums, and the only plaintext shapes are fixed by ``(B, G)``.
+Packing (SIMD, several cases per ciphertext). Slots are ``n = N / 2``. A *lane* ``r = (b, j)``
+indexes case ``b`` (of ``B``, padded to a power of two) and hidden unit ``j`` (``H`` = 32):
+``R = B * H`` lanes. The key service writes feature ``f = c * G + g`` of case ``b`` into every lane of
+case ``b`` in slot block ``g`` of ciphertext ``c`` (``G = min(n / R, 64)`` blocks of ``R`` lanes,
+``C = ceil(F / G)`` ciphertexts: 1 for one case, 6 for 16 cases, F = 41). The worker multiplies
+ciphertext ``c`` by the plaintext ``W1b[j, f]`` laid out the same way and adds the ``C`` products
+(level 1), then sums the ``G`` blocks with TenSEAL's strided rotate-and-sum (``enc_matmul_plain`` with
+a constant kernel: ``log2 G`` rotations, level 2), so lane ``(b, j)`` holds ``y[b, j]``. For each
+output ``k`` it multiplies by the lane-wise ``M[b, k, j]`` and, after the one square, by
+``c M[b, k, j]`` (levels 3 and 4), and adds the offset in the ``j = 0`` lane. The key service decrypts
+the ``K`` = 6 output vectors and sums each case's ``H`` lanes in plaintext to get the logits. No TenSEAL
+``mm`` (one rotation per input feature, ~350 ms measured for 65 inputs) is used: the only rotations are
+the ``log2 G`` block sums (6 for one case, 3 for 16), and the plaintext shapes depend only on ``(B, G)``.
 Every bias is folded or added after the last multiplication (reference/domain.md section 4).
 
 Depth: ``W1b`` (1) + block sum (1, only when ``G > 1``) + square (1) + ``c M`` (1) = 4 rescales, hence
@@ -53,7 +54,6 @@ MAX_COEFF_BITS: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 1638
 DEFAULT_N = 8192
 DEFAULT_COEFF_BITS: tuple[int, ...] = (44, 32, 32, 32, 32, 44)
 DEFAULT_SCALE_BITS = 32
-K_PAD = 8  # output rows per case in the packing (6 used: 4 EDSS logits, EDSS, MS logit)
 
 
 class HeParamError(ValueError):
@@ -244,19 +244,24 @@ class Layout:
     n_features: int
     hidden: int
     slots: int
-    k_pad: int = K_PAD
+
+    @property
+    def batch_pad(self) -> int:
+        return _pow2(self.batch)
+
+    @property
+    def hidden_pad(self) -> int:
+        return _pow2(self.hidden)
 
     @property
     def lanes(self) -> int:
-        return self.batch * self.k_pad * self.hidden
+        """``R``: one lane per (case, hidden unit), padded to powers of two."""
+        return self.batch_pad * self.hidden_pad
 
     @property
     def blocks(self) -> int:
         """``G``: feature blocks per ciphertext (power of two, at most the next power of two of F)."""
-        g = 1
-        while self.lanes * g * 2 <= self.slots and g < self.n_features:
-            g *= 2
-        return g
+        return max(1, min(self.slots // self.lanes, _pow2(self.n_features)))
 
     @property
     def n_ciphertexts(self) -> int:
@@ -266,23 +271,30 @@ class Layout:
     def size(self) -> int:
         return self.lanes * self.blocks
 
+    @property
+    def rotations(self) -> int:
+        return int(math.log2(self.blocks))
+
     def feature_index(self) -> NDArray[np.int64]:
         """[C, G]: feature of each (ciphertext, block); ``n_features`` marks padding."""
         f = np.arange(self.n_ciphertexts * self.blocks).reshape(self.n_ciphertexts, self.blocks)
         return np.where(f < self.n_features, f, self.n_features)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, int]:
-        return {"batch": self.batch, "n_features": self.n_features, "hidden": self.hidden, "slots": self.slots,
-                "k_pad": self.k_pad}
+        return {"batch": self.batch, "n_features": self.n_features, "hidden": self.hidden, "slots": self.slots}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Layout:
-        return cls(int(d["batch"]), int(d["n_features"]), int(d["hidden"]), int(d["slots"]), int(d["k_pad"]))
+        return cls(int(d["batch"]), int(d["n_features"]), int(d["hidden"]), int(d["slots"]))
 
 
-def max_pack(hidden: int, slots: int, k_pad: int = K_PAD) -> int:
-    """How many cases fit into one pack."""
-    return max(1, slots // (k_pad * hidden))
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def max_pack(hidden: int, slots: int) -> int:
+    """How many cases fit into one pack (one lane per case and hidden unit)."""
+    return max(1, slots // _pow2(hidden))
 
 
 def make_layout(batch: int, n_features: int, hidden: int, slots: int) -> Layout:
@@ -291,44 +303,52 @@ def make_layout(batch: int, n_features: int, hidden: int, slots: int) -> Layout:
     return Layout(batch, n_features, hidden, slots)
 
 
+def _blocks_of(layout: Layout, per_case_feature: Array) -> list[list[float]]:
+    """[B, H, F+1] values -> the C slot vectors (block g of ciphertext c holds feature c G + g)."""
+    full = np.zeros((layout.batch_pad, layout.hidden_pad, per_case_feature.shape[2]))
+    full[: per_case_feature.shape[0], : per_case_feature.shape[1]] = per_case_feature
+    lanes = full.reshape(layout.lanes, -1)  # [R, F+1]
+    fi = layout.feature_index()
+    return [lanes[:, fi[c]].T.reshape(-1).tolist() for c in range(layout.n_ciphertexts)]
+
+
 def pack_inputs(layout: Layout, x: Array) -> list[list[float]]:
     """Key-service side: ``x`` [B, F] (bias column included) -> the C plaintext slot vectors to encrypt."""
     x = np.asarray(x, np.float64)
     if x.shape != (layout.batch, layout.n_features):
         raise ValueError(f"expected inputs of shape {(layout.batch, layout.n_features)}, got {x.shape}")
     xp = np.concatenate([x, np.zeros((layout.batch, 1))], axis=1)  # padding feature = 0
-    fi = layout.feature_index()  # [C, G]
-    lanes = np.broadcast_to(xp[:, None, None, :], (layout.batch, layout.k_pad, layout.hidden, xp.shape[1]))
-    lanes = lanes.reshape(layout.lanes, xp.shape[1])  # [R, F+1]
-    return [lanes[:, fi[c]].T.reshape(-1).tolist() for c in range(layout.n_ciphertexts)]
+    return _blocks_of(layout, np.broadcast_to(xp[:, None, :], (layout.batch, layout.hidden, xp.shape[1])))
 
 
 def weight_patterns(layout: Layout, w1b: Array) -> list[list[float]]:
-    """Worker side: the C plaintexts ``W1b[j, f]`` in the input layout (cache per layout)."""
+    """Worker side: the C plaintexts ``W1b[j, f]`` in the input layout (cached per layout)."""
     wp = np.concatenate([w1b, np.zeros((w1b.shape[0], 1))], axis=1)  # [H, F+1]
-    fi = layout.feature_index()
-    lanes = np.broadcast_to(wp[None, None, :, :], (layout.batch, layout.k_pad, layout.hidden, wp.shape[1]))
-    lanes = lanes.reshape(layout.lanes, wp.shape[1])
-    return [lanes[:, fi[c]].T.reshape(-1).tolist() for c in range(layout.n_ciphertexts)]
+    return _blocks_of(layout, np.broadcast_to(wp[None], (layout.batch, *wp.shape)))
 
 
-def readout_patterns(layout: Layout, m: Array, off: Array, c: float) -> tuple[list[float], list[float], list[float]]:
-    """Worker side: lane-wise ``M``, ``c M`` and the offset (in the ``j = 0`` lane) for one pack."""
+def readout_patterns(layout: Layout, m: Array, off: Array, c: float) -> list[tuple[list[float], list[float], list[float]]]:
+    """Worker side: per output ``k`` the lane-wise ``M[:, k, :]``, ``c M[:, k, :]`` and the offset
+    (in the ``j = 0`` lane of each case)."""
     b, o, h = m.shape
-    if b != layout.batch or h != layout.hidden or o > layout.k_pad:
+    if b != layout.batch or h != layout.hidden:
         raise ValueError(f"readout of shape {m.shape} does not fit layout {layout.to_dict()}")
-    mp = np.zeros((b, layout.k_pad, h))
-    mp[:, :o, :] = m
-    op = np.zeros((b, layout.k_pad, h))
-    op[:, :o, 0] = off
-    flat = mp.reshape(-1)
-    return flat.tolist(), (c * flat).tolist(), op.reshape(-1).tolist()
+    out = []
+    for k in range(o):
+        mk = np.zeros((layout.batch_pad, layout.hidden_pad))
+        mk[:b, :h] = m[:, k, :]
+        ok = np.zeros((layout.batch_pad, layout.hidden_pad))
+        ok[:b, 0] = off[:, k]
+        flat = mk.reshape(-1)
+        out.append((flat.tolist(), (c * flat).tolist(), ok.reshape(-1).tolist()))
+    return out
 
 
-def unpack_outputs(layout: Layout, values: Sequence[float], n_out: int) -> Array:
-    """Key-service side: decrypted lanes -> logits [B, n_out] (the sum over hidden units)."""
-    v = np.asarray(values[: layout.lanes], np.float64).reshape(layout.batch, layout.k_pad, layout.hidden)
-    return v.sum(axis=2)[:, :n_out]  # type: ignore[no-any-return]
+def unpack_outputs(layout: Layout, outputs: Sequence[Sequence[float]]) -> Array:
+    """Key-service side: decrypted output vectors (one per logit) -> logits [B, n_out] (sum over ``j``)."""
+    cols = [np.asarray(v[: layout.lanes], np.float64).reshape(layout.batch_pad, layout.hidden_pad).sum(axis=1)
+            for v in outputs]
+    return np.stack(cols, axis=1)[: layout.batch]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,11 +377,12 @@ class Evaluator:
             self._w_cache[layout] = (np.asarray(weight_patterns(layout, self.model.w1b)) * self._fix[0]).tolist()
         return self._w_cache[layout]
 
-    def depth_needed(self, layout: Layout) -> int:
+    @staticmethod
+    def depth_needed(layout: Layout) -> int:
         return 4 if layout.blocks > 1 else 3
 
     def hidden(self, layout: Layout, cts: Sequence[ts.CKKSVector]) -> ts.CKKSVector:
-        """``y`` in every lane: sum of the C products, then the G-block sum."""
+        """``y[b, j]`` in lane ``(b, j)``: sum of the C products, then the G-block sum."""
         if len(cts) != layout.n_ciphertexts:
             raise ValueError(f"layout needs {layout.n_ciphertexts} ciphertexts, got {len(cts)}")
         acc = None
@@ -375,20 +396,24 @@ class Evaluator:
             acc = acc.enc_matmul_plain([self._fix[1]] * layout.blocks, layout.lanes)
         return acc
 
-    def logits(self, layout: Layout, cts: Sequence[ts.CKKSVector], z: Array) -> ts.CKKSVector:
-        """Encrypted lane-wise ``M y + c M y^2 + o`` for the pack (the key service sums over ``j``)."""
+    def logits(self, layout: Layout, cts: Sequence[ts.CKKSVector], z: Array) -> list[ts.CKKSVector]:
+        """One encrypted vector per output ``k``: lane-wise ``M_k y + c M_k y^2 + o_k`` (the key service
+        sums each case's ``H`` lanes)."""
         if self.depth_needed(layout) > self.params.depth:
             raise HeParamError(f"this pack needs {self.depth_needed(layout)} rescales; he.coeff_mod_bit_sizes "
                                f"gives {self.params.depth}")
         used = 2 if layout.blocks > 1 else 1
         m, off = self.model.readout(z)
-        mp, cmp_, op = readout_patterns(layout, m * self._fix[used], off,
-                                        self.model.c * self._fix[used + 1])
+        pats = readout_patterns(layout, m * self._fix[used], off, self.model.c * self._fix[used + 1])
         y = self.hidden(layout, cts)
-        out = y.square() * cmp_
-        out += y * mp
-        out += op
-        return out
+        y2 = y.square()
+        outs = []
+        for mk, cmk, ok in pats:
+            out = y2 * cmk
+            out += y * mk
+            out += ok
+            outs.append(out)
+        return outs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,8 +480,8 @@ def compare(n: int = 200, batch: int = 16, checkpoint: str | None = None, seed: 
         xb, zb = with_bias(u[s:s + batch]), z[s:s + batch]
         lay = make_layout(len(xb), model.n_features, model.hidden, params.slots)
         cts = [ts.ckks_vector_from(pub, ts.ckks_vector(ctx, v).serialize()) for v in pack_inputs(lay, xb)]
-        res = ev.logits(lay, cts, zb).serialize()
-        he[s:s + batch] = unpack_outputs(lay, ts.ckks_vector_from(ctx, res).decrypt(), model.n_out)
+        res = [o.serialize() for o in ev.logits(lay, cts, zb)]
+        he[s:s + batch] = unpack_outputs(lay, [ts.ckks_vector_from(ctx, r).decrypt() for r in res])
     elapsed = time.perf_counter() - t0
     plain = _torch_logits(net, u, z)
     p_plain, p_he = softmax(plain[:, :4], t_edss), softmax(he[:, :4], t_edss)

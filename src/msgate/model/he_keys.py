@@ -113,21 +113,24 @@ class EncryptedResult:
     layout: he.Layout
     request_tag: bytes = field(repr=False)
     input_digests: tuple[str, ...]
-    ciphertext: bytes = field(repr=False)
-    n_out: int
+    ciphertexts: tuple[bytes, ...] = field(repr=False)  # one per output (logit)
     tag: bytes = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c) for c in self.ciphertexts)
 
     def to_wire(self) -> dict[str, Any]:
         return {"key_id": self.key_id, "request_id": self.request_id, "case_ids": list(self.case_ids),
                 "layout": self.layout.to_dict(), "request_tag": _b64(self.request_tag),
-                "input_digests": list(self.input_digests), "ciphertext": _b64(self.ciphertext),
-                "n_out": self.n_out, "tag": _b64(self.tag)}
+                "input_digests": list(self.input_digests), "ciphertexts": [_b64(c) for c in self.ciphertexts],
+                "tag": _b64(self.tag)}
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> EncryptedResult:
         return cls(str(d["key_id"]), str(d["request_id"]), tuple(d["case_ids"]), he.Layout.from_dict(d["layout"]),
-                   base64.b64decode(d["request_tag"]), tuple(d["input_digests"]), base64.b64decode(d["ciphertext"]),
-                   int(d["n_out"]), base64.b64decode(d["tag"]))
+                   base64.b64decode(d["request_tag"]), tuple(d["input_digests"]),
+                   tuple(base64.b64decode(c) for c in d["ciphertexts"]), base64.b64decode(d["tag"]))
 
 
 def request_mac(mac_key: bytes, *, key_id: str, request_id: str, case_ids: tuple[str, ...], layout: he.Layout,
@@ -138,9 +141,9 @@ def request_mac(mac_key: bytes, *, key_id: str, request_id: str, case_ids: tuple
 
 
 def result_mac(result_key: bytes, *, request_id: str, request_tag: bytes, digests: tuple[str, ...],
-               ciphertext: bytes, n_out: int) -> bytes:
-    msg = json.dumps(["msgate-he-res-v1", request_id, _b64(request_tag), list(digests), _sha(ciphertext), n_out]
-                     ).encode()
+               ciphertexts: tuple[bytes, ...]) -> bytes:
+    msg = json.dumps(["msgate-he-res-v1", request_id, _b64(request_tag), list(digests),
+                      [_sha(c) for c in ciphertexts]]).encode()
     return hmac.new(result_key, msg, hashlib.sha256).digest()
 
 
@@ -294,14 +297,14 @@ class HeKeys:
             raise TamperedData("HE result answers inputs this key service did not send (altered or swapped "
                                "ciphertext, case list or layout)", code="he_request_mac")
         rtag = result_mac(result_key_of(sec.mac_key), request_id=res.request_id, request_tag=res.request_tag,
-                          digests=res.input_digests, ciphertext=res.ciphertext, n_out=res.n_out)
+                          digests=res.input_digests, ciphertexts=res.ciphertexts)
         if not hmac.compare_digest(rtag, res.tag):
             raise TamperedData("HE result ciphertext failed its MAC (altered in transit)", code="he_result_mac")
         try:
-            vec = ts.ckks_vector_from(sec.ctx, res.ciphertext)
+            vecs = [ts.ckks_vector_from(sec.ctx, c) for c in res.ciphertexts]
         except Exception:  # noqa: BLE001 - TenSEAL raises bare ValueError/RuntimeError on bad bytes
             raise TamperedData("HE result ciphertext does not parse", code="he_parse") from None
-        return he.unpack_outputs(res.layout, vec.decrypt(), res.n_out)
+        return he.unpack_outputs(res.layout, [v.decrypt() for v in vecs])
 
     def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
         """Decrypt and calibrate: per case EDSS probabilities (softmax / T), EDSS estimate, P(MS)."""

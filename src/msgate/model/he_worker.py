@@ -90,12 +90,11 @@ class HeWorker:
             cts = [ts.ckks_vector_from(ctx, c) for c in pack.ciphertexts]
         except Exception:  # noqa: BLE001 - TenSEAL raises bare ValueError/RuntimeError on bad bytes
             raise TamperedData("HE input ciphertext does not parse", code="he_parse") from None
-        out = self._evaluator(params).logits(lay, cts, np.asarray(z, np.float64)).serialize()
+        outs = tuple(o.serialize() for o in self._evaluator(params).logits(lay, cts, np.asarray(z, np.float64)))
         digests = tuple(hashlib.sha256(c).hexdigest() for c in pack.ciphertexts)
         tag = result_mac(result_key, request_id=pack.request_id, request_tag=pack.tag, digests=digests,
-                         ciphertext=out, n_out=self.model.n_out)
-        return EncryptedResult(pack.key_id, pack.request_id, pack.case_ids, lay, pack.tag, digests, out,
-                               self.model.n_out, tag)
+                         ciphertexts=outs)
+        return EncryptedResult(pack.key_id, pack.request_id, pack.case_ids, lay, pack.tag, digests, outs, tag)
 
     def evaluate_wire(self, pack: dict[str, Any], z: list[list[float]]) -> dict[str, Any]:
         """JSON in, JSON out (the Celery task body)."""

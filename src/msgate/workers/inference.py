@@ -44,11 +44,15 @@ def _ms(start: float) -> float:
 def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff) -> str:
     """Run the job of one message (and any batch it gathers); returns a short outcome for the log."""
     wk = rt.settings.workers
-    lease = wk.hard_time_limit
-    primary = jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=lease, via="message", task_id=task_id)
+    try:
+        rt.model()  # loaded once per process, before the job is claimed
+    except Exception as exc:  # a worker without a usable model must not hold (or fail) the job
+        log.exception("model unavailable", extra={"job_id": job_id})
+        raise Transient(f"model unavailable on this worker ({type(exc).__name__})", code="no_model") from None
+    primary = jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=wk.hard_time_limit, via="message",
+                         task_id=task_id)
     if primary is None:
         return _not_claimed(rt, job_id, handoff)
-    rt.model()  # loaded once per process, before the batch clock starts
     items = [Item(primary)] + [Item(c) for c in _gather(rt, exclude={job_id})]
     try:
         _load_all(rt, items)

@@ -119,3 +119,31 @@ def test_jobs_cli(store: Store, sched: Scheduler, monkeypatch: pytest.MonkeyPatc
     assert doc["state"] == "queued" and doc["result"] is False and doc["series"] == {"FLAIR": 1}
     out = runner.invoke(jobs_cmd.app, ["show", job_id])
     assert out.exit_code == 0 and "queued" in out.output
+
+
+def test_worker_without_model_does_not_hold_the_job(store: Store, sched: Scheduler, tmp_path: Path) -> None:
+    from msgate.errors import Transient
+    from msgate.workers import inference, runtime
+
+    double.make_study(store, seed=5)
+    [job_id] = sched.scan()
+    broken = store.settings.model_copy(update={"workers": store.settings.workers.model_copy(
+        update={"model_module": "msgate_no_such_model"})})
+    with pytest.raises(Transient, match="model unavailable"):
+        inference.run(runtime.Runtime(broken, store), job_id, task_id="t", handoff=lambda _: None)
+    [job] = _jobs(store)
+    assert job.state == "queued" and job.attempts == 0
+
+
+def test_inference_run_is_idempotent(store: Store, sched: Scheduler) -> None:
+    from msgate.workers import inference, runtime
+    from msgate.workers.results_io import read_result
+
+    double.make_study(store, seed=6)
+    [job_id] = sched.scan()
+    handed: list[str] = []
+    rt = runtime.Runtime(store.settings, store)
+    assert inference.run(rt, job_id, task_id="t", handoff=handed.append) == "batch of 1"
+    assert inference.run(rt, job_id, task_id="t", handoff=handed.append) == "skipped (done)"
+    [job] = _jobs(store)
+    assert job.state == "done" and handed == [job_id] and read_result(store, job_id) is not None

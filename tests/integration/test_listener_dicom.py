@@ -142,6 +142,7 @@ def test_bad_input_gets_failure_status_and_listener_keeps_serving(tmp_path: Path
         assert pynd_send(listener.port, [truncated], chunked=True) == [0xC210]
         assert pynd_send(listener.port, [no_uid], chunked=True) == [0xA900]
         assert pynd_send(listener.port, [garbage], chunked=True)[0] in (0xC210, 0xC000, 0xA900)
+        _garbage_on_established_association(listener.port)
         assert listener.alive
         assert pynd_send(listener.port, [good[2]]) == [0]
         assert storescu(listener.port, good[:1]).returncode == 0
@@ -150,6 +151,22 @@ def test_bad_input_gets_failure_status_and_listener_keeps_serving(tmp_path: Path
             with store.db.session() as session:
                 assoc = session.exec(select(Association)).all()
         assert sum(a.failures for a in assoc) == 3
+
+
+def _garbage_on_established_association(port: int) -> None:
+    """Associate properly, then write bytes that are no PDU at all: the listener aborts that one."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="GARBAGE")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="MSGATE")
+    assert assoc.is_established
+    assoc.dul.socket.socket.sendall(b"\x42" * 64 + bytes(range(256)))
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established
+    assoc.abort()
 
 
 def test_duplicate_is_success_and_not_stored_twice(tmp_path: Path) -> None:

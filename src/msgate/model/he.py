@@ -451,24 +451,49 @@ def _torch_logits(net: PatientNet, u: Array, z: Array) -> Array:
     return np.asarray(out.double().numpy(), np.float64)
 
 
-def compare(n: int = 200, batch: int = 16, checkpoint: str | None = None, seed: int = 1) -> dict[str, Any]:
-    """Run ``n`` cases through the plaintext network and the HE path; return the differences."""
+def cohort_inputs(net: PatientNet, path: str, scaler: Any = None) -> tuple[Array, Array]:
+    """``(u, z)`` of a held-out synthetic cohort cache (``patient.synthdata.build_cache`` ``.npz``):
+    standardised EHR inputs (the checkpoint's scaler, else one fitted on the cache) and image embeddings."""
+    import torch
+
+    from msgate.model.patient.ehr import EhrScaler
+
+    d = np.load(path)
+    sc = scaler or EhrScaler.fit(d["ehr_x"], d["ehr_m"])
+    u = sc.transform(d["ehr_x"], d["ehr_m"]).astype(np.float64)
+    zs = []
+    with torch.no_grad():
+        for s in range(0, len(u), 16):
+            zs.append(net.image_embedding(torch.as_tensor(d["image"][s:s + 16].astype(np.float32)),
+                                          torch.as_tensor(d["present"][s:s + 16].astype(np.float32)),
+                                          torch.as_tensor(d["lesion"][s:s + 16].astype(np.float32))).double().numpy())
+    return u, np.concatenate(zs)
+
+
+def compare(n: int = 200, batch: int = 16, checkpoint: str | None = None, seed: int = 1,
+            data: str | None = None) -> dict[str, Any]:
+    """Run ``n`` cases (or the cohort cache ``data``) through the plaintext network and the HE path."""
     import tenseal as ts
 
     from msgate.model.patient.calibration import sigmoid, softmax
 
     t_edss = t_ms = 1.0
+    scaler = None
     if checkpoint:
         from msgate.model.patient import checkpoint as ck
 
         loaded = ck.load(checkpoint)
         net, model, t_edss, t_ms = loaded.net, export(loaded.net), loaded.t_edss, loaded.t_ms
+        scaler = loaded.scaler
         source = f"checkpoint {checkpoint}"
     else:
         net, model = random_model()
         source = "randomly initialised PatientNet (tiny preset)"
-    n_cols = (model.n_features - 1) // 2
-    u, z = synthetic_inputs(n, n_cols, model.gate_w.shape[1], seed)
+    if data:
+        u, z = cohort_inputs(net, data, scaler)
+        n, source = len(u), f"{source}; cohort cache {data}"
+    else:
+        u, z = synthetic_inputs(n, (model.n_features - 1) // 2, model.gate_w.shape[1], seed)
     params = HeParams()
     ctx = make_context(params)
     pub = ctx.copy()
@@ -502,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--cases", type=int, default=200)
     ev.add_argument("--batch", type=int, default=16)
     ev.add_argument("--checkpoint", default=None, help="patient checkpoint; default: random init of the architecture")
+    ev.add_argument("--data", default=None, help="held-out cohort cache (.npz from patient.synthdata.build_cache)")
     args = p.parse_args(argv)
-    report = compare(args.cases, args.batch, args.checkpoint)
+    report = compare(args.cases, args.batch, args.checkpoint, data=args.data)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     ok = report["same_class"] == 1.0 and max(report["max_abs_dprob_edss"], report["max_abs_dprob_ms"]) <= 1e-3
     return 0 if ok else 1

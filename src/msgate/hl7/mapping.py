@@ -300,7 +300,7 @@ def _apply_observations(session: Session, patient_id: int, rows: list[dict[str, 
 
 
 def map_parsed(session: Session, store: Store, msg: Message, message_id: int) -> Outcome:
-    outcome = Outcome(state="mapped")
+    outcome = Outcome(state="mapped", findings=list(msg.findings))
     mtype, trigger = msg.msh.get(9, 1).strip().upper(), msg.msh.get(9, 2).strip().upper()
     if mtype == "ADT":
         _map_adt(session, store, msg, trigger, outcome)

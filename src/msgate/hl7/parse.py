@@ -101,6 +101,7 @@ class Message:
     segments: list[Segment]
     enc: Encoding
     charset: str
+    findings: tuple[dict[str, str], ...] = ()
 
     @property
     def msh(self) -> Segment:
@@ -140,7 +141,7 @@ def parse(raw: bytes) -> Message:
             segments.append(Segment("MSH", ["MSH", enc.field, *parts[1:]], enc))
         elif name:
             segments.append(Segment(name, parts, enc))
-    return Message(segments, enc, msh.charset)
+    return Message(segments, enc, msh.charset, msh.findings)
 
 
 def split_batch(raw: bytes) -> tuple[list[bytes], bool]:

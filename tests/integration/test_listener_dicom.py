@@ -151,6 +151,8 @@ def test_bad_input_gets_failure_status_and_listener_keeps_serving(tmp_path: Path
             with store.db.session() as session:
                 assoc = session.exec(select(Association)).all()
         assert sum(a.failures for a in assoc) == 3
+        log_text = listener.log()  # refusals are logged by status and reason only, never values
+        assert "0xC210" in log_text and "SYNTH^LISTENER" not in log_text and sop_uid(good[0]) not in log_text
 
 
 def _garbage_on_established_association(port: int) -> None:

@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import ssl
 import threading
+import warnings
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
@@ -99,6 +100,13 @@ def _reject_at_negotiation(assoc: Any) -> None:
     acse._negotiate_as_acceptor = negotiate
 
 
+def _silence_dataset_warnings() -> None:
+    """pydicom's reading warnings may quote element values (UIDs, names) of what a sender pushed; they
+    would bypass the PHI-safe formatter as raw ``warnings`` on stderr. Only the status code is logged."""
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 _READY_HOOKS: list[ReadyHook] = []
 
 
@@ -113,6 +121,7 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
     settings = store.settings
     cfg = settings.dicom
     quiet_pynetdicom()
+    _silence_dataset_warnings()
     fastpath.install()
     tracker = tracker or Tracker(store, quiet_seconds=cfg.quiet_seconds, rules=settings.rules)
     for hook in _READY_HOOKS:

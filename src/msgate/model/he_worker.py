@@ -13,14 +13,16 @@ import hashlib
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from msgate.errors import ConfigError, KeyNotFound, TamperedData
 from msgate.model import he
 from msgate.model.he_keys import EncryptedPack, EncryptedResult, result_mac
+from msgate.model.types import Case, ModelResult
 
 if TYPE_CHECKING:
     import tenseal as ts
@@ -99,3 +101,117 @@ class HeWorker:
     def evaluate_wire(self, pack: dict[str, Any], z: list[list[float]]) -> dict[str, Any]:
         """JSON in, JSON out (the Celery task body)."""
         return self.evaluate(EncryptedPack.from_wire(pack), np.asarray(z, np.float64)).to_wire()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker model plug-in: ``MSGATE_WORKERS__MODEL_MODULE=msgate.model.he_worker`` (the runtime picks it
+# when ``MSGATE_HE__ENABLED`` is set). Same ``load_model`` / ``predict(cases, model)`` contract as
+# ``msgate.model.predict``; the image side is unchanged, the EHR-dependent outputs come from CKKS.
+
+
+PACK = 16  # cases per CKKS pack: 6 input ciphertexts, 3 rotations (bench/RESULTS.md)
+
+
+class KeyClient(Protocol):
+    """What the worker needs from the key service (in process here; over the broker when split)."""
+
+    def encrypt(self, u: np.ndarray, case_ids: list[str], *, max_batch: int | None = None) -> list[EncryptedPack]: ...
+
+    def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class HePatientModel:
+    """The plaintext patient model (image side), its HE export and the key client."""
+
+    plain: Any  # msgate.model.predict.PatientModel
+    worker: HeWorker
+    keys: KeyClient
+
+    @property
+    def version(self) -> str:
+        return f"{self.plain.version}+he"
+
+
+def load_model(path: Path | str | None = None, *, home: Path | None = None, keys: KeyClient | None = None,
+               plain: Any = None) -> HePatientModel:
+    """Load the patient checkpoint, export its EHR branch and open the key client.
+
+    Without ``keys`` the key service runs in this process (embedded ``serve --role all``): it reads the
+    wrapped secret from ``MSGATE_HOME/keys/he`` and makes a key if there is none.
+    """
+    from msgate.config import load_settings
+    from msgate.model import predict as plain_predict
+    from msgate.model.he_keys import HeKeys
+
+    settings = load_settings()
+    home = Path(home) if home is not None else settings.home
+    pm = plain if plain is not None else plain_predict.load_model(path)
+    if keys is None:
+        from msgate.storage.store import load_or_create_ring
+
+        hk = HeKeys(home, load_or_create_ring(settings, create=False))
+        hk.ensure(settings.he.params())
+        keys = hk
+    return HePatientModel(pm, HeWorker.for_home(he.export(pm.ckpt.net), home), keys)
+
+
+def predict(cases: list[Case], model: HePatientModel | None = None) -> list[ModelResult]:
+    """``ModelResult`` per case with EDSS probabilities, EDSS estimate and P(MS) evaluated under CKKS.
+
+    Differences from the plaintext path, flagged ``he``: the uncertainty is the normalised entropy of
+    the calibrated probabilities (MC dropout would need the plaintext EHR embedding), per-feature EHR
+    contributions are left empty (they are functions of the plaintext values), and Grad-CAM explains
+    the image with the EHR input masked out.
+    """
+    model = model or load_model()
+    out: list[ModelResult] = []
+    cap = PACK
+    for s in range(0, len(cases), cap):
+        out.extend(_predict_pack(model, cases[s:s + cap]))
+    return out
+
+
+def _predict_pack(model: HePatientModel, cases: list[Case]) -> list[ModelResult]:
+    import torch
+
+    from msgate.model import predict as pp
+    from msgate.model.patient.calibration import normalised_entropy
+    from msgate.model.patient.explain import gradcam
+    from msgate.model.patient.preprocess import to_flair_grid
+
+    pm = model.plain
+    net = pm.ckpt.net.eval()
+    prepared = [pp._inputs(pm, c) for c in cases]
+    image = torch.as_tensor(np.stack([p[1].image for p in prepared]))
+    present = torch.as_tensor(np.stack([p[1].present for p in prepared]))
+    lesion = torch.as_tensor(np.stack([p[3] for p in prepared]))
+    u = np.stack([p[2] for p in prepared]).astype(np.float64)
+    with torch.no_grad():
+        z = net.image_embedding(image, present, lesion).double().numpy()
+    ids = [c.case_id for c in cases]
+    got: dict[str, dict[str, Any]] = {}
+    for pack in model.keys.encrypt(u, ids, max_batch=len(ids)):
+        rows = [ids.index(c) for c in pack.case_ids]
+        for o in model.keys.finalize(model.worker.evaluate(pack, z[rows]), t_edss=pm.ckpt.t_edss, t_ms=pm.ckpt.t_ms):
+            got[str(o["case_id"])] = o
+    probs = np.asarray([got[i]["edss_probabilities"] for i in ids])
+    unc = normalised_entropy(probs)
+    heat = None
+    if pm.heatmaps and net.mode != "ehr":
+        layer = str(pm.ckpt.meta["preset_config"]["gradcam_layer"])
+        heat = gradcam(net, image, present, lesion, torch.zeros(len(cases), u.shape[1]), "edss", layer)
+    results = []
+    for i, case in enumerate(cases):
+        les, mi = prepared[i][0], prepared[i][1]
+        conf = float(probs[i].max())
+        flags = (*pp._flags(case, conf, float(unc[i]), pm), "he")
+        results.append(ModelResult(
+            case_id=case.case_id, model_name=pm.name, model_version=model.version,
+            edss_probabilities=tuple(float(p) for p in probs[i]),
+            edss_estimate=float(np.clip(np.round(got[ids[i]]["edss"] * 2) / 2, 0.0, 9.5)),
+            confidence=conf, uncertainty=float(unc[i]), p_ms=float(got[ids[i]]["p_ms"]), lesions=les.findings,
+            lesion_mask=les.labels.astype(np.int16),
+            heatmap=None if heat is None else to_flair_grid(heat[i], mi.affine_ras, case.flair),
+            ehr_contributions={}, flags=flags))
+    return results

@@ -41,6 +41,8 @@ def resolve_device(wanted: str) -> str:
 
 def import_model_module(settings: Settings) -> ModuleType:
     name = settings.workers.model_module
+    if settings.he.enabled and name == "msgate.model.predict":
+        name = "msgate.model.he_worker"  # HE mode (issue 11): EHR outputs evaluated under CKKS
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:

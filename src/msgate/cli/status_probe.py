@@ -22,6 +22,7 @@ from msgate.storage.models import Job, OutboxEntry, utcnow
 QUEUES = ("gpu", "publish")
 PIPELINE_ROLES = ("dicom", "hl7", "scheduler", "worker", "publish")
 STALE_AFTER_S = heartbeat.INTERVAL_S * 4
+OUTBOX_STALE_S = 900.0
 
 
 def database(db: Database) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def celery_ping(url: str) -> list[str]:
 
     app = Celery(broker=url)
     try:
-        replies = app.control.inspect(timeout=1.0).ping() or {}
+        replies = app.control.inspect(timeout=2.0).ping() or {}
     except Exception:
         return []
     finally:
@@ -136,9 +137,10 @@ def outbox(db: Database) -> dict[str, Any]:
             col(OutboxEntry.state).in_(("pending", "sending")))).one()
         dead = session.exec(select(func.count()).where(OutboxEntry.state == "dead")).one()
         errors = session.exec(select(OutboxEntry.destination, OutboxEntry.last_error).where(
-            col(OutboxEntry.last_error).is_not(None), OutboxEntry.state != "delivered")
+            col(OutboxEntry.last_error).is_not(None), col(OutboxEntry.state).in_(("pending", "sending", "dead")))
             .order_by(col(OutboxEntry.next_attempt_at).desc()).limit(3)).all()
     age = (utcnow() - oldest).total_seconds() if oldest else 0.0
-    health = "ok" if not dead and age < 3600 else "degraded"
+    failing = backlog > 0 and bool(errors)  # undelivered entries whose last attempt failed: a peer is down
+    health = "degraded" if dead or failing or age >= OUTBOX_STALE_S else "ok"
     return {"health": health, "backlog": backlog, "oldest_s": round(age, 1), "dead_letters": dead,
             "recent_errors": [{"destination": d, "reason": (e or "")[:120]} for d, e in errors]}

@@ -133,3 +133,31 @@ def test_rotation_keeps_in_flight_results_readable(tmp_path: Path) -> None:
     keys.retire(old)
     with pytest.raises(KeyNotFound):
         HeKeys(tmp_path, ring).open_result(in_flight)
+
+
+def test_keys_role_makes_a_key_and_rotates_on_a_parameter_change(tmp_path: Path) -> None:
+    import threading
+
+    from msgate.config import load_settings
+    from msgate.model.he_keys import run
+    from msgate.storage.store import open_store
+
+    home = tmp_path / "home"
+    settings = load_settings(home=home, storage={"min_free_bytes": 0, "purge_free_bytes": 0}, he={"enabled": True})
+    store = open_store(settings)
+    try:
+        stop = threading.Event()
+        stop.set()  # run() makes sure of the key, then returns at once
+        run(store, stop)
+        keys = HeKeys(home, store.ring)
+        first = keys.active_id()
+        assert first is not None and keys.params_of(first) == he.HeParams()
+        run(store, stop)
+        assert keys.active_id() == first  # same parameters: same key
+        bigger = load_settings(home=home, storage={"min_free_bytes": 0, "purge_free_bytes": 0},
+                               he={"enabled": True, "coeff_mod_bit_sizes": [50, 32, 32, 32, 32, 40]})
+        store.settings = bigger
+        run(store, stop)
+        assert keys.active_id() != first and first in keys.key_ids()
+    finally:
+        store.close()

@@ -44,19 +44,32 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
-def _audit(store: Store, *, actor: str, job_id: str, detail: dict[str, Any]) -> None:
+def _instances(store: Store, series: dict[str, int],
+               study_id: int) -> tuple[dict[str, list[tuple[int, str]]], ehr_mod.EhrLink]:
+    """(instance id, blob id) of each role's current instances, and the EHR link, in one read transaction."""
+    out: dict[str, list[tuple[int, str]]] = {}
     with store.db.session() as session:
-        audit.append(session, kind="decrypt.inference", actor=actor[:64], subject=f"job:{job_id}", detail=detail)
+        study = session.get(Study, study_id)
+        if study is None:
+            raise Rejected("the study was deleted", code="no_study")
+        link = ehr_mod.link(session, study)
+        for role, series_id in series.items():
+            rows = session.exec(select(Instance.id, Instance.blob_id).where(
+                Instance.series_id == series_id, col(Instance.current).is_(True)).order_by(col(Instance.id))).all()
+            if not rows:
+                raise Rejected(f"series {role} has no stored instances", code="empty_series")
+            out[role] = [(int(iid), str(bid)) for iid, bid in rows]  # type: ignore[arg-type]
+    return out, link
 
 
-def _read_series(store: Store, series_id: int, role: str, *, actor: str, job_id: str) -> list[tuple[int, bytes]]:
+def _audit(store: Store, *, actor: str, job_id: str, details: list[dict[str, Any]]) -> None:
+    """One ``decrypt.inference`` event per series and one for the EHR, in one transaction, before reading."""
     with store.db.session() as session:
-        rows = session.exec(select(Instance.id, Instance.blob_id).where(
-            Instance.series_id == series_id, col(Instance.current).is_(True)).order_by(col(Instance.id))).all()
-    if not rows:
-        raise Rejected(f"series {role} has no stored instances", code="empty_series")
-    _audit(store, actor=actor, job_id=job_id, detail={"series_id": series_id, "role": role, "instances": len(rows)})
-    pairs = [(int(iid), str(bid)) for iid, bid in rows]  # type: ignore[arg-type]
+        for detail in details:
+            audit.append(session, kind="decrypt.inference", actor=actor[:64], subject=f"job:{job_id}", detail=detail)
+
+
+def _read_series(store: Store, pairs: list[tuple[int, str]]) -> list[tuple[int, bytes]]:
     threads = 1 if store.db.is_sqlite else min(READ_THREADS, len(pairs))
     if threads <= 1:
         return _read_blobs(store, pairs)
@@ -91,12 +104,19 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
     volumes: dict[str, Volume] = {}
     flags: list[str] = []
     flair_instances: list[int | None] = []
+    t0 = time.perf_counter()
+    wanted = {role: series[role] for role in ROLES if role in series}
+    instances, link = _instances(store, wanted, study_id)
+    _audit(store, actor=actor, job_id=job_id, details=[
+        *({"series_id": sid, "role": role, "instances": len(instances[role])} for role, sid in wanted.items()),
+        {"ehr": True, "patient_id": link.patient_id}])
+    stages["load_ms"] += _ms(t0)
     for role in ROLES:
         if role not in series:
             flags.append(f"{role.lower()}_absent")
             continue
         t0 = time.perf_counter()
-        raw = _read_series(store, series[role], role, actor=actor, job_id=job_id)
+        raw = _read_series(store, instances[role])
         datasets = _parse(raw, role)
         stages["load_ms"] += _ms(t0)
         t0 = time.perf_counter()
@@ -112,9 +132,7 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
         study = session.get(Study, study_id)
         if study is None:
             raise Rejected("the study was deleted", code="no_study")
-        link = ehr_mod.link(session, study)
         snap = ehr_mod.snapshot(session, store.cipher, study, link)
-    _audit(store, actor=actor, job_id=job_id, detail={"ehr": True, "patient_id": link.patient_id})
     stages["load_ms"] += _ms(t0)
     case = Case(case_id=job_id, volumes=volumes, ehr=ehr_mod.vector(snap))
     return Loaded(case, flags, {k: round(v, 1) for k, v in stages.items()}, flair_instances)

@@ -113,3 +113,15 @@ def test_order_links_accession(store: Store) -> None:
         assert order.accession_index == store.cipher.blind_index("ACC123", scope="accession")
         assert order.message_id == mid and order.patient_id is not None
         assert s.get(Hl7Message, mid).patient_id == order.patient_id  # type: ignore[union-attr]
+
+
+def test_one_bad_message_does_not_take_its_batch_with_it(store: Store) -> None:
+    good = [_oru("2.5.1", f"B{i}", [("NM", "101281-4^NfL^LN", "9", "pg/mL", "F")], mrn=f"B{i}") for i in (1, 2)]
+    bad = b"MSH|^~\\&|LAB|HOSP|||20250101||ORU^R01|B3|P|2.5.1\rOBR|1\rOBX|1|NM|101281-4^NfL^LN||9\r"
+    ids = [store.ingest.store_hl7(raw=r, header=read_msh(r).header()).message_id for r in (good[0], bad, good[1])]
+    outcomes = map_messages(store, ids)
+    assert [outcomes[i].state for i in ids] == ["mapped", "error", "mapped"]
+    assert outcomes[ids[1]].error == "no_patient_segment"
+    with store.db.session() as s:
+        assert len(s.exec(select(Observation)).all()) == 2
+        assert s.get(Hl7Message, ids[1]).mapping_state == "error"  # type: ignore[union-attr]

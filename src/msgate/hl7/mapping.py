@@ -296,7 +296,7 @@ def _apply_observations(session: Session, patient_id: int, rows: list[dict[str, 
         old.updated_at = utcnow()
         session.add(old)
     if fresh:
-        session.execute(insert(Observation), fresh)
+        session.execute(insert(Observation.__table__), fresh)  # type: ignore[attr-defined]  # Core executemany
 
 
 def map_parsed(session: Session, store: Store, msg: Message, message_id: int) -> Outcome:
@@ -315,40 +315,66 @@ def map_parsed(session: Session, store: Store, msg: Message, message_id: int) ->
     return outcome
 
 
-def map_messages(store: Store, message_ids: Sequence[int], *, acks: dict[int, str] | None = None) -> dict[int, Outcome]:
-    """Map stored messages in one transaction, one savepoint each; record state, findings and ACK code."""
+def map_messages(store: Store, message_ids: Sequence[int], *, acks: dict[int, str] | None = None,
+                 raws: dict[int, bytes] | None = None) -> dict[int, Outcome]:
+    """Map stored messages; record state, findings and ACK code on each row.
+
+    Fast path: the whole batch in one transaction. If any message fails, that transaction is rolled
+    back and each message is mapped in its own transaction, so one bad message ends in the ``error``
+    state without taking the others with it. ``raws`` (message id -> bytes) saves re-reading blobs.
+    """
+    try:
+        with store.db.session() as session:
+            return {mid: outcome for mid in message_ids
+                    if (outcome := _map_row(session, store, mid, acks, raws, strict=True)) is not None}
+    except _BatchFailed:
+        pass
     results: dict[int, Outcome] = {}
-    with store.db.session() as session:
-        for message_id in message_ids:
-            row = session.get(Hl7Message, message_id)
-            if row is None:
-                continue
-            outcome = _map_one(session, store, row)
-            row.mapping_state, row.mapping_error = outcome.state, outcome.error
-            row.patient_id = outcome.patient_id or row.patient_id
-            row.validation = {**(row.validation or {}), "findings": outcome.findings}
-            if acks and message_id in acks and row.ack_code is None:
-                row.ack_code, row.ack_at = acks[message_id], utcnow()
-            session.add(row)
-            results[message_id] = outcome
+    for mid in message_ids:
+        try:
+            with store.db.session() as session:
+                outcome = _map_row(session, store, mid, acks, raws, strict=True)
+        except _BatchFailed as failed:
+            with store.db.session() as session:
+                outcome = _map_row(session, store, mid, acks, raws, strict=False, failed=failed.outcome)
+        if outcome is not None:
+            results[mid] = outcome
     return results
 
 
-def _map_one(session: Session, store: Store, row: Hl7Message) -> Outcome:
+class _BatchFailed(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.error)
+        self.outcome = outcome
+
+
+def _map_row(session: Session, store: Store, message_id: int, acks: dict[int, str] | None,
+             raws: dict[int, bytes] | None, *, strict: bool, failed: Outcome | None = None) -> Outcome | None:
+    row = session.get(Hl7Message, message_id)
+    if row is None:
+        return None
+    outcome = failed or _map_one(session, store, row, (raws or {}).get(message_id))
+    if outcome.state == "error" and strict:
+        raise _BatchFailed(outcome)
+    row.mapping_state, row.mapping_error = outcome.state, outcome.error
+    row.patient_id = outcome.patient_id or row.patient_id
+    row.validation = {**(row.validation or {}), "findings": outcome.findings}
+    if acks and message_id in acks and row.ack_code is None:
+        row.ack_code, row.ack_at = acks[message_id], utcnow()
+    session.add(row)
+    return outcome
+
+
+def _map_one(session: Session, store: Store, row: Hl7Message, raw: bytes | None = None) -> Outcome:
     assert row.id is not None
     try:
-        msg = parse(store.blobs.read(session, row.blob_id))
+        msg = parse(raw if raw is not None else store.blobs.read(session, row.blob_id))
     except ParseError as exc:
         return Outcome(state="error", error=f"unparseable:{exc.code}"[:256])
-    nested = session.begin_nested()
     try:
-        outcome = map_parsed(session, store, msg, row.id)
-        nested.commit()
+        return map_parsed(session, store, msg, row.id)
     except MappingError as exc:
-        nested.rollback()
-        outcome = Outcome(state="error", error=str(exc))
+        return Outcome(state="error", error=str(exc))
     except Exception as exc:  # the mapping edge: keep the row in an operator-visible error state
-        nested.rollback()
         log.exception("mapping failed", extra={"message_id": row.id})
-        outcome = Outcome(state="error", error=f"internal:{type(exc).__name__}")
-    return outcome
+        return Outcome(state="error", error=f"internal:{type(exc).__name__}")

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 ORDER_TRIGGERS = {"ORM": {"O01"}, "OMI": {"O23"}, "OMG": {"O19"}, "ORU": {"R01", ""}}
 MAX_GROUP = 256
 AppAck = Callable[[str, str], None]
+_MapItem = tuple[int, str, AppAck | None, bytes | None]  # message id, accept ACK code, app-ACK callback, raw
 _conn_ids = itertools.count(1)
 
 
@@ -160,7 +161,7 @@ class Indexer(threading.Thread):
                     seen.add(key)
             for k in range(0, len(fresh), MAX_GROUP):
                 for stored in self.store.ingest.store_hl7_batch(fresh[k:k + MAX_GROUP]):
-                    self.mapper.items.put((stored.message_id, "", None))
+                    self.mapper.items.put((stored.message_id, "", None, None))
             total += len(fresh)
             path.unlink()
         return total
@@ -195,9 +196,9 @@ class Indexer(threading.Thread):
                 time.sleep(min(5.0, 0.2 * 2 ** attempt))
         else:
             return
-        for (_, _, ack, callback), stored in zip(flat, results, strict=True):
+        for (raw, _, ack, callback), stored in zip(flat, results, strict=True):
             if not stored.duplicate:
-                self.mapper.items.put((stored.message_id, ack, callback))
+                self.mapper.items.put((stored.message_id, ack, callback, raw))
         for segment, entries in batch:
             self.journal.indexed(segment, len(entries))
 
@@ -208,7 +209,7 @@ class MappingWorker(threading.Thread):
     def __init__(self, store: Store) -> None:
         super().__init__(name="hl7-mapping", daemon=True)
         self.store = store
-        self.items: queue.Queue[tuple[int, str, AppAck | None] | None] = queue.Queue()
+        self.items: queue.Queue[_MapItem | None] = queue.Queue()
         self.mapped = 0
 
     def recover(self) -> int:
@@ -217,7 +218,7 @@ class MappingWorker(threading.Thread):
                                .order_by(col(Hl7Message.id))).all()
         for message_id in ids:
             if message_id is not None:
-                self.items.put((message_id, "", None))
+                self.items.put((message_id, "", None, None))
         return len(ids)
 
     def run(self) -> None:
@@ -239,15 +240,16 @@ class MappingWorker(threading.Thread):
             self._map(batch)
             FEED.yield_after(time.monotonic() - started)
 
-    def _map(self, batch: list[tuple[int, str, AppAck | None]]) -> None:
-        acks = {mid: code for mid, code, _ in batch if code}
+    def _map(self, batch: list[_MapItem]) -> None:
+        acks = {mid: code for mid, code, _, _ in batch if code}
+        raws = {mid: raw for mid, _, _, raw in batch if raw is not None}
         try:
-            outcomes = map_messages(self.store, [mid for mid, _, _ in batch], acks=acks)
+            outcomes = map_messages(self.store, [mid for mid, _, _, _ in batch], acks=acks, raws=raws)
         except Exception:
             log.exception("mapping batch failed", extra={"count": len(batch)})
             return
         self.mapped += len(outcomes)
-        for mid, _, callback in batch:
+        for mid, _, callback, _ in batch:
             outcome = outcomes.get(mid)
             if outcome is not None and outcome.state == "error":
                 log.warning("mapping error", extra={"message_id": mid, "reason": outcome.error})

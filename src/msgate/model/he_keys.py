@@ -318,9 +318,64 @@ class HeKeys:
                 for i, cid in enumerate(res.case_ids)]
 
 
+REQUEST_QUEUE = "msgate.he-keys"
+"""Broker queue of the key service's small RPC (replies go to the ``reply_to`` queue of each request)."""
+
+
+def broker_connection(settings: Any) -> Any:
+    """A kombu connection to msgate's broker (the embedded SQLite transport or Redis)."""
+    from kombu import Connection
+
+    from msgate.workers.celery_app import broker_options
+
+    url, transport, options = broker_options(settings)
+    return Connection(url, transport=transport, transport_options=options)
+
+
+def handle(keys: HeKeys, req: dict[str, Any]) -> dict[str, Any]:
+    """One RPC request: ``encrypt`` (standardised inputs -> MACed packs) or ``finalize`` (result ->
+    verified, decrypted, calibrated outcomes). Errors come back as ``{"error", "code"}``."""
+    from msgate.errors import MsgateError
+
+    try:
+        if req.get("op") == "encrypt":
+            packs = keys.encrypt(np.asarray(req["u"], np.float64), list(req["case_ids"]),
+                                 max_batch=req.get("max_batch"))
+            return {"packs": [p.to_wire() for p in packs]}
+        if req.get("op") == "finalize":
+            res = EncryptedResult.from_wire(req["result"])
+            return {"outcomes": keys.finalize(res, t_edss=float(req.get("t_edss", 1.0)),
+                                              t_ms=float(req.get("t_ms", 1.0)))}
+        return {"error": f"unknown op {req.get('op')!r}", "code": "he_op"}
+    except MsgateError as exc:
+        return {"error": str(exc), "code": exc.code}
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"error": f"bad request ({type(exc).__name__})", "code": "he_request"}
+
+
+def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
+    """Answer RPC requests from ``REQUEST_QUEUE`` until ``stop`` is set."""
+    with broker_connection(settings) as conn:
+        requests = conn.SimpleQueue(REQUEST_QUEUE)
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            try:
+                msg = requests.get(block=True, timeout=0.5)
+            except requests.Empty:
+                continue
+            req = msg.payload
+            reply = handle(keys, req)
+            with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:
+                out.put({"corr": req.get("corr"), **reply})
+            msg.ack()
+            log.info("HE request served", extra={"status": req.get("op"), "reason": reply.get("code")})
+        requests.close()
+
+
 def run(store: Store, stop: threading.Event) -> None:
     """Role ``keys``: keep an active CKKS key for ``settings.he`` (rotating on a parameter change) and
-    serve encrypt/decrypt requests on the broker's ``he-keys`` queue while HE is enabled."""
+    answer encrypt/finalize requests on the broker queue ``msgate.he-keys`` while HE is enabled."""
     settings = store.settings
     he_settings = getattr(settings, "he", None)
     if he_settings is None or not he_settings.enabled:
@@ -330,4 +385,5 @@ def run(store: Store, stop: threading.Event) -> None:
     keys = HeKeys(settings.home, store.ring)
     key_id = keys.ensure(he_settings.params())
     log.info("CKKS key service ready", extra={"role": "keys", "key_id": key_id})
-    stop.wait()
+    if not stop.is_set():
+        serve(keys, settings, stop)

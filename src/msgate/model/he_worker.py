@@ -120,6 +120,52 @@ class KeyClient(Protocol):
     def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]: ...
 
 
+class BrokerKeyClient:
+    """:class:`KeyClient` over the broker: the worker process never holds the CKKS secret key."""
+
+    def __init__(self, settings: Any, *, timeout: float = 60.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+
+    def _call(self, req: dict[str, Any]) -> dict[str, Any]:
+        import uuid
+
+        from msgate.errors import Transient
+        from msgate.model.he_keys import REQUEST_QUEUE, broker_connection
+
+        corr = uuid.uuid4().hex
+        reply_to = f"msgate.he-reply.{corr}"
+        with broker_connection(self.settings) as conn, conn.SimpleQueue(reply_to) as replies:
+            with conn.SimpleQueue(REQUEST_QUEUE) as q:
+                q.put({**req, "corr": corr, "reply_to": reply_to})
+            try:
+                msg = replies.get(block=True, timeout=self.timeout)
+            except replies.Empty:
+                raise Transient(f"the HE key service did not answer within {self.timeout:.0f} s",
+                                code="he_timeout") from None
+            msg.ack()
+            body: dict[str, Any] = msg.payload
+        if body.get("corr") != corr:
+            raise TamperedData("HE key service reply does not match the request", code="he_corr")
+        if "error" in body:
+            code = str(body.get("code"))
+            if code.startswith(("he_request_mac", "he_result_mac", "he_parse", "tampered")):
+                raise TamperedData(str(body["error"]), code=code)
+            from msgate.errors import Rejected
+
+            raise Rejected(str(body["error"]), code=code)
+        return body
+
+    def encrypt(self, u: np.ndarray, case_ids: list[str], *, max_batch: int | None = None) -> list[EncryptedPack]:
+        body = self._call({"op": "encrypt", "u": np.asarray(u, np.float64).tolist(), "case_ids": list(case_ids),
+                           "max_batch": max_batch})
+        return [EncryptedPack.from_wire(p) for p in body["packs"]]
+
+    def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
+        body = self._call({"op": "finalize", "result": res.to_wire(), "t_edss": t_edss, "t_ms": t_ms})
+        return list(body["outcomes"])
+
+
 @dataclass
 class HePatientModel:
     """The plaintext patient model (image side), its HE export and the key client."""
@@ -137,8 +183,9 @@ def load_model(path: Path | str | None = None, *, home: Path | None = None, keys
                plain: Any = None) -> HePatientModel:
     """Load the patient checkpoint, export its EHR branch and open the key client.
 
-    Without ``keys`` the key service runs in this process (embedded ``serve --role all``): it reads the
-    wrapped secret from ``MSGATE_HOME/keys/he`` and makes a key if there is none.
+    Without ``keys``: with an external broker (``MSGATE_BROKER_URL``) the key service is reached over
+    it (:class:`BrokerKeyClient`; the keys role answers). In embedded mode it runs in this process
+    (``serve --role all``): it reads the wrapped secret from ``MSGATE_HOME/keys/he``.
     """
     from msgate.config import load_settings
     from msgate.model import predict as plain_predict
@@ -147,6 +194,8 @@ def load_model(path: Path | str | None = None, *, home: Path | None = None, keys
     settings = load_settings()
     home = Path(home) if home is not None else settings.home
     pm = plain if plain is not None else plain_predict.load_model(path)
+    if keys is None and settings.broker_url:
+        keys = BrokerKeyClient(settings)
     if keys is None:
         from msgate.storage.store import load_or_create_ring
 

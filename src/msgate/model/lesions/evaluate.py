@@ -1,7 +1,9 @@
 """Evaluation of a lesion model on held-out synthetic subjects: metrics.json + Markdown report + PNGs.
 
 Segmentation is scored on the model's working grid (ground truth moved there by nearest neighbour):
-per-subject Dice and lesion-wise detection (any overlap) by equivalent-sphere diameter bin.
+per-subject Dice and lesion-wise detection by equivalent-sphere diameter bin (a ground-truth lesion is
+detected when >= 10 % of its voxels are predicted; a predicted component is a true positive when >= 10 %
+of its voxels are lesion, so one blob merging many lesions is not counted as many hits).
 Rim+ is scored on patches centred on ground-truth lesions (the classifier alone, every variant)
 and on the segmenter's candidates (end to end; a candidate's label is the Rim+ flag of the
 ground-truth lesion it overlaps most, Rim- when it overlaps none). 95 % intervals: percentile
@@ -24,12 +26,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from msgate.model.lesions.data import synth_case
 from msgate.model.lesions.model import LesionModel
 from msgate.model.lesions.patches import lesion_patches
-from msgate.model.lesions.segment import prepare
+from msgate.model.lesions.segment import prepare, segment_arrays
 from msgate.model.lesions.train import work_truth
 from msgate.model.types import LESION_LOCATIONS
 
 BINS: tuple[tuple[str, float, float], ...] = (("<3 mm", 0.0, 3.0), ("3-6 mm", 3.0, 6.0), ("6-10 mm", 6.0, 10.0),
                                               (">=10 mm", 10.0, np.inf), (">=3 mm", 3.0, np.inf))
+
+
+MIN_OVERLAP = 0.1  # a detection needs >= 10 % of the lesion's (or the prediction's) voxels in common
 
 
 def diameter_mm(voxels: float, vox_mm3: float) -> float:
@@ -54,10 +59,10 @@ class Collected:
 
 def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
     t0 = time.perf_counter()
-    lesions = model.segment(case.volumes)
-    rims = model.classify_rims(case.volumes, lesions)
-    col.seconds.append(time.perf_counter() - t0)
     grid, arrays = prepare(case.volumes, model.preset)
+    lesions = segment_arrays(model.seg, model.loc, model.preset, grid, arrays, model.device)
+    rims = model.classify_arrays(arrays, lesions)
+    col.seconds.append(time.perf_counter() - t0)
     gt, pred = work_truth(case, grid), lesions.work_labels
     vox = float(np.prod(grid.spacing))
     g, p = gt > 0, pred > 0
@@ -66,7 +71,7 @@ def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
     gt_ids = [i for i in np.unique(gt) if i > 0]
     for i in gt_ids:
         comp = gt == i
-        col.gt_les.append((s, diameter_mm(comp.sum(), vox), bool(p[comp].any())))
+        col.gt_les.append((s, diameter_mm(comp.sum(), vox), bool(p[comp].mean() >= MIN_OVERLAP)))
     pred_rim: dict[int, int] = {}
     for j in range(1, int(pred.max()) + 1):
         comp = pred == j
@@ -74,7 +79,7 @@ def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
             continue
         hits = gt[comp]
         hits = hits[hits > 0]
-        col.pred_les.append((s, diameter_mm(comp.sum(), vox), bool(hits.size)))
+        col.pred_les.append((s, diameter_mm(comp.sum(), vox), bool(hits.size >= MIN_OVERLAP * comp.sum())))
         pred_rim[j] = int(truth[int(np.bincount(hits).argmax())].rim) if hits.size else 0
     for f in lesions.findings:
         prob = rims.probabilities.get(f.label)

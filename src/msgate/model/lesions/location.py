@@ -60,17 +60,20 @@ def anatomy_maps(flair: NDArray[np.float32], affine: NDArray[np.float64]) -> Ana
 
 def lesion_features(comp: NDArray[np.bool_], flair: NDArray[np.float32], maps: AnatomyMaps,
                     affine: NDArray[np.float64]) -> NDArray[np.float32]:
-    """Eight location features of one component on the working grid."""
+    """Eight location features of one component on the working grid (computed on its padded bounding box)."""
     idx = np.argwhere(comp)
     centre = affine[:3, :3] @ idx.mean(0) + affine[:3, 3]
     rel = (centre - maps.centre_lps) / maps.extent_lps
-    ring = ndimage.binary_dilation(comp, iterations=2) & ~comp
-    ring_val = float(flair[ring].mean()) if ring.any() else 0.0
+    box = tuple(slice(max(int(a) - 3, 0), int(b) + 4) for a, b in zip(idx.min(0), idx.max(0)))
+    c = comp[box]
+    ring = ndimage.binary_dilation(c, iterations=2) & ~c
+    ring_val = float(flair[box][ring].mean()) if ring.any() else 0.0
     vox_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    dvent = maps.dvent[box][c]
     return np.array([
-        float(maps.dvent[comp].min()) / 10.0, float(maps.dvent[comp].mean()) / 10.0,
-        float(maps.dout[comp].min()) / 10.0, rel[0] * np.sign(rel[0]), rel[1], rel[2], ring_val,
-        float(np.log(comp.sum() * vox_ml * 1000.0 + 1.0)) / 5.0,
+        float(dvent.min()) / 10.0, float(dvent.mean()) / 10.0,
+        float(maps.dout[box][c].min()) / 10.0, rel[0] * np.sign(rel[0]), rel[1], rel[2], ring_val,
+        float(np.log(c.sum() * vox_ml * 1000.0 + 1.0)) / 5.0,
     ], dtype=np.float32)
 
 

@@ -71,10 +71,16 @@ class LesionModel:
 
     def classify_rims(self, volumes: dict[str, Volume], lesions: Lesions, variant: str = "asymmetric") -> RimScores:
         """Rim+ probability per lesion; all None (not assessable) without a QSM volume."""
-        labels = [f.label for f in lesions.findings]
         if "QSM" not in volumes:
-            return RimScores({lab: None for lab in labels}, assessable=False)
+            return RimScores({f.label: None for f in lesions.findings}, assessable=False)
         _, arrays = prepare(volumes, self.preset)
+        return self.classify_arrays(arrays, lesions, variant)
+
+    def classify_arrays(self, arrays: dict[str, np.ndarray], lesions: Lesions, variant: str = "asymmetric") -> RimScores:
+        """:meth:`classify_rims` on arrays already prepared on the working grid."""
+        labels = [f.label for f in lesions.findings]
+        if "QSM" not in arrays:
+            return RimScores({lab: None for lab in labels}, assessable=False)
         work = lesions.work_labels
         cents = ndimage.center_of_mass(np.ones(work.shape), work, index=labels) if labels else []
         patches = lesion_patches(arrays["QSM"], arrays["FLAIR"], [np.asarray(c) for c in cents], self.preset.rim_patch)

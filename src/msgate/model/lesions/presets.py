@@ -44,8 +44,8 @@ PRESETS: dict[str, Preset] = {
         name="tiny", spacing_mm=2.0, synth_resolution=2,
         seg_channels=(8, 16, 32, 64), seg_strides=(2, 2, 2), seg_patch=48, seg_roi=64, seg_batch=4,
         seg_steps=1200, seg_subjects=48,
-        rim_patch=16, rim_widths=(16, 32, 48), rim_subjects=160, rim_enrich=0.35, rim_batch=64,
-        pretrain_epochs=15, finetune_epochs=25, loc_epochs=300, min_lesion_voxels=2,
+        rim_patch=16, rim_widths=(12, 24, 32), rim_subjects=120, rim_enrich=0.35, rim_batch=64,
+        pretrain_epochs=10, finetune_epochs=16, loc_epochs=300, min_lesion_voxels=2,
     ),
     "full": Preset(
         name="full", spacing_mm=1.0, synth_resolution=1,

@@ -120,8 +120,10 @@ Inference time per case (segmentation + Rim+, CPU, {info['threads']} thread(s)):
 ## Segmentation
 
 Dice (mean over subjects with lesions): **{_ci(m, 'dice_mean')}**; pooled voxel Dice {_ci(m, 'dice_pooled')}.
-Scored on the {info['spacing']} mm working grid. Lesion-wise: a ground-truth lesion is detected, and a
-predicted component is a true positive, when they overlap; size = equivalent-sphere diameter.
+Scored on the {info['spacing']} mm working grid. Lesion-wise: a ground-truth lesion is detected when >= 10 %
+of its voxels are predicted; a predicted component is a true positive when >= 10 % of its voxels are
+lesion; size = equivalent-sphere diameter (of the ground-truth lesion for recall, of the predicted
+component for precision).
 
 | size bin | recall | precision | F1 |
 |---|---|---|---|

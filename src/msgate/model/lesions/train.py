@@ -129,7 +129,7 @@ def train_segmenter(model: LesionModel, co: Cohort, seed: int, log: Logger) -> N
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, preset.seg_steps)
-    loss_fn = DiceFocalLoss(sigmoid=True, gamma=2.0, lambda_dice=1.0, lambda_focal=1.0)
+    loss_fn = DiceFocalLoss(sigmoid=True, batch=True, gamma=2.0, lambda_dice=1.0, lambda_focal=1.0)
     run = 0.0
     for step, info in log.track(range(preset.seg_steps), preset.seg_steps, "segmenter"):
         x, y = _seg_batch(co, preset, rng)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from msgate.errors import TamperedData
-from msgate.hl7.journal import Journal, read_segment
+from msgate.storage.journal import Journal, read_segment
 from msgate.storage import keyring
 
 

@@ -2,7 +2,7 @@
 
 Commit path (on the event loop, per frame): read MSH only (:mod:`msgate.hl7.msh`) and decide AR for what
 cannot be accepted; then the message is made durable, encrypted, in the commit journal
-(:mod:`msgate.hl7.journal`, one ``fdatasync`` per group of messages that arrived together) and only then
+(:mod:`msgate.storage.journal`, one ``fdatasync`` per group of messages that arrived together) and only then
 answered: ``AA`` in original mode, ``CA`` in enhanced mode (MSH-15/16 valued, per MSH-15). The
 :class:`Indexer` thread moves journaled messages into the index through ``Ingest.store_hl7_batch``
 (deduplicated on MSH-10 + MSH-3/4, audited); a duplicate is acknowledged again and never mapped again.
@@ -33,7 +33,7 @@ from msgate.config import Hl7Settings
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
 from msgate.hl7.ack import AckError, build_ack, wrap_batch
-from msgate.hl7.journal import Journal, read_segment
+from msgate.storage.journal import Journal, read_segment
 from msgate.hl7.mapping import map_messages
 from msgate.hl7.msh import HeaderError, Msh, check_msh, read_msh
 from msgate.hl7.parse import is_batch, split_batch

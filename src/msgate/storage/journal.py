@@ -1,4 +1,5 @@
-"""The HL7 commit journal: an append-only, encrypted, fsynced log that makes a message durable before its ACK.
+"""The ingest commit journal (used by the HL7 feed): an append-only, encrypted, fsynced log
+that makes a message durable before its ACK.
 
 Why: a message must be durable before ``AA``/``CA``. Writing it straight into the index costs a blob
 file, two directory/file fsyncs and a SQL transaction per message, which caps a single connection well

@@ -138,7 +138,8 @@ def claim(store: Store, policy: Policy, *, now: datetime | None = None) -> list[
         rows = session.exec(
             select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
             .where(col(OutboxEntry.state).in_(("pending", "sending")), col(OutboxEntry.next_attempt_at) <= now)
-            .order_by(col(OutboxEntry.next_attempt_at)).limit(policy.batch).with_for_update()
+            .order_by(col(OutboxEntry.next_attempt_at)).limit(policy.batch)
+            .with_for_update(of=OutboxEntry, skip_locked=True)  # PostgreSQL: senders share the work
         ).all()
         out = []
         for entry, blob_kind in rows:

@@ -77,3 +77,23 @@ def test_crop_pads_at_the_border() -> None:
     p = crop(arr, np.array([0.0, 0.0, 0.0]), 4)
     assert p.shape == (4, 4, 4)
     assert p[2, 2, 2] == arr[0, 0, 0] and p[0, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize(("mode", "thickness"), [("3D", 0.0), ("2D", 5.0)])
+def test_dicom_reader_matches_in_memory_volume(tmp_path, mode: str, thickness: float) -> None:  # type: ignore[no-untyped-def]
+    from msgate.model.lesions.data import _read_series, series_to_volume
+    from msgate.model.synth.contrasts import Acquisition, acquire
+    from msgate.model.synth.dicom_writer import SeriesInfo, StudyInfo, uid, write_series
+
+    rng = np.random.default_rng(3)
+    ras = np.diag([2.0, 2.0, 2.0, 1.0])
+    ras[:3, 3] = (-20.0, -30.0, -10.0)
+    img = rng.random((12, 14, 10)).astype(np.float32)
+    s = acquire(img, Acquisition("FLAIR", mode, thickness, 0.03, 2000.0), ras, rng)
+    st = StudyInfo("SYNTH^P", "SYN1", "19800101", "F", "045Y", uid("st"), uid("fr"), "20260105", "101500",
+                   "SA1", "1", "SIEMENS", "Prisma", 3.0)
+    write_series(s, st, SeriesInfo(uid("se", mode), 1, "FLAIR", "FLAIR"), tmp_path)
+    got, want = _read_series(tmp_path, "FLAIR"), series_to_volume(s, "FLAIR")
+    assert got.data.shape == want.data.shape
+    np.testing.assert_allclose(got.affine_lps, want.affine_lps, atol=1e-3)
+    np.testing.assert_allclose(got.data, want.data, atol=1e-3)

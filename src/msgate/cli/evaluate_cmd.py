@@ -19,7 +19,7 @@ def lesions(
     model: Path | None = typer.Option(None, "--model", help="checkpoint (default: the shipped lesions-tiny.pt)"),
     synthetic: int = typer.Option(200, "--synthetic", min=1, help="held-out synthetic subjects"),
     seed: int = typer.Option(1000, "--seed", help="cohort seed of the held-out subjects (unseen in training)"),
-    data: Path | None = typer.Option(None, "--data", help="not supported yet: a `msgate synth` folder"),
+    data: Path | None = typer.Option(None, "--data", help="a `msgate synth` folder (DICOM + masks + labels.jsonl)"),
     protocol: str = typer.Option("3d", "--protocol", help="synthetic protocol: 3d | 2d | mixed"),
     report: Path = typer.Option(Path("var/reports/lesions"), "--report", help="output folder"),
     n_boot: int = typer.Option(1000, "--bootstrap", min=10, help="bootstrap resamples"),
@@ -31,14 +31,12 @@ def lesions(
     from msgate.model.lesions.evaluate import run_evaluation
     from msgate.model.lesions.model import load_lesion_model
 
-    if data is not None:
-        raise typer.BadParameter("--data is not supported yet; use --synthetic N --seed S")
     if protocol not in ("3d", "2d", "mixed"):
         raise typer.BadParameter("--protocol must be 3d, 2d or mixed")
     torch.set_num_threads(threads)
     m = load_lesion_model(model)
     doc = run_evaluation(m, seed=seed, subjects=synthetic, out_dir=report, protocol=protocol, n_boot=n_boot,
-                         threads=threads)
+                         threads=threads, data=data)
     met = doc["metrics"]
     typer.echo(f"Dice {met['dice_mean']['value']:.3f}  F1>=3mm {met['f1 >=3 mm']['value']:.3f}  "
                f"Rim+ ROC-AUC {met.get('roc_auc asymmetric', {}).get('value', float('nan')):.3f}  "

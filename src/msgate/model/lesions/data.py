@@ -9,6 +9,7 @@ only used for the classifier's *training* cohort (Rim+ is 6-13 % of lesions othe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,9 @@ class SynthCase:
     subject: str
     diagnosis: str
     volumes: dict[str, Volume]
-    labels: NDArray[np.uint16]  # [k, r, c], FLAIR grid, lesion ids
+    labels: NDArray[np.uint16]  # [k, r, c], lesion ids, on the grid of ``labels_affine``
     lesions: tuple[TruthLesion, ...]
+    labels_affine: NDArray[np.float64] | None = None  # LPS on (c, r, k); None: the FLAIR grid
 
 
 def series_to_volume(s: Series, role: str) -> Volume:
@@ -74,3 +76,41 @@ def synth_case(seed: int, index: int, *, resolution: int = 2, protocol: str = "3
     truth = tuple(TruthLesion(les.id, les.location, les.rim, les.kind, les.volume_mm3) for les in maps.lesions)
     labels = np.ascontiguousarray(maps.labels.transpose(2, 1, 0))
     return SynthCase(st.patient_id, lat.diagnosis, vols, labels, truth)
+
+
+def _read_series(folder: Path, role: str) -> Volume:
+    """One classic (single-frame) DICOM series folder -> Volume, sorted along the slice normal."""
+    import pydicom
+
+    dss = [pydicom.dcmread(f) for f in sorted(folder.iterdir()) if f.is_file()]
+    iop = np.asarray(dss[0].ImageOrientationPatient, np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    dss.sort(key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, np.float64))))
+    data = np.stack([d.pixel_array.astype(np.float32) * float(getattr(d, "RescaleSlope", 1.0))
+                     + float(getattr(d, "RescaleIntercept", 0.0)) for d in dss])
+    row_sp, col_sp = (float(v) for v in dss[0].PixelSpacing)
+    p0 = np.asarray(dss[0].ImagePositionPatient, np.float64)
+    step = ((np.asarray(dss[-1].ImagePositionPatient, np.float64) - p0) / (len(dss) - 1) if len(dss) > 1
+            else normal * float(getattr(dss[0], "SliceThickness", 1.0)))
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1], aff[:3, 2], aff[:3, 3] = iop[:3] * col_sp, iop[3:] * row_sp, step, p0
+    return Volume(data, aff, role)  # type: ignore[arg-type]
+
+
+def load_synth_folder(folder: Path | str, limit: int | None = None) -> Iterator[SynthCase]:
+    """Cases of a ``msgate synth`` output folder: DICOM series, NIfTI lesion masks, labels.jsonl."""
+    import json
+
+    import nibabel as nib
+
+    root = Path(folder)
+    with open(root / "labels.jsonl", encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    for rec in records[:limit]:
+        vols = {str(s["role"]): _read_series(root / str(s["dir"]), str(s["role"])) for s in rec["series"]}
+        img = nib.load(root / rec["mask"])
+        labels = np.ascontiguousarray(np.asarray(img.dataobj).astype(np.uint16).transpose(2, 1, 0))
+        truth = tuple(TruthLesion(int(les["id"]), str(les["location"]), bool(les["rim"]), str(les["kind"]),
+                                  float(les["volume_mm3"])) for les in rec["lesions"])
+        yield SynthCase(str(rec["subject"]), str(rec["diagnosis"]), vols, labels, truth,
+                        _LPS @ np.asarray(img.affine, np.float64))

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from msgate.model.lesions.data import synth_case
+from msgate.model.lesions.data import load_synth_folder, synth_case
 from msgate.model.lesions.model import LesionModel
 from msgate.model.lesions.patches import lesion_patches
 from msgate.model.lesions.segment import prepare, segment_arrays
@@ -113,12 +113,14 @@ def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
                 break
 
 
-def collect(model: LesionModel, seed: int, n: int, protocol: str = "3d", progress: Any = None) -> Collected:
-    """Run the model on subjects 1..n of cohort ``seed``."""
+def collect(model: LesionModel, seed: int, n: int, protocol: str = "3d", progress: Any = None,
+            data: Path | None = None) -> Collected:
+    """Run the model on subjects 1..n of cohort ``seed`` (in memory), or the first n of a ``msgate synth`` folder."""
     col = Collected()
     task = progress.add_task("evaluate", total=n) if progress is not None else None
-    for s in range(n):
-        case = synth_case(seed, s + 1, resolution=model.preset.synth_resolution, protocol=protocol)
+    cases = (load_synth_folder(data, n) if data is not None else
+             (synth_case(seed, s + 1, resolution=model.preset.synth_resolution, protocol=protocol) for s in range(n)))
+    for s, case in enumerate(cases):
         _score_case(model, case, s, col)
         if progress is not None:
             progress.advance(task)
@@ -204,7 +206,7 @@ def bootstrap(col: Collected, n_boot: int, seed: int) -> dict[str, dict[str, flo
 
 
 def run_evaluation(model: LesionModel, *, seed: int, subjects: int, out_dir: Path, protocol: str = "3d",
-                   n_boot: int = 1000, threads: int = 1, quiet: bool = False) -> dict[str, Any]:
+                   n_boot: int = 1000, threads: int = 1, quiet: bool = False, data: Path | None = None) -> dict[str, Any]:
     """Evaluate, then write ``metrics.json``, ``report.md`` and the PNG figures into ``out_dir``."""
     from rich.progress import Progress
 
@@ -212,11 +214,12 @@ def run_evaluation(model: LesionModel, *, seed: int, subjects: int, out_dir: Pat
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with Progress(disable=quiet) as progress:
-        col = collect(model, seed, subjects, protocol, progress)
+        col = collect(model, seed, subjects, protocol, progress, data)
+    subjects = len(col.dice)
     metrics = bootstrap(col, n_boot, seed)
     train_seed = int(model.meta.get("seed", 0))
     info = {"model": "msgate-lesions", "version": model.version, "preset": model.preset.name, "subjects": subjects,
-            "seed": seed, "protocol": protocol, "train_seeds": f"{train_seed}, {train_seed + 1}", "n_boot": n_boot,
+            "seed": seed if data is None else f"folder {data.name}", "protocol": protocol if data is None else "as written", "train_seeds": f"{train_seed}, {train_seed + 1}", "n_boot": n_boot,
             "threads": threads, "median_s": float(np.median(col.seconds)), "spacing": model.preset.spacing_mm}
     cm = report.location_confusion(col)
     counts = {"gt_lesions": len(col.gt_les), "pred_lesions": len(col.pred_les), "rim_gt_lesions": len(col.rim_gt_y),

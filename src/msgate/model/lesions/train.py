@@ -45,7 +45,8 @@ def work_truth(case: SynthCase, grid: WorkGrid) -> NDArray[np.int32]:
     from msgate.model.lesions.grid import _resample
 
     arr = np.ascontiguousarray(case.labels.transpose(2, 1, 0)).astype(np.int32)
-    return _resample(arr, grid.src_affine, grid.affine, grid.shape, order=0).astype(np.int32)
+    src = grid.src_affine if case.labels_affine is None else case.labels_affine
+    return _resample(arr, src, grid.affine, grid.shape, order=0).astype(np.int32)
 
 
 class Logger:

@@ -163,7 +163,7 @@ class HeSettings(Section):
 
     enabled: bool = False
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [44, 32, 32, 32, 32, 44])
+    coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [42, 32, 32, 32, 32, 48])
     global_scale_bits: int = 32
 
     @model_validator(mode="after")

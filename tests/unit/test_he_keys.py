@@ -155,7 +155,7 @@ def test_keys_role_makes_a_key_and_rotates_on_a_parameter_change(tmp_path: Path)
         run(store, stop)
         assert keys.active_id() == first  # same parameters: same key
         bigger = load_settings(home=home, storage={"min_free_bytes": 0, "purge_free_bytes": 0},
-                               he={"enabled": True, "coeff_mod_bit_sizes": [50, 32, 32, 32, 32, 40]})
+                               he={"enabled": True, "coeff_mod_bit_sizes": [40, 32, 32, 32, 32, 50]})
         store.settings = bigger
         run(store, stop)
         assert keys.active_id() != first and first in keys.key_ids()

@@ -28,6 +28,7 @@ def test_default_parameters_are_secure_and_deep_enough() -> None:
     (HeParams(8000, (44, 32, 32, 32, 44), 32), "poly_modulus_degree"),
     (HeParams(8192, (60, 40, 60), 40), "at least 5 primes"),
     (HeParams(8192, (44, 30, 32, 32, 32, 44), 32), "middle primes"),
+    (HeParams(8192, (50, 32, 32, 32, 32, 40), 32), "key-switching"),
 ])
 def test_bad_parameters_name_the_setting(params: HeParams, names: str) -> None:
     with pytest.raises(HeParamError, match=names):

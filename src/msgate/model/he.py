@@ -24,8 +24,11 @@ the ``log2 G`` block sums (6 for one case, 3 for 16), and the plaintext shapes d
 Every bias is folded or added after the last multiplication (reference/domain.md section 4).
 
 Depth: ``W1b`` (1) + block sum (1, only when ``G > 1``) + square (1) + ``c M`` (1) = 4 rescales, hence
-the default ``N = 8192``, coefficient moduli ``[44, 32, 32, 32, 32, 44]`` (216 of 218 bits allowed
-for 128-bit security), scale ``2^32``.
+the default ``N = 8192``, coefficient moduli ``[42, 32, 32, 32, 32, 48]`` (218 of 218 bits allowed
+for 128-bit security), scale ``2^32``. The key-switching (last) prime is the largest: rotation noise
+scales with ``max(q_i) / P``; with ``[44, ..., 44]`` the 6 block-sum rotations of a single case left
+an error of 7e-4 in ``y``, with ``P = 2^48`` and ``q_0 = 2^42`` it is 1e-5. ``q_0 / 2^32`` leaves a
+range of +-512 for each decrypted lane.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ Array = NDArray[np.float64]
 MAX_COEFF_BITS: dict[int, int] = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient modulus for 128-bit classical security (HomomorphicEncryption.org standard)."""
 DEFAULT_N = 8192
-DEFAULT_COEFF_BITS: tuple[int, ...] = (44, 32, 32, 32, 32, 44)
+DEFAULT_COEFF_BITS: tuple[int, ...] = (42, 32, 32, 32, 32, 48)
 DEFAULT_SCALE_BITS = 32
 
 
@@ -94,6 +97,9 @@ class HeParams:
         if any(b < scale for b in bits[1:-1]):
             raise HeParamError(f"{prefix}.coeff_mod_bit_sizes: middle primes must be >= "
                                f"{prefix}.global_scale_bits={scale}; got {list(bits)}")
+        if bits[-1] < max(bits[:-1]):
+            raise HeParamError(f"{prefix}.coeff_mod_bit_sizes: the last (key-switching) prime must be the largest, "
+                               f"or rotations get noisy; got {list(bits)}")
         if bits[0] < scale + 8:
             raise HeParamError(f"{prefix}.coeff_mod_bit_sizes: the first prime needs >= 8 bits above the scale "
                                f"for the output range; got {bits[0]} with scale {scale}")

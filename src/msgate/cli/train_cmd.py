@@ -22,7 +22,7 @@ def lesions(
                                          help="subjects simulated for the segmenter (default: the preset's)"),
     rim_synthetic: int | None = typer.Option(None, "--rim-synthetic", min=1,
                                              help="subjects simulated for the Rim+ classifier (default: the preset's)"),
-    data: Path | None = typer.Option(None, "--data", help="not supported yet: train from a `msgate synth` folder"),
+    data: Path | None = typer.Option(None, "--data", help="train on a `msgate synth` folder instead of simulating"),
     seed: int = typer.Option(0, "--seed", help="cohort seed (segmenter: seed, Rim+: seed + 1)"),
     out: Path = typer.Option(Path("var/models/lesions-tiny.pt"), "--out", help="checkpoint path (+ .json sidecar)"),
     log: Path | None = typer.Option(None, "--log", help="metrics JSONL (default: <out>.metrics.jsonl)"),
@@ -36,8 +36,6 @@ def lesions(
     from msgate.model.lesions.presets import get_preset
     from msgate.model.lesions.train import train_lesion_model
 
-    if data is not None:
-        raise typer.BadParameter("--data is not supported yet; use --synthetic N (in-memory cohort)")
     torch.set_num_threads(threads)
     p = get_preset(preset)
     if synthetic is not None:
@@ -45,7 +43,7 @@ def lesions(
     if rim_synthetic is not None:
         p = dataclasses.replace(p, rim_subjects=rim_synthetic)
     log_path = log or out.with_suffix(".metrics.jsonl")
-    model = train_lesion_model(p, seed, log_path, device=device)
+    model = train_lesion_model(p, seed, log_path, device=device, data=data)
     save_lesion_model(model, out)
     typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {model.meta['train_seconds']:.0f} s; log {log_path}")
 

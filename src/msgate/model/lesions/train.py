@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from scipy import ndimage
 
-from msgate.model.lesions.data import SynthCase, synth_case
+from msgate.model.lesions.data import SynthCase, load_synth_folder, synth_case
 from msgate.model.lesions.grid import WorkGrid
 from msgate.model.lesions.location import fit_location, lesion_features, anatomy_maps
 from msgate.model.lesions.model import LesionModel, build_model
@@ -85,11 +85,18 @@ class Cohort:
 
 
 def make_cohort(preset: Preset, seed: int, n: int, log: Logger, desc: str, rim_enrich: float | None = None,
-                mix: dict[str, float] | None = None, protocol: str = "3d") -> Cohort:
-    """Simulate ``n`` subjects of cohort ``seed`` and prepare them."""
+                mix: dict[str, float] | None = None, protocol: str = "3d", data: Path | None = None) -> Cohort:
+    """Simulate ``n`` subjects of cohort ``seed`` (or read the first ``n`` of a ``msgate synth`` folder) and prepare them."""
     co = Cohort([], [], [], [])
+    source = load_synth_folder(data, n) if data is not None else None
     for i, _ in log.track(range(1, n + 1), n, desc):
-        case = synth_case(seed, i, resolution=preset.synth_resolution, protocol=protocol, mix=mix, rim_enrich=rim_enrich)
+        if source is not None:
+            case = next(source, None)
+            if case is None:
+                break
+        else:
+            case = synth_case(seed, i, resolution=preset.synth_resolution, protocol=protocol, mix=mix,
+                              rim_enrich=rim_enrich)
         grid, arr = prepare(case.volumes, preset)
         stack = [arr["FLAIR"], arr.get("T1", np.zeros_like(arr["FLAIR"])), arr.get("QSM", np.zeros_like(arr["FLAIR"]))]
         co.x.append(np.stack(stack).astype(np.float16))
@@ -205,7 +212,7 @@ def pretrain(net: AsymmetricRimNet, patches: NDArray[np.float32], preset: Preset
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot, nb = tot + float(loss), nb + 1
+            tot, nb = tot + loss.item(), nb + 1
         info(f"loss {tot / max(nb, 1):.3f}")
         log.log("rim_pretrain", epoch=ep, loss=round(tot / max(nb, 1), 5))
 
@@ -231,7 +238,7 @@ def finetune(net: torch.nn.Module, x: NDArray[np.float32], y: NDArray[np.float32
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += float(loss)
+            tot += loss.item()
         sched.step()
         info(f"loss {tot / n_batches:.3f}")
         log.log(f"rim_{name}", epoch=ep, loss=round(tot / n_batches, 5))
@@ -239,19 +246,24 @@ def finetune(net: torch.nn.Module, x: NDArray[np.float32], y: NDArray[np.float32
 
 
 def train_lesion_model(preset: Preset, seed: int, log_path: Path | None = None, quiet: bool = False,
-                       device: str = "cpu") -> LesionModel:
-    """Train every part from scratch on in-memory synthetic cohorts ``seed`` (segmentation) and ``seed + 1`` (Rim+)."""
+                       device: str = "cpu", data: Path | None = None) -> LesionModel:
+    """Train every part from scratch on in-memory synthetic cohorts ``seed`` (segmentation) and ``seed + 1`` (Rim+).
+
+    With ``data`` (a ``msgate synth`` folder), both parts train on its subjects instead (natural Rim+ prevalence).
+    """
     log = Logger(log_path, quiet)
     t0 = time.time()
-    data_desc = (f"synthetic cohort (msgate.model.synth), {preset.synth_resolution} mm template, 3D protocol: "
+    data_desc = (f"msgate synth folder {data.name}: first {preset.seg_subjects} subjects (segmenter), first "
+                 f"{preset.rim_subjects} (Rim+)" if data is not None else
+                 (f"synthetic cohort (msgate.model.synth), {preset.synth_resolution} mm template, 3D protocol: "
                  f"segmenter/location seed {seed}, subjects 1-{preset.seg_subjects}, mix ms=0.7 csvd=0.3; "
                  f"Rim+ seed {seed + 1}, subjects 1-{preset.rim_subjects}, mix ms=0.85 csvd=0.15, "
-                 f"MS Rim+ probability enriched to {preset.rim_enrich}")
+                 f"MS Rim+ probability enriched to {preset.rim_enrich}"))
     model = build_model(preset, {"version": VERSION, "preset": preset.name, "seed": seed, "training_data": data_desc,
                                  "intended_use": "research and integration testing only; not for clinical use"},
                         VARIANTS, device)
     with log.progress:
-        seg_co = make_cohort(preset, seed, preset.seg_subjects, log, "simulate (seg)")
+        seg_co = make_cohort(preset, seed, preset.seg_subjects, log, "simulate (seg)", data=data)
         train_segmenter(model, seg_co, seed, log)
         fx, fy, _ = lesion_table(seg_co)
         model.loc = fit_location(fx, fy, preset.loc_epochs, seed)
@@ -260,7 +272,7 @@ def train_lesion_model(preset: Preset, seed: int, log_path: Path | None = None, 
         log.log("location", train_accuracy=round(acc, 4), n=int(len(fy)))
         del seg_co
         rim_co = make_cohort(preset, seed + 1, preset.rim_subjects, log, "simulate (rim)",
-                             rim_enrich=preset.rim_enrich, mix={"ms": 0.85, "csvd": 0.15})
+                             rim_enrich=preset.rim_enrich, mix={"ms": 0.85, "csvd": 0.15}, data=data)
         rx, ry, _ = rim_set(rim_co, preset.rim_patch)
         del rim_co
         log.log("rim_data", n=int(len(ry)), n_pos=int(ry.sum()))

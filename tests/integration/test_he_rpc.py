@@ -56,3 +56,61 @@ def test_rpc_round_trip_and_tamper_detection(service: tuple[Settings, HeKeys]) -
     forged = dataclasses.replace(res, case_ids=tuple(reversed(res.case_ids)))
     with pytest.raises(TamperedData):
         client.finalize(forged)
+
+
+def test_encrypt_jobs_reads_the_ehr_on_the_trusted_side(tmp_path: Path) -> None:
+    """The worker sends job ids only; the key service builds the EHR input from storage and encrypts it."""
+    import tenseal as ts
+    import test_workers_double as double  # tests/integration helpers (real store, real scheduler)
+    from conftest import make_settings
+
+    from msgate.model.he_keys import JobSource, job_inputs
+    from msgate.model.patient.ehr import N_COLUMNS, EhrScaler, columns
+    from msgate.storage.store import open_store
+    from msgate.workers.celery_app import build_app
+    from msgate.workers.scheduler import Scheduler
+
+    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True},
+                             workers={"model_module": "test_workers_double", "ehr_deadline_seconds": 0,
+                                      "required_ehr_fields": []})
+    store = open_store(settings)
+    stop, ready = threading.Event(), threading.Event()
+    try:
+        double.make_study(store, seed=3)
+        double.add_patient(store, mrn="MRN00003", nfl=12.0, sex="M")
+        [job_id] = Scheduler(store, build_app(settings)).scan()
+        keys = HeKeys(settings.home, store.ring)
+        keys.generate(he.HeParams())
+        scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
+        jobs = JobSource(store, _scaler=scaler)
+        thread = threading.Thread(target=serve, args=(keys, settings, stop), kwargs={"ready": ready, "jobs": jobs},
+                                  daemon=True)
+        thread.start()
+        assert ready.wait(30)
+        client = BrokerKeyClient(settings, timeout=60)
+        (pack,) = client.encrypt_jobs([job_id])
+        assert pack.case_ids == (job_id,)
+        # what the key service encrypted: the stored EHR (NfL 12 pg/mL, sex M), standardised, mask appended
+        u = job_inputs(store, [job_id], scaler)
+        cols = columns()
+        nfl, sex = cols.index(("nfl", None)), cols.index(("sex", None))
+        assert u[0, N_COLUMNS + nfl] == 1.0 and u[0, nfl] == pytest.approx(np.log1p(12.0), rel=1e-5)
+        assert u[0, N_COLUMNS + sex] == 1.0 and u[0, sex] == 1.0
+        lay = pack.layout
+        slots = np.asarray(ts.ckks_vector_from(keys._secret(pack.key_id).ctx, pack.ciphertexts[0]).decrypt())
+        first = slots.reshape(lay.blocks, lay.lanes)[:, 0][: u.shape[1]]  # case 0, hidden unit 0, features
+        np.testing.assert_allclose(first, u[0, : len(first)], atol=1e-5)
+        # and the whole round trip against the plaintext function of the same inputs
+        _, model = he.random_model(seed=4)
+        worker = HeWorker.for_home(model, settings.home)
+        z = np.abs(np.random.default_rng(4).normal(size=(1, model.gate_w.shape[1])))
+        out = client.finalize(worker.evaluate(pack, z))
+        from msgate.model.patient.calibration import softmax
+
+        want = softmax(model.plain_logits(u, z)[:, :4])
+        assert np.abs(np.asarray(out[0]["edss_probabilities"]) - want[0]).max() <= 1e-3
+        with pytest.raises(Exception, match="no job"):
+            client.encrypt_jobs(["no-such-job"])
+    finally:
+        stop.set()
+        store.close()

@@ -332,12 +332,56 @@ def broker_connection(settings: Any) -> Any:
     return Connection(url, transport=transport, transport_options=options)
 
 
-def handle(keys: HeKeys, req: dict[str, Any]) -> dict[str, Any]:
-    """One RPC request: ``encrypt`` (standardised inputs -> MACed packs) or ``finalize`` (result ->
+def job_inputs(store: Store, job_ids: list[str], scaler: Any) -> np.ndarray:
+    """Standardised model EHR inputs of jobs, built on the trusted side from storage (the same snapshot
+    rules as the worker's case loader, ``msgate.workers.ehr``); [len(job_ids), 2 * n_columns]."""
+    from msgate.errors import Rejected
+    from msgate.model.patient.ehr import raw_columns
+    from msgate.storage.models import Job, Study
+    from msgate.workers import ehr as ehr_mod
+
+    rows = []
+    with store.db.session() as session:
+        for jid in job_ids:
+            job = session.get(Job, jid)
+            study = session.get(Study, job.study_id) if job is not None else None
+            if study is None:
+                raise Rejected(f"no job {jid} (or its study) for HE encryption", code="he_no_job")
+            snap = ehr_mod.snapshot(session, store.cipher, study, ehr_mod.link(session, study))
+            x, m = raw_columns(ehr_mod.vector(snap))
+            rows.append(scaler.transform(x, m))
+    return np.stack(rows).astype(np.float64)
+
+
+@dataclass
+class JobSource:
+    """What the ``encrypt_jobs`` call needs: the store and the checkpoint's EHR scaler (loaded lazily)."""
+
+    store: Store
+    checkpoint: Path | None = None
+    _scaler: Any = None
+
+    def inputs(self, job_ids: list[str]) -> np.ndarray:
+        if self._scaler is None:
+            from msgate.model.patient import checkpoint
+
+            self._scaler = checkpoint.load(self.checkpoint).scaler
+        return job_inputs(self.store, job_ids, self._scaler)
+
+
+def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> dict[str, Any]:
+    """One RPC request: ``encrypt_jobs`` (job ids -> EHR from storage -> MACed packs; the worker never
+    sends or needs the values), ``encrypt`` (standardised inputs -> packs) or ``finalize`` (result ->
     verified, decrypted, calibrated outcomes). Errors come back as ``{"error", "code"}``."""
     from msgate.errors import MsgateError
 
     try:
+        if req.get("op") == "encrypt_jobs":
+            if jobs is None:
+                return {"error": "this key service has no store for encrypt_jobs", "code": "he_no_store"}
+            ids = [str(j) for j in req["job_ids"]]
+            packs = keys.encrypt(jobs.inputs(ids), ids, max_batch=req.get("max_batch"))
+            return {"packs": [p.to_wire() for p in packs]}
         if req.get("op") == "encrypt":
             packs = keys.encrypt(np.asarray(req["u"], np.float64), list(req["case_ids"]),
                                  max_batch=req.get("max_batch"))
@@ -349,11 +393,12 @@ def handle(keys: HeKeys, req: dict[str, Any]) -> dict[str, Any]:
         return {"error": f"unknown op {req.get('op')!r}", "code": "he_op"}
     except MsgateError as exc:
         return {"error": str(exc), "code": exc.code}
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         return {"error": f"bad request ({type(exc).__name__})", "code": "he_request"}
 
 
-def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
+def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threading.Event | None = None,
+          jobs: JobSource | None = None) -> None:
     """Answer RPC requests from ``REQUEST_QUEUE`` until ``stop`` is set."""
     with broker_connection(settings) as conn:
         requests = conn.SimpleQueue(REQUEST_QUEUE)
@@ -365,7 +410,7 @@ def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threadin
             except requests.Empty:
                 continue
             req = msg.payload
-            reply = handle(keys, req)
+            reply = handle(keys, req, jobs)
             with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:
                 out.put({"corr": req.get("corr"), **reply})
             msg.ack()
@@ -386,4 +431,4 @@ def run(store: Store, stop: threading.Event) -> None:
     key_id = keys.ensure(he_settings.params())
     log.info("CKKS key service ready", extra={"role": "keys", "key_id": key_id})
     if not stop.is_set():
-        serve(keys, settings, stop)
+        serve(keys, settings, stop, jobs=JobSource(store))

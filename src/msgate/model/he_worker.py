@@ -161,6 +161,11 @@ class BrokerKeyClient:
                            "max_batch": max_batch})
         return [EncryptedPack.from_wire(p) for p in body["packs"]]
 
+    def encrypt_jobs(self, job_ids: list[str], *, max_batch: int | None = None) -> list[EncryptedPack]:
+        """Packs built by the key service from storage: the worker sends job ids, never EHR values."""
+        body = self._call({"op": "encrypt_jobs", "job_ids": list(job_ids), "max_batch": max_batch})
+        return [EncryptedPack.from_wire(p) for p in body["packs"]]
+
     def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
         body = self._call({"op": "finalize", "result": res.to_wire(), "t_edss": t_edss, "t_ms": t_ms})
         return list(body["outcomes"])
@@ -240,7 +245,9 @@ def _predict_pack(model: HePatientModel, cases: list[Case]) -> list[ModelResult]
         z = net.image_embedding(image, present, lesion).double().numpy()
     ids = [c.case_id for c in cases]
     got: dict[str, dict[str, Any]] = {}
-    for pack in model.keys.encrypt(u, ids, max_batch=len(ids)):
+    by_job = getattr(model.keys, "encrypt_jobs", None)  # over the broker: the key service reads the EHR itself
+    packs = by_job(ids, max_batch=len(ids)) if callable(by_job) else model.keys.encrypt(u, ids, max_batch=len(ids))
+    for pack in packs:
         rows = [ids.index(c) for c in pack.case_ids]
         for o in model.keys.finalize(model.worker.evaluate(pack, z[rows]), t_edss=pm.ckpt.t_edss, t_ms=pm.ckpt.t_ms):
             got[str(o["case_id"])] = o

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,4 +213,33 @@ def test_sender_killed_mid_send_delivers_after_restart(tmp: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         scp.stop()
+        store.close()
+
+
+def test_a_slow_destination_does_not_hold_back_the_others(tmp: Path) -> None:
+    slow = start_scripted_scp([], delay=2.0)
+    fast = start_storescp(tmp / "fast")
+    settings = make_settings(tmp / "home", "sqlite", pacs=[
+        {"name": "slow", "host": "127.0.0.1", "port": slow.port, "ae_title": "SCRIPTED"},
+        {"name": "fast", "host": "127.0.0.1", "port": fast.port, "ae_title": fast.ae_title}])
+    store = open_store(settings)
+    stop = threading.Event()
+    role = threading.Thread(target=outbox.run, args=(store, stop, FAST), kwargs={"consume": False}, daemon=True)
+    try:
+        _queue(store, _dicom(4, seed=9))
+        started = time.monotonic()
+        role.start()
+
+        def fast_done() -> bool:
+            return all(e.state == "delivered" for e in _entries(store) if e.destination == "fast")
+
+        wait_until(fast_done, 30, 0.05)
+        assert time.monotonic() - started < 4.0  # the slow peer needs 8 s for its 4 objects
+        assert any(e.state != "delivered" for e in _entries(store) if e.destination == "slow")
+        wait_until(lambda: all(e.state == "delivered" for e in _entries(store)), 60)
+    finally:
+        stop.set()
+        role.join(30)
+        slow.stop()
+        fast.stop()
         store.close()

@@ -17,7 +17,8 @@ An entry is one rendered object (encrypted blob) for one destination: ``dicom`` 
 - Each HL7 attempt writes a new MSH-10 into the message; it is recorded on the attempt row.
 - Every attempt is an :class:`OutboxAttempt` row and a ``send.attempt`` audit event. When every entry of
   a study's jobs is delivered (or dropped), ``Study.delivered_at`` is set (retention starts from it).
-- DICOM destinations are served in parallel, one association per destination and round.
+- The role runs one lane (thread) per destination, so a slow or unreachable peer delays no other;
+  each round of a lane sends its due objects over one association (or one MLLP connection).
 """
 
 from __future__ import annotations
@@ -131,14 +132,19 @@ class Claimed:
     created_at: datetime
 
 
-def claim(store: Store, policy: Policy, *, now: datetime | None = None) -> list[Claimed]:
+def claim(store: Store, policy: Policy, *, now: datetime | None = None, destination: str | None = None,
+          exclude: Sequence[str] = ()) -> list[Claimed]:
     """Take due entries (pending, or sending with an expired lease) under a lease."""
     now = now or utcnow()
+    query = (select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+             .where(col(OutboxEntry.state).in_(("pending", "sending")), col(OutboxEntry.next_attempt_at) <= now))
+    if destination is not None:
+        query = query.where(OutboxEntry.destination == destination)
+    if exclude:
+        query = query.where(col(OutboxEntry.destination).not_in(list(exclude)))
     with store.db.session() as session:
         rows = session.exec(
-            select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
-            .where(col(OutboxEntry.state).in_(("pending", "sending")), col(OutboxEntry.next_attempt_at) <= now)
-            .order_by(col(OutboxEntry.next_attempt_at)).limit(policy.batch)
+            query.order_by(col(OutboxEntry.next_attempt_at)).limit(policy.batch)
             .with_for_update(of=OutboxEntry, skip_locked=True)  # PostgreSQL: senders share the work
         ).all()
         out = []
@@ -320,25 +326,52 @@ def run_once(store: Store, policy: Policy | None = None) -> int:
     return len(items)
 
 
+def _lane(store: Store, stop: threading.Event, policy: Policy, destination: str | None,
+          exclude: Sequence[str]) -> None:
+    """One destination's delivery loop, so a slow or unreachable peer never delays the others."""
+    while not stop.is_set():
+        try:
+            items = claim(store, policy, destination=destination, exclude=exclude)
+            if items:
+                deliver(store, items, policy)
+        except Transient:
+            log.warning("outbox round failed; retrying", extra={"reason": "transient", "destination": destination})
+            items = []
+        except Exception:
+            log.exception("outbox lane failed; retrying", extra={"destination": destination})
+            items = []
+        if not items:
+            stop.wait(policy.poll)
+
+
 def run(store: Store, stop: threading.Event, policy: Policy | None = None, *, consume: bool = True) -> None:
-    """The ``publish`` role: consume ``msgate.publish`` tasks and deliver until ``stop`` is set."""
+    """The ``publish`` role: consume ``msgate.publish`` tasks and deliver until ``stop`` is set.
+
+    One lane (thread) per configured destination, plus one that dead-ends entries for destinations
+    that are no longer configured (they are retried until their max age, then dead-lettered).
+    """
     from msgate.results.consumer import PublishConsumer
 
     policy = policy or Policy.from_settings(store.settings)
+    settings = store.settings
+    names = [d.name for d in settings.pacs] + ([HL7_DESTINATION] if settings.hl7_out is not None else [])
+    lanes = [threading.Thread(target=_lane, args=(store, stop, policy, name, ()), name=f"outbox-{name}", daemon=True)
+             for name in names]
+    lanes.append(threading.Thread(target=_lane, args=(store, stop, policy, None, names), name="outbox-other",
+                                  daemon=True))
     consumer = PublishConsumer(store).start() if consume else None
-    log.info("outbox sender started", extra={"count": len(store.settings.pacs)})
+    for lane in lanes:
+        lane.start()
+    log.info("outbox sender started", extra={"count": len(names)})
     try:
         while not stop.is_set():
-            try:
-                busy = run_once(store, policy)
-            except Transient:
-                log.warning("outbox round failed; retrying", extra={"reason": "transient"})
-                busy = 0
             if consumer is not None and not consumer.alive():
                 raise RuntimeError("the publish consumer stopped")
-            if not busy:
-                stop.wait(policy.poll)
+            stop.wait(policy.poll)
     finally:
+        stop.set()
+        for lane in lanes:
+            lane.join(timeout=policy.dimse_timeout + 5)
         if consumer is not None:
             consumer.stop()
         log.info("outbox sender stopped")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from msgate.model.types import Case, ModelResult
 
 if TYPE_CHECKING:
     import tenseal as ts
+
+log = logging.getLogger(__name__)
 
 
 class PublicKeyCache:
@@ -124,8 +127,12 @@ class BrokerKeyClient:
     """:class:`KeyClient` over the broker: the worker process never holds the CKKS secret key."""
 
     def __init__(self, settings: Any, *, timeout: float = 60.0) -> None:
+        import uuid
+
         self.settings = settings
         self.timeout = timeout
+        self.reply_to = f"msgate.he-reply.{uuid.uuid4().hex}"  # one reply queue per client (process)
+        self._lock = threading.Lock()
 
     def _call(self, req: dict[str, Any]) -> dict[str, Any]:
         import uuid
@@ -134,17 +141,20 @@ class BrokerKeyClient:
         from msgate.model.he_keys import REQUEST_QUEUE, broker_connection
 
         corr = uuid.uuid4().hex
-        reply_to = f"msgate.he-reply.{corr}"
-        with broker_connection(self.settings) as conn, conn.SimpleQueue(reply_to) as replies:
+        deadline = time.monotonic() + self.timeout
+        with self._lock, broker_connection(self.settings) as conn, conn.SimpleQueue(self.reply_to) as replies:
             with conn.SimpleQueue(REQUEST_QUEUE) as q:
-                q.put({**req, "corr": corr, "reply_to": reply_to})
-            try:
-                msg = replies.get(block=True, timeout=self.timeout)
-            except replies.Empty:
-                raise Transient(f"the HE key service did not answer within {self.timeout:.0f} s",
-                                code="he_timeout") from None
-            msg.ack()
-            body: dict[str, Any] = msg.payload
+                q.put({**req, "corr": corr, "reply_to": self.reply_to})
+            while True:  # a late answer to an earlier, timed-out call is dropped
+                try:
+                    msg = replies.get(block=True, timeout=max(0.1, deadline - time.monotonic()))
+                except replies.Empty:
+                    raise Transient(f"the HE key service did not answer within {self.timeout:.0f} s",
+                                    code="he_timeout") from None
+                msg.ack()
+                body: dict[str, Any] = msg.payload
+                if body.get("corr") == corr:
+                    break
         if body.get("corr") != corr:
             raise TamperedData("HE key service reply does not match the request", code="he_corr")
         if "error" in body:

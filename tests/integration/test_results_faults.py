@@ -243,3 +243,23 @@ def test_a_slow_destination_does_not_hold_back_the_others(tmp: Path) -> None:
         slow.stop()
         fast.stop()
         store.close()
+
+
+def test_a_sop_class_the_peer_refuses_is_dead_lettered(tmp: Path) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+
+    ae = AE(ae_title="SCONLY")
+    ae.add_supported_context(SecondaryCaptureImageStorage)
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    store = _store(tmp, pacs_port=port, ae="SCONLY")
+    try:
+        entry = _queue(store, _dicom(1))[0]  # MR Image Storage
+        outbox.run_once(store, FAST)
+        assert _entries(store)[0].state == "dead"
+        assert _history(store, entry)[0][:2] == ("dead", "0x0122 (presentation context rejected: SOP class not supported)")
+    finally:
+        server.shutdown()
+        store.close()

@@ -12,7 +12,8 @@ association is still reported (Transient) and the outbox retries with the same S
 Status classes (PS3.4 Annex B.2.3, PS3.7 C): success ``0x0000`` and warnings ``0xB000``/``0xB006``/
 ``0xB007`` are delivered; ``0xA7xx`` (out of resources), ``0xCxxx`` (cannot understand) and every
 transport failure are retried; ``0xA9xx`` (data set does not match SOP class), ``0x0122`` (SOP class
-not supported) and ``0x0124`` (not authorised) are permanent.
+not supported, also used when the peer refused the object's presentation context; Verification is
+always requested so the association survives that) and ``0x0124`` (not authorised) are permanent.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
+VERIFICATION = "1.2.840.10008.1.1"
 WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 PERMANENT = frozenset({0x0122, 0x0124})
 PARK_TIMEOUT = 5.0
@@ -103,6 +105,7 @@ class Sender:
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = self.timeouts
         for uid in dict.fromkeys(sop_classes):
             ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(VERIFICATION)  # keeps the association up when every storage context is refused
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
@@ -118,6 +121,8 @@ class Sender:
         assoc, checkpoint = self.assoc, self.checkpoint
         if assoc is None or checkpoint is None or not assoc.is_established:
             return Outcome(uid, None, "association lost")
+        if not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
+            return Outcome(uid, 0x0122, "0x0122 (presentation context rejected: SOP class not supported)")
         if not checkpoint.park(PARK_TIMEOUT):
             return Outcome(uid, None, "reactor did not pause")
         try:

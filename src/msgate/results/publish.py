@@ -132,8 +132,9 @@ def publish_job(store: Store, job_id: str) -> str:
         if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:
             return "already"  # a concurrent run won
         queued = enqueue(store, session, job_id=job_id, objects=objects)
-        study.delivered_at = None  # new results are pending for this study
-        session.add(study)
+        if queued:
+            study.delivered_at = None  # new results are pending for this study
+            session.add(study)
         audit.append(session, kind="results.rendered", actor="publish", subject=f"job:{job_id}",
                      detail={"objects": [o.kind for o in objects], "entries": len(queued),
                              "correction": previous is not None, "model_version": result.model_version})

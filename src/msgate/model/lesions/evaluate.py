@@ -93,7 +93,7 @@ def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
     maps = anatomy_maps(arrays["FLAIR"], grid.affine)
     feats = np.stack([lesion_features(gt == i, arrays["FLAIR"], maps, grid.affine) for i in gt_ids])
     with torch.no_grad():
-        loc_pred = model.loc(torch.from_numpy(feats)).argmax(1).numpy()
+        loc_pred = model.loc(torch.from_numpy(feats).to(model.device)).argmax(1).cpu().numpy()
     for i, lp in zip(gt_ids, loc_pred):
         col.loc.append((s, LESION_LOCATIONS.index(truth[int(i)].location), int(lp)))
     cents = [np.asarray(c) for c in ndimage.center_of_mass(np.ones(gt.shape), gt, index=gt_ids)]

@@ -104,7 +104,8 @@ def locate(work_labels: NDArray[np.int32], n: int, flair: NDArray[np.float32], g
     maps = anatomy_maps(flair, grid.affine)
     feats = np.stack([lesion_features(work_labels == i, flair, maps, grid.affine) for i in range(1, n + 1)])
     with torch.no_grad():
-        idx = loc_net(torch.from_numpy(feats)).argmax(1).numpy()
+        dev = next(loc_net.parameters()).device
+        idx = loc_net(torch.from_numpy(feats).to(dev)).argmax(1).cpu().numpy()
     return [LESION_LOCATIONS[int(i)] for i in idx]
 
 

@@ -200,6 +200,7 @@ def pretrain(net: AsymmetricRimNet, patches: NDArray[np.float32], preset: Preset
     loss_fn = ContrastiveLoss(temperature=0.2)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     data = torch.from_numpy(patches)
+    dev = next(net.parameters()).device
     net.train()
     for ep, info in log.track(range(preset.pretrain_epochs), preset.pretrain_epochs, "rim pretrain"):
         perm, tot, nb = torch.randperm(len(data), generator=g), 0.0, 0
@@ -207,7 +208,7 @@ def pretrain(net: AsymmetricRimNet, patches: NDArray[np.float32], preset: Preset
             idx = perm[b:b + preset.rim_batch]
             if len(idx) < 2:
                 continue
-            zq, zf = net.embed_modalities(augment(data[idx], g))
+            zq, zf = net.embed_modalities(augment(data[idx], g).to(dev))
             loss = loss_fn(zq, zf)
             opt.zero_grad()
             loss.backward()
@@ -228,13 +229,15 @@ def finetune(net: torch.nn.Module, x: NDArray[np.float32], y: NDArray[np.float32
     data, lab = torch.from_numpy(x), torch.from_numpy(y)
     w = torch.where(lab > 0.5, 0.5 / max(float(lab.sum()), 1.0), 0.5 / max(float((1 - lab).sum()), 1.0))
     n_batches = max(1, len(data) // preset.rim_batch)
+    dev = next(net.parameters()).device
     for ep, info in log.track(range(preset.finetune_epochs), preset.finetune_epochs, f"rim {name}"):
         net.train()
         tot = 0.0
         for _ in range(n_batches):
             idx = torch.multinomial(w, preset.rim_batch, replacement=True, generator=g)
-            logit, emb = net(augment(data[idx], g))
-            loss = focal(logit[:, None], lab[idx][:, None]) + 0.2 * supcon_loss(net.proj_sup(emb), lab[idx])
+            logit, emb = net(augment(data[idx], g).to(dev))
+            yb = lab[idx].to(dev)
+            loss = focal(logit[:, None], yb[:, None]) + 0.2 * supcon_loss(net.proj_sup(emb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()

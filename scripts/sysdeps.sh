@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the tests use as real peers: DCMTK (storescu/echoscu/storescp/dcmdump/dsrdump) and Orthanc,
-# and tmux for the terminal-rendering check of `msgate status`.
+# dicom3tools (dciodvfy) to check the IODs msgate writes, and tmux for the terminal check of `msgate status`.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} from Debian"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

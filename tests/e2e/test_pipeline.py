@@ -80,7 +80,9 @@ def test_study_and_hl7_in_sr_and_oru_out(setup: str, patient: dict[str, object],
                                   for p in patient["hl7"]))  # type: ignore[union-attr]
         sent = subprocess.run([str(VENV_BIN / "mllp_send"), "-p", env["MSGATE_HL7__PORT"], "-f", str(feed),
                                "127.0.0.1"], capture_output=True, timeout=120, check=True)
-        assert sent.stdout.count(b"MSA|AA") == len(patient["hl7"])  # type: ignore[arg-type]
+        # The synthetic feed asks for enhanced acknowledgement (MSH-15 AL): a commit ACK (CA) per message.
+        acks = sent.stdout.count(b"MSA|AA") + sent.stdout.count(b"MSA|CA")
+        assert acks == len(patient["hl7"]) and b"MSA|AR" not in sent.stdout  # type: ignore[arg-type]
         folders = [str(root / str(s["dir"])) for s in patient["series"]]  # type: ignore[index, union-attr]
         subprocess.run(["storescu", "-aec", "MSGATE", "+sd", "+r", "127.0.0.1", env["MSGATE_DICOM__PORT"],
                         *folders], check=True, capture_output=True, timeout=300,
@@ -97,11 +99,18 @@ def test_study_and_hl7_in_sr_and_oru_out(setup: str, patient: dict[str, object],
         store = open_store(settings, migrate=False, create_keys=False)
         from msgate.workers.results_io import read_result
 
+        uid_index = store.cipher.blind_index(study_uid, scope="study")
+
+        def delivered() -> bool:  # set just after the last peer acknowledgement
+            with store.db.session() as session:
+                row = session.exec(select(Study).where(Study.study_uid_index == uid_index)).one()
+                return row.delivered_at is not None
+
+        wait_until(delivered, timeout=60, step=0.5)
         with store.db.session() as session:
-            study = session.exec(select(Study).where(
-                Study.study_uid_index == store.cipher.blind_index(study_uid, scope="study"))).one()
+            study = session.exec(select(Study).where(Study.study_uid_index == uid_index)).one()
             job = session.exec(select(Job).where(Job.study_id == study.id)).one()
-            assert job.state == "done" and study.delivered_at is not None
+            assert job.state == "done"
             assert audit.verify(session).ok
         result = read_result(store, job.id)
         assert result is not None

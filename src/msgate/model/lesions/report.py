@@ -20,6 +20,8 @@ def _ci(m: dict[str, Any], key: str) -> str:
     if key not in m:
         return "n/a"
     v = m[key]
+    if not np.isfinite(v["value"]):
+        return "n/a"
     return f"{v['value']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
 
 
@@ -106,7 +108,8 @@ def markdown(m: dict[str, Any], info: dict[str, Any], cm: list[list[int]]) -> st
                      for n, _, _ in BINS)
     variants = [k.split(" ", 1)[1] for k in m if k.startswith("roc_auc ")]
     rim_rows = "\n".join(f"| {v} | {_ci(m, f'roc_auc {v}')} | {_ci(m, f'pr_auc {v}')} |" for v in variants)
-    deltas = "\n".join(f"| {k.split(' ', 1)[1]} ({k.split(' ')[1]}) | {_ci(m, k)} |" for k in m if k.startswith("delta "))
+    deltas = "\n".join(f"| {k.split(' ')[1]}: {k.split(' ')[2].replace('-', ' minus ')} | {_ci(m, k)} |"
+                       for k in m if k.startswith("delta "))
     cm_rows = "\n".join(f"| {LESION_LOCATIONS[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(cm))
     total = sum(sum(r) for r in cm)
     acc = sum(cm[i][i] for i in range(len(cm))) / total if total else float("nan")

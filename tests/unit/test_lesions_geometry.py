@@ -97,3 +97,17 @@ def test_dicom_reader_matches_in_memory_volume(tmp_path, mode: str, thickness: f
     assert got.data.shape == want.data.shape
     np.testing.assert_allclose(got.affine_lps, want.affine_lps, atol=1e-3)
     np.testing.assert_allclose(got.data, want.data, atol=1e-3)
+
+
+def test_synth_case_truth_lands_on_lesions_with_2d_flair() -> None:
+    from msgate.model.lesions.data import synth_case
+    from msgate.model.lesions.train import work_truth
+
+    case = synth_case(11, 2, protocol="2d")
+    flair = case.volumes["FLAIR"]
+    assert flair.spacing[2] > 2.5  # thick 2D slices, a grid other than the truth's
+    grid = work_grid(flair, 2.0)
+    truth = work_truth(case, grid)
+    arr = normalise("FLAIR", to_grid(flair, grid))
+    assert truth.max() > 0
+    assert float(arr[truth > 0].mean()) > 1.2 * float(np.median(arr[arr > 0.3]))  # lesions are bright

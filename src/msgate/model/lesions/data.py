@@ -45,7 +45,7 @@ class SynthCase:
     subject: str
     diagnosis: str
     volumes: dict[str, Volume]
-    labels: NDArray[np.uint16]  # [k, r, c], lesion ids, on the grid of ``labels_affine``
+    labels: NDArray[np.uint16]  # [k, r, c], lesion ids, on the subject grid of ``labels_affine``
     lesions: tuple[TruthLesion, ...]
     labels_affine: NDArray[np.float64] | None = None  # LPS on (c, r, k); None: the FLAIR grid
 
@@ -75,7 +75,7 @@ def synth_case(seed: int, index: int, *, resolution: int = 2, protocol: str = "3
     vols = {p.role: series_to_volume(acquire(images[p.role], p.acq, an.affine, rng), p.role) for p in plans}
     truth = tuple(TruthLesion(les.id, les.location, les.rim, les.kind, les.volume_mm3) for les in maps.lesions)
     labels = np.ascontiguousarray(maps.labels.transpose(2, 1, 0))
-    return SynthCase(st.patient_id, lat.diagnosis, vols, labels, truth)
+    return SynthCase(st.patient_id, lat.diagnosis, vols, labels, truth, _LPS @ np.asarray(an.affine, np.float64))
 
 
 def _read_series(folder: Path, role: str) -> Volume:

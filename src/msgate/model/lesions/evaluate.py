@@ -6,8 +6,9 @@ detected when >= 10 % of its voxels are predicted; a predicted component is a tr
 of its voxels are lesion, so one blob merging many lesions is not counted as many hits).
 Rim+ is scored on patches centred on ground-truth lesions (the classifier alone, every variant)
 and on the segmenter's candidates (end to end; a candidate's label is the Rim+ flag of the
-ground-truth lesion it overlaps most, Rim- when it overlaps none). 95 % intervals: percentile
-bootstrap over subjects (paired between variants).
+ground-truth lesion it overlaps most, Rim- when it overlaps none), and, as a stress test, on the same
+patches with extra Gaussian QSM noise (``STRESS_QSM_PPM``; variants suffixed ``@noise``). 95 % intervals:
+percentile bootstrap over subjects (paired between variants).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ BINS: tuple[tuple[str, float, float], ...] = (("<3 mm", 0.0, 3.0), ("3-6 mm", 3.
                                               (">=10 mm", 10.0, np.inf), (">=3 mm", 3.0, np.inf))
 
 
+STRESS_QSM_PPM = 0.015  # stress test: extra Gaussian QSM noise (ppm) on the GT-lesion patches, "<variant>@noise"
+STRESS_SEED = 99
 MIN_OVERLAP = 0.1  # a detection needs >= 10 % of the lesion's (or the prediction's) voxels in common
 
 
@@ -98,8 +101,11 @@ def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
         col.loc.append((s, LESION_LOCATIONS.index(truth[int(i)].location), int(lp)))
     cents = [np.asarray(c) for c in ndimage.center_of_mass(np.ones(gt.shape), gt, index=gt_ids)]
     patches = lesion_patches(arrays["QSM"], arrays["FLAIR"], cents, model.preset.rim_patch)
+    noisy = patches.copy()
+    noisy[:, 0] += np.random.default_rng([STRESS_SEED, s]).normal(0.0, STRESS_QSM_PPM * 20.0, noisy[:, 0].shape)
     for name in model.rim:
         col.rim_gt.setdefault(name, []).extend(model.rim_logits(patches, name).tolist())
+        col.rim_gt.setdefault(f"{name}@noise", []).extend(model.rim_logits(noisy.astype(np.float32), name).tolist())
     labels = [int(truth[int(i)].rim) for i in gt_ids]
     col.rim_gt_y.extend((s, y) for y in labels)
     if len(col.examples) < 8:
@@ -176,11 +182,13 @@ def rim_metrics(col: Collected, subjects: NDArray[np.intp]) -> dict[str, float]:
         ok = 0 < y.sum() < y.size
         out["roc_auc candidates"] = float(roc_auc_score(y, sc)) if ok else np.nan
         out["pr_auc candidates"] = float(average_precision_score(y, sc)) if ok else np.nan
-    if "pr_auc asymmetric" in out:
+    for sfx in ("", "@noise"):
+        if f"pr_auc asymmetric{sfx}" not in out:
+            continue
         for other in ("stacked", "asymmetric_nopretrain"):
-            if f"pr_auc {other}" in out:
-                out[f"delta pr_auc asymmetric-{other}"] = out["pr_auc asymmetric"] - out[f"pr_auc {other}"]
-                out[f"delta roc_auc asymmetric-{other}"] = out["roc_auc asymmetric"] - out[f"roc_auc {other}"]
+            if f"pr_auc {other}{sfx}" in out:
+                for met in ("pr_auc", "roc_auc"):
+                    out[f"delta {met} asymmetric{sfx}-{other}{sfx}"] = out[f"{met} asymmetric{sfx}"] - out[f"{met} {other}{sfx}"]
     return out
 
 

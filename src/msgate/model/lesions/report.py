@@ -143,8 +143,8 @@ Location class on ground-truth lesions (rows truth, columns predicted; accuracy 
 ## Rim+ classification
 
 On patches centred on ground-truth lesions (prevalence {m.get('prevalence', {}).get('value', float('nan')):.3f}),
-and end to end on the segmenter's candidates (label from the overlapping ground-truth lesion, Rim- for
-false positives):
+end to end on the segmenter's candidates (label from the overlapping ground-truth lesion, Rim- for
+false positives), and on the same ground-truth patches with extra QSM noise (`@noise`, stress test):
 
 | variant | ROC-AUC | PR-AUC |
 |---|---|---|

@@ -87,7 +87,8 @@ def gradcam_overlays(report: Path, model: Path | None, seed: int, indices: list[
     fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
     for ax, case, res in zip(axes[0], cases, results):
         heat = res.heatmap if res.heatmap is not None else np.zeros_like(case.flair.data)
-        k = int(np.argmax(heat.reshape(heat.shape[0], -1).sum(1)))
+        per_slice = (res.lesion_mask > 0).reshape(heat.shape[0], -1).sum(1)
+        k = int(np.argmax(per_slice)) if per_slice.any() else heat.shape[0] // 2
         ax.imshow(case.flair.data[k], cmap="gray")
         ax.imshow(heat[k], cmap="jet", alpha=0.35, vmin=0, vmax=1)
         ax.contour(res.lesion_mask[k] > 0, levels=[0.5], colors="lime", linewidths=0.6)

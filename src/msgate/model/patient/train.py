@@ -1,8 +1,8 @@
 """Training of the patient model on cached arrays (``synthdata.build_cache``) with patient-level splits.
 
-Fixed seeds; class-weighted cross-entropy for the EDSS bins; smooth-L1 EDSS regression; BCE for MS vs
-cSVD; Poisson NLL for the Rim+ count (QSM-present studies only); modality dropout (QSM, T1, single EHR
-features, the whole EHR); left-right flips; early stopping on the validation loss; AMP on CUDA;
+Fixed seeds; cross-entropy with inverse-frequency (balanced) class weights for the EDSS bins; smooth-L1 EDSS regression; BCE for MS vs
+cSVD; Poisson NLL for the Rim+ count (QSM-present studies only); modality dropout (QSM 25 %, T1 25 %, single EHR
+features 10 %, the whole EHR 15 %); left-right flips; early stopping on the validation loss; AMP on CUDA;
 temperature scaling fitted on the validation split; rich progress bars.
 """
 
@@ -105,8 +105,8 @@ def batch_tensors(d: Data, idx: NDArray[np.int64], scaler: EhrScaler, device: to
         img[drop_t, 2] = 0.0
         present[drop_t, 1] = 0.0
         for g in _feature_groups():
-            m[np.ix_(rng.random(n) < 0.15, g)] = 0.0
-        m[rng.random(n) < 0.1] = 0.0
+            m[np.ix_(rng.random(n) < 0.1, g)] = 0.0
+        m[rng.random(n) < 0.15] = 0.0
         flip = rng.random(n) < 0.5
         img[flip] = img[flip][:, :, ::-1]
     ehr = scaler.transform(d.ehr_x[idx], m)
@@ -153,8 +153,8 @@ def infer(net: PatientNet, d: Data, scaler: EhrScaler, device: torch.device, bat
 
 def _class_weights(y: NDArray[np.int64], k: int) -> torch.Tensor:
     cnt = np.bincount(y, minlength=k).astype(np.float64) + 1.0
-    w = (cnt.sum() / cnt) / k
-    return torch.as_tensor(np.sqrt(w / w.mean()), dtype=torch.float32)
+    w = cnt.sum() / cnt
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32)  # "balanced", as the random-forest baseline
 
 
 def fit(preset: Preset, train: Data, val: Data, scaler: EhrScaler, mode: Mode = "multimodal",

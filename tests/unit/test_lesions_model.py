@@ -135,3 +135,16 @@ def test_shipped_checkpoint_metadata() -> None:
     assert m.preset.name == "tiny"
     assert {"version", "preset", "training_data", "seed"} <= set(m.meta)
     assert "not for clinical use" in m.meta["intended_use"]
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="shipped checkpoint not built yet")
+def test_shipped_asymmetric_model_uses_flair() -> None:
+    m = load_lesion_model()
+    net = m.rim["asymmetric"]
+    assert isinstance(net, AsymmetricRimNet)
+    assert all(float(f.weight.abs().sum()) > 0 for f in net.films)
+    s = m.preset.rim_patch
+    x = torch.randn(2, 2, s, s, s, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[:, 1] = torch.flip(y[:, 1], dims=(1,))
+    assert not np.allclose(m.rim_logits(x.numpy()), m.rim_logits(y.numpy()))

@@ -132,3 +132,19 @@ def test_model_grid_round_trip_keeps_geometry() -> None:
     assert back.shape == mask.shape
     inside, outside = back[mask > 0].mean(), back[mask == 0].mean()
     assert inside > 0.5 and outside < 0.05
+
+
+def test_small_ensemble_checkpoint_averages_members(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    nets = [PatientNet(MICRO).eval() for _ in range(2)]
+    scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
+    meta = {"preset": "micro", "preset_config": MICRO.to_dict(), "lesion_source": "heuristic"}
+    checkpoint.save(tmp_path / "ens.pt", nets, scaler, meta)
+    checkpoint.save(tmp_path / "one.pt", nets[0], scaler, meta)
+    ens = load_model(tmp_path / "ens.pt", lesion_source=HeuristicLesions())
+    one = load_model(tmp_path / "one.pt", lesion_source=HeuristicLesions())
+    assert len(ens.ckpt.nets) == 2 and len(one.ckpt.nets) == 1
+    r_ens, r_one = predict([_case()], ens)[0], predict([_case()], one)[0]
+    assert abs(sum(r_ens.edss_probabilities) - 1.0) < 1e-6
+    assert r_ens.edss_probabilities != r_one.edss_probabilities
+    assert r_ens.heatmap is not None and r_ens.heatmap.shape == _case().flair.data.shape

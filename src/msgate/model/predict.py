@@ -70,16 +70,23 @@ def _inputs(model: PatientModel, case: Case) -> tuple[LesionOutput, ModelInput, 
     return les, mi, model.ckpt.scaler.transform(x, m), feats
 
 
-def _mc_probs(model: PatientModel, z: torch.Tensor, e: torch.Tensor) -> NDArray[np.float64]:
-    net = model.ckpt.net
+def _mc_probs(model: PatientModel, zs: list[torch.Tensor], es: list[torch.Tensor]) -> NDArray[np.float64]:
+    """Mean over MC-dropout passes of the softmax of the member-averaged EDSS logits (fixed masks)."""
+    nets = model.ckpt.nets
     gen = torch.Generator().manual_seed(0)
     probs = []
     with torch.no_grad():
         for _ in range(model.mc_samples):
-            keep = (torch.rand(z.shape[1:], generator=gen) >= net.drop.p).float() / (1.0 - net.drop.p)
-            out = net.fusion(z * keep, e)
-            probs.append(softmax(out[:, :4].numpy(), model.ckpt.t_edss))
+            logits = torch.zeros(zs[0].shape[0], 4)
+            for net, z, e in zip(nets, zs, es):
+                keep = (torch.rand(z.shape[1:], generator=gen) >= net.drop.p).float() / (1.0 - net.drop.p)
+                logits += net.fusion(z * keep, e)[:, :4] / len(nets)
+            probs.append(softmax(logits.numpy(), model.ckpt.t_edss))
     return np.mean(probs, axis=0)  # type: ignore[no-any-return]
+
+
+def _mean_dicts(rows: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    return [{k: float(np.mean([r[i][k] for r in rows])) for k in rows[0][i]} for i in range(len(rows[0]))]
 
 
 def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel) -> tuple[str, ...]:
@@ -97,18 +104,20 @@ def _predict_batch(model: PatientModel, cases: list[Case]) -> list[ModelResult]:
     present = torch.as_tensor(np.stack([p[1].present for p in prepared]))
     ehr = torch.as_tensor(np.stack([p[2] for p in prepared]))
     lesion = torch.as_tensor(np.stack([p[3] for p in prepared]))
+    nets = model.ckpt.nets
     with torch.no_grad():
-        z = net.image_embedding(image, present, lesion)
-        e = net.ehr_embedding(ehr)
-        out = net.heads(z, e)
+        zs = [n.image_embedding(image, present, lesion) for n in nets]
+        es = [n.ehr_embedding(ehr) for n in nets]
+        outs = [n.heads(z, e) for n, z, e in zip(nets, zs, es)]
+    out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("edss_logits", "edss", "ms_logit")}
     probs = softmax(out["edss_logits"].numpy(), model.ckpt.t_edss)
     p_ms = sigmoid(out["ms_logit"].numpy(), model.ckpt.t_ms)
-    unc = normalised_entropy(_mc_probs(model, z, e))
-    contribs = ehr_contributions(net, z, ehr, "edss")
+    unc = normalised_entropy(_mc_probs(model, zs, es))
+    contribs = _mean_dicts([ehr_contributions(n, z, ehr, "edss") for n, z in zip(nets, zs)])
     heat = None
     if model.heatmaps and net.mode != "ehr":
         layer = str(model.ckpt.meta["preset_config"]["gradcam_layer"])
-        heat = gradcam(net, image, present, lesion, ehr, "edss", layer, class_idx=None)
+        heat = np.mean([gradcam(n, image, present, lesion, ehr, "edss", layer, class_idx=None) for n in nets], axis=0)
     results = []
     for i, case in enumerate(cases):
         les, mi = prepared[i][0], prepared[i][1]

@@ -30,11 +30,17 @@ class SchemaMismatch(MsgateError):
 
 @dataclass
 class PatientCheckpoint:
-    """A loaded checkpoint: the network in eval mode plus everything predict needs."""
+    """A loaded checkpoint: the networks (one, or the members of a small ensemble whose logits are
+    averaged) in eval mode, plus everything predict needs."""
 
-    net: PatientNet
+    nets: list[PatientNet]
     scaler: EhrScaler
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def net(self) -> PatientNet:
+        """The first (or only) member."""
+        return self.nets[0]
 
     @property
     def t_edss(self) -> float:
@@ -45,13 +51,14 @@ class PatientCheckpoint:
         return float(self.meta.get("temperature_ms", 1.0))
 
 
-def save(path: Path, net: PatientNet, scaler: EhrScaler, meta: dict[str, Any]) -> None:
+def save(path: Path, net: PatientNet | list[PatientNet], scaler: EhrScaler, meta: dict[str, Any]) -> None:
     """Write ``path`` and ``path.with_suffix('.json')``; fills in name, version and schema hash."""
+    nets = net if isinstance(net, list) else [net]
     meta = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "feature_schema_hash": schema_hash(),
-            "mode": net.mode, **meta, "scaler": scaler.to_dict()}
+            "mode": nets[0].mode, **meta, "ensemble_size": len(nets), "scaler": scaler.to_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "meta_json": json.dumps(meta, sort_keys=True)}, path)
+    states = [{k: v.detach().cpu() for k, v in n.state_dict().items()} for n in nets]
+    torch.save({"state_dict": states[0], "members": states, "meta_json": json.dumps(meta, sort_keys=True)}, path)
     sidecar = {k: v for k, v in meta.items() if k != "scaler"}
     path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -76,7 +83,9 @@ def load(path: Path | str | None = None) -> PatientCheckpoint:
             f"checkpoint {p.name} was trained on EHR feature schema {str(meta.get('feature_schema_hash'))[:12]}, "
             f"this build has {schema_hash()[:12]}; retrain with `msgate train patient` or install the matching model")
     mode: Mode = meta.get("mode", "multimodal")
-    net = PatientNet(preset_from_meta(meta), mode)
-    net.load_state_dict(blob["state_dict"])
-    net.eval()
-    return PatientCheckpoint(net, EhrScaler.from_dict(meta["scaler"]), meta)
+    nets = []
+    for state in blob.get("members") or [blob["state_dict"]]:
+        net = PatientNet(preset_from_meta(meta), mode)
+        net.load_state_dict(state)
+        nets.append(net.eval())
+    return PatientCheckpoint(nets, EhrScaler.from_dict(meta["scaler"]), meta)

@@ -22,7 +22,7 @@ from msgate.model.patient.baselines import fit_predict_rf, reference_features, r
 from msgate.model.patient.calibration import sigmoid, softmax
 from msgate.model.patient.ehr import EhrScaler
 from msgate.model.patient.metrics import bootstrap, ece_multi, summary
-from msgate.model.patient.train import RIM_FEATURE, Data, cache_files, infer, load_data
+from msgate.model.patient.train import RIM_FEATURE, Data, cache_files, infer_ensemble, load_data
 
 log = logging.getLogger(__name__)
 ABLATIONS: dict[str, dict[str, bool]] = {
@@ -32,7 +32,7 @@ ABLATIONS: dict[str, dict[str, bool]] = {
 
 
 def _outputs(ck: checkpoint.PatientCheckpoint, d: Data, modality: dict[str, bool] | None = None) -> dict[str, NDArray[Any]]:
-    raw = infer(ck.net, d, ck.scaler, torch.device("cpu"), modality=modality)
+    raw = infer_ensemble(ck.nets, d, ck.scaler, modality)
     est = np.clip(np.round(raw["edss"] * 2) / 2, 0.0, 9.5)
     return {"edss_probs": softmax(raw["edss_logits"], ck.t_edss), "edss_probs_raw": softmax(raw["edss_logits"]),
             "edss": est, "p_ms": sigmoid(raw["ms_logit"], ck.t_ms), "rim": np.exp(raw["rim_log_rate"])}

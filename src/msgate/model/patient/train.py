@@ -151,6 +151,32 @@ def infer(net: PatientNet, d: Data, scaler: EhrScaler, device: torch.device, bat
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def infer_ensemble(nets: list[PatientNet], d: Data, scaler: EhrScaler,
+                   modality: dict[str, bool] | None = None) -> dict[str, NDArray[np.float32]]:
+    """Member outputs averaged (logits, EDSS estimate, Rim+ log-rate), as ``predict`` does."""
+    outs = [infer(n, d, scaler, torch.device("cpu"), modality=modality) for n in nets]
+    return {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
+
+
+def build_ensemble(members: list[Path], cache: Path, out: Path, seed: int = 0, val_fraction: float = 0.2) -> dict[str, Any]:
+    """Join member checkpoints (same cache, split seed and scaler) into one checkpoint; the
+    temperatures are refitted on the averaged validation logits."""
+    cks = [checkpoint.load(p) for p in members]
+    data, _ = load_data(cache)
+    _, va_idx = split(len(data), val_fraction, seed)
+    val = data.subset(va_idx)
+    nets = [c.net for c in cks]
+    out_val = infer_ensemble(nets, val, cks[0].scaler)
+    meta = {k: v for k, v in cks[0].meta.items() if k not in ("scaler", "ensemble_size", "feature_schema_hash")}
+    meta.update(temperature_edss=fit_temperature(out_val["edss_logits"], val.edss_class),
+                temperature_ms=fit_temperature(out_val["ms_logit"], val.ms, binary=True),
+                init_seed=[c.meta.get("init_seed", c.meta.get("seed")) for c in cks],
+                train_seconds=round(sum(float(c.meta["train_seconds"]) for c in cks), 1),
+                epochs_run=[c.meta["epochs_run"] for c in cks])
+    checkpoint.save(out, nets, cks[0].scaler, meta)
+    return meta
+
+
 def _class_weights(y: NDArray[np.int64], k: int) -> torch.Tensor:
     cnt = np.bincount(y, minlength=k).astype(np.float64) + 1.0
     w = cnt.sum() / cnt
@@ -220,7 +246,7 @@ def calibrate(net: PatientNet, val: Data, scaler: EhrScaler, device: torch.devic
 
 
 def train_patient(cache: Path, preset_name: str, out: Path, mode: Mode = "multimodal", seed: int = 0,
-                  val_fraction: float = 0.2, data_note: str = "") -> dict[str, Any]:
+                  val_fraction: float = 0.2, data_note: str = "", init_seed: int | None = None) -> dict[str, Any]:
     """Full run: split, scaler, fit, calibrate, save checkpoint; returns the checkpoint metadata."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     preset = get_preset(preset_name)
@@ -229,9 +255,10 @@ def train_patient(cache: Path, preset_name: str, out: Path, mode: Mode = "multim
     train, val = data.subset(tr_idx), data.subset(va_idx)
     scaler = EhrScaler.fit(train.ehr_x, train.ehr_m)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, info = fit(preset, train, val, scaler, mode, seed, device)
+    net, info = fit(preset, train, val, scaler, mode, seed if init_seed is None else init_seed, device)
     temps = calibrate(net, val, scaler, device)
-    meta = {"preset": preset.name, "preset_config": preset.to_dict(), "seed": seed, **temps,
+    meta = {"preset": preset.name, "preset_config": preset.to_dict(), "seed": seed,
+            "init_seed": seed if init_seed is None else init_seed, **temps,
             "training_data": data_note or (
                 f"synthetic cohort (msgate.model.synth, 2 mm, missing_rate 0.1) seed(s) {raw['seeds'].tolist()}, "
                 f"{len(data)} patients split by patient into {len(train)} train / {len(val)} validation; "

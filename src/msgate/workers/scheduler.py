@@ -34,7 +34,7 @@ from celery import Celery
 from sqlmodel import Session, col, select
 
 from msgate.config import Settings
-from msgate.storage.models import Instance, Job, Observation, Order, Series, Study, utcnow
+from msgate.storage.models import Instance, Job, Observation, Order, PatientIdentifier, Series, Study, utcnow
 from msgate.storage.store import Store
 from msgate.workers import case as case_mod
 from msgate.workers import ehr as ehr_mod
@@ -133,17 +133,24 @@ class Scheduler:
         for sid, study in studies.items():
             job = latest.get(sid)  # type: ignore[arg-type]
             fresh = job is None or (study.ready_at is not None and job.created_at < study.ready_at)
-            if fresh or study.patient_id in changed[0] or study.accession_index in changed[1] or sid in extra:
+            if (fresh or sid in extra or study.patient_id in changed[0] or study.accession_index in changed[1]
+                    or study.dicom_patient_index in changed[2]):
                 out.append(study)
         self.watermark = now - timedelta(seconds=1)
         return out
 
-    def _ehr_changed(self, session: Session) -> tuple[set[int | None], set[str | None]]:
-        patients = set(session.exec(select(Observation.patient_id).where(
+    def _ehr_changed(self, session: Session) -> tuple[set[int | None], set[str | None], set[str]]:
+        """Patients with new observations or orders since the last scan; their accessions and identifiers."""
+        patients: set[int | None] = set(session.exec(select(Observation.patient_id).where(
             col(Observation.updated_at) >= self.watermark)).all())
         orders = session.exec(select(Order.patient_id, Order.accession_index).where(
             col(Order.updated_at) >= self.watermark)).all()
-        return patients | {p for p, _ in orders}, {a for _, a in orders if a}
+        patients |= {p for p, _ in orders}
+        idents: set[str] = set()
+        if patients - {None}:  # studies link by identifier until an HL7 message sets Study.patient_id
+            idents = set(session.exec(select(PatientIdentifier.id_index).where(
+                col(PatientIdentifier.patient_id).in_([p for p in patients if p is not None]))).all())
+        return patients, {a for _, a in orders if a}, idents
 
     def scan(self, extra: set[int] | None = None) -> list[str]:
         """Create the jobs that are due; returns their ids (published or left to the reconciler)."""

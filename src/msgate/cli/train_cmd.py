@@ -59,13 +59,14 @@ def patient(
     cache_dir: Path = typer.Option(Path("var/cache/patient"), "--cache-dir", help="where --synthetic writes arrays"),
     lesions: str = typer.Option("auto", "--lesions", help="lesion source: auto | heuristic | lesion-model"),
     workers: int = typer.Option(1, "--workers", min=1, help="processes simulating subjects"),
+    members: int = typer.Option(1, "--members", min=1, help="ensemble size (init seeds 0..K-1, logits averaged)"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
 ) -> None:
     """Train the patient model (EDSS, MS vs cSVD, Rim+ count) with patient-level splits and calibration."""
     import torch
 
     from msgate.model.patient.synthdata import build_cache
-    from msgate.model.patient.train import train_patient
+    from msgate.model.patient.train import build_ensemble, train_patient
 
     if (synthetic is None) == (data is None):
         raise typer.BadParameter("give exactly one of --synthetic N or --data PATH")
@@ -76,6 +77,12 @@ def patient(
         data = build_cache(cache_dir / f"train-s{seed}-n{synthetic}-{preset}.npz", seed, synthetic, preset,
                            workers=workers, lesion_kind=lesions)
     assert data is not None
-    meta = train_patient(data, preset, out, mode=mode)  # type: ignore[arg-type]
+    if members == 1:
+        meta = train_patient(data, preset, out, mode=mode)  # type: ignore[arg-type]
+    else:
+        parts = [out.with_name(f"{out.stem}-m{i}.pt") for i in range(members)]
+        for i, part in enumerate(parts):
+            train_patient(data, preset, part, mode=mode, init_seed=i)  # type: ignore[arg-type]
+        meta = build_ensemble(parts, data, out)
     typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {meta['n_train']} train / {meta['n_val']} val, "
                f"{meta['epochs_run']} epochs in {meta['train_seconds']:.0f} s, T_edss {meta['temperature_edss']:.2f}")

@@ -24,7 +24,7 @@ def lesions(
                                              help="subjects simulated for the Rim+ classifier (default: the preset's)"),
     data: Path | None = typer.Option(None, "--data", help="train on a `msgate synth` folder instead of simulating"),
     seed: int = typer.Option(0, "--seed", help="cohort seed (segmenter: seed, Rim+: seed + 1)"),
-    out: Path = typer.Option(Path("var/models/lesions-tiny.pt"), "--out", help="checkpoint path (+ .json sidecar)"),
+    out: Path | None = typer.Option(None, "--out", help="checkpoint path, + .json sidecar (default: var/models/lesions-<preset>.pt)"),
     log: Path | None = typer.Option(None, "--log", help="metrics JSONL (default: <out>.metrics.jsonl)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
@@ -42,6 +42,7 @@ def lesions(
         p = dataclasses.replace(p, seg_subjects=synthetic)
     if rim_synthetic is not None:
         p = dataclasses.replace(p, rim_subjects=rim_synthetic)
+    out = out or Path(f"var/models/lesions-{p.name}.pt")
     log_path = log or out.with_suffix(".metrics.jsonl")
     model = train_lesion_model(p, seed, log_path, device=device, data=data)
     save_lesion_model(model, out)

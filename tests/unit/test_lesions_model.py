@@ -148,3 +148,14 @@ def test_shipped_asymmetric_model_uses_flair() -> None:
     y = x.clone()
     y[:, 1] = torch.flip(y[:, 1], dims=(1,))
     assert not np.allclose(m.rim_logits(x.numpy()), m.rim_logits(y.numpy()))
+
+
+def test_full_preset_builds_from_the_same_code_path() -> None:
+    full = get_preset("full")
+    m = build_model(full, {}, ("asymmetric", "stacked"))
+    s = full.rim_patch
+    logits = m.rim_logits(np.zeros((1, 2, s, s, s), np.float32))
+    assert logits.shape == (1,)
+    with torch.no_grad():
+        out = m.seg(torch.zeros(1, 2, 32, 32, 32))
+    assert out.shape == (1, 1, 32, 32, 32)

@@ -148,3 +148,14 @@ def test_small_ensemble_checkpoint_averages_members(tmp_path: Path) -> None:
     assert abs(sum(r_ens.edss_probabilities) - 1.0) < 1e-6
     assert r_ens.edss_probabilities != r_one.edss_probabilities
     assert r_ens.heatmap is not None and r_ens.heatmap.shape == _case().flair.data.shape
+
+
+def test_explain_heatmaps_both_heads_in_flair_grid(model) -> None:  # type: ignore[no-untyped-def]
+    from msgate.model.predict import explain_heatmaps
+
+    case = _case()
+    maps = explain_heatmaps(case, model)
+    assert set(maps) == {"edss", "diagnosis"}
+    for m in maps.values():
+        assert m.shape == case.flair.data.shape and 0.0 <= m.min() and m.max() <= 1.0
+    assert np.allclose(maps["edss"], predict([case], model)[0].heatmap, atol=1e-5)

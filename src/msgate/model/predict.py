@@ -144,3 +144,18 @@ def predict(cases: list[Case], model: PatientModel | None = None) -> list[ModelR
     for s in range(0, len(cases), model.batch_size):
         out.extend(_predict_batch(model, cases[s:s + model.batch_size]))
     return out
+
+
+def explain_heatmaps(case: Case, model: PatientModel | None = None) -> dict[str, NDArray[np.float32]]:
+    """Grad-CAM maps of both heads ("edss": predicted bin, "diagnosis": predicted MS/cSVD class),
+    member-averaged and resampled onto the FLAIR grid ([k, r, c], 0..1). ``ModelResult.heatmap`` is "edss"."""
+    model = model or load_model()
+    _, mi, ehr_in, feats = _inputs(model, case)
+    args = (torch.as_tensor(mi.image[None]), torch.as_tensor(mi.present[None]), torch.as_tensor(feats[None]),
+            torch.as_tensor(ehr_in[None]))
+    layer = str(model.ckpt.meta["preset_config"]["gradcam_layer"])
+    out: dict[str, NDArray[np.float32]] = {}
+    for head in ("edss", "diagnosis"):
+        maps = [gradcam(n, *args, head=head, layer=layer)[0] for n in model.ckpt.nets]
+        out[head] = to_flair_grid(np.mean(maps, axis=0).astype(np.float32), mi.affine_ras, case.flair)
+    return out

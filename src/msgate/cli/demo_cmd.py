@@ -27,6 +27,7 @@ from msgate.demo.patients import make_patients
 from msgate.demo.peers import MllpStandIn, PacsStandIn
 from msgate.demo.report import key_images, write_html
 from msgate.errors import MsgateError
+from msgate.storage.models import utcnow
 
 
 def _table(rows: list[demo.Progress], elapsed: float) -> Table:
@@ -46,10 +47,14 @@ def command(
     he: Annotated[bool, typer.Option("--he", help="EHR features under homomorphic encryption")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every SR and ORU")] = 900.0,
     keep_home: Annotated[bool, typer.Option("--keep-home", help="keep the temporary MSGATE_HOME")] = False,
+    home_dir: Annotated[Path | None, typer.Option("--home", help="use this (new) MSGATE_HOME and keep it")] = None,
 ) -> None:
     """Run the whole system end to end on three synthetic patients and show the results."""
     out.mkdir(parents=True, exist_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="msgate-demo-"))
+    if home_dir is not None and home_dir.exists() and any(home_dir.iterdir()):
+        raise MsgateError(f"--home {home_dir} is not empty; the demo needs a fresh home")
+    home = home_dir or Path(tempfile.mkdtemp(prefix="msgate-demo-"))
+    keep_home = keep_home or home_dir is not None
     pacs, mllp = PacsStandIn(out / "pacs"), MllpStandIn(out / "interface-engine")
     pacs.start()
     mllp.start()
@@ -78,7 +83,7 @@ def command(
 def _follow(patients: list, system: demo.System, home: Path, pacs: PacsStandIn, mllp: MllpStandIn,  # type: ignore[type-arg]
             dicom_port: int, hl7_port: int, timeout: float, out: Path) -> bool:
     rows = [demo.Progress(p) for p in patients]
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), utcnow()
     for row in rows:
         if not system.alive():
             raise MsgateError(f"msgate stopped while starting; see {out / 'msgate.log'}")
@@ -92,14 +97,14 @@ def _follow(patients: list, system: demo.System, home: Path, pacs: PacsStandIn, 
     done = False
     with Live(_table(rows, 0), console=console, refresh_per_second=2) as live:
         while time.monotonic() - t0 < timeout and system.alive():
-            done = demo.poll(store, rows, pacs, mllp, t0)
+            done = demo.poll(store, rows, pacs, mllp, t0, t0_wall)
             live.update(_table(rows, time.monotonic() - t0))
             if done:
                 break
             time.sleep(1)
     time.sleep(1)  # let the stand-ins finish writing the last objects
     results = [demo.summary_row(row, pacs, mllp) for row in rows]
-    images = key_images(pacs.objects("OT"), out)
+    images = key_images(pacs.objects(), out)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     summary = write_html(results, images, out)
     _print(results)
@@ -113,21 +118,20 @@ def _follow(patients: list, system: demo.System, home: Path, pacs: PacsStandIn, 
 
 
 def _print(results: list[dict]) -> None:  # type: ignore[type-arg]
-    table = Table(title="results (as received by the stand-in PACS and interface engine)", title_justify="left")
-    for column in ("patient", "EDSS class (conf.)", "MS vs cSVD", "lesions", "Rim+", "truth", "SR", "ORU"):
-        table.add_column(column)
+    console.rule("results, as received back by the stand-in PACS and interface engine")
     for r in results:
         v, t = r["result"], r["truth"]
-        rim = v.get("rim_count")
-        table.add_row(
-            f"{r['subject']}\n{r['kind']}",
-            f"{v.get('edss_class', '-')} ({v.get('confidence', 0):.2f})" if v else "-",
-            f"{v.get('diagnosis', '-')} (P(MS) {v.get('p_ms', 0):.2f})" if v else "-",
-            str(int(v["lesion_count"])) if "lesion_count" in v else "-",
-            str(int(rim)) if rim is not None else "n/a",
-            f"{t['diagnosis']}, EDSS {t['edss']}, {t['rims']} rims",
-            "acked" if r["sr"]["count"] else "[red]missing", "acked" if r["oru"]["received"] else "[red]missing")
-    console.print(table)
-    for r in results:
-        stages = ", ".join(f"{k} at {v}s" for k, v in r["stages_s"].items())
-        console.print(f"{r['subject']}: {stages}" + (f"  [red]{r['error']}" if r["error"] else ""))
+        console.print(f"[bold]{r['subject']}[/bold] ({r['kind']})   truth: {t['diagnosis']}, EDSS {t['edss']}, "
+                      f"{t['lesions']} lesions, {t['rims']} Rim+")
+        if v:
+            rim = v.get("rim_count")
+            console.print(f"  EDSS class {v.get('edss_class', '-')} (confidence {v.get('confidence', 0):.2f}, "
+                          f"estimate {v.get('edss_estimate', 0):.1f})")
+            console.print(f"  {v.get('diagnosis', '-')} (P(MS) {v.get('p_ms', 0):.2f}); "
+                          f"{int(v.get('lesion_count', 0))} lesions, {v.get('lesion_volume_ml', 0):.2f} mL; "
+                          f"Rim+ {int(rim) if rim is not None else 'not assessable'}")
+        sr = f"{r['sr']['destination']} acked" if r["sr"]["count"] else "[red]SR missing"
+        oru = f"{r['oru']['destination']} acked" if r["oru"]["received"] else "[red]ORU missing"
+        console.print(f"  SR to {sr}; ORU to {oru}")
+        stages = ", ".join(f"{k} {v}s" for k, v in r["stages_s"].items())
+        console.print(f"  timeline: {stages}" + (f"  [red]{r['error']}" if r["error"] else ""))

@@ -47,7 +47,13 @@ def synth(
         raise typer.BadParameter("--protocol must be 3d, 2d or mixed")
     if resolution not in (1, 2):
         raise typer.BadParameter("--resolution must be 1 or 2")
-    records = generate_cohort(out, patients, seed=seed, mix=parse_mix(mix), ts=ts, missing_rate=missing_rate,
-                              protocol=protocol, resolution=resolution, enhanced=enhanced, workers=workers)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("synthetic subjects"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("synth", total=patients)
+        records = generate_cohort(out, patients, seed=seed, mix=parse_mix(mix), ts=ts, missing_rate=missing_rate,
+                                  protocol=protocol, resolution=resolution, enhanced=enhanced, workers=workers,
+                                  progress=lambda: bar.advance(task))
     n_ms = sum(r["diagnosis"] == "ms" for r in records)
     typer.echo(f"wrote {len(records)} subjects ({n_ms} MS, {len(records) - n_ms} cSVD) to {out}")

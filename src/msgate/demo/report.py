@@ -52,18 +52,26 @@ def _has(parsed: Any, name: str) -> bool:
     return True
 
 
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
 def key_images(pacs_objects: list[Any], out: Path) -> list[Path]:
-    """Secondary Capture key images received by the PACS stand-in, as PNG files."""
+    """The RGB Secondary Capture key images among what the PACS stand-in received, as PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for n, ds in enumerate(pacs_objects, start=1):
+    for ds in pacs_objects:
+        if str(ds.SOPClassUID) != SECONDARY_CAPTURE:
+            continue
         pixels = np.asarray(ds.pixel_array)
-        path = out / f"key_{str(ds.PatientID)}_{n}.png"
-        plt.imsave(path, pixels if pixels.ndim == 3 else pixels, cmap=None if pixels.ndim == 3 else "gray")
+        path = out / f"key_{str(ds.PatientID)}_{len(paths) + 1}.png"
+        if pixels.ndim == 3 and pixels.shape[-1] == 3:
+            plt.imsave(path, pixels.astype(np.uint8))
+        else:
+            plt.imsave(path, pixels, cmap="gray")
         paths.append(path)
     return paths
 

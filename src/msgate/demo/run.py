@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,13 @@ def send_dicom(patient: DemoPatient, port: int) -> int:
     return stored
 
 
-def poll(store: Store, rows: list[Progress], pacs: PacsStandIn, mllp: MllpStandIn, t0: float) -> bool:
-    """Update each patient's stages from the database and the stand-ins; True when all are done."""
+def poll(store: Store, rows: list[Progress], pacs: PacsStandIn, mllp: MllpStandIn, t0: float,
+         t0_wall: datetime) -> bool:
+    """Update each patient's stages from the database's own timestamps; True when all are done."""
     now = time.monotonic() - t0
+
+    def since(ts: datetime | None) -> float:
+        return max(0.0, (ts - t0_wall).total_seconds()) if ts is not None else now
     sr_studies = {str(ds.StudyInstanceUID) for ds in pacs.objects("SR")}
     oru_text = "\n".join(mllp.messages)
     with store.db.session() as session:
@@ -144,21 +149,22 @@ def poll(store: Store, rows: list[Progress], pacs: PacsStandIn, mllp: MllpStandI
             study = session.exec(select(Study).where(Study.study_uid_index == uid_index)).first()
             if study is None:
                 continue
-            if study.ready_at is not None or study.state == "ready":
-                row.mark("ready", now)
+            if study.ready_at is not None:
+                row.mark("ready", since(study.ready_at))
             job = session.exec(select(Job).where(Job.study_id == study.id)
                                .order_by(col(Job.created_at).desc())).first()
             if job is not None:
                 row.job_id, row.job_state, row.error = job.id, job.state, job.error or ""
                 if job.state == "done":
-                    row.mark("job", now)
+                    row.mark("job", since(job.finished_at))
                 entries = session.exec(select(OutboxEntry).where(OutboxEntry.job_id == job.id)).all()
                 if any(e.state == "dead" for e in entries):
                     row.error = "a result was dead-lettered"
-            if str(row.patient.record["study_uid"]) in sr_studies:
-                row.mark("SR acked", now)
-            if str(row.patient.record["accession"]) in oru_text:
-                row.mark("ORU acked", now)
+                delivered = {e.kind: e.delivered_at for e in entries if e.delivered_at is not None}
+                if str(row.patient.record["study_uid"]) in sr_studies:
+                    row.mark("SR acked", since(delivered.get("dicom")))
+                if str(row.patient.record["accession"]) in oru_text:
+                    row.mark("ORU acked", since(delivered.get("hl7")))
     return all({"SR acked", "ORU acked"} <= set(r.stages) or r.job_state == "failed" for r in rows)
 
 
@@ -189,6 +195,7 @@ def summary_row(row: Progress, pacs: PacsStandIn, mllp: MllpStandIn) -> dict[str
     values = oru_values(oru) if oru else {}
     srs = [ds for ds in pacs.objects("SR") if str(ds.StudyInstanceUID) == row.patient.record["study_uid"]]
     return {"kind": row.patient.kind, "subject": row.patient.record["subject"], "accession": accession,
+            "study_uid": row.patient.record["study_uid"],
             "truth": {"diagnosis": row.patient.record["diagnosis"], "edss": row.patient.record["edss"],
                       "rims": row.patient.record["n_rim"], "lesions": len(row.patient.record["lesions"])},  # type: ignore[arg-type]
             "result": values, "job_id": row.job_id, "job_state": row.job_state, "error": row.error,

@@ -90,8 +90,12 @@ def render_key_image(flair: np.ndarray, heat: np.ndarray | None, labels: np.ndar
     grey = np.kron(_grey(flair.astype(float)), up)[..., None].repeat(3, axis=-1)
     rgb = grey
     if heat is not None:
+        # Only the upper half of the saliency, and only inside the head, is tinted, so the FLAIR stays
+        # readable; the parametric map carries the full heatmap.
+        flair_f = flair.astype(float)
+        head = np.kron((flair_f > 0.1 * np.percentile(flair_f, 99)).astype(float), up)
         h = np.kron(np.clip(heat, 0, 1), up)
-        alpha = (0.45 * np.clip(h * 1.5, 0, 1))[..., None]
+        alpha = (0.5 * np.clip((h - 0.5) * 2.0, 0, 1) * head)[..., None]
         rgb = rgb * (1 - alpha) + _colour(h) * alpha
     big = np.kron(labels, np.ones((scale, scale), dtype=labels.dtype))
     lesion, rim = _outline(big > 0), _outline(np.isin(big, list(rim_labels)))

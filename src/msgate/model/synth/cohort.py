@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import multiprocessing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -168,11 +169,20 @@ def _work(args: tuple[CohortConfig, int]) -> dict[str, object]:
     return generate_subject(*args)
 
 
+def _tick(record: dict[str, object], progress: Callable[[], None] | None) -> dict[str, object]:
+    if progress is not None:
+        progress()
+    return record
+
+
 def generate_cohort(out_dir: Path | str, patients: int, seed: int = 0,
                     mix: dict[str, float] | None = None, ts: str = "explicit", missing_rate: float = 0.1,
                     protocol: str = "mixed", resolution: int = 1, enhanced: bool = False,
-                    workers: int = 1) -> list[dict[str, object]]:
-    """Write ``patients`` subjects under ``out_dir`` and ``labels.jsonl``; returns the records."""
+                    workers: int = 1, progress: Callable[[], None] | None = None) -> list[dict[str, object]]:
+    """Write ``patients`` subjects under ``out_dir`` and ``labels.jsonl``; returns the records.
+
+    ``progress`` is called once per finished subject (the CLI drives a progress bar with it).
+    """
     if ts not in TRANSFER_SYNTAXES:
         raise ValueError(f'Argument "ts" must be one of {sorted(TRANSFER_SYNTAXES)}.')
     if resolution not in (1, 2):
@@ -184,9 +194,9 @@ def generate_cohort(out_dir: Path | str, patients: int, seed: int = 0,
     if workers > 1:
         load_template(resolution)  # forked workers inherit the cached template
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            records = list(pool.imap(_work, jobs))
+            records = [_tick(r, progress) for r in pool.imap(_work, jobs)]
     else:
-        records = [_work(j) for j in jobs]
+        records = [_tick(_work(j), progress) for j in jobs]
     with open(cfg.out_dir / "labels.jsonl", "w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, sort_keys=True) + "\n")

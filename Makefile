@@ -1,12 +1,13 @@
 # msgate: two commands on a fresh machine (see README):
-#   make run    install, then run msgate on the embedded defaults (SQLite, local blobs, embedded queue)
-#   make test   install (Python packages, DCMTK, Orthanc), then run every test
+#   make demo   install, then run the embedded all-in-one demo (msgate demo)
+#   make test   install (Python packages, DCMTK, Orthanc, dicom3tools, tmux), then run every test
+# Also: make run (msgate serve on the embedded defaults), make test-fast, make bench.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sysdeps run test test-fast bench clean
+.PHONY: install sysdeps demo run test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ install: $(STAMP)
 sysdeps:
 	@scripts/sysdeps.sh
 
+demo: install
+	$(VENV)/bin/msgate demo --out demo-out
+
 run: install
 	MSGATE_HOME=$${MSGATE_HOME:-./var} $(VENV)/bin/msgate serve
 
@@ -32,6 +36,8 @@ test-fast: install
 
 bench: install sysdeps
 	$(PY) bench/storage.py
+	$(PY) bench/dicom_ingest.py
+	$(PY) bench/hl7_feed.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -54,6 +54,7 @@ class OruInput:
     receiving_facility: str = "HOSPITAL"
     service_code: str = "MSAI"
     service_text: str = "MS MRI AI analysis"
+    notes: tuple[str, ...] = ()
 
 
 def _ts(value: datetime | None = None) -> str:
@@ -121,6 +122,7 @@ def _body(msg: Message, r: OruInput) -> None:
     obs.obx.obx_5 = r.sr_sop_instance_uid
     obs.obx.obx_11 = r.status
     obs.obx.obx_17 = method
-    nte = oo.add_segment("NTE")
-    nte.nte_1 = "1"
-    nte.nte_3 = DISCLAIMER
+    for number, text in enumerate((DISCLAIMER, *r.notes), start=1):
+        nte = oo.add_segment("NTE")
+        nte.nte_1 = str(number)
+        nte.nte_3 = text

@@ -16,6 +16,7 @@ from msgate.config import Settings
 from msgate.hl7.oru import Finding, OruInput, build_oru
 from msgate.model.types import ModelResult
 from msgate.results import codes
+from msgate.results.identity import HE_PARAMETER
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Order, Study
 
@@ -79,6 +80,7 @@ def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, s
         accession=numbers.accession, placer_number=numbers.placer, filler_number=numbers.filler,
         sr_sop_instance_uid=sr_uid, model_name=result.model_name, model_version=result.model_version,
         control_id=PLACEHOLDER_CONTROL_ID, findings=findings(result), status="C" if correction else "P",
+        notes=(HE_PARAMETER,) if "he" in result.flags else (),
         patient_name=str(name) if name else "",
         sending_application=settings.hl7.sending_application, sending_facility=settings.hl7.sending_facility,
         receiving_application=dest.receiving_application if dest else "EHR",

@@ -27,6 +27,7 @@ class Identity:
     manufacturer: str = MANUFACTURER
     device_serial_number: str = "msgate"
     device_uid: str = DEVICE_UID
+    parameters: tuple[str, ...] = ()
 
     @property
     def software_versions(self) -> str:
@@ -34,11 +35,17 @@ class Identity:
 
     @property
     def algorithm(self) -> hd.sr.AlgorithmIdentification:
-        return hd.sr.AlgorithmIdentification(name=self.model_name, version=self.model_version)
+        return hd.sr.AlgorithmIdentification(name=self.model_name, version=self.model_version,
+                                             parameters=list(self.parameters) or None)
 
     @classmethod
     def of(cls, result: ModelResult) -> Identity:
-        return cls(model_name=result.model_name, model_version=result.model_version)
+        """``parameters`` records how the result was computed (e.g. EHR under homomorphic encryption)."""
+        parameters = (HE_PARAMETER,) if "he" in result.flags else ()
+        return cls(model_name=result.model_name, model_version=result.model_version, parameters=parameters)
+
+
+HE_PARAMETER = "EHR branch evaluated under homomorphic encryption (CKKS)"
 
 
 def copy_patient_study(target: Dataset, source: Dataset) -> None:

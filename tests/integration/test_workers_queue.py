@@ -151,7 +151,7 @@ def test_study_sent_twice_runs_once(rig_factory: Callable[..., Rig]) -> None:
     study_id, _ = double.make_study(rig.store, seed=1, rle=True)
     assert len(rig.sched.scan()) == 1
     rig.start_worker()
-    rig.wait(rig.settled(1), what="the job to finish")
+    rig.wait(lambda: rig.settled(1)() and "handoff_at" in rig.jobs()[0].flags, what="the job and its hand-off")
     double.mark_ready(rig.store, study_id)  # the same study becomes ready again (sent twice)
     assert rig.sched.scan() == []
     [job] = rig.jobs()

@@ -95,6 +95,9 @@ def test_claims_and_leases(store: Store, sched: Scheduler) -> None:
 def test_hook_wakes_the_scheduler() -> None:
     from msgate.workers import scheduler
 
+    from msgate.listener import server
+
+    assert hook in server._READY_HOOKS  # serve --role all: the in-process listener wakes the scheduler
     hook(type("Ready", (), {"study_id": 42})())
     assert scheduler._drain(0.1) == {42}
 

@@ -240,3 +240,16 @@ def run(store: Store, stop: threading.Event) -> None:
             log.exception("scheduler pass failed")
         extra = _drain(period)
     log.info("scheduler stopped")
+
+
+def _wire_listener() -> None:
+    """``serve --role all`` imports every role module before starting any, so the listener started in this
+    process wakes the scheduler through :func:`hook` at once; other setups rely on the scan period."""
+    try:
+        from msgate.listener.server import add_ready_hook
+    except ImportError:
+        return
+    add_ready_hook(hook)
+
+
+_wire_listener()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from typing import Any
 
 from celery import Celery
@@ -84,7 +85,23 @@ def broker_options(settings: Settings) -> tuple[str, str | None, dict[str, Any]]
 
 
 def build_app(settings: Settings, *, main: str = "msgate") -> Celery:
-    """A configured Celery app with the msgate tasks registered."""
+    """A configured Celery app with the msgate tasks registered (one per Settings object and process:
+    the scheduler, the worker and the publish consumer of ``serve all`` share it)."""
+    key = id(settings)
+    with _apps_lock:
+        cached = _apps.get(key)
+        if cached is not None and cached[0] is settings:
+            return cached[1]
+        app = _build(settings, main=main)
+        _apps[key] = (settings, app)
+        return app
+
+
+_apps: dict[int, tuple[Settings, Celery]] = {}
+_apps_lock = threading.RLock()
+
+
+def _build(settings: Settings, *, main: str) -> Celery:
     url, transport, options = broker_options(settings)
     wk = settings.workers
     app = Celery(main, broker=url, set_as_current=False)

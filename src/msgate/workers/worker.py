@@ -67,6 +67,8 @@ def _advertise(rt: runtime.Runtime) -> None:
 
 def serve_one(store: Store, stop: threading.Event) -> None:
     controller = start_controller(store)
+    if stop.is_set():  # stopped while the model loaded: never start a consumer only to tear it down
+        return
     thread = threading.Thread(target=controller.start, name="celery-worker", daemon=True)
     thread.start()
     try:

@@ -1,4 +1,4 @@
-"""A result computed with the EHR branch under CKKS says so: SR algorithm parameters and an ORU NTE."""
+"""ORU details: HE results say so (SR algorithm parameters and an NTE); one OBX group per lesion."""
 
 from __future__ import annotations
 
@@ -25,3 +25,20 @@ def test_he_result_is_marked_in_sr_and_oru() -> None:
     assert parameters == [HE_PARAMETER]
     assert len(_oru(())) == 1
     assert _oru(("he",))[1].endswith(HE_PARAMETER)
+
+
+def test_each_lesion_gets_its_obx_group() -> None:
+    import hl7
+
+    result = model_result((12, 40, 48))
+    text = render_oru(result, source=flair_series()[0], numbers=OrderNumbers("P1", "F1", "A1"), sr_uid="1.2.3",
+                      correction=False, settings=load_settings())
+    obx = hl7.parse(text).segments("OBX")
+    by_lesion: dict[str, list[str]] = {}
+    for segment in obx:
+        if str(segment[4]):
+            by_lesion.setdefault(str(segment[4]), []).append(str(segment[3][0][0]))
+    assert set(by_lesion) == {str(lesion.label) for lesion in result.lesions}
+    for lesion in result.lesions:
+        codes_seen = by_lesion[str(lesion.label)]
+        assert "LES-VOL-1" in codes_seen and ("P-PRL" in codes_seen) == (lesion.rim_probability is not None)

@@ -29,6 +29,7 @@ class Finding:
     value_type: Literal["NM", "CE", "ST"]
     value: str
     units: str = ""
+    sub_id: str = ""  # OBX-4: groups the values of one lesion ("1", "2", ...)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def _body(msg: Message, r: OruInput) -> None:
         obs.obx.obx_1 = str(n)
         obs.obx.obx_2 = finding.value_type
         obs.obx.obx_3 = f"{finding.code}^{finding.text}^{finding.system}"
+        if finding.sub_id:
+            obs.obx.obx_4 = finding.sub_id
         obs.obx.obx_5 = finding.value
         if finding.units:
             obs.obx.obx_6 = finding.units

@@ -58,6 +58,8 @@ ABNORMAL_STRUCTURE = codes.SCT.MorphologicallyAbnormalStructure  # SCT 49755003
 RIM_LESION = local("PRL", "Paramagnetic rim lesion")
 RIM_STATUS = local("PRL-STATUS", "Paramagnetic rim")
 RIM_PROBABILITY = local("P-PRL", "Probability of paramagnetic rim")
+LESION_VOLUME = local("LES-VOL-1", "Lesion volume")
+LESION_LOCATION = local("LES-LOC", "Lesion location")
 VOLUME = codes.SCT.Volume  # SCT 118565006
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
@@ -80,5 +82,6 @@ def table() -> list[tuple[str, str, str]]:
     """Every local code as (value, scheme, meaning), for docs/results.md and its test."""
     concepts = [EDSS_CLASS, *EDSS_CLASS_VALUES, *EDSS_CLASS_PROBABILITY, EDSS_ESTIMATE, CONFIDENCE,
                 UNCERTAINTY, DIAGNOSIS, SMALL_VESSEL_DISEASE, P_MS, LESION_COUNT, LESION_VOLUME_TOTAL,
-                RIM_COUNT, RIM_LESION, RIM_STATUS, RIM_PROBABILITY, *LOCATION.values(), SALIENCY]
+                RIM_COUNT, RIM_LESION, RIM_STATUS, RIM_PROBABILITY, LESION_VOLUME, LESION_LOCATION,
+                *LOCATION.values(), SALIENCY]
     return [(c.value, c.scheme_designator, c.meaning) for c in concepts]

@@ -7,7 +7,7 @@ MSH-10 is a placeholder here; the outbox writes a fresh control id into MSH-10 f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom.dataset import Dataset
 from sqlmodel import Session, col, select
@@ -56,6 +56,21 @@ def findings(result: ModelResult) -> tuple[Finding, ...]:
     ]
     if result.rim_count is not None:
         out.append(_nm(codes.RIM_COUNT, result.rim_count, "{lesions}"))
+    return tuple(out) + lesion_findings(result)
+
+
+def lesion_findings(result: ModelResult) -> tuple[Finding, ...]:
+    """Per lesion, grouped by OBX-4 sub-id (the SEG's lesion label): location, volume, Rim+ probability."""
+    out: list[Finding] = []
+    for lesion in result.lesions:
+        sub = str(lesion.label)
+        location = codes.LOCATION.get(lesion.location)
+        if location is not None:
+            out.append(Finding(codes.LESION_LOCATION.value, codes.SCHEME, codes.LESION_LOCATION.meaning, "CE",
+                               _cwe(location), sub_id=sub))
+        out.append(replace(_nm(codes.LESION_VOLUME, float(lesion.volume_ml), "mL", 4), sub_id=sub))
+        if lesion.rim_probability is not None:
+            out.append(replace(_nm(codes.RIM_PROBABILITY, float(lesion.rim_probability)), sub_id=sub))
     return tuple(out)
 
 

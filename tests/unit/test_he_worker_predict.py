@@ -41,7 +41,7 @@ def test_he_predict_matches_plaintext_predict(tmp_path: Path, monkeypatch: pytes
     net = PatientNet(MICRO).eval()
     scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
     meta = {"preset": "micro", "preset_config": MICRO.to_dict(), "temperature_edss": 1.3, "temperature_ms": 1.1}
-    pm = plain_predict.PatientModel(PatientCheckpoint(net, scaler, meta), HeuristicLesions())
+    pm = plain_predict.PatientModel(PatientCheckpoint([net], scaler, meta), HeuristicLesions())
     keys = HeKeys(tmp_path, keyring.init(tmp_path / "keys" / "keyring.json"))
     keys.generate(he.HeParams())
     model = HePatientModel(pm, HeWorker.for_home(he.export(net), tmp_path), keys)

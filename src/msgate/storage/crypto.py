@@ -21,6 +21,7 @@ import hmac
 import io
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -78,10 +79,25 @@ def _aad_prefix(blob_id: str, kind: str, header: bytes) -> bytes:
     return b"msgate-blob-v1" + blob_id.encode() + b"\0" + kind.encode() + b"\0" + header
 
 
+_buffers = threading.local()
+
+
+def _out_buffer(size: int) -> bytearray:
+    """A per-thread output buffer, reused across blobs: no fresh (page-faulting) allocation per chunk."""
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _buffers.buf = bytearray(size)
+    return buf
+
+
 def encrypt_stream(
     dek: bytes, reader: Callable[[int], bytes], *, blob_id: str, kind: str, chunk_size: int = DEFAULT_CHUNK
 ) -> Iterator[bytes]:
-    """Yield the header, then one ciphertext chunk per ``chunk_size`` bytes read (bounded memory)."""
+    """Yield the header, then one ciphertext chunk per ``chunk_size`` bytes read (bounded memory).
+
+    Each yielded chunk is a view of a per-thread buffer that the next chunk overwrites: consume it
+    (write it out, or copy it) before asking for the next one.
+    """
     nonce_prefix = os.urandom(8)
     header = HEADER.pack(MAGIC, VERSION, chunk_size, nonce_prefix)
     yield header
@@ -93,14 +109,17 @@ def encrypt_stream(
         following = reader(chunk_size) if len(current) == chunk_size else b""
         final = not following
         nonce = nonce_prefix + struct.pack(">I", index)
-        yield aead.encrypt(nonce, current, _chunk_aad(prefix, index, final))
+        out = memoryview(_out_buffer(chunk_size + TAG))[: len(current) + TAG]
+        aead.encrypt_into(nonce, current, _chunk_aad(prefix, index, final), out)
+        yield out  # type: ignore[misc]
         if final:
             return
         current, index = following, index + 1
 
 
 def encrypt_bytes(dek: bytes, data: bytes, *, blob_id: str, kind: str, chunk_size: int = DEFAULT_CHUNK) -> bytes:
-    return b"".join(encrypt_stream(dek, io.BytesIO(data).read, blob_id=blob_id, kind=kind, chunk_size=chunk_size))
+    return b"".join(bytes(piece) for piece in
+                    encrypt_stream(dek, io.BytesIO(data).read, blob_id=blob_id, kind=kind, chunk_size=chunk_size))
 
 
 def decrypt_stream(dek: bytes, reader: Callable[[int], bytes], *, blob_id: str, kind: str) -> Iterator[bytes]:

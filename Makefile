@@ -11,7 +11,6 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins the whole tree; torch==2.13.0 resolves to the machine's local CPU wheel
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)

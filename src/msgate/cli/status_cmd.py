@@ -47,7 +47,10 @@ def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
 
 
 def _finish(report: dict[str, Any], critical: bool = False) -> dict[str, Any]:
-    levels = [LEVEL[part["health"]] for part in report.values() if isinstance(part, dict) and "health" in part]
+    """Database or key ring down, or nothing running: down. A role, the broker (ingest still acknowledges,
+    jobs wait) or the outbox in trouble: degraded."""
+    levels = [LEVEL[part["health"]] for name, part in report.items()
+              if isinstance(part, dict) and "health" in part and name not in ("broker", "roles")]
     roles = report.get("roles", {})
     role_levels = [LEVEL[r["health"]] for r in roles.values()]
     if role_levels and all(level == 2 for level in role_levels):

@@ -8,6 +8,7 @@ Prints seconds per stage (template load is one-off per process and reported apar
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,10 +38,11 @@ def main() -> None:
     print(f"template load (once per process): {time.perf_counter() - t:.2f} s")
     for protocol in ("3d", "2d"):
         runs = [_time_subject(protocol, i + 1, args.ts) for i in range(args.repeat)]
-        best = min(runs, key=lambda r: r["simulate_and_write_s"])
-        print(f"{protocol}: simulate {best['simulate_s']:.2f} s, simulate+write {best['simulate_and_write_s']:.2f} s "
-              f"({best['slices']:.0f} slices, ts={args.ts}, best of {args.repeat})")
-
+        sim = statistics.median(r["simulate_s"] for r in runs)
+        totals = [r["simulate_and_write_s"] for r in runs]
+        each = ", ".join(f"{v:.2f}" for v in totals)
+        print(f"{protocol}: simulate {sim:.2f} s, simulate+write {statistics.median(totals):.2f} s, median of "
+              f"{args.repeat} subjects ({runs[0]['slices']:.0f} slices, ts={args.ts}; per subject {each})")
 
 if __name__ == "__main__":
     main()

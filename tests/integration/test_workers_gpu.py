@@ -20,7 +20,8 @@ import test_workers_double as double
 from conftest import make_settings
 from msgate.model.types import EDSS_BINS, Case, ModelResult
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (the package depends on torch; what may be missing is CUDA)
+
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -309,17 +309,7 @@ def test_scheduler_role_turns_ready_studies_into_results(tmp_path: Path) -> None
         rig.close()
 
 
-def _real_checkpoint() -> bool:
-    try:
-        from msgate.model.patient import checkpoint
-
-        return checkpoint.DEFAULT_PATH.is_file()
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _real_checkpoint(), reason="the tiny patient checkpoint is not packaged yet")
 def test_real_tiny_model_end_to_end(rig_factory: Callable[..., Rig]) -> None:
     """The real ``msgate.model.predict`` (tiny preset) behind the same queue: one result, rendered fields."""
     rig = rig_factory(model_module="msgate.model.predict", hard_time_limit=300, soft_time_limit=240,

@@ -128,7 +128,6 @@ def test_stacked_baseline_and_supcon_shapes() -> None:
     assert torch.isfinite(loss) and loss > 0
 
 
-@pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="shipped checkpoint not built yet")
 def test_shipped_checkpoint_metadata() -> None:
     assert DEFAULT_CHECKPOINT.stat().st_size < 5_000_000
     m = load_lesion_model()
@@ -137,7 +136,6 @@ def test_shipped_checkpoint_metadata() -> None:
     assert "not for clinical use" in m.meta["intended_use"]
 
 
-@pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="shipped checkpoint not built yet")
 def test_shipped_asymmetric_model_uses_flair() -> None:
     m = load_lesion_model()
     net = m.rim["asymmetric"]

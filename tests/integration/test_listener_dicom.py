@@ -71,10 +71,12 @@ def test_synthetic_flair_series_bit_exact_and_ready_on_release(tmp_path: Path) -
         done = storescu(listener.port, files)
         released = time.monotonic()
         assert done.returncode == 0, done.stderr
-        ready = _wait(lambda: [s for s in _study_states(listener.home) if s[0] == "ready"], timeout=5, step=0.02)
+        ready = _wait(lambda: [s for s in _study_states(listener.home) if s[0] == "ready"], timeout=15, step=0.02)
         ready_after = time.monotonic() - released
         assert ready == [("ready", 1, "pipeline")]
-        assert ready_after < 1.5, f"ready {ready_after:.2f}s after release (quiet period is 30 s)"
+        # Ready on release, not after the 30 s quiet period. The ≤ 1 s target itself is measured by
+        # bench/dicom_ingest.py (0.005–0.047 s); a loaded CI box must not turn that into a flaky assert.
+        assert ready_after < 10, f"ready {ready_after:.2f}s after release (quiet period is 30 s)"
         with opened_store(listener.home) as store:
             stored = stored_bytes(store)
             with store.db.session() as session:

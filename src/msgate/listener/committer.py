@@ -13,6 +13,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
+from msgate.batching import take_batch
 from msgate.storage.ingest import Ingest, PreparedInstance, StoredInstance
 
 log = logging.getLogger(__name__)
@@ -36,20 +37,7 @@ class GroupCommitter:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
+        while (batch := take_batch(self._queue, self.max_batch)) is not None:
             try:
                 results = self.ingest.commit_instances([item for item, _ in batch])
             except BaseException as exc:  # never leave a handler waiting

@@ -65,6 +65,28 @@ def test_echoscu(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
 
 
+def test_store_then_echo_then_store_on_one_association(tmp_path: Path) -> None:
+    """The direct data phase answers the first C-STORE; the C-ECHO goes to pynetdicom, and so does every
+    message after it on that association: each still gets its right answer, and both instances are stored."""
+    from pynetdicom import AE
+
+    files = write_series(tmp_path / "mixed", count=2)
+    with running_listener(tmp_path) as listener:
+        ae = AE(ae_title="MIXED")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="MSGATE")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(files[0]).Status, assoc.send_c_echo().Status,
+                    assoc.send_c_store(files[1]).Status]
+        assoc.release()
+        assert statuses == [0, 0, 0]
+        with opened_store(listener.home) as store:
+            stored = stored_bytes(store)
+    for path in files:
+        assert dataset_part(stored[sop_uid(path)][0]) == dataset_part(path.read_bytes())
+
+
 def test_synthetic_flair_series_bit_exact_and_ready_on_release(tmp_path: Path) -> None:
     files = write_series(tmp_path / "flair", count=176, description="AX FLAIR")
     with running_listener(tmp_path, MSGATE_DICOM__QUIET_SECONDS="30") as listener:

@@ -25,7 +25,13 @@ def _all() -> list[bytes]:
 
 @pytest.mark.parametrize("data", _all())
 def test_complete_files_pass_and_truncated_ones_are_refused(data: bytes) -> None:
-    assert parse(data).SOPInstanceUID
+    header = parse(data)
+    ds = dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+        assert header.get(keyword) == str(ds.get(keyword, "")), keyword
+    assert header.get("InstanceNumber") == ("" if ds.get("InstanceNumber") is None else str(ds.InstanceNumber))
+    assert header.transfer_syntax == str(ds.file_meta.TransferSyntaxUID)
+    assert header.dataset().SOPInstanceUID == ds.SOPInstanceUID
     for cut in (1, 10, 100, len(data) // 2):
         with pytest.raises(Rejected) as info:
             parse(data[:-cut])

@@ -1,50 +1,70 @@
 """Group commit of index rows across concurrent associations (persist-then-acknowledge kept).
 
 Each C-STORE handler writes its encrypted body itself (in parallel with the other associations) and
-then hands the prepared instance to this committer, which indexes everything queued in one database
-transaction and wakes each handler after the commit. Batches form naturally while the previous
-commit runs: no instance waits for a timer, and one association alone sees no extra latency.
+then calls :meth:`GroupCommitter.commit`. The first caller to find no commit running becomes the
+*leader*: it indexes everything queued in one database transaction, hands each waiting handler its
+result, and repeats while more arrived meanwhile. The others wait for their result. Batches form
+while the previous commit runs; one association alone commits on its own thread, with no hand-off.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from concurrent.futures import Future
 
-from msgate.batching import take_batch
-from msgate.storage.ingest import Ingest, PreparedInstance, StoredInstance
+from msgate.storage.index_dicom import PreparedInstance, StoredInstance
+from msgate.storage.ingest import Ingest
 
 log = logging.getLogger(__name__)
+
+
+class _Entry:
+    __slots__ = ("item", "result", "done")
+
+    def __init__(self, item: PreparedInstance) -> None:
+        self.item = item
+        self.result: StoredInstance | BaseException | None = None
+        self.done = False
 
 
 class GroupCommitter:
     def __init__(self, ingest: Ingest, *, max_batch: int = 64) -> None:
         self.ingest, self.max_batch = ingest, max_batch
-        self._queue: queue.SimpleQueue[tuple[PreparedInstance, Future[StoredInstance]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="dicom-group-commit", daemon=True)
-        self._thread.start()
+        self._cond = threading.Condition()
+        self._queue: list[_Entry] = []
+        self._leading = False
 
-    def commit(self, item: PreparedInstance, timeout: float | None = None) -> StoredInstance:
-        """Block until ``item`` is committed; raise what its commit raised."""
-        future: Future[StoredInstance] = Future()
-        self._queue.put((item, future))
-        return future.result(timeout)
+    def commit(self, item: PreparedInstance) -> StoredInstance:
+        """Block until ``item`` is committed (leading a commit if none is running); raise what it raised."""
+        entry = _Entry(item)
+        with self._cond:
+            self._queue.append(entry)
+            while not entry.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        if isinstance(entry.result, BaseException):
+            raise entry.result
+        assert entry.result is not None
+        return entry.result
+
+    def _commit(self, batch: list[_Entry]) -> None:
+        try:
+            results: list[StoredInstance | Exception] = self.ingest.commit_instances([e.item for e in batch])
+        except BaseException as exc:  # never leave a handler waiting
+            log.exception("group commit failed", extra={"batch": len(batch)})
+            results = [exc if isinstance(exc, Exception) else RuntimeError("commit failed")] * len(batch)
+        for entry, result in zip(batch, results, strict=True):
+            entry.result, entry.done = result, True
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while (batch := take_batch(self._queue, self.max_batch)) is not None:
-            try:
-                results = self.ingest.commit_instances([item for item, _ in batch])
-            except BaseException as exc:  # never leave a handler waiting
-                log.exception("group commit failed", extra={"batch": len(batch)})
-                results = [exc if isinstance(exc, Exception) else RuntimeError("commit thread")] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+        """Nothing to stop: commits run on the handlers' own threads."""

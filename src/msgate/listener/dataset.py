@@ -1,9 +1,13 @@
-"""Cheap checks on a received dataset before it is stored: the header, and that nothing is truncated.
+"""Cheap checks on a received dataset before it is stored: the identifying header, and that nothing is
+truncated.
 
-The header (everything before Pixel Data) is parsed with pydicom; the whole dataset, pixel data included,
-is only *walked* as well: element lengths (and encapsulated fragments) must add up exactly to the
-bytes received (PS3.5 §7.1, §A.4). A dataset cut short in its pixel data is thus refused with a
-failure status instead of being stored as if it were complete. Nothing is decoded or transcoded.
+The whole dataset, pixel data included, is *walked* once: element lengths (and encapsulated fragments)
+must add up exactly to the bytes received (PS3.5 §7.1, §A.4), so a dataset cut short is refused with a
+failure status instead of being stored as if it were complete. The same walk picks up the few
+top-level values every instance needs (SOP Class/Instance, Study and Series UIDs, Modality, Instance
+Number). The full header is only parsed with pydicom when it is needed (the first instance of a new
+series or study: :meth:`Header.dataset`), and for the cases the walk does not cover (a deflated
+transfer syntax, a dataset without file meta). Nothing is decoded or transcoded.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import dataclass, field
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -23,8 +28,92 @@ _UNDEFINED = 0xFFFFFFFF
 _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
 
 
-def parse(data: bytes) -> Dataset:
+_WANTED = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID",
+           0x0020000E: "SeriesInstanceUID", 0x00080060: "Modality", 0x00200013: "InstanceNumber"}
+_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass
+class Header:
+    """The identifying values of one received dataset; the full pydicom header on demand."""
+
+    values: dict[str, str]
+    transfer_syntax: str
+    data: bytes | None = field(default=None, repr=False)
+    _ds: Dataset | None = field(default=None, repr=False)
+
+    def get(self, keyword: str) -> str:
+        return self.values.get(keyword, "")
+
+    def dataset(self) -> Dataset:
+        """Everything before Pixel Data, parsed with pydicom once (needs :attr:`data`, or a parsed dataset)."""
+        if self._ds is None:
+            if self.data is None:
+                raise RuntimeError("the header's bytes were released before the dataset was parsed")
+            self._ds = dcmread(io.BytesIO(self.data), stop_before_pixels=True, force=True)
+        return self._ds
+
+    def release(self) -> None:
+        """Drop the reference to the received bytes (the body is stored; only the header stays)."""
+        self.data = None
+
+
+def header_of(ds: Dataset) -> Header:
+    """A Header from a dataset pydicom already parsed (files read from disk, the fallback below)."""
+    values = {}
+    for keyword in _WANTED.values():
+        try:
+            value = ds.get(keyword)
+        except Exception:  # pydicom decodes lazily; a corrupt element surfaces here
+            raise Rejected("undecodable dataset (corrupt element)", code="undecodable") from None
+        values[keyword] = "" if value is None else str(value).strip()
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    return Header(values, ts, _ds=ds)
+
+
+def parse(data: bytes) -> Header:
     """Header of an encoded dataset (file meta + dataset); Rejected if undecodable, incomplete or truncated."""
+    offset, ts = _dataset_start(data), _meta_transfer_syntax(data)
+    if offset and ts and ts not in _DEFLATED:
+        little = ts != "1.2.840.10008.1.2.2"
+        found: dict[int, bytes] = {}
+        end = _walk(data, offset, "<" if little else ">", ts == "1.2.840.10008.1.2", nested=False, found=found)
+        if end != len(data):
+            raise Rejected("dataset truncated (element longer than the data received)", code="truncated")
+        values = {_WANTED[tag]: _text_value(raw) for tag, raw in found.items()}
+        for keyword in _UIDS:
+            if not values.get(keyword):
+                raise Rejected(f"dataset has no {keyword}", code=f"missing_{keyword}")
+        return Header(values, ts, data=data)
+    return _parse_with_pydicom(data)
+
+
+def _text_value(raw: bytes) -> str:
+    try:
+        return raw.decode("ascii").strip("\0 ")
+    except UnicodeDecodeError:
+        raise Rejected("undecodable dataset (identifying value is not ASCII)", code="undecodable") from None
+
+
+def _meta_transfer_syntax(data: bytes) -> str:
+    """(0002,0010) from the file meta group, or "" (PS3.10 §7.1)."""
+    if data[128:132] != b"DICM":
+        return ""
+    offset = 132
+    while offset + 8 <= len(data) and data[offset:offset + 2] == b"\x02\x00":
+        element = struct.unpack_from("<H", data, offset + 2)[0]
+        vr = data[offset + 4:offset + 6]
+        if vr in _LONG_VRS:
+            length, start = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+        else:
+            length, start = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        if element == 0x0010:
+            return _text_value(data[start:start + length])
+        offset = start + length
+    return ""
+
+
+def _parse_with_pydicom(data: bytes) -> Header:
     handle = io.BytesIO(data)
     try:
         ds = dcmread(handle, stop_before_pixels=True, force=True)
@@ -38,7 +127,9 @@ def parse(data: bytes) -> Dataset:
         little = ts != "1.2.840.10008.1.2.2"
         implicit = ts == "1.2.840.10008.1.2" or not ts
         walk_tail(data, offset, little=little, implicit=implicit)
-    return ds
+    header = header_of(ds)
+    header.data = data
+    return header
 
 
 def _dataset_start(data: bytes) -> int:
@@ -73,8 +164,10 @@ def walk_tail(data: bytes, offset: int, *, little: bool, implicit: bool) -> None
         raise Rejected("dataset truncated (element longer than the data received)", code="truncated")
 
 
-def _walk(data: bytes, offset: int, e: str, implicit: bool, *, nested: bool) -> int:
-    """Walk elements; with ``nested`` stop after an item delimiter. Returns the offset reached."""
+def _walk(data: bytes, offset: int, e: str, implicit: bool, *, nested: bool,
+          found: dict[int, bytes] | None = None) -> int:
+    """Walk elements; with ``nested`` stop after an item delimiter. Returns the offset reached.
+    With ``found``, the values of the :data:`_WANTED` elements at this level are put there."""
     end = len(data)
     while offset < end:
         if offset + 8 > end:
@@ -97,6 +190,8 @@ def _walk(data: bytes, offset: int, e: str, implicit: bool, *, nested: bool) -> 
         if length == _UNDEFINED:
             offset = _items(data, offset, e, implicit)
             continue
+        if found is not None and (group << 16 | elem) in _WANTED:
+            found[group << 16 | elem] = data[offset:offset + length]
         offset += length
         if offset > end:
             raise Rejected("dataset truncated (element longer than the data received)", code="truncated")
@@ -125,4 +220,4 @@ def _items(data: bytes, offset: int, e: str, implicit: bool) -> int:
             raise Rejected("dataset truncated inside an item", code="truncated")
 
 
-__all__ = ["check_uids", "parse", "walk_tail"]
+__all__ = ["Header", "check_uids", "header_of", "parse", "walk_tail"]

@@ -40,6 +40,8 @@ from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
 from pynetdicom.presentation import PresentationContext
 
+from msgate.listener.dataphase import DataPhase, StoreFn
+
 MAX_WAIT = 0.02  # seconds; the longest a woken-by-event thread sleeps before re-checking its timers
 
 _real_sleep = _time.sleep
@@ -121,8 +123,9 @@ def _copy_contexts(value: Any, memo: Any = None) -> Any:
     return copy.deepcopy(value, memo)
 
 
-def arm(assoc: Any) -> None:
-    """Give one acceptor association (before its threads start) its wake signals.
+def arm(assoc: Any, store: StoreFn | None = None) -> None:
+    """Give one acceptor association (before its threads start) its wake signals, and with ``store``
+    the direct C-STORE data phase (:mod:`msgate.listener.dataphase`).
 
     The wake pipe is closed when the DUL object is collected, i.e. after its thread has ended, so a
     thread can never wait on a descriptor that was closed and reused elsewhere.
@@ -145,6 +148,8 @@ def arm(assoc: Any) -> None:
     dul._msgate_wake_r = wake_r
     assoc._msgate_wake = reactor_wake
     weakref.finalize(dul, _close_fds, wake_r, wake_w)
+    if store is not None:
+        dul._read_pdu_data = DataPhase(dul, store).read_pdu_data
 
 
 def _close_fds(*fds: int) -> None:

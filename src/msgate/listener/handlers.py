@@ -20,7 +20,7 @@ from msgate.errors import Rejected, Transient
 from msgate.listener import dataset
 from msgate.listener.committer import GroupCommitter
 from msgate.listener.tracking import Tracker
-from msgate.storage.ingest import StoredInstance
+from msgate.storage.index_dicom import StoredInstance
 from msgate.storage import repo_studies
 from msgate.storage.models import new_id
 from msgate.storage.store import Store
@@ -74,11 +74,21 @@ class Listener:
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int:
-        """EVT_C_STORE: store the bytes as received (no transcoding), then answer."""
-        started = time.perf_counter()
-        stats = self._stats(event.assoc)
+        """EVT_C_STORE (pynetdicom's path): store the bytes as received (no transcoding), then answer."""
         try:
             data = event.encoded_dataset()
+        except Exception:
+            log.exception("store failed", extra={"assoc_id": self._stats(event.assoc).assoc_id})
+            return self._failed(self._stats(event.assoc), FAILURE, "internal")
+        return self.store_encoded(data, event.assoc, str(event.context.transfer_syntax))
+
+    def store_encoded(self, data: bytes, assoc: Any, transfer_syntax: str) -> int:
+        """Persist one received dataset (file meta + data set, as sent) and return the DIMSE status.
+
+        Called by pynetdicom's EVT_C_STORE and by the direct data phase (``listener.dataphase``)."""
+        started = time.perf_counter()
+        stats = self._stats(assoc)
+        try:
             header = dataset.parse(data)
             stored = self._persist(data, header, stats)
         except Rejected as exc:
@@ -96,11 +106,13 @@ class Listener:
             self.tracker.instance_stored(stored, header, assoc_id=stats.assoc_id, calling_aet=stats.calling_aet)
         except Exception:  # the instance is durable; tracking recovers at the quiet period
             log.exception("tracking failed", extra={"instance_id": stored.instance_id})
+        finally:
+            header.release()
         log.debug("instance stored", extra={"instance_id": stored.instance_id, "status": 0,
                                             "duration_ms": round((time.perf_counter() - started) * 1e3, 2)})
         return SUCCESS
 
-    def _persist(self, data: bytes, header: Any, stats: _AssocStats) -> StoredInstance:
+    def _persist(self, data: bytes, header: dataset.Header, stats: _AssocStats) -> StoredInstance:
         """Encrypted body (fsynced), then the index row committed, grouped with concurrent instances."""
         ingest = self.store.ingest
         if self.committer is None:

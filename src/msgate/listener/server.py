@@ -30,6 +30,7 @@ from msgate.config import DicomSettings
 from msgate.errors import ConfigError
 from msgate.listener import fastpath
 from msgate.listener.committer import GroupCommitter
+from msgate.listener.dataphase import StoreFn
 from msgate.listener.handlers import Listener
 from msgate.listener.tracking import ReadyHook, Tracker
 from msgate.log import quiet_pynetdicom
@@ -74,10 +75,11 @@ class _AccessControlledHandler(RequestHandler):
     """Per connection: wake signals for the fast path, and the source-network check at negotiation."""
 
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    store: StoreFn | None = None
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        fastpath.arm(assoc)
+        fastpath.arm(assoc, type(self).store)
         if self.networks:
             host = ipaddress.ip_address(self.client_address[0])
             if not any(host in net for net in self.networks):
@@ -130,7 +132,8 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
     listener = Listener(store=store, tracker=tracker, committer=committer)
     ae = build_ae(cfg)
     handler = type("MsgateRequestHandler", (_AccessControlledHandler,),
-                   {"networks": [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks]})
+                   {"networks": [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks],
+                    "store": staticmethod(listener.store_encoded)})
     server = ae.make_server((cfg.host, cfg.port), ssl_context=tls_context(cfg), evt_handlers=listener.handlers(),
                             server_class=ThreadedAssociationServer, request_handler=handler)
     ae._servers.append(server)

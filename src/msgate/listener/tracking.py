@@ -19,12 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydicom.dataset import Dataset
 from sqlmodel import Session
 
 from msgate.listener import rules as rules_mod
 from msgate.storage import repo_studies
-from msgate.storage.ingest import StoredInstance
+from msgate.storage.index_dicom import HeaderLike, StoredInstance
 from msgate.storage.models import Study
 from msgate.storage.store import Store
 
@@ -69,7 +68,7 @@ class Tracker:
 
     # --- called from association threads -----------------------------------------------------------
 
-    def instance_stored(self, stored: StoredInstance, header: Dataset, *, assoc_id: str, calling_aet: str) -> None:
+    def instance_stored(self, stored: StoredInstance, header: HeaderLike, *, assoc_id: str, calling_aet: str) -> None:
         """Index-side bookkeeping after a commit: role, route, reopening; memory-only on the hot path."""
         if stored.new_series or stored.new_study:
             self._classify(stored, header, calling_aet)
@@ -91,8 +90,8 @@ class Tracker:
                 if repo_studies.reopen(session, study_id=stored.study_id):
                     log.info("study reopened", extra={"study_id": stored.study_id})
 
-    def _classify(self, stored: StoredInstance, header: Dataset, calling_aet: str) -> None:
-        decision = rules_mod.decide(header, self.rules, calling_aet)
+    def _classify(self, stored: StoredInstance, header: HeaderLike, calling_aet: str) -> None:
+        decision = rules_mod.decide(header.dataset(), self.rules, calling_aet)
         with self.store.db.session() as session:
             if stored.new_series:
                 repo_studies.set_series_role(session, series_id=stored.series_id, role=decision.role.value)

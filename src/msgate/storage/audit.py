@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlmodel import Session, col, select
 
 from msgate.storage.models import AuditEvent, AuditHead, utcnow
@@ -55,6 +56,24 @@ def append(session: Session, *, kind: str, actor: str, subject: str = "",
     session.add(event)
     session.add(head)
     return event
+
+
+def append_many(session: Session, events: Sequence[tuple[str, str, str, dict[str, Any]]]) -> None:
+    """Add several events (kind, actor, subject, detail) to the chain with one head update, in order."""
+    if not events:
+        return
+    head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
+    seq, prev, rows = head.seq, head.hash, []
+    for kind, actor, subject, detail in events:
+        seq, ts = seq + 1, utcnow()
+        payload = json.loads(json.dumps(detail, default=str))
+        digest = chain_hash(prev, canonical(seq=seq, ts=ts, kind=kind, actor=actor, subject=subject, detail=payload))
+        rows.append({"seq": seq, "ts": ts, "kind": kind, "actor": actor, "subject": subject, "detail": payload,
+                     "prev_hash": prev, "hash": digest})
+        prev = digest
+    session.execute(insert(AuditEvent), rows)
+    head.seq, head.hash = seq, prev
+    session.add(head)
 
 
 @dataclass(frozen=True)

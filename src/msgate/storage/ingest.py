@@ -18,18 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from msgate import metrics
 from msgate.errors import Rejected, Transient
+from msgate.listener.dataset import Header, header_of
+from msgate.listener.dataset import parse as parse_header
 from msgate.storage import audit
 from msgate.storage.blobs import Blobs, free_bytes
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.db import Database
-from msgate.storage.models import Blob, Hl7Message, Instance, Series, Study, utcnow
+from msgate.storage.index_dicom import BatchIndexer, HeaderLike, PreparedInstance, StoredInstance
+from msgate.storage.models import Hl7Message, Instance
 
 log = logging.getLogger(__name__)
 
@@ -48,58 +50,25 @@ class Hl7Header:
 
 
 @dataclass(frozen=True)
-class StoredInstance:
-    instance_id: int
-    study_id: int
-    series_id: int
-    duplicate: bool
-    version: int
-    new_series: bool
-    new_study: bool
-
-
-@dataclass(frozen=True)
-class PreparedInstance:
-    """An instance whose encrypted body is durable but not yet indexed (see ``Ingest.commit_instances``)."""
-
-    ds: Dataset
-    blob: Blob
-    sop_index: str
-    digest: str
-    calling_aet: str
-    assoc_id: str | None
-
-
-@dataclass(frozen=True)
 class StoredMessage:
     message_id: int
     duplicate: bool
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-def read_header(source: bytes | Path) -> Dataset:
-    """Parse everything before the pixel data; Rejected for undecodable or incomplete datasets."""
+def read_header(source: bytes | Path) -> HeaderLike:
+    """The identifying header; Rejected for undecodable, incomplete or truncated datasets."""
+    if isinstance(source, (bytes, bytearray)):
+        return parse_header(bytes(source))
     try:
         handle: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         ds = dcmread(handle, stop_before_pixels=True, force=True)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError, AttributeError) as exc:
         raise Rejected(f"undecodable dataset ({type(exc).__name__})", code="undecodable") from None
+    header = header_of(ds)
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        try:
-            present = bool(_text(ds, keyword))
-        except Exception:  # pydicom decodes lazily; a corrupt element surfaces here
-            raise Rejected("undecodable dataset (corrupt element)", code="undecodable") from None
-        if not present:
+        if not header.get(keyword):
             raise Rejected(f"dataset has no {keyword}", code=f"missing_{keyword}")
-    return ds
+    return header
 
 
 def content_hash(cipher: FieldCipher, source: bytes | Path) -> str:
@@ -127,7 +96,7 @@ class Ingest:
     # --- DICOM -------------------------------------------------------------------------------------
 
     def store_instance(self, *, source: bytes | Path, calling_aet: str = "", assoc_id: str | None = None,
-                       header: Dataset | None = None, actor: str = "listener") -> StoredInstance:
+                       header: HeaderLike | None = None, actor: str = "listener") -> StoredInstance:
         """Store one encoded dataset (file meta + dataset, as received). Safe to call twice."""
         started = time.perf_counter()
         try:
@@ -143,53 +112,43 @@ class Ingest:
         return stored
 
     def _store_instance(self, source: bytes | Path, calling_aet: str, assoc_id: str | None,
-                        header: Dataset | None, actor: str) -> StoredInstance:
+                        header: HeaderLike | None, actor: str) -> StoredInstance:
         self.check_space()
-        ds = header if header is not None else read_header(source)
-        sop_index = self.cipher.blind_index(_text(ds, "SOPInstanceUID"), scope="sop")
+        hdr = header if header is not None else read_header(source)
+        sop_index = self.cipher.blind_index(hdr.get("SOPInstanceUID"), scope="sop")
         digest = content_hash(self.cipher, source)
         with self.db.session() as session:
-            existing = self._current(session, sop_index)
-            if existing is not None and existing.content_hash == digest:
-                return self._duplicate(existing)
+            existing = session.exec(select(Instance).where(Instance.sop_uid_index == sop_index,
+                                                           col(Instance.current).is_(True))).first()
+            if existing is not None and existing.content_hash == digest and existing.id is not None:
+                return StoredInstance(existing.id, existing.study_id, existing.series_id, True, existing.version,
+                                      False, False)
         for attempt in range(3):
             try:
-                return self._store_new(ds, source, sop_index, digest, calling_aet, assoc_id, actor)
+                return self._store_new(hdr, source, sop_index, digest, calling_aet, assoc_id, actor)
             except IntegrityError:
                 if attempt == 2:
                     raise Transient("concurrent writers kept colliding", code="contention") from None
-                with self.db.session() as session:
-                    existing = self._current(session, sop_index)
-                    if existing is not None and existing.content_hash == digest:
-                        return self._duplicate(existing)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _current(session: Session, sop_index: str) -> Instance | None:
-        return session.exec(
-            select(Instance).where(Instance.sop_uid_index == sop_index, col(Instance.current).is_(True))
-        ).first()
-
-    @staticmethod
-    def _duplicate(existing: Instance) -> StoredInstance:
-        assert existing.id is not None
-        return StoredInstance(existing.id, existing.study_id, existing.series_id, True, existing.version, False, False)
-
-    def _store_new(self, ds: Dataset, source: bytes | Path, sop_index: str, digest: str, calling_aet: str,
+    def _store_new(self, header: HeaderLike, source: bytes | Path, sop_index: str, digest: str, calling_aet: str,
                    assoc_id: str | None, actor: str) -> StoredInstance:
+        """Body and rows in one transaction (bodies that are rows, such as PostgreSQL's, need it)."""
         with self.db.session() as session:
             blob = self.blobs.write_body(session, kind="dicom", source=source)
             try:
-                session.add(blob)
-                session.flush()
-                stored = self._index_instance(session, ds, blob.id, sop_index, digest, blob.size, calling_aet, assoc_id)
-                audit.append(session, kind="ingest.instance", actor=actor, subject=f"instance:{stored.instance_id}",
-                             detail={"study_id": stored.study_id, "series_id": stored.series_id,
-                                     "version": stored.version, "blob_id": blob.id, "calling_aet": calling_aet})
+                item = PreparedInstance(header, blob, sop_index, digest, calling_aet, assoc_id)
+                results, dropped = BatchIndexer(session, self.cipher).run([item], actor=actor)
+                if dropped:  # a duplicate: keep the first copy only
+                    session.rollback()
             except BaseException:
                 session.rollback()
                 self.blobs.discard_body(session, blob.id)
                 raise
+        if dropped:
+            with self.db.session() as session:
+                self.blobs.discard_body(session, blob.id)
+        stored = results[0]
         log.debug("instance stored", extra={"instance_id": stored.instance_id, "study_id": stored.study_id,
                                             "series_id": stored.series_id, "version": stored.version,
                                             "blob_id": blob.id, "calling_aet": calling_aet})
@@ -202,13 +161,13 @@ class Ingest:
         """Bodies written outside the index transaction need file bodies (PostgreSQL bodies are rows)."""
         return self.blobs.bodies.name == "local"
 
-    def prepare_instance(self, *, source: bytes, header: Dataset | None = None, calling_aet: str = "",
+    def prepare_instance(self, *, source: bytes, header: HeaderLike | None = None, calling_aet: str = "",
                          assoc_id: str | None = None) -> PreparedInstance:
         """Phase 1: checks, then the encrypted body written and fsynced (no index row yet, no lock taken)."""
         self.check_space()
-        ds = header if header is not None else read_header(source)
+        hdr = header if header is not None else read_header(source)
         blob = self.blobs.write_body(None, kind="dicom", source=source)  # type: ignore[arg-type]
-        return PreparedInstance(ds, blob, self.cipher.blind_index(_text(ds, "SOPInstanceUID"), scope="sop"),
+        return PreparedInstance(hdr, blob, self.cipher.blind_index(hdr.get("SOPInstanceUID"), scope="sop"),
                                 content_hash(self.cipher, source), calling_aet, assoc_id)
 
     def commit_instances(self, items: Sequence[PreparedInstance], *,
@@ -219,25 +178,9 @@ class Ingest:
         the transaction fails, the items are retried one by one so one bad item fails alone.
         """
         started = time.perf_counter()
-        dropped: list[str] = []
         try:
             with self.db.session() as session:
-                results: list[StoredInstance | Exception] = []
-                for item in items:
-                    existing = self._current(session, item.sop_index)
-                    if existing is not None and existing.content_hash == item.digest:
-                        results.append(self._duplicate(existing))
-                        dropped.append(item.blob.id)
-                        continue
-                    session.add(item.blob)
-                    session.flush()
-                    stored = self._index_instance(session, item.ds, item.blob.id, item.sop_index, item.digest,
-                                                  item.blob.size, item.calling_aet, item.assoc_id)
-                    audit.append(session, kind="ingest.instance", actor=actor, subject=f"instance:{stored.instance_id}",
-                                 detail={"study_id": stored.study_id, "series_id": stored.series_id,
-                                         "version": stored.version, "blob_id": item.blob.id,
-                                         "calling_aet": item.calling_aet})
-                    results.append(stored)
+                stored, dropped = BatchIndexer(session, self.cipher).run(items, actor=actor)
         except Exception as exc:
             if len(items) > 1:
                 return [r for item in items for r in self.commit_instances([item], actor=actor)]
@@ -246,92 +189,10 @@ class Ingest:
             return [exc]
         for blob_id in dropped:
             self.blobs.discard_body(None, blob_id)  # type: ignore[arg-type]
-        for result in results:
-            metrics.INSTANCES.labels("duplicate" if isinstance(result, StoredInstance) and result.duplicate
-                                     else "stored").inc()
+        for result in stored:
+            metrics.INSTANCES.labels("duplicate" if result.duplicate else "stored").inc()
         metrics.INGEST_SECONDS.labels("dicom").observe(time.perf_counter() - started)
-        return results
-
-    def _index_instance(self, session: Session, ds: Dataset, blob_id: str, sop_index: str, digest: str, size: int,
-                        calling_aet: str, assoc_id: str | None) -> StoredInstance:
-        """Rows are locked in a fixed order (study, series, audit head) so writers cannot deadlock."""
-        now = utcnow()
-        study, new_study = self._study(session, ds, calling_aet)
-        series, new_series = self._series(session, ds, study)
-        previous = self._current(session, sop_index)
-        version = 1
-        if previous is not None:
-            previous.current = False
-            version = previous.version + 1
-            session.add(previous)
-            session.flush()
-        else:
-            series.instance_count += 1
-            study.instance_count += 1
-        study.last_received_at = series.last_received_at = now
-        session.add(study)
-        session.add(series)
-        instance = Instance(
-            study_id=study.id, series_id=series.id, sop_uid_index=sop_index,  # type: ignore[arg-type]
-            sop_uid_enc=self.cipher.encrypt(_text(ds, "SOPInstanceUID"), column="instance.sop_uid"),
-            sop_class_uid=_text(ds, "SOPClassUID")[:64],
-            transfer_syntax=str(getattr(ds.file_meta, "TransferSyntaxUID", "") if hasattr(ds, "file_meta") else "")[:64],
-            blob_id=blob_id, content_hash=digest, version=version, size=size,
-            instance_number=_int(ds, "InstanceNumber"), calling_aet=calling_aet[:16], assoc_id=assoc_id,
-            received_at=now,
-        )
-        session.add(instance)
-        session.flush()
-        assert instance.id is not None and study.id is not None and series.id is not None
-        return StoredInstance(instance.id, study.id, series.id, False, version, new_series, new_study)
-
-    def _study(self, session: Session, ds: Dataset, calling_aet: str) -> tuple[Study, bool]:
-        enc, idx = self.cipher.encrypt, self.cipher.blind_index
-        uid_index = idx(_text(ds, "StudyInstanceUID"), scope="study")
-        study = session.exec(select(Study).where(Study.study_uid_index == uid_index).with_for_update()).first()
-        if study is not None:
-            modality = _text(ds, "Modality")
-            if modality and modality not in study.modalities.split(","):
-                study.modalities = ",".join(filter(None, [*study.modalities.split(","), modality]))[:64]
-            return study, False
-        accession, patient = _text(ds, "AccessionNumber"), _text(ds, "PatientID")
-        issuer = _text(ds, "IssuerOfPatientID")
-        study = Study(
-            study_uid_index=uid_index, study_uid_enc=enc(_text(ds, "StudyInstanceUID"), column="study.study_uid"),
-            accession_index=idx(accession, scope="accession") if accession else None,
-            accession_enc=enc(accession or None, column="study.accession"),
-            dicom_patient_index=idx(f"{issuer}|{patient}", scope="mrn") if patient else None,
-            patient_id_enc=enc(patient or None, column="study.patient_id"),
-            patient_name_enc=enc(_text(ds, "PatientName") or None, column="study.patient_name"),
-            patient_birth_date_enc=enc(_text(ds, "PatientBirthDate") or None, column="study.birth_date"),
-            patient_sex_enc=enc(_text(ds, "PatientSex") or None, column="study.sex"),
-            study_date_enc=enc(_text(ds, "StudyDate") or None, column="study.study_date"),
-            study_description_enc=enc(_text(ds, "StudyDescription") or None, column="study.description"),
-            modalities=_text(ds, "Modality")[:16], calling_aet=calling_aet[:16],
-        )
-        session.add(study)
-        session.flush()
-        return study, True
-
-    def _series(self, session: Session, ds: Dataset, study: Study) -> tuple[Series, bool]:
-        uid_index = self.cipher.blind_index(_text(ds, "SeriesInstanceUID"), scope="series")
-        series = session.exec(select(Series).where(Series.series_uid_index == uid_index).with_for_update()).first()
-        if series is not None:
-            return series, False
-        enc = self.cipher.encrypt
-        series = Series(
-            study_id=study.id, series_uid_index=uid_index,  # type: ignore[arg-type]
-            series_uid_enc=enc(_text(ds, "SeriesInstanceUID"), column="series.series_uid"),
-            modality=_text(ds, "Modality")[:16], series_number=_int(ds, "SeriesNumber"),
-            description_enc=enc(_text(ds, "SeriesDescription") or None, column="series.description"),
-            protocol_enc=enc(_text(ds, "ProtocolName") or None, column="series.protocol"),
-            sequence_name=_text(ds, "SequenceName")[:64], image_type=_text(ds, "ImageType")[:128],
-            scanning_sequence=_text(ds, "ScanningSequence")[:64], inversion_time=_float(ds, "InversionTime"),
-            body_part=_text(ds, "BodyPartExamined")[:64],
-        )
-        session.add(series)
-        session.flush()
-        return series, True
+        return list(stored)
 
     # --- HL7 ---------------------------------------------------------------------------------------
 
@@ -396,18 +257,3 @@ class Ingest:
                      detail={"type": f"{header.message_type}^{header.trigger}", "blob_id": blob.id})
         return message, False
 
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    try:
-        value = ds.get(keyword)
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None

@@ -1,0 +1,185 @@
+"""The C-STORE data phase, received and answered in the association's DUL thread.
+
+pynetdicom hands every P-DATA-TF PDU through its state machine, a DIMSE decoder (pydicom objects for
+each command set), a queue, the association reactor thread, the event system and back, reading the
+socket 4 KiB at a time. For a store-only acceptor that path costs more than the storage itself
+(reference/peer-baselines.md: pynetdicom spends ~3 ms of CPU per instance; Orthanc 2 ms in total).
+
+Here pynetdicom still does everything around the data phase: association negotiation (access control,
+TLS, presentation contexts), release, abort, timers and every other PDU. Only a P-DATA-TF PDU that
+arrives while the association is established (Sta6) is read here, in one ``recv_into`` loop, and its
+presentation data values are assembled directly:
+
+- a C-STORE-RQ on an accepted presentation context is collected, handed to ``store`` (which
+  persists it and returns the DIMSE status: persist-then-acknowledge is the store's contract), and
+  answered with a C-STORE-RSP sent on the socket by this same thread;
+- any other message (C-ECHO, an unknown command, a command on an unknown context, a malformed PDU
+  before the command is known) is replayed into pynetdicom's own path, PDU by PDU and in order, and the
+  association stays on that path from then on; pynetdicom answers it as it always does;
+- a protocol violation after a C-STORE-RQ was accepted here (a command fragment inside its dataset, a
+  dataset on another context) raises, and pynetdicom's DUL loop aborts the association (A-ABORT).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from msgate.listener import pdata
+
+log = logging.getLogger(__name__)
+
+StoreFn = Callable[[bytes, Any, str], int]  # (Part-10 bytes, association, transfer syntax) -> DIMSE status
+
+
+class ProtocolViolation(Exception):
+    """The peer broke PS3.8 §9.3.5 inside a message this path had accepted."""
+
+
+class DataPhase:
+    """Replaces one acceptor DUL's ``_read_pdu_data`` (installed before its thread starts)."""
+
+    def __init__(self, dul: Any, store: StoreFn) -> None:
+        self.dul, self.store = dul, store
+        self.active = True
+        self.contexts: dict[int, str] | None = None  # accepted context ID -> transfer syntax
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pending: list[bytes] = []  # raw PDUs of the message whose command is not decoded yet
+        self.command_parts: list[bytes] = []
+        self.command: pdata.Command | None = None
+        self.context_id = -1
+        self.parts: list[memoryview] = []
+
+    # --- socket --------------------------------------------------------------------------------------
+
+    def read_pdu_data(self) -> None:
+        sock = self.dul.socket.socket
+        header = self._recv(sock, 6)
+        if header is None:
+            return
+        try:
+            pdu_type, _, length = struct.unpack(">BBL", header)
+        except struct.error:
+            self.dul.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("unknown PDU type received", extra={"reason": f"0x{pdu_type:02X}"})
+            self.dul.event_queue.put("Evt19")
+            return
+        body = self._recv(sock, length)
+        if body is None:
+            return
+        if pdu_type == 0x04 and self.active and self.dul.state_machine.current_state == "Sta6":
+            self._on_pdata(header, body)
+        else:
+            self._to_pynetdicom(bytes(header) + bytes(body))
+
+    def _recv(self, sock: socket.socket, size: int) -> bytearray | None:
+        """Exactly ``size`` bytes, or None after queueing Evt17 (connection closed or timed out)."""
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        try:
+            while got < size:
+                n = sock.recv_into(view[got:], size - got)
+                if n == 0:
+                    break
+                got += n
+        except (OSError, TimeoutError):
+            got = -1
+        if got != size:
+            log.error("connection closed before the entire PDU was received")
+            self.dul.event_queue.put("Evt17")
+            return None
+        return buf
+
+    def _to_pynetdicom(self, raw: bytes) -> None:
+        """pynetdicom's own handling of a received PDU (``DULServiceProvider._read_pdu_data``)."""
+        try:
+            pdu, event = self.dul._decode_pdu(raw)
+        except Exception:
+            log.error("unable to decode the received PDU data")
+            self.dul.event_queue.put("Evt19")
+            return
+        self.dul.event_queue.put(event)
+        self.dul._recv_pdu.put(pdu)
+
+    # --- P-DATA-TF -----------------------------------------------------------------------------------
+
+    def _on_pdata(self, header: bytearray, body: bytearray) -> None:
+        if self.command is None:
+            self.pending.append(bytes(header) + bytes(body))
+        try:
+            pdvs = pdata.split_pdvs(memoryview(body))
+        except pdata.MalformedPdu:
+            if self.command is not None:
+                raise ProtocolViolation("malformed P-DATA-TF inside a C-STORE data set") from None
+            self._fall_back()
+            return
+        for pdv in pdvs:
+            if self.command is None:
+                if not self._on_command_fragment(pdv):
+                    return
+            elif pdv.is_command or pdv.context_id != self.context_id:
+                raise ProtocolViolation("C-STORE data set interrupted by a command or another context")
+            else:
+                self.parts.append(pdv.data)
+                if pdv.is_last:
+                    self._answer()
+
+    def _on_command_fragment(self, pdv: pdata.Pdv) -> bool:
+        """Collect the command; once complete, take it (True) or hand the message to pynetdicom (False)."""
+        if not pdv.is_command or (self.command_parts and pdv.context_id != self.context_id):
+            self._fall_back()
+            return False
+        self.context_id = pdv.context_id
+        self.command_parts.append(bytes(pdv.data))
+        if not pdv.is_last:
+            return True
+        try:
+            command = pdata.decode_command(b"".join(self.command_parts))
+        except pdata.MalformedPdu:
+            self._fall_back()
+            return False
+        if (command.field != pdata.C_STORE_RQ or command.dataset_type == pdata.NO_DATASET
+                or self.context_id not in self._contexts()):
+            self._fall_back()
+            return False
+        self.command, self.pending = command, []
+        return True
+
+    def _contexts(self) -> dict[int, str]:
+        if self.contexts is None:
+            self.contexts = {int(cx.context_id): str(cx.transfer_syntax[0])
+                             for cx in self.dul.assoc.accepted_contexts}
+        return self.contexts
+
+    def _fall_back(self) -> None:
+        """Replay the current message's PDUs into pynetdicom and leave the association on its path."""
+        self.active = False
+        pending = self.pending
+        self._reset()
+        for raw in pending:
+            self._to_pynetdicom(raw)
+
+    def _answer(self) -> None:
+        command, context_id = self.command, self.context_id
+        assert command is not None
+        syntax = self._contexts()[context_id]
+        meta = pdata.file_meta(sop_class_uid=command.sop_class_uid, sop_instance_uid=command.sop_instance_uid,
+                               transfer_syntax=syntax)
+        data = b"".join((meta, *self.parts))
+        self._reset()
+        status = self.store(data, self.dul.assoc, syntax)
+        del data
+        rsp = pdata.encode_store_rsp(command, status)
+        max_pdu = int(getattr(self.dul.assoc.requestor, "maximum_length", 0) or 0)
+        try:
+            for pdu in pdata.command_pdus(context_id, rsp, max_pdu):
+                self.dul.socket.socket.sendall(pdu)
+        except OSError:
+            self.dul.event_queue.put("Evt17")

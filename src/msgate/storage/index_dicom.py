@@ -1,0 +1,263 @@
+"""Index rows for a batch of received DICOM instances, in the caller's transaction.
+
+One batch is what the listener's group commit gathered (often one study's consecutive instances from
+several associations): the current versions of its SOP Instance UIDs are read with one query, each
+study and series row is looked up (and locked) once, blob and instance rows are inserted with one
+multi-row statement each, the counters are updated once per series and study, and the audit chain
+gets one ``ingest.instance`` event per instance through one head update (:func:`audit.append_many`).
+The pydicom header is parsed only for an instance that creates a study or series.
+
+Rows are locked in a fixed order (study, series, audit head) so concurrent writers cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+from sqlalchemy import insert, select, update
+from sqlmodel import Session, col
+
+from msgate.storage import audit
+from msgate.storage.crypto import FieldCipher
+from msgate.storage.models import Blob, Instance, Series, Study, utcnow
+
+
+class HeaderLike(Protocol):
+    transfer_syntax: str
+
+    def get(self, keyword: str) -> str: ...
+    def dataset(self) -> Dataset: ...
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    instance_id: int
+    study_id: int
+    series_id: int
+    duplicate: bool
+    version: int
+    new_series: bool
+    new_study: bool
+
+
+@dataclass(frozen=True)
+class PreparedInstance:
+    """An instance whose encrypted body is durable but not yet indexed."""
+
+    header: HeaderLike
+    blob: Blob
+    sop_index: str
+    digest: str
+    calling_aet: str
+    assoc_id: str | None
+
+
+@dataclass
+class _Counts:
+    instances: int = 0
+    last: Any = None
+    modalities: set[str] = field(default_factory=set)
+
+
+def text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+class BatchIndexer:
+    """Indexes one batch (``run``); a new object per transaction."""
+
+    def __init__(self, session: Session, cipher: FieldCipher) -> None:
+        self.session, self.cipher = session, cipher
+        self.studies: dict[str, tuple[int, bool]] = {}  # uid index -> (id, created here)
+        self.series: dict[str, tuple[int, bool]] = {}
+        self.study_counts: dict[int, _Counts] = {}
+        self.series_counts: dict[int, _Counts] = {}
+
+    def run(self, items: Sequence[PreparedInstance], *, actor: str) -> tuple[list[StoredInstance], list[str]]:
+        """(one result per item, blob ids whose bodies are duplicates and can be discarded).
+
+        An instance sent twice within one batch goes into a later round, so that it sees the first."""
+        results: dict[int, StoredInstance] = {}
+        dropped: list[str] = []
+        pending = list(enumerate(items))
+        while pending:
+            seen: set[str] = set()
+            this_round: list[tuple[int, PreparedInstance]] = []
+            later: list[tuple[int, PreparedInstance]] = []
+            for n, item in pending:
+                (later if item.sop_index in seen else this_round).append((n, item))
+                seen.add(item.sop_index)
+            done, gone = self._round([item for _, item in this_round], actor=actor)
+            results.update({n: r for (n, _), r in zip(this_round, done, strict=True)})
+            dropped.extend(gone)
+            pending = later
+        return [results[n] for n in range(len(items))], dropped
+
+    def _round(self, items: Sequence[PreparedInstance], *, actor: str) -> tuple[list[StoredInstance], list[str]]:
+        current = self._current([i.sop_index for i in items])
+        now = utcnow()
+        plans: list[tuple[PreparedInstance, int, int, int, bool, bool] | StoredInstance] = []
+        dropped: list[str] = []
+        for item in items:
+            seen = current.get(item.sop_index)
+            if seen is not None and seen[1] == item.digest:
+                plans.append(StoredInstance(seen[0], seen[3], seen[4], True, seen[2], False, False))
+                dropped.append(item.blob.id)
+                continue
+            study_id, new_study = self._study(item.header, item.calling_aet)
+            series_id, new_series = self._series(item.header, study_id)
+            version = 1
+            if seen is not None:
+                self.session.execute(update(Instance).where(col(Instance.id) == seen[0]).values(current=False))
+                version = seen[2] + 1
+            self._count(self.study_counts, study_id, now, item.header.get("Modality"), seen is None)
+            self._count(self.series_counts, series_id, now, "", seen is None)
+            current[item.sop_index] = (-1, item.digest, version, study_id, series_id)
+            plans.append((item, study_id, series_id, version, new_study, new_series))
+        stored = self._insert([p for p in plans if not isinstance(p, StoredInstance)], now)
+        results = [p if isinstance(p, StoredInstance) else next(stored) for p in plans]
+        self._update_counts()
+        audit.append_many(self.session, [
+            ("ingest.instance", actor, f"instance:{r.instance_id}",
+             {"study_id": r.study_id, "series_id": r.series_id, "version": r.version, "blob_id": item.blob.id,
+              "calling_aet": item.calling_aet})
+            for r, item in zip(results, items, strict=True) if not r.duplicate])
+        return results, dropped
+
+    def _current(self, sop_indexes: list[str]) -> dict[str, tuple[int, str, int, int, int]]:
+        rows = self.session.execute(
+            select(Instance.id, Instance.sop_uid_index, Instance.content_hash, Instance.version,  # type: ignore[call-overload]
+                   Instance.study_id, Instance.series_id)
+            .where(col(Instance.sop_uid_index).in_(set(sop_indexes)), col(Instance.current).is_(True))).all()
+        return {r[1]: (r[0], r[2], r[3], r[4], r[5]) for r in rows}
+
+    def _insert(self, plans: list[tuple[PreparedInstance, int, int, int, bool, bool]], now: Any) -> Any:
+        if not plans:
+            return iter(())
+        self.session.execute(insert(Blob), [_blob_row(p[0].blob) for p in plans])
+        enc = self.cipher.encrypt
+        rows = [{"study_id": study_id, "series_id": series_id, "sop_uid_index": item.sop_index,
+                 "sop_uid_enc": enc(item.header.get("SOPInstanceUID"), column="instance.sop_uid"),
+                 "sop_class_uid": item.header.get("SOPClassUID")[:64],
+                 "transfer_syntax": item.header.transfer_syntax[:64], "blob_id": item.blob.id,
+                 "content_hash": item.digest, "version": version, "current": True, "size": item.blob.size,
+                 "instance_number": _int(item.header.get("InstanceNumber")), "calling_aet": item.calling_aet[:16],
+                 "assoc_id": item.assoc_id, "received_at": now}
+                for item, study_id, series_id, version, _, _ in plans]
+        ids = self.session.execute(insert(Instance).returning(Instance.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
+                                   rows).scalars().all()
+        return iter([StoredInstance(int(i), p[1], p[2], False, p[3], p[5], p[4]) for i, p in zip(ids, plans, strict=True)])
+
+    @staticmethod
+    def _count(table: dict[int, _Counts], key: int, now: Any, modality: str, new: bool) -> None:
+        counts = table.setdefault(key, _Counts())
+        counts.instances += 1 if new else 0
+        counts.last = now
+        if modality:
+            counts.modalities.add(modality)
+
+    def _update_counts(self) -> None:
+        for series_id, counts in self.series_counts.items():
+            self.session.execute(update(Series).where(col(Series.id) == series_id).values(
+                instance_count=col(Series.instance_count) + counts.instances, last_received_at=counts.last))
+        for study_id, counts in self.study_counts.items():
+            study = self.session.get(Study, study_id)
+            assert study is not None
+            known = [m for m in study.modalities.split(",") if m]
+            study.modalities = ",".join(known + sorted(counts.modalities - set(known)))[:64]
+            study.instance_count += counts.instances
+            study.last_received_at = counts.last
+            self.session.add(study)
+        self.session.flush()
+
+    def _study(self, header: HeaderLike, calling_aet: str) -> tuple[int, bool]:
+        uid_index = self.cipher.blind_index(header.get("StudyInstanceUID"), scope="study")
+        if uid_index in self.studies:
+            return self.studies[uid_index][0], False
+        found = self.session.execute(select(Study.id).where(Study.study_uid_index == uid_index)  # type: ignore[call-overload]
+                                     .with_for_update()).first()
+        if found is not None:
+            self.studies[uid_index] = (int(found[0]), False)
+            return int(found[0]), False
+        study = new_study(header.dataset(), self.cipher, uid_index=uid_index, calling_aet=calling_aet)
+        self.session.add(study)
+        self.session.flush()
+        assert study.id is not None
+        self.studies[uid_index] = (study.id, True)
+        return study.id, True
+
+    def _series(self, header: HeaderLike, study_id: int) -> tuple[int, bool]:
+        uid_index = self.cipher.blind_index(header.get("SeriesInstanceUID"), scope="series")
+        if uid_index in self.series:
+            return self.series[uid_index][0], False
+        found = self.session.execute(select(Series.id).where(Series.series_uid_index == uid_index)  # type: ignore[call-overload]
+                                     .with_for_update()).first()
+        if found is not None:
+            self.series[uid_index] = (int(found[0]), False)
+            return int(found[0]), False
+        series = new_series(header.dataset(), self.cipher, uid_index=uid_index, study_id=study_id)
+        self.session.add(series)
+        self.session.flush()
+        assert series.id is not None
+        self.series[uid_index] = (series.id, True)
+        return series.id, True
+
+
+def new_study(ds: Dataset, cipher: FieldCipher, *, uid_index: str, calling_aet: str) -> Study:
+    enc, idx = cipher.encrypt, cipher.blind_index
+    accession, patient, issuer = text(ds, "AccessionNumber"), text(ds, "PatientID"), text(ds, "IssuerOfPatientID")
+    return Study(
+        study_uid_index=uid_index, study_uid_enc=enc(text(ds, "StudyInstanceUID"), column="study.study_uid"),
+        accession_index=idx(accession, scope="accession") if accession else None,
+        accession_enc=enc(accession or None, column="study.accession"),
+        dicom_patient_index=idx(f"{issuer}|{patient}", scope="mrn") if patient else None,
+        patient_id_enc=enc(patient or None, column="study.patient_id"),
+        patient_name_enc=enc(text(ds, "PatientName") or None, column="study.patient_name"),
+        patient_birth_date_enc=enc(text(ds, "PatientBirthDate") or None, column="study.birth_date"),
+        patient_sex_enc=enc(text(ds, "PatientSex") or None, column="study.sex"),
+        study_date_enc=enc(text(ds, "StudyDate") or None, column="study.study_date"),
+        study_description_enc=enc(text(ds, "StudyDescription") or None, column="study.description"),
+        modalities="", calling_aet=calling_aet[:16],
+    )
+
+
+def new_series(ds: Dataset, cipher: FieldCipher, *, uid_index: str, study_id: int) -> Series:
+    enc = cipher.encrypt
+    return Series(
+        study_id=study_id, series_uid_index=uid_index,
+        series_uid_enc=enc(text(ds, "SeriesInstanceUID"), column="series.series_uid"),
+        modality=text(ds, "Modality")[:16], series_number=_int(text(ds, "SeriesNumber")),
+        description_enc=enc(text(ds, "SeriesDescription") or None, column="series.description"),
+        protocol_enc=enc(text(ds, "ProtocolName") or None, column="series.protocol"),
+        sequence_name=text(ds, "SequenceName")[:64], image_type=text(ds, "ImageType")[:128],
+        scanning_sequence=text(ds, "ScanningSequence")[:64], inversion_time=_float(ds.get("InversionTime")),
+        body_part=text(ds, "BodyPartExamined")[:64],
+    )
+
+
+def _blob_row(blob: Blob) -> dict[str, Any]:
+    return {"id": blob.id, "kind": blob.kind, "backend": blob.backend, "kek_id": blob.kek_id,
+            "wrapped_dek": blob.wrapped_dek, "size": blob.size, "stored_size": blob.stored_size,
+            "created_at": blob.created_at or utcnow()}
+
+
+def _int(value: str) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

@@ -1,5 +1,6 @@
 """The key service's RPC over the real embedded broker (kombu SQLAlchemy transport on SQLite): the worker
-side holds only the public context; encrypt and verify/decrypt/softmax happen in the keys role."""
+side holds only the public context and sends job ids; the key service reads the EHR, encrypts, and
+verifies, decrypts and calibrates the result."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 
 from msgate.config import Settings, load_settings
-from msgate.errors import TamperedData
+from msgate.errors import Rejected, TamperedData
 from msgate.model import he
-from msgate.model.he_keys import HeKeys, serve
-from msgate.model.he_worker import BrokerKeyClient, HeWorker
+from msgate.model.he_keys import HeKeys
+from msgate.model.he_rpc import REQUEST_QUEUE, BrokerKeyClient, serve
+from msgate.model.he_worker import HeWorker
 from msgate.storage import keyring
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,14 +37,14 @@ def service(tmp_path: Path) -> Iterator[tuple[Settings, HeKeys]]:
     thread.join(10)
 
 
-def test_rpc_round_trip_and_tamper_detection(service: tuple[Settings, HeKeys]) -> None:
-    settings, _ = service
-    _, model = he.random_model(seed=21)
+def test_finalize_over_the_broker_and_tamper_detection(service: tuple[Settings, HeKeys]) -> None:
+    settings, keys = service
+    _, model = he.random_model(seed=21, members=3)
     worker = HeWorker.for_home(model, settings.home)
     client = BrokerKeyClient(settings, timeout=60)
-    u, z = he.synthetic_inputs(5, (model.n_features - 1) // 2, model.gate_w.shape[1], seed=21)
+    u, z = he.synthetic_inputs(5, model, seed=21)
     ids = [f"j{i}" for i in range(5)]
-    (pack,) = client.encrypt(u, ids, max_batch=8)
+    (pack,) = keys.encrypt(u, ids, widths=model.widths, max_batch=8)
     ctx, _, _ = worker.keys.get(pack.key_id)
     assert not ctx.is_private()
     res = worker.evaluate(pack, z)
@@ -56,16 +58,22 @@ def test_rpc_round_trip_and_tamper_detection(service: tuple[Settings, HeKeys]) -
     forged = dataclasses.replace(res, case_ids=tuple(reversed(res.case_ids)))
     with pytest.raises(TamperedData):
         client.finalize(forged)
+    # there is no way to hand plaintext EHR values to the key service over the broker
+    with pytest.raises(Rejected, match="unknown op"):
+        client._call({"op": "encrypt", "u": u.tolist(), "case_ids": ids})
+    assert REQUEST_QUEUE == "msgate.he-keys"
 
 
 def test_encrypt_jobs_reads_the_ehr_on_the_trusted_side(tmp_path: Path) -> None:
-    """The worker sends job ids only; the key service builds the EHR input from storage and encrypts it."""
+    """The worker sends job ids only; the key service builds the EHR input from storage, audits, encrypts."""
     import tenseal as ts
     import test_workers_double as double  # tests/integration helpers (real store, real scheduler)
     from conftest import make_settings
+    from sqlmodel import select
 
-    from msgate.model.he_keys import JobSource, job_inputs
-    from msgate.model.patient.ehr import N_COLUMNS, EhrScaler, columns
+    from msgate.model.he_service import AUDIT_KIND, JobSource, ModelSpec, job_inputs
+    from msgate.model.patient.ehr import N_COLUMNS, columns
+    from msgate.storage.models import AuditEvent
     from msgate.storage.store import open_store
     from msgate.workers.celery_app import build_app
     from msgate.workers.scheduler import Scheduler
@@ -81,36 +89,41 @@ def test_encrypt_jobs_reads_the_ehr_on_the_trusted_side(tmp_path: Path) -> None:
         [job_id] = Scheduler(store, build_app(settings)).scan()
         keys = HeKeys(settings.home, store.ring)
         keys.generate(he.HeParams())
-        scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
-        jobs = JobSource(store, _scaler=scaler)
+        spec = ModelSpec((0.0,) * N_COLUMNS, (1.0,) * N_COLUMNS, (32, 32, 32))
+        jobs = JobSource(store, _spec=spec, actor="keys-test")
         thread = threading.Thread(target=serve, args=(keys, settings, stop), kwargs={"ready": ready, "jobs": jobs},
                                   daemon=True)
         thread.start()
         assert ready.wait(30)
         client = BrokerKeyClient(settings, timeout=60)
-        (pack,) = client.encrypt_jobs([job_id])
-        assert pack.case_ids == (job_id,)
+        (pack,) = client.encrypt_jobs([job_id], model=spec.fingerprint)
+        assert pack.case_ids == (job_id,) and pack.layout.hidden == 96  # one case: all members in one group
+        with store.db.session() as session:
+            events = session.exec(select(AuditEvent).where(AuditEvent.kind == AUDIT_KIND)).all()
+        assert [(e.actor, e.subject, e.detail["ehr"]) for e in events] == [("keys-test", f"job:{job_id}", True)]
         # what the key service encrypted: the stored EHR (NfL 12 pg/mL, sex M), standardised, mask appended
-        u = job_inputs(store, [job_id], scaler)
+        u = job_inputs(store, [job_id], spec, actor="keys-test")
         cols = columns()
         nfl, sex = cols.index(("nfl", None)), cols.index(("sex", None))
         assert u[0, N_COLUMNS + nfl] == 1.0 and u[0, nfl] == pytest.approx(np.log1p(12.0), rel=1e-5)
         assert u[0, N_COLUMNS + sex] == 1.0 and u[0, sex] == 1.0
         lay = pack.layout
         slots = np.asarray(ts.ckks_vector_from(keys._secret(pack.key_id).ctx, pack.ciphertexts[0]).decrypt())
-        first = slots.reshape(lay.blocks, lay.lanes)[:, 0][: u.shape[1]]  # case 0, hidden unit 0, features
+        first = slots.reshape(lay.blocks, lay.lanes)[:, 0][: u.shape[1]]  # case 0, lane 0, features
         np.testing.assert_allclose(first, u[0, : len(first)], atol=1e-5)
-        # and the whole round trip against the plaintext function of the same inputs
-        _, model = he.random_model(seed=4)
+        # and the whole round trip of a 3-member ensemble against the plaintext function of the same inputs
+        _, model = he.random_model(seed=4, members=3)
         worker = HeWorker.for_home(model, settings.home)
-        z = np.abs(np.random.default_rng(4).normal(size=(1, model.gate_w.shape[1])))
+        z = np.abs(np.random.default_rng(4).normal(size=(3, 1, model.z_dim)))
         out = client.finalize(worker.evaluate(pack, z))
         from msgate.model.patient.calibration import softmax
 
         want = softmax(model.plain_logits(u, z)[:, :4])
         assert np.abs(np.asarray(out[0]["edss_probabilities"]) - want[0]).max() <= 1e-3
-        with pytest.raises(Exception, match="no job"):
-            client.encrypt_jobs(["no-such-job"])
+        with pytest.raises(Rejected, match="no job"):
+            client.encrypt_jobs(["no-such-job"], model=spec.fingerprint)
+        with pytest.raises(Rejected, match="differs"):
+            client.encrypt_jobs([job_id], model="another-checkpoint")
     finally:
         stop.set()
         store.close()

@@ -8,10 +8,12 @@ import pytest
 from msgate.model import he
 
 
-def test_export_reproduces_the_torch_network() -> None:
-    net, model = he.random_model(seed=3)
-    u, z = he.synthetic_inputs(16, (model.n_features - 1) // 2, model.gate_w.shape[1], seed=3)
-    np.testing.assert_allclose(model.plain_logits(u, z), he._torch_logits(net, u, z), atol=1e-5)
+@pytest.mark.parametrize("members", [1, 3])
+def test_export_reproduces_the_torch_ensemble(members: int) -> None:
+    nets, model = he.random_model(seed=3, members=members)
+    assert model.n_members == members and model.widths == (32,) * members
+    u, z = he.synthetic_inputs(16, model, seed=3)
+    np.testing.assert_allclose(model.plain_logits(u, z), he.torch_logits(nets, u, z), atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 8, 16])
@@ -32,23 +34,56 @@ def test_packing_cuts_ciphertexts_and_rotations() -> None:
     assert (sixteen.n_ciphertexts, sixteen.rotations) == (6, 3)
 
 
-def test_packing_algebra_in_plaintext() -> None:
-    """Simulate the evaluator's slot arithmetic with numpy: the layout itself is exact."""
-    _, model = he.random_model(seed=4)
-    u, z = he.synthetic_inputs(3, (model.n_features - 1) // 2, model.gate_w.shape[1], seed=4)
-    lay = he.make_layout(3, model.n_features, model.hidden, 4096)
+@pytest.mark.parametrize("width", [32, 64, 96])
+def test_packing_algebra_in_plaintext(width: int) -> None:
+    """Simulate the evaluator's slot arithmetic with numpy for 3 members in lane groups of ``width``:
+    the layout and the ensemble readout are exact."""
+    _, model = he.random_model(seed=4, members=3)
+    u, z = he.synthetic_inputs(3, model, seed=4)
+    lay = he.make_layout(3, model.n_features, width, 4096)
     x = he.with_bias(u)
-    acc = sum(np.asarray(c) * np.asarray(w) for c, w in zip(he.pack_inputs(lay, x),
-                                                            he.weight_patterns(lay, model.w1b), strict=True))
-    y = np.asarray(acc).reshape(lay.blocks, lay.lanes).sum(0)
-    m, off = model.readout(z)
-    outs = [np.asarray(mk) * y + np.asarray(cmk) * y * y + np.asarray(ok)
-            for mk, cmk, ok in he.readout_patterns(lay, m, off, model.c)]
+    ms, off = model.readouts(z)
+    outs = [np.zeros(lay.lanes) for _ in range(model.n_out)]
+    for g, members in enumerate(he.lane_groups(model.widths, width)):
+        w1b = np.concatenate([model.members[i].w1b for i in members])
+        acc = sum(np.asarray(c) * np.asarray(w) for c, w in zip(he.pack_inputs(lay, x),
+                                                                he.weight_patterns(lay, w1b), strict=True))
+        y = np.asarray(acc).reshape(lay.blocks, lay.lanes).sum(0)
+        m = np.concatenate([ms[i] for i in members], axis=2)
+        c = np.concatenate([np.full(model.members[i].hidden, model.members[i].c) for i in members])
+        for k, (mk, cmk, ok) in enumerate(he.readout_patterns(lay, m, off if g == 0 else None, c)):
+            outs[k] += np.asarray(mk) * y + np.asarray(cmk) * y * y + (np.asarray(ok) if ok is not None else 0.0)
     np.testing.assert_allclose(he.unpack_outputs(lay, outs), model.plain_logits(u, z), atol=1e-9)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 16])
-def test_encrypted_evaluation_small(batch: int) -> None:
-    report = he.compare(n=batch, batch=batch)
-    assert report["same_class"] == 1.0
-    assert report["max_abs_dlogit"] < 1e-4
+def test_lane_groups_and_the_width_choice() -> None:
+    assert he.lane_groups((32, 32, 32), 32) == [[0], [1], [2]]
+    assert he.lane_groups((32, 32, 32), 64) == [[0, 1], [2]]
+    assert he.lane_groups((32, 32, 32), 96) == [[0, 1, 2]]
+    with pytest.raises(ValueError):
+        he.lane_groups((32, 48), 40)
+    # one case: every member in one group (fewest rotations); 16 cases: one group per member (fewest inputs)
+    assert he.choose_width(1, (32, 32, 32), 41, 4096) == 96
+    assert he.choose_width(16, (32, 32, 32), 41, 4096) == 32
+    assert he.choose_width(16, (32,), 41, 4096) == 32
+    # the choice never exceeds the slots: 40 cases cannot share 128-lane groups
+    assert he.choose_width(40, (32, 32, 32), 41, 4096) in (32, 64)
+
+
+@pytest.mark.parametrize(("batch", "members"), [(1, 1), (3, 3), (16, 3)])
+def test_encrypted_evaluation_small(batch: int, members: int) -> None:
+    """Encrypt, evaluate with the public context, decrypt: against the plaintext ensemble in float64."""
+    import tenseal as ts
+
+    _, model = he.random_model(seed=5, members=members)
+    u, z = he.synthetic_inputs(batch, model, seed=5)
+    params = he.HeParams()
+    ctx = he.make_context(params)
+    pub = ctx.copy()
+    pub.make_context_public()
+    width = he.choose_width(batch, model.widths, model.n_features, params.slots)
+    lay = he.make_layout(batch, model.n_features, width, params.slots)
+    cts = [ts.ckks_vector_from(pub, ts.ckks_vector(ctx, v).serialize()) for v in he.pack_inputs(lay, he.with_bias(u))]
+    outs = he.Evaluator(model, params).logits(lay, cts, z)
+    got = he.unpack_outputs(lay, [ts.ckks_vector_from(ctx, o.serialize()).decrypt() for o in outs])
+    np.testing.assert_allclose(got, model.plain_logits(u, z), atol=1e-4)

@@ -36,17 +36,27 @@ def _case(case_id: str, seed: int) -> Case:
 
 
 def test_he_predict_matches_plaintext_predict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-member ensemble: HE predict gets cases *without* EHR; the (in-process) key service holds it."""
+    import dataclasses
+
+    from msgate.model.he_service import LocalKeyService, model_spec
+    from msgate.model.patient.ehr import raw_columns
+
     monkeypatch.setitem(presets.PRESETS, "micro", MICRO)
     torch.manual_seed(0)
-    net = PatientNet(MICRO).eval()
+    nets = [PatientNet(MICRO).eval() for _ in range(2)]
     scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
     meta = {"preset": "micro", "preset_config": MICRO.to_dict(), "temperature_edss": 1.3, "temperature_ms": 1.1}
-    pm = plain_predict.PatientModel(PatientCheckpoint([net], scaler, meta), HeuristicLesions())
+    ckpt = PatientCheckpoint(nets, scaler, meta)
+    pm = plain_predict.PatientModel(ckpt, HeuristicLesions())
     keys = HeKeys(tmp_path, keyring.init(tmp_path / "keys" / "keyring.json"))
     keys.generate(he.HeParams())
-    model = HePatientModel(pm, HeWorker.for_home(he.export(net), tmp_path), keys)
     cases = [_case(f"c{i}", i) for i in range(3)]
-    got = predict(cases, model)
+    ehr = {c.case_id: scaler.transform(*raw_columns(c.ehr)) for c in cases}  # the trusted side's copy
+    spec = model_spec(ckpt)
+    service = LocalKeyService(keys, spec, lambda ids: np.stack([ehr[i] for i in ids]).astype(np.float64))
+    model = HePatientModel(pm, HeWorker.for_home(he.export(nets), tmp_path), service, spec.fingerprint)
+    got = predict([dataclasses.replace(c, ehr=None) for c in cases], model)
     want = plain_predict.predict(cases, pm)
     for g, w in zip(got, want, strict=True):
         assert "he" in g.flags and g.case_id == w.case_id
@@ -54,6 +64,11 @@ def test_he_predict_matches_plaintext_predict(tmp_path: Path, monkeypatch: pytes
         assert abs(g.p_ms - w.p_ms) <= 1e-3 and g.edss_estimate == w.edss_estimate
         assert g.edss_class == w.edss_class and g.ehr_contributions == {}
         assert g.heatmap is not None and g.heatmap.shape == cases[0].flair.data.shape
+    with pytest.raises(ValueError, match="no EHR"):  # the plaintext model refuses a case without EHR
+        plain_predict.predict([dataclasses.replace(cases[0], ehr=None)], pm)
+    wrong = HePatientModel(pm, model.worker, service, "another-model")
+    with pytest.raises(Exception, match="fingerprint"):
+        predict([dataclasses.replace(cases[0], ehr=None)], wrong)
 
 
 def test_runtime_uses_the_he_plugin_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,7 @@ ROLE_RUNNERS: dict[str, str] = {
     "scheduler": "msgate.workers.scheduler:run",
     "worker": "msgate.workers.worker:run",
     "publish": "msgate.results.outbox:run",
-    "keys": "msgate.model.he_keys:run",
+    "keys": "msgate.model.he_service:run",
 }
 
 

@@ -1,4 +1,7 @@
-"""The CKKS key service (trusted side): keys, public contexts, encrypt + MAC, verify + decrypt + softmax.
+"""The CKKS keys (trusted side): key files, public contexts, encrypt + MAC, verify + decrypt + softmax.
+
+The key service role that uses them (EHR from storage, the RPC over the broker) is
+:mod:`msgate.model.he_service`; the RPC itself is :mod:`msgate.model.he_rpc`.
 
 Files under ``MSGATE_HOME/keys/he/`` (folder 0700):
 
@@ -31,6 +34,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,11 +48,11 @@ if TYPE_CHECKING:
     import tenseal as ts
 
     from msgate.storage.keyring import KeyRing
-    from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
 KIND = "he-ckks"
-HIDDEN = 32  # EhrEncoder hidden width of every preset (presets.py: ehr_hidden)
+PROB_DECIMALS = 4
+"""Decimals of the probabilities the key service hands back (see :meth:`HeKeys.finalize`)."""
 
 
 def _b64(b: bytes) -> str:
@@ -260,10 +264,12 @@ class HeKeys:
 
     # -- requests and results -------------------------------------------------------------------------
 
-    def encrypt(self, u: np.ndarray, case_ids: list[str], *, key_id: str | None = None,
-                hidden: int = HIDDEN, max_batch: int | None = None) -> list[EncryptedPack]:
+    def encrypt(self, u: np.ndarray, case_ids: list[str], *, widths: Sequence[int], key_id: str | None = None,
+                max_batch: int | None = None, width: int | None = None) -> list[EncryptedPack]:
         """Encrypt model EHR inputs ``u`` [B, 2 * n_columns] (standardised on this side) into MACed packs
-        of at most ``max_batch`` cases (default: as many as fit one pack)."""
+        of at most ``max_batch`` cases, for an ensemble whose members have ``widths`` hidden units (the
+        lane-group width of each pack is chosen by cost, :func:`msgate.model.he.choose_width`, unless
+        ``width`` fixes it: the benchmark)."""
         import tenseal as ts
 
         key_id = key_id or self.active_id()
@@ -274,11 +280,12 @@ class HeKeys:
         x = he.with_bias(np.asarray(u, np.float64))
         if len(case_ids) != len(x):
             raise ValueError("one case id per input row")
-        cap = min(he.max_pack(hidden, params.slots), max_batch or len(x) or 1)
+        cap = min(he.max_pack(max(widths), params.slots), max_batch or len(x) or 1)
         packs = []
         for s in range(0, len(x), cap):
             xb, ids = x[s:s + cap], tuple(case_ids[s:s + cap])
-            lay = he.make_layout(len(xb), x.shape[1], hidden, params.slots)
+            lanes = width or he.choose_width(len(xb), widths, x.shape[1], params.slots)
+            lay = he.make_layout(len(xb), x.shape[1], lanes, params.slots)
             cts = tuple(ts.ckks_vector(sec.ctx, v).serialize() for v in he.pack_inputs(lay, xb))
             rid = secrets.token_hex(12)
             tag = request_mac(sec.mac_key, key_id=key_id, request_id=rid, case_ids=ids, layout=lay,
@@ -307,128 +314,17 @@ class HeKeys:
         return he.unpack_outputs(res.layout, [v.decrypt() for v in vecs])
 
     def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
-        """Decrypt and calibrate: per case EDSS probabilities (softmax / T), EDSS estimate, P(MS)."""
+        """Decrypt and calibrate: per case EDSS probabilities (softmax / T), EDSS estimate, P(MS).
+
+        Only rounded values leave (probabilities to :data:`PROB_DECIMALS` decimals, the EDSS estimate
+        to its 0.5 steps): the noise in a raw CKKS decryption can leak the secret key (CKKS is not
+        IND-CPA-D; Li and Micciancio 2021), and the rounding step is far above that noise."""
         from msgate.model.patient.calibration import sigmoid, softmax
 
         logits = self.open_result(res)
-        probs = softmax(logits[:, :4], t_edss)
-        p_ms = sigmoid(logits[:, 5], t_ms)
+        probs = np.round(softmax(logits[:, :4], t_edss), PROB_DECIMALS)
+        p_ms = np.round(sigmoid(logits[:, 5], t_ms), PROB_DECIMALS)
+        edss = np.clip(np.round(logits[:, 4] * 2) / 2, 0.0, 9.5)
         return [{"case_id": cid, "edss_probabilities": [float(p) for p in probs[i]],
-                 "edss": float(logits[i, 4]), "p_ms": float(p_ms[i]), "key_id": res.key_id}
+                 "edss": float(edss[i]), "p_ms": float(p_ms[i]), "key_id": res.key_id}
                 for i, cid in enumerate(res.case_ids)]
-
-
-REQUEST_QUEUE = "msgate.he-keys"
-"""Broker queue of the key service's small RPC (replies go to the ``reply_to`` queue of each request)."""
-
-
-def broker_connection(settings: Any) -> Any:
-    """A kombu connection to msgate's broker (the embedded SQLite transport or Redis)."""
-    from kombu import Connection
-
-    from msgate.workers.celery_app import broker_options
-
-    url, transport, options = broker_options(settings)
-    return Connection(url, transport=transport, transport_options=options)
-
-
-def job_inputs(store: Store, job_ids: list[str], scaler: Any) -> np.ndarray:
-    """Standardised model EHR inputs of jobs, built on the trusted side from storage (the same snapshot
-    rules as the worker's case loader, ``msgate.workers.ehr``); [len(job_ids), 2 * n_columns]."""
-    from msgate.errors import Rejected
-    from msgate.model.patient.ehr import raw_columns
-    from msgate.storage.models import Job, Study
-    from msgate.workers import ehr as ehr_mod
-
-    rows = []
-    with store.db.session() as session:
-        for jid in job_ids:
-            job = session.get(Job, jid)
-            study = session.get(Study, job.study_id) if job is not None else None
-            if study is None:
-                raise Rejected(f"no job {jid} (or its study) for HE encryption", code="he_no_job")
-            snap = ehr_mod.snapshot(session, store.cipher, study, ehr_mod.link(session, study))
-            x, m = raw_columns(ehr_mod.vector(snap))
-            rows.append(scaler.transform(x, m))
-    return np.stack(rows).astype(np.float64)
-
-
-@dataclass
-class JobSource:
-    """What the ``encrypt_jobs`` call needs: the store and the checkpoint's EHR scaler (loaded lazily)."""
-
-    store: Store
-    checkpoint: Path | None = None
-    _scaler: Any = None
-
-    def inputs(self, job_ids: list[str]) -> np.ndarray:
-        if self._scaler is None:
-            from msgate.model.patient import checkpoint
-
-            self._scaler = checkpoint.load(self.checkpoint).scaler
-        return job_inputs(self.store, job_ids, self._scaler)
-
-
-def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> dict[str, Any]:
-    """One RPC request: ``encrypt_jobs`` (job ids -> EHR from storage -> MACed packs; the worker never
-    sends or needs the values), ``encrypt`` (standardised inputs -> packs) or ``finalize`` (result ->
-    verified, decrypted, calibrated outcomes). Errors come back as ``{"error", "code"}``."""
-    from msgate.errors import MsgateError
-
-    try:
-        if req.get("op") == "encrypt_jobs":
-            if jobs is None:
-                return {"error": "this key service has no store for encrypt_jobs", "code": "he_no_store"}
-            ids = [str(j) for j in req["job_ids"]]
-            packs = keys.encrypt(jobs.inputs(ids), ids, max_batch=req.get("max_batch"))
-            return {"packs": [p.to_wire() for p in packs]}
-        if req.get("op") == "encrypt":
-            packs = keys.encrypt(np.asarray(req["u"], np.float64), list(req["case_ids"]),
-                                 max_batch=req.get("max_batch"))
-            return {"packs": [p.to_wire() for p in packs]}
-        if req.get("op") == "finalize":
-            res = EncryptedResult.from_wire(req["result"])
-            return {"outcomes": keys.finalize(res, t_edss=float(req.get("t_edss", 1.0)),
-                                              t_ms=float(req.get("t_ms", 1.0)))}
-        return {"error": f"unknown op {req.get('op')!r}", "code": "he_op"}
-    except MsgateError as exc:
-        return {"error": str(exc), "code": exc.code}
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
-        return {"error": f"bad request ({type(exc).__name__})", "code": "he_request"}
-
-
-def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threading.Event | None = None,
-          jobs: JobSource | None = None) -> None:
-    """Answer RPC requests from ``REQUEST_QUEUE`` until ``stop`` is set."""
-    with broker_connection(settings) as conn:
-        requests = conn.SimpleQueue(REQUEST_QUEUE)
-        if ready is not None:
-            ready.set()
-        while not stop.is_set():
-            try:
-                msg = requests.get(block=True, timeout=0.5)
-            except requests.Empty:
-                continue
-            req = msg.payload
-            reply = handle(keys, req, jobs)
-            with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:
-                out.put({"corr": req.get("corr"), **reply})
-            msg.ack()
-            log.info("HE request served", extra={"status": req.get("op"), "reason": reply.get("code")})
-        requests.close()
-
-
-def run(store: Store, stop: threading.Event) -> None:
-    """Role ``keys``: keep an active CKKS key for ``settings.he`` (rotating on a parameter change) and
-    answer encrypt/finalize requests on the broker queue ``msgate.he-keys`` while HE is enabled."""
-    settings = store.settings
-    he_settings = getattr(settings, "he", None)
-    if he_settings is None or not he_settings.enabled:
-        log.info("HE disabled; keys role idle", extra={"role": "keys"})
-        stop.wait()
-        return
-    keys = HeKeys(settings.home, store.ring)
-    key_id = keys.ensure(he_settings.params())
-    log.info("CKKS key service ready", extra={"role": "keys", "key_id": key_id})
-    if not stop.is_set():
-        serve(keys, settings, stop, jobs=JobSource(store))

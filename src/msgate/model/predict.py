@@ -63,6 +63,9 @@ def load_model(path: Path | str | None = None, *, review_confidence: float = 0.5
 def _inputs(model: PatientModel, case: Case) -> tuple[LesionOutput, ModelInput, NDArray[np.float32], NDArray[np.float32]]:
     if "FLAIR" not in case.volumes:
         raise ValueError(f'Case "{case.case_id}" has no FLAIR volume; FLAIR is required.')
+    if case.ehr is None:
+        raise ValueError(f'Case "{case.case_id}" carries no EHR vector (withheld in HE mode); '
+                         "the plaintext model needs it.")
     les = model.lesions(case.volumes)
     mi = prepare(case.volumes, les.labels, checkpoint.preset_from_meta(model.ckpt.meta))
     x, m = raw_columns(case.ehr)
@@ -91,7 +94,7 @@ def _mean_dicts(rows: list[list[dict[str, float]]]) -> list[dict[str, float]]:
 
 def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel) -> tuple[str, ...]:
     flags = [f for f, role in (("qsm_absent", "QSM"), ("t1_absent", "T1")) if role not in case.volumes]
-    flags += missing_flags(case.ehr)
+    flags += missing_flags(case.ehr) if case.ehr is not None else []
     if confidence < model.review_confidence or uncertainty > model.review_uncertainty:
         flags.append("review")
     return tuple(flags)

@@ -52,11 +52,13 @@ class EhrVector:
 
 @dataclass(frozen=True)
 class Case:
-    """One study ready for inference. ``case_id`` is pseudonymous (a job id)."""
+    """One study ready for inference. ``case_id`` is pseudonymous (a job id). ``ehr`` is None when the
+    EHR is withheld from this process (HE mode: only the key service reads it, and the model gets it as
+    CKKS ciphertext by job id)."""
 
     case_id: str
     volumes: dict[str, Volume]
-    ehr: EhrVector
+    ehr: EhrVector | None
 
     @property
     def flair(self) -> Volume:

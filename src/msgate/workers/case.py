@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from sqlmodel import col, select
 
 from msgate.errors import Rejected
-from msgate.model.types import Case, Role, Volume
+from msgate.model.types import Case, EhrVector, Role, Volume
 from msgate.storage import audit
 from msgate.storage.models import Instance, Series, Study
 from msgate.storage.store import Store
@@ -44,15 +44,16 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
-def _instances(store: Store, series: dict[str, int],
-               study_id: int) -> tuple[dict[str, list[tuple[int, str]]], ehr_mod.EhrLink]:
-    """(instance id, blob id) of each role's current instances, and the EHR link, in one read transaction."""
+def _instances(store: Store, series: dict[str, int], study_id: int,
+               with_ehr: bool = True) -> tuple[dict[str, list[tuple[int, str]]], ehr_mod.EhrLink | None]:
+    """(instance id, blob id) of each role's current instances, and the EHR link (None without the EHR),
+    in one read transaction."""
     out: dict[str, list[tuple[int, str]]] = {}
     with store.db.session() as session:
         study = session.get(Study, study_id)
         if study is None:
             raise Rejected("the study was deleted", code="no_study")
-        link = ehr_mod.link(session, study)
+        link = ehr_mod.link(session, study) if with_ehr else None
         for role, series_id in series.items():
             rows = session.exec(select(Instance.id, Instance.blob_id).where(
                 Instance.series_id == series_id, col(Instance.current).is_(True)).order_by(col(Instance.id))).all()
@@ -96,8 +97,11 @@ def _parse(raw: list[tuple[int, bytes]], role: str) -> list[Dataset]:
     return out
 
 
-def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], actor: str) -> Loaded:
-    """Build the Case for a job (``series``: role -> series id, chosen by the scheduler)."""
+def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], actor: str,
+         with_ehr: bool = True) -> Loaded:
+    """Build the Case for a job (``series``: role -> series id, chosen by the scheduler).
+    ``with_ehr=False`` (HE mode): the EHR is neither linked, read nor decrypted here (``Case.ehr`` is
+    None); the key service encrypts it from storage by job id (``msgate.model.he_service``)."""
     if "FLAIR" not in series:
         raise Rejected("the case has no FLAIR series", code="no_flair")
     stages = {"load_ms": 0.0, "decode_ms": 0.0}
@@ -106,10 +110,10 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
     flair_instances: list[int | None] = []
     t0 = time.perf_counter()
     wanted = {role: series[role] for role in ROLES if role in series}
-    instances, link = _instances(store, wanted, study_id)
+    instances, link = _instances(store, wanted, study_id, with_ehr)
     _audit(store, actor=actor, job_id=job_id, details=[
         *({"series_id": sid, "role": role, "instances": len(instances[role])} for role, sid in wanted.items()),
-        {"ehr": True, "patient_id": link.patient_id}])
+        *([{"ehr": True, "patient_id": link.patient_id}] if link is not None else [])])
     stages["load_ms"] += _ms(t0)
     for role in ROLES:
         if role not in series:
@@ -128,14 +132,19 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
             flair_instances = [None if src is None else raw[src][0] for src in assembly.sources]
         del raw, datasets
     t0 = time.perf_counter()
+    ehr = _ehr(store, study_id, link) if link is not None else None
+    stages["load_ms"] += _ms(t0)
+    case = Case(case_id=job_id, volumes=volumes, ehr=ehr)
+    return Loaded(case, flags, {k: round(v, 1) for k, v in stages.items()}, flair_instances)
+
+
+def _ehr(store: Store, study_id: int, link: ehr_mod.EhrLink) -> EhrVector:
+    """The EHR snapshot at the study date, decrypted in memory, as the model's vector."""
     with store.db.session() as session:
         study = session.get(Study, study_id)
         if study is None:
             raise Rejected("the study was deleted", code="no_study")
-        snap = ehr_mod.snapshot(session, store.cipher, study, link)
-    stages["load_ms"] += _ms(t0)
-    case = Case(case_id=job_id, volumes=volumes, ehr=ehr_mod.vector(snap))
-    return Loaded(case, flags, {k: round(v, 1) for k, v in stages.items()}, flair_instances)
+        return ehr_mod.vector(ehr_mod.snapshot(session, store.cipher, study, link))
 
 
 def choose_series(rows: list[Series]) -> dict[str, Series]:

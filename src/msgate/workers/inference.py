@@ -99,12 +99,13 @@ def _fail(rt: Runtime, item: Item, reason: str) -> None:
 
 
 def _load_all(rt: Runtime, items: list[Item]) -> None:
-    pre = rt.preprocess()
+    pre, with_ehr = rt.preprocess(), rt.reads_ehr()
     for item in items:
         flags = item.claim.flags
         try:
             loaded = case_mod.load(rt.store, job_id=item.claim.job_id, study_id=item.claim.study_id,
-                                   series={k: int(v) for k, v in flags.get("series", {}).items()}, actor=rt.owner)
+                                   series={k: int(v) for k, v in flags.get("series", {}).items()}, actor=rt.owner,
+                                   with_ehr=with_ehr)
             item.case, item.flags, item.flair_instances = loaded.case, loaded.flags, loaded.flair_instances
             item.stages.update(loaded.stages)
             t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 The model module (``workers.model_module``, default ``msgate.model.predict``) provides
 ``load_model()`` and ``predict(cases) -> list[ModelResult]``; optionally ``preprocess(case) -> case``
 (the MONAI transforms, timed separately), ``MODEL_VERSION``/``model_version()`` and ``MODEL_NAME``.
-``load_model`` gets ``device=`` when its signature takes it. CUDA is used when available, else CPU.
+``load_model`` gets ``device=`` when its signature takes it; ``READS_EHR = False`` keeps the case
+loader off the EHR (as HE mode always does). CUDA is used when available, else CPU.
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class Runtime:
     def loaded_version(self) -> str:
         self.model()
         return self.version
+
+    def reads_ehr(self) -> bool:
+        """Whether the case loader should read the EHR: not in HE mode (the key service encrypts it by job
+        id and the worker never sees the values), nor for a model module that sets ``READS_EHR = False``."""
+        return bool(getattr(self.model(), "READS_EHR", True)) and not self.settings.he.enabled
 
     def preprocess(self) -> Callable[[Case], Case] | None:
         fn = getattr(self.model(), "preprocess", None)

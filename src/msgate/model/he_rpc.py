@@ -1,0 +1,125 @@
+"""The key service's small RPC over msgate's broker (the embedded SQLite transport or Redis).
+
+Requests go to the queue ``msgate.he-keys``; each carries a correlation id and its own reply queue.
+Two operations, both answered by the trusted side only:
+
+- ``encrypt_jobs``: job ids (and the worker's model fingerprint) -> MACed CKKS packs. The key service
+  builds each job's EHR input from storage itself; a worker never sends, receives or holds EHR values.
+- ``finalize``: an encrypted result -> verified, decrypted, calibrated and rounded outcomes.
+
+There is deliberately no operation that takes plaintext EHR values from a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from msgate.errors import MsgateError, Rejected, TamperedData, Transient
+from msgate.model.he_keys import EncryptedPack, EncryptedResult, HeKeys
+
+if TYPE_CHECKING:
+    from msgate.model.he_service import JobSource
+
+log = logging.getLogger(__name__)
+REQUEST_QUEUE = "msgate.he-keys"
+"""Broker queue of the key service (replies go to the ``reply_to`` queue of each request)."""
+
+
+def broker_connection(settings: Any) -> Any:
+    """A kombu connection to msgate's broker (the embedded SQLite transport or Redis)."""
+    from kombu import Connection
+
+    from msgate.workers.celery_app import broker_options
+
+    url, transport, options = broker_options(settings)
+    return Connection(url, transport=transport, transport_options=options)
+
+
+class BrokerKeyClient:
+    """The worker's side of the RPC: the worker process never holds the CKKS secret key or EHR values."""
+
+    def __init__(self, settings: Any, *, timeout: float = 60.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.reply_to = f"msgate.he-reply.{uuid.uuid4().hex}"  # one reply queue per client (process)
+        self._lock = threading.Lock()
+
+    def _call(self, req: dict[str, Any]) -> dict[str, Any]:
+        corr = uuid.uuid4().hex
+        deadline = time.monotonic() + self.timeout
+        with self._lock, broker_connection(self.settings) as conn, conn.SimpleQueue(self.reply_to) as replies:
+            with conn.SimpleQueue(REQUEST_QUEUE) as q:
+                q.put({**req, "corr": corr, "reply_to": self.reply_to})
+            while True:  # a late answer to an earlier, timed-out call is dropped
+                try:
+                    msg = replies.get(block=True, timeout=max(0.1, deadline - time.monotonic()))
+                except replies.Empty:
+                    raise Transient(f"the HE key service did not answer within {self.timeout:.0f} s",
+                                    code="he_timeout") from None
+                msg.ack()
+                body: dict[str, Any] = msg.payload
+                if body.get("corr") == corr:
+                    break
+        if "error" in body:
+            code = str(body.get("code"))
+            if code.startswith(("he_request_mac", "he_result_mac", "he_parse", "tampered")):
+                raise TamperedData(str(body["error"]), code=code)
+            raise Rejected(str(body["error"]), code=code)
+        return body
+
+    def encrypt_jobs(self, job_ids: list[str], *, model: str, max_batch: int | None = None) -> list[EncryptedPack]:
+        """Packs built by the key service from storage: the worker sends job ids, never EHR values."""
+        body = self._call({"op": "encrypt_jobs", "job_ids": list(job_ids), "model": model, "max_batch": max_batch})
+        return [EncryptedPack.from_wire(p) for p in body["packs"]]
+
+    def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
+        body = self._call({"op": "finalize", "result": res.to_wire(), "t_edss": t_edss, "t_ms": t_ms})
+        return list(body["outcomes"])
+
+
+def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> dict[str, Any]:
+    """One request; errors come back as ``{"error", "code"}`` (no EHR values, no PHI)."""
+    try:
+        if req.get("op") == "encrypt_jobs":
+            if jobs is None:
+                return {"error": "this key service has no store for encrypt_jobs", "code": "he_no_store"}
+            packs = jobs.encrypt(keys, [str(j) for j in req["job_ids"]], model=str(req.get("model")),
+                                 max_batch=req.get("max_batch"))
+            return {"packs": [p.to_wire() for p in packs]}
+        if req.get("op") == "finalize":
+            res = EncryptedResult.from_wire(req["result"])
+            return {"outcomes": keys.finalize(res, t_edss=float(req.get("t_edss", 1.0)),
+                                              t_ms=float(req.get("t_ms", 1.0)))}
+        return {"error": f"unknown op {req.get('op')!r}", "code": "he_op"}
+    except MsgateError as exc:
+        return {"error": str(exc), "code": exc.code}
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        return {"error": f"bad request ({type(exc).__name__})", "code": "he_request"}
+
+
+def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threading.Event | None = None,
+          jobs: JobSource | None = None) -> None:
+    """Answer requests from :data:`REQUEST_QUEUE` until ``stop`` is set."""
+    with broker_connection(settings) as conn:
+        requests = conn.SimpleQueue(REQUEST_QUEUE)
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            try:
+                msg = requests.get(block=True, timeout=0.5)
+            except requests.Empty:
+                continue
+            req = msg.payload
+            t0 = time.perf_counter()
+            reply = handle(keys, req, jobs)
+            with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:
+                out.put({"corr": req.get("corr"), **reply})
+            msg.ack()
+            log.info("HE request served", extra={"status": req.get("op"), "reason": reply.get("code"),
+                                                 "duration_ms": round((time.perf_counter() - t0) * 1000, 1)})
+        requests.close()
+

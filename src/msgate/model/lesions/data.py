@@ -72,7 +72,7 @@ def synth_case(seed: int, index: int, *, resolution: int = 2, protocol: str = "3
     maps = place_lesions(specs, an, rng)
     images = tissue_images(an, maps, rng)
     plans = plan_series(st.manufacturer, cfg.protocol, rng)
-    vols = {p.role: series_to_volume(acquire(images[p.role], p.acq, an.affine, rng), p.role) for p in plans}
+    vols = {p.role: series_to_volume(acquire(images[p.role], p.acq, an.affine, rng, an), p.role) for p in plans}
     truth = tuple(TruthLesion(les.id, les.location, les.rim, les.kind, les.volume_mm3) for les in maps.lesions)
     labels = np.ascontiguousarray(maps.labels.transpose(2, 1, 0))
     return SynthCase(st.patient_id, lat.diagnosis, vols, labels, truth, _LPS @ np.asarray(an.affine, np.float64))

@@ -129,7 +129,7 @@ def simulate_subject(cfg: CohortConfig, index: int) -> Subject:
     maps = place_lesions(sample_specs(lat, rng), an, rng)
     images = tissue_images(an, maps, rng)
     plans = plan_series(st.manufacturer, cfg.protocol, rng)
-    series = [acquire(images[p.role], p.acq, an.affine, rng) for p in plans]
+    series = [acquire(images[p.role], p.acq, an.affine, rng, an) for p in plans]
     return Subject(lat, st, an, maps, plans, series, rng)
 
 

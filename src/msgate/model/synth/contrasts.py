@@ -3,12 +3,15 @@
 Tissue signal (relative units, WM FLAIR 0.35):
   FLAIR = 0.08 CSF + 0.55 GM + 0.35 WM - 0.5 chi_deep; lesions 0.7-1.0, lacunes 0.12.
   T1    = 0.15 CSF + 0.55 GM + 0.85 WM; lesions 0.55-0.75, black holes 0.2-0.35.
-  QSM   = ppm: -0.02 WM, +0.01 GM, 0 CSF, deep nuclei +0.015..0.12; lesion core
-          0..+0.012; Rim+ shell +0.03..0.06.
+  QSM   = ppm: -0.02 WM, +0.01 GM, 0 CSF, deep nuclei +0.015..0.12; MS lesion
+          core mostly near-isointense to white matter (-0.02..-0.005), 15 %
+          diffusely paramagnetic (0..+0.02); Rim+ rim band +0.03..0.06 and veins
+          (``lesions.py``, ``veins.py``).
 Acquisition: 3D isotropic at the grid resolution, or 2D axial with 3-5 mm slices
 (Gaussian slice profile, FWHM = thickness); multiplicative bias field (exp of a
-smooth field, SD ~0.1); Rician noise (magnitude images) or Gaussian (QSM);
-vendor-like integer scaling.
+smooth field, SD ~0.1); Rician noise (magnitude images); QSM is simulated as a
+reconstruction (dipole forward model, field noise, background residue,
+misregistration, TKD inversion: ``qsm.py``); vendor-like integer scaling.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from scipy import ndimage
 
 from msgate.model.synth.anatomy import Anatomy, smooth_field
 from msgate.model.synth.lesions import LesionMaps
+from msgate.model.synth.qsm import reconstruct
 
 F32 = NDArray[np.float32]
 ROLES: tuple[str, ...] = ("FLAIR", "T1", "QSM")
+DIFFUSE_PARAMAGNETIC_P = 0.15  # MS lesions with a diffusely paramagnetic core (about 11 % at 3 T, AJR 2021)
+QSM_NOISE_1MM = 0.3  # QSM noise SD at 1 mm^3 in ppm per unit of ``Acquisition.noise`` (0.02-0.06 -> 0.006-0.018)
 
 
-def _lesion_values(maps: LesionMaps, rng: np.random.Generator) -> dict[str, F32]:
+def _lesion_values(maps: LesionMaps, rng: np.random.Generator, qrng: np.random.Generator) -> dict[str, F32]:
     """Per-lesion-id target intensities for each contrast (index 0 unused)."""
     n = len(maps.lesions) + 1
     vals = {r: np.zeros(n, np.float32) for r in ROLES}
@@ -36,7 +42,8 @@ def _lesion_values(maps: LesionMaps, rng: np.random.Generator) -> dict[str, F32]
         elif les.kind == "ovoid":
             f = float(rng.uniform(0.8, 1.0))
             t = float(rng.uniform(0.2, 0.35) if les.black_hole else rng.uniform(0.55, 0.7))
-            q = float(rng.uniform(0.0, 0.012))
+            u = float(rng.uniform(0.0, 1.0))  # the main-stream draw of the QSM core, as before
+            q = 0.02 * u if qrng.random() < DIFFUSE_PARAMAGNETIC_P else -0.02 + 0.015 * u
         else:
             f, t, q = float(rng.uniform(0.7, 0.9)), float(rng.uniform(0.6, 0.75)), float(rng.uniform(-0.005, 0.005))
         vals["FLAIR"][les.id], vals["T1"][les.id], vals["QSM"][les.id] = f, t, q
@@ -50,7 +57,7 @@ def tissue_images(an: Anatomy, maps: LesionMaps, rng: np.random.Generator) -> di
         "T1": 0.15 * an.csf + 0.55 * an.gm + 0.85 * an.wm,
         "QSM": -0.02 * an.wm + 0.01 * an.gm + an.deep_chi,
     }
-    vals = _lesion_values(maps, rng)
+    vals = _lesion_values(maps, rng, rng.spawn(1)[0])
     out: dict[str, F32] = {}
     nz = maps.labels > 0
     for role, img in base.items():
@@ -59,6 +66,8 @@ def tissue_images(an: Anatomy, maps: LesionMaps, rng: np.random.Generator) -> di
         img[nz] = img[nz] * (1.0 - f) + f * vals[role][maps.labels[nz]]
         out[role] = img
     out["QSM"] += maps.rim_ppm
+    if maps.vein_ppm is not None:
+        out["QSM"] += maps.vein_ppm
     return out
 
 
@@ -109,15 +118,22 @@ class Series:
     intercept: float
 
 
-def acquire(img: F32, acq: Acquisition, affine: NDArray[np.float64], rng: np.random.Generator) -> Series:
-    """Apply slice profile, bias, noise and integer scaling to a noise-free image."""
+def acquire(img: F32, acq: Acquisition, affine: NDArray[np.float64], rng: np.random.Generator,
+            an: Anatomy | None = None) -> Series:
+    """Apply slice profile, bias, noise and integer scaling to a noise-free image.
+
+    QSM: ``img`` is the susceptibility map; the anatomy's brain mask and distance to the brain surface
+    shape the reconstruction (without ``an``: the whole field of view, smooth background only).
+    """
     sp = float(affine[0, 0])
     aff = affine.copy()
     if acq.mode == "2D" and acq.thickness > sp * 1.01:
         img, z0 = thick_slices(img, sp, acq.thickness)
         aff[2, 2], aff[2, 3] = acq.thickness, affine[2, 3] + z0
     if acq.role == "QSM":
-        noisy = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(acq.noise * 0.02)
+        white = rng.standard_normal(img.shape, dtype=np.float32)  # the main-stream draw, as before
+        noisy = reconstruct(img, white, None if an is None else an.brain, None if an is None else an.dout, sp,
+                            acq.noise * QSM_NOISE_1MM, rng.spawn(1)[0])
         pix = np.clip(np.rint(noisy * acq.scale), -32768, 32767).astype(np.int16)
         return Series(acq, pix, aff, 1.0 / acq.scale, 0.0)
     shp = (int(img.shape[0]), int(img.shape[1]), int(img.shape[2]))

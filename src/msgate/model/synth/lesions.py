@@ -3,10 +3,18 @@
 MS: ovoid lesions (periventricular ones with their long axis along the
 ventricle normal, i.e. perpendicular to the ventricular wall: Dawson's
 fingers), juxtacortical and infratentorial lesions, T1 black holes, and a
-Rim+ paramagnetic shell (1-2 voxels, QSM only) on about 6 % (relapsing) to
-13 % (progressive) of lesions. cSVD: punctate and confluent deep-WM
+Rim+ paramagnetic rim (QSM only) on about 6 % (relapsing) to 13 %
+(progressive) of lesions. cSVD: punctate and confluent deep-WM
 hyperintensities, periventricular caps and lacunes; never rims, never
 infratentorial.
+
+The rim is a band of 0.8-1.9 mm (in mm, not voxels) centred on the lesion
+edge, +0.03-0.06 ppm, covering 50-100 % of the edge (an arc or cap, not
+always a full shell), drawn with its partial volume on the grid: at 2 mm a
+1 mm rim fills at most half a voxel. Veins (``veins.py``) go into their own
+map. Draws that only shape the susceptibility map come from a child stream
+(``rng.spawn``), so FLAIR, T1, labels and every later draw of a subject are
+the same as before they were added.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from scipy import ndimage
 
 from msgate.model.synth.anatomy import Anatomy, rotation
 from msgate.model.synth.latent import Latent
+from msgate.model.synth.veins import lesion_veins, medullary_veins
 
 Location = Literal["periventricular", "juxtacortical", "infratentorial", "deep_wm"]
 LOCATIONS: tuple[Location, ...] = ("periventricular", "juxtacortical", "infratentorial", "deep_wm")
@@ -58,12 +67,13 @@ class Lesion:
 
 @dataclass
 class LesionMaps:
-    """Rendered lesions: label map (lesion ids), partial-volume fraction, rim shell (ppm)."""
+    """Rendered lesions: label map (lesion ids), partial-volume fraction, rim and vein susceptibility (ppm)."""
 
     labels: NDArray[np.uint16]
     frac: NDArray[np.float32]
     rim_ppm: NDArray[np.float32]
     lesions: list[Lesion] = field(default_factory=list)
+    vein_ppm: NDArray[np.float32] | None = None
 
 
 def _axes(rng: np.random.Generator, median: float, sigma: float, ratio: tuple[float, float]) -> tuple[float, float, float]:
@@ -183,20 +193,35 @@ def _seed(spec: LesionSpec, cands: dict[str, NDArray[np.intp]], an: Anatomy,
     return centre, normal
 
 
-def _rim(mask: NDArray[np.bool_], width: int, allowed: NDArray[np.bool_]) -> NDArray[np.bool_]:
-    """1-2 voxel shell just outside the lesion (dilate(mask) - mask)."""
-    shell = ndimage.binary_dilation(mask, iterations=width) & ~mask & allowed
-    return np.asarray(shell)
+def _rim(d: NDArray[np.float32], centre: NDArray[np.float64], lo: tuple[slice, ...], sp: float,
+         thickness: float, coverage: float, qrng: np.random.Generator) -> NDArray[np.float32]:
+    """Partial-volume fraction (0-1) of a rim band of ``thickness`` mm centred on the edge (d = 1).
+
+    Signed distance to the edge ~ (d - 1) / |grad d|; a voxel of edge ``sp`` covers the band's overlap
+    with [delta - sp/2, delta + sp/2]. ``coverage`` of the edge is kept: a cap around a random axis.
+    """
+    grad = np.stack(np.gradient(d.astype(np.float64), sp))
+    delta = (d - 1.0) / np.maximum(np.linalg.norm(grad, axis=0), 1e-3)
+    b0, b1 = -0.5 * thickness, 0.5 * thickness
+    frac = np.clip(np.minimum(delta + sp / 2, b1) - np.maximum(delta - sp / 2, b0), 0.0, sp) / sp
+    axis = qrng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    g = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) - c for s, c in zip(lo, centre)], indexing="ij"), -1)
+    cos = (g @ axis) / np.maximum(np.linalg.norm(g, axis=-1), 1e-6)
+    keep = np.clip((cos - (1.0 - 2.0 * coverage)) / 0.3 + 0.5, 0.0, 1.0)
+    return (frac * keep).astype(np.float32)
 
 
 def _render_one(spec: LesionSpec, lid: int, an: Anatomy, maps: LesionMaps,
-                cands: dict[str, NDArray[np.intp]], rng: np.random.Generator) -> Lesion | None:
-    """Draw one lesion into the maps; None when it found no room."""
+                cands: dict[str, NDArray[np.intp]], rng: np.random.Generator,
+                qrng: np.random.Generator) -> Lesion | None:
+    """Draw one lesion into the maps; None when it found no room. ``qrng``: susceptibility-only draws."""
     seed = _seed(spec, cands, an, rng)
     if seed is None:
         return None
     centre, normal = seed
-    box, d = _shape_d(spec, _orientation(spec, normal, rng), centre, an, rng)
+    rot = _orientation(spec, normal, rng)
+    box, d = _shape_d(spec, rot, centre, an, rng)
     free = (maps.labels[box] == 0) & an.brain[box] & (an.csf[box] < 0.5)
     inside = (d <= 1.0) & free
     if not inside.any():
@@ -205,8 +230,12 @@ def _render_one(spec: LesionSpec, lid: int, an: Anatomy, maps: LesionMaps,
     frac = np.clip((1.2 - d) / 0.4, 0.0, 1.0)
     maps.frac[box] = np.where(inside, np.maximum(maps.frac[box], frac), maps.frac[box])
     if spec.rim:
-        shell = _rim(inside, int(rng.integers(1, 3)), free)
-        maps.rim_ppm[box][shell] = np.float32(rng.uniform(0.03, 0.06))
+        width, amp = int(rng.integers(1, 3)), float(rng.uniform(0.03, 0.06))  # main-stream draws, as before
+        thick = 0.45 + 0.55 * width + float(qrng.uniform(-0.2, 0.3))
+        band = _rim(d, centre, box, an.spacing, thick, float(qrng.uniform(0.5, 1.0)), qrng)
+        maps.rim_ppm[box] = np.maximum(maps.rim_ppm[box], np.float32(amp) * band * an.brain[box])
+    if maps.vein_ppm is not None:
+        lesion_veins(maps.vein_ppm, an, spec.kind, centre, rot, spec.semi_axes, qrng)
     vox = an.spacing**3
     centre_mm = an.affine[:3, :3] @ centre + an.affine[:3, 3]
     return Lesion(lid, spec.kind, spec.location, spec.rim, spec.black_hole,
@@ -216,10 +245,14 @@ def _render_one(spec: LesionSpec, lid: int, an: Anatomy, maps: LesionMaps,
 def place_lesions(specs: list[LesionSpec], an: Anatomy, rng: np.random.Generator) -> LesionMaps:
     """Place every spec on the subject grid; lesions that find no room are dropped."""
     shape = an.wm.shape
-    maps = LesionMaps(np.zeros(shape, np.uint16), np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+    maps = LesionMaps(np.zeros(shape, np.uint16), np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                      vein_ppm=np.zeros(shape, np.float32))
+    qrng = rng.spawn(1)[0]  # susceptibility-only draws: the main stream is untouched
     cands = _candidates(an)
     for spec in specs:
-        les = _render_one(spec, len(maps.lesions) + 1, an, maps, cands, rng)
+        les = _render_one(spec, len(maps.lesions) + 1, an, maps, cands, rng, qrng)
         if les is not None:
             maps.lesions.append(les)
+    assert maps.vein_ppm is not None
+    medullary_veins(maps.vein_ppm, an, qrng)
     return maps

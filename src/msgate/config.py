@@ -64,6 +64,8 @@ class DicomSettings(Section):
     allowed_aets: list[str] = Field(default_factory=list, description="empty: any calling AE (warned at start)")
     allowed_networks: list[str] = Field(default_factory=list, description="empty: any source address")
     quiet_seconds: float = Field(10.0, gt=0, description="a study with no new instance for this long is stable")
+    index_backlog_mb: int = Field(256, ge=16, description="journaled bytes waiting for the indexer before "
+                                                          "senders are slowed down (then answered 0xA700)")
     tls: TlsSettings = TlsSettings()
 
     _nets = field_validator("allowed_networks")(_check_networks)

@@ -1,42 +1,46 @@
-"""Group commit of index rows across concurrent associations (persist-then-acknowledge kept).
+"""Leader/follower group commit: concurrent callers share one durable write.
 
-Each C-STORE handler writes its encrypted body itself (in parallel with the other associations) and
-then calls :meth:`GroupCommitter.commit`. The first caller to find no commit running becomes the
-*leader*: it indexes everything queued in one database transaction, hands each waiting handler its
-result, and repeats while more arrived meanwhile. The others wait for their result. Batches form
-while the previous commit runs; one association alone commits on its own thread, with no hand-off.
+The first caller to find no batch running becomes the *leader*: it runs everything queued as one batch
+(one journal append and one ``fdatasync`` for the listener), hands each waiting caller its result, and
+returns once its own item is done; a waiting caller whose item is still queued then leads the next
+batch. Batches form while the previous one runs, no item waits for a timer, and one association alone
+commits on its own thread with no hand-off to another thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-
-from msgate.storage.index_dicom import PreparedInstance, StoredInstance
-from msgate.storage.ingest import Ingest
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
 
-class _Entry:
+
+class _Entry(Generic[T, R]):
     __slots__ = ("item", "result", "done")
 
-    def __init__(self, item: PreparedInstance) -> None:
+    def __init__(self, item: T) -> None:
         self.item = item
-        self.result: StoredInstance | BaseException | None = None
+        self.result: R | BaseException | None = None
         self.done = False
 
 
-class GroupCommitter:
-    def __init__(self, ingest: Ingest, *, max_batch: int = 64) -> None:
-        self.ingest, self.max_batch = ingest, max_batch
+class LeaderBatcher(Generic[T, R]):
+    """``submit(item)`` blocks until ``run`` has processed a batch holding ``item``; returns its result."""
+
+    def __init__(self, run: Callable[[list[T]], list[R | BaseException]], *, max_batch: int = 64) -> None:
+        self.run, self.max_batch = run, max_batch
         self._cond = threading.Condition()
-        self._queue: list[_Entry] = []
+        self._queue: list[_Entry[T, R]] = []
         self._leading = False
 
-    def commit(self, item: PreparedInstance) -> StoredInstance:
-        """Block until ``item`` is committed (leading a commit if none is running); raise what it raised."""
-        entry = _Entry(item)
+    def submit(self, item: T) -> R:
+        """The result of ``item``'s batch; raises what ``run`` returned (or raised) for it."""
+        entry: _Entry[T, R] = _Entry(item)
         with self._cond:
             self._queue.append(entry)
             while not entry.done:
@@ -47,24 +51,20 @@ class GroupCommitter:
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
                 self._cond.release()
                 try:
-                    self._commit(batch)
+                    self._run(batch)
                 finally:
                     self._cond.acquire()
                     self._leading = False
                     self._cond.notify_all()
         if isinstance(entry.result, BaseException):
             raise entry.result
-        assert entry.result is not None
-        return entry.result
+        return entry.result  # type: ignore[return-value]
 
-    def _commit(self, batch: list[_Entry]) -> None:
+    def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:
-            results: list[StoredInstance | Exception] = self.ingest.commit_instances([e.item for e in batch])
-        except BaseException as exc:  # never leave a handler waiting
+            results = self.run([e.item for e in batch])
+        except BaseException as exc:  # never leave a caller waiting
             log.exception("group commit failed", extra={"batch": len(batch)})
-            results = [exc if isinstance(exc, Exception) else RuntimeError("commit failed")] * len(batch)
+            results = [exc if isinstance(exc, Exception) else RuntimeError("group commit failed")] * len(batch)
         for entry, result in zip(batch, results, strict=True):
             entry.result, entry.done = result, True
-
-    def close(self) -> None:
-        """Nothing to stop: commits run on the handlers' own threads."""

@@ -17,7 +17,9 @@ presentation data values are assembled directly:
   before the command is known) is replayed into pynetdicom's own path, PDU by PDU and in order, and the
   association stays on that path from then on; pynetdicom answers it as it always does;
 - a protocol violation after a C-STORE-RQ was accepted here (a command fragment inside its dataset, a
-  dataset on another context) raises, and pynetdicom's DUL loop aborts the association (A-ABORT).
+  dataset on another context) raises, and pynetdicom's DUL loop aborts the association (A-ABORT);
+- an A-RELEASE-RQ first calls ``before_release`` (the listener waits there until the association's
+  instances are indexed), then goes to pynetdicom, which answers it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from msgate.listener import pdata
 log = logging.getLogger(__name__)
 
 StoreFn = Callable[[bytes, Any, str], int]  # (Part-10 bytes, association, transfer syntax) -> DIMSE status
+ReleaseFn = Callable[[Any], None]  # called with the association before its A-RELEASE-RQ is processed
 
 
 class ProtocolViolation(Exception):
@@ -42,8 +45,8 @@ class ProtocolViolation(Exception):
 class DataPhase:
     """Replaces one acceptor DUL's ``_read_pdu_data`` (installed before its thread starts)."""
 
-    def __init__(self, dul: Any, store: StoreFn) -> None:
-        self.dul, self.store = dul, store
+    def __init__(self, dul: Any, store: StoreFn, before_release: ReleaseFn | None = None) -> None:
+        self.dul, self.store, self.before_release = dul, store, before_release
         self.active = True
         self.contexts: dict[int, str] | None = None  # accepted context ID -> transfer syntax
         self._reset()
@@ -59,7 +62,7 @@ class DataPhase:
 
     def read_pdu_data(self) -> None:
         sock = self.dul.socket.socket
-        header = self._recv(sock, 6)
+        header = self._recv(sock, 6, quiet_eof=True)
         if header is None:
             return
         try:
@@ -76,11 +79,14 @@ class DataPhase:
             return
         if pdu_type == 0x04 and self.active and self.dul.state_machine.current_state == "Sta6":
             self._on_pdata(header, body)
-        else:
-            self._to_pynetdicom(bytes(header) + bytes(body))
+            return
+        if pdu_type == 0x05 and self.before_release is not None:
+            self.before_release(self.dul.assoc)
+        self._to_pynetdicom(bytes(header) + bytes(body))
 
-    def _recv(self, sock: socket.socket, size: int) -> bytearray | None:
-        """Exactly ``size`` bytes, or None after queueing Evt17 (connection closed or timed out)."""
+    def _recv(self, sock: socket.socket, size: int, *, quiet_eof: bool = False) -> bytearray | None:
+        """Exactly ``size`` bytes, or None after queueing Evt17 (connection closed or timed out). The peer
+        closing between PDUs (``quiet_eof``, nothing read) is the normal end of a connection, not an error."""
         buf = bytearray(size)
         view, got = memoryview(buf), 0
         try:
@@ -92,7 +98,8 @@ class DataPhase:
         except (OSError, TimeoutError):
             got = -1
         if got != size:
-            log.error("connection closed before the entire PDU was received")
+            if not (quiet_eof and got == 0):
+                log.error("connection closed before the entire PDU was received")
             self.dul.event_queue.put("Evt17")
             return None
         return buf

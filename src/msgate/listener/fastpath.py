@@ -40,7 +40,7 @@ from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
 from pynetdicom.presentation import PresentationContext
 
-from msgate.listener.dataphase import DataPhase, StoreFn
+from msgate.listener.dataphase import DataPhase, ReleaseFn, StoreFn
 
 MAX_WAIT = 0.02  # seconds; the longest a woken-by-event thread sleeps before re-checking its timers
 
@@ -123,7 +123,7 @@ def _copy_contexts(value: Any, memo: Any = None) -> Any:
     return copy.deepcopy(value, memo)
 
 
-def arm(assoc: Any, store: StoreFn | None = None) -> None:
+def arm(assoc: Any, store: StoreFn | None = None, before_release: ReleaseFn | None = None) -> None:
     """Give one acceptor association (before its threads start) its wake signals, and with ``store``
     the direct C-STORE data phase (:mod:`msgate.listener.dataphase`).
 
@@ -149,7 +149,7 @@ def arm(assoc: Any, store: StoreFn | None = None) -> None:
     assoc._msgate_wake = reactor_wake
     weakref.finalize(dul, _close_fds, wake_r, wake_w)
     if store is not None:
-        dul._read_pdu_data = DataPhase(dul, store).read_pdu_data
+        dul._read_pdu_data = DataPhase(dul, store, before_release).read_pdu_data
 
 
 def _close_fds(*fds: int) -> None:

@@ -1,9 +1,10 @@
 """Event handlers: C-ECHO, C-STORE (persist, then acknowledge), and the association life cycle.
 
-Status codes (PS3.4 §B.2.3, §GG.4): ``0x0000`` only after the encrypted blob is fsynced and its index
-row committed; ``0xA700`` out of resources (disk floor, database unavailable); ``0xA900`` dataset
-does not match the SOP class (a required UID missing); ``0xC210`` cannot understand (undecodable or
-truncated); ``0xC000`` any other failure. No exception leaves a handler.
+Status codes (PS3.4 §B.2.3, §GG.4): ``0x0000`` only after the instance is durable, encrypted, in the
+commit journal (:mod:`msgate.listener.intake`; the indexer stores and indexes it right behind);
+``0xA700`` out of resources (disk floor, journal write failed, indexing backlog full); ``0xA900``
+dataset does not match the SOP class (a required UID missing); ``0xC210`` cannot understand
+(undecodable or truncated); ``0xC000`` any other failure. No exception leaves a handler.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from pynetdicom import evt
 
 from msgate.errors import Rejected, Transient
 from msgate.listener import dataset
-from msgate.listener.committer import GroupCommitter
-from msgate.listener.tracking import Tracker
-from msgate.storage.index_dicom import StoredInstance
+from msgate.listener.indexer import Indexer
+from msgate.listener.intake import Intake
 from msgate.storage import repo_studies
+from msgate.storage.ingest import Received
 from msgate.storage.models import new_id
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
 
 SUCCESS, OUT_OF_RESOURCES, DATA_SET_MISMATCH, CANNOT_UNDERSTAND, FAILURE = 0x0000, 0xA700, 0xA900, 0xC210, 0xC000
+RELEASE_WAIT = 30.0  # seconds a release waits for indexing; the instances are durable in the journal either way
 
 
 def status_for(exc: Rejected) -> int:
@@ -49,11 +51,11 @@ class _AssocStats:
 
 @dataclass
 class Listener:
-    """Shared state of the handlers: the store, the tracker and per-association counters."""
+    """Shared state of the handlers: the store, the journal intake, the indexer, per-association counters."""
 
     store: Store
-    tracker: Tracker
-    committer: GroupCommitter | None = None
+    intake: Intake
+    indexer: Indexer
     stats: dict[int, _AssocStats] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -89,8 +91,9 @@ class Listener:
         started = time.perf_counter()
         stats = self._stats(assoc)
         try:
+            self.store.ingest.check_space()
             header = dataset.parse(data)
-            stored = self._persist(data, header, stats)
+            self.intake.accept(Received(data, header, stats.calling_aet, stats.assoc_id))
         except Rejected as exc:
             return self._failed(stats, status_for(exc), exc.code)
         except Transient as exc:
@@ -102,26 +105,9 @@ class Listener:
             log.exception("store failed", extra={"assoc_id": stats.assoc_id})
             return self._failed(stats, FAILURE, "internal")
         stats.instances += 1
-        try:
-            self.tracker.instance_stored(stored, header, assoc_id=stats.assoc_id, calling_aet=stats.calling_aet)
-        except Exception:  # the instance is durable; tracking recovers at the quiet period
-            log.exception("tracking failed", extra={"instance_id": stored.instance_id})
-        finally:
-            header.release()
-        log.debug("instance stored", extra={"instance_id": stored.instance_id, "status": 0,
-                                            "duration_ms": round((time.perf_counter() - started) * 1e3, 2)})
+        log.debug("instance journaled", extra={"assoc_id": stats.assoc_id, "status": 0,
+                                               "duration_ms": round((time.perf_counter() - started) * 1e3, 2)})
         return SUCCESS
-
-    def _persist(self, data: bytes, header: dataset.Header, stats: _AssocStats) -> StoredInstance:
-        """Encrypted body (fsynced), then the index row committed, grouped with concurrent instances."""
-        ingest = self.store.ingest
-        if self.committer is None:
-            return ingest.store_instance(source=data, calling_aet=stats.calling_aet, assoc_id=stats.assoc_id,
-                                         header=header)
-        prepared = ingest.prepare_instance(source=data, header=header, calling_aet=stats.calling_aet,
-                                           assoc_id=stats.assoc_id)
-        del data  # the body is on disk; only the header stays in memory
-        return self.committer.commit(prepared)
 
     def _failed(self, stats: _AssocStats, status: int, reason: str) -> int:
         stats.failures += 1
@@ -151,6 +137,13 @@ class Listener:
             log.exception("association not recorded", extra={"assoc_id": stats.assoc_id})
         log.info("association established", extra={"assoc_id": stats.assoc_id, "calling_aet": stats.calling_aet})
 
+    def before_release(self, assoc: Any) -> None:
+        """The association's A-RELEASE-RQ arrived: answer it once its instances are indexed (bounded)."""
+        with self.lock:
+            stats = self.stats.get(id(assoc))
+        if stats is not None and not self.indexer.wait_indexed(stats.assoc_id, timeout=RELEASE_WAIT):
+            log.warning("release answered before indexing caught up", extra={"assoc_id": stats.assoc_id})
+
     def on_ended(self, event: evt.Event, outcome: str) -> None:
         self._end(event.assoc, outcome)
 
@@ -159,13 +152,8 @@ class Listener:
             stats = self.stats.pop(id(assoc), None)
         if stats is None:
             return
-        self.tracker.association_ended(stats.assoc_id, released=outcome == "released")
-        try:
-            with self.store.db.session() as session:
-                repo_studies.close_association(session, assoc_id=stats.assoc_id, outcome=outcome,
-                                               instances=stats.instances, failures=stats.failures)
-        except Exception:
-            log.exception("association end not recorded", extra={"assoc_id": stats.assoc_id})
+        self.indexer.end_association(stats.assoc_id, outcome=outcome, instances=stats.instances,
+                                     failures=stats.failures)
         log.info("association ended", extra={"assoc_id": stats.assoc_id, "state": outcome,
                                              "count": stats.instances})
 

@@ -29,8 +29,10 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from msgate.config import DicomSettings
 from msgate.errors import ConfigError
 from msgate.listener import fastpath
-from msgate.listener.committer import GroupCommitter
-from msgate.listener.dataphase import StoreFn
+from msgate.listener.dataphase import ReleaseFn, StoreFn
+from msgate.listener.indexer import Indexer
+from msgate.listener.intake import Intake
+from msgate.storage.journal import Journal
 from msgate.listener.handlers import Listener
 from msgate.listener.tracking import ReadyHook, Tracker
 from msgate.log import quiet_pynetdicom
@@ -76,10 +78,11 @@ class _AccessControlledHandler(RequestHandler):
 
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     store: StoreFn | None = None
+    before_release: ReleaseFn | None = None
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        fastpath.arm(assoc, type(self).store)
+        fastpath.arm(assoc, type(self).store, type(self).before_release)
         if self.networks:
             host = ipaddress.ip_address(self.client_address[0])
             if not any(host in net for net in self.networks):
@@ -109,6 +112,7 @@ def _silence_dataset_warnings() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
+JOURNAL_SEGMENT_BYTES = 64 * 1024 * 1024
 _READY_HOOKS: list[ReadyHook] = []
 
 
@@ -119,7 +123,10 @@ def add_ready_hook(hook: ReadyHook) -> None:
 
 
 def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, ThreadedAssociationServer, Tracker]:
-    """Start the listener (non-blocking); returns the AE, its server and the readiness tracker."""
+    """Start the listener (non-blocking); returns the AE, its server and the readiness tracker.
+
+    Journal segments a crash left are indexed first, so the port opens only when every instance that
+    was ever acknowledged is in the index. ``ae.shutdown()`` also drains and stops the indexer."""
     settings = store.settings
     cfg = settings.dicom
     quiet_pynetdicom()
@@ -128,15 +135,21 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
     tracker = tracker or Tracker(store, quiet_seconds=cfg.quiet_seconds, rules=settings.rules)
     for hook in _READY_HOOKS:
         tracker.add_hook(hook)
-    committer = GroupCommitter(store.ingest) if store.ingest.can_group_commit else None
-    listener = Listener(store=store, tracker=tracker, committer=committer)
+    journal = Journal(settings.home / "dicom-journal", store.ring, rotate_bytes=JOURNAL_SEGMENT_BYTES,
+                      preallocate=True)
+    indexer = Indexer(store, journal, tracker, max_backlog_bytes=cfg.index_backlog_mb * 1024 * 1024)
+    indexer.recover()
+    indexer.start()
+    listener = Listener(store=store, intake=Intake(journal, indexer), indexer=indexer)
     ae = build_ae(cfg)
     handler = type("MsgateRequestHandler", (_AccessControlledHandler,),
                    {"networks": [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks],
-                    "store": staticmethod(listener.store_encoded)})
+                    "store": staticmethod(listener.store_encoded),
+                    "before_release": staticmethod(listener.before_release)})
     server = ae.make_server((cfg.host, cfg.port), ssl_context=tls_context(cfg), evt_handlers=listener.handlers(),
                             server_class=ThreadedAssociationServer, request_handler=handler)
     ae._servers.append(server)
+    _stop_indexer_on_shutdown(ae, indexer, journal)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-acceptor",
                      daemon=True).start()
     if not cfg.allowed_aets and not cfg.allowed_networks:
@@ -145,6 +158,17 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
     log.info("DICOM listener started", extra={"host": cfg.host, "port": server.server_address[1],
                                               "calling_aet": cfg.ae_title})
     return ae, server, tracker
+
+
+def _stop_indexer_on_shutdown(ae: AE, indexer: Indexer, journal: Journal) -> None:
+    shutdown = ae.shutdown
+
+    def shutdown_and_drain() -> None:
+        shutdown()
+        indexer.close()
+        journal.close()
+
+    ae.shutdown = shutdown_and_drain  # type: ignore[method-assign]
 
 
 def run(store: Store, stop: threading.Event) -> None:

@@ -11,9 +11,13 @@ Memory stays bounded by the chunk size in both directions.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import os
 import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -33,10 +37,11 @@ Source = bytes | bytearray | memoryview | Path | BinaryIO
 class Bodies(Protocol):
     name: str
 
-    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int: ...
+    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes], *, durable: bool = True) -> int: ...
     def reader(self, session: Session, blob_id: str) -> Callable[[int], bytes]: ...
     def delete(self, session: Session, blob_id: str) -> None: ...
     def exists(self, session: Session, blob_id: str) -> bool: ...
+    def sync(self) -> None: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -69,7 +74,9 @@ class LocalBodies:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             _fsync_dir(folder.parent)
 
-    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int:
+    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes], *, durable: bool = True) -> int:
+        """Write atomically (temp file, rename); durable on return unless ``durable`` is False, in which
+        case :meth:`sync` makes it (and every other such write) durable later, in one call."""
         target = self.path(blob_id)
         self._ensure_dir(target.parent)
         tmp = target.with_name(f".{blob_id}.tmp")
@@ -84,15 +91,27 @@ class LocalBodies:
                     _write_all(fd, pending)
                     pending = []
             _write_all(fd, pending)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
         return size
+
+    def sync(self) -> None:
+        """Make every write so far durable: ``syncfs`` of the blob file system (one flush for a whole batch
+        of files and their folder entries), or ``sync`` where syncfs is not available."""
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _LIBC is None or _LIBC.syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
 
     def reader(self, session: Session, blob_id: str) -> Callable[[int], bytes]:
         path = self.path(blob_id)
@@ -106,6 +125,17 @@ class LocalBodies:
 
     def exists(self, session: Session, blob_id: str) -> bool:
         return self.path(blob_id).exists()
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc if hasattr(libc, "syncfs") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def _write_all(fd: int, pieces: list[bytes]) -> None:
@@ -152,12 +182,16 @@ class PostgresBodies:
 
     name = "postgres"
 
-    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes]) -> int:
+    def write(self, session: Session, blob_id: str, pieces: Iterable[bytes], *, durable: bool = True) -> int:
+        """Rows in the caller's transaction: durable when it commits, whatever ``durable`` says."""
         size = 0
         for seq, piece in enumerate(pieces):
             session.execute(insert(BlobChunk), {"blob_id": blob_id, "seq": seq, "data": piece})
             size += len(piece)
         return size
+
+    def sync(self) -> None:
+        """Nothing to do: rows are durable with their transaction."""
 
     def reader(self, session: Session, blob_id: str) -> Callable[[int], bytes]:
         rows = session.execute(
@@ -199,6 +233,20 @@ def _source_reader(source: Source) -> tuple[Callable[[int], bytes], Callable[[],
     return stream.read, stream.close
 
 
+@dataclass(frozen=True)
+class BlobRecord:
+    """The values of a ``blob`` index row."""
+
+    id: str
+    kind: str
+    backend: str
+    kek_id: str
+    wrapped_dek: bytes
+    size: int
+    stored_size: int
+    created_at: datetime
+
+
 class Blobs:
     """The encrypted blob store: ``put`` in the caller's transaction, ``open``/``read`` to decrypt."""
 
@@ -208,18 +256,23 @@ class Blobs:
         self.bodies = bodies
         self.chunk_bytes = chunk_bytes
 
-    def write_body(self, session: Session, *, kind: str, source: Source) -> Blob:
-        """Encrypt and write the body (durable on return); return the index row, not yet added."""
+    def write_body(self, session: Session, *, kind: str, source: Source, durable: bool = True) -> Blob:
+        """Encrypt and write the body (durable on return, or after ``bodies.sync()`` when ``durable`` is
+        False); return the index row, not yet added."""
+        return Blob(**asdict(self.write_record(session, kind=kind, source=source, durable=durable)))
+
+    def write_record(self, session: Session, *, kind: str, source: Source, durable: bool = True) -> BlobRecord:
+        """:meth:`write_body` for callers that insert the index row themselves (no ORM object)."""
         blob_id = new_id()
         dek, wrapped = crypto.new_data_key(self.ring, blob_id=blob_id, kind=kind)
         counted = _Counting(*_source_reader(source))
         try:
             pieces = crypto.encrypt_stream(dek, counted.read, blob_id=blob_id, kind=kind, chunk_size=self.chunk_bytes)
-            stored = self.bodies.write(session, blob_id, pieces)
+            stored = self.bodies.write(session, blob_id, pieces, durable=durable)
         finally:
             counted.close()
-        return Blob(id=blob_id, kind=kind, backend=self.bodies.name, kek_id=wrapped.kek_id,
-                    wrapped_dek=wrapped.wrapped, size=counted.total, stored_size=stored, created_at=utcnow())
+        return BlobRecord(id=blob_id, kind=kind, backend=self.bodies.name, kek_id=wrapped.kek_id,
+                          wrapped_dek=wrapped.wrapped, size=counted.total, stored_size=stored, created_at=utcnow())
 
     def put(self, session: Session, *, kind: str, source: Source) -> Blob:
         """Write the body and add the index row to ``session``; durable once the caller commits."""

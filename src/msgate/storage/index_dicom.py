@@ -21,6 +21,7 @@ from sqlalchemy import insert, select, update
 from sqlmodel import Session, col
 
 from msgate.storage import audit
+from msgate.storage.blobs import BlobRecord
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Blob, Instance, Series, Study, utcnow
 
@@ -48,7 +49,7 @@ class PreparedInstance:
     """An instance whose encrypted body is durable but not yet indexed."""
 
     header: HeaderLike
-    blob: Blob
+    blob: Blob | BlobRecord
     sop_index: str
     digest: str
     calling_aet: str
@@ -142,7 +143,8 @@ class BatchIndexer:
     def _insert(self, plans: list[tuple[PreparedInstance, int, int, int, bool, bool]], now: Any) -> Any:
         if not plans:
             return iter(())
-        self.session.execute(insert(Blob), [_blob_row(p[0].blob) for p in plans])
+        conn = self.session.connection()
+        conn.execute(_BLOB, [_blob_row(p[0].blob) for p in plans])
         enc = self.cipher.encrypt
         rows = [{"study_id": study_id, "series_id": series_id, "sop_uid_index": item.sop_index,
                  "sop_uid_enc": enc(item.header.get("SOPInstanceUID"), column="instance.sop_uid"),
@@ -152,8 +154,7 @@ class BatchIndexer:
                  "instance_number": _int(item.header.get("InstanceNumber")), "calling_aet": item.calling_aet[:16],
                  "assoc_id": item.assoc_id, "received_at": now}
                 for item, study_id, series_id, version, _, _ in plans]
-        ids = self.session.execute(insert(Instance).returning(Instance.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
-                                   rows).scalars().all()
+        ids = conn.execute(_INSTANCE, rows).scalars().all()
         return iter([StoredInstance(int(i), p[1], p[2], False, p[3], p[5], p[4]) for i, p in zip(ids, plans, strict=True)])
 
     @staticmethod
@@ -243,7 +244,12 @@ def new_series(ds: Dataset, cipher: FieldCipher, *, uid_index: str, study_id: in
     )
 
 
-def _blob_row(blob: Blob) -> dict[str, Any]:
+_BLOB = insert(Blob.__table__)  # type: ignore[arg-type]
+_INSTANCE = insert(Instance.__table__).returning(Instance.__table__.c.id,  # type: ignore[arg-type, attr-defined]
+                                                 sort_by_parameter_order=True)
+
+
+def _blob_row(blob: Blob | BlobRecord) -> dict[str, Any]:
     return {"id": blob.id, "kind": blob.kind, "backend": blob.backend, "kek_id": blob.kek_id,
             "wrapped_dek": blob.wrapped_dek, "size": blob.size, "stored_size": blob.stored_size,
             "created_at": blob.created_at or utcnow()}

@@ -9,6 +9,7 @@ bytes become a new version, audited), and MSH-10 + sending application + facilit
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import time
@@ -50,6 +51,16 @@ class Hl7Header:
 
 
 @dataclass(frozen=True)
+class Received:
+    """One instance as the listener received it (file meta + data set) and journaled it."""
+
+    data: bytes
+    header: HeaderLike
+    calling_aet: str = ""
+    assoc_id: str | None = None
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     message_id: int
     duplicate: bool
@@ -72,7 +83,9 @@ def read_header(source: bytes | Path) -> HeaderLike:
 
 
 def content_hash(cipher: FieldCipher, source: bytes | Path) -> str:
-    digest = hashlib.blake2b(key=cipher.ring.index_key, digest_size=32)
+    """Keyed SHA-256 (HMAC) of the bytes as received: equal only for identical bytes, meaningless
+    without the installation's index key. (SHA-256 runs on the CPU's SHA extensions: half blake2b's cost.)"""
+    digest = hmac.new(cipher.ring.index_key, digestmod=hashlib.sha256)
     if isinstance(source, Path):
         with source.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -154,7 +167,43 @@ class Ingest:
                                             "blob_id": blob.id, "calling_aet": calling_aet})
         return stored
 
-    # --- DICOM group commit (listener): bodies written in parallel, index rows in one transaction ---
+    # --- DICOM instances the listener journaled: bodies and index rows, a batch at a time ---
+
+    def index_received(self, items: Sequence[Received], *, actor: str = "listener") -> list[StoredInstance | Exception]:
+        """Store a batch of instances that are already durable in the listener's journal.
+
+        File bodies are written without a flush each, made durable together (``bodies.sync()``), and
+        only then indexed in one transaction; row bodies (PostgreSQL) go into that transaction. A
+        duplicate keeps the first copy. If the transaction fails, items are retried one by one.
+        """
+        if not items:
+            return []
+        if not self.can_group_commit:
+            return [self._store_received(item, actor) for item in items]
+        prepared: list[PreparedInstance] = []
+        try:
+            for item in items:
+                blob = self.blobs.write_record(None, kind="dicom", source=item.data, durable=False)  # type: ignore[arg-type]
+                prepared.append(self._prepared(item, blob))
+            self.blobs.bodies.sync()
+        except OSError as exc:
+            for done in prepared:
+                self.blobs.discard_body(None, done.blob.id)  # type: ignore[arg-type]
+            return [Transient(f"blob write failed ({type(exc).__name__})", code="blob_io")] * len(items)
+        return self.commit_instances(prepared, actor=actor)
+
+    def _prepared(self, item: Received, blob: Any) -> PreparedInstance:
+        return PreparedInstance(item.header, blob, self.cipher.blind_index(item.header.get("SOPInstanceUID"), scope="sop"),
+                                content_hash(self.cipher, item.data), item.calling_aet, item.assoc_id)
+
+    def _store_received(self, item: Received, actor: str) -> StoredInstance | Exception:
+        try:
+            return self.store_instance(source=item.data, calling_aet=item.calling_aet, assoc_id=item.assoc_id,
+                                       header=item.header, actor=actor)
+        except Exception as exc:
+            return exc
+
+    # --- DICOM group commit: bodies written in parallel, index rows in one transaction ---
 
     @property
     def can_group_commit(self) -> bool:

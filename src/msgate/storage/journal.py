@@ -1,5 +1,5 @@
-"""The ingest commit journal (used by the HL7 feed): an append-only, encrypted, fsynced log
-that makes a message durable before its ACK.
+"""The ingest commit journal (used by the HL7 feed and the DICOM listener): an append-only, encrypted,
+fsynced log that makes a message or instance durable before its ACK.
 
 Why: a message must be durable before ``AA``/``CA``. Writing it straight into the index costs a blob
 file, two directory/file fsyncs and a SQL transaction per message, which caps a single connection well
@@ -9,8 +9,9 @@ and the segment is deleted once every record in it is indexed. On start, segment
 indexed before the listener opens, so an acknowledged message is never lost and never stored twice.
 
 Segment file: ``MGJ1`` | u16 len + key id | u16 len + wrapped data key, then records
-``u32 len | 12-byte nonce | AES-256-GCM(raw, aad=segment name|seq)``. A torn last record (crash while
-writing, never acknowledged) is ignored. The data key is wrapped by the key ring's KEK, like blobs.
+``u32 len | 12-byte nonce | AES-256-GCM(raw, aad=segment name|seq)``, then (in a zero-filled segment)
+zeros. A torn last record (crash while writing, never acknowledged) is ignored. The data key is
+wrapped by the key ring's KEK, like blobs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def _aad(name: str, seq: int) -> bytes:
 
 
 class Segment:
-    def __init__(self, directory: Path, ring: KeyRing) -> None:
+    def __init__(self, directory: Path, ring: KeyRing, *, zero_fill: int = 0) -> None:
+        """A new segment file, made durable with its folder entry. With ``zero_fill`` its first bytes are
+        written as zeros first: appends then overwrite allocated blocks, and ``fdatasync`` has no file
+        size or extent change to journal (about half the latency on ext4)."""
         self.name = f"{uuid.uuid4().hex}.jnl"
         self.path = directory / self.name
         self.dek, wrapped = crypto.new_data_key(ring, blob_id=self.name, kind=KIND)
@@ -46,19 +50,38 @@ class Segment:
         header = MAGIC + struct.pack(">H", len(kid)) + kid + struct.pack(">H", len(wrapped.wrapped)) + wrapped.wrapped
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(self.fd, header)
+        zeros = bytes(1 << 20)
+        for offset in range(len(header), zero_fill, len(zeros)):
+            os.write(self.fd, zeros[:zero_fill - offset])
+        os.lseek(self.fd, len(header), os.SEEK_SET)
+        os.fsync(self.fd)
+        _fsync_dir(directory)
         self.aead = AESGCM(self.dek)
         self.size, self.seq, self.indexed, self.closed = len(header), 0, 0, False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Journal:
     """Thread-safe appends (one fsync per call) and per-segment bookkeeping of what was indexed."""
 
-    def __init__(self, directory: Path, ring: KeyRing) -> None:
-        self.directory, self.ring = directory, ring
+    def __init__(self, directory: Path, ring: KeyRing, *, rotate_bytes: int = ROTATE_BYTES,
+                 preallocate: bool = False) -> None:
+        """With ``preallocate`` the next segment is made ahead, zero-filled, by a background thread."""
+        self.directory, self.ring, self.rotate_bytes = directory, ring, rotate_bytes
+        self.preallocate = preallocate
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._current: Segment | None = None
         self._segments: dict[str, Segment] = {}
+        self._spare: Segment | None = None
+        self._preparing: threading.Thread | None = None
 
     def leftovers(self) -> list[Path]:
         """Segments on disk before this process started appending (a crash or an unclean stop)."""
@@ -69,7 +92,7 @@ class Journal:
         """Write and fsync ``raws``; return the segment name to pass to :meth:`indexed` later."""
         with self._lock:
             seg = self._current
-            if seg is None or seg.size > ROTATE_BYTES:
+            if seg is None or seg.size > self.rotate_bytes:
                 seg = self._rotate()
             out = bytearray()
             for raw in raws:
@@ -87,15 +110,23 @@ class Journal:
     def _rotate(self) -> Segment:
         if self._current is not None:
             self._close(self._current)
-        seg = Segment(self.directory, self.ring)
-        os.fsync(seg.fd)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._current = self._segments[seg.name] = seg
+        seg, self._spare = self._spare, None
+        if seg is None:
+            seg = Segment(self.directory, self.ring, zero_fill=self.rotate_bytes if self.preallocate else 0)
+            self._segments[seg.name] = seg
+        self._current = seg
+        if self.preallocate and (self._preparing is None or not self._preparing.is_alive()):
+            self._preparing = threading.Thread(target=self._prepare_spare, name="journal-prealloc", daemon=True)
+            self._preparing.start()
         return seg
+
+    def _prepare_spare(self) -> None:
+        try:
+            seg = Segment(self.directory, self.ring, zero_fill=self.rotate_bytes)
+        except OSError:  # the next rotation makes its segment itself
+            return
+        with self._lock:
+            self._spare = self._segments[seg.name] = seg
 
     def _close(self, seg: Segment) -> None:
         seg.closed = True
@@ -114,17 +145,20 @@ class Journal:
             if seg is None:
                 return
             seg.indexed += count
-            if seg is self._current and seg.indexed >= seg.seq and seg.size > ROTATE_BYTES // 8:
+            if seg is self._current and seg.indexed >= seg.seq and seg.size > self.rotate_bytes // 8:
                 self._current = None
                 self._close(seg)
             else:
                 self._maybe_delete(seg)
 
     def close(self) -> None:
+        if self._preparing is not None:
+            self._preparing.join()
         with self._lock:
-            if self._current is not None:
-                self._close(self._current)
-                self._current = None
+            for seg in (self._current, self._spare):
+                if seg is not None:
+                    self._close(seg)
+            self._current = self._spare = None
 
 
 def read_segment(path: Path, ring: KeyRing) -> list[bytes]:
@@ -150,6 +184,9 @@ def read_segment(path: Path, ring: KeyRing) -> list[bytes]:
         try:
             out.append(aead.decrypt(body[:12], body[12:], _aad(path.name, seq)))
         except InvalidTag:
+            following = data[pos + 4 + length:pos + 8 + length]
+            if len(following) == 4 and not any(following):
+                break  # torn last record in a zero-filled segment: nothing was written after it
             raise TamperedData(f"journal segment {path.name} record {seq} failed authentication") from None
         pos += 4 + length
     return out

@@ -1,0 +1,66 @@
+"""The DICOM commit journal: what a crash left in it is indexed before the port opens, exactly once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from dicom_helpers import free_port, pynd_send, stored_bytes, write_series
+from sqlmodel import select
+
+from msgate.errors import TamperedData
+from msgate.listener import dataset, server
+from msgate.listener.record import decode_record, encode_record
+from msgate.storage.ingest import Received
+from msgate.storage.journal import Journal, read_segment
+from msgate.storage.models import AuditEvent, Instance
+from msgate.storage.store import Store
+
+pytestmark = [pytest.mark.integration]
+
+
+def test_leftover_segment_is_indexed_once_before_the_port_opens(store: Store, tmp_path: Path) -> None:
+    files = write_series(tmp_path / "s", count=5, description="AX FLAIR")
+    datas = [p.read_bytes() for p in files]
+    store.ingest.store_instance(source=datas[0], calling_aet="EARLIER")  # indexed before the crash
+    journal = Journal(store.settings.home / "dicom-journal", store.ring, preallocate=True)
+    records = [encode_record(Received(d, dataset.parse(d), "CRASHED", "assoc1")) for d in datas]
+    journal.append(records[:3])
+    journal.append(records[3:])
+    # the process "died" here: nothing indexed, the segment never closed
+    journaled = [decode_record(r) for p in journal.directory.glob("*.jnl") for r in read_segment(p, store.ring)]
+    assert [d for _, _, d in journaled] == datas and {a for a, _, _ in journaled} == {"CRASHED"}
+
+    store.settings.dicom.port = free_port()
+    ae, srv, _ = server.start(store)
+    try:
+        with store.db.session() as session:
+            rows = session.exec(select(Instance)).all()
+            ingests = [e for e in session.exec(select(AuditEvent)).all() if e.kind == "ingest.instance"]
+        assert len(rows) == 5 and len(ingests) == 5  # the one indexed before is not stored twice
+        assert sorted(r.calling_aet for r in rows) == ["CRASHED"] * 4 + ["EARLIER"]
+        assert not [p for p in journal.directory.glob("*.jnl") if p.stat().st_size and read_segment(p, store.ring)]
+        stored = stored_bytes(store)
+        assert sorted(v[0] for v in stored.values()) == sorted(datas)
+        assert pynd_send(srv.server_address[1], files[:1]) == [0]  # still serving; a duplicate is success
+    finally:
+        ae.shutdown()
+
+
+def test_zero_filled_segment_keeps_records_and_drops_a_torn_tail(store: Store, tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", store.ring, rotate_bytes=1 << 20, preallocate=True)
+    journal.append([b"first" * 10, b"second" * 10])
+    path = next((tmp_path / "j").glob("*.jnl"))
+    assert path.stat().st_size >= 1 << 20  # zero-filled ahead: appends do not grow the file
+    size = sum(4 + 12 + len(r) + 16 for r in (b"first" * 10, b"second" * 10))
+    header_end = len(path.read_bytes().rstrip(b"\0")) - size
+    with path.open("r+b") as fh:  # a crash inside the write of a third record: its length, half a body
+        fh.seek(header_end + size)
+        fh.write((100).to_bytes(4, "big") + os.urandom(40))
+    assert read_segment(path, store.ring) == [b"first" * 10, b"second" * 10]
+    with path.open("r+b") as fh:  # but a record altered in the middle is tampering, not a torn tail
+        fh.seek(header_end + 4 + 12 + 3)
+        fh.write(b"X")
+    with pytest.raises(TamperedData):
+        read_segment(path, store.ring)

@@ -125,6 +125,8 @@ def _predict(rt: Runtime, items: list[Item]) -> None:
     t0 = time.perf_counter()
     try:
         results = rt.predict([i.case for i in ready])  # type: ignore[misc]
+    except Transient:
+        raise  # e.g. the HE key service did not answer: the batch is released and retried, not failed
     except Exception:
         if len(ready) == 1:
             log.exception("inference failed", extra={"job_id": ready[0].claim.job_id})

@@ -1,10 +1,12 @@
 """``msgate demo``: the whole system, end to end, on a fresh machine (no Redis or PostgreSQL needed).
 
 Starts msgate on the embedded defaults in a temporary home, a PACS and an interface engine to stand in
-for the hospital's, makes three synthetic patients (MS with rims, MS without rims, cSVD), sends their
+for the hospital's, makes three synthetic patients (MS with rims, MS without rims, cSVD; ``--patients``
+takes the first N), sends their
 HL7 over MLLP and their MRI over C-STORE to the real ports, shows progress live, prints each
-patient's result as received back by the stand-ins, and writes key images and summary.html. Exit
-code 0 only if every SR and ORU was acknowledged.
+patient's result as received back by the stand-ins, and writes key images and summary.html. With
+``--he`` the EHR branch runs under CKKS and each result says so (SR algorithm parameters, ORU NTE).
+Exit code 0 only if every SR and ORU was acknowledged (and, with ``--he``, both say HE).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def _table(rows: list[demo.Progress], elapsed: float) -> Table:
 def command(
     out: Annotated[Path, typer.Option("--out", help="output folder: key images, summary.html, logs")] = Path("demo-out"),
     he: Annotated[bool, typer.Option("--he", help="EHR features under homomorphic encryption")] = False,
+    patients: Annotated[int, typer.Option("--patients", min=1, max=3, help="how many of the three patients "
+                                          "(MS with rims, MS without rims, cSVD) to send")] = 3,
     timeout: Annotated[float, typer.Option(help="seconds to wait for every SR and ORU")] = 900.0,
     keep_home: Annotated[bool, typer.Option("--keep-home", help="keep the temporary MSGATE_HOME")] = False,
     home_dir: Annotated[Path | None, typer.Option("--home", help="use this (new) MSGATE_HOME and keep it")] = None,
@@ -65,12 +69,12 @@ def command(
     ok = False
     try:
         with ThreadPoolExecutor(1) as pool:
-            patients_future = pool.submit(make_patients, out / "patients")
+            patients_future = pool.submit(make_patients, out / "patients", count=patients)
             system.start()
-            with console.status("starting msgate and generating 3 synthetic patients"):
+            with console.status(f"starting msgate and generating {patients} synthetic patient(s)"):
                 system.wait_ports([dicom_port, hl7_port])
                 patients = patients_future.result()
-        ok = _follow(patients, system, home, pacs, mllp, dicom_port, hl7_port, timeout, out)
+        ok = _follow(patients, system, home, pacs, mllp, dicom_port, hl7_port, timeout, out, he)
     finally:
         system.stop()
         pacs.stop()
@@ -81,7 +85,7 @@ def command(
 
 
 def _follow(patients: list, system: demo.System, home: Path, pacs: PacsStandIn, mllp: MllpStandIn,  # type: ignore[type-arg]
-            dicom_port: int, hl7_port: int, timeout: float, out: Path) -> bool:
+            dicom_port: int, hl7_port: int, timeout: float, out: Path, he: bool) -> bool:
     rows = [demo.Progress(p) for p in patients]
     t0, t0_wall = time.monotonic(), utcnow()
     for row in rows:
@@ -110,11 +114,14 @@ def _follow(patients: list, system: demo.System, home: Path, pacs: PacsStandIn, 
     _print(results)
     store.close()
     all_acked = all(r["sr"]["count"] and r["oru"]["received"] for r in results)
+    he_marked = all(r["he"]["sr"] and r["he"]["oru"] for r in results)
     console.print(f"\nsummary: {summary}   results: {out / 'results.json'}   log: {out / 'msgate.log'}")
     if not all_acked:
         console.print("[red]not every SR and ORU was acknowledged[/red]" + ("" if system.alive() else
                       " (msgate stopped; see the log)"))
-    return bool(done and all_acked)
+    if he and not he_marked:
+        console.print("[red]HE was on, but not every SR and ORU says so[/red]")
+    return bool(done and all_acked and (he_marked or not he))
 
 
 def _print(results: list[dict]) -> None:  # type: ignore[type-arg]
@@ -130,6 +137,9 @@ def _print(results: list[dict]) -> None:  # type: ignore[type-arg]
             console.print(f"  {v.get('diagnosis', '-')} (P(MS) {v.get('p_ms', 0):.2f}); "
                           f"{int(v.get('lesion_count', 0))} lesions, {v.get('lesion_volume_ml', 0):.2f} mL; "
                           f"Rim+ {int(rim) if rim is not None else 'not assessable'}")
+        if r["he"]["sr"] or r["he"]["oru"]:
+            console.print("  EHR branch under homomorphic encryption (CKKS): said by the "
+                          + " and ".join(n for n, k in (("SR", "sr"), ("ORU", "oru")) if r["he"][k]))
         sr = f"{r['sr']['destination']} acked" if r["sr"]["count"] else "[red]SR missing"
         oru = f"{r['oru']['destination']} acked" if r["oru"]["received"] else "[red]ORU missing"
         console.print(f"  SR to {sr}; ORU to {oru}")

@@ -42,12 +42,14 @@ def _first(cfg: CohortConfig, start: int, want_rims: bool | None) -> int:
     raise RuntimeError("no matching synthetic subject in 60 draws")
 
 
-def make_patients(out: Path, seed: int = 2026) -> list[DemoPatient]:
-    """Write the three subjects' DICOM and HL7 files under ``out``."""
+def make_patients(out: Path, seed: int = 2026, count: int = len(KINDS)) -> list[DemoPatient]:
+    """Write the first ``count`` of the three subjects' DICOM and HL7 files under ``out``."""
     ms = CohortConfig(out, seed=seed, mix={"ms": 1.0}, resolution=2, protocol="3d", missing_rate=0.0)
     csvd = CohortConfig(out, seed=seed + 1, mix={"csvd": 1.0}, resolution=2, protocol="3d", missing_rate=0.0)
     with_rims = _first(ms, 1, True)
-    without = _first(ms, with_rims + 1 if with_rims == 1 else 1, False)
-    small = _first(csvd, 101, None)
-    picks = [(KINDS[0], ms, with_rims), (KINDS[1], ms, without), (KINDS[2], csvd, small)]
+    picks = [(KINDS[0], ms, with_rims)]
+    if count > 1:
+        picks.append((KINDS[1], ms, _first(ms, with_rims + 1 if with_rims == 1 else 1, False)))
+    if count > 2:
+        picks.append((KINDS[2], csvd, _first(csvd, 101, None)))
     return [DemoPatient(kind, generate_subject(cfg, index), out) for kind, cfg, index in picks]

@@ -53,6 +53,18 @@ def _has(parsed: Any, name: str) -> bool:
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ALGORITHM_PARAMETERS = "111002"  # DCM "Algorithm Parameters" (TID 4019)
+
+
+def sr_parameters(ds: Any) -> list[str]:
+    """Every TID 4019 "Algorithm Parameters" text of an SR, as received (walks the content tree)."""
+    found: list[str] = []
+    for item in getattr(ds, "ContentSequence", []):
+        names = getattr(item, "ConceptNameCodeSequence", [])
+        if names and str(names[0].CodeValue) == ALGORITHM_PARAMETERS and hasattr(item, "TextValue"):
+            found.append(str(item.TextValue))
+        found += sr_parameters(item)
+    return found
 
 
 def key_images(pacs_objects: list[Any], out: Path) -> list[Path]:

@@ -187,8 +187,9 @@ def wait_for_store(home: Path, timeout: float = 60.0) -> Store:
 
 
 def summary_row(row: Progress, pacs: PacsStandIn, mllp: MllpStandIn) -> dict[str, Any]:
-    """Per-patient result as received by the stand-ins (ORU values; SR presence)."""
-    from msgate.demo.report import oru_values
+    """Per-patient result as received by the stand-ins (ORU values; SR presence; the HE marks of both)."""
+    from msgate.demo.report import oru_values, sr_parameters
+    from msgate.results.identity import HE_PARAMETER
 
     accession = str(row.patient.record["accession"])
     oru = next((m for m in mllp.messages if accession in m), "")
@@ -202,4 +203,6 @@ def summary_row(row: Progress, pacs: PacsStandIn, mllp: MllpStandIn) -> dict[str
             "sr": {"count": len(srs), "sop_uid": str(srs[-1].SOPInstanceUID) if srs else None,
                    "destination": f"{pacs.ae_title}@127.0.0.1:{pacs.port}"},
             "oru": {"received": bool(oru), "destination": f"MLLP 127.0.0.1:{mllp.port}"},
+            "he": {"sr": bool(srs) and HE_PARAMETER in sr_parameters(srs[-1]),
+                   "oru": HE_PARAMETER in values.get("notes", [])},
             "stages_s": {k: round(v, 1) for k, v in row.stages.items()}}

@@ -8,18 +8,31 @@ and each member's image embedding. ``msgate evaluate --he`` runs the same compar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from msgate.model import he
 from msgate.model.he import equivalence
+from msgate.model.he_keys import HeKeys
 from msgate.model.patient import checkpoint
+from msgate.storage import keyring
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> HeKeys:
+    home = tmp_path_factory.mktemp("he-eq")
+    k = HeKeys(Path(home), keyring.init(Path(home) / "keys" / "keyring.json"))
+    k.generate(he.HeParams())
+    return k
+
+
 @pytest.mark.parametrize(("n_cases", "max_batch"), [(208, 16), (24, 1)])
-def test_he_matches_the_plaintext_ensemble(n_cases: int, max_batch: int) -> None:
+def test_he_matches_the_plaintext_ensemble(keys: HeKeys, n_cases: int, max_batch: int) -> None:
     members = len(checkpoint.load().nets)
-    report = equivalence.compare(n=n_cases, batch=max_batch, inputs="generator", seed=2026 + max_batch)
+    report = equivalence.compare(n=n_cases, batch=max_batch, inputs="generator", seed=2026 + max_batch, keys=keys)
     assert report["members"] == members >= 1 and report["cases"] == n_cases
     assert report["packs"] == -(-n_cases // max_batch)
     assert report["same_class"] == 1.0
@@ -28,20 +41,19 @@ def test_he_matches_the_plaintext_ensemble(n_cases: int, max_batch: int) -> None
     assert equivalence.passed(report)
 
 
-def test_the_comparison_can_fail() -> None:
+def test_the_comparison_can_fail(keys: HeKeys) -> None:
     """The same numbers against a *different* plaintext model (one member left out) are far off."""
     import numpy as np
 
-    from msgate.model import he
     from msgate.model.patient.calibration import softmax
 
     ck = checkpoint.load()
     if len(ck.nets) < 2:
         pytest.fail("the shipped checkpoint is expected to be an ensemble")
     model = he.export(ck.nets)
-    u, z = equivalence.generator_inputs(ck.nets, ck.scaler, 32, 7, tuple(checkpoint.preset_from_meta(ck.meta).grid))
-    got, _ = equivalence.he_logits(model, u, z, batch=16, t_edss=ck.t_edss, t_ms=ck.t_ms)
-    he_p = np.asarray([got[f"case-{i}"]["edss_probabilities"] for i in range(32)])
+    u, z = equivalence.generator_inputs(ck.nets, ck.scaler, 16, 7, tuple(checkpoint.preset_from_meta(ck.meta).grid))
+    got, _ = equivalence.he_logits(model, u, z, batch=16, t_edss=ck.t_edss, t_ms=ck.t_ms, keys=keys)
+    he_p = np.asarray([got[f"case-{i}"]["edss_probabilities"] for i in range(16)])
     full = softmax(equivalence.torch_logits(ck.nets, u, z)[:, :4], ck.t_edss)
     first_only = softmax(equivalence.torch_logits(ck.nets[:1], u, z[:1])[:, :4], ck.t_edss)
     assert np.abs(he_p - full).max() <= 1e-3

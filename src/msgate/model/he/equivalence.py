@@ -21,6 +21,7 @@ import numpy as np
 from msgate.model.he.circuit import Array, HeModel, export
 
 if TYPE_CHECKING:
+    from msgate.model.he_keys import HeKeys
     from msgate.model.patient.network import PatientNet
 
 LIMIT_DPROB = 1e-3
@@ -105,35 +106,39 @@ def generator_inputs(nets: list[PatientNet], scaler: Any, n: int, seed: int, gri
     return np.stack(rows).astype(np.float64), _embeddings(nets, image, present, lesion)
 
 
-def he_logits(model: HeModel, u: Array, z: Array, *, batch: int, t_edss: float = 1.0,
-              t_ms: float = 1.0) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Outcomes per case id through the production key service and worker (fresh key in a temp home)."""
-    from msgate.model.he.params import HeParams
-    from msgate.model.he_keys import HeKeys
+def he_logits(model: HeModel, u: Array, z: Array, *, batch: int, t_edss: float = 1.0, t_ms: float = 1.0,
+              keys: HeKeys | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Outcomes per case id through the production key service and worker (``keys``, or a fresh key in
+    a temporary home)."""
+    if keys is None:
+        from msgate.model.he.params import HeParams
+        from msgate.model.he_keys import HeKeys
+        from msgate.storage import keyring
+
+        with tempfile.TemporaryDirectory(prefix="msgate-he-eq-") as tmp:
+            fresh = HeKeys(Path(tmp), keyring.init(Path(tmp) / "keys" / "keyring.json"))
+            fresh.generate(HeParams())
+            return he_logits(model, u, z, batch=batch, t_edss=t_edss, t_ms=t_ms, keys=fresh)
     from msgate.model.he_worker import HeWorker
-    from msgate.storage import keyring
 
     ids = [f"case-{i}" for i in range(len(u))]
     got: dict[str, dict[str, Any]] = {}
     stats = {"packs": 0, "bytes_in": 0, "bytes_out": 0}
-    with tempfile.TemporaryDirectory(prefix="msgate-he-eq-") as tmp:
-        keys = HeKeys(Path(tmp), keyring.init(Path(tmp) / "keys" / "keyring.json"))
-        keys.generate(HeParams())
-        worker = HeWorker.for_home(model, Path(tmp))
-        zs = model.member_z(z)
-        for pack in keys.encrypt(u, ids, widths=model.widths, max_batch=batch):
-            rows = [ids.index(c) for c in pack.case_ids]
-            res = worker.evaluate(pack, zs[:, rows])
-            stats["packs"] += 1
-            stats["bytes_in"] += pack.nbytes
-            stats["bytes_out"] += res.nbytes
-            for out in keys.finalize(res, t_edss=t_edss, t_ms=t_ms):
-                got[str(out["case_id"])] = out
+    worker, zs = HeWorker(model, keys.public_dir), model.member_z(z)
+    for pack in keys.encrypt(u, ids, widths=model.widths, max_batch=batch):
+        rows = [ids.index(c) for c in pack.case_ids]
+        res = worker.evaluate(pack, zs[:, rows])
+        stats["packs"] += 1
+        stats["bytes_in"] += pack.nbytes
+        stats["bytes_out"] += res.nbytes
+        for out in keys.finalize(res, t_edss=t_edss, t_ms=t_ms):
+            got[str(out["case_id"])] = out
     return got, stats
 
 
 def compare(*, checkpoint: str | Path | None = None, n: int = 200, batch: int = 16, data: Path | None = None,
-            inputs: str = "generator", seed: int = 2026, random_members: int = 3) -> dict[str, Any]:
+            inputs: str = "generator", seed: int = 2026, random_members: int = 3,
+            keys: HeKeys | None = None) -> dict[str, Any]:
     """Run the cases through the plaintext ensemble and the HE path; the equivalence numbers.
 
     ``inputs``: "cohort" (``data``, a cache file), "generator" or "random". Without a checkpoint file
@@ -165,7 +170,7 @@ def compare(*, checkpoint: str | Path | None = None, n: int = 200, batch: int = 
         u, z = synthetic_inputs(n, model, seed)
         source += f"; {n} random inputs (seed {seed})"
     t0 = time.perf_counter()
-    got, stats = he_logits(model, u, z, batch=batch, t_edss=t_edss, t_ms=t_ms)
+    got, stats = he_logits(model, u, z, batch=batch, t_edss=t_edss, t_ms=t_ms, keys=keys)
     elapsed = time.perf_counter() - t0
     ids = [f"case-{i}" for i in range(len(u))]
     plain = torch_logits(nets, u, z)

@@ -50,8 +50,7 @@ def test_leftover_segment_is_indexed_once_before_the_port_opens(store: Store, tm
 
 def test_zero_filled_segment_keeps_records_and_drops_a_torn_tail(store: Store, tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j", store.ring, rotate_bytes=1 << 20, preallocate=True)
-    journal.append([b"first" * 10, b"second" * 10])
-    path = next((tmp_path / "j").glob("*.jnl"))
+    path = tmp_path / "j" / journal.append([b"first" * 10, b"second" * 10])
     assert path.stat().st_size >= 1 << 20  # zero-filled ahead: appends do not grow the file
     size = sum(4 + 12 + len(r) + 16 for r in (b"first" * 10, b"second" * 10))
     header_end = len(path.read_bytes().rstrip(b"\0")) - size

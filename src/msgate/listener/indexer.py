@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from msgate.batching import take_batch
 from msgate.listener import dataset
 from msgate.listener.record import decode_record
 from msgate.listener.tracking import Tracker
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 64
 MAX_TRIES = 8
+LINGER = 0.02  # s: a small batch waits this long for company (per-batch costs: one sync, one transaction)
 
 
 @dataclass
@@ -112,8 +112,28 @@ class Indexer(threading.Thread):
 
     # --- the indexer thread --------------------------------------------------------------------------
 
+    def _take(self) -> list[_Item | _End] | None:
+        """The next batch: what is queued, after lingering briefly when that is little."""
+        first = self.items.get()
+        if first is None:
+            return None
+        batch: list[_Item | _End] = [first]
+        deadline = time.monotonic() + LINGER
+        while len(batch) < MAX_BATCH:
+            try:
+                entry = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if entry is None:
+                self.items.put(None)
+                break
+            batch.append(entry)
+            if isinstance(entry, _End):
+                break  # a release is waiting for what came before it
+        return batch
+
     def run(self) -> None:
-        while (batch := take_batch(self.items, MAX_BATCH)) is not None:
+        while (batch := self._take()) is not None:
             run: list[_Item] = []
             for entry in batch:
                 if isinstance(entry, _Item):

@@ -37,13 +37,14 @@ def test_packing_cuts_ciphertexts_and_rotations() -> None:
 @pytest.mark.parametrize("width", [32, 64, 96])
 def test_packing_algebra_in_plaintext(width: int) -> None:
     """Simulate the evaluator's slot arithmetic with numpy for 3 members in lane groups of ``width``:
-    the layout and the ensemble readout are exact."""
+    the layout, the completed square and the ensemble readout are exact."""
     _, model = he.random_model(seed=4, members=3)
     u, z = he.synthetic_inputs(3, model, seed=4)
     lay = he.make_layout(3, model.n_features, width, 4096)
     x = he.with_bias(u)
     ms, off = model.readouts(z)
-    outs = [np.zeros(lay.lanes) for _ in range(model.n_out)]
+    const = sum(ms[i].sum(axis=2) / (4 * model.members[i].c) for i in range(model.n_members))
+    outs = [np.asarray(o) for o in he.offset_patterns(lay, off - const)]
     for g, members in enumerate(he.lane_groups(model.widths, width)):
         w1b = np.concatenate([model.members[i].w1b for i in members])
         acc = sum(np.asarray(c) * np.asarray(w) for c, w in zip(he.pack_inputs(lay, x),
@@ -51,8 +52,9 @@ def test_packing_algebra_in_plaintext(width: int) -> None:
         y = np.asarray(acc).reshape(lay.blocks, lay.lanes).sum(0)
         m = np.concatenate([ms[i] for i in members], axis=2)
         c = np.concatenate([np.full(model.members[i].hidden, model.members[i].c) for i in members])
-        for k, (mk, cmk, ok) in enumerate(he.readout_patterns(lay, m, off if g == 0 else None, c)):
-            outs[k] += np.asarray(mk) * y + np.asarray(cmk) * y * y + (np.asarray(ok) if ok is not None else 0.0)
+        s2 = (y + np.asarray(he.shift_pattern(lay, c))) ** 2
+        for k, cmk in enumerate(he.readout_patterns(lay, m, c)):
+            outs[k] = outs[k] + np.asarray(cmk) * s2
     np.testing.assert_allclose(he.unpack_outputs(lay, outs), model.plain_logits(u, z), atol=1e-9)
 
 

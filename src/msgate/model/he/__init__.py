@@ -16,11 +16,14 @@ from msgate.model.he.packing import (
     Layout,
     choose_width,
     lane_groups,
+    lane_pattern,
     make_layout,
     max_pack,
+    offset_patterns,
     pack_cost,
     pack_inputs,
     readout_patterns,
+    shift_pattern,
     unpack_outputs,
     weight_patterns,
 )
@@ -38,7 +41,7 @@ from msgate.model.he.params import (
 __all__ = [
     "COST_MS", "DEFAULT_COEFF_BITS", "DEFAULT_N", "DEFAULT_SCALE_BITS", "MAX_COEFF_BITS", "Array", "Evaluator",
     "HeMember", "HeModel", "HeParamError", "HeParams", "Layout", "chain_primes", "choose_width", "export",
-    "export_member", "lane_groups", "make_context", "make_layout", "max_pack", "pack_cost", "pack_inputs",
-    "random_model", "readout_patterns", "synthetic_inputs", "torch_logits", "unpack_outputs", "weight_patterns",
-    "with_bias",
+    "export_member", "lane_groups", "lane_pattern", "make_context", "make_layout", "max_pack", "offset_patterns",
+    "pack_cost", "pack_inputs", "random_model", "readout_patterns", "shift_pattern", "synthetic_inputs",
+    "torch_logits", "unpack_outputs", "weight_patterns", "with_bias",
 ]

@@ -137,6 +137,8 @@ def export_member(net: PatientNet) -> HeMember:
         raise TypeError("EhrEncoder is not Linear -> PolyAct -> Linear; it cannot run under CKKS")
     if net.mode != "multimodal":
         raise ValueError(f'HE mode needs a multimodal checkpoint, not mode "{net.mode}"')
+    if float(act.c) == 0.0:
+        raise ValueError("PolyAct coefficient c = 0: the HE readout completes the square in y + c y^2")
 
     def a(t: Any) -> Array:
         return np.asarray(t.detach().cpu().double().numpy(), np.float64)

@@ -1,10 +1,11 @@
 """Encrypted evaluation of a pack (worker side: needs only the public context).
 
 For each lane group (:mod:`msgate.model.he.packing`) the worker computes the hidden layer ``y`` of its
-members from the shared input ciphertexts (level 1, then the block sum: level 2), squares it once
-(level 3) and, for each output ``k``, multiplies by the lane-wise ``c M_k`` and ``M_k`` (level 4),
-where ``M_k`` holds each member's readout divided by the ensemble size. The groups' outputs are added,
-and the ensemble offset is added in the ``j = 0`` lane of each case. The key service decrypts the
+members from the shared input ciphertexts (level 1, then the block sum: level 2). The activation and
+readout ``M_k (y + c y^2)`` are rewritten as ``c M_k (y + 1/(2c))^2 - M_k / (4c)``: a plaintext shift,
+one square (level 3) and one product per output ``k`` (level 4), where ``M_k`` holds each member's
+readout divided by the ensemble size; the constant ``- sum_j M_k[j] / (4 c_j)`` is plaintext and joins
+the offset. The groups' outputs are added, and the offset goes into the ``j = 0`` lane of each case. The key service decrypts the
 ``K`` output vectors and sums each case's lanes, which gives the ensemble's logits. No TenSEAL ``mm``
 (one rotation per input feature) is used, and every bias is folded or added after the last
 multiplication (reference/domain.md section 4).
@@ -18,7 +19,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from msgate.model.he.circuit import Array, HeModel
-from msgate.model.he.packing import Layout, lane_groups, readout_patterns, weight_patterns
+from msgate.model.he.packing import (
+    Layout,
+    lane_groups,
+    offset_patterns,
+    readout_patterns,
+    shift_pattern,
+    weight_patterns,
+)
 from msgate.model.he.params import HeParamError, HeParams, chain_primes
 
 if TYPE_CHECKING:
@@ -73,29 +81,29 @@ class Evaluator:
         return acc
 
     def logits(self, layout: Layout, cts: Sequence[ts.CKKSVector], z: Array) -> list[ts.CKKSVector]:
-        """One encrypted vector per output ``k``: lane-wise ``M_k y + c M_k y^2`` over all lane groups,
-        plus the offset (the key service sums each case's lanes). ``z``: image embeddings [K, B, Z]."""
+        """One encrypted vector per output ``k``: lane-wise ``c M_k (y + 1/(2c))^2`` over all lane groups,
+        plus the offset less ``sum_j M_k[j] / (4 c_j)`` (the key service sums each case's lanes).
+        ``z``: image embeddings [K, B, Z]."""
         if self.depth_needed(layout) > self.params.depth:
             raise HeParamError(f"this pack needs {self.depth_needed(layout)} rescales; he.coeff_mod_bit_sizes "
                                f"gives {self.params.depth}")
         zs = self.model.member_z(z)
         if zs.shape[1] != layout.batch:
             raise ValueError(f"pack of {layout.batch} cases got {zs.shape[1]} image embeddings")
-        used = 2 if layout.blocks > 1 else 1
+        fix = self._fix[2 if layout.blocks > 1 else 1] * self._fix[3 if layout.blocks > 1 else 2]
         ms, off = self.model.readouts(zs)
+        members = self.model.members
+        const = sum(ms[i].sum(axis=2) / (4.0 * members[i].c) for i in range(len(members)))
+        offsets = offset_patterns(layout, off - const)
         outs: list[ts.CKKSVector] = []
-        for g, members in enumerate(self.groups(layout)):
-            m = np.concatenate([ms[i] for i in members], axis=2) * self._fix[used]
-            c = np.concatenate([np.full(self.model.members[i].hidden, self.model.members[i].c) for i in members])
-            pats = readout_patterns(layout, m, off if g == 0 else None, c * self._fix[used + 1])
-            y = self.hidden(layout, cts, g)
-            y2 = y.square()
-            for k, (mk, cmk, ok) in enumerate(pats):
-                out = y2 * cmk
-                out += y * mk
-                if ok is not None:
-                    out += ok
+        for g, group in enumerate(self.groups(layout)):
+            c = np.concatenate([np.full(members[i].hidden, members[i].c) for i in group])
+            m = np.concatenate([ms[i] for i in group], axis=2)
+            s2 = (self.hidden(layout, cts, g) + shift_pattern(layout, c)).square()
+            for k, cmk in enumerate(readout_patterns(layout, m * fix, c)):
+                out = s2 * cmk
                 if g == 0:
+                    out += offsets[k]
                     outs.append(out)
                 else:
                     outs[k] += out

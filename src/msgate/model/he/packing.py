@@ -29,10 +29,12 @@ from numpy.typing import NDArray
 
 Array = NDArray[np.float64]
 
-COST_MS: dict[str, float] = {"input_ciphertext": 10.0, "product": 4.0, "rotation": 8.0, "group": 15.0}
-"""Relative cost of the pack's operations (ms on the 2-core EPYC of bench/he.py at N = 8192): encrypt +
-serialize + parse of one input ciphertext, one plaintext product, one rotation, and a group's square,
-readout and output. Only their ratios matter: they choose the lane-group width."""
+COST_MS: dict[str, float] = {"input_ciphertext": 30.0, "product": 8.0, "rotation": 5.0, "group": 43.0}
+"""Cost of a pack's operations in ms at N = 8192 (medians of 15 on the shared 2-core EPYC at a load
+average of 8, so about 3x the idle cost): encrypt + serialize + parse of one input ciphertext, one
+plaintext product on a full ciphertext, one rotation of the block sum, and a lane group's fixed part
+(the block sum's product, the shift, the square and the 6 readout products). Only their ratios
+matter: they choose the lane-group width, and bench/he.py --all-widths checks the choice."""
 
 
 @dataclass(frozen=True)
@@ -164,26 +166,38 @@ def weight_patterns(layout: Layout, w1b: Array) -> list[list[float]]:
     return _blocks_of(layout, np.broadcast_to(wp[None], (layout.batch, *wp.shape)))
 
 
-def readout_patterns(layout: Layout, m: Array, off: Array | None,
-                     c: Array) -> list[tuple[list[float], list[float], list[float] | None]]:
-    """Worker side, one lane group: per output ``k`` the lane-wise ``M[:, k, :]``, ``c M[:, k, :]``
-    (``c`` per lane: each member's PolyAct coefficient) and the offset in the ``j = 0`` lane of each
-    case (``off`` is given to one group only; the others get None)."""
-    b, o, h = m.shape
-    if b != layout.batch or h > layout.hidden or np.shape(c) != (h,):
-        raise ValueError(f"readout of shape {m.shape} does not fit layout {layout.to_dict()}")
+def lane_pattern(layout: Layout, values: Array) -> list[float]:
+    """Per-lane plaintext from ``values`` [B, h] (h <= the group width); zero in the padding lanes."""
+    b, h = values.shape
+    if b != layout.batch or h > layout.hidden:
+        raise ValueError(f"lane values of shape {values.shape} do not fit layout {layout.to_dict()}")
+    full = np.zeros((layout.batch_pad, layout.hidden_pad))
+    full[:b, :h] = values
+    return full.reshape(-1).tolist()  # type: ignore[no-any-return]
+
+
+def shift_pattern(layout: Layout, c: Array) -> list[float]:
+    """``1 / (2 c_j)`` in every case's lanes: ``y + c y^2 = c (y + 1/(2c))^2 - 1/(4c)``, so one square
+    and one product per output replace the two products of ``M y + c M y^2``."""
+    c = np.asarray(c, np.float64)
+    return lane_pattern(layout, np.broadcast_to(1.0 / (2.0 * c), (layout.batch, len(c))))
+
+
+def readout_patterns(layout: Layout, m: Array, c: Array) -> list[list[float]]:
+    """Worker side, one lane group: per output ``k`` the lane-wise ``c_j M[:, k, j]`` (``c`` per lane:
+    each member's PolyAct coefficient), applied to ``(y + 1/(2c))^2``."""
+    if m.ndim != 3 or m.shape[2] != np.shape(c)[0]:
+        raise ValueError(f"readout of shape {m.shape} does not match {np.shape(c)[0]} lanes")
+    return [lane_pattern(layout, m[:, k, :] * np.asarray(c)[None, :]) for k in range(m.shape[1])]
+
+
+def offset_patterns(layout: Layout, off: Array) -> list[list[float]]:
+    """Per output ``k`` the plaintext offset of each case in its ``j = 0`` lane."""
     out = []
-    for k in range(o):
-        mk = np.zeros((layout.batch_pad, layout.hidden_pad))
-        mk[:b, :h] = m[:, k, :]
-        cmk = np.zeros_like(mk)
-        cmk[:b, :h] = m[:, k, :] * np.asarray(c)[None, :]
-        ok = None
-        if off is not None:
-            okk = np.zeros((layout.batch_pad, layout.hidden_pad))
-            okk[:b, 0] = off[:, k]
-            ok = okk.reshape(-1).tolist()
-        out.append((mk.reshape(-1).tolist(), cmk.reshape(-1).tolist(), ok))
+    for k in range(off.shape[1]):
+        lanes = np.zeros((layout.batch, 1))
+        lanes[:, 0] = off[:, k]
+        out.append(lane_pattern(layout, lanes))
     return out
 
 

@@ -35,3 +35,39 @@ def test_fully_indexed_segment_is_deleted_on_close(tmp_path: Path) -> None:
     journal.indexed(name, 1)
     journal.close()
     assert list((tmp_path / "j").iterdir()) == []
+
+
+def test_segment_reader_follows_a_segment_being_appended(tmp_path: Path) -> None:
+    from msgate.hl7.segments import SegmentReader
+
+    ring = keyring.generate()
+    journal = Journal(tmp_path / "j", ring)
+    name = journal.append([b"MSH|%d\r" % i for i in range(1, 6)])
+    reader = SegmentReader(tmp_path / "j" / name, ring)
+    assert reader.read(5, limit=2) == [(1, b"MSH|1\r"), (2, b"MSH|2\r")]
+    assert [seq for seq, _ in reader.read(4)] == [3, 4]  # no further than announced durable
+    assert [seq for seq, _ in reader.read(4)] == []
+    big = b"MSH|" + bytes(3 << 20)  # larger than one read
+    journal.append([big, b"MSH|7\r"])
+    assert reader.read() == [(5, b"MSH|5\r"), (6, big), (7, b"MSH|7\r")]
+    path = tmp_path / "j" / name
+    with path.open("ab") as handle:  # a record being written: not returned until it is complete
+        handle.write(b"\x00\x00\x00\x40" + b"x" * 10)
+    assert reader.read() == []
+    journal.close()
+
+
+def test_segment_reader_without_header_or_with_forged_record(tmp_path: Path) -> None:
+    from msgate.hl7.segments import SegmentReader
+
+    ring = keyring.generate()
+    (tmp_path / "torn.jnl").write_bytes(b"MGJ1\x00")  # crash while the segment was created
+    assert SegmentReader(tmp_path / "torn.jnl", ring).read() == []
+    journal = Journal(tmp_path / "j", ring)
+    path = tmp_path / "j" / journal.append([b"MSH|one\r", b"MSH|two\r"])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+    reader = SegmentReader(path, ring)
+    with pytest.raises(TamperedData):
+        reader.read()

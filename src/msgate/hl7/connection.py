@@ -122,7 +122,7 @@ class Connection:
         prefix = "C" if msh.enhanced else "A"
         code = f"{prefix}A"
         try:
-            await self.server.committer.submit(raw, msh.header(), code, self._app_ack_callback(msh))
+            await self.server.committer.submit(raw, msh.header(), self._app_ack_callback(msh))
         except Transient as exc:
             log.warning("hl7 store failed", extra={"conn_id": self.conn_id, "reason": exc.code})
             return msh, self._ack(f"{prefix}E", msh, (AckError(207, "MSH^1"),), text="temporarily unable to store")

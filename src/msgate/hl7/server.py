@@ -1,53 +1,46 @@
 """The HL7 role: an asyncio MLLP server that acknowledges only what it has stored.
 
-Commit path (on the event loop, per frame): read MSH only (:mod:`msgate.hl7.msh`) and decide AR for what
-cannot be accepted; then the message is made durable, encrypted, in the commit journal
+Commit path (this process, on the event loop, per frame): read MSH only (:mod:`msgate.hl7.msh`) and
+decide AR for what cannot be accepted; then the message is made durable, encrypted, in the commit journal
 (:mod:`msgate.storage.journal`, one ``fdatasync`` per group of messages that arrived together) and only then
-answered: ``AA`` in original mode, ``CA`` in enhanced mode (MSH-15/16 valued, per MSH-15). The
-:class:`Indexer` thread moves journaled messages into the index through ``Ingest.store_hl7_batch``
-(deduplicated on MSH-10 + MSH-3/4, audited); a duplicate is acknowledged again and never mapped again.
+answered: ``AA`` in original mode, ``CA`` in enhanced mode (MSH-15/16 valued, per MSH-15).
 
-Mapping path: a worker thread maps indexed messages in batches (:func:`msgate.hl7.mapping.map_messages`);
-in enhanced mode it triggers the application ACK per MSH-16 on the same connection. At start, journal
-segments left by a crash are indexed and messages still ``pending`` are mapped, before the port opens.
+Index and mapping path (another process, :mod:`msgate.hl7.indexer`): it reads the journal records the
+committer announces as durable, stores them through ``Ingest.store_hl7_batch`` (deduplicated on MSH-10 +
+MSH-3/4, audited; a duplicate is acknowledged again and never mapped again), maps them, and reports the
+outcome of the messages that want an application ACK (enhanced mode, per MSH-16), which this process sends
+on their connection. At start, journal segments left by a crash are indexed before the port opens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import itertools
 import logging
-import queue
 import ssl
-import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlmodel import col, select
-
 from msgate.config import Hl7Settings
-from msgate.batching import take_batch
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
 from msgate.hl7.ack import AckError, build_ack, wrap_batch
-from msgate.storage.journal import Journal, read_segment
-from msgate.hl7.mapping import map_messages
 from msgate.hl7.msh import HeaderError, Msh, check_msh, read_msh
 from msgate.hl7.parse import is_batch, split_batch
+from msgate.hl7.supervisor import AppAck, IndexerProcess
 from msgate.storage.ingest import Hl7Header
-from msgate.storage.models import Hl7Message
+from msgate.storage.journal import Journal
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
 
 ORDER_TRIGGERS = {"ORM": {"O01"}, "OMI": {"O23"}, "OMG": {"O19"}, "ORU": {"R01", ""}}
 MAX_GROUP = 256
-AppAck = Callable[[str, str], None]
-_MapItem = tuple[int, str, AppAck | None, bytes | None]  # message id, accept ACK code, app-ACK callback, raw
+STOP_DRAIN_S = 10.0  # the indexer's time to finish at shutdown; the rest waits in the journal
 _conn_ids = itertools.count(1)
 
 
@@ -67,7 +60,6 @@ def supported(msh: Msh) -> AckError | None:
 class _Pending:
     raw: bytes
     header: Hl7Header
-    ack: str
     callback: AppAck | None
     future: asyncio.Future[None]
 
@@ -75,161 +67,68 @@ class _Pending:
 class Committer:
     """Group commit: one journal fsync in flight; everything that queued meanwhile goes in the next one.
 
-    A message's future resolves only after the fsync that holds it; the indexer then stores it through
-    ``Ingest.store_hl7_batch`` (dedup, audit) and hands it to the mapping worker.
+    A message's future resolves only after the fsync that holds it, and the indexer process hears of the
+    records only then. Record numbers are counted here (this is the journal's only writer); a failed write
+    retires the segment (``Journal.close``), so the next commit starts a fresh one and the counts stay true.
     """
 
-    def __init__(self, store: Store, journal: Journal, indexer: Indexer) -> None:
+    def __init__(self, store: Store, journal: Journal, indexer: IndexerProcess) -> None:
         self.store, self.journal, self.indexer = store, journal, indexer
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self.batches = 0
+        self.segment: str | None = None
+        self.count = 0  # records in ``segment``
 
-    async def submit(self, raw: bytes, header: Hl7Header, ack: str, callback: AppAck | None) -> None:
+    async def submit(self, raw: bytes, header: Hl7Header, callback: AppAck | None) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(raw, header, ack, callback, fut))
+        await self.queue.put(_Pending(raw, header, callback, fut))
         await fut
 
     async def run(self) -> None:
+        """Commit groups until the ``None`` sentinel (every group queued before it is committed)."""
         loop = asyncio.get_running_loop()
-        while True:
-            group = [await self.queue.get()]
+        while (first := await self.queue.get()) is not None:
+            group, stop = [first], False
             while not self.queue.empty() and len(group) < MAX_GROUP:
-                group.append(self.queue.get_nowait())
+                item = self.queue.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                group.append(item)
             try:
                 segment = await loop.run_in_executor(None, self._commit, group)
             except Exception as exc:  # resolve every waiter; the connection turns it into AE
                 for item in group:
                     if not item.future.done():
                         item.future.set_exception(exc)
-                continue
-            self.batches += 1
-            FEED.last_commit = time.monotonic()
-            self.indexer.items.put((segment, [(p.raw, p.header, p.ack, p.callback) for p in group]))
-            for item in group:
-                if not item.future.done():
-                    item.future.set_result(None)
+            else:
+                self._durable(segment, group)
+            if stop:
+                return
+
+    def _durable(self, segment: str, group: list[_Pending]) -> None:
+        if segment != self.segment:
+            self.segment, self.count = segment, 0
+        first = self.count + 1
+        self.count += len(group)
+        self.batches += 1
+        callbacks = {first + i: p.callback for i, p in enumerate(group) if p.callback is not None}
+        self.indexer.durable(segment, first, self.count, callbacks)
+        for item in group:
+            if not item.future.done():
+                item.future.set_result(None)
 
     def _commit(self, group: list[_Pending]) -> str:
         self.store.ingest.check_space()
         try:
             return self.journal.append([p.raw for p in group])
         except OSError as exc:
-            raise Transient(f"journal write failed ({type(exc).__name__})", code="journal_io") from None
-
-
-
-
-class _Feed:
-    """Background work (indexing, mapping) runs at most half the time while messages are arriving, so the
-    event loop that acknowledges them is not kept waiting for the GIL; when the feed is quiet it runs flat out.
-    The journal holds what waits, so a backlog costs nothing but mapping delay."""
-
-    ACTIVE_S = 0.05
-
-    def __init__(self) -> None:
-        self.last_commit = 0.0
-
-    def yield_after(self, busy_s: float) -> None:
-        if time.monotonic() - self.last_commit < self.ACTIVE_S:
-            time.sleep(min(busy_s, 0.05))
-
-
-FEED = _Feed()
-
-
-class Indexer(threading.Thread):
-    """Moves journaled messages into the store (``store_hl7_batch``), then queues them for mapping."""
-
-    def __init__(self, store: Store, journal: Journal, mapper: MappingWorker) -> None:
-        super().__init__(name="hl7-indexer", daemon=True)
-        self.store, self.journal, self.mapper = store, journal, mapper
-        self.items: queue.Queue[tuple[str, list[tuple[bytes, Hl7Header, str, AppAck | None]]] | None] = queue.Queue()
-
-    def recover(self) -> int:
-        """Index the segments a crash left behind (records already stored are skipped, not counted twice)."""
-        total = 0
-        for path in self.journal.leftovers():
-            raws = read_segment(path, self.store.ring)
-            items = [(raw, read_msh(raw).header()) for raw in raws]
-            keys = [self.store.ingest.dedup_key(h) for _, h in items]
-            with self.store.db.session() as session:
-                known = set(session.exec(select(Hl7Message.dedup_index).where(
-                    col(Hl7Message.dedup_index).in_(set(keys)))).all()) if keys else set()
-            fresh, seen = [], set()
-            for item, key in zip(items, keys, strict=True):
-                if key not in known and key not in seen:
-                    fresh.append(item)
-                    seen.add(key)
-            for k in range(0, len(fresh), MAX_GROUP):
-                for stored in self.store.ingest.store_hl7_batch(fresh[k:k + MAX_GROUP]):
-                    self.mapper.items.put((stored.message_id, "", None, None))
-            total += len(fresh)
-            path.unlink()
-        return total
-
-    def run(self) -> None:
-        while (batch := take_batch(self.items, 32)) is not None:
-            started = time.monotonic()
-            self._index(batch)
-            FEED.yield_after(time.monotonic() - started)
-
-    def _index(self, batch: list[tuple[str, list[tuple[bytes, Hl7Header, str, AppAck | None]]]]) -> None:
-        flat = [entry for _, entries in batch for entry in entries]
-        for attempt in range(10):
+            self.segment = None
             try:
-                results = self.store.ingest.store_hl7_batch([(raw, header) for raw, header, _, _ in flat])
-                break
-            except Exception:  # still in the journal: retried here, and on restart at the latest
-                log.exception("hl7 indexing failed; retrying", extra={"count": len(flat), "attempt": attempt})
-                time.sleep(min(5.0, 0.2 * 2 ** attempt))
-        else:
-            return
-        for (raw, _, ack, callback), stored in zip(flat, results, strict=True):
-            if not stored.duplicate:
-                self.mapper.items.put((stored.message_id, ack, callback, raw))
-        for segment, entries in batch:
-            self.journal.indexed(segment, len(entries))
-
-
-class MappingWorker(threading.Thread):
-    """Maps committed messages off the ACK path, in batches; calls back for enhanced-mode app ACKs."""
-
-    def __init__(self, store: Store) -> None:
-        super().__init__(name="hl7-mapping", daemon=True)
-        self.store = store
-        self.items: queue.Queue[_MapItem | None] = queue.Queue()
-        self.mapped = 0
-
-    def recover(self) -> int:
-        with self.store.db.session() as session:
-            ids = session.exec(select(Hl7Message.id).where(Hl7Message.mapping_state == "pending")
-                               .order_by(col(Hl7Message.id))).all()
-        for message_id in ids:
-            if message_id is not None:
-                self.items.put((message_id, "", None, None))
-        return len(ids)
-
-    def run(self) -> None:
-        while (batch := take_batch(self.items, 64)) is not None:
-            started = time.monotonic()
-            self._map(batch)
-            FEED.yield_after(time.monotonic() - started)
-
-    def _map(self, batch: list[_MapItem]) -> None:
-        acks = {mid: code for mid, code, _, _ in batch if code}
-        raws = {mid: raw for mid, _, _, raw in batch if raw is not None}
-        try:
-            outcomes = map_messages(self.store, [mid for mid, _, _, _ in batch], acks=acks, raws=raws)
-        except Exception:
-            log.exception("mapping batch failed", extra={"count": len(batch)})
-            return
-        self.mapped += len(outcomes)
-        for mid, _, callback, _ in batch:
-            outcome = outcomes.get(mid)
-            if outcome is not None and outcome.state == "error":
-                log.warning("mapping error", extra={"message_id": mid, "reason": outcome.error})
-            if callback is not None and outcome is not None:
-                callback("AE" if outcome.state == "error" else "AA", outcome.error or "")
+                self.journal.close()  # the failed group may sit in it half-written: start a fresh segment
+            except OSError:
+                pass
+            raise Transient(f"journal write failed ({type(exc).__name__})", code="journal_io") from None
 
 
 class Hl7Server:
@@ -240,8 +139,7 @@ class Hl7Server:
         self.settings = settings or store.settings.hl7
         self.networks = [ipaddress.ip_network(n, strict=False) for n in self.settings.allowed_networks]
         self.journal = Journal(store.settings.home / "hl7-journal", store.ring)
-        self.mapper = MappingWorker(store)
-        self.indexer = Indexer(store, self.journal, self.mapper)
+        self.indexer = IndexerProcess(store.settings)
         self.committer = Committer(store, self.journal, self.indexer)
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
@@ -262,11 +160,7 @@ class Hl7Server:
         return ctx
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
-        recovered = await loop.run_in_executor(None, self.indexer.recover)
-        recovered += self.mapper.recover()
-        self.mapper.start()
-        self.indexer.start()
+        recovered = await self.indexer.start()  # leftovers of a crash are indexed before the port opens
         self._tasks.append(asyncio.create_task(self.committer.run()))
         from msgate.hl7.connection import Connection
 
@@ -290,6 +184,7 @@ class Hl7Server:
         return any(address in net for net in self.networks)
 
     async def stop(self) -> None:
+        """Stop listening, close connections, commit what was queued, then let the indexer finish."""
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -298,28 +193,20 @@ class Hl7Server:
             if not self.connections:
                 break
             await asyncio.sleep(0.02)
-        while not self.committer.queue.empty():
-            await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        loop = asyncio.get_running_loop()
-        self.indexer.items.put(None)
-        await loop.run_in_executor(None, self.indexer.join, 30)
+        await self.committer.queue.put(None)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        segment = self.committer.segment
         self.journal.close()
-        self.mapper.items.put(None)
-        await loop.run_in_executor(None, self.mapper.join, 30)
+        await self.indexer.stop(closed_segment=segment, drain_s=STOP_DRAIN_S)
 
 
 def run(store: Store, stop: threading.Event) -> None:
     """Serve role ``hl7``: block until ``stop`` is set (``msgate serve --role hl7``)."""
 
-    # The indexer and mapping threads share the GIL with the event loop; a 1 ms switch interval (default
-    # 5 ms) bounds how long an arriving frame waits for it, which is what the ACK latency target needs.
-    sys.setswitchinterval(0.001)
-
     async def main() -> None:
         server = Hl7Server(store)
         await server.start()
+        gc.freeze()  # what start-up allocated is never scanned again: shorter collections on the ACK path
         while not stop.is_set():
             await asyncio.sleep(0.2)
         started = time.monotonic()

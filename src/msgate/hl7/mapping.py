@@ -9,7 +9,12 @@ mapped inside a savepoint, so one bad message ends in the operator-visible ``err
 - ORM^O01, OMI^O23, OMG^O19: orders from ORC/OBR (placer ORC-2/OBR-2, filler ORC-3/OBR-3, accession
   IPC-1 or OBR-18, linked to DICOM (0008,0050) by the same blind index as the DICOM ingest).
 - ORU^R01: one observation per OBX; the feature is found by code (``model/features.py``), the value is
-  converted to the feature's unit; OBX-11 ``C`` replaces, ``X``/``W``/``D`` withdraw.
+  converted to the feature's unit; OBX-11 ``C`` replaces, ``X``/``W``/``D`` withdraw
+  (:mod:`msgate.hl7.observations`).
+
+A batch is one transaction (:class:`Tx`): its messages' rows are read in one select, the patients their
+identifiers name are looked up together and remembered, and observations are written with a few
+``executemany`` statements at the end; the outcome is that of mapping each message in turn.
 """
 
 from __future__ import annotations
@@ -20,14 +25,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import insert
 from sqlmodel import Session, col, select
 
+from msgate.hl7.observations import ObservationWriter, feature_for, message_rows, obx_value
 from msgate.hl7.parse import Message, ParseError, Segment, parse
-from msgate.hl7.units import convert
-from msgate.model.features import FEATURES, FeatureSpec
 from msgate.storage import repo_ehr
-from msgate.storage.models import Hl7Message, Observation, Order, Patient, Study, utcnow
+from msgate.storage.models import Hl7Message, Order, Patient, Study, utcnow
 from msgate.storage.repo_ehr import Identifier
 from msgate.storage.store import Store
 
@@ -36,12 +39,7 @@ log = logging.getLogger(__name__)
 PATIENT_TRIGGERS = {"A01", "A04", "A05", "A08", "A28", "A31"}
 MERGE_TRIGGERS = {"A40", "A34", "A39"}
 ORDER_TYPES = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19")}
-WITHDRAW = {"X", "W", "D"}
-SYSTEM_ALIASES = {"LOINC": "LN", "LN": "LN", "L": "L", "99LOCAL": "L", "LOCAL": "L"}
-_BY_CODE: dict[tuple[str, str], FeatureSpec] = {}
-for _spec in FEATURES:
-    for _code, _system in _spec.codes:
-        _BY_CODE[(_code.upper(), _system.upper())] = _spec
+__all__ = ["map_messages", "map_parsed", "feature_for", "obx_value", "parse_ts", "identifiers", "Outcome", "Tx"]
 
 
 class MappingError(Exception):
@@ -54,6 +52,33 @@ class Outcome:
     error: str | None = None
     findings: list[dict[str, str]] = field(default_factory=list)
     patient_id: int | None = None
+
+
+@dataclass
+class Tx:
+    """One mapping transaction: its session, the patients it knows by identifier index, its pending writes."""
+
+    session: Session
+    store: Store
+    patients: repo_ehr.KnownPatients = field(default_factory=repo_ehr.KnownPatients)
+    observations: ObservationWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.observations = ObservationWriter(self.session)
+
+    def preload(self, messages: list[Message]) -> None:
+        """Look up the patients of every PID in the batch at once (rows stay in the session)."""
+        idents = [i for msg in messages for pid in msg.all("PID") for i in pid_identifiers(pid)]
+        self.patients = repo_ehr.patients_by_index(self.session, self.store.cipher, idents)
+
+    def merged(self) -> None:
+        """Identifiers moved between patients: forget what was known (pending writes went out first)."""
+        self.patients.clear()
+
+    def flush(self) -> None:
+        """Write what is pending: before a merge or an order reads them, and before the commit."""
+        repo_ehr.link_studies(self.session, self.patients)
+        self.observations.flush()
 
 
 def parse_ts(value: str) -> datetime | None:
@@ -90,9 +115,13 @@ def identifiers(seg: Segment, n: int = 3) -> list[Identifier]:
     return out
 
 
-def _patient_from_pid(session: Session, store: Store, pid: Segment, outcome: Outcome, *,
-                      demographics: bool = True) -> Patient:
-    idents = identifiers(pid, 3) or identifiers(pid, 2) or identifiers(pid, 4)
+def pid_identifiers(pid: Segment) -> list[Identifier]:
+    """PID-3 (patient identifier list), else the older PID-2 / PID-4."""
+    return identifiers(pid, 3) or identifiers(pid, 2) or identifiers(pid, 4)
+
+
+def _patient_from_pid(tx: Tx, pid: Segment, outcome: Outcome, *, demographics: bool = True) -> Patient:
+    idents = pid_identifiers(pid)
     if not idents:
         raise MappingError("no_patient_identifier")
     family, given, middle = pid.get(5, 1, 1), pid.get(5, 2), pid.get(5, 3)
@@ -102,13 +131,14 @@ def _patient_from_pid(session: Session, store: Store, pid: Segment, outcome: Out
         outcome.findings.append({"code": "invalid_birth_date", "location": "PID^1^7", "severity": "W"})
         birth = None
     sex = pid.get(8).strip().upper()[:1] or None
-    patient = repo_ehr.upsert_patient(session, store.cipher, idents, name=name, birth_date=birth, sex=sex,
-                                      update_demographics=demographics)
+    patient = repo_ehr.upsert_patient(tx.session, tx.store.cipher, idents, name=name, birth_date=birth, sex=sex,
+                                      update_demographics=demographics, known=tx.patients)
     outcome.patient_id = patient.id
     return patient
 
 
-def _map_adt(session: Session, store: Store, msg: Message, trigger: str, outcome: Outcome) -> None:
+def _map_adt(tx: Tx, msg: Message, trigger: str, outcome: Outcome) -> None:
+    session, store = tx.session, tx.store
     if trigger in MERGE_TRIGGERS:
         pairs = 0
         segs = msg.segments
@@ -116,14 +146,16 @@ def _map_adt(session: Session, store: Store, msg: Message, trigger: str, outcome
             if seg.name != "PID":
                 continue
             mrg = next((s for s in segs[i + 1:] if s.name in ("MRG", "PID")), None)
-            surviving = _patient_from_pid(session, store, seg, outcome)
+            surviving = _patient_from_pid(tx, seg, outcome)
             if mrg is None or mrg.name != "MRG":
                 raise MappingError("merge_without_mrg")
             retired_ids = identifiers(mrg, 1)
             retired = repo_ehr.find_patient(session, store.cipher, retired_ids)
+            tx.flush()  # a merge moves stored observations and studies: write the pending ones first
             if retired is not None:
                 repo_ehr.merge(session, survivor_patient=surviving, retired=retired)
             repo_ehr.add_identifiers(session, store.cipher, surviving, retired_ids)
+            tx.merged()
             pairs += 1
         if not pairs:
             raise MappingError("no_patient_segment")
@@ -134,7 +166,7 @@ def _map_adt(session: Session, store: Store, msg: Message, trigger: str, outcome
     pid = msg.first("PID")
     if pid is None:
         raise MappingError("no_patient_segment")
-    _patient_from_pid(session, store, pid, outcome)
+    _patient_from_pid(tx, pid, outcome)
 
 
 def _index(store: Store, value: str, scope: str) -> tuple[str | None, bytes | None]:
@@ -143,9 +175,11 @@ def _index(store: Store, value: str, scope: str) -> tuple[str | None, bytes | No
     return store.cipher.blind_index(value, scope=scope), store.cipher.encrypt(value, column=f"order.{scope}")
 
 
-def _map_order(session: Session, store: Store, msg: Message, message_id: int, outcome: Outcome) -> None:
+def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
+    session, store = tx.session, tx.store
     pid = msg.first("PID")
-    patient = _patient_from_pid(session, store, pid, outcome, demographics=False) if pid is not None else None
+    patient = _patient_from_pid(tx, pid, outcome, demographics=False) if pid is not None else None
+    repo_ehr.link_studies(session, tx.patients)  # the order's studies are read below
     orcs = msg.all("ORC")
     if not orcs:
         raise MappingError("no_order_segment")
@@ -194,122 +228,31 @@ def _upsert_order(session: Session, store: Store, patient: Patient | None, place
                 session.add(study)
 
 
-def feature_for(code: str, system: str, alt_code: str = "", alt_system: str = "") -> tuple[FeatureSpec | None, str,
-                                                                                             str]:
-    for c, s in ((code, system), (alt_code, alt_system)):
-        if not c:
-            continue
-        norm = SYSTEM_ALIASES.get(s.upper(), s.upper())
-        spec = _BY_CODE.get((c.upper(), norm)) or (_BY_CODE.get((c.upper(), "L")) if norm in ("", "L") else None)
-        if spec is not None:
-            return spec, c, norm
-    return None, code, SYSTEM_ALIASES.get(system.upper(), system.upper())
-
-
-def obx_value(obx: Segment, vtype: str) -> str:
-    """OBX-5 as text: NM/SN numeric text, CE/CWE code (or text), text types unescaped and joined."""
-    if vtype in ("CE", "CWE", "CNE", "CF"):
-        return obx.get(5, 1) or obx.get(5, 2)
-    if vtype == "SN":
-        comparator, number = obx.get(5, 1), obx.get(5, 2)
-        return number if comparator in ("", "=") else f"{comparator}{number}"
-    if vtype == "ED":
-        return ""
-    reps = obx.reps(5)
-    texts = [obx.get(5, 1, rep=i) if vtype in ("NM", "TM", "DT", "DTM", "TS", "ID", "IS")
-             else "^".join(filter(None, (obx.get(5, c, rep=i) for c in range(1, 8)))) for i in range(len(reps))]
-    return "\n".join(texts)
-
-
-def _observation(store: Store, obx: Segment, obr: Segment | None, msg: Message, patient_id: int, message_id: int,
-                 outcome: Outcome, n: int) -> dict[str, Any] | None:
-    vtype = obx.get(2).strip().upper()
-    code, system = obx.get(3, 1).strip(), obx.get(3, 3).strip()
-    if not code:
-        outcome.findings.append({"code": "obx_without_code", "location": f"OBX^{n}^3", "severity": "W"})
-        return None
-    spec, code, system = feature_for(code, system, obx.get(3, 4).strip(), obx.get(3, 6).strip())
-    value = obx_value(obx, vtype)
-    unit = obx.get(6, 1).strip()
-    feature = spec.name if spec is not None else None
-    if spec is not None and spec.kind == "numeric" and value:
-        try:
-            converted = convert(float(value), unit, spec.unit)
-        except ValueError:
-            converted = None
-            outcome.findings.append({"code": "value_not_numeric", "location": f"OBX^{n}^5", "severity": "W"})
-        if converted is None:
-            outcome.findings.append({"code": "unit_not_convertible", "location": f"OBX^{n}^6", "severity": "W"})
-            feature = None
-        else:
-            value, unit = repr(round(converted, 6)), spec.unit
-    observed = (parse_ts(obx.get(14)) or (parse_ts(obr.get(7)) if obr else None) or parse_ts(msg.msh.get(7)))
-    return {"patient_id": patient_id, "feature": feature, "code": code[:64], "code_system": system[:16],
-            "value_enc": store.cipher.encrypt(value[:65536], column="observation.value"), "value_type": vtype[:4],
-            "unit": unit[:32], "status": (obx.get(11).strip().upper() or "F")[:2], "observed_at": observed,
-            "withdrawn": False, "message_id": message_id, "updated_at": utcnow()}
-
-
-def _map_oru(session: Session, store: Store, msg: Message, message_id: int, outcome: Outcome) -> None:
+def _map_oru(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
     pid = msg.first("PID")
     if pid is None:
         raise MappingError("no_patient_segment")
-    patient = _patient_from_pid(session, store, pid, outcome, demographics=False)
+    patient = _patient_from_pid(tx, pid, outcome, demographics=False)
     assert patient.id is not None
-    rows: list[dict[str, Any]] = []
-    obr: Segment | None = None
-    n = 0
-    for seg in msg.segments:
-        if seg.name == "OBR":
-            obr = seg
-        elif seg.name == "OBX":
-            n += 1
-            row = _observation(store, seg, obr, msg, patient.id, message_id, outcome, n)
-            if row is not None:
-                rows.append(row)
+    rows = message_rows(tx.store.cipher, msg, patient_id=patient.id, message_id=message_id, outcome=outcome,
+                        parse_ts=parse_ts)
     if not rows:
         outcome.findings.append({"code": "no_observations", "location": "OBX", "severity": "W"})
         return
-    _apply_observations(session, patient.id, rows)
+    tx.observations.add(rows)
 
 
-def _apply_observations(session: Session, patient_id: int, rows: list[dict[str, Any]]) -> None:
-    """Insert new values; a result for the same code and time replaces (C) or withdraws (X/W/D) the old one."""
-    codes = {r["code"] for r in rows}
-    existing: dict[tuple[str, str, Any], Observation] = {}
-    for obs in session.exec(select(Observation).where(Observation.patient_id == patient_id,
-                                                      col(Observation.code).in_(codes))).all():
-        existing[(obs.code, obs.code_system, obs.observed_at)] = obs
-    fresh = []
-    for row in rows:
-        old = existing.get((row["code"], row["code_system"], row["observed_at"]))
-        if old is None:
-            row["withdrawn"] = row["status"] in WITHDRAW
-            fresh.append(row)
-            continue
-        if row["status"] in WITHDRAW:
-            old.withdrawn, old.status = True, row["status"]
-        else:
-            for key in ("value_enc", "value_type", "unit", "status", "feature", "message_id"):
-                setattr(old, key, row[key])
-            old.withdrawn = False
-        old.updated_at = utcnow()
-        session.add(old)
-    if fresh:
-        session.execute(insert(Observation.__table__), fresh)  # type: ignore[attr-defined]  # Core executemany
-
-
-def map_parsed(session: Session, store: Store, msg: Message, message_id: int) -> Outcome:
+def map_parsed(tx: Tx, msg: Message, message_id: int) -> Outcome:
     outcome = Outcome(state="mapped", findings=list(msg.findings))
     mtype, trigger = msg.msh.get(9, 1).strip().upper(), msg.msh.get(9, 2).strip().upper()
     if mtype == "ADT":
-        _map_adt(session, store, msg, trigger, outcome)
+        _map_adt(tx, msg, trigger, outcome)
     elif (mtype, trigger) in ORDER_TYPES:
-        _map_order(session, store, msg, message_id, outcome)
+        _map_order(tx, msg, message_id, outcome)
     elif mtype == "ORU" and trigger in ("R01", ""):
         if not trigger:
             outcome.findings.append({"code": "missing_trigger_event", "location": "MSH^1^9^2", "severity": "W"})
-        _map_oru(session, store, msg, message_id, outcome)
+        _map_oru(tx, msg, message_id, outcome)
     else:
         outcome.state = "skipped"
     return outcome
@@ -319,24 +262,27 @@ def map_messages(store: Store, message_ids: Sequence[int], *, acks: dict[int, st
                  raws: dict[int, bytes] | None = None) -> dict[int, Outcome]:
     """Map stored messages; record state, findings and ACK code on each row.
 
-    Fast path: the whole batch in one transaction. If any message fails, that transaction is rolled
-    back and each message is mapped in its own transaction, so one bad message ends in the ``error``
-    state without taking the others with it. ``raws`` (message id -> bytes) saves re-reading blobs.
+    Fast path: the whole batch in one transaction. If any message fails (or the batch's writes do), that
+    transaction is rolled back and each message is mapped in its own transaction, so one bad message ends
+    in the ``error`` state without taking the others with it. ``raws`` (message id -> bytes) saves
+    re-reading blobs.
     """
     try:
-        with store.db.session() as session:
-            return {mid: outcome for mid in message_ids
-                    if (outcome := _map_row(session, store, mid, acks, raws, strict=True)) is not None}
+        return _map_batch(store, message_ids, acks, raws)
     except _BatchFailed:
         pass
+    except Exception:  # a write of the batch failed: find out which message it was, one at a time
+        log.warning("mapping batch failed; mapping one at a time", extra={"count": len(message_ids)})
     results: dict[int, Outcome] = {}
     for mid in message_ids:
         try:
-            with store.db.session() as session:
-                outcome = _map_row(session, store, mid, acks, raws, strict=True)
+            outcome = _map_batch(store, [mid], acks, raws).get(mid)
         except _BatchFailed as failed:
-            with store.db.session() as session:
-                outcome = _map_row(session, store, mid, acks, raws, strict=False, failed=failed.outcome)
+            outcome = _map_batch(store, [mid], acks, raws, failed=failed.outcome).get(mid)
+        except Exception as exc:
+            log.exception("mapping failed", extra={"message_id": mid})
+            failure = Outcome(state="error", error=f"internal:{type(exc).__name__}")
+            outcome = _map_batch(store, [mid], acks, raws, failed=failure).get(mid)
         if outcome is not None:
             results[mid] = outcome
     return results
@@ -348,33 +294,55 @@ class _BatchFailed(Exception):
         self.outcome = outcome
 
 
-def _map_row(session: Session, store: Store, message_id: int, acks: dict[int, str] | None,
-             raws: dict[int, bytes] | None, *, strict: bool, failed: Outcome | None = None) -> Outcome | None:
-    row = session.get(Hl7Message, message_id)
-    if row is None:
-        return None
-    outcome = failed or _map_one(session, store, row, (raws or {}).get(message_id))
-    if outcome.state == "error" and strict:
-        raise _BatchFailed(outcome)
+def _map_batch(store: Store, message_ids: Sequence[int], acks: dict[int, str] | None,
+               raws: dict[int, bytes] | None, *, failed: Outcome | None = None) -> dict[int, Outcome]:
+    """Map ``message_ids`` in one transaction; raise :class:`_BatchFailed` on the first error, unless
+    ``failed`` is given: then that outcome is recorded (for a single message) and nothing is mapped."""
+    with store.db.session() as session:
+        tx = Tx(session, store)
+        rows = {row.id: row for row in session.exec(
+            select(Hl7Message).where(col(Hl7Message.id).in_(list(message_ids)))).all()}
+        parsed: dict[int, Message | Outcome] = {}
+        if failed is None:
+            parsed = {mid: _parse(session, store, rows[mid], (raws or {}).get(mid)) for mid in message_ids if mid in rows}
+            tx.preload([m for m in parsed.values() if isinstance(m, Message)])
+        results: dict[int, Outcome] = {}
+        for mid in message_ids:
+            row = rows.get(mid)
+            if row is None:
+                continue
+            outcome = failed or _map_one(tx, parsed[mid], mid)
+            if outcome.state == "error" and failed is None:
+                raise _BatchFailed(outcome)
+            _record(row, outcome, (acks or {}).get(mid))
+            session.add(row)
+            results[mid] = outcome
+        tx.flush()
+        return results
+
+
+def _record(row: Hl7Message, outcome: Outcome, ack: str | None) -> None:
     row.mapping_state, row.mapping_error = outcome.state, outcome.error
     row.patient_id = outcome.patient_id or row.patient_id
     row.validation = {**(row.validation or {}), "findings": outcome.findings}
-    if acks and message_id in acks and row.ack_code is None:
-        row.ack_code, row.ack_at = acks[message_id], utcnow()
-    session.add(row)
-    return outcome
+    if ack and row.ack_code is None:
+        row.ack_code, row.ack_at = ack, utcnow()
 
 
-def _map_one(session: Session, store: Store, row: Hl7Message, raw: bytes | None = None) -> Outcome:
-    assert row.id is not None
+def _parse(session: Session, store: Store, row: Hl7Message, raw: bytes | None) -> Message | Outcome:
     try:
-        msg = parse(raw if raw is not None else store.blobs.read(session, row.blob_id))
+        return parse(raw if raw is not None else store.blobs.read(session, row.blob_id))
     except ParseError as exc:
         return Outcome(state="error", error=f"unparseable:{exc.code}"[:256])
+
+
+def _map_one(tx: Tx, parsed: Message | Outcome, message_id: int) -> Outcome:
+    if isinstance(parsed, Outcome):
+        return parsed
     try:
-        return map_parsed(session, store, msg, row.id)
+        return map_parsed(tx, parsed, message_id)
     except MappingError as exc:
         return Outcome(state="error", error=str(exc))
     except Exception as exc:  # the mapping edge: keep the row in an operator-visible error state
-        log.exception("mapping failed", extra={"message_id": row.id})
+        log.exception("mapping failed", extra={"message_id": message_id})
         return Outcome(state="error", error=f"internal:{type(exc).__name__}")

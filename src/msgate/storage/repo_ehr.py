@@ -7,16 +7,32 @@ decrypting anything. A merged patient points at its survivor (``merged_into_id``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlmodel import Session, col, select
 
 from msgate.model.features import FEATURES
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Observation, Order, Patient, PatientIdentifier, Study, utcnow
+
+
+@dataclass
+class KnownPatients:
+    """What one transaction learnt about identifier indexes: the patient of each, or that none is stored.
+
+    Filled by :func:`patients_by_index` and kept up to date by :func:`upsert_patient`; clear it after
+    anything that moves identifiers between patients (a merge)."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)
+    links: list[tuple[str, int]] = field(default_factory=list)  # new identifiers whose studies wait for a patient
+
+    def clear(self) -> None:
+        self.ids.clear()
+        self.absent.clear()
 
 
 @dataclass(frozen=True)
@@ -53,16 +69,16 @@ def find_patient(session: Session, cipher: FieldCipher, idents: list[Identifier]
 
 
 def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifier], *, name: str | None = None,
-                   birth_date: str | None = None, sex: str | None = None, update_demographics: bool = True) -> Patient:
+                   birth_date: str | None = None, sex: str | None = None, update_demographics: bool = True,
+                   known: KnownPatients | None = None) -> Patient:
     """Find the patient by any identifier or create one; set the demographics given; add new identifiers.
 
     With ``update_demographics=False`` (orders and results) an existing patient's demographics are left to
-    ADT, which owns them; a new patient still gets them.
+    ADT, which owns them; a new patient still gets them. ``known`` saves the lookup when it knows every
+    identifier and they name at most one patient, not merged; it is kept up to date here.
     """
     by_index = {id_index(cipher, i): i for i in idents}
-    rows = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(list(by_index)))).all()
-    found = session.get(Patient, rows[0].patient_id) if rows else None
-    patient = survivor(session, found) if found is not None else None
+    patient, stored = _find_by_index(session, list(by_index), known)
     created = patient is None
     if patient is None:
         patient = Patient()
@@ -77,14 +93,46 @@ def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifie
         patient.updated_at = utcnow()
         session.add(patient)
         session.flush()
-    known = {r.id_index for r in rows}
-    missing = [i for index, i in by_index.items() if index not in known]
+    missing = [i for index, i in by_index.items() if index not in stored]
     if missing:
-        _insert_identifiers(session, cipher, patient, missing)
+        _insert_identifiers(session, cipher, patient, missing, known=known)
+    if known is not None and patient.id is not None:  # only what the rows say (a conflict is looked up again)
+        known.ids.update({index: patient.id for index in by_index if stored.get(index, patient.id) == patient.id})
+        known.absent.difference_update(by_index)
     return patient
 
 
-def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:
+def _find_by_index(session: Session, indexes: list[str],
+                   known: KnownPatients | None) -> tuple[Patient | None, dict[str, int]]:
+    """The (surviving) patient of these identifier indexes, and the stored ones with their rows' patient."""
+    if known is not None and all(i in known.ids or i in known.absent for i in indexes):
+        stored = {i: known.ids[i] for i in indexes if i in known.ids}
+        if not stored:
+            return None, {}
+        if len(set(stored.values())) == 1:
+            patient = session.get(Patient, next(iter(stored.values())))
+            if patient is not None and patient.merged_into_id is None:
+                return patient, stored
+    rows = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes))).all()
+    found = session.get(Patient, rows[0].patient_id) if rows else None
+    return (survivor(session, found) if found is not None else None), {r.id_index: r.patient_id for r in rows}
+
+
+def patients_by_index(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> KnownPatients:
+    """What is stored for ``idents``, in one query (the patients are loaded into the session too)."""
+    indexes = list({id_index(cipher, i) for i in idents})
+    if not indexes:
+        return KnownPatients()
+    pairs = dict(session.execute(select(PatientIdentifier.id_index, PatientIdentifier.patient_id)
+                                 .where(col(PatientIdentifier.id_index).in_(indexes))).all())
+    if pairs:
+        session.exec(select(Patient).where(col(Patient.id).in_(set(pairs.values())))).all()
+    return KnownPatients(ids=pairs, absent=set(indexes) - set(pairs))
+
+
+def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier], *,
+                        known: KnownPatients | None = None) -> None:
+    """Add identifiers; DICOM studies filed under them get the patient now, or at :func:`link_studies`."""
     assert patient.id is not None
     indexes = []
     for ident in idents:
@@ -94,8 +142,28 @@ def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient,
                                       id_type=ident.id_type[:16] or "MR",
                                       value_enc=cipher.encrypt(ident.value, column="patient_identifier.value")))
     session.flush()
-    session.execute(update(Study).where(col(Study.dicom_patient_index).in_(indexes), col(Study.patient_id).is_(None))
-                    .values(patient_id=patient.id))
+    if known is not None:
+        known.links.extend((index, patient.id) for index in indexes)
+    else:
+        _link(session, [(index, patient.id) for index in indexes])
+
+
+def link_studies(session: Session, known: KnownPatients) -> None:
+    """Studies filed under identifiers added with ``known``: give them their patient (one statement)."""
+    if known.links:
+        links, known.links = known.links, []
+        _link(session, links)
+
+
+def _link(session: Session, links: list[tuple[str, int]]) -> None:
+    table = Study.__table__  # type: ignore[attr-defined]
+    result = session.execute(update(table).where(table.c.dicom_patient_index == bindparam("ix"),
+                                                 table.c.patient_id.is_(None)).values(patient_id=bindparam("pid")),
+                             [{"ix": index, "pid": pid} for index, pid in links])
+    if result.rowcount:  # Core bypasses the session: let loaded studies read their new patient
+        for obj in list(session.identity_map.values()):
+            if isinstance(obj, Study):
+                session.expire(obj, ["patient_id"])
 
 
 def add_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:

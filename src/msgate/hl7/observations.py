@@ -1,0 +1,192 @@
+"""ORU^R01 observations: one row per OBX (feature by code, value converted to the feature's unit), and the
+writes of a mapping transaction, applied in message order with a few statements per batch.
+
+A result for the same patient, code, code system and observation time as an earlier one replaces it
+(OBX-11 ``C`` or a resend), or withdraws it (``X``/``W``/``D``). :class:`ObservationWriter` keeps the
+transaction's writes in memory and applies them at :meth:`~ObservationWriter.flush`: one select of the
+values already stored for the batch's patients and codes, then one ``executemany`` per kind of write, with
+exactly the outcome of applying each message in turn (a message's rows do not see each other, as before).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlmodel import Session
+
+from msgate.hl7.parse import Message, Segment
+from msgate.hl7.units import convert
+from msgate.model.features import FEATURES, FeatureSpec
+from msgate.storage.crypto import FieldCipher
+from msgate.storage.models import Observation, utcnow
+
+WITHDRAW = {"X", "W", "D"}
+SYSTEM_ALIASES = {"LOINC": "LN", "LN": "LN", "L": "L", "99LOCAL": "L", "LOCAL": "L"}
+REPLACED = ("value_enc", "value_type", "unit", "status", "feature", "message_id")
+_BY_CODE: dict[tuple[str, str], FeatureSpec] = {}
+for _spec in FEATURES:
+    for _code, _system in _spec.codes:
+        _BY_CODE[(_code.upper(), _system.upper())] = _spec
+
+Key = tuple[int, str, str, Any]  # patient id, code, code system, observed at
+
+
+class Findings(Protocol):
+    findings: list[dict[str, str]]
+
+
+def feature_for(code: str, system: str, alt_code: str = "", alt_system: str = "") -> tuple[FeatureSpec | None, str,
+                                                                                             str]:
+    for c, s in ((code, system), (alt_code, alt_system)):
+        if not c:
+            continue
+        norm = SYSTEM_ALIASES.get(s.upper(), s.upper())
+        spec = _BY_CODE.get((c.upper(), norm)) or (_BY_CODE.get((c.upper(), "L")) if norm in ("", "L") else None)
+        if spec is not None:
+            return spec, c, norm
+    return None, code, SYSTEM_ALIASES.get(system.upper(), system.upper())
+
+
+def obx_value(obx: Segment, vtype: str) -> str:
+    """OBX-5 as text: NM/SN numeric text, CE/CWE code (or text), text types unescaped and joined."""
+    if vtype in ("CE", "CWE", "CNE", "CF"):
+        return obx.get(5, 1) or obx.get(5, 2)
+    if vtype == "SN":
+        comparator, number = obx.get(5, 1), obx.get(5, 2)
+        return number if comparator in ("", "=") else f"{comparator}{number}"
+    if vtype == "ED":
+        return ""
+    reps = obx.reps(5)
+    texts = [obx.get(5, 1, rep=i) if vtype in ("NM", "TM", "DT", "DTM", "TS", "ID", "IS")
+             else "^".join(filter(None, (obx.get(5, c, rep=i) for c in range(1, 8)))) for i in range(len(reps))]
+    return "\n".join(texts)
+
+
+def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient_id: int, message_id: int,
+                    outcome: Findings, n: int) -> dict[str, Any] | None:
+    """The row for one OBX (None without a code); findings for values that cannot feed the model."""
+    vtype = obx.get(2).strip().upper()
+    code, system = obx.get(3, 1).strip(), obx.get(3, 3).strip()
+    if not code:
+        outcome.findings.append({"code": "obx_without_code", "location": f"OBX^{n}^3", "severity": "W"})
+        return None
+    spec, code, system = feature_for(code, system, obx.get(3, 4).strip(), obx.get(3, 6).strip())
+    value = obx_value(obx, vtype)
+    unit = obx.get(6, 1).strip()
+    feature = spec.name if spec is not None else None
+    if spec is not None and spec.kind == "numeric" and value:
+        try:
+            converted = convert(float(value), unit, spec.unit)
+        except ValueError:
+            converted = None
+            outcome.findings.append({"code": "value_not_numeric", "location": f"OBX^{n}^5", "severity": "W"})
+        if converted is None:
+            outcome.findings.append({"code": "unit_not_convertible", "location": f"OBX^{n}^6", "severity": "W"})
+            feature = None
+        else:
+            value, unit = repr(round(converted, 6)), spec.unit
+    return {"patient_id": patient_id, "feature": feature, "code": code[:64], "code_system": system[:16],
+            "value_enc": cipher.encrypt(value[:65536], column="observation.value"), "value_type": vtype[:4],
+            "unit": unit[:32], "status": (obx.get(11).strip().upper() or "F")[:2], "observed_at": observed,
+            "withdrawn": False, "message_id": message_id, "updated_at": utcnow()}
+
+
+def message_rows(cipher: FieldCipher, msg: Message, *, patient_id: int, message_id: int, outcome: Findings,
+                 parse_ts: Any) -> list[dict[str, Any]]:
+    """Rows for every OBX of an ORU, each timed by OBX-14, else its OBR-7, else MSH-7."""
+    rows: list[dict[str, Any]] = []
+    obr: Segment | None = None
+    sent = None
+    n = 0
+    for seg in msg.segments:
+        if seg.name == "OBR":
+            obr = seg
+        elif seg.name == "OBX":
+            n += 1
+            observed = parse_ts(seg.get(14)) or (parse_ts(obr.get(7)) if obr else None)
+            if observed is None:
+                sent = sent or parse_ts(msg.msh.get(7))
+                observed = sent
+            row = observation_row(cipher, seg, observed=observed, patient_id=patient_id, message_id=message_id,
+                                  outcome=outcome, n=n)
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+class ObservationWriter:
+    """The observation writes of one transaction, kept until :meth:`flush` (call it before a merge moves
+    observations between patients, and before the commit)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.messages: list[list[dict[str, Any]]] = []
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """One message's rows, applied after everything added before them."""
+        if rows:
+            self.messages.append(rows)
+
+    def flush(self) -> None:
+        if not self.messages:
+            return
+        messages, self.messages = self.messages, []
+        existing = self._existing(messages)
+        fresh: dict[Key, dict[str, Any]] = {}  # inserted by this flush (not in the database yet)
+        inserts: list[dict[str, Any]] = []
+        changes: dict[int, dict[str, Any]] = {}  # stored row id -> columns to set
+        now = utcnow()
+        for rows in messages:
+            added: list[tuple[Key, dict[str, Any]]] = []
+            for row in rows:
+                key = (row["patient_id"], row["code"], row["code_system"], row["observed_at"])
+                _apply(row, key, fresh, existing, changes, added, now)
+            for key, row in added:
+                fresh[key] = row
+                inserts.append(row)
+        self._write(inserts, changes)
+
+    def _existing(self, messages: list[list[dict[str, Any]]]) -> dict[Key, int]:
+        table = Observation.__table__  # type: ignore[attr-defined]
+        patients = {r["patient_id"] for rows in messages for r in rows}
+        codes = {r["code"] for rows in messages for r in rows}
+        found: dict[Key, int] = {}
+        for oid, pid, code, system, observed in self.session.execute(
+                select(table.c.id, table.c.patient_id, table.c.code, table.c.code_system, table.c.observed_at)
+                .where(table.c.patient_id.in_(patients), table.c.code.in_(codes))
+                .order_by(table.c.id)).all():
+            found[(pid, code, system, observed)] = oid  # the latest stored row of a key is the one replaced
+        return found
+
+    def _write(self, inserts: list[dict[str, Any]], changes: dict[int, dict[str, Any]]) -> None:
+        table = Observation.__table__  # type: ignore[attr-defined]
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for oid, values in changes.items():
+            groups.setdefault(tuple(sorted(values)), []).append({"oid": oid, **values})
+        for columns, params in groups.items():
+            self.session.execute(update(table).where(table.c.id == bindparam("oid"))
+                                 .values({c: bindparam(c) for c in columns}), params)
+        if inserts:
+            self.session.execute(insert(table), inserts)  # Core executemany
+
+
+def _apply(row: dict[str, Any], key: Key, fresh: dict[Key, dict[str, Any]], existing: dict[Key, int],
+           changes: dict[int, dict[str, Any]], added: list[tuple[Key, dict[str, Any]]], now: Any) -> None:
+    """One row against what earlier messages left: replace or withdraw it, else a new row."""
+    withdraw = row["status"] in WITHDRAW
+    target = fresh.get(key)
+    if target is not None:  # a row an earlier message of this batch added
+        if withdraw:
+            target.update(withdrawn=True, status=row["status"], updated_at=now)
+        else:
+            target.update({k: row[k] for k in REPLACED}, withdrawn=False, updated_at=now)
+        return
+    oid = existing.get(key)
+    if oid is None:
+        row["withdrawn"] = withdraw
+        added.append((key, row))
+    elif withdraw:
+        changes.setdefault(oid, {}).update(withdrawn=True, status=row["status"], updated_at=now)
+    else:
+        changes.setdefault(oid, {}).update({k: row[k] for k in REPLACED}, withdrawn=False, updated_at=now)

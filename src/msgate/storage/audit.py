@@ -58,6 +58,11 @@ def append(session: Session, *, kind: str, actor: str, subject: str = "",
     return event
 
 
+def _plain(detail: dict[str, Any]) -> bool:
+    """True when the detail is already what JSON gives back (flat str/int/bool/None values)."""
+    return all(isinstance(k, str) and (v is None or type(v) in (str, int, bool)) for k, v in detail.items())
+
+
 def append_many(session: Session, events: Sequence[tuple[str, str, str, dict[str, Any]]]) -> None:
     """Add several events (kind, actor, subject, detail) to the chain with one head update, in order."""
     if not events:
@@ -66,7 +71,7 @@ def append_many(session: Session, events: Sequence[tuple[str, str, str, dict[str
     seq, prev, rows = head.seq, head.hash, []
     for kind, actor, subject, detail in events:
         seq, ts = seq + 1, utcnow()
-        payload = json.loads(json.dumps(detail, default=str))
+        payload = detail if _plain(detail) else json.loads(json.dumps(detail, default=str))
         digest = chain_hash(prev, canonical(seq=seq, ts=ts, kind=kind, actor=actor, subject=subject, detail=payload))
         rows.append({"seq": seq, "ts": ts, "kind": kind, "actor": actor, "subject": subject, "detail": payload,
                      "prev_hash": prev, "hash": digest})

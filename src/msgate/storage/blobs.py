@@ -11,6 +11,7 @@ Memory stays bounded by the chunk size in both directions.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import io
@@ -59,7 +60,8 @@ class LocalBodies:
 
     def __init__(self, root: Path) -> None:
         """256 bucket folders are made (and made durable) once, so a write never creates a folder."""
-        self.root = root
+        self.root, self._root = root, str(root)
+        self._known: set[str] = set()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (root / "ff").is_dir():
             for bucket in range(256):
@@ -69,17 +71,20 @@ class LocalBodies:
     def path(self, blob_id: str) -> Path:
         return self.root / blob_id[:2] / blob_id
 
-    def _ensure_dir(self, folder: Path) -> None:
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _fsync_dir(folder.parent)
+    def _ensure_dir(self, folder: str) -> None:
+        if folder in self._known:
+            return
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            _fsync_dir(Path(folder).parent)
+        self._known.add(folder)
 
     def write(self, session: Session, blob_id: str, pieces: Iterable[bytes], *, durable: bool = True) -> int:
         """Write atomically (temp file, rename); durable on return unless ``durable`` is False, in which
         case :meth:`sync` makes it (and every other such write) durable later, in one call."""
-        target = self.path(blob_id)
-        self._ensure_dir(target.parent)
-        tmp = target.with_name(f".{blob_id}.tmp")
+        folder = os.path.join(self._root, blob_id[:2])
+        self._ensure_dir(folder)
+        target, tmp = os.path.join(folder, blob_id), os.path.join(folder, f".{blob_id}.tmp")
         size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -95,12 +100,13 @@ class LocalBodies:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         os.close(fd)
         os.replace(tmp, target)
         if durable:
-            _fsync_dir(target.parent)
+            _fsync_dir(Path(folder))
         return size
 
     def sync(self) -> None:

@@ -71,3 +71,19 @@ def test_segment_reader_without_header_or_with_forged_record(tmp_path: Path) -> 
     reader = SegmentReader(path, ring)
     with pytest.raises(TamperedData):
         reader.read()
+
+
+def test_segment_reader_zero_filled_segment_and_its_torn_last_record(tmp_path: Path) -> None:
+    from msgate.hl7.segments import SegmentReader
+
+    ring = keyring.generate()
+    journal = Journal(tmp_path / "j", ring, rotate_bytes=1 << 16, preallocate=True)
+    name = journal.append([b"MSH|one\r", b"MSH|two\r"])
+    path = tmp_path / "j" / name
+    assert SegmentReader(path, ring).read() == [(1, b"MSH|one\r"), (2, b"MSH|two\r")]  # zeros end it
+    data = bytearray(path.read_bytes())
+    last = data.index(b"\x00" * 64) - 1
+    data[last] ^= 1  # the last record's tag torn by a crash; zeros follow it
+    path.write_bytes(bytes(data))
+    assert SegmentReader(path, ring).read() == [(1, b"MSH|one\r")]
+    journal.close()

@@ -51,18 +51,20 @@ class SegmentReader:
             while len(out) < limit:
                 handle.seek(self.pos)
                 data = handle.read(READ_BYTES)
-                used = self._records(data, out, limit)
+                used = self._records(data, out, limit, handle)
                 if used == 0 and len(data) >= 4:
                     (length,) = struct.unpack_from(">I", data)
                     if length + 4 > len(data):  # one record larger than a read: take it whole
                         handle.seek(self.pos)
-                        used = self._records(handle.read(length + 4), out, limit)
+                        used = self._records(handle.read(length + 4), out, limit, handle)
                 if used == 0:
                     break
         return out
 
-    def _records(self, data: bytes, out: list[tuple[int, bytes]], limit: int) -> int:
-        """Decrypt the complete records at the start of ``data`` into ``out``; return the bytes used."""
+    def _records(self, data: bytes, out: list[tuple[int, bytes]], limit: int, handle: BinaryIO) -> int:
+        """Decrypt the complete records at the start of ``data`` (read at ``self.pos``) into ``out``;
+        return the bytes used. A record that fails authentication and is followed by zeros is the torn
+        last record of a zero-filled segment (a crash while it was written, never acknowledged)."""
         pos = 0
         while pos + 4 <= len(data) and len(out) < limit:
             (length,) = struct.unpack_from(">I", data, pos)
@@ -73,6 +75,13 @@ class SegmentReader:
             try:
                 raw = self._aead.decrypt(body[:12], body[12:], _aad(self.path.name, self.seq + 1))
             except InvalidTag:
+                end = pos + 4 + length
+                following = data[end:end + 4]
+                if len(following) < 4:
+                    handle.seek(self.pos + end)
+                    following = handle.read(4)
+                if len(following) == 4 and not any(following):
+                    break
                 raise TamperedData(f"journal segment {self.path.name} record {self.seq + 1} "
                                    "failed authentication") from None
             self.seq += 1

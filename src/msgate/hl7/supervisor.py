@@ -67,7 +67,7 @@ class IndexerProcess:
         for segment, seq in self.waiting:
             acks.setdefault(segment, []).append(seq)
         current = self.position[0] if self.position else None
-        self._send({"hello": list(self.position) if self.position else None, "fresh": not self.segments,
+        self._send({"hello": list(self.position) if self.position else None, "fresh": self.restarts == 0,
                     "closed": [name for name in self.segments if name != current], "acks": acks})
         return reader
 

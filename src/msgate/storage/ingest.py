@@ -320,7 +320,8 @@ class Ingest:
 
     def _hl7_rows(self, session: Session, items: Sequence[tuple[bytes, Hl7Header]], keys: list[str],
                   bodies: dict[int, Blob], actor: str) -> list[tuple[Hl7Message, bool]]:
-        """Index rows of a batch in ``session`` (one flush), then one audit event per stored message.
+        """Index rows of a batch in ``session`` (one flush), then one audit event per stored message
+        (appended together: one update of the chain's head).
 
         ``bodies`` are popped as they are used; what is left over was not needed (a duplicate)."""
         found = {m.dedup_index: m for m in session.exec(
@@ -347,9 +348,9 @@ class Ingest:
             new.append((message, header, blob.id))
             results.append((message, False))
         session.flush()
-        for message, header, blob_id in new:
-            audit.append(session, kind="ingest.hl7", actor=actor, subject=f"hl7:{message.id}",
-                         detail={"type": f"{header.message_type}^{header.trigger}", "blob_id": blob_id})
+        audit.append_many(session, [("ingest.hl7", actor, f"hl7:{message.id}",
+                                     {"type": f"{header.message_type}^{header.trigger}", "blob_id": blob_id})
+                                    for message, header, blob_id in new])
         session.flush()
         return results
 

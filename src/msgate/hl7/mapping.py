@@ -308,16 +308,15 @@ def _map_batch(store: Store, message_ids: Sequence[int], acks: dict[int, str] | 
             tx.preload([m for m in parsed.values() if isinstance(m, Message)])
         results: dict[int, Outcome] = {}
         for mid in message_ids:
-            row = rows.get(mid)
-            if row is None:
+            if mid not in rows:
                 continue
             outcome = failed or _map_one(tx, parsed[mid], mid)
             if outcome.state == "error" and failed is None:
                 raise _BatchFailed(outcome)
-            _record(row, outcome, (acks or {}).get(mid))
-            session.add(row)
             results[mid] = outcome
         tx.flush()
+        for mid, outcome in results.items():  # the rows last: updated together at the commit
+            _record(rows[mid], outcome, (acks or {}).get(mid))
         return results
 
 

@@ -29,6 +29,7 @@ class KnownPatients:
     ids: dict[str, int] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)
     links: list[tuple[str, int]] = field(default_factory=list)  # new identifiers whose studies wait for a patient
+    loaded: list[Patient] = field(default_factory=list)  # held, so the session's (weak) identity map keeps them
 
     def clear(self) -> None:
         self.ids.clear()
@@ -125,9 +126,8 @@ def patients_by_index(session: Session, cipher: FieldCipher, idents: list[Identi
         return KnownPatients()
     pairs = dict(session.execute(select(PatientIdentifier.id_index, PatientIdentifier.patient_id)
                                  .where(col(PatientIdentifier.id_index).in_(indexes))).all())
-    if pairs:
-        session.exec(select(Patient).where(col(Patient.id).in_(set(pairs.values())))).all()
-    return KnownPatients(ids=pairs, absent=set(indexes) - set(pairs))
+    loaded = list(session.exec(select(Patient).where(col(Patient.id).in_(set(pairs.values())))).all()) if pairs else []
+    return KnownPatients(ids=pairs, absent=set(indexes) - set(pairs), loaded=loaded)
 
 
 def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier], *,

@@ -304,7 +304,8 @@ def _map_batch(store: Store, message_ids: Sequence[int], acks: dict[int, str] | 
             select(Hl7Message).where(col(Hl7Message.id).in_(list(message_ids)))).all()}
         parsed: dict[int, Message | Outcome] = {}
         if failed is None:
-            parsed = {mid: _parse(session, store, rows[mid], (raws or {}).get(mid)) for mid in message_ids if mid in rows}
+            parsed = {mid: _parse(session, store, rows[mid], (raws or {}).get(mid))
+                      for mid in message_ids if mid in rows}
             tx.preload([m for m in parsed.values() if isinstance(m, Message)])
         results: dict[int, Outcome] = {}
         for mid in message_ids:

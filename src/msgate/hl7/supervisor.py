@@ -114,8 +114,8 @@ class IndexerProcess:
         """The indexer died: start another one after a back-off (the journal holds what it had not done)."""
         code = self.proc.poll() if self.proc is not None else None
         delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
-        log.error("hl7 indexer exited; starting it again", extra={"role": "hl7", "code": code, "attempt": self.restarts,
-                                                                  "count": len(self.waiting)})
+        log.error("hl7 indexer exited; starting it again",
+                  extra={"role": "hl7", "code": code, "attempt": self.restarts, "count": len(self.waiting)})
         self.restarts += 1
         if self.writer is not None:
             self.writer.close()

@@ -126,7 +126,8 @@ def patients_by_index(session: Session, cipher: FieldCipher, idents: list[Identi
         return KnownPatients()
     pairs = dict(session.execute(select(PatientIdentifier.id_index, PatientIdentifier.patient_id)
                                  .where(col(PatientIdentifier.id_index).in_(indexes))).all())
-    loaded = list(session.exec(select(Patient).where(col(Patient.id).in_(set(pairs.values())))).all()) if pairs else []
+    ids = set(pairs.values())
+    loaded = list(session.exec(select(Patient).where(col(Patient.id).in_(ids))).all()) if ids else []
     return KnownPatients(ids=pairs, absent=set(indexes) - set(pairs), loaded=loaded)
 
 

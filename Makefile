@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sysdeps demo run test test-fast bench clean
+.PHONY: install sysdeps demo run test test-fast bench model model-lesions model-patient clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ bench: install sysdeps
 	$(PY) bench/storage.py
 	$(PY) bench/dicom_ingest.py
 	$(PY) bench/hl7_feed.py
+
+# Train the models from scratch on the synthetic cohort (CPU, tiny presets) into var/models/.
+# model-patient reproduces the shipped patient-tiny.pt (it uses the packaged lesion checkpoint as its
+# lesion source, as the shipped model does); see docs/model-card.md.
+model: model-lesions model-patient
+
+model-lesions: install
+	$(VENV)/bin/msgate train lesions --preset tiny --out var/models/lesions-tiny.pt
+
+model-patient: install
+	nice -n 19 $(VENV)/bin/msgate train patient --preset tiny --synthetic 650 --seed 101 --workers 2 \
+		--out var/models/patient-tiny.pt
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -63,11 +63,12 @@ def _instances(store: Store, series: dict[str, int], study_id: int,
     return out, link
 
 
-def _audit(store: Store, *, actor: str, job_id: str, details: list[dict[str, Any]]) -> None:
-    """One ``decrypt.inference`` event per series and one for the EHR, in one transaction, before reading."""
+def _audit(store: Store, *, actor: str, job_id: str, details: list[dict[str, Any]],
+           kind: str = "decrypt.inference") -> None:
+    """One ``kind`` event per series and one for the EHR, in one transaction, before reading."""
     with store.db.session() as session:
         for detail in details:
-            audit.append(session, kind="decrypt.inference", actor=actor[:64], subject=f"job:{job_id}", detail=detail)
+            audit.append(session, kind=kind, actor=actor[:64], subject=f"job:{job_id}", detail=detail)
 
 
 def _read_series(store: Store, pairs: list[tuple[int, str]]) -> list[tuple[int, bytes]]:
@@ -98,8 +99,9 @@ def _parse(raw: list[tuple[int, bytes]], role: str) -> list[Dataset]:
 
 
 def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], actor: str,
-         with_ehr: bool = True) -> Loaded:
-    """Build the Case for a job (``series``: role -> series id, chosen by the scheduler).
+         audit_kind: str = "decrypt.inference", with_ehr: bool = True) -> Loaded:
+    """Build the Case for a job (``series``: role -> series id, chosen by the scheduler). Training
+    (``workers.training``) loads cases the same way with ``audit_kind="decrypt.training"``.
     ``with_ehr=False`` (HE mode): the EHR is neither linked, read nor decrypted here (``Case.ehr`` is
     None); the key service encrypts it from storage by job id (``msgate.model.he_service``)."""
     if "FLAIR" not in series:
@@ -111,7 +113,7 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
     t0 = time.perf_counter()
     wanted = {role: series[role] for role in ROLES if role in series}
     instances, link = _instances(store, wanted, study_id, with_ehr)
-    _audit(store, actor=actor, job_id=job_id, details=[
+    _audit(store, actor=actor, job_id=job_id, kind=audit_kind, details=[
         *({"series_id": sid, "role": role, "instances": len(instances[role])} for role, sid in wanted.items()),
         *([{"ehr": True, "patient_id": link.patient_id}] if link is not None else [])])
     stages["load_ms"] += _ms(t0)

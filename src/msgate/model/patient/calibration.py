@@ -73,3 +73,24 @@ def normalised_entropy(probs: NDArray[np.floating]) -> NDArray[np.float64]:
     """Entropy of each row divided by log(K): 0 (certain) .. 1 (uniform)."""
     p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
     return -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])  # type: ignore[no-any-return]
+
+
+def fit_temperature_bias(logits: NDArray[np.float32], labels: NDArray[np.int64]) -> tuple[float, NDArray[np.float64]]:
+    """Scalar T and per-class offsets ``b`` (``b[0] = 0``) minimising the NLL of ``softmax(logits / T + b)``:
+    temperature scaling plus a prior (class-frequency) correction, e.g. after class-weighted training."""
+    lg = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(lg.shape[1] - 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, b], lr=0.1, max_iter=300)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        off = torch.cat([b.new_zeros(1), b])
+        loss = torch.nn.functional.cross_entropy(lg / log_t.exp() + off, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    return t, np.concatenate([[0.0], b.detach().numpy()])

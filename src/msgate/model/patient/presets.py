@@ -23,6 +23,7 @@ class Preset:
     lr: float
     patience: int
     gradcam_layer: str
+    stem_stride: int = 1  # 1: 3x3x3 stem conv + max-pool (checkpoints before 0.2); 2: strided stem conv, no pool
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict."""
@@ -31,7 +32,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", (32, 40, 32), 6.0, (8, 16, 32, 48), (1, 1, 1, 1), 64, 32, 16, 0.2,
-                   30, 16, 3e-3, 6, "encoder.layer3"),
+                   40, 16, 3e-3, 8, "encoder.layer3", stem_stride=2),
     "full": Preset("full", (96, 112, 96), 2.0, (32, 64, 128, 256), (2, 2, 2, 2), 128, 32, 16, 0.3,
                    120, 8, 1e-3, 15, "encoder.layer3"),
 }

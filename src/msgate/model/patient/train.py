@@ -1,9 +1,11 @@
-"""Training of the patient model on cached arrays (``synthdata.build_cache``) with patient-level splits.
+"""Training one patient network on cached arrays (``synthdata.build_chunks`` / ``workers.training``).
 
-Fixed seeds; cross-entropy with inverse-frequency (balanced) class weights for the EDSS bins; smooth-L1 EDSS regression; BCE for MS vs
-cSVD; Poisson NLL for the Rim+ count (QSM-present studies only); modality dropout (QSM 25 %, T1 25 %, single EHR
-features 10 %, the whole EHR 15 %); left-right flips; early stopping on the validation loss; AMP on CUDA;
-temperature scaling fitted on the validation split; rich progress bars.
+Fixed seeds; cross-entropy with class weights (inverse frequency by default) for the EDSS bins, optionally
+through the ordinal parametrisation of ``fusion.OrdinalGatedFusion``; smooth-L1 EDSS regression; BCE for
+MS vs cSVD; Poisson NLL for the Rim+ count (QSM-present studies only); NaN labels (store data) drop their
+term; modality dropout (QSM 25 %, T1 25 %, single EHR features 10 %, the whole EHR 15 %); left-right
+flips; early stopping on the validation loss; AMP on CUDA; rich progress bars. Ensembles, folds and
+calibration: ``ensemble.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ from rich.progress import Progress
 from torch.nn import functional as F
 
 from msgate.model.features import FEATURES
-from msgate.model.patient import checkpoint
-from msgate.model.patient.calibration import fit_temperature
 from msgate.model.patient.ehr import EhrScaler, columns
+from msgate.model.patient.fusion import OrdinalGatedFusion
 from msgate.model.patient.network import Mode, PatientNet
 from msgate.model.patient.presets import Preset, get_preset
 
@@ -45,6 +46,7 @@ class Data:
     ms: NDArray[np.float32]
     n_rim: NDArray[np.float32]
     index: NDArray[np.int64]
+    group: NDArray[np.int64]  # patient (split unit): the subject index in a synthetic cache
 
     def __len__(self) -> int:
         return int(self.edss.shape[0])
@@ -64,23 +66,43 @@ def cache_files(path: Path) -> list[Path]:
     return files
 
 
+SCALAR_KEYS = ("seed", "lesion_source", "lesion_checkpoint", "generator")
+LESION_ONLY_KEYS = ("rim_patches", "rim_row", "rim_prob")  # per lesion, not per patient: not loaded
+
+
 def load_data(path: Path) -> tuple[Data, dict[str, NDArray[Any]]]:
     """Cache file(s) as :class:`Data` plus the raw arrays (truth for the reference baseline)."""
-    parts = [dict(np.load(p)) for p in cache_files(path)]
-    z = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("seed", "lesion_source")}
+    parts = []
+    for p in cache_files(path):
+        with np.load(p) as f:
+            parts.append({k: f[k] for k in f.files if k not in LESION_ONLY_KEYS})
+    z = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in SCALAR_KEYS}
     z["lesion_source"] = np.asarray(str(parts[0].get("lesion_source", "heuristic")))
+    cks = sorted({str(p.get("lesion_checkpoint", "")) for p in parts})
+    if len(cks) > 1:
+        raise ValueError(f"cache files at {path} come from different lesion checkpoints {cks}; rebuild or refresh them")
+    z["lesion_checkpoint"] = np.asarray(cks[0])
+    gens = sorted({str(p["generator"]) for p in parts if "generator" in p})
+    if len(gens) > 1:
+        raise ValueError(f"cache files at {path} come from different synthetic generator versions {gens}")
+    z["generator"] = np.asarray(gens[0] if gens else "")
     z["seeds"] = np.unique([int(p["seed"]) for p in parts])
-    d = Data(z["image"], z["present"].astype(np.float32), z["lesion"].astype(np.float32), z["ehr_x"], z["ehr_m"],
-             z["edss"].astype(np.float32), z["edss_class"].astype(np.int64), z["ms"].astype(np.float32),
-             z["n_rim"].astype(np.float32), z["index"].astype(np.int64))
-    return d, z
+    return data_from_arrays(z), z
 
 
-def split(n: int, val_fraction: float, seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Patient-level split (one row per patient in the synthetic cache)."""
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+def split(n: int, val_fraction: float, seed: int, groups: NDArray[np.int64] | None = None
+          ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Patient-level split: whole groups (patients) go to validation; without ``groups`` every row is
+    its own patient (the synthetic cache), which reproduces the earlier row-level permutation."""
+    if groups is None:
+        perm = np.random.default_rng(seed).permutation(n)
+        n_val = max(1, int(round(n * val_fraction)))
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    uniq = np.unique(groups)
+    perm = np.random.default_rng(seed).permutation(len(uniq))
+    val_groups = uniq[perm[:max(1, int(round(len(uniq) * val_fraction)))]]
+    is_val = np.isin(groups, val_groups)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def _feature_groups() -> list[NDArray[np.int64]]:
@@ -115,15 +137,22 @@ def batch_tensors(d: Data, idx: NDArray[np.int64], scaler: EhrScaler, device: to
     return {k: torch.as_tensor(np.ascontiguousarray(v)).to(device) for k, v in t.items()}
 
 
+def _masked_mean(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (v * w).sum() / w.sum().clamp(min=1.0)
+
+
 def loss_fn(out: dict[str, torch.Tensor], b: dict[str, torch.Tensor], class_w: torch.Tensor) -> torch.Tensor:
-    """Weighted CE + 0.3 smooth-L1 (EDSS) + 0.5 BCE (MS) + 0.2 Poisson (Rim+, QSM present)."""
+    """Weighted CE + 0.3 smooth-L1 (EDSS) + 0.5 BCE (MS) + 0.2 Poisson (Rim+, QSM present).
+    A NaN MS or Rim+ label (studies from the store carry neither) drops that term for the row."""
     ce = F.cross_entropy(out["edss_logits"].float(), b["edss_class"], weight=class_w)
     reg = F.smooth_l1_loss(out["edss"].float(), b["edss"])
-    bce = F.binary_cross_entropy_with_logits(out["ms_logit"].float(), b["ms"])
-    qsm = b["present"][:, 0]
-    pois = F.poisson_nll_loss(out["rim_log_rate"].float(), b["n_rim"], log_input=True, reduction="none")
-    rim = (pois * qsm).sum() / qsm.sum().clamp(min=1.0)
-    return ce + 0.3 * reg + 0.5 * bce + 0.2 * rim
+    has_ms = torch.isfinite(b["ms"]).float()
+    bce = _masked_mean(F.binary_cross_entropy_with_logits(
+        out["ms_logit"].float(), torch.nan_to_num(b["ms"]), reduction="none"), has_ms)
+    has_rim = b["present"][:, 0] * torch.isfinite(b["n_rim"]).float()
+    pois = F.poisson_nll_loss(out["rim_log_rate"].float(), torch.nan_to_num(b["n_rim"]), log_input=True,
+                              reduction="none")
+    return ce + 0.3 * reg + 0.5 * bce + 0.2 * _masked_mean(pois, has_rim)
 
 
 @torch.no_grad()
@@ -158,41 +187,33 @@ def infer_ensemble(nets: list[PatientNet], d: Data, scaler: EhrScaler,
     return {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
 
 
-def build_ensemble(members: list[Path], cache: Path, out: Path, seed: int = 0, val_fraction: float = 0.2) -> dict[str, Any]:
-    """Join member checkpoints (same cache, split seed and scaler) into one checkpoint; the
-    temperatures are refitted on the averaged validation logits."""
-    cks = [checkpoint.load(p) for p in members]
-    data, _ = load_data(cache)
-    _, va_idx = split(len(data), val_fraction, seed)
-    val = data.subset(va_idx)
-    nets = [c.net for c in cks]
-    out_val = infer_ensemble(nets, val, cks[0].scaler)
-    meta = {k: v for k, v in cks[0].meta.items() if k not in ("scaler", "ensemble_size", "feature_schema_hash")}
-    meta.update(temperature_edss=fit_temperature(out_val["edss_logits"], val.edss_class),
-                temperature_ms=fit_temperature(out_val["ms_logit"], val.ms, binary=True),
-                init_seed=[c.meta.get("init_seed", c.meta.get("seed")) for c in cks],
-                train_seconds=round(sum(float(c.meta["train_seconds"]) for c in cks), 1),
-                epochs_run=[c.meta["epochs_run"] for c in cks])
-    checkpoint.save(out, nets, cks[0].scaler, meta)
-    return meta
-
-
-def _class_weights(y: NDArray[np.int64], k: int) -> torch.Tensor:
+def _class_weights(y: NDArray[np.int64], k: int, kind: str = "balanced") -> torch.Tensor:
+    """Per-bin loss weights: ``balanced`` (inverse frequency, as the random-forest baseline), ``sqrt``
+    (its square root) or ``none``."""
     cnt = np.bincount(y, minlength=k).astype(np.float64) + 1.0
-    w = cnt.sum() / cnt
-    return torch.as_tensor(w / w.mean(), dtype=torch.float32)  # "balanced", as the random-forest baseline
+    w = {"balanced": cnt.sum() / cnt, "sqrt": np.sqrt(cnt.sum() / cnt), "none": np.ones(k)}[kind]
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32)
 
 
 def fit(preset: Preset, train: Data, val: Data, scaler: EhrScaler, mode: Mode = "multimodal",
-        seed: int = 0, device: torch.device | None = None, label: str = "") -> tuple[PatientNet, dict[str, Any]]:
-    """Train one network with early stopping; returns the best network and a history dict."""
+        seed: int = 0, device: torch.device | None = None, label: str = "",
+        init: dict[str, torch.Tensor] | None = None, head: str = "free",
+        class_weight: str = "balanced") -> tuple[PatientNet, dict[str, Any]]:
+    """Train one network with early stopping (from ``init`` weights when given); returns the best
+    network and a history dict. ``head`` ``ordinal`` / ``quadratic`` trains the EDSS bins through
+    :class:`OrdinalGatedFusion` and folds it back into the plain fusion at the end (same outputs)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = PatientNet(preset, mode).to(device)
+    net = PatientNet(preset, mode)
+    if init is not None:
+        net.load_state_dict(init)
+    elif head != "free":
+        net.fusion = OrdinalGatedFusion(preset.hidden, preset.ehr_embed, quadratic=head == "quadratic")  # type: ignore[assignment]
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=preset.lr, weight_decay=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=preset.epochs)
-    class_w = _class_weights(train.edss_class, 4).to(device)
+    class_w = _class_weights(train.edss_class, 4, class_weight).to(device)
     scaler_amp = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     best, best_state, bad, hist = float("inf"), None, 0, []
     t0 = time.time()
@@ -223,6 +244,8 @@ def fit(preset: Preset, train: Data, val: Data, scaler: EhrScaler, mode: Mode = 
                     break
     if best_state is not None:
         net.load_state_dict(best_state)
+    if isinstance(net.fusion, OrdinalGatedFusion):
+        net.fusion = net.fusion.materialize()  # type: ignore[assignment]
     net.eval()
     return net, {"history": hist, "best_val_loss": best, "train_seconds": round(time.time() - t0, 1)}
 
@@ -238,33 +261,16 @@ def _val_loss(net: PatientNet, val: Data, scaler: EhrScaler, device: torch.devic
     return total / len(val)
 
 
-def calibrate(net: PatientNet, val: Data, scaler: EhrScaler, device: torch.device) -> dict[str, float]:
-    """Temperatures for the EDSS and MS heads, fitted on the validation split."""
-    out = infer(net, val, scaler, device)
-    return {"temperature_edss": fit_temperature(out["edss_logits"], val.edss_class),
-            "temperature_ms": fit_temperature(out["ms_logit"], val.ms, binary=True)}
+def data_from_arrays(z: dict[str, NDArray[Any]]) -> Data:
+    """:class:`Data` from cache-layout arrays (``synthdata.stack_rows`` / one loaded cache)."""
+    return Data(z["image"], z["present"].astype(np.float32), z["lesion"].astype(np.float32),
+                z["ehr_x"].astype(np.float32), z["ehr_m"].astype(np.float32), z["edss"].astype(np.float32),
+                z["edss_class"].astype(np.int64), z["ms"].astype(np.float32), z["n_rim"].astype(np.float32),
+                z["index"].astype(np.int64), np.asarray(z.get("group", z["index"])).astype(np.int64))
 
 
-def train_patient(cache: Path, preset_name: str, out: Path, mode: Mode = "multimodal", seed: int = 0,
-                  val_fraction: float = 0.2, data_note: str = "", init_seed: int | None = None) -> dict[str, Any]:
-    """Full run: split, scaler, fit, calibrate, save checkpoint; returns the checkpoint metadata."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    preset = get_preset(preset_name)
-    data, raw = load_data(cache)
-    tr_idx, va_idx = split(len(data), val_fraction, seed)
-    train, val = data.subset(tr_idx), data.subset(va_idx)
-    scaler = EhrScaler.fit(train.ehr_x, train.ehr_m)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, info = fit(preset, train, val, scaler, mode, seed if init_seed is None else init_seed, device)
-    temps = calibrate(net, val, scaler, device)
-    meta = {"preset": preset.name, "preset_config": preset.to_dict(), "seed": seed,
-            "init_seed": seed if init_seed is None else init_seed, **temps,
-            "training_data": data_note or (
-                f"synthetic cohort (msgate.model.synth, 2 mm, missing_rate 0.1) seed(s) {raw['seeds'].tolist()}, "
-                f"{len(data)} patients split by patient into {len(train)} train / {len(val)} validation; "
-                f"lesion source {raw['lesion_source']}"),
-            "n_train": len(train), "lesion_source": str(raw["lesion_source"]), "n_val": len(val),
-            "train_seconds": info["train_seconds"], "epochs_run": len(info["history"]),
-            "best_val_loss": info["best_val_loss"], "device": device.type}
-    checkpoint.save(out, net.cpu(), scaler, meta)
-    return meta
+def synthetic_note(raw: dict[str, NDArray[Any]], n: int, n_train: int, n_val: int) -> str:
+    """The checkpoint's training-data description for a synthetic cache."""
+    return (f"synthetic cohort (msgate.model.synth {raw.get('generator', '')}, 2 mm, missing_rate 0.1) seed(s) "
+            f"{raw['seeds'].tolist()}, {n} patients split by patient into {n_train} train / {n_val} validation; "
+            f"lesion source {raw['lesion_source']} {raw.get('lesion_checkpoint', '')}".replace("  ", " "))

@@ -165,3 +165,5 @@ def test_cross_fitted_ensemble_calibrates_on_out_of_fold_rows(tmp_path: Path, mo
     assert np.allclose(p.sum(1), 1) and meta["recipe"]["head"] == "quadratic"
     offset = np.asarray(meta["edss_prior_offset"])
     assert offset[0] == 0.0 and np.abs(offset).sum() > 0  # a fitted prior correction, folded into the nets
+    alt = meta["alternative_calibration"]  # plain temperature, expressed on the shipped (prior-folded) logits
+    assert np.allclose(alt["edss_prior_offset"], -meta["temperature_edss"] * offset / alt["temperature_edss"], atol=1e-3)

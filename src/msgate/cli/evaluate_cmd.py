@@ -90,14 +90,17 @@ def patient(
     """metrics.json + report.md: ROC, confusion, reliability/ECE, EDSS scatter, ablation, Grad-CAM, baselines."""
     import torch
 
+    from msgate.model.patient import checkpoint
     from msgate.model.patient.evaluate import evaluate_patient
-    from msgate.model.patient.synthdata import build_cache
+    from msgate.model.patient.synthdata import build_chunks
 
     if (synthetic is None) == (data is None):
         raise typer.BadParameter("give exactly one of --data PATH or --synthetic N")
     torch.set_num_threads(threads)
     if synthetic is not None:
-        data = build_cache(cache_dir / f"test-s{seed}-n{synthetic}.npz", seed, synthetic, "tiny")
+        meta = checkpoint.load(model).meta  # the held-out cases go through the model's own lesion source
+        data = build_chunks(cache_dir / f"s{seed}", seed, synthetic, str(meta["preset"]),
+                            lesion_kind=str(meta.get("lesion_source", "auto")))
     assert data is not None
     met = evaluate_patient(model, data, report, train_data=train_data, baseline_dir=baselines, n_boot=n_boot)
     mm = met["models"]["multimodal"]

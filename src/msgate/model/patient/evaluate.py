@@ -21,7 +21,7 @@ from msgate.model.patient import checkpoint, figures
 from msgate.model.patient.baselines import fit_predict_rf, reference_features, rf_features
 from msgate.model.patient.calibration import sigmoid, softmax
 from msgate.model.patient.ehr import EhrScaler
-from msgate.model.patient.metrics import bootstrap, ece_multi, summary
+from msgate.model.patient.metrics import bootstrap, ece_floor, ece_multi, edss_bal_acc, mae, paired_difference, summary
 from msgate.model.patient.train import RIM_FEATURE, Data, cache_files, infer_ensemble, load_data
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,45 @@ ABLATIONS: dict[str, dict[str, bool]] = {
 def _outputs(ck: checkpoint.PatientCheckpoint, d: Data, modality: dict[str, bool] | None = None) -> dict[str, NDArray[Any]]:
     raw = infer_ensemble(ck.nets, d, ck.scaler, modality)
     est = np.clip(np.round(raw["edss"] * 2) / 2, 0.0, 9.5)
-    return {"edss_probs": softmax(raw["edss_logits"], ck.t_edss), "edss_probs_raw": softmax(raw["edss_logits"]),
-            "edss": est, "p_ms": sigmoid(raw["ms_logit"], ck.t_ms), "rim": np.exp(raw["rim_log_rate"])}
+    out = {"edss_probs": softmax(raw["edss_logits"], ck.t_edss), "edss_probs_raw": softmax(raw["edss_logits"]),
+           "edss": est, "p_ms": sigmoid(raw["ms_logit"], ck.t_ms), "rim": np.exp(raw["rim_log_rate"])}
+    alt = ck.meta.get("alternative_calibration")
+    if alt and modality is None:
+        out["edss_probs_alt"] = softmax(raw["edss_logits"] / float(alt["temperature_edss"])
+                                        + np.asarray(alt["edss_prior_offset"]))
+    return out
 
 
-def _block(d: Data, o: dict[str, NDArray[Any]], n: int) -> dict[str, dict[str, float]]:
-    return summary(d.edss_class.astype(float), d.edss.astype(float), d.ms.astype(float),
-                   o["edss_probs"], np.asarray(o["edss"], float), o["p_ms"], n=n)
+def _block(d: Data, o: dict[str, NDArray[Any]], n: int) -> dict[str, Any]:
+    out: dict[str, Any] = summary(d.edss_class.astype(float), d.edss.astype(float), d.ms.astype(float),
+                                  o["edss_probs"], np.asarray(o["edss"], float), o["p_ms"], n=n)
+    out["edss_ece_floor"] = ece_floor(o["edss_probs"])
+    return out
+
+
+def _versus(d: Data, mm: dict[str, NDArray[Any]], outs: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
+    """Paired bootstrap differences multimodal - baseline: balanced accuracy (> 0 is better) and MAE
+    (< 0 is better), on the same patient resamples."""
+    y, ye = d.edss_class.astype(float), d.edss.astype(float)
+    return {name: {"edss_balanced_accuracy": paired_difference(edss_bal_acc, y, mm["edss_probs"], o["edss_probs"], n),
+                   "edss_mae": paired_difference(mae, ye, np.asarray(mm["edss"], float), np.asarray(o["edss"], float), n)}
+            for name, o in outs.items() if name != "reference_truth"}
+
+
+def _targets(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The issue-7 targets read off the metrics (point estimates and paired intervals)."""
+    m = metrics["models"]
+    mm = m["multimodal"]
+    ref = m.get("reference_truth", {}).get("edss_balanced_accuracy", {}).get("value")
+    beats = {name: {"bal_acc_diff_ci_low": v["edss_balanced_accuracy"]["ci_low"],
+                    "mae_diff_ci_high": v["edss_mae"]["ci_high"],
+                    "point": v["edss_balanced_accuracy"]["value"] > 0 and v["edss_mae"]["value"] < 0,
+                    "significant": v["edss_balanced_accuracy"]["ci_low"] > 0 and v["edss_mae"]["ci_high"] < 0}
+             for name, v in metrics["versus"].items()}
+    return {"beats_baselines": beats,
+            "ratio_to_reference": round(mm["edss_balanced_accuracy"]["value"] / ref, 4) if ref else None,
+            "ms_auc_ge_0.97": mm["ms_auc"]["value"] >= 0.97,
+            "ece_le_0.05": mm["edss_ece"]["value"] <= 0.05}
 
 
 def _baselines(d: Data, raw_te: dict[str, Any], train_path: Path | None, baseline_dir: Path | None,
@@ -65,6 +97,9 @@ def _baselines(d: Data, raw_te: dict[str, Any], train_path: Path | None, baselin
     for name, o in outs.items():
         metrics[name] = _block(d, o, n)
     metrics["multimodal"] = _block(d, mm, n)
+    alt = mm.get("edss_probs_alt")
+    if alt is not None:  # the same ensemble with the calibration the checkpoint did not choose
+        metrics["multimodal_alt_calibration"] = _block(d, {**mm, "edss_probs": alt}, n)
     return metrics, outs
 
 
@@ -80,6 +115,8 @@ def evaluate_patient(model: Path | None, data: Path, report: Path, *, train_data
                                "n_test": len(d), "test_data": [str(p) for p in cache_files(data)]}
     base, outs = _baselines(d, raw, train_data, baseline_dir, mm, n_boot)
     metrics["models"] = base
+    metrics["versus"] = _versus(d, mm, outs, n_boot)
+    metrics["targets"] = _targets(metrics)
     metrics["edss_ece_uncalibrated"] = bootstrap(ece_multi, d.edss_class.astype(float), mm["edss_probs_raw"], n=n_boot)
     metrics["ablation"] = {k: _block(d, _outputs(ck, d, v), max(200, n_boot // 5)) for k, v in ABLATIONS.items()}
     qsm = d.present[:, 0] > 0

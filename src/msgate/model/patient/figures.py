@@ -101,20 +101,42 @@ def _fmt(m: dict[str, float]) -> str:
     return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
+def _floor(m: dict[str, Any]) -> str:
+    f = m.get("edss_ece_floor")
+    return f"{f['mean']:.3f} / {f['p95']:.3f}" if f else "-"
+
+
+def _diff(m: dict[str, float]) -> str:
+    return f"{m['value']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]"
+
+
 def markdown(metrics: dict[str, Any], figs: list[str]) -> str:
-    """The report body: tables of every model and the ablation, then the figures."""
+    """The report body: tables of every model, paired differences, targets and the ablation, then the figures."""
     cols = ("edss_balanced_accuracy", "edss_mae", "edss_ece", "ms_auc", "ms_ece")
+    head = "| model | " + " | ".join(cols) + " | ECE floor (mean / p95) |"
     lines = ["# Patient model evaluation", "", f"Model: `{metrics['model']}`", "",
              f"Held-out patients: {metrics['n_test']}; EDSS bin counts {metrics['edss_class_counts_test']}.",
-             "Values: point estimate [bootstrap 95 % interval]. Research use only, not for diagnosis.", "",
-             "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             "Values: point estimate [percentile bootstrap 95 % interval over patients]. ECE: top-label, 15 "
+             "equal-width confidence bins. ECE floor: the same estimator on labels redrawn from the model's own "
+             "probabilities (what a perfectly calibrated model with these outputs would score on this many "
+             "patients). Research use only, not for diagnosis.", "", head, "|---" * (len(cols) + 2) + "|"]
     for name, m in metrics["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m[c]) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m[c]) for c in cols) + f" | {_floor(m)} |")
     lines += ["", f"EDSS ECE before temperature scaling: {_fmt(metrics['edss_ece_uncalibrated'])}", "",
-              "## Missing-modality ablation (multimodal model)", "",
-              "| inputs | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+              "## Multimodal minus baseline (paired bootstrap)", "",
+              "| baseline | balanced accuracy (> 0 better) | MAE (< 0 better) |", "|---|---|---|"]
+    for name, v in metrics.get("versus", {}).items():
+        lines.append(f"| {name} | {_diff(v['edss_balanced_accuracy'])} | {_diff(v['edss_mae'])} |")
+    t = metrics.get("targets", {})
+    if t:
+        lines += ["", "## Targets", "", f"- ≥ 0.9 × reference balanced accuracy: ratio {t['ratio_to_reference']}",
+                  f"- MS vs cSVD ROC-AUC ≥ 0.97: {t['ms_auc_ge_0.97']}", f"- EDSS ECE ≤ 0.05: {t['ece_le_0.05']}"]
+        lines += [f"- beats {k}: point {v['point']}, interval excludes 0 on both {v['significant']}"
+                  for k, v in t["beats_baselines"].items()]
+    lines += ["", "## Missing-modality ablation (multimodal model)", "",
+              head, "|---" * (len(cols) + 2) + "|"]
     for name, m in metrics["ablation"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m[c]) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m[c]) for c in cols) + f" | {_floor(m)} |")
     rim = metrics["rim_count_mae"]
     lines += ["", f"Rim+ count MAE (QSM present): head {_fmt(rim['head'])}, lesion model {_fmt(rim['lesion_model'])}", ""]
     lines += [f"![{f}]({f})" for f in figs]

@@ -54,3 +54,17 @@ def test_a_transient_predict_error_releases_the_job(tmp_path: Path) -> None:
         assert CALLS[0][0].ehr is None  # READS_EHR = False: the loader left the EHR alone
     finally:
         store.close()
+
+
+def test_the_process_runtime_follows_the_settings(tmp_path: Path) -> None:
+    """A Runtime made for HE settings is not handed to a caller whose settings name the plain model
+    (the stale-runtime bug that gave a job the '+he' version while the worker ran the plain model)."""
+    plain = make_settings(tmp_path / "home", "sqlite", workers={"model_module": "test_workers_inference"})
+    he = make_settings(tmp_path / "home", "sqlite", workers={"model_module": "test_workers_inference"},
+                       he={"enabled": True})
+    first = runtime.get(he)
+    assert runtime.get(he) is first
+    second = runtime.get(plain)
+    assert second is not first and second.settings.he.enabled is False
+    assert runtime.get(plain) is second
+    assert runtime.model_version(plain) == MODEL_VERSION

@@ -79,6 +79,7 @@ class Runtime:
         self._model: Any = None  # what load_model() returned, passed back to predict(model=...)
         self.device = resolve_device(settings.workers.device)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.identity = _identity(settings)
         self.version = UNVERSIONED
 
     @property
@@ -156,11 +157,18 @@ _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
+def _identity(settings: Settings) -> tuple[object, ...]:
+    """What decides which model a Runtime loads: another value means another Runtime, never a stale one."""
+    return (settings.workers.model_module, settings.he.enabled, settings.workers.device, str(settings.home))
+
+
 def get(settings: Settings, store: Store | None = None) -> Runtime:
-    """This process's Runtime (re-created after a fork: the pid is part of its identity)."""
+    """This process's Runtime, re-created after a fork (the pid is part of its identity) or when the
+    settings name another model (module, HE mode, device or home)."""
     global _runtime
     with _runtime_lock:
-        if _runtime is None or _runtime.owner.rsplit(":", 1)[1] != str(os.getpid()):
+        if (_runtime is None or _runtime.owner.rsplit(":", 1)[1] != str(os.getpid())
+                or _runtime.identity != _identity(settings)):
             _runtime = Runtime(settings, store)
         return _runtime
 

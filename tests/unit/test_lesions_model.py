@@ -157,3 +157,31 @@ def test_full_preset_builds_from_the_same_code_path() -> None:
     with torch.no_grad():
         out = m.seg(torch.zeros(1, 2, 32, 32, 32))
     assert out.shape == (1, 1, 32, 32, 32)
+
+
+def test_bounded_film_cannot_blow_up_qsm_features() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 8, 8, 8)
+    out = {}
+    for bounded in (False, True):
+        net = AsymmetricRimNet((4, 8, 8), bounded=bounded).eval()
+        with torch.no_grad():
+            base = net._streams(x, film=False)[0]
+            for film in net.films:  # a FLAIR stream asking for a 1000x gain everywhere
+                torch.nn.init.zeros_(film.weight)
+                film.bias[: film.out_channels // 2] = 1000.0
+            out[bounded] = float(net._streams(x, film=True)[0].abs().max() / base.abs().max())
+    assert out[False] > 100.0  # the first version passes the gain on
+    assert out[True] < 10.0  # bounded: at most x2 per scale
+
+
+def test_rim_arch_from_checkpoint_metadata() -> None:
+    from msgate.model.lesions.model import rim_arch
+
+    assert rim_arch("asymmetric", {}) == "asymmetric"  # first-release checkpoints: FiLM v1
+    assert rim_arch("stacked", {}) == "stacked"
+    meta = {"rim_archs": {"asymmetric": "asymmetric_bounded", "stacked": "stacked"}}
+    assert rim_arch("asymmetric", meta) == "asymmetric_bounded"
+    m = build_model(TINY, meta, ("asymmetric", "stacked"))
+    assert isinstance(m.rim["asymmetric"], AsymmetricRimNet) and m.rim["asymmetric"].bounded
+    assert isinstance(m.rim["stacked"], StackedRimNet)

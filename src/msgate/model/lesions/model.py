@@ -94,12 +94,21 @@ class LesionModel:
                 "rim": {k: v.state_dict() for k, v in self.rim.items()}}
 
 
+def rim_arch(variant: str, meta: dict[str, Any]) -> str:
+    """Architecture of a Rim+ variant: as recorded in the checkpoint (``meta["rim_archs"]``), else the
+    first release's mapping (``stacked*`` -> stacked, everything else -> the FiLM-only asymmetric net)."""
+    archs = meta.get("rim_archs") or {}
+    if variant in archs:
+        return str(archs[variant])
+    return "stacked" if variant.startswith("stacked") else "asymmetric"
+
+
 def build_model(preset: Preset, meta: dict[str, Any] | None = None, variants: tuple[str, ...] = ("asymmetric",),
                 device: str = "cpu") -> LesionModel:
-    """Untrained model of a preset (tests, training)."""
-    rim = {v: build_rim_net("stacked" if v.startswith("stacked") else "asymmetric", preset.rim_widths)
-           for v in variants}
-    return LesionModel(preset, build_seg_net(preset), LocationNet(), rim, dict(meta or {}), device)
+    """Untrained model of a preset (tests, training); Rim+ architectures from ``meta`` (see :func:`rim_arch`)."""
+    meta = dict(meta or {})
+    rim = {v: build_rim_net(rim_arch(v, meta), preset.rim_widths) for v in variants}
+    return LesionModel(preset, build_seg_net(preset), LocationNet(), rim, meta, device)
 
 
 def save_lesion_model(model: LesionModel, path: Path) -> None:

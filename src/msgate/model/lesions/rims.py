@@ -2,8 +2,10 @@
 
 :class:`AsymmetricRimNet` follows the asymmetric QSM-FLAIR design (arXiv 2606.16756): QSM is the
 primary stream; a lighter FLAIR stream produces, at every scale, a spatial FiLM (per-voxel,
-per-channel ``gamma``, ``beta``) that modulates the QSM features: ``h <- h * (1 + gamma) + beta``.
-FLAIR says *where* the lesion and its border are; QSM says whether the border is paramagnetic.
+per-channel ``gamma``, ``beta``) that modulates the QSM features. FLAIR says *where* the lesion and
+its border are; QSM says whether the border is paramagnetic. With ``bounded=True`` (the design in use
+since 0.2.0) the scale is ``1 + tanh(gamma)``, in (0, 2): FLAIR can gate QSM features on or off
+locally but cannot amplify QSM noise without limit, as the first version's ``1 + gamma`` could.
 :class:`StackedRimNet` is the ablation baseline: both modalities stacked as input channels.
 
 Both return ``(logit, embedding)``; ``embed_modalities`` gives the unconditioned QSM and FLAIR
@@ -24,8 +26,9 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class AsymmetricRimNet(nn.Module):
     """QSM encoder conditioned on FLAIR through spatial FiLM at each of three scales."""
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32, bounded: bool = False) -> None:
         super().__init__()
+        self.bounded = bounded
         fw = tuple(max(4, w // 2) for w in widths)
         self.q_blocks = nn.ModuleList(_block(a, b) for a, b in zip((1,) + widths[:-1], widths))
         self.f_blocks = nn.ModuleList(_block(a, b) for a, b in zip((1,) + fw[:-1], fw))
@@ -51,7 +54,7 @@ class AsymmetricRimNet(nn.Module):
             q = qb(q)
             if film:
                 gamma, beta = fm(f).chunk(2, dim=1)
-                q = q * (1.0 + gamma) + beta
+                q = q * (1.0 + (torch.tanh(gamma) if self.bounded else gamma)) + beta
             q = F.leaky_relu(q, 0.1)
         return self._pool(q), self._pool(f)
 
@@ -84,13 +87,16 @@ class StackedRimNet(nn.Module):
         return self.head(emb).squeeze(1), emb
 
 
+ARCHS = ("asymmetric_bounded", "asymmetric", "stacked")
+
+
 def build_rim_net(arch: str, widths: tuple[int, int, int]) -> nn.Module:
-    """``asymmetric`` (shipped) or ``stacked`` (ablation)."""
-    if arch == "asymmetric":
-        return AsymmetricRimNet(widths)
+    """``asymmetric_bounded`` (in use), ``asymmetric`` (first version, unbounded FiLM) or ``stacked`` (ablation)."""
+    if arch in ("asymmetric", "asymmetric_bounded"):
+        return AsymmetricRimNet(widths, bounded=arch == "asymmetric_bounded")
     if arch == "stacked":
         return StackedRimNet(widths)
-    raise ValueError(f'Argument "arch" must be "asymmetric" or "stacked", got "{arch}".')
+    raise ValueError(f'Argument "arch" must be one of {ARCHS}, got "{arch}".')
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:

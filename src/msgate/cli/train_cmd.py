@@ -28,14 +28,25 @@ def lesions(
     log: Path | None = typer.Option(None, "--log", help="metrics JSONL (default: <out>.metrics.jsonl)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
+    rim_recipe: str = typer.Option("0.1.0", "--rim-recipe", help="Rim+ training code: 0.1.0 (default, the shipped "
+                                   "checkpoint's recipe) | 0.2.0 (bounded FiLM, unlabelled pretraining pool)"),
+    rim_only: bool = typer.Option(False, "--rim-only", help="retrain only the Rim+ classifiers of --init (needs "
+                                  "--rim-recipe 0.2.0); its segmenter and location model are kept as they are"),
+    init: Path | None = typer.Option(None, "--init", help="--rim-only: checkpoint to start from (default: shipped)"),
 ) -> None:
     """Train the lesion segmenter, location classifier and Rim+ classifiers; write one checkpoint."""
     import torch
 
     from msgate.model.lesions.model import save_lesion_model
-    from msgate.model.lesions.presets import get_preset
+    from msgate.model.lesions.presets import RIM_RECIPES, get_preset, with_rim_recipe
     from msgate.model.lesions.train import train_lesion_model
 
+    if rim_recipe not in RIM_RECIPES:
+        typer.echo(f"error: --rim-recipe must be one of {', '.join(RIM_RECIPES)}", err=True)
+        raise typer.Exit(2)
+    if rim_only and rim_recipe == "0.1.0":
+        typer.echo("error: --rim-only retrains with training code 0.2.0; add --rim-recipe 0.2.0", err=True)
+        raise typer.Exit(2)
     torch.set_num_threads(threads)
     p = get_preset(preset)
     if synthetic is not None:
@@ -44,9 +55,18 @@ def lesions(
         p = dataclasses.replace(p, rim_subjects=rim_synthetic)
     out = out or Path(f"var/models/lesions-{p.name}.pt")
     log_path = log or out.with_suffix(".metrics.jsonl")
-    model = train_lesion_model(p, seed, log_path, device=device, data=data)
+    if rim_only:
+        from msgate.model.lesions.model import load_lesion_model
+        from msgate.model.lesions.rimfit import retrain_rims
+
+        model = retrain_rims(load_lesion_model(init, device=device), with_rim_recipe(p, rim_recipe), seed, log_path,
+                             data=data)
+        seconds = float(model.meta["rim_train_seconds"])
+    else:
+        model = train_lesion_model(p, seed, log_path, device=device, data=data, rim_recipe=rim_recipe)
+        seconds = float(model.meta["train_seconds"])
     save_lesion_model(model, out)
-    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {model.meta['train_seconds']:.0f} s; log {log_path}")
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) in {seconds:.0f} s; log {log_path}")
 
 
 @app.command("patient")

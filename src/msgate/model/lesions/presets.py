@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Preset:
     loc_epochs: int
     min_lesion_voxels: int  # smaller connected components are dropped
     threshold: float = 0.5
+    rim_pool_subjects: int = 0  # further subjects whose lesions are unlabelled Rim+ pretraining data (0.2.0)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict (tuples become lists)."""
@@ -55,6 +56,26 @@ PRESETS: dict[str, Preset] = {
         pretrain_epochs=100, finetune_epochs=100, loc_epochs=500, min_lesion_voxels=8,
     ),
 }
+
+
+RIM_RECIPES = ("0.1.0", "0.2.0")
+_RIM_020: dict[str, dict[str, object]] = {  # Rim+ settings of training code 0.2.0 that differ from a preset's own
+    "tiny": {"rim_widths": (16, 32, 48), "pretrain_epochs": 6, "rim_pool_subjects": 360},
+    "full": {"rim_pool_subjects": 2400},
+}
+
+
+def with_rim_recipe(preset: Preset, recipe: str) -> Preset:
+    """``preset`` with the Rim+ settings of training code ``recipe``.
+
+    ``"0.1.0"`` (the shipped checkpoint's recipe) is the preset as it stands; ``"0.2.0"`` widens the tiny
+    Rim+ nets, shortens pretraining and adds the unlabelled pretraining pool (see ``rimtrain``).
+    """
+    if recipe not in RIM_RECIPES:
+        raise ValueError(f'Argument "recipe" must be one of {RIM_RECIPES}, got "{recipe}".')
+    if recipe == "0.1.0":
+        return preset
+    return replace(preset, **_RIM_020.get(preset.name, {}))  # type: ignore[arg-type]
 
 
 def get_preset(name: str) -> Preset:

@@ -6,6 +6,8 @@
    ``ContrastiveLoss``) on unlabelled lesion patches, then supervised fine-tuning with focal loss
    + a supervised contrastive term. Ablations trained with the same recipe: no pretraining, and
    channel stacking. All variants ship in the checkpoint; ``asymmetric`` is the one used.
+   This is the Rim+ recipe of training code 0.1.0 (the shipped checkpoint) and stays the default;
+   ``rim_recipe="0.2.0"`` trains the Rim+ part with ``rimfit`` / ``rimtrain`` instead.
 
 Every step is seeded; metrics go to a JSONL log (one object per line, ``stage`` + numbers).
 """
@@ -28,12 +30,12 @@ from scipy import ndimage
 
 from msgate.model.lesions.data import SynthCase, load_synth_folder, synth_case
 from msgate.model.lesions.grid import WorkGrid
-from msgate.model.lesions.location import fit_location, lesion_features, anatomy_maps
+from msgate.model.lesions.location import anatomy_maps, fit_location, lesion_features
 from msgate.model.lesions.model import LesionModel, build_model
 from msgate.model.lesions.patches import crop, lesion_patches
-from msgate.model.lesions.presets import Preset
+from msgate.model.lesions.presets import Preset, with_rim_recipe
 from msgate.model.lesions.rims import AsymmetricRimNet, build_rim_net, supcon_loss
-from msgate.model.lesions.segment import prepare, seg_input
+from msgate.model.lesions.segment import prepare
 from msgate.model.types import LESION_LOCATIONS
 
 VERSION = "0.1.0"
@@ -248,12 +250,31 @@ def finetune(net: torch.nn.Module, x: NDArray[np.float32], y: NDArray[np.float32
     net.eval()
 
 
+def fit_seg_and_location(model: LesionModel, seed: int, log: Logger, data: Path | None) -> float:
+    """Train the segmenter and the location model on cohort ``seed`` (or ``data``); location train accuracy."""
+    preset = model.preset
+    seg_co = make_cohort(preset, seed, preset.seg_subjects, log, "simulate (seg)", data=data)
+    train_segmenter(model, seg_co, seed, log)
+    fx, fy, _ = lesion_table(seg_co)
+    model.loc = fit_location(fx, fy, preset.loc_epochs, seed)
+    with torch.no_grad():
+        acc = float((model.loc(torch.from_numpy(fx)).argmax(1).numpy() == fy).mean())
+    log.log("location", train_accuracy=round(acc, 4), n=len(fy))
+    return acc
+
+
 def train_lesion_model(preset: Preset, seed: int, log_path: Path | None = None, quiet: bool = False,
-                       device: str = "cpu", data: Path | None = None) -> LesionModel:
+                       device: str = "cpu", data: Path | None = None, rim_recipe: str = VERSION) -> LesionModel:
     """Train every part from scratch on in-memory synthetic cohorts ``seed`` (segmentation) and ``seed + 1`` (Rim+).
 
     With ``data`` (a ``msgate synth`` folder), both parts train on its subjects instead (natural Rim+ prevalence).
+    ``rim_recipe`` picks the Rim+ training code: ``"0.1.0"`` (default, the shipped checkpoint's recipe, unchanged)
+    or ``"0.2.0"`` (``rimfit.train_rims``; Rim+ settings from :func:`presets.with_rim_recipe`).
     """
+    if rim_recipe != VERSION:
+        from msgate.model.lesions.rimfit import train_lesion_model_020
+
+        return train_lesion_model_020(with_rim_recipe(preset, rim_recipe), seed, log_path, quiet, device, data)
     log = Logger(log_path, quiet)
     t0 = time.time()
     data_desc = (f"msgate synth folder {data.name}: first {preset.seg_subjects} subjects (segmenter), first "
@@ -266,19 +287,12 @@ def train_lesion_model(preset: Preset, seed: int, log_path: Path | None = None, 
                                  "intended_use": "research and integration testing only; not for clinical use"},
                         VARIANTS, device)
     with log.progress:
-        seg_co = make_cohort(preset, seed, preset.seg_subjects, log, "simulate (seg)", data=data)
-        train_segmenter(model, seg_co, seed, log)
-        fx, fy, _ = lesion_table(seg_co)
-        model.loc = fit_location(fx, fy, preset.loc_epochs, seed)
-        with torch.no_grad():
-            acc = float((model.loc(torch.from_numpy(fx)).argmax(1).numpy() == fy).mean())
-        log.log("location", train_accuracy=round(acc, 4), n=int(len(fy)))
-        del seg_co
+        acc = fit_seg_and_location(model, seed, log, data)
         rim_co = make_cohort(preset, seed + 1, preset.rim_subjects, log, "simulate (rim)",
                              rim_enrich=preset.rim_enrich, mix={"ms": 0.85, "csvd": 0.15}, data=data)
         rx, ry, _ = rim_set(rim_co, preset.rim_patch)
         del rim_co
-        log.log("rim_data", n=int(len(ry)), n_pos=int(ry.sum()))
+        log.log("rim_data", n=len(ry), n_pos=int(ry.sum()))
         pre = model.rim["asymmetric"]
         assert isinstance(pre, AsymmetricRimNet)
         pretrain(pre, rx, preset, seed, log)
@@ -289,7 +303,7 @@ def train_lesion_model(preset: Preset, seed: int, log_path: Path | None = None, 
             model.rim[name] = net.eval()
     model.meta["train_seconds"] = round(time.time() - t0, 1)
     model.meta["location_train_accuracy"] = round(acc, 4)
-    model.meta["rim_train_lesions"] = {"n": int(len(ry)), "rim_positive": int(ry.sum())}
+    model.meta["rim_train_lesions"] = {"n": len(ry), "rim_positive": int(ry.sum())}
     log.log("done", seconds=model.meta["train_seconds"])
     for m in (model.seg, model.loc, *model.rim.values()):
         m.eval()

@@ -11,8 +11,8 @@ import pytest
 from dicom_helpers import free_port, pynd_send, write_series
 from sqlmodel import select
 
-from msgate.listener import server
-from msgate.listener.tracking import ReadyStudy
+from msgate.listener import dataset, server
+from msgate.listener.tracking import ReadyStudy, Tracker
 from msgate.storage.models import Instance, Study
 from msgate.storage.store import Store
 
@@ -54,3 +54,34 @@ def test_ready_hook_called_after_commit(store: Store, tmp_path: Path) -> None:
         stop.set()
         thread.join(timeout=5)
         ae.shutdown()
+
+
+def test_an_instance_indexed_after_its_association_ended_does_not_hold_the_study(store: Store,
+                                                                                  tmp_path: Path) -> None:
+    """An instance whose indexing was retried may be answered after its association's end: the study
+    must still finish at the quiet period (it used to be reopened and re-finished every 0.25 s)."""
+    store.settings.dicom.quiet_seconds = 0.3
+    files = write_series(tmp_path / "s", count=2, description="AX FLAIR")
+    first = store.ingest.store_instance(source=files[0], assoc_id="a1")
+    late = store.ingest.store_instance(source=files[1], assoc_id="a1")
+    tracker = Tracker(store, quiet_seconds=0.3, rules=store.settings.rules)
+    seen: list[ReadyStudy] = []
+    tracker.add_hook(seen.append)
+    header = dataset.parse(files[0].read_bytes())
+    tracker.instance_stored(first, header, assoc_id="a1", calling_aet="X")
+    tracker.association_ended("a1", released=True)
+    tracker.instance_stored(late, header, assoc_id="a1", calling_aet="X")  # the retried one, answered late
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.0)  # several quiet periods: finished once, not again and again
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert [(r.study_id, r.run) for r in seen] == [(first.study_id, 1)]
+    with store.db.session() as session:
+        assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]

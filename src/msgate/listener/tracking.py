@@ -12,6 +12,7 @@ state change is committed (state, ``ready_at``, ``runs`` and a ``study.ready`` a
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -28,6 +29,8 @@ from msgate.storage.models import Study
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
+
+ENDED_REMEMBERED = 4096  # association ids whose end was seen, so a late instance cannot re-register them
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Tracker:
         self._by_assoc: dict[str, set[int]] = {}
         self._lock = threading.Condition()
         self._hooks: list[ReadyHook] = []
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
 
     def add_hook(self, hook: ReadyHook) -> None:
         """Register a scheduler hook, called with each ReadyStudy after its state is committed."""
@@ -83,8 +87,9 @@ class Tracker:
             else:
                 fresh = False
             entry.last = time.monotonic()
-            entry.assocs.add(assoc_id)
-            self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
+            if assoc_id not in self._ended:  # an instance answered after its association's end (a retry)
+                entry.assocs.add(assoc_id)  # must not keep the study waiting for that association forever
+                self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
         if fresh and not stored.new_study:
             with self.store.db.session() as session:
                 if repo_studies.reopen(session, study_id=stored.study_id):
@@ -101,6 +106,9 @@ class Tracker:
     def association_ended(self, assoc_id: str, *, released: bool) -> None:
         """A release may make its studies ready now; an abort leaves them to the quiet period."""
         with self._lock:
+            self._ended[assoc_id] = None
+            while len(self._ended) > ENDED_REMEMBERED:
+                self._ended.popitem(last=False)
             for study_id in self._by_assoc.pop(assoc_id, set()):
                 entry = self._active.get(study_id)
                 if entry is not None:

@@ -103,10 +103,15 @@ def rss_kb(pid: int) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """Every descendant (msgate's indexer process is started from a thread, so scan parent pids)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
     return kids + [g for k in kids for g in _children(k)]
 
 

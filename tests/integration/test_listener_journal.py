@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from dicom_helpers import free_port, pynd_send, stored_bytes, write_series
+from dicom_helpers import as_sent, dataset_part, free_port, pynd_send, stored_bytes, write_series
 from sqlmodel import select
 
 from msgate.errors import TamperedData
@@ -63,3 +66,53 @@ def test_zero_filled_segment_keeps_records_and_drops_a_torn_tail(store: Store, t
         fh.write(b"X")
     with pytest.raises(TamperedData):
         read_segment(path, store.ring)
+
+
+def _indexer_children() -> list[int]:
+    """Pids of this process's DICOM indexer children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"msgate.listener.indexproc" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_indexer_process_is_restarted_and_nothing_is_lost(store: Store, tmp_path: Path) -> None:
+    """SIGKILL the indexer child between two associations and in the middle of a third: every acknowledged
+    instance ends up indexed exactly once, and the journal is emptied."""
+    files = write_series(tmp_path / "s", count=30, description="AX FLAIR")
+    store.settings.dicom.port = free_port()
+    ae, srv, _ = server.start(store)
+    port = srv.server_address[1]
+    try:
+        [first] = _indexer_children()
+        assert pynd_send(port, files[:10]) == [0] * 10
+        os.kill(first, signal.SIGKILL)
+        assert pynd_send(port, files[10:20]) == [0] * 10  # acknowledged from the journal meanwhile
+        deadline = time.monotonic() + 30
+        while not (children := _indexer_children()) or children == [first]:
+            assert time.monotonic() < deadline, "indexer not restarted"
+            time.sleep(0.1)
+        [second] = children
+        killer = threading.Timer(0.05, os.kill, (second, signal.SIGKILL))
+        killer.start()
+        assert pynd_send(port, files[20:]) == [0] * 10
+        killer.join()
+        with store.db.session() as session:
+            rows = session.exec(select(Instance)).all()
+            ingests = [e for e in session.exec(select(AuditEvent)).all() if e.kind == "ingest.instance"]
+        assert len(rows) == 30 and len(ingests) == 30  # released only once indexed; none stored twice
+        stored = sorted(dataset_part(v[0]) for v in stored_bytes(store).values())
+        assert stored == sorted(as_sent(p.read_bytes()) for p in files)
+    finally:
+        ae.shutdown()
+    journal = store.settings.home / "dicom-journal"
+    assert not [p for p in journal.glob("*.jnl") if read_segment(p, store.ring)]

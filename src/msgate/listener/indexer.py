@@ -1,26 +1,36 @@
 """Moves journaled instances into the blob store and the index, right behind the acknowledgements.
 
-One thread, fed in journal order by :class:`~msgate.listener.intake.Intake`: consecutive instances are
-stored as one batch (``Ingest.index_received``: bodies written, made durable together, indexed in one
-transaction), then handed to the readiness tracker, then counted as indexed in their journal segment
-(which is deleted once all its records are). An association's end comes through the same queue, after
-its instances, so a study is only judged ready on release once everything it received is indexed.
+The work runs in a child process (:mod:`msgate.listener.indexproc`), so encrypting bodies and writing
+index rows never hold the GIL that the threads receiving instances and answering C-STOREs need. This
+side sends it each journaled instance in journal order (:class:`~msgate.listener.intake.Intake` calls
+:meth:`Indexer.put_instances` after the group ``fdatasync``) and follows its answers on one thread:
+each indexed instance goes to the readiness tracker and is counted as indexed in its journal segment
+(deleted once all its records are). An association's end goes through the same channel, after its
+instances, so a study is only judged ready on release once everything it received is indexed.
 
-A batch that fails (database unavailable, disk error) is retried with backoff; the journal keeps it in
-the meantime, and on restart :meth:`Indexer.recover` indexes what is left before the port opens. The
-bytes waiting here are bounded (:meth:`reserve`), so a stalled index slows senders down (and finally
-answers 0xA700) instead of growing memory without limit.
+The child retries a failing batch (database unavailable, disk error) with backoff and finally gives it
+up: it stays in the journal, and on restart :meth:`Indexer.recover` indexes what is left before the
+port opens. A child that dies is started again and sent what it had not answered. The bytes waiting
+here are bounded (:meth:`reserve`), so a stalled index slows senders down (and finally answers 0xA700)
+instead of growing memory without limit.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
-import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
+from msgate.errors import Transient
 from msgate.listener import dataset
+from msgate.listener.indexproc import MAX_BATCH, SEQ
 from msgate.listener.record import decode_record
 from msgate.listener.tracking import Tracker
 from msgate.storage import repo_studies
@@ -31,35 +41,42 @@ from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 64
-MAX_TRIES = 8
-LINGER = 0.02  # s: a small batch waits this long for company (per-batch costs: one sync, one transaction)
+START_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 @dataclass
 class _Item:
+    seq: int
     segment: str
     received: Received
-    tries: int = 0
+    raw: bytes  # the journal record, sent again if the child dies before answering
 
 
 @dataclass(frozen=True)
 class _End:
+    seq: int
     assoc_id: str
     outcome: str
     instances: int
     failures: int
 
 
-class Indexer(threading.Thread):
+class Indexer:
     def __init__(self, store: Store, journal: Journal, tracker: Tracker, *, max_backlog_bytes: int) -> None:
-        super().__init__(name="dicom-indexer", daemon=True)
         self.store, self.journal, self.tracker = store, journal, tracker
         self.max_backlog = max_backlog_bytes
-        self.items: queue.SimpleQueue[_Item | _End | None] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._backlog = 0
         self._pending: dict[str, int] = {}  # association id -> instances acknowledged, not yet indexed
+        self._send_lock = threading.Lock()  # sequence numbers, the outstanding queue and the socket, in one order
+        self._outstanding: collections.deque[_Item | _End] = collections.deque()
+        self._seq = 0
+        self._conn: Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._follower: threading.Thread | None = None
+        self._closing = False
+        self.restarts = 0
 
     # --- called by the intake and the handlers ------------------------------------------------------
 
@@ -94,69 +111,159 @@ class Indexer(threading.Thread):
     def backlog_bytes(self) -> int:
         return self._backlog
 
-    def put_instances(self, segment: str, batch: list[Received]) -> None:
+    def put_instances(self, segment: str, batch: list[Received], raws: list[bytes]) -> None:
+        """Journaled (and fsynced) instances, with their journal records, in journal order."""
         with self._room:
             for received in batch:
                 if received.assoc_id is not None:
                     self._pending[received.assoc_id] = self._pending.get(received.assoc_id, 0) + 1
-        for received in batch:
-            self.items.put(_Item(segment, received))
+        with self._send_lock:
+            for received, raw in zip(batch, raws, strict=True):
+                self._seq += 1
+                item = _Item(self._seq, segment, received, raw)
+                self._outstanding.append(item)
+                self._send(b"I" + SEQ.pack(item.seq) + raw)
 
     def end_association(self, assoc_id: str, *, outcome: str, instances: int, failures: int) -> None:
-        self.items.put(_End(assoc_id, outcome, instances, failures))
+        with self._send_lock:
+            self._seq += 1
+            end = _End(self._seq, assoc_id, outcome, instances, failures)
+            self._outstanding.append(end)
+            self._send(b"E" + SEQ.pack(end.seq))
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Index what is queued, then stop."""
-        self.items.put(None)
-        self.join(timeout)
-
-    # --- the indexer thread --------------------------------------------------------------------------
-
-    def _take(self) -> list[_Item | _End] | None:
-        """The next batch: what is queued, after lingering briefly when that is little."""
-        first = self.items.get()
-        if first is None:
-            return None
-        batch: list[_Item | _End] = [first]
-        deadline = time.monotonic() + LINGER
-        while len(batch) < MAX_BATCH:
-            try:
-                entry = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if entry is None:
-                self.items.put(None)
-                break
-            batch.append(entry)
-            if isinstance(entry, _End):
-                break  # a release is waiting for what came before it
-        return batch
-
-    def run(self) -> None:
-        while (batch := self._take()) is not None:
-            run: list[_Item] = []
-            for entry in batch:
-                if isinstance(entry, _Item):
-                    run.append(entry)
-                    continue
-                self._index(run)
-                run = []
-                self._end(entry)
-            self._index(run)
-
-    def _index(self, items: list[_Item]) -> None:
-        if not items:
+    def _send(self, msg: bytes) -> None:
+        """Under the send lock. A dead child is noticed by the follower, which sends everything again."""
+        if self._conn is None:
             return
-        results = self.store.ingest.index_received([i.received for i in items])
-        done: dict[str, int] = {}
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, Exception):
-                self._retry(item, result)
+        try:
+            self._conn.send_bytes(msg)
+        except OSError:
+            pass
+
+    # --- the child process ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the indexer process and follow its answers; returns once it is ready."""
+        with self._send_lock:
+            self._spawn()
+        self._follower = threading.Thread(target=self._follow, name="dicom-indexer", daemon=True)
+        self._follower.start()
+
+    def _spawn(self) -> None:
+        """Under the send lock: a new child, then everything it has to answer."""
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "msgate.listener.indexproc", str(theirs.fileno())],
+                                    stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
+            assert proc.stdin is not None
+            proc.stdin.write(self.store.settings.model_dump_json().encode())
+            proc.stdin.close()
+        finally:
+            theirs.close()
+        conn = Connection(ours.detach())
+        ready = conn.poll(START_TIMEOUT_S) and self._first(conn)
+        if not ready:
+            conn.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            raise Transient("dicom indexer process did not start (see its log)", code="indexer_start")
+        self._conn, self._proc = conn, proc
+        for entry in self._outstanding:
+            if isinstance(entry, _Item):
+                self._send(b"I" + SEQ.pack(entry.seq) + entry.raw)
+            else:
+                self._send(b"E" + SEQ.pack(entry.seq))
+
+    @staticmethod
+    def _first(conn: Connection) -> bool:
+        try:
+            return bool(json.loads(conn.recv_bytes()).get("ready"))
+        except (EOFError, OSError, ValueError):
+            return False
+
+    def _follow(self) -> None:
+        while True:
+            conn = self._conn
+            try:
+                assert conn is not None
+                answers = json.loads(conn.recv_bytes())["r"]
+            except (EOFError, OSError, ValueError, KeyError, AssertionError):
+                if self._closing:
+                    return
+                self._restart()
                 continue
-            self._stored(item.received, result)
-            done[item.segment] = done.get(item.segment, 0) + 1
+            try:
+                self._answered(answers)
+            except Exception:  # never let the follower die: the journal keeps what was not counted
+                log.exception("indexer answer not applied")
+
+    def _restart(self) -> None:
+        code = self._proc.poll() if self._proc is not None else None
+        log.error("dicom indexer exited; starting it again",
+                  extra={"role": "dicom", "code": code, "attempt": self.restarts})
+        while not self._closing:
+            time.sleep(RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)])
+            self.restarts += 1
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait(10)
+            try:
+                with self._send_lock:
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = None
+                    self._spawn()
+                log.info("dicom indexer running again", extra={"role": "dicom", "count": len(self._outstanding)})
+                return
+            except Exception:
+                log.exception("dicom indexer did not start again", extra={"attempt": self.restarts})
+
+    def _answered(self, answers: list[list[object]]) -> None:
+        done: dict[str, int] = {}
+        for answer in answers:
+            seq = int(answer[0])  # type: ignore[call-overload]
+            with self._send_lock:
+                if not self._outstanding or self._outstanding[0].seq != seq:
+                    log.warning("indexer answer out of order; ignored", extra={"count": seq})
+                    continue
+                entry = self._outstanding.popleft()
+            if isinstance(entry, _End):
+                self._flush(done)
+                self._end(entry)
+            elif answer[1] == 1:
+                self._stored(entry.received, StoredInstance(*answer[2:]))  # type: ignore[arg-type]
+                done[entry.segment] = done.get(entry.segment, 0) + 1
+            else:  # given up: left in the journal, indexed again at the next start
+                self.release(len(entry.received.data), entry.received.assoc_id)
+        self._flush(done)
+
+    def _flush(self, done: dict[str, int]) -> None:
         for segment, count in done.items():
             self.journal.indexed(segment, count)
+        done.clear()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Index what is queued, then stop (what is left after ``timeout`` stays in the journal)."""
+        with self._send_lock:
+            self._closing = True
+            self._send(b"S")
+        if self._follower is not None:
+            self._follower.join(timeout)
+        if self._proc is not None:
+            try:
+                self._proc.wait(max(1.0, timeout / 6))
+            except subprocess.TimeoutExpired:
+                log.warning("dicom indexer did not stop in time; killed", extra={"role": "dicom"})
+                self._proc.kill()
+                self._proc.wait(10)
+        if self._conn is not None:
+            self._conn.close()
+        if self._outstanding:
+            log.warning("instances left in the journal at shutdown; indexed at the next start",
+                        extra={"count": sum(isinstance(e, _Item) for e in self._outstanding)})
+
+    # --- the follower thread -------------------------------------------------------------------------
 
     def _stored(self, received: Received, stored: StoredInstance) -> None:
         try:
@@ -167,17 +274,6 @@ class Indexer(threading.Thread):
         finally:
             received.header.release()
             self.release(len(received.data), received.assoc_id)
-
-    def _retry(self, item: _Item, exc: Exception) -> None:
-        item.tries += 1
-        if item.tries >= MAX_TRIES:  # left in the journal: indexed again at the next start
-            log.error("instance not indexed; it stays in the journal until the next start",
-                      extra={"reason": type(exc).__name__, "count": item.tries})
-            self.release(len(item.received.data), item.received.assoc_id)
-            return
-        log.warning("indexing failed; retrying", extra={"reason": type(exc).__name__, "count": item.tries})
-        time.sleep(min(10.0, 0.1 * 2 ** item.tries))
-        self.items.put(item)
 
     def _end(self, end: _End) -> None:
         self.tracker.association_ended(end.assoc_id, released=end.outcome == "released")

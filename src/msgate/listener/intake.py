@@ -4,10 +4,10 @@ A received instance is one record of the DICOM commit journal (:mod:`msgate.stor
 folder ``MSGATE_HOME/dicom-journal``): the bytes as received plus the calling AE title and association
 id, encrypted under the segment's data key. Concurrent associations share one ``fdatasync``
 (:class:`~msgate.listener.committer.LeaderBatcher`). Only then does the handler answer success; the
-:class:`~msgate.listener.indexer.Indexer` moves journaled instances into the blob store and the index
-right behind, and a segment is deleted once every instance in it is stored and indexed. After a
-crash the leftover segments are indexed before the port opens, so an acknowledged instance is never
-lost. The journal is the write-ahead log of the ingest path, as it is for the HL7 feed.
+:class:`~msgate.listener.indexer.Indexer` (a child process) moves journaled instances into the blob
+store and the index right behind, and a segment is deleted once every instance in it is stored and
+indexed. After a crash the leftover segments are indexed before the port opens, so an acknowledged
+instance is never lost. The journal is the write-ahead log of the ingest path, as it is for the HL7 feed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from msgate.listener.indexer import Indexer
 from msgate.listener.record import encode_record
 from msgate.storage.ingest import Received
 from msgate.storage.journal import Journal
+
 
 class Intake:
     """``accept`` returns once the instance is durable; it raises Transient when it cannot be made so."""
@@ -36,9 +37,10 @@ class Intake:
             raise
 
     def _append(self, batch: list[Received]) -> list[None | BaseException]:
+        raws = [encode_record(item) for item in batch]
         try:
-            segment = self.journal.append([encode_record(item) for item in batch])
+            segment = self.journal.append(raws)
         except OSError as exc:
             return [Transient(f"journal write failed ({type(exc).__name__})", code="journal_io")] * len(batch)
-        self.indexer.put_instances(segment, batch)
+        self.indexer.put_instances(segment, batch, raws)
         return [None] * len(batch)

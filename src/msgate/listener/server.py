@@ -139,6 +139,7 @@ def start(store: Store, *, tracker: Tracker | None = None) -> tuple[AE, Threaded
                       preallocate=True)
     indexer = Indexer(store, journal, tracker, max_backlog_bytes=cfg.index_backlog_mb * 1024 * 1024)
     indexer.recover()
+    journal.start()  # the first segment and its spare, before the port opens
     indexer.start()
     listener = Listener(store=store, intake=Intake(journal, indexer), indexer=indexer)
     ae = build_ae(cfg)

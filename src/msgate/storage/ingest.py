@@ -182,17 +182,26 @@ class Ingest:
             return []
         if not self.can_group_commit:
             return [self._store_received(item, actor) for item in items]
+        try:
+            prepared = self.prepare_received(items)
+        except OSError as exc:
+            return [Transient(f"blob write failed ({type(exc).__name__})", code="blob_io")] * len(items)
+        return self.commit_instances(prepared, actor=actor)
+
+    def prepare_received(self, items: Sequence[Received]) -> list[PreparedInstance]:
+        """Phase 1 of :meth:`index_received` (file bodies only): every body written, then one sync.
+        On an OSError the bodies written so far are removed and it propagates."""
         prepared: list[PreparedInstance] = []
         try:
             for item in items:
                 blob = self.blobs.write_record(None, kind="dicom", source=item.data, durable=False)  # type: ignore[arg-type]
                 prepared.append(self._prepared(item, blob))
             self.blobs.bodies.sync()
-        except OSError as exc:
+        except OSError:
             for done in prepared:
                 self.blobs.discard_body(None, done.blob.id)  # type: ignore[arg-type]
-            return [Transient(f"blob write failed ({type(exc).__name__})", code="blob_io")] * len(items)
-        return self.commit_instances(prepared, actor=actor)
+            raise
+        return prepared
 
     def _prepared(self, item: Received, blob: Any) -> PreparedInstance:
         return PreparedInstance(item.header, blob, self.cipher.blind_index(item.header.get("SOPInstanceUID"), scope="sop"),

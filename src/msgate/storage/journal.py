@@ -32,6 +32,7 @@ from msgate.storage.keyring import KeyRing
 MAGIC = b"MGJ1"
 KIND = "hl7-journal"
 ROTATE_BYTES = 8 * 1024 * 1024
+ZERO_FLUSH_MIB = 4  # a spare segment is zero-filled and flushed in steps of this size
 
 
 def _aad(name: str, seq: int) -> bytes:
@@ -53,6 +54,8 @@ class Segment:
         zeros = bytes(1 << 20)
         for offset in range(len(header), zero_fill, len(zeros)):
             os.write(self.fd, zeros[:zero_fill - offset])
+            if (offset // len(zeros)) % ZERO_FLUSH_MIB == ZERO_FLUSH_MIB - 1:
+                os.fdatasync(self.fd)  # a few MiB per flush: appends to the current segment wait less
         os.lseek(self.fd, len(header), os.SEEK_SET)
         os.fsync(self.fd)
         _fsync_dir(directory)
@@ -87,6 +90,14 @@ class Journal:
         """Segments on disk before this process started appending (a crash or an unclean stop)."""
         return sorted((p for p in self.directory.glob("*.jnl") if p.name not in self._segments),
                       key=lambda p: p.stat().st_mtime)
+
+    def start(self) -> None:
+        """Make the first segment now and, with ``preallocate``, its zero-filled spare: the first
+        appends (acknowledgements waiting on them) then find both ready."""
+        self.append([])
+        preparing = self._preparing
+        if preparing is not None:
+            preparing.join()
 
     def append(self, raws: list[bytes]) -> str:
         """Write and fsync ``raws``; return the segment name to pass to :meth:`indexed` later."""

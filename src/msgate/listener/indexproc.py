@@ -1,0 +1,206 @@
+"""The DICOM indexer process: stores and indexes journaled instances outside the listener's interpreter.
+
+``python -m msgate.listener.indexproc FD`` with the settings as JSON on stdin (never argv: they may hold
+a database password); FD is its end of a socketpair to the listener (:class:`msgate.listener.indexer.Indexer`).
+Its work (encrypting blob bodies, syncing them, one SQL transaction per batch) used to run on a thread of
+the listener and competed for the GIL with the threads that receive instances and answer C-STOREs.
+
+Messages (``multiprocessing.connection`` framing), listener to here:
+
+* ``I`` + sequence (8 bytes) + a journal record (:mod:`msgate.listener.record`): store and index it;
+* ``E`` + sequence: an association ended: index what came before at once (no lingering), then echo it;
+* ``S``: index what is queued, answer it, exit.
+
+Here to the listener: ``{"ready": true}`` once the store is open, then ``{"r": [...]}`` per batch, in the
+order received: ``[seq, 1, instance_id, study_id, series_id, duplicate, version, new_series, new_study]``
+(indexed), ``[seq, 0, reason]`` (given up after retries: it stays in the journal and is indexed at the next
+start) or ``[seq, 2]`` (an association end, everything before it answered). The listener owns the journal:
+a segment is deleted there once every record in it is answered as indexed. If this process dies, the
+listener starts another and sends again what was not answered (a record stored twice is a duplicate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import struct
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+
+from msgate.listener import dataset
+from msgate.listener.record import decode_record
+from msgate.storage.index_dicom import PreparedInstance, StoredInstance
+from msgate.storage.ingest import Received
+from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 64
+MAX_TRIES = 8
+LINGER = 0.02  # s: a small batch waits this long for company (per-batch costs: one sync, one transaction)
+INDEXER_NICE = 5  # below the listener that answers senders; far above `nice -n 19` batch jobs
+SEQ = struct.Struct(">Q")
+
+Entry = tuple[int, Received | None]  # (sequence, instance) or (sequence, None) for an association end
+
+
+def _read(conn: Connection, items: queue.SimpleQueue[Entry | str | None]) -> None:
+    """Reader thread: the socket never fills while a batch is being indexed."""
+    try:
+        while True:
+            msg = conn.recv_bytes()
+            kind = msg[:1]
+            if kind == b"S":
+                items.put("stop")
+                return
+            (seq,) = SEQ.unpack_from(msg, 1)
+            if kind == b"E":
+                items.put((seq, None))
+                continue
+            aet, assoc_id, data = decode_record(msg[1 + SEQ.size:])
+            try:
+                header = dataset.parse(data)
+            except Exception:  # noqa: BLE001 - the listener parsed it already; report, never crash
+                items.put((seq, Received(data, None, aet, assoc_id)))  # type: ignore[arg-type]
+                continue
+            items.put((seq, Received(data, header, aet, assoc_id)))
+    except (EOFError, OSError):
+        items.put(None)  # the listener is gone: index what is queued, then exit
+
+
+class Worker:
+    def __init__(self, store: Store, conn: Connection) -> None:
+        self.store, self.conn = store, conn
+        self.items: queue.SimpleQueue[Entry | str | None] = queue.SimpleQueue()
+
+    def take(self) -> tuple[list[Entry], bool]:
+        """The next batch (ending at an association end, if one comes) and whether to stop after it."""
+        first = self.items.get()
+        if first is None or first == "stop":
+            return [], True
+        batch: list[Entry] = [first]  # type: ignore[list-item]
+        if first[1] is None:  # type: ignore[index]
+            return batch, False
+        deadline = time.monotonic() + LINGER
+        while len(batch) < MAX_BATCH:
+            try:
+                entry = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if entry is None or entry == "stop":
+                return batch, True
+            batch.append(entry)  # type: ignore[arg-type]
+            if entry[1] is None:  # type: ignore[index]
+                break  # a release is waiting for what came before it
+        return batch, False
+
+    def run(self) -> None:
+        """Two stages, so one batch's bodies are written while the previous batch's transaction commits:
+        this thread takes batches and writes their bodies; the committer indexes and answers, in order."""
+        handoff: queue.Queue[tuple[list[Entry], list[PreparedInstance] | Exception | None] | None] = queue.Queue(2)
+        committer = threading.Thread(target=self._commit_loop, args=(handoff,), name="dicom-index-commit",
+                                     daemon=True)
+        committer.start()
+        while True:
+            batch, stop = self.take()
+            if batch:
+                handoff.put((batch, self.prepare(batch)))
+            if stop:
+                break
+        handoff.put(None)
+        committer.join()
+
+    def prepare(self, batch: list[Entry]) -> list[PreparedInstance] | Exception | None:
+        """The batch's bodies, written and synced (file bodies); None where the commit writes them."""
+        todo = [r for _, r in batch if r is not None and r.header is not None]
+        if not todo or not self.store.ingest.can_group_commit:
+            return None
+        try:
+            return self.store.ingest.prepare_received(todo)
+        except OSError as exc:
+            return exc
+
+    def _commit_loop(self, handoff: queue.Queue[tuple[list[Entry], list[PreparedInstance] | Exception | None]
+                                                | None]) -> None:
+        try:
+            while (entry := handoff.get()) is not None:
+                answers = self.index(*entry)
+                self.conn.send_bytes(json.dumps({"r": answers}, separators=(",", ":")).encode())
+        except (BrokenPipeError, ConnectionError, OSError):
+            os._exit(0)  # the listener is gone; what it had not seen answered is still in its journal
+
+    def index(self, batch: list[Entry], prepared: list[PreparedInstance] | Exception | None = None
+              ) -> list[list[object]]:
+        answers: dict[int, list[object]] = {}
+        todo = []
+        for seq, received in batch:
+            if received is None:
+                answers[seq] = [seq, 2]
+            elif received.header is None:
+                answers[seq] = [seq, 0, "unparsable"]
+            else:
+                todo.append((seq, received))
+        tries = 0
+        while todo:
+            ingest = self.store.ingest
+            if tries == 0 and isinstance(prepared, list):
+                results: list[StoredInstance | Exception] = ingest.commit_instances(prepared)
+            elif tries == 0 and isinstance(prepared, Exception):
+                results = [prepared] * len(todo)
+            else:
+                results = ingest.index_received([r for _, r in todo])
+            failed = []
+            for (seq, received), result in zip(todo, results, strict=True):
+                if isinstance(result, StoredInstance):
+                    answers[seq] = [seq, 1, result.instance_id, result.study_id, result.series_id,
+                                    result.duplicate, result.version, result.new_series, result.new_study]
+                    received.header.release()
+                else:
+                    failed.append((seq, received, type(result).__name__))
+            tries += 1
+            if failed and tries >= MAX_TRIES:
+                log.error("instances not indexed; they stay in the journal until the next start",
+                          extra={"reason": failed[0][2], "count": len(failed)})
+                for seq, _, reason in failed:
+                    answers[seq] = [seq, 0, reason]
+                break
+            if failed:
+                log.warning("indexing failed; retrying", extra={"reason": failed[0][2], "count": tries})
+                time.sleep(min(10.0, 0.1 * 2 ** tries))
+            todo = [(seq, received) for seq, received, _ in failed]
+        return [answers[seq] for seq, _ in batch]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from msgate.config import load_settings
+    from msgate.log import setup_logging
+    from msgate.storage.store import open_store
+
+    args = sys.argv[1:] if argv is None else argv
+    settings = load_settings(**json.loads(sys.stdin.read()))
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        os.nice(INDEXER_NICE)
+    except OSError:
+        pass
+    conn = Connection(socket.socket(fileno=int(args[0])).detach())
+    store = open_store(settings, migrate=False, create_keys=False)
+    try:
+        worker = Worker(store, conn)
+        threading.Thread(target=_read, args=(conn, worker.items), name="dicom-indexer-reader", daemon=True).start()
+        conn.send_bytes(b'{"ready":true}')
+        worker.run()
+    except (BrokenPipeError, ConnectionError):
+        pass  # the listener is gone; what was not answered is still in its journal
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

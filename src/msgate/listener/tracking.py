@@ -155,6 +155,9 @@ class Tracker:
                 state = "ignored" if rule.action == "ignore" else "stored"
             if not state:
                 return  # released with roles missing: wait for the quiet period
+            # Instances arrived since the last decision: if that decision's reopen is not committed yet
+            # (another thread), reopen here, in the same transaction as the new decision.
+            repo_studies.reopen(session, study_id=study_id)
             run = repo_studies.finish(session, study_id=study_id, state=state, reason=reason,
                                       roles=sorted(roles), missing=missing)
         with self._lock:

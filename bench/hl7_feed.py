@@ -3,7 +3,7 @@
 Each server runs in its own process; an asyncio client sends a ~2 KB ORU^R01 (a new control id, a new
 observation time each) and waits for each ACK, over 1 and 8 connections, for a fixed time; then paced
 runs at 200 msg/s measure p99 ACK latency on the same msgate server (its indexer still working through
-what the unpaced runs left). A sustained phase on a fresh msgate server offers 300 ORU/s for twice the
+what the unpaced runs left), and again on a fresh server (steady state at that load). A sustained phase on a fresh msgate server offers 300 ORU/s for twice the
 run time and measures how fast they end up mapped (the indexer process keeping up, end to end); the
 mapping path alone (``map_messages``, batches of 64) is timed offline, for new and for known patients.
 Medians over the runs; ratios are taken within the same run; the load average is printed with each run.
@@ -211,6 +211,19 @@ def sustained(seconds: float, rate: float = 300.0, conns: int = 4) -> dict[str, 
     return result
 
 
+def fresh_paced(seconds: float, run: int, rate: float = 200.0) -> dict[int, dict[str, float]]:
+    """200 msg/s offered to a fresh server (1, then 8 connections): the ACK latency at that load in steady
+    state. The ``paced200`` rows above run on the server that has just taken the unpaced bursts (~20,000
+    messages), while its indexer is still mapping them: the latency at 200 msg/s during that catch-up."""
+    home, port = tempfile.mkdtemp(), _free_port()
+    proc = start(serve_msgate, port, home)
+    try:
+        return {conns: load(port, conns, seconds, rate=rate, base=run * 10_000_000 + 600_000_000 + conns * 1_000_000)
+                for conns in (1, 8)}
+    finally:
+        proc.kill()
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -246,6 +259,8 @@ def main() -> None:
             other = rows[key.replace("msgate", "python-hl7")][-1]
             rows[key][-1]["ratio"] = rows[key][-1]["rate"] / other["rate"]
         rows.setdefault("msgate sustained300 c4", []).append(sustained(args.seconds * 2))
+        for conns, result in fresh_paced(args.seconds, run).items():
+            rows.setdefault(f"msgate paced200-fresh c{conns}", []).append(result)
         loads[-1] += f" -> {loadavg()}"
         print(f"run {run + 1} (load {loads[-1]}): " + ", ".join(f"{k}={v[-1]['rate']:.0f}/s p99={v[-1]['p99']:.1f}ms"
                                                            for k, v in rows.items()), flush=True)

@@ -14,11 +14,11 @@ import json
 import logging
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from msgate import childproc
 from msgate.config import Settings
 from msgate.errors import Transient
 
@@ -48,7 +48,7 @@ class IndexerProcess:
         reader = await self._spawn()
         try:
             line = await asyncio.wait_for(reader.readline(), START_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             line = b""
         if not line:
             self._kill()
@@ -72,12 +72,7 @@ class IndexerProcess:
         return reader
 
     def _popen(self, theirs: socket.socket) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "msgate.hl7.indexer", str(theirs.fileno())],
-                                stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
-        assert proc.stdin is not None
-        proc.stdin.write(self.settings.model_dump_json().encode())  # stdin, not argv: it may hold a DB password
-        proc.stdin.close()
-        return proc
+        return childproc.spawn("msgate.hl7.indexer", theirs, self.settings)
 
     def durable(self, segment: str, first: int, last: int, callbacks: dict[int, AppAck]) -> None:
         """Records ``first..last`` of ``segment`` are fsynced; ``callbacks`` (by record) want an app ACK."""

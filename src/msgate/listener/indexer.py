@@ -22,12 +22,12 @@ import json
 import logging
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from msgate import childproc
 from msgate.errors import Transient
 from msgate.listener import dataset
 from msgate.listener.indexproc import MAX_BATCH, SEQ
@@ -153,11 +153,7 @@ class Indexer:
         """Under the send lock: a new child, then everything it has to answer."""
         ours, theirs = socket.socketpair()
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "msgate.listener.indexproc", str(theirs.fileno())],
-                                    stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
-            assert proc.stdin is not None
-            proc.stdin.write(self.store.settings.model_dump_json().encode())
-            proc.stdin.close()
+            proc = childproc.spawn("msgate.listener.indexproc", theirs, self.store.settings)
         finally:
             theirs.close()
         conn = Connection(ours.detach())

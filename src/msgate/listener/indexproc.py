@@ -177,17 +177,11 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msgate.config import load_settings
-    from msgate.log import setup_logging
+    from msgate.childproc import start_child
     from msgate.storage.store import open_store
 
     args = sys.argv[1:] if argv is None else argv
-    settings = load_settings(**json.loads(sys.stdin.read()))
-    setup_logging(settings.log_level, settings.log_format)
-    try:
-        os.nice(INDEXER_NICE)
-    except OSError:
-        pass
+    settings = start_child(INDEXER_NICE)
     conn = Connection(socket.socket(fileno=int(args[0])).detach())
     store = open_store(settings, migrate=False, create_keys=False)
     try:

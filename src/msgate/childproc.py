@@ -1,0 +1,38 @@
+"""msgate's helper processes (the DICOM and HL7 indexers): how a role starts one and how it starts up.
+
+The parent passes one end of a socketpair by number and the settings as JSON on stdin (never argv: they
+may hold a database password); the child reads them, sets up logging like its parent and lowers its own
+priority below the server it works for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from msgate.config import Settings, load_settings
+from msgate.log import setup_logging
+
+
+def spawn(module: str, theirs: socket.socket, settings: Settings) -> subprocess.Popen[bytes]:
+    """``python -m module FD`` with ``theirs`` passed as FD and ``settings`` on stdin."""
+    proc = subprocess.Popen([sys.executable, "-m", module, str(theirs.fileno())], stdin=subprocess.PIPE,
+                            pass_fds=(theirs.fileno(),))
+    assert proc.stdin is not None
+    proc.stdin.write(settings.model_dump_json().encode())
+    proc.stdin.close()
+    return proc
+
+
+def start_child(nice: int) -> Settings:
+    """In the child: settings from stdin, logging set up, priority lowered by ``nice`` (where allowed)."""
+    settings = load_settings(**json.loads(sys.stdin.read()))
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        os.nice(nice)
+    except OSError:
+        pass
+    return settings

@@ -92,13 +92,18 @@ def pretrain(net: nn.Module, patches: np.ndarray, recipe: RimRecipe, seed: int, 
             else:
                 assert proj is not None
                 loss = nt_xent(proj(net(v1)[1]), proj(net(v2)[1]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item()
+            tot += _step(opt, sched, loss)
         if log is not None:
             log("pretrain", ep, tot / max(n_batches, 1))
+
+
+def _step(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor) -> float:
+    """One optimisation step (gradients, parameters, learning-rate schedule); the loss as a float."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.item())
 
 
 def _param_groups(net: nn.Module, recipe: RimRecipe, pretrained: bool) -> list[dict[str, object]]:
@@ -129,11 +134,7 @@ def finetune(net: nn.Module, x: np.ndarray, y: np.ndarray, recipe: RimRecipe, se
             logit, emb = net(xb)
             yb = lab[idx]
             loss = focal(logit[:, None], yb[:, None]) + 0.2 * supcon_loss(net.proj_sup(emb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += loss.item()
+            tot += _step(opt, sched, loss)
         if log is not None:
             log("finetune", ep, tot / n_batches)
     net.eval()

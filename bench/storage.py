@@ -4,7 +4,8 @@ Both sides use the same durable protocol (temp file, write, fsync, rename, fsync
 ratio isolates what envelope encryption costs. The encrypted side is ``Blobs.write_record`` (what the
 ingest paths call: fresh data key, wrapped, chunked AES-GCM, durable write; the index row it returns is
 a plain record, as the batch indexer inserts it). Sizes 0.5 MB and 50 MB; repetitions are interleaved
-write by write (plain, encrypted, plain, ...) so each ratio comes from one noisy period; medians are reported.
+write by write (plain, encrypted, plain, ...) so each ratio comes from one noisy period. Each run's MB/s is
+the median over its writes (one slow disk flush does not decide a run); the report gives the median of the runs.
 
     python bench/storage.py [--runs 5] [--json OUT]
 """
@@ -24,7 +25,7 @@ from msgate.storage.blobs import Blobs, LocalBodies, _fsync_dir
 from msgate.storage.db import Database
 
 SIZES = {"0.5MB": 512 * 1024, "50MB": 50 * 1024 * 1024}
-WRITES = {"0.5MB": 100, "50MB": 4}
+WRITES = {"0.5MB": 200, "50MB": 6}
 
 
 def plain_write(root: Path, name: str, data: bytes) -> None:
@@ -42,22 +43,23 @@ def plain_write(root: Path, name: str, data: bytes) -> None:
 
 
 def one_run(size_name: str, work: Path, blobs: Blobs) -> tuple[float, float]:
+    """Median MB/s of each side over one run's writes (a median, so one slow flush does not decide it)."""
     data = os.urandom(SIZES[size_name])
-    n = WRITES[size_name]
     plain_root = work / "plain"
     plain_root.mkdir(exist_ok=True)
-    plain_s = enc_s = 0.0
-    for i in range(n):  # interleaved write by write, in alternating order, so both sides see the same noise
+    plain_s: list[float] = []
+    enc_s: list[float] = []
+    for i in range(WRITES[size_name]):  # interleaved write by write, in alternating order: both see the same noise
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             start = time.perf_counter()
             if side == 0:
                 plain_write(plain_root, f"{os.urandom(8).hex()}", data)
-                plain_s += time.perf_counter() - start
+                plain_s.append(time.perf_counter() - start)
             else:
                 blobs.write_record(None, kind="dicom", source=data)  # type: ignore[arg-type]
-                enc_s += time.perf_counter() - start
-    mb = n * len(data) / 1e6
-    return mb / plain_s, mb / enc_s
+                enc_s.append(time.perf_counter() - start)
+    mb = len(data) / 1e6
+    return mb / statistics.median(plain_s), mb / statistics.median(enc_s)
 
 
 def main() -> None:

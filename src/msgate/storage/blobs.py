@@ -89,12 +89,16 @@ class LocalBodies:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             pending: list[bytes] = []
+            chunks = 0
             for piece in pieces:  # the small header goes out with the first chunk: one syscall
                 pending.append(piece)
                 size += len(piece)
                 if not (isinstance(piece, bytes) and len(piece) <= 4096):  # never hold a reused buffer
+                    if durable and chunks:  # a multi-chunk blob: the disk writes while the next chunk encrypts
+                        _start_writeback(fd)
                     _write_all(fd, pending)
                     pending = []
+                    chunks += 1
             _write_all(fd, pending)
             if durable:
                 os.fsync(fd)
@@ -142,6 +146,14 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Start (not wait for) write-back of the file's dirty pages, so the final fsync has little left to do.
+    A hint only: where ``sync_file_range`` is missing, the fsync does all the work as before."""
+    if _LIBC is not None and hasattr(_LIBC, "sync_file_range"):
+        _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
 def _write_all(fd: int, pieces: list[bytes]) -> None:

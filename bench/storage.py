@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from msgate.storage import keyring
-from msgate.storage.blobs import Blobs, LocalBodies, _fsync_dir
+from msgate.storage.blobs import Blobs, LocalBodies, fsync_dir
 from msgate.storage.db import Database
 
 SIZES = {"0.5MB": 512 * 1024, "50MB": 50 * 1024 * 1024}
@@ -39,7 +39,7 @@ def plain_write(root: Path, name: str, data: bytes) -> None:
     os.fsync(fd)
     os.close(fd)
     os.replace(tmp, target)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def one_run(size_name: str, work: Path, blobs: Blobs) -> tuple[float, float, float]:

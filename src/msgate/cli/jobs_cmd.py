@@ -6,6 +6,7 @@ and cancel are operator actions and are recorded in the audit chain (``job.retry
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -131,6 +132,20 @@ def _publish(store: Store, job_id: str) -> bool:
     return True
 
 
+def _transition(store: Store, job_id: str, allowed: tuple[str, ...], rule: str, kind: str,
+                change: Callable[[Job], None]) -> str:
+    """Change a job under a row lock if its state allows it, with an audit event; returns the previous state."""
+    with store.db.session() as session:
+        row = session.exec(select(Job).where(Job.id == job_id).with_for_update()).one()
+        if row.state not in allowed:
+            fail(f"job {row.id} is {row.state}; only {rule}")
+        previous = row.state
+        change(row)
+        session.add(row)
+        audit.append(session, kind=kind, actor=audit.operator(), subject=f"job:{row.id}", detail={"from": previous})
+    return previous
+
+
 @app.command()
 def retry(
     ctx: typer.Context,
@@ -140,16 +155,12 @@ def retry(
     """Queue a failed or cancelled job again (same case, same key)."""
     store = state(ctx).store()
     job = _get(store, job_id)
-    with store.db.session() as session:
-        row = session.exec(select(Job).where(Job.id == job.id).with_for_update()).one()
-        if row.state not in RETRYABLE:
-            fail(f"job {row.id} is {row.state}; only failed or cancelled jobs can be retried")
-        previous = row.state
+
+    def requeue(row: Job) -> None:
         row.state, row.published_at, row.finished_at = "queued", None, None
         row.flags = {k: v for k, v in row.flags.items() if k not in ("owner", "lease_until", "handoff_at")}
-        session.add(row)
-        audit.append(session, kind="job.retry", actor=audit.operator(), subject=f"job:{row.id}",
-                     detail={"from": previous})
+
+    _transition(store, job.id, RETRYABLE, "failed or cancelled jobs can be retried", "job.retry", requeue)
     published = _publish(store, job.id)
     out = {"id": job.id, "state": "queued", "published": published}
     if json_out:
@@ -168,15 +179,11 @@ def cancel(
     """Cancel a queued or running job (a running one finishes its computation but is not published)."""
     store = state(ctx).store()
     job = _get(store, job_id)
-    with store.db.session() as session:
-        row = session.exec(select(Job).where(Job.id == job.id).with_for_update()).one()
-        if row.state not in CANCELLABLE:
-            fail(f"job {row.id} is {row.state}; only queued or running jobs can be cancelled")
-        previous = row.state
+
+    def stop(row: Job) -> None:
         row.state, row.finished_at, row.error = "cancelled", utcnow(), "cancelled by operator"
-        session.add(row)
-        audit.append(session, kind="job.cancel", actor=audit.operator(), subject=f"job:{row.id}",
-                     detail={"from": previous})
+
+    previous = _transition(store, job.id, CANCELLABLE, "queued or running jobs can be cancelled", "job.cancel", stop)
     if json_out:
         print_json({"id": job.id, "state": "cancelled", "from": previous})
     else:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import io
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -45,7 +44,8 @@ class Bodies(Protocol):
     def sync(self) -> None: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new or renamed file in it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -66,7 +66,7 @@ class LocalBodies:
         if not (root / "ff").is_dir():
             for bucket in range(256):
                 (root / f"{bucket:02x}").mkdir(exist_ok=True, mode=0o700)
-            _fsync_dir(root)
+            fsync_dir(root)
 
     def path(self, blob_id: str) -> Path:
         return self.root / blob_id[:2] / blob_id
@@ -76,7 +76,7 @@ class LocalBodies:
             return
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            _fsync_dir(Path(folder).parent)
+            fsync_dir(Path(folder).parent)
         self._known.add(folder)
 
     def write(self, session: Session, blob_id: str, pieces: Iterable[bytes], *, durable: bool = True) -> int:
@@ -110,7 +110,7 @@ class LocalBodies:
         os.close(fd)
         os.replace(tmp, target)
         if durable:
-            _fsync_dir(Path(folder))
+            fsync_dir(Path(folder))
         return size
 
     def sync(self) -> None:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from msgate.errors import TamperedData
 from msgate.storage import crypto
+from msgate.storage.blobs import fsync_dir
 from msgate.storage.keyring import KeyRing
 
 MAGIC = b"MGJ1"
@@ -58,17 +59,9 @@ class Segment:
                 os.fdatasync(self.fd)  # a few MiB per flush: appends to the current segment wait less
         os.lseek(self.fd, len(header), os.SEEK_SET)
         os.fsync(self.fd)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         self.aead = AESGCM(self.dek)
         self.size, self.seq, self.indexed, self.closed = len(header), 0, 0, False
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:

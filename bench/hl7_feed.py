@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import sys

@@ -13,19 +13,19 @@ import sys
 import threading
 from pathlib import Path
 
+import ehr_spy
 import numpy as np
 import pytest
-from sqlmodel import select
-
-import ehr_spy
 import test_workers_double as double
 from conftest import make_settings
+from sqlmodel import select
+from test_workers_queue import FAST, Rig, settings_env
+
 from msgate.storage.models import AuditEvent
 from msgate.storage.store import open_store
 from msgate.workers.celery_app import build_app
 from msgate.workers.results_io import read_result
 from msgate.workers.scheduler import Scheduler
-from test_workers_queue import FAST, Rig, settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+
 import pytest
 from hl7_helpers import RawClient, err, make_store, msa, running_server
 

@@ -9,8 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from hl7_helpers import (RawClient, free_port, make_store, msa, open_home_store, running_server, start_serve,
-                         wait_mapped)
+from hl7_helpers import (
+    RawClient,
+    free_port,
+    make_store,
+    msa,
+    open_home_store,
+    running_server,
+    start_serve,
+    wait_mapped,
+)
 from sqlmodel import func, select
 
 from msgate.hl7 import mllp

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlmodel import col, select
-
 from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
+from sqlmodel import col, select
 
 from msgate.hl7.client import MllpClient
 from msgate.model.patient.lesionsrc import load_lesion_source

@@ -16,12 +16,19 @@ import pytest
 from sqlmodel import select, update
 
 from msgate.results import outbox, outbox_ops
-from msgate.results.hl7_out import render_oru, OrderNumbers
+from msgate.results.hl7_out import OrderNumbers, render_oru
 from msgate.storage.models import Job, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store, open_store
 from tests.conftest import make_settings
 from tests.integration.pacs_peers import (
-    encode, flair_series, free_port, model_result, start_mllp_receiver, start_scripted_scp, start_storescp, wait_until,
+    encode,
+    flair_series,
+    free_port,
+    model_result,
+    start_mllp_receiver,
+    start_scripted_scp,
+    start_storescp,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.peer]

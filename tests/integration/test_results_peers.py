@@ -26,8 +26,16 @@ from msgate.storage.store import Store, open_store
 from msgate.workers.results_io import store_result
 from tests.conftest import make_settings
 from tests.integration.pacs_peers import (
-    MllpReceiver, Orthanc, StoreScp, encode, flair_series, model_result, start_mllp_receiver, start_orthanc,
-    start_storescp, wait_until,
+    MllpReceiver,
+    Orthanc,
+    StoreScp,
+    encode,
+    flair_series,
+    model_result,
+    start_mllp_receiver,
+    start_orthanc,
+    start_storescp,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.peer]

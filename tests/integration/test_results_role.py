@@ -16,7 +16,14 @@ from msgate.storage.store import open_store
 from msgate.workers import celery_app
 from msgate.workers.results_io import store_result
 from tests.conftest import make_settings
-from tests.integration.pacs_peers import encode, flair_series, model_result, start_mllp_receiver, start_storescp, wait_until
+from tests.integration.pacs_peers import (
+    encode,
+    flair_series,
+    model_result,
+    start_mllp_receiver,
+    start_storescp,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.peer]
 

@@ -81,8 +81,9 @@ def test_bad_datasets_are_rejected_without_harm(store: Store) -> None:
     with pytest.raises(Rejected) as err:
         store.ingest.store_instance(source=b"\x00garbage" * 50)
     assert err.value.code in {"undecodable", "missing_SOPInstanceUID"}
-    import pydicom
     import io
+
+    import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(good))
     del ds.SOPInstanceUID

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 import test_workers_double as double
-from conftest import make_settings
-from msgate.model.types import EDSS_BINS, Case, ModelResult
-
 import torch  # noqa: E402  (the package depends on torch; what may be missing is CUDA)
+from conftest import make_settings
+
+from msgate.model.types import EDSS_BINS, Case, ModelResult
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmodel import col, select
-
 import test_workers_double as double
 from conftest import REDIS_URL, free_port, make_settings
+from sqlmodel import col, select
+
 from msgate.config import Settings
 from msgate.storage import audit
 from msgate.storage.models import AuditEvent, Job, Result

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from msgate.errors import TamperedData
-from msgate.storage.journal import Journal, read_segment
 from msgate.storage import keyring
+from msgate.storage.journal import Journal, read_segment
 
 
 def test_journal_roundtrip_torn_tail_and_tamper(tmp_path: Path) -> None:

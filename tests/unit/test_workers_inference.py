@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 import test_workers_double as double  # noqa: E402
 from conftest import make_settings  # noqa: E402
+
 from msgate.errors import Transient  # noqa: E402
 from msgate.model.types import Case, ModelResult  # noqa: E402
 from msgate.storage.store import open_store  # noqa: E402

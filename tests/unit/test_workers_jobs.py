@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 import test_workers_double as double  # noqa: E402
 from conftest import make_settings  # noqa: E402
+
 from msgate.cli import jobs_cmd  # noqa: E402
 from msgate.storage.models import Job  # noqa: E402
 from msgate.storage.store import Store, open_store  # noqa: E402
@@ -93,9 +94,8 @@ def test_claims_and_leases(store: Store, sched: Scheduler) -> None:
 
 
 def test_hook_wakes_the_scheduler() -> None:
-    from msgate.workers import scheduler
-
     from msgate.listener import server
+    from msgate.workers import scheduler
 
     assert hook in server._READY_HOOKS  # serve --role all: the in-process listener wakes the scheduler
     hook(type("Ready", (), {"study_id": 42})())

@@ -17,7 +17,15 @@ from sqlmodel import Session, col, select
 from msgate.cli.common import console, fail, print_json, state
 from msgate.storage import audit
 from msgate.storage.models import (
-    Association, Hl7Message, Instance, Job, Order, OutboxAttempt, OutboxEntry, Series, Study,
+    Association,
+    Hl7Message,
+    Instance,
+    Job,
+    Order,
+    OutboxAttempt,
+    OutboxEntry,
+    Series,
+    Study,
 )
 from msgate.storage.store import Store
 

@@ -30,12 +30,12 @@ from msgate.config import DicomSettings
 from msgate.errors import ConfigError
 from msgate.listener import fastpath
 from msgate.listener.dataphase import ReleaseFn, StoreFn
+from msgate.listener.handlers import Listener
 from msgate.listener.indexer import Indexer
 from msgate.listener.intake import Intake
-from msgate.storage.journal import Journal
-from msgate.listener.handlers import Listener
 from msgate.listener.tracking import ReadyHook, Tracker
 from msgate.log import quiet_pynetdicom
+from msgate.storage.journal import Journal
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)

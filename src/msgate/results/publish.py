@@ -23,7 +23,9 @@ from sqlmodel import col, select
 
 from msgate.errors import Rejected
 from msgate.model.types import ModelResult
-from msgate.results import heatmap, hl7_out, seg as seg_mod, sr as sr_mod
+from msgate.results import heatmap, hl7_out
+from msgate.results import seg as seg_mod
+from msgate.results import sr as sr_mod
 from msgate.results.identity import Identity
 from msgate.results.outbox import Rendered, enqueue
 from msgate.results.sources import load_flair

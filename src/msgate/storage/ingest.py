@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 
 from msgate import metrics
 from msgate.errors import Rejected, Transient
-from msgate.listener.dataset import Header, header_of
+from msgate.listener.dataset import header_of
 from msgate.listener.dataset import parse as parse_header
 from msgate.storage import audit
 from msgate.storage.blobs import Blobs, free_bytes

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from msgate.config import Settings
 from msgate.errors import ConfigError
-from msgate.storage import keyring
+from msgate.storage import crypto, keyring
 from msgate.storage.blobs import Blobs, make_bodies
-from msgate.storage import crypto
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.db import Database
 from msgate.storage.ingest import Ingest

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from msgate.model.lesions.data import synth_case
-from msgate.model.lesions.evaluate import Collected, diameter_mm, seg_metrics, MIN_OVERLAP
+from msgate.model.lesions.evaluate import MIN_OVERLAP, Collected, diameter_mm, seg_metrics
 from msgate.model.lesions.model import LesionModel
 from msgate.model.lesions.segment import components, predict_prob, prepare, seg_input
 from msgate.model.lesions.train import work_truth

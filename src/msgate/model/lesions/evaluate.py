@@ -90,8 +90,9 @@ def _score_case(model: LesionModel, case: Any, s: int, col: Collected) -> None:
             col.rim_cand.append((s, pred_rim[f.label], float(prob)))
     if not gt_ids:
         return
-    from msgate.model.lesions.location import anatomy_maps, lesion_features
     import torch
+
+    from msgate.model.lesions.location import anatomy_maps, lesion_features
 
     maps = anatomy_maps(arrays["FLAIR"], grid.affine)
     feats = np.stack([lesion_features(gt == i, arrays["FLAIR"], maps, grid.affine) for i in gt_ids])

@@ -14,14 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from msgate.model.patient import checkpoint, figures
 from msgate.model.patient.baselines import fit_predict_rf, reference_features, rf_features
 from msgate.model.patient.calibration import sigmoid, softmax
 from msgate.model.patient.ehr import EhrScaler
-from msgate.model.patient.metrics import bootstrap, ece_floor, ece_multi, edss_bal_acc, mae, paired_difference, summary
+from msgate.model.patient.metrics import (
+    bootstrap,
+    ece_floor,
+    ece_multi,
+    edss_bal_acc,
+    mae,
+    paired_difference,
+    summary,
+)
 from msgate.model.patient.train import RIM_FEATURE, Data, cache_files, infer_ensemble, load_data
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from msgate.model.features import FEATURES
 from msgate.model.patient.ehr import EhrScaler, columns
 from msgate.model.patient.fusion import OrdinalGatedFusion
 from msgate.model.patient.network import Mode, PatientNet
-from msgate.model.patient.presets import Preset, get_preset
+from msgate.model.patient.presets import Preset
 
 log = logging.getLogger(__name__)
 RIM_FEATURE = 6  # index of "rim_log" in LESION_FEATURES

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 
 from msgate.model.synth.anatomy import Anatomy, WarpParams, load_template, make_anatomy
 from msgate.model.synth.contrasts import Series, acquire, tissue_images
-from msgate.model.synth.dicom_writer import StudyInfo, SeriesInfo, TRANSFER_SYNTAXES, uid, write_series
+from msgate.model.synth.dicom_writer import TRANSFER_SYNTAXES, SeriesInfo, StudyInfo, uid, write_series
 from msgate.model.synth.ehr import Observation, sample_ehr
 from msgate.model.synth.hl7_writer import Hl7Context, adt_a04, orm_o01, oru_r01
 from msgate.model.synth.latent import Diagnosis, Latent, sample_latent

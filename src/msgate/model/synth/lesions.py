@@ -24,9 +24,8 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
 
-from msgate.model.synth.anatomy import Anatomy, rotation
+from msgate.model.synth.anatomy import Anatomy
 from msgate.model.synth.latent import Latent
 from msgate.model.synth.veins import lesion_veins, medullary_veins
 

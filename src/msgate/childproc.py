@@ -1,4 +1,5 @@
-"""msgate's helper processes (the DICOM and HL7 indexers): how a role starts one and how it starts up.
+"""msgate's helper processes (the DICOM and HL7 indexers): how a role starts one and how it starts up;
+and :func:`settle_heap`, which the DICOM listener and its indexer process call once they have started.
 
 The parent passes one end of a socketpair by number and the settings as JSON on stdin (never argv: they
 may hold a database password); the child reads them, sets up logging like its parent and lowers its own
@@ -7,6 +8,7 @@ priority below the server it works for.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -36,3 +38,12 @@ def start_child(nice: int) -> Settings:
     except OSError:
         pass
     return settings
+
+
+def settle_heap() -> None:
+    """Collect once, then freeze what a started service holds (modules, dictionaries, the store) out of the
+    cyclic collector's sight (``gc.freeze``): later full collections walk only what came after, so they
+    stall the process for far less. Called once a service process has started (not in tests that start a
+    listener inside the test process)."""
+    gc.collect()
+    gc.freeze()

@@ -177,13 +177,14 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msgate.childproc import start_child
+    from msgate.childproc import settle_heap, start_child
     from msgate.storage.store import open_store
 
     args = sys.argv[1:] if argv is None else argv
     settings = start_child(INDEXER_NICE)
     conn = Connection(socket.socket(fileno=int(args[0])).detach())
     store = open_store(settings, migrate=False, create_keys=False)
+    settle_heap()
     try:
         worker = Worker(store, conn)
         threading.Thread(target=_read, args=(conn, worker.items), name="dicom-indexer-reader", daemon=True).start()

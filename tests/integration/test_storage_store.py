@@ -224,3 +224,19 @@ def test_tampered_blob_file_is_detected(tmp_path: Path) -> None:
         path.write_bytes(bytes(data))
         with pytest.raises(TamperedData):
             store.blobs.read(s, inst.blob_id)
+
+
+def test_a_batch_with_an_instance_twice_counts_it_once(store: Store) -> None:
+    """The listener's indexer sends a batch at a time; a sender's retry can put one instance in it twice."""
+    from msgate.listener.dataset import parse
+    from msgate.storage.ingest import Received
+
+    uids = {"study_uid": "1.2.826.0.1.3680043.8.498.91", "series_uid": "1.2.826.0.1.3680043.8.498.92"}
+    a = mr_slice(sop_uid="1.2.826.0.1.3680043.8.498.93", seed=1, **uids)
+    b = mr_slice(sop_uid="1.2.826.0.1.3680043.8.498.94", seed=2, **uids)
+    results = store.ingest.index_received([Received(raw, parse(raw), "PACS", None) for raw in (a, b, a)])
+    assert [getattr(r, "duplicate", r) for r in results] == [False, False, True]
+    with store.db.session() as s:
+        assert s.exec(select(Series)).one().instance_count == 2
+        assert s.exec(select(Study)).one().instance_count == 2
+        assert s.exec(select(func.count()).select_from(Instance)).one() == 2

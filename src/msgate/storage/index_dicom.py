@@ -178,6 +178,8 @@ class BatchIndexer:
             study.last_received_at = counts.last
             self.session.add(study)
         self.session.flush()
+        self.series_counts.clear()  # applied: a later round of this batch counts only its own instances
+        self.study_counts.clear()
 
     def _study(self, header: HeaderLike, calling_aet: str) -> tuple[int, bool]:
         uid_index = self.cipher.blind_index(header.get("StudyInstanceUID"), scope="study")

@@ -4,8 +4,9 @@ Both sides use the same durable protocol (temp file, write, fsync, rename, fsync
 ratio isolates what envelope encryption costs. The encrypted side is ``Blobs.write_record`` (what the
 ingest paths call: fresh data key, wrapped, chunked AES-GCM, durable write; the index row it returns is
 a plain record, as the batch indexer inserts it). Sizes 0.5 MB and 50 MB; repetitions are interleaved
-write by write (plain, encrypted, plain, ...) so each ratio comes from one noisy period. Each run's MB/s is
-the median over its writes (one slow disk flush does not decide a run); the report gives the median of the runs.
+write by write (plain, encrypted, plain, ...). Each run reports each side's median MB/s over its writes and,
+as its ratio, the median of the per-pair ratios (plain time / encrypted time); the report gives the median of
+the runs.
 
     python bench/storage.py [--runs 5] [--json OUT]
 """

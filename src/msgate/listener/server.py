@@ -128,8 +128,8 @@ class _Server(ThreadedAssociationServer):
     """pynetdicom's server, without its full ``gc.collect()`` in the middle of transfers.
 
     pynetdicom runs a full collection every 60 turns of its accept loop, to reap the cycles that ended
-    associations leave. In the listener a full collection holds the GIL for tens of milliseconds (121 ms
-    measured during a 4-association transfer), and every association waits for it. Here it runs only once no
+    associations leave. In the listener a full collection holds the GIL for tens of milliseconds (106-121 ms
+    measured during 4-association transfers), and every association waits for it. Here it runs only once no
     association is active; the interpreter's own generational collections still run as usual.
     """
 

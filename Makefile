@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sysdeps demo run test test-fast bench model model-lesions model-patient clean
+.PHONY: install sysdeps demo run test test-fast bench model model-lesions model-rims model-patient clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,12 +39,18 @@ bench: install sysdeps
 	$(PY) bench/hl7_feed.py
 
 # Train the models from scratch on the synthetic cohort (CPU, tiny presets) into var/models/.
-# model-patient reproduces the shipped patient-tiny.pt (it uses the packaged lesion checkpoint as its
-# lesion source, as the shipped model does); see docs/model-card.md.
+# model-lesions trains every part of the lesion model (Rim+ training code 0.2.0, the default);
+# model-rims retrains only the Rim+ nets on the packaged segmenter, which is how the shipped
+# lesions-tiny.pt was made (docs/lesion-model.md). model-patient reproduces the shipped patient-tiny.pt
+# (it uses the packaged lesion checkpoint as its lesion source, as the shipped model does); see
+# docs/model-card.md.
 model: model-lesions model-patient
 
 model-lesions: install
 	$(VENV)/bin/msgate train lesions --preset tiny --out var/models/lesions-tiny.pt
+
+model-rims: install
+	$(VENV)/bin/msgate train lesions --preset tiny --rim-only --seed 0 --threads 2 --out var/models/lesions-tiny.pt
 
 model-patient: install
 	nice -n 19 $(VENV)/bin/msgate train patient --preset tiny --synthetic 650 --seed 101 --workers 2 \

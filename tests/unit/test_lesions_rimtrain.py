@@ -114,15 +114,21 @@ def test_seed_mean_bootstrap_averages_seeds_on_shared_resamples() -> None:
     assert flipped["delta pr_auc weak - strong"]["ci95"][1] < 0 and flipped["delta pr_auc weak - strong"]["p_le_0"] > 0.975
 
 
-def test_default_tiny_preset_is_the_shipped_0_1_0_recipe() -> None:
+def test_shipped_checkpoint_is_training_code_0_2_0_and_the_cli_default() -> None:
+    import inspect
+
+    from msgate.cli.train_cmd import lesions
     from msgate.model.lesions.model import load_lesion_model
     from msgate.model.lesions.presets import with_rim_recipe
+    from msgate.model.lesions.rimfit import VERSION as RIM_VERSION
     from msgate.model.lesions.train import VERSION
 
     tiny = get_preset("tiny")
     shipped = load_lesion_model()
-    assert VERSION == "0.1.0" and shipped.version == "0.1.0"
-    assert dataclasses.replace(shipped.preset, rim_pool_subjects=0) == tiny  # `train lesions --preset tiny` default
+    assert shipped.version == RIM_VERSION == "0.2.0" and VERSION == "0.1.0"
+    assert shipped.preset == with_rim_recipe(tiny, "0.2.0")  # `train lesions --preset tiny` (default recipe)
+    assert inspect.signature(lesions).parameters["rim_recipe"].default.default == shipped.version
+    assert "Rim+ classifiers only" in shipped.meta["retrained"]  # `make model-rims`: the segmenter kept
     assert with_rim_recipe(tiny, "0.1.0") is tiny
     v2 = with_rim_recipe(tiny, "0.2.0")
     assert (v2.rim_widths, v2.pretrain_epochs, v2.rim_pool_subjects) == ((16, 32, 48), 6, 360)
@@ -131,14 +137,15 @@ def test_default_tiny_preset_is_the_shipped_0_1_0_recipe() -> None:
         with_rim_recipe(tiny, "9.9")
 
 
-def test_shipped_checkpoint_keeps_the_first_film_form() -> None:
+def test_shipped_checkpoint_uses_the_bounded_film_form() -> None:
     from msgate.model.lesions.model import load_lesion_model
     from msgate.model.lesions.rims import AsymmetricRimNet
 
     m = load_lesion_model()
-    assert "rim_archs" not in m.meta
+    assert m.meta["rim_archs"]["asymmetric"] == "asymmetric_bounded"
     net = m.rim["asymmetric"]
-    assert isinstance(net, AsymmetricRimNet) and not net.bounded
+    assert isinstance(net, AsymmetricRimNet) and net.bounded
+    assert set(m.rim) == {"asymmetric", "asymmetric_nopretrain", "stacked"}
 
 
 def test_train_lesion_model_with_rim_recipe_0_2_0_records_it(tmp_path) -> None:  # type: ignore[no-untyped-def]

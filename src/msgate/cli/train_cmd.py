@@ -28,8 +28,8 @@ def lesions(
     log: Path | None = typer.Option(None, "--log", help="metrics JSONL (default: <out>.metrics.jsonl)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
-    rim_recipe: str = typer.Option("0.1.0", "--rim-recipe", help="Rim+ training code: 0.1.0 (default, the shipped "
-                                   "checkpoint's recipe) | 0.2.0 (bounded FiLM, unlabelled pretraining pool)"),
+    rim_recipe: str = typer.Option("0.2.0", "--rim-recipe", help="Rim+ training code: 0.2.0 (default, the shipped "
+                                   "checkpoint's: bounded FiLM, unlabelled pretraining pool) | 0.1.0 (first release)"),
     rim_only: bool = typer.Option(False, "--rim-only", help="retrain only the Rim+ classifiers of --init (needs "
                                   "--rim-recipe 0.2.0); its segmenter and location model are kept as they are"),
     init: Path | None = typer.Option(None, "--init", help="--rim-only: checkpoint to start from (default: shipped)"),
@@ -45,7 +45,7 @@ def lesions(
         typer.echo(f"error: --rim-recipe must be one of {', '.join(RIM_RECIPES)}", err=True)
         raise typer.Exit(2)
     if rim_only and rim_recipe == "0.1.0":
-        typer.echo("error: --rim-only retrains with training code 0.2.0; add --rim-recipe 0.2.0", err=True)
+        typer.echo("error: --rim-only retrains with training code 0.2.0 only; leave out --rim-recipe 0.1.0", err=True)
         raise typer.Exit(2)
     torch.set_num_threads(threads)
     p = get_preset(preset)

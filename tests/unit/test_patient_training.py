@@ -167,3 +167,17 @@ def test_cross_fitted_ensemble_calibrates_on_out_of_fold_rows(tmp_path: Path, mo
     assert offset[0] == 0.0 and np.abs(offset).sum() > 0  # a fitted prior correction, folded into the nets
     alt = meta["alternative_calibration"]  # plain temperature, expressed on the shipped (prior-folded) logits
     assert np.allclose(alt["edss_prior_offset"], -meta["temperature_edss"] * offset / alt["temperature_edss"], atol=1e-3)
+
+
+def test_cache_workers_do_not_hang_on_the_parents_openmp_pool(tmp_path: Path) -> None:
+    """Two forked workers with torch's default thread count (no OMP_NUM_THREADS): before the workers were set
+    to one thread, they deadlocked on the OpenMP pool the parent had started while loading the lesion model."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    code = ("import sys; from pathlib import Path; from msgate.model.patient.synthdata import build_cache; "
+            "build_cache(Path(sys.argv[1]), 777, 2, 'tiny', workers=2, lesion_kind='lesion-model')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.npz")], env=env, check=True, timeout=120)
+    with np.load(tmp_path / "c.npz") as f:
+        assert f["index"].tolist() == [1, 2] and str(f["lesion_source"]) == "lesion-model"

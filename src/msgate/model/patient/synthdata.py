@@ -136,8 +136,11 @@ def build_cache(path: Path, seed: int, n: int, preset: str, missing_rate: float 
     _SOURCES[kind] = src
     jobs = [(seed, i, preset, missing_rate, kind) for i in range(start, start + n)]
     load_template(2)
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+    if workers > 1:  # forked workers run torch on one thread: an OpenMP pool inherited across fork deadlocks
+        import torch
+
+        with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads,
+                                                      initargs=(1,)) as pool:
             rows = list(pool.imap(_one, jobs, chunksize=2))
     else:
         rows = [_one(j) for j in jobs]

@@ -159,3 +159,15 @@ def test_explain_heatmaps_both_heads_in_flair_grid(model) -> None:  # type: igno
     for m in maps.values():
         assert m.shape == case.flair.data.shape and 0.0 <= m.min() and m.max() <= 1.0
     assert np.allclose(maps["edss"], predict([case], model)[0].heatmap, atol=1e-5)
+
+
+def test_shipped_patient_checkpoint_matches_the_shipped_lesion_model() -> None:
+    """The packaged pair is consistent: the patient model learnt from the features of the lesion checkpoint
+    that ships beside it (a retrained Rim+ net changes the Rim+ count the patient model reads)."""
+    from msgate.model.patient.lesionmodel import checkpoint_id
+
+    meta = json.loads(checkpoint.DEFAULT_PATH.with_suffix(".json").read_text())
+    assert meta["lesion_source"] == "lesion-model"
+    assert meta["lesion_checkpoint"] == checkpoint_id()
+    assert meta["model_version"] == checkpoint.MODEL_VERSION
+    assert meta["feature_schema_hash"] == checkpoint.schema_hash()

@@ -145,7 +145,8 @@ def _synthetic(preset: str, out: Path, recipe: object, mode: str, synthetic: int
     return train_and_save(dset, preset, out, recipe, mode=mode, data_note=note,  # type: ignore[arg-type]
                           lesion_source=str(raw["lesion_source"]),
                           extra={"simulation_seconds": sim_seconds, "lesion_checkpoint": str(raw["lesion_checkpoint"]),
-                                 "generator": str(raw["generator"])})
+                                 "generator": str(raw["generator"]),
+                                 "training_seeds": [int(s) for s in raw["seeds"]]})
 
 
 def _from_store(ctx: typer.Context, preset: str, out: Path, init: str | None, recipe: object,

@@ -20,7 +20,7 @@ from msgate.model.patient.network import Mode, PatientNet
 from msgate.model.patient.presets import Preset, get_preset
 
 MODEL_NAME = "msgate-patient"
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"  # 0.2.0: trained on the features of lesion model 0.2.0 (Rim+ training code 0.2.0)
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "patient-tiny.pt"
 
 

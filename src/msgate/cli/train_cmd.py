@@ -30,8 +30,8 @@ def lesions(
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads"),
     rim_recipe: str = typer.Option("0.2.0", "--rim-recipe", help="Rim+ training code: 0.2.0 (default, the shipped "
                                    "checkpoint's: bounded FiLM, unlabelled pretraining pool) | 0.1.0 (first release)"),
-    rim_only: bool = typer.Option(False, "--rim-only", help="retrain only the Rim+ classifiers of --init (needs "
-                                  "--rim-recipe 0.2.0); its segmenter and location model are kept as they are"),
+    rim_only: bool = typer.Option(False, "--rim-only", help="retrain only the Rim+ classifiers of --init (training "
+                                  "code 0.2.0); its segmenter and location model are kept as they are"),
     init: Path | None = typer.Option(None, "--init", help="--rim-only: checkpoint to start from (default: shipped)"),
 ) -> None:
     """Train the lesion segmenter, location classifier and Rim+ classifiers; write one checkpoint."""

@@ -58,3 +58,18 @@ def test_the_comparison_can_fail(keys: HeKeys) -> None:
     first_only = softmax(equivalence.torch_logits(ck.nets[:1], u, z[:1])[:, :4], ck.t_edss)
     assert np.abs(he_p - full).max() <= 1e-3
     assert np.abs(he_p - first_only).max() > 1e-2
+
+
+def test_cohort_cache_gives_the_first_n_cases(keys: HeKeys, tmp_path: Path) -> None:
+    """``python -m msgate.model.he evaluate --data F --cases N`` compares N cases, not the whole file."""
+    import numpy as np
+
+    grid = checkpoint.preset_from_meta(checkpoint.load().meta).grid
+    rng = np.random.default_rng(7)
+    cache = tmp_path / "cohort.npz"
+    np.savez(cache, image=rng.random((12, 4, *grid)).astype(np.float16), present=np.ones((12, 2), np.float32),
+             lesion=rng.random((12, 8)).astype(np.float32), ehr_x=rng.normal(size=(12, 20)).astype(np.float32),
+             ehr_m=np.ones((12, 20), np.float32))
+    report = equivalence.compare(n=5, batch=4, data=cache, keys=keys)
+    assert report["cases"] == 5 and report["packs"] == 2 and report["same_class"] == 1.0
+    assert report["max_abs_dprob_edss"] <= 1e-3

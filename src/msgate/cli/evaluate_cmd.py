@@ -37,7 +37,8 @@ def evaluate(
     if data is None and not generator:
         typer.echo(f"building the held-out cohort (seed {seed}, {synthetic} subjects) in {cache_dir} ...")
         data = equivalence.held_out_cache(cache_dir=cache_dir, seed=seed, n=synthetic, checkpoint=model)
-    res = equivalence.compare(checkpoint=model, n=synthetic, batch=batch, data=data, seed=seed)
+    res = equivalence.compare(checkpoint=model, n=None if data is not None else synthetic, batch=batch, data=data,
+                              seed=seed)
     path = equivalence.write_report(res, report)
     typer.echo(f"HE vs plaintext ({res['members']} members, {res['cases']} cases, packs of {batch}): same class "
                f"{100 * res['same_class']:.1f} %, max |dp| EDSS {res['max_abs_dprob_edss']:.1e}, "

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="HE equivalence run: plaintext ensemble vs CKKS on synthetic cases")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate")
-    ev.add_argument("--cases", type=int, default=200)
+    ev.add_argument("--cases", type=int, default=None, help="cases (default: 200 generated; with --data the whole cache)")
     ev.add_argument("--batch", type=int, default=16)
     ev.add_argument("--checkpoint", default=None, help="patient checkpoint (default: the shipped one)")
     ev.add_argument("--data", type=Path, default=None, help="held-out cohort cache (.npz from build_cache)")

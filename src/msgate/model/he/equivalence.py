@@ -75,11 +75,12 @@ def _embeddings(nets: list[PatientNet], image: Array, present: Array, lesion: Ar
     return np.stack(out)
 
 
-def cohort_inputs(nets: list[PatientNet], path: Path, scaler: Any) -> tuple[Array, Array]:
-    """``(u, z)`` of a held-out cohort cache: EHR standardised with ``scaler``, members' image embeddings."""
+def cohort_inputs(nets: list[PatientNet], path: Path, scaler: Any, n: int | None = None) -> tuple[Array, Array]:
+    """``(u, z)`` of the first ``n`` cases (all without ``n``) of a held-out cohort cache: EHR standardised
+    with ``scaler``, members' image embeddings."""
     with np.load(path) as d:
-        u = scaler.transform(d["ehr_x"], d["ehr_m"]).astype(np.float64)
-        z = _embeddings(nets, d["image"], d["present"], d["lesion"])
+        u = scaler.transform(d["ehr_x"][:n], d["ehr_m"][:n]).astype(np.float64)
+        z = _embeddings(nets, d["image"][:n], d["present"][:n], d["lesion"][:n])
     return u, z
 
 
@@ -137,13 +138,14 @@ def he_logits(model: HeModel, u: Array, z: Array, *, batch: int, t_edss: float =
     return got, stats
 
 
-def compare(*, checkpoint: str | Path | None = None, n: int = 200, batch: int = 16, data: Path | None = None,
+def compare(*, checkpoint: str | Path | None = None, n: int | None = None, batch: int = 16, data: Path | None = None,
             inputs: str = "generator", seed: int = 2026, random_members: int = 3,
             keys: HeKeys | None = None) -> dict[str, Any]:
     """Run the cases through the plaintext ensemble and the HE path; the equivalence numbers.
 
-    ``inputs``: "cohort" (``data``, a cache file), "generator" or "random". Without a checkpoint file
-    the model is a randomly initialised ensemble of ``random_members`` members."""
+    ``inputs``: "cohort" (``data``, a cache file), "generator" or "random". ``n`` cases: by default the
+    whole cache, or 200 generated ones. Without a checkpoint file the model is a randomly initialised
+    ensemble of ``random_members`` members."""
     from msgate.model.patient import checkpoint as ck
     from msgate.model.patient.calibration import sigmoid, softmax
 
@@ -161,15 +163,16 @@ def compare(*, checkpoint: str | Path | None = None, n: int = 200, batch: int = 
         scaler = EhrScaler(np.zeros(N_COLUMNS, np.float32), np.ones(N_COLUMNS, np.float32))
         t_edss = t_ms = 1.0
         grid, source = tuple(get_preset("tiny").grid), f"randomly initialised PatientNet x{random_members}"
+    count = 200 if n is None else n
     if data is not None:
-        u, z = cohort_inputs(nets, data, scaler)
-        source += f"; held-out cohort cache {data}"
+        u, z = cohort_inputs(nets, data, scaler, n)
+        source += f"; first {len(u)} cases of held-out cohort cache {data}"
     elif inputs == "generator":
-        u, z = generator_inputs(nets, scaler, n, seed, grid)
-        source += f"; EHR of {n} subjects of the synthetic cohort generator (seed {seed}), noise-image embeddings"
+        u, z = generator_inputs(nets, scaler, count, seed, grid)
+        source += f"; EHR of {count} subjects of the synthetic cohort generator (seed {seed}), noise-image embeddings"
     else:
-        u, z = synthetic_inputs(n, model, seed)
-        source += f"; {n} random inputs (seed {seed})"
+        u, z = synthetic_inputs(count, model, seed)
+        source += f"; {count} random inputs (seed {seed})"
     t0 = time.perf_counter()
     got, stats = he_logits(model, u, z, batch=batch, t_edss=t_edss, t_ms=t_ms, keys=keys)
     elapsed = time.perf_counter() - t0

@@ -163,3 +163,33 @@ def test_train_lesion_model_with_rim_recipe_0_2_0_records_it(tmp_path) -> None: 
     back = load_lesion_model(tmp_path / "m.pt")
     net = back.rim["asymmetric"]
     assert isinstance(net, AsymmetricRimNet) and net.bounded
+
+
+def test_a_synth_folder_is_the_in_memory_cohort_and_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``train lesions --data DIR`` / ``evaluate lesions --data DIR`` read a ``msgate synth`` folder: its
+    subjects are the in-memory ones (DICOM round trip), and the micro preset trains on them end to end."""
+    from msgate.model.lesions.data import load_synth_folder, synth_case
+    from msgate.model.lesions.train import train_lesion_model
+    from msgate.model.synth.cohort import generate_cohort
+
+    mix = {"ms": 1.0, "csvd": 0.0}
+    generate_cohort(tmp_path / "cohort", 2, seed=5, resolution=2, mix=mix, protocol="3d")
+    cases = list(load_synth_folder(tmp_path / "cohort"))
+    assert len(cases) == 2
+    for index, case in enumerate(cases, start=1):
+        mem = synth_case(5, index, resolution=2, mix=mix)
+        assert case.subject == mem.subject and case.diagnosis == mem.diagnosis == "ms"
+        assert case.lesions == mem.lesions and np.array_equal(case.labels, mem.labels)
+        assert np.allclose(case.labels_affine, mem.labels_affine, atol=1e-4)
+        assert set(case.volumes) == set(mem.volumes)
+        for role, vol in case.volumes.items():
+            want = mem.volumes[role]
+            assert vol.data.shape == want.data.shape and np.allclose(vol.affine_lps, want.affine_lps, atol=1e-3)
+            scale = float(np.abs(want.data).max())
+            assert float(np.abs(vol.data - want.data).max()) <= 1e-3 * scale  # stored as scaled integers
+    micro = dataclasses.replace(TINY, name="micro", seg_channels=(4, 8), seg_strides=(2,), seg_patch=16, seg_roi=16,
+                                seg_batch=1, seg_steps=1, seg_subjects=2, loc_epochs=1, rim_subjects=2,
+                                pretrain_epochs=1, finetune_epochs=1, rim_batch=4)
+    model = train_lesion_model(micro, 0, tmp_path / "m.jsonl", quiet=True, data=tmp_path / "cohort")
+    assert "msgate synth folder cohort" in model.meta["training_data"]
+    assert model.meta["rim_train_lesions"]["n"] == sum(len(c.lesions) for c in cases) > 0

@@ -8,7 +8,8 @@
 Every variant is trained with the Rim+ recipe of training code 0.2.0 (``presets.with_rim_recipe``,
 ``rimtrain``), whatever the shipped checkpoint's version is.
 ``data`` writes train / pool / val / test patch sets (see ``msgate.model.lesions.ablation``).
-``run`` trains every variant of ``VARIANTS`` (or ``--variants``) with each seed on the same data (the seed
+``run`` trains every variant of ``VARIANTS`` (or ``--variants``, which may also name the conditioning variants
+of ``SWEEP``: compare those on ``--split val`` only) with each seed on the same data (the seed
 sets network initialisation, batch order and augmentation; the training cohort is fixed by ``data``),
 scores the chosen split and appends the logits to ``scores-<split>-<tag>.npz`` (one file per process;
 ``report`` reads them all), the weights to ``nets/<variant>#<seed>.pt`` and the wall time of each
@@ -72,11 +73,15 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from msgate.model.lesions.rimtrain import VARIANTS, train_variant
+    from msgate.model.lesions.rimtrain import SWEEP, VARIANTS, train_variant
 
     torch.set_num_threads(args.threads)
     preset = _preset(args.preset)
-    train, pool = PatchSet.load(args.out / "train.npz"), PatchSet.load(args.out / "pool.npz")
+    names = args.variants or list(VARIANTS)
+    train = PatchSet.load(args.out / "train.npz")
+    pool = None  # only the pretrained variants read the unlabelled pool; the others run without simulating it
+    if any({**VARIANTS, **SWEEP}[name][1] for name in names):
+        pool = PatchSet.load(args.out / "pool.npz")
     ev = PatchSet.load(args.out / f"{args.split}.npz")
     path = args.out / f"scores-{args.split}-{args.tag}.npz"
     store = dict(np.load(path)) if path.exists() else {}
@@ -85,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     times_path = args.out / f"times-{args.tag}.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     for seed in args.seeds:
-        for name in args.variants or list(VARIANTS):
+        for name in names:
             key = f"{name}#{seed}"
             if key in store and not args.force:
                 continue

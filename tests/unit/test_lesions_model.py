@@ -12,7 +12,7 @@ import torch
 
 from msgate.model.lesions.model import DEFAULT_CHECKPOINT, build_model, load_lesion_model, save_lesion_model
 from msgate.model.lesions.presets import get_preset
-from msgate.model.lesions.rims import AsymmetricRimNet, StackedRimNet, supcon_loss
+from msgate.model.lesions.rims import AsymmetricRimNet, StackedRimNet, build_rim_net, supcon_loss
 from msgate.model.types import LESION_LOCATIONS, Volume
 
 torch.set_num_threads(1)
@@ -118,6 +118,23 @@ def test_film_conditioning_changes_the_output() -> None:
             torch.nn.init.zeros_(film.weight)
             torch.nn.init.zeros_(film.bias)
         torch.testing.assert_close(net(x)[0], net(y)[0])  # without FiLM, FLAIR cannot reach the output
+
+
+def test_context_variant_gives_the_head_the_flair_stream_even_without_film() -> None:
+    torch.manual_seed(1)
+    net = build_rim_net("asymmetric_context", (4, 8, 8)).eval()
+    assert isinstance(net, AsymmetricRimNet) and net.bounded and net.context
+    x = torch.randn(2, 2, 8, 8, 8)
+    y = x.clone()
+    y[:, 1] = torch.randn(2, 8, 8, 8)  # same QSM, different FLAIR; FiLM still at its zero init
+    with torch.no_grad():
+        (lx, ex), (ly, _) = net(x), net(y)
+        assert ex.shape == (2, 2 * 8 + 2 * 4)  # pooled QSM stream + pooled FLAIR stream
+        assert not torch.allclose(lx, ly)  # the head sees FLAIR context directly
+        plain = build_rim_net("asymmetric_bounded", (4, 8, 8)).eval()
+        torch.testing.assert_close(plain(x)[0], plain(y)[0])  # the design without it does not (zero FiLM)
+    q, f = net.embed_modalities(x)  # pretraining views are unchanged by the head
+    assert q.shape == f.shape == (2, 32)
 
 
 def test_stacked_baseline_and_supcon_shapes() -> None:

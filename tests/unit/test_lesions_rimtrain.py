@@ -11,7 +11,7 @@ import torch
 
 from msgate.model.lesions.ablation import PatchSet, paired_bootstrap, pr_roc
 from msgate.model.lesions.presets import get_preset
-from msgate.model.lesions.rimtrain import RimRecipe, augment, train_variant
+from msgate.model.lesions.rimtrain import SWEEP, RimRecipe, augment, train_variant
 
 torch.set_num_threads(1)
 TINY = dataclasses.replace(get_preset("tiny"), rim_patch=8, rim_widths=(4, 8, 8))
@@ -56,6 +56,27 @@ def test_every_variant_learns_a_visible_rim(variant: str) -> None:
     test = _toy(60, 4)
     with torch.no_grad():
         logit = net(torch.from_numpy(test.x.astype(np.float32)))[0].numpy()
+    roc, pr = pr_roc(test.y, logit)
+    assert roc > 0.9 and pr > 0.8
+
+
+@pytest.mark.parametrize("variant", sorted(SWEEP))
+def test_every_sweep_variant_trains_and_learns_a_visible_rim(variant: str) -> None:
+    """The validation sweep's conditioning variants are real, trainable nets (the cross-attention one is
+    built for the tiny preset's 16^3 patches, so it gets the toy patches at twice the size)."""
+    up = 2 if "xattn" in variant else 1
+
+    def grow(ps: PatchSet) -> PatchSet:
+        x = ps.x.repeat(up, axis=2).repeat(up, axis=3).repeat(up, axis=4)
+        return dataclasses.replace(ps, x=x)
+
+    net = train_variant(variant, TINY, grow(_toy(96, 3)), None, 0, RECIPE)
+    test = grow(_toy(60, 4))
+    with torch.no_grad():
+        logit = net(torch.from_numpy(test.x.astype(np.float32)))[0].numpy()
+        if up > 1:
+            with pytest.raises(ValueError, match="tokens"):
+                net(torch.from_numpy(_toy(2, 5).x.astype(np.float32)))
     roc, pr = pr_roc(test.y, logit)
     assert roc > 0.9 and pr > 0.8
 

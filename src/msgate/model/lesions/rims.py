@@ -24,22 +24,40 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class AsymmetricRimNet(nn.Module):
-    """QSM encoder conditioned on FLAIR through spatial FiLM at each of three scales."""
+    """QSM encoder conditioned on FLAIR through spatial FiLM at each of three scales.
 
-    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32, bounded: bool = False) -> None:
+    The defaults are the design; the other options (FLAIR context in the head, FiLM init, FLAIR width,
+    FiLM before the batch norm, cross-attention at the last scale) are the validation sweep's variants."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32, bounded: bool = False,
+                 context: bool = False, film_zero: bool = True, flair_scale: float = 0.5,
+                 pre_norm: bool = False, xattn_tokens: int = 0) -> None:
         super().__init__()
-        self.bounded = bounded
-        fw = tuple(max(4, w // 2) for w in widths)
+        self.bounded, self.context, self.pre_norm = bounded, context, pre_norm
+        fw = tuple(max(4, int(w * flair_scale)) for w in widths)
+        emb_dim = 2 * widths[-1] + (2 * fw[-1] if context else 0)
         self.q_blocks = nn.ModuleList(_block(a, b) for a, b in zip((1,) + widths[:-1], widths))
         self.f_blocks = nn.ModuleList(_block(a, b) for a, b in zip((1,) + fw[:-1], fw))
         self.films = nn.ModuleList(nn.Conv3d(f, 2 * w, 1) for f, w in zip(fw, widths))
-        for film in self.films:
+        for film in self.films if film_zero else ():
             nn.init.zeros_(film.weight)
             nn.init.zeros_(film.bias)
-        self.head = nn.Sequential(nn.Linear(2 * widths[-1], 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+        self.xattn: nn.Module | None = None
+        if xattn_tokens:  # QSM tokens of the last scale attend to FLAIR tokens (MONAI CrossAttentionBlock)
+            from monai.networks.blocks import CrossAttentionBlock
+
+            self.pos = nn.Parameter(torch.zeros(1, xattn_tokens, widths[-1]))
+            self.pos_f = nn.Parameter(torch.zeros(1, xattn_tokens, fw[-1]))
+            nn.init.normal_(self.pos, std=0.02)
+            nn.init.normal_(self.pos_f, std=0.02)
+            self.norm_q = nn.LayerNorm(widths[-1])
+            self.xattn = CrossAttentionBlock(widths[-1], num_heads=4, context_input_size=fw[-1], qkv_bias=True)
+            nn.init.zeros_(self.xattn.out_proj.weight)  # starts as the FiLM-only net
+            nn.init.zeros_(self.xattn.out_proj.bias)
+        self.head = nn.Sequential(nn.Linear(emb_dim, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
         self.proj_q = nn.Sequential(nn.Linear(2 * widths[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
         self.proj_f = nn.Sequential(nn.Linear(2 * fw[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
-        self.proj_sup = nn.Sequential(nn.Linear(2 * widths[-1], 64), nn.ReLU(), nn.Linear(64, proj_dim))
+        self.proj_sup = nn.Sequential(nn.Linear(emb_dim, 64), nn.ReLU(), nn.Linear(64, proj_dim))
 
     @staticmethod
     def _pool(h: torch.Tensor) -> torch.Tensor:
@@ -51,15 +69,26 @@ class AsymmetricRimNet(nn.Module):
             if i:
                 q, f = F.max_pool3d(q, 2), F.max_pool3d(f, 2)
             f = F.leaky_relu(fb(f), 0.1)
-            q = qb(q)
+            q = qb[0](q) if self.pre_norm else qb(q)
             if film:
                 gamma, beta = fm(f).chunk(2, dim=1)
                 q = q * (1.0 + (torch.tanh(gamma) if self.bounded else gamma)) + beta
+            if self.pre_norm:
+                q = qb[1](q)
             q = F.leaky_relu(q, 0.1)
+        if film and self.xattn is not None:
+            if q[0, 0].numel() != self.pos.shape[1]:
+                raise ValueError(f"cross-attention variant built for {self.pos.shape[1]} tokens, got {q[0, 0].numel()}")
+            tq = q.flatten(2).transpose(1, 2) + self.pos
+            tf = f.flatten(2).transpose(1, 2) + self.pos_f
+            tq = tq + self.xattn(self.norm_q(tq), context=tf)
+            q = tq.transpose(1, 2).reshape(q.shape)
         return self._pool(q), self._pool(f)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, _ = self._streams(x, film=True)
+        emb, ctx = self._streams(x, film=True)
+        if self.context:
+            emb = torch.cat([emb, ctx], dim=1)
         return self.head(emb).squeeze(1), emb
 
     def embed_modalities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,13 +116,25 @@ class StackedRimNet(nn.Module):
         return self.head(emb).squeeze(1), emb
 
 
-ARCHS = ("asymmetric_bounded", "asymmetric", "stacked")
+_ASYMMETRIC: dict[str, dict[str, object]] = {  # architecture name: AsymmetricRimNet options
+    "asymmetric_bounded": {"bounded": True},  # the design in use (training code 0.2.0)
+    "asymmetric": {},  # first version (0.1.0): unbounded FiLM
+    # Conditioning variants of the validation sweep (bench/RESULTS.md, "Conditioning variants"): none beat
+    # channel stacking there, none is used by a checkpoint; kept so that the sweep can be rerun.
+    "asymmetric_context": {"bounded": True, "context": True},  # + pooled FLAIR stream in the head
+    "asymmetric_film_init": {"bounded": True, "film_zero": False},  # FiLM starts at PyTorch's default init
+    "asymmetric_wide_flair": {"bounded": True, "flair_scale": 1.0},  # FLAIR stream as wide as the QSM one
+    "asymmetric_pre_norm": {"bounded": True, "pre_norm": True},  # FiLM before the QSM batch norm
+    "asymmetric_xattn": {"bounded": True, "xattn_tokens": 4 ** 3},  # + cross-attention (16^3 patches only)
+}
+ARCHS = (*_ASYMMETRIC, "stacked")
 
 
 def build_rim_net(arch: str, widths: tuple[int, int, int]) -> nn.Module:
-    """``asymmetric_bounded`` (in use), ``asymmetric`` (first version, unbounded FiLM) or ``stacked`` (ablation)."""
-    if arch in ("asymmetric", "asymmetric_bounded"):
-        return AsymmetricRimNet(widths, bounded=arch == "asymmetric_bounded")
+    """``asymmetric_bounded`` (in use), ``asymmetric`` (first version, unbounded FiLM), ``stacked`` (ablation)
+    or one of the sweep's variants."""
+    if arch in _ASYMMETRIC:
+        return AsymmetricRimNet(widths, **_ASYMMETRIC[arch])  # type: ignore[arg-type]
     if arch == "stacked":
         return StackedRimNet(widths)
     raise ValueError(f'Argument "arch" must be one of {ARCHS}, got "{arch}".')

@@ -33,6 +33,11 @@ VARIANTS: dict[str, tuple[str, bool]] = {  # name: (architecture, pretrained)
     "stacked_pretrain": ("stacked", True),
     "asymmetric_v1_nopretrain": ("asymmetric", False),  # first version: unbounded FiLM
 }
+SWEEP: dict[str, tuple[str, bool]] = {  # conditioning variants compared on the validation split only
+    f"{arch}_nopretrain": (arch, False)
+    for arch in ("asymmetric_context", "asymmetric_film_init", "asymmetric_wide_flair", "asymmetric_pre_norm",
+                 "asymmetric_xattn")
+}
 
 Log = Callable[[str, int, float], None]
 
@@ -142,8 +147,9 @@ def finetune(net: nn.Module, x: np.ndarray, y: np.ndarray, recipe: RimRecipe, se
 
 def train_variant(name: str, preset: Preset, labelled: object, pool: object | None, seed: int,
                   recipe: RimRecipe | None = None, log: Log | None = None) -> nn.Module:
-    """Train variant ``name`` of :data:`VARIANTS` from scratch; ``labelled``/``pool`` are ``PatchSet``-like."""
-    arch, pre = VARIANTS[name]
+    """Train variant ``name`` of :data:`VARIANTS` or :data:`SWEEP` from scratch; ``labelled``/``pool`` are
+    ``PatchSet``-like."""
+    arch, pre = {**VARIANTS, **SWEEP}[name]
     recipe = recipe or RimRecipe(pretrain_epochs=preset.pretrain_epochs, finetune_epochs=preset.finetune_epochs,
                                  batch=preset.rim_batch)
     torch.manual_seed(seed)

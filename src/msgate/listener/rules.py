@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from msgate.storage.index_dicom import text as _text
+
 
 class Role(str, Enum):
     """What a series is for the MS pipeline."""
@@ -182,15 +184,6 @@ class Decision:
     route: Route
     route_rule: str
     required_roles: tuple[Role, ...]
-
-
-def _text(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def _float(ds: Any, keyword: str) -> float | None:

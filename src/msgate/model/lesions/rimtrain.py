@@ -34,9 +34,10 @@ VARIANTS: dict[str, tuple[str, bool]] = {  # name: (architecture, pretrained)
     "asymmetric_v1_nopretrain": ("asymmetric", False),  # first version: unbounded FiLM
 }
 SWEEP: dict[str, tuple[str, bool]] = {  # conditioning variants compared on the validation split only
-    f"{arch}_nopretrain": (arch, False)
-    for arch in ("asymmetric_context", "asymmetric_film_init", "asymmetric_wide_flair", "asymmetric_pre_norm",
-                 "asymmetric_xattn")
+    **{f"{arch}_nopretrain": (arch, False)
+       for arch in ("asymmetric_context", "asymmetric_film_init", "asymmetric_wide_flair", "asymmetric_pre_norm",
+                    "asymmetric_xattn")},
+    "asymmetric_wide_flair": ("asymmetric_wide_flair", True),  # the closest of them, with pretraining
 }
 
 Log = Callable[[str, int, float], None]

@@ -73,14 +73,14 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from msgate.model.lesions.rimtrain import SWEEP, VARIANTS, train_variant
+    from msgate.model.lesions.rimtrain import ALL_VARIANTS, VARIANTS, train_variant
 
     torch.set_num_threads(args.threads)
     preset = _preset(args.preset)
     names = args.variants or list(VARIANTS)
     train = PatchSet.load(args.out / "train.npz")
     pool = None  # only the pretrained variants read the unlabelled pool; the others run without simulating it
-    if any({**VARIANTS, **SWEEP}[name][1] for name in names):
+    if any(ALL_VARIANTS[name][1] for name in names):
         pool = PatchSet.load(args.out / "pool.npz")
     ev = PatchSet.load(args.out / f"{args.split}.npz")
     path = args.out / f"scores-{args.split}-{args.tag}.npz"

@@ -39,6 +39,7 @@ SWEEP: dict[str, tuple[str, bool]] = {  # conditioning variants compared on the 
                     "asymmetric_xattn")},
     "asymmetric_wide_flair": ("asymmetric_wide_flair", True),  # the closest of them, with pretraining
 }
+ALL_VARIANTS = {**VARIANTS, **SWEEP}
 
 Log = Callable[[str, int, float], None]
 
@@ -150,7 +151,7 @@ def train_variant(name: str, preset: Preset, labelled: object, pool: object | No
                   recipe: RimRecipe | None = None, log: Log | None = None) -> nn.Module:
     """Train variant ``name`` of :data:`VARIANTS` or :data:`SWEEP` from scratch; ``labelled``/``pool`` are
     ``PatchSet``-like."""
-    arch, pre = {**VARIANTS, **SWEEP}[name]
+    arch, pre = ALL_VARIANTS[name]
     recipe = recipe or RimRecipe(pretrain_epochs=preset.pretrain_epochs, finetune_epochs=preset.finetune_epochs,
                                  batch=preset.rim_batch)
     torch.manual_seed(seed)

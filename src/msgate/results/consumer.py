@@ -24,12 +24,11 @@ class PublishConsumer:
         from msgate.workers import celery_app
 
         tasks.use_store(store)
-        self.app = celery_app.build_app(store.settings)
+        self.app = celery_app.consumer_app(store.settings, celery_app.PUBLISH_QUEUE)
         self.app.set_default()
-        self.controller: Any = self.app.WorkController(
-            app=self.app, pool_cls="solo", concurrency=1, queues=[celery_app.PUBLISH_QUEUE],
-            hostname=f"publish{os.getpid()}@{socket.gethostname()}", without_mingle=True, without_gossip=True,
-            without_heartbeat=True, prefetch_multiplier=1, loglevel=store.settings.log_level)
+        self.controller: Any = celery_app.work_controller(
+            self.app, queues=[celery_app.PUBLISH_QUEUE], hostname=f"publish{os.getpid()}@{socket.gethostname()}",
+            loglevel=store.settings.log_level)
         self.thread = threading.Thread(target=self._start, name="publish-consumer", daemon=True)
 
     def _start(self) -> None:

@@ -85,9 +85,10 @@ def broker_options(settings: Settings) -> tuple[str, str | None, dict[str, Any]]
 
 
 def build_app(settings: Settings, *, main: str = "msgate") -> Celery:
-    """A configured Celery app with the msgate tasks registered (one per Settings object and process:
-    the scheduler, the worker and the publish consumer of ``serve all`` share it)."""
-    key = id(settings)
+    """A configured Celery app with the msgate tasks registered (one per Settings object, name and
+    process: producers such as the scheduler share the plain one; each consumer has its own, see
+    :func:`consumer_app`)."""
+    key = (id(settings), main)
     with _apps_lock:
         cached = _apps.get(key)
         if cached is not None and cached[0] is settings:
@@ -97,7 +98,14 @@ def build_app(settings: Settings, *, main: str = "msgate") -> Celery:
         return app
 
 
-_apps: dict[int, tuple[Settings, Celery]] = {}
+def consumer_app(settings: Settings, queue: str) -> Celery:
+    """The app of the consumer of one queue. A WorkController selects its queues on its app
+    (``app.amqp.queues.select``), so two consumers in one process (``serve all``) sharing an app
+    would both consume whichever queue was selected last."""
+    return build_app(settings, main=f"msgate-{queue}")
+
+
+_apps: dict[tuple[int, str], tuple[Settings, Celery]] = {}
 _apps_lock = threading.RLock()
 
 
@@ -153,6 +161,31 @@ def _register_results_tasks(app: Celery) -> None:
     register = getattr(module, "register", None)
     if callable(register):
         register(app)
+
+
+_controller_lock = threading.Lock()
+
+
+def work_controller(app: Celery, **options: Any) -> Any:
+    """A solo WorkController with an event loop of its own.
+
+    Celery's ``Hub`` bootstep reuses kombu's process-global event loop (``kombu.asynchronous.hub``)
+    when one is set. ``serve`` runs the worker and the publish consumer as two controllers in one
+    process, so without this the second controller adopted the first one's hub: two threads polled
+    one epoll set holding both Redis BRPOP sockets, one thread read the other's socket while that one
+    disconnected it, and the consumer died on ``Unrecoverable error: ValueError`` (no restart, no
+    results). Each controller is therefore built with no global loop set, and none is left behind.
+    """
+    from kombu.asynchronous import set_event_loop
+
+    with _controller_lock:
+        set_event_loop(None)
+        try:
+            return app.WorkController(app=app, pool_cls="solo", concurrency=1, without_mingle=True,
+                                      without_gossip=True, without_heartbeat=True, prefetch_multiplier=1,
+                                      **options)
+        finally:
+            set_event_loop(None)
 
 
 _lazy: Celery | None = None

@@ -37,7 +37,7 @@ def start_controller(store: Store, *, queues: tuple[str, ...] = (celery_app.GPU_
                      hostname: str | None = None) -> Any:
     """Build the app, load the model (warm-up) and return a started-later WorkController."""
     settings = store.settings
-    app = celery_app.build_app(settings)
+    app = celery_app.consumer_app(settings, queues[0])
     app.set_current()  # the solo pool traces tasks through the current app
     app.set_default()
     rt = runtime.Runtime(settings, store)
@@ -46,10 +46,9 @@ def start_controller(store: Store, *, queues: tuple[str, ...] = (celery_app.GPU_
     _advertise(rt)
     log.info("worker ready", extra={"device": rt.device, "model_version": rt.version, "worker": rt.owner,
                                     "queue": ",".join(queues)})
-    return app.WorkController(app=app, pool_cls="solo", concurrency=1, queues=list(queues),
-                              hostname=hostname or f"gpu{os.getpid()}@{socket.gethostname()}",
-                              without_mingle=True, without_gossip=True, without_heartbeat=True,
-                              prefetch_multiplier=1, loglevel=settings.log_level)
+    return celery_app.work_controller(app, queues=list(queues),
+                                      hostname=hostname or f"gpu{os.getpid()}@{socket.gethostname()}",
+                                      loglevel=settings.log_level)
 
 
 def _advertise(rt: runtime.Runtime) -> None:
@@ -77,6 +76,8 @@ def serve_one(store: Store, stop: threading.Event) -> None:
     finally:
         controller.stop(in_sighandler=False)
         thread.join(timeout=30)
+    if not stop.is_set():  # the consumer died on its own: fail the role so its supervisor restarts it
+        raise RuntimeError("the worker's Celery consumer stopped")
 
 
 def _child(settings: Settings, device_index: int) -> None:
@@ -109,3 +110,5 @@ def run(store: Store, stop: threading.Event) -> None:
         child.terminate()
     for child in children:
         child.join(timeout=30)
+    if not stop.is_set():
+        raise RuntimeError("a GPU worker process stopped")

@@ -140,11 +140,18 @@ class WorkerSettings(Section):
     soft_time_limit: float = Field(600.0, gt=0)
     hard_time_limit: float = Field(900.0, gt=0)
     visibility_timeout: float = Field(3600.0, gt=0, description="Redis redelivery; must exceed hard_time_limit")
+    lease_margin_seconds: float = Field(30.0, ge=0, description="a running job's lease outlasts hard_time_limit by "
+                                        "this much (clock skew between hosts) before the reconciler re-queues it")
     max_retries: int = Field(5, ge=0)
     retry_backoff_max: float = Field(300.0, gt=0)
     device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     model_module: str = Field("msgate.model.predict", description="module with load_model() and predict(cases)")
     queue_prefix: str = Field("", max_length=64, description="Redis key prefix: several deployments, one Redis")
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claimed job stays leased to its worker."""
+        return self.hard_time_limit + self.lease_margin_seconds
 
     @field_validator("visibility_timeout")
     @classmethod

@@ -222,7 +222,7 @@ def test_missing_ehr_runs_after_deadline_flagged(rig_factory: Callable[..., Rig]
 
 @pytest.mark.slow
 def test_sigkill_mid_inference_reruns_once(rig_factory: Callable[..., Rig], tmp_path: Path) -> None:
-    rig = rig_factory(hard_time_limit=4, soft_time_limit=3, visibility_timeout=6)
+    rig = rig_factory(hard_time_limit=4, soft_time_limit=3, visibility_timeout=6, lease_margin_seconds=2)
     mark = tmp_path / "predict.log"
     double.make_study(rig.store, seed=7)
     [job_id] = rig.sched.scan()

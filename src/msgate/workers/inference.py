@@ -49,7 +49,7 @@ def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff) -> s
     except Exception as exc:  # a worker without a usable model must not hold (or fail) the job
         log.exception("model unavailable", extra={"job_id": job_id})
         raise Transient(f"model unavailable on this worker ({type(exc).__name__})", code="no_model") from None
-    primary = jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=wk.hard_time_limit, via="message",
+    primary = jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=wk.lease_seconds, via="message",
                          task_id=task_id)
     if primary is None:
         return _not_claimed(rt, job_id, handoff)
@@ -84,7 +84,7 @@ def _gather(rt: Runtime, *, exclude: set[str]) -> list[jobs.Claim]:
     while len(claims) + 1 < wk.batch_size:
         for jid in jobs.queued_ids(rt.store.db, exclude=list(exclude), limit=wk.batch_size - 1 - len(claims)):
             exclude.add(jid)
-            claim = jobs.claim(rt.store.db, jid, owner=rt.owner, lease_seconds=wk.hard_time_limit, via="batch")
+            claim = jobs.claim(rt.store.db, jid, owner=rt.owner, lease_seconds=wk.lease_seconds, via="batch")
             if claim is not None:
                 claims.append(claim)
         if time.monotonic() >= deadline or len(claims) + 1 >= wk.batch_size:

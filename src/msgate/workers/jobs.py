@@ -32,7 +32,6 @@ from msgate.storage.models import Job, Result, utcnow
 ACTIVE = ("queued", "running")
 SUPERSEDABLE = ("queued", "running", "done", "failed")
 FINAL = ("done", "failed", "superseded", "cancelled")
-LEASE_MARGIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,14 @@ def mark_published(db: Database, job_id: str) -> None:
 
 def claim(db: Database, job_id: str, *, owner: str, lease_seconds: float, via: str,
           task_id: str | None = None) -> Claim | None:
-    """Move a job to running for ``owner``; None if someone else holds it or it is finished."""
+    """Move a job to running for ``owner`` for ``lease_seconds`` (after which the reconciler re-queues it);
+    None if someone else holds it or it is finished."""
     with db.session() as session:
         job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
         if job is None or not _claimable(job, via, task_id):
             return None
         now = utcnow()
-        job.flags = _with(job.flags, owner=owner, lease_until=time.time() + lease_seconds + LEASE_MARGIN_SECONDS,
+        job.flags = _with(job.flags, owner=owner, lease_until=time.time() + lease_seconds,
                           claim=via, task_id=task_id if via == "message" else job.flags.get("task_id"))
         job.state, job.started_at, job.attempts, job.error = "running", now, job.attempts + 1, None
         stages = dict(job.stages)

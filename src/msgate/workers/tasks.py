@@ -62,5 +62,5 @@ def _give_up(rt: runtime.Runtime, job_id: str, reason: str) -> None:
     if job is None:
         return
     if job.state == "queued":
-        jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=60, via="batch")
+        jobs.claim(rt.store.db, job_id, owner=rt.owner, lease_seconds=rt.settings.workers.lease_seconds, via="batch")
     jobs.finish(rt.store.db, job_id, owner=rt.owner, state="failed", stages={}, error=reason)

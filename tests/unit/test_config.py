@@ -59,3 +59,11 @@ def test_missing_config_file_and_unknown_key(tmp_path: Path) -> None:
     bad.write_text("[dicom]\nportt = 1\n")
     with pytest.raises(ConfigError, match="MSGATE_DICOM__PORTT"):
         load_settings(bad)
+
+
+def test_job_lease_is_the_hard_limit_plus_the_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MSGATE_WORKERS__LEASE_MARGIN_SECONDS", "2.5")
+    wk = load_settings(workers={"soft_time_limit": 3, "hard_time_limit": 4, "visibility_timeout": 6}).workers
+    assert wk.lease_seconds == 6.5
+    monkeypatch.delenv("MSGATE_WORKERS__LEASE_MARGIN_SECONDS")
+    assert load_settings().workers.lease_seconds == 900 + 30  # the defaults

@@ -38,11 +38,7 @@ def _controller(settings: Any, queue: str) -> Any:
 
 
 def _start(controller: Any, name: str) -> threading.Thread:
-    def run() -> None:
-        controller.app.set_current()
-        controller.start()
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread = celery_app.consumer_thread(controller, name)
     thread.start()
     return thread
 
@@ -105,6 +101,7 @@ class _DeadController:
     """A controller whose consumer returns at once, as after an unrecoverable error."""
 
     stopped = False
+    app = type("NoApp", (), {"set_current": lambda self: None})()
 
     def start(self) -> None:
         return None

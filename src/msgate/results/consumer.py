@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from typing import Any
 
 from msgate.storage.store import Store
@@ -29,11 +28,7 @@ class PublishConsumer:
         self.controller: Any = celery_app.work_controller(
             self.app, queues=[celery_app.PUBLISH_QUEUE], hostname=f"publish{os.getpid()}@{socket.gethostname()}",
             loglevel=store.settings.log_level)
-        self.thread = threading.Thread(target=self._start, name="publish-consumer", daemon=True)
-
-    def _start(self) -> None:
-        self.app.set_current()  # the solo pool traces tasks through this thread's current app
-        self.controller.start()
+        self.thread = celery_app.consumer_thread(self.controller, "publish-consumer")
 
     def start(self) -> PublishConsumer:
         self.thread.start()

@@ -188,6 +188,17 @@ def work_controller(app: Celery, **options: Any) -> Any:
             set_event_loop(None)
 
 
+def consumer_thread(controller: Any, name: str) -> threading.Thread:
+    """A daemon thread (not started) that runs ``controller``; the solo pool traces tasks through the
+    current app, which is per thread, so the thread makes the controller's app current first."""
+
+    def run() -> None:
+        controller.app.set_current()
+        controller.start()
+
+    return threading.Thread(target=run, name=name, daemon=True)
+
+
 _lazy: Celery | None = None
 
 

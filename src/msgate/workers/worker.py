@@ -38,7 +38,6 @@ def start_controller(store: Store, *, queues: tuple[str, ...] = (celery_app.GPU_
     """Build the app, load the model (warm-up) and return a started-later WorkController."""
     settings = store.settings
     app = celery_app.consumer_app(settings, queues[0])
-    app.set_current()  # the solo pool traces tasks through the current app
     app.set_default()
     rt = runtime.Runtime(settings, store)
     runtime.install(rt)
@@ -68,7 +67,7 @@ def serve_one(store: Store, stop: threading.Event) -> None:
     controller = start_controller(store)
     if stop.is_set():  # stopped while the model loaded: never start a consumer only to tear it down
         return
-    thread = threading.Thread(target=controller.start, name="celery-worker", daemon=True)
+    thread = celery_app.consumer_thread(controller, "celery-worker")
     thread.start()
     try:
         while not stop.is_set() and thread.is_alive():

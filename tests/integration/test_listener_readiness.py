@@ -44,8 +44,9 @@ def test_missing_required_role_waits_for_quiet_period(tmp_path: Path) -> None:
         assert storescu(listener.port, files).returncode == 0
         time.sleep(1.0)
         assert [s.state for s in _studies(listener.home)] == ["receiving"]  # released, but no FLAIR
-        studies, waited = _wait_state(listener.home, "stable", timeout=6)
-        assert [s.state for s in studies] == ["stable"] and studies[0].ready_at is None
+        studies, waited = _wait_state(listener.home, "stable", timeout=15)  # 2 s quiet; slack for a loaded box
+        assert [s.state for s in studies] == ["stable"], f"{studies}\n{listener.log()[-4000:]}"
+        assert studies[0].ready_at is None
         assert _audit(listener.home, "study.stable")[0].detail["missing"] == ["FLAIR"]
 
 

@@ -39,8 +39,9 @@ def register(app: Celery) -> None:
     """Called by :func:`msgate.workers.celery_app.build_app`."""
     settings = app.msgate_settings  # type: ignore[attr-defined]
 
-    @app.task(name=PUBLISH_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, autoretry_for=(Transient,),
-              retry_backoff=2, retry_backoff_max=600, retry_jitter=True, max_retries=20, ignore_result=True)
+    @app.task(name=PUBLISH_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=(Transient,), retry_backoff=2, retry_backoff_max=600, retry_jitter=True, max_retries=20,
+              ignore_result=True)
     def publish(self: Task[Any, Any], job_id: str) -> str:
         outcome = publish_job(_current_store(settings), job_id)
         log.info("publish task finished", extra={"job_id": job_id, "status": outcome})

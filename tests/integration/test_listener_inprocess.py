@@ -85,3 +85,46 @@ def test_an_instance_indexed_after_its_association_ended_does_not_hold_the_study
     assert [(r.study_id, r.run) for r in seen] == [(first.study_id, 1)]
     with store.db.session() as session:
         assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]
+
+
+def test_instances_before_established_event_belong_to_the_association(store: Store, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data phase runs on the DUL thread and can store instances before the reactor thread has run
+    EVT_ESTABLISHED (seen on a loaded box). Both must count them in one association: the handler used
+    to start a second one, the first never ended, and the study flipped between stable and receiving."""
+    from msgate.listener import handlers
+    from msgate.storage.models import Association
+
+    established = handlers.Listener.on_established
+
+    def late(self: handlers.Listener, event: object) -> None:
+        time.sleep(0.5)  # the sender's instances arrive meanwhile
+        established(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(handlers.Listener, "on_established", late)
+    store.settings.dicom.port = free_port()
+    store.settings.dicom.quiet_seconds = 30
+    seen: list[ReadyStudy] = []
+    ae, srv, tracker = server.start(store)
+    tracker.add_hook(seen.append)
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        files = write_series(tmp_path / "s", count=4, description="AX FLAIR")
+        assert pynd_send(srv.server_address[1], files) == [0, 0, 0, 0]
+        released = time.monotonic()
+        while not seen and time.monotonic() - released < 10:
+            time.sleep(0.01)
+        assert [(r.run, r.reason) for r in seen] == [(1, "released")]  # on release, not the quiet period
+        time.sleep(0.5)
+        with store.db.session() as session:
+            assocs = session.exec(select(Association)).all()
+            assert [(a.outcome, a.instances) for a in assocs] == [("released", 4)]
+            assert {i.assoc_id for i in session.exec(select(Instance)).all()} == {assocs[0].id}
+            assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        ae.shutdown()
+

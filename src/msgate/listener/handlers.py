@@ -118,17 +118,17 @@ class Listener:
     # --- association life cycle ------------------------------------------------------------------------
 
     def _stats(self, assoc: Any) -> _AssocStats:
+        """The association's counters, made by whichever thread sees it first: the data phase runs on
+        the DUL thread and can store instances before the reactor thread has run EVT_ESTABLISHED."""
         with self.lock:
             stats = self.stats.get(id(assoc))
-            if stats is None:  # EVT_ESTABLISHED not seen (should not happen); keep counting anyway
+            if stats is None:
                 stats = _AssocStats(new_id(), _aet(assoc))
                 self.stats[id(assoc)] = stats
             return stats
 
     def on_established(self, event: evt.Event) -> None:
-        stats = _AssocStats(new_id(), _aet(event.assoc))
-        with self.lock:
-            self.stats[id(event.assoc)] = stats
+        stats = self._stats(event.assoc)
         try:
             with self.store.db.session() as session:
                 repo_studies.open_association(session, assoc_id=stats.assoc_id, calling_aet=stats.calling_aet,

@@ -128,3 +128,40 @@ def test_instances_before_established_event_belong_to_the_association(store: Sto
         thread.join(timeout=5)
         ae.shutdown()
 
+
+def test_an_association_held_open_after_its_instances_gets_one_run(store: Store, tmp_path: Path) -> None:
+    """Routers often keep an association open after the study. At the quiet period the study is ready
+    once: it used to be reopened at once (its association was still open) and made ready again, a new
+    run and a new scheduler call every 0.25 s, until the association ended."""
+    from pynetdicom import AE
+    from pynetdicom.presentation import build_context
+
+    store.settings.dicom.port = free_port()
+    store.settings.dicom.quiet_seconds = 0.5
+    seen: list[ReadyStudy] = []
+    ae, srv, tracker = server.start(store)
+    tracker.add_hook(seen.append)
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    files = write_series(tmp_path / "s", count=3, description="AX FLAIR")
+    first = dataset.parse(files[0].read_bytes())
+    scu = AE(ae_title="ROUTER")
+    scu.requested_contexts = [build_context(first.get("SOPClassUID"), first.transfer_syntax)]
+    assoc = scu.associate("127.0.0.1", srv.server_address[1], ae_title="MSGATE")
+    try:
+        assert assoc.is_established
+        assert [int(assoc.send_c_store(f).Status) for f in files] == [0, 0, 0]
+        time.sleep(2.5)  # five quiet periods with the association open and idle
+        assert [(r.run, r.reason) for r in seen] == [(1, "quiet")]
+        with store.db.session() as session:
+            assert [(s.state, s.runs) for s in session.exec(select(Study)).all()] == [("ready", 1)]
+        assoc.release()
+        time.sleep(0.5)
+        assert len(seen) == 1  # the late release does not make it ready again
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+        stop.set()
+        thread.join(timeout=5)
+        ae.shutdown()

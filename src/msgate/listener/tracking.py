@@ -49,6 +49,7 @@ ReadyHook = Callable[[ReadyStudy], None]
 @dataclass
 class _Active:
     last: float
+    arrivals: int = 0  # instances stored since tracking began: a decision is undone only by a new one
     route: str | None = None
     required: tuple[str, ...] = ()
     assocs: set[str] = field(default_factory=set)
@@ -87,6 +88,7 @@ class Tracker:
             else:
                 fresh = False
             entry.last = time.monotonic()
+            entry.arrivals += 1
             if assoc_id not in self._ended:  # an instance answered after its association's end (a retry)
                 entry.assocs.add(assoc_id)  # must not keep the study waiting for that association forever
                 self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
@@ -133,7 +135,7 @@ class Tracker:
             with self._lock:
                 self._lock.wait(timeout=min(0.25, self.quiet / 4))
                 now = time.monotonic()
-                due = [(sid, "quiet" if now - e.last >= self.quiet else "released", e.last)
+                due = [(sid, "quiet" if now - e.last >= self.quiet else "released", e.arrivals)
                        for sid, e in self._active.items()
                        if now - e.last >= self.quiet or (e.released_pending and not e.assocs)]
                 for sid, _, _ in due:
@@ -144,7 +146,7 @@ class Tracker:
                 except Exception:
                     log.exception("readiness check failed", extra={"study_id": study_id})
 
-    def _evaluate(self, study_id: int, reason: str, seen: float) -> None:
+    def _evaluate(self, study_id: int, reason: str, seen: int) -> None:
         with self.store.db.session() as session:
             rule = self._rule_for(session, study_id)
             roles = self._roles(session, study_id)
@@ -162,7 +164,10 @@ class Tracker:
                                       roles=sorted(roles), missing=missing)
         with self._lock:
             entry = self._active.get(study_id)
-            arrived_since = entry is not None and (entry.last != seen or bool(entry.assocs))
+            # Only an instance stored since ``seen`` undoes the decision. An association still open but
+            # idle past the quiet period does not: it used to reopen the study at once, and the next
+            # turn made it ready again, a new run every 0.25 s until the association ended.
+            arrived_since = entry is not None and entry.arrivals != seen
             if entry is not None and not arrived_since:
                 del self._active[study_id]
         if arrived_since:  # an instance raced the decision: the study is receiving again

@@ -165,3 +165,37 @@ def test_an_association_held_open_after_its_instances_gets_one_run(store: Store,
         stop.set()
         thread.join(timeout=5)
         ae.shutdown()
+
+
+def test_a_study_whose_role_was_not_recorded_still_finishes(store: Store, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recording the series role after indexing can fail (database unavailable for a moment); the study
+    must still be tracked, and the decision classifies the series from its row. It used to be dropped
+    from tracking and stay ``receiving`` until the listener restarted."""
+    from msgate.listener import tracking
+
+    def down(*_: object, **__: object) -> None:
+        raise OSError("database unavailable")
+
+    files = write_series(tmp_path / "s", count=2, description="AX FLAIR")
+    stored = [store.ingest.store_instance(source=f, assoc_id="a1") for f in files]
+    tracker = Tracker(store, quiet_seconds=30, rules=store.settings.rules)
+    seen: list[ReadyStudy] = []
+    tracker.add_hook(seen.append)
+    header = dataset.parse(files[0].read_bytes())
+    with monkeypatch.context() as patched:
+        patched.setattr(tracking.repo_studies, "set_series_role", down)
+        for item in stored:
+            tracker.instance_stored(item, header, assoc_id="a1", calling_aet="X")
+    tracker.association_ended("a1", released=True)
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert [(r.run, r.reason, r.roles) for r in seen] == [(1, "released", ("FLAIR",))]

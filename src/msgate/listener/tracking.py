@@ -74,9 +74,10 @@ class Tracker:
     # --- called from association threads -----------------------------------------------------------
 
     def instance_stored(self, stored: StoredInstance, header: HeaderLike, *, assoc_id: str, calling_aet: str) -> None:
-        """Index-side bookkeeping after a commit: role, route, reopening; memory-only on the hot path."""
-        if stored.new_series or stored.new_study:
-            self._classify(stored, header, calling_aet)
+        """Index-side bookkeeping after a commit: role, route, reopening; memory-only on the hot path.
+
+        The study is tracked first: if recording its role or route fails (database unavailable), the
+        readiness decision classifies the series from their rows, and the study still finishes."""
         with self._lock:
             entry = self._active.get(stored.study_id)
             if entry is None and stored.duplicate:
@@ -92,6 +93,12 @@ class Tracker:
             if assoc_id not in self._ended:  # an instance answered after its association's end (a retry)
                 entry.assocs.add(assoc_id)  # must not keep the study waiting for that association forever
                 self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
+        if stored.new_series or stored.new_study:
+            try:
+                self._classify(stored, header, calling_aet)
+            except Exception:
+                log.exception("series role not recorded; decided from the index at readiness",
+                              extra={"study_id": stored.study_id})
         if fresh and not stored.new_study:
             with self.store.db.session() as session:
                 if repo_studies.reopen(session, study_id=stored.study_id):

@@ -151,3 +151,36 @@ def test_inference_run_is_idempotent(store: Store, sched: Scheduler) -> None:
     assert inference.run(rt, job_id, task_id="t", handoff=handed.append) == "skipped (done)"
     [job] = _jobs(store)
     assert job.state == "done" and handed == [job_id] and read_result(store, job_id) is not None
+
+
+def test_a_study_ready_during_a_scheduler_outage_still_gets_its_job(store: Store) -> None:
+    """Ready two hours ago, past the lookback window (the scheduler was down or had no model): a
+    restarted scheduler still plans it, once."""
+    from datetime import timedelta
+
+    from msgate.storage.models import Study, utcnow
+
+    study_id, _ = double.make_study(store, seed=11)
+    with store.db.session() as session:
+        study = session.get(Study, study_id)
+        assert study is not None
+        study.ready_at = utcnow() - timedelta(hours=2)
+        session.add(study)
+    restarted = Scheduler(store, build_app(store.settings))
+    assert len(restarted.scan()) == 1 and restarted.scan() == []
+    assert [j.study_id for j in _jobs(store)] == [study_id]
+
+
+def test_a_demographics_correction_plans_the_case_again(store: Store, sched: Scheduler) -> None:
+    """ADT^A08 corrects sex and birth date: the EHR snapshot changes, so the case runs again (the new
+    result goes out as a correction). Only observations and orders used to count as changes."""
+    from msgate.storage import repo_ehr
+
+    double.make_study(store, seed=14)
+    double.add_patient(store, mrn="MRN00014", sex="F", birth="19800101")
+    [first] = sched.scan()
+    with store.db.session() as session:
+        repo_ehr.upsert_patient(session, store.cipher, [repo_ehr.Identifier("MRN00014")], birth_date="19500101",
+                                sex="M", update_demographics=True)
+    [second] = sched.scan()
+    assert [(j.id, j.state) for j in _jobs(store)] == [(first, "superseded"), (second, "queued")]

@@ -192,8 +192,9 @@ def merge(session: Session, *, survivor_patient: Patient, retired: Patient) -> N
                           (Observation, Observation.patient_id), (Study, Study.patient_id)):
         session.execute(update(table).where(col(column) == rid).values(patient_id=sid))
     retired.merged_into_id = sid
-    retired.updated_at = utcnow()
+    retired.updated_at = survivor_patient.updated_at = utcnow()  # the survivor's cases are planned again
     session.add(retired)
+    session.add(survivor_patient)
 
 
 def _age(birth: str, at: date) -> float | None:

@@ -31,16 +31,23 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
+from sqlalchemy import and_, exists, or_
 from sqlmodel import Session, col, select
 
 from msgate.config import Settings
-from msgate.storage.models import Instance, Job, Observation, Order, PatientIdentifier, Series, Study, utcnow
+from msgate.storage.models import (Instance, Job, Observation, Order, Patient, PatientIdentifier, Series, Study,
+                                   utcnow)
 from msgate.storage.store import Store
 from msgate.workers import case as case_mod
 from msgate.workers import ehr as ehr_mod
 from msgate.workers import jobs, runtime, tasks
 
 log = logging.getLogger(__name__)
+
+# How far each scan looks back past the previous one for EHR changes. A row's ``updated_at`` is set
+# when it is written, not when its transaction commits: an HL7 batch committed seconds later would
+# otherwise fall behind the watermark unseen. Seeing a change twice costs a plan; its key dedups.
+WATERMARK_OVERLAP = timedelta(seconds=60)
 
 _wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
 
@@ -114,11 +121,17 @@ class Scheduler:
             return None
 
     def candidates(self, session: Session, extra: set[int]) -> list[Study]:
+        """Recently ready studies (re-planned when their EHR changes), and every ready study with a FLAIR
+        series and no job at all, however old: one that became ready while the scheduler was down or had
+        no model still gets its job. (A study with earlier jobs is planned again only inside the window:
+        a re-sent study whose plan has a job already would otherwise be planned on every scan.)"""
         wk = self.settings.workers
         now = utcnow()
         since = now - timedelta(seconds=wk.ehr_deadline_seconds + wk.lookback_seconds)
+        has_flair = exists().where(col(Series.study_id) == col(Study.id), col(Series.role) == "FLAIR")
+        has_job = exists().where(col(Job.study_id) == col(Study.id))
         studies = {s.id: s for s in session.exec(select(Study).where(
-            Study.state == "ready", col(Study.ready_at) >= since)).all()}
+            Study.state == "ready", or_(col(Study.ready_at) >= since, and_(has_flair, ~has_job)))).all()}
         for sid in extra:
             study = session.get(Study, sid)
             if study is not None and study.state == "ready":
@@ -136,13 +149,15 @@ class Scheduler:
             if (fresh or sid in extra or study.patient_id in changed[0] or study.accession_index in changed[1]
                     or study.dicom_patient_index in changed[2]):
                 out.append(study)
-        self.watermark = now - timedelta(seconds=1)
+        self.watermark = now - WATERMARK_OVERLAP
         return out
 
     def _ehr_changed(self, session: Session) -> tuple[set[int | None], set[str | None], set[str]]:
-        """Patients with new observations or orders since the last scan; their accessions and identifiers."""
+        """Patients with new observations, orders or demographics (an ADT^A08 correction, an A40 merge)
+        since the last scan; their accessions and identifiers."""
         patients: set[int | None] = set(session.exec(select(Observation.patient_id).where(
             col(Observation.updated_at) >= self.watermark)).all())
+        patients |= set(session.exec(select(Patient.id).where(col(Patient.updated_at) >= self.watermark)).all())
         orders = session.exec(select(Order.patient_id, Order.accession_index).where(
             col(Order.updated_at) >= self.watermark)).all()
         patients |= {p for p, _ in orders}

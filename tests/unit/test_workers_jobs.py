@@ -184,3 +184,71 @@ def test_a_demographics_correction_plans_the_case_again(store: Store, sched: Sch
                                 sex="M", update_demographics=True)
     [second] = sched.scan()
     assert [(j.id, j.state) for j in _jobs(store)] == [(first, "superseded"), (second, "queued")]
+
+
+def test_an_unforeseen_error_fails_its_job_alone(store: Store, sched: Scheduler,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FLAIR series whose InstanceNumber is not a number (ValueError while the volume is built) used
+    to escape ``inference.run``: that job and the healthy one batched with it stayed running until
+    their lease ran out, then were re-queued to fail the same way, without end."""
+    from msgate.workers import inference, runtime
+
+    double.make_study(store, seed=21)
+    [healthy] = sched.scan()
+    real = double.mr_slice
+
+    def bad_instance_number(**kw: object) -> bytes:
+        data = real(**kw)  # type: ignore[arg-type]
+        number = str(int(kw["index"]) + 1).ljust(2).encode()  # type: ignore[call-overload]
+        return data.replace(b"\x20\x00\x13\x00IS\x02\x00" + number, b"\x20\x00\x13\x00IS\x02\x00ab")
+
+    monkeypatch.setattr(double, "mr_slice", bad_instance_number)
+    double.make_study(store, seed=22)
+    monkeypatch.setattr(double, "mr_slice", real)
+    [poison] = sched.scan()
+    rt = runtime.Runtime(store.settings, store)
+    assert inference.run(rt, poison, task_id="t-poison", handoff=lambda _: None) == "batch of 2"
+    bad, good = jobs.state_of(store.db, poison), jobs.state_of(store.db, healthy)
+    assert bad is not None and good is not None
+    assert (bad.state, good.state) == ("failed", "done")
+    assert "could not be loaded (ValueError" in (bad.error or "")
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_at_the_retry_limit(store: Store, sched: Scheduler) -> None:
+    """A job that kills its worker each time (out of memory, a driver crash) used to be re-queued
+    forever, taking a GPU worker down once per lease."""
+    double.make_study(store, seed=12)
+    [job_id] = sched.scan()
+    limit = store.settings.workers.max_retries + 1
+    for attempt in range(1, limit + 1):
+        assert jobs.claim(store.db, job_id, owner=f"w:{attempt}", lease_seconds=60, via="message",
+                          task_id=f"t{attempt}") is not None
+        with store.db.session() as session:
+            row = session.get(Job, job_id)
+            assert row is not None
+            row.flags = {**row.flags, "lease_until": time.time() - 1}
+            session.add(row)
+        assert jobs.expire_leases(store.db, max_attempts=limit) == [job_id]
+        job = jobs.state_of(store.db, job_id)
+        assert job is not None and job.state == ("failed" if attempt == limit else "queued"), (attempt, job.state)
+    assert f"failed after {limit} attempts" in (job.error or "")
+
+
+def test_an_unforeseen_error_after_loading_requeues_the_batch(store: Store, sched: Scheduler,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past loading (here: storing the result), an unforeseen error re-queues every job of the batch at
+    once instead of leaving them running until their leases end."""
+    from msgate.workers import inference, runtime
+
+    double.make_study(store, seed=23)
+    double.make_study(store, seed=24)
+    first, second = sched.scan()
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("disk controller reset")
+
+    monkeypatch.setattr(inference, "store_result", broken)
+    with pytest.raises(RuntimeError):
+        inference.run(runtime.Runtime(store.settings, store), first, task_id="t-1", handoff=lambda _: None)
+    states = [(j.state, j.error) for j in (jobs.state_of(store.db, first), jobs.state_of(store.db, second)) if j]
+    assert states == [("queued", "unexpected error (RuntimeError)")] * 2

@@ -58,9 +58,15 @@ def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff) -> s
         _load_all(rt, items)
         _predict(rt, items)
         _store_and_finish(rt, items, handoff)
-    except Transient as exc:
+    except Exception as exc:
+        # A transient failure, or one nobody foresaw: every job of the batch not finished yet goes back
+        # to the queue now (not left running until its lease ends), up to the retry limit.
+        reason = f"transient: {exc}" if isinstance(exc, Transient) else f"unexpected error ({type(exc).__name__})"
+        if not isinstance(exc, Transient):
+            log.exception("batch failed unexpectedly; its jobs are re-queued", extra={"job_id": job_id})
         for item in items:
-            jobs.release(rt.store.db, item.claim.job_id, owner=rt.owner, error=f"transient: {exc}")
+            jobs.release(rt.store.db, item.claim.job_id, owner=rt.owner, error=reason,
+                         max_attempts=wk.max_retries + 1)
         raise
     return f"batch of {len(items)}"
 
@@ -116,6 +122,11 @@ def _load_all(rt: Runtime, items: list[Item]) -> None:
             _fail(rt, item, str(exc))
         except CryptoError as exc:
             _fail(rt, item, f"stored data cannot be decrypted ({exc.code})")
+        except Transient:
+            raise
+        except Exception as exc:  # a case nobody foresaw (a header value that does not parse): it alone fails
+            log.exception("case could not be loaded", extra={"job_id": item.claim.job_id})
+            _fail(rt, item, f"the case could not be loaded ({type(exc).__name__}; see the worker log)")
 
 
 def _predict(rt: Runtime, items: list[Item]) -> None:

@@ -150,16 +150,27 @@ def finish(db: Database, job_id: str, *, owner: str, state: str, stages: dict[st
         return True
 
 
-def release(db: Database, job_id: str, *, owner: str, error: str) -> bool:
-    """running -> queued (a transient failure); the message's retry or the reconciler runs it again."""
+def release(db: Database, job_id: str, *, owner: str, error: str, max_attempts: int | None = None) -> bool:
+    """running -> queued (a failed attempt); the message's retry or the reconciler runs it again. After
+    ``max_attempts`` claims the job fails instead."""
     with db.session() as session:
         job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
         if job is None or job.state != "running" or job.flags.get("owner") != owner:
             return False
-        job.state, job.error, job.published_at = "queued", error[:512], None  # the reconciler re-sends it
-        job.flags = _with(job.flags, lease_until=None, owner=None)
-        session.add(job)
+        _requeue_or_fail(session, job, error, max_attempts, actor=owner)
         return True
+
+
+def _requeue_or_fail(session: Session, job: Job, error: str, max_attempts: int | None, *, actor: str) -> None:
+    job.flags = _with(job.flags, lease_until=None, owner=None)
+    if max_attempts is not None and job.attempts >= max_attempts:
+        reason = f"{error}; failed after {job.attempts} attempts"
+        job.state, job.finished_at, job.error = "failed", utcnow(), reason[:512]
+        audit.append(session, kind="job.failed", actor=actor[:64], subject=f"job:{job.id}",
+                     detail={"reason": reason[:200]})
+    else:
+        job.state, job.error, job.published_at = "queued", error[:512], None  # the reconciler re-sends it
+    session.add(job)
 
 
 def mark_handed_off(db: Database, job_id: str) -> None:
@@ -178,16 +189,14 @@ def unpublished(db: Database, *, older_than: float, limit: int = 200) -> list[st
                                  .order_by(col(Job.created_at)).limit(limit)).all())
 
 
-def expire_leases(db: Database) -> list[str]:
-    """Running jobs whose lease ran out (worker lost): back to queued, unpublished."""
+def expire_leases(db: Database, *, max_attempts: int | None = None) -> list[str]:
+    """Running jobs whose lease ran out (worker lost): back to queued, unpublished. A job that has lost
+    its worker ``max_attempts`` times (it kills the worker: out of memory, a driver crash) fails."""
     now, out = time.time(), []
     with db.session() as session:
         for job in session.exec(select(Job).where(Job.state == "running").with_for_update()).all():
             if float(job.flags.get("lease_until", 0)) < now:
-                job.state, job.published_at = "queued", None
-                job.error = "worker lost (lease expired); re-queued"
-                job.flags = _with(job.flags, owner=None, lease_until=None)
-                session.add(job)
+                _requeue_or_fail(session, job, "worker lost (lease expired)", max_attempts, actor="scheduler")
                 out.append(job.id)
     return out
 

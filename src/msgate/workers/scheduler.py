@@ -204,9 +204,9 @@ class Scheduler:
     def reconcile(self) -> dict[str, int]:
         wk = self.settings.workers
         db = self.store.db
-        expired = jobs.expire_leases(db)
+        expired = jobs.expire_leases(db, max_attempts=wk.max_retries + 1)
         for jid in expired:
-            log.warning("worker lost; job re-queued", extra={"job_id": jid})
+            log.warning("worker lost; job re-queued (or failed at the retry limit)", extra={"job_id": jid})
         sent = 0
         for jid in jobs.unpublished(db, older_than=wk.publish_grace_seconds):
             if not self.publish(jid):

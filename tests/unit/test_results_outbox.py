@@ -109,6 +109,21 @@ def test_expired_lease_is_reclaimed_and_recorded_as_interrupted(rstore: Store) -
     assert _state(rstore, entry_id).state == "delivered"
 
 
+def test_a_claim_that_lost_its_lease_neither_sends_nor_records(rstore: Store) -> None:
+    """Sender A's lease on an entry still waiting in its batch runs out and sender B takes it: A must
+    not send it (renew says no) nor record an outcome over B's claim. A holder's renewal keeps it."""
+    first, second = _entries(rstore, _job(rstore))
+    start = utcnow()
+    a_first, a_second = sorted(outbox.claim(rstore, POLICY, now=start), key=lambda c: c.id != first)
+    assert outbox.renew(rstore, a_first, POLICY, now=start + timedelta(seconds=30)) is not None
+    b = outbox.claim(rstore, POLICY, now=start + timedelta(seconds=61))  # only the entry A did not renew
+    assert [c.id for c in b] == [second]
+    assert outbox.renew(rstore, a_second, POLICY) is None
+    assert outbox.record(rstore, a_second, outbox.Attempt("retry", "none", "A's late answer"), POLICY) == "sending"
+    assert outbox.record(rstore, b[0], outbox.Attempt("delivered", "0x0000"), POLICY) == "delivered"
+    assert _outcomes(rstore, second) == ["interrupted", "delivered"]
+
+
 def test_max_age_and_permanent_failures_dead_letter(rstore: Store) -> None:
     a, b = _entries(rstore, _job(rstore))
     claimed = {c.id: c for c in outbox.claim(rstore, POLICY)}

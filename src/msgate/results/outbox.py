@@ -9,7 +9,10 @@ An entry is one rendered object (encrypted blob) for one destination: ``dicom`` 
 
 - A claim is a lease: ``sending`` with ``next_attempt_at`` = lease end. A sender killed mid-send leaves
   the lease to expire; the next sender takes the entry again (an ``interrupted`` attempt is recorded)
-  and resends it. Resends reuse the SOP Instance UID, so the PACS keeps one copy.
+  and resends it. Resends reuse the SOP Instance UID, so the PACS keeps one copy. A sender renews an
+  entry's lease just before sending it, and only while the lease is still its own (the lease end is
+  the claim's token): an entry that waited in a long batch past its lease and was taken by another
+  sender is skipped, not sent twice, and an outcome is recorded only by the claim that holds it.
 - Success is only the peer's answer: C-STORE ``0x0000``/warning, or MSA-1 ``AA``/``CA``.
 - Backoff is exponential with "equal jitter": ``cap = min(max_delay, base * 2**(n-1))``, the delay is
   uniform in ``[cap/2, cap]``. After ``max_age`` since creation (or since the last operator retry) a
@@ -29,7 +32,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
@@ -130,6 +133,30 @@ class Claimed:
     blob_kind: str
     attempts: int
     created_at: datetime
+    lease_until: datetime | None = None  # the claim's token: the lease end it set
+
+
+def _holds(entry: OutboxEntry, claimed: Claimed) -> bool:
+    """The entry is still under this claim (no other sender took it after its lease ran out)."""
+    if entry.state != "sending":
+        return False
+    if claimed.lease_until is None:
+        return True
+    return abs((entry.next_attempt_at - claimed.lease_until).total_seconds()) < 1e-3
+
+
+def renew(store: Store, claimed: Claimed, policy: Policy, *, now: datetime | None = None) -> Claimed | None:
+    """Extend the lease of an entry about to be sent; None if the claim lost it (do not send)."""
+    until = (now or utcnow()) + timedelta(seconds=policy.lease)
+    with store.db.session() as session:
+        entry = session.exec(select(OutboxEntry).where(OutboxEntry.id == claimed.id).with_for_update()).first()
+        if entry is None or not _holds(entry, claimed):
+            log.warning("outbox entry no longer held by this sender (taken by another, or dropped); not sent",
+                        extra={"outbox_id": claimed.id, "destination": claimed.destination})
+            return None
+        entry.next_attempt_at = until
+        session.add(entry)
+    return replace(claimed, lease_until=until)
 
 
 def claim(store: Store, policy: Policy, *, now: datetime | None = None, destination: str | None = None,
@@ -148,13 +175,14 @@ def claim(store: Store, policy: Policy, *, now: datetime | None = None, destinat
             .with_for_update(of=OutboxEntry, skip_locked=True)  # PostgreSQL: senders share the work
         ).all()
         out = []
+        until = now + timedelta(seconds=policy.lease)
         for entry, blob_kind in rows:
             if entry.state == "sending":
                 _attempt(session, entry, Attempt("interrupted", "", "lease expired: the sender stopped mid-send"))
-            entry.state, entry.next_attempt_at = "sending", now + timedelta(seconds=policy.lease)
+            entry.state, entry.next_attempt_at = "sending", until
             session.add(entry)
             out.append(Claimed(entry.id, entry.job_id, entry.kind, entry.destination, entry.blob_id, blob_kind,
-                               entry.attempts, entry.created_at))
+                               entry.attempts, entry.created_at, until))
     return out
 
 
@@ -178,8 +206,9 @@ def record(store: Store, claimed: Claimed, result: Attempt, policy: Policy, *, n
     now = now or utcnow()
     with store.db.session() as session:
         entry = session.exec(select(OutboxEntry).where(OutboxEntry.id == claimed.id).with_for_update()).first()
-        if entry is None or entry.state != "sending":
-            return entry.state if entry is not None else "gone"  # dropped by an operator meanwhile
+        if entry is None or not _holds(entry, claimed):
+            # dropped by an operator meanwhile, or its lease ran out and another sender holds it now
+            return entry.state if entry is not None else "gone"
         entry.attempts += 1
         outcome = result.outcome
         if outcome == "retry" and now - _window_start(session, entry) > timedelta(seconds=policy.max_age):
@@ -245,7 +274,10 @@ def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed],
             record(store, item, Attempt("retry", exc.code, str(exc)), policy)
         return
     try:
-        for item, data in payloads:
+        for claimed, data in payloads:
+            item = renew(store, claimed, policy)
+            if item is None:
+                continue
             out = sender.send(data)
             if out.delivered:
                 result = Attempt("delivered", out.detail, "stored by the peer")
@@ -273,7 +305,10 @@ def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
             record(store, item, Attempt("retry", "", "no HL7 destination configured"), policy)
         return
     with MllpClient(dest.host, dest.port, timeout=policy.hl7_timeout) as client:
-        for item in items:
+        for claimed in items:
+            item = renew(store, claimed, policy)
+            if item is None:
+                continue
             msh10 = control_id(item.id, item.attempts + 1)
             try:
                 message = with_control_id(_read(store, item.blob_id), msh10)

@@ -112,6 +112,7 @@ class Scheduler:
         self.model_version = self._model_version()
         wk = self.settings.workers
         self.watermark = utcnow() - timedelta(seconds=wk.lookback_seconds)
+        self.catch_up = True  # the first scan also takes ready studies that never got a job
 
     def _model_version(self) -> str | None:
         try:
@@ -121,17 +122,20 @@ class Scheduler:
             return None
 
     def candidates(self, session: Session, extra: set[int]) -> list[Study]:
-        """Recently ready studies (re-planned when their EHR changes), and every ready study with a FLAIR
-        series and no job at all, however old: one that became ready while the scheduler was down or had
-        no model still gets its job. (A study with earlier jobs is planned again only inside the window:
-        a re-sent study whose plan has a job already would otherwise be planned on every scan.)"""
+        """Recently ready studies (re-planned when their EHR changes). The first scan after a start (or
+        after the model became available) also takes every ready study with a FLAIR series and no job at
+        all, however old: one that became ready while the scheduler was down or had no model still gets
+        its job. (Only once: that query walks every ready study, and a study with earlier jobs is planned
+        again only inside the window.)"""
         wk = self.settings.workers
         now = utcnow()
         since = now - timedelta(seconds=wk.ehr_deadline_seconds + wk.lookback_seconds)
-        has_flair = exists().where(col(Series.study_id) == col(Study.id), col(Series.role) == "FLAIR")
-        has_job = exists().where(col(Job.study_id) == col(Study.id))
-        studies = {s.id: s for s in session.exec(select(Study).where(
-            Study.state == "ready", or_(col(Study.ready_at) >= since, and_(has_flair, ~has_job)))).all()}
+        due = col(Study.ready_at) >= since
+        if self.catch_up:
+            has_flair = exists().where(col(Series.study_id) == col(Study.id), col(Series.role) == "FLAIR")
+            has_job = exists().where(col(Job.study_id) == col(Study.id))
+            due = or_(due, and_(has_flair, ~has_job))
+        studies = {s.id: s for s in session.exec(select(Study).where(Study.state == "ready", due)).all()}
         for sid in extra:
             study = session.get(Study, sid)
             if study is not None and study.state == "ready":
@@ -189,6 +193,7 @@ class Scheduler:
                                                "count": len(p.required_missing)})
                 self.publish(job.id)
                 created.append(job.id)
+        self.catch_up = False  # every study the catch-up found is planned (or waits inside the window)
         return created
 
     def publish(self, job_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from hl7_helpers import RawClient, err, make_store, msa, running_server
@@ -56,6 +57,33 @@ def test_oversize_frame_gets_ar_104(server) -> None:  # type: ignore[no-untyped-
     answer = client.exchange(big)
     assert msa(answer)[1:3] == ["AR", "BIG1"] and "104" in "|".join(err(answer))
     assert msa(client.exchange(good("G2")))[1] == "AA"
+
+
+def test_oversize_frame_end_block_in_two_reads(server) -> None:  # type: ignore[no-untyped-def]
+    """Its 0x1C and 0x0D in separate reads: answered AR at once, and the next frame is not swallowed."""
+    client = RawClient(server.port)
+    client.send(mllp.SB + good("OV5") + b"NTE|1||" + b"x" * 10_000 + b"\r" + mllp.EB)
+    time.sleep(0.3)
+    client.send(mllp.CR)
+    assert msa(client.recv_frame())[1:3] == ["AR", "OV5"]
+    client.send(mllp.frame(good("OV6")))
+    assert msa(client.recv_frame())[1:3] == ["AA", "OV6"]
+
+
+def test_oversize_frame_without_end_block_then_next_frame(server) -> None:  # type: ignore[no-untyped-def]
+    """An oversize frame that lost its end block, the next frame in a later read: both answered."""
+    client = RawClient(server.port)
+    client.send(mllp.SB + good("OV3") + b"NTE|1||" + b"x" * 10_000 + b"\r")
+    time.sleep(0.3)
+    client.send(mllp.frame(good("OV4")))
+    assert msa(client.recv_frame())[1:3] == ["AR", "OV3"]
+    assert msa(client.recv_frame())[1:3] == ["AA", "OV4"]
+
+
+def test_empty_batch_gets_an_empty_batch_answer(server) -> None:  # type: ignore[no-untyped-def]
+    client = RawClient(server.port)
+    answer = client.exchange(b"BHS|^~\\&|LAB|HOSP|||20250101\rBTS|0\r")
+    assert answer.startswith(b"BHS|") and b"\rBTS|0\r" in answer
 
 
 def test_missing_end_block_then_next_frame(server) -> None:  # type: ignore[no-untyped-def]

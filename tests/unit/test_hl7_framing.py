@@ -29,6 +29,23 @@ def test_deframer_garbage_split_oversize_unterminated() -> None:
     assert [e.kind for e in events] == ["oversize", "frame"] and events[0].payload.startswith(b"MSH")
 
 
+def test_deframer_oversize_end_block_split_and_lost() -> None:
+    """An oversize frame whose end block arrives in two reads ends at that end block, not at the next
+    frame's; one that lost its end block ends where the next frame starts."""
+    d = mllp.Deframer(1024)
+    assert d.feed(mllp.SB + MSG + b"x" * 2000 + mllp.EB) == []
+    events = d.feed(mllp.CR)
+    assert [e.kind for e in events] == ["oversize"] and events[0].size == len(MSG) + 2000
+    assert [e.kind for e in d.feed(mllp.frame(MSG))] == ["frame"]
+    d = mllp.Deframer(len(MSG))  # exactly at the limit, its end block split: not oversize
+    assert d.feed(mllp.SB + MSG + mllp.EB) == []
+    assert [e.kind for e in d.feed(mllp.CR)] == ["frame"]
+    d = mllp.Deframer(1024)
+    assert d.feed(mllp.SB + MSG + b"x" * 2000) == []
+    events = d.feed(b"y" * 10 + mllp.frame(MSG))
+    assert [e.kind for e in events] == ["oversize", "frame"] and events[1].payload == MSG
+
+
 def test_msh_non_default_and_five_char_encoding() -> None:
     a24 = read_msh(b"MSH^~/\\&^APP^FAC^^^2001^^ADT~A24^X1^P^2.4\r")
     assert (a24.message_type, a24.trigger, a24.control_id, a24.version) == ("ADT", "A24", "X1", "2.4")

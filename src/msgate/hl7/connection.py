@@ -158,6 +158,8 @@ class Connection:
     async def _batch(self, raw: bytes) -> bytes | None:
         """An FHS/BHS batch in one frame: each message is handled, then one batch acknowledgement."""
         messages, has_fhs = split_batch(raw)
+        if not messages:  # an empty batch (BHS, BTS|0): answered with an empty batch, never with silence
+            return self._encode(wrap_batch([], enc=read_msh_default(), file_header=has_fhs), None)
         answers = await asyncio.gather(*(self._message(m) for m in messages))
         texts = [t for _, t in answers if t]
         if not texts:  # every message said MSH-15 NE (or ER and all went well): nothing to send

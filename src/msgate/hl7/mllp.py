@@ -3,7 +3,8 @@
 :class:`Deframer` is a tolerant, incremental frame reader: bytes before a start block are skipped and
 reported, a frame longer than the limit is dropped (its first bytes are kept so the caller can still
 answer with a NAK that echoes MSH-10), and a start block inside an open frame ends the open frame as
-*unterminated* (the sender lost its end block). Nothing here logs payload bytes.
+*unterminated* (the sender lost its end block); inside a dropped oversize frame it ends that frame. An
+end block split across reads is found either way. Nothing here logs payload bytes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Deframer:
         buf = self._buf
         if self._skipping:
             end = buf.find(END)
+            restart = buf.find(SB)
+            if restart >= 0 and (end < 0 or restart < end):  # it lost its end block: the next frame starts
+                events.append(FrameEvent("oversize", self._head, self._skipped + restart))
+                del buf[:restart]
+                self._skipping, self._skipped, self._head = False, 0, b""
+                return True
             if end < 0:
                 keep = 1 if buf.endswith(EB) else 0
                 self._skipped += len(buf) - keep
@@ -93,7 +100,8 @@ class Deframer:
             del buf[:restart]
             self._in_frame = False
             return True
-        limit = end if end >= 0 else len(buf)
+        keep = 1 if end < 0 and buf.endswith(EB) else 0  # maybe the first byte of the end block
+        limit = end if end >= 0 else len(buf) - keep
         if limit > self.max_bytes:
             self._head = bytes(buf[:HEAD_KEEP])
             self._in_frame, self._skipping = False, True
@@ -102,8 +110,8 @@ class Deframer:
                 del buf[: end + 2]
                 self._skipping, self._head = False, b""
                 return True
-            self._skipped = len(buf)
-            buf.clear()
+            self._skipped = len(buf) - keep
+            del buf[: len(buf) - keep]
             return False
         if end < 0:
             return False

@@ -97,7 +97,11 @@ class IndexerProcess:
                     return
                 reader = await self._restart()
                 continue
-            outcome = json.loads(line).get("outcome")
+            try:
+                outcome = json.loads(line).get("outcome")
+            except (ValueError, AttributeError):
+                log.warning("unreadable line from the hl7 indexer; ignored", extra={"role": "hl7"})
+                continue
             if outcome is None:
                 continue
             segment, seq, code, reason = outcome
@@ -106,21 +110,32 @@ class IndexerProcess:
                 callback(code, reason)
 
     async def _restart(self) -> asyncio.StreamReader:
-        """The indexer died: start another one after a back-off (the journal holds what it had not done)."""
-        code = self.proc.poll() if self.proc is not None else None
-        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
-        log.error("hl7 indexer exited; starting it again",
-                  extra={"role": "hl7", "code": code, "attempt": self.restarts, "count": len(self.waiting)})
-        self.restarts += 1
-        if self.writer is not None:
-            self.writer.close()
-        await asyncio.sleep(delay)
-        started = time.monotonic()
-        reader = await self._spawn()
-        if await reader.readline():  # ready (on EOF the caller's next read starts yet another one)
-            log.info("hl7 indexer running again", extra={"role": "hl7",
-                                                        "elapsed_s": round(time.monotonic() - started, 2)})
-        return reader
+        """The indexer died: start another one after a back-off (the journal holds what it had not done),
+        and again until one reports ready. One that dies (or cannot be started) before it is ready must
+        not end the follower: the feed would go on answering AA with nothing indexed behind it."""
+        while True:
+            code = self.proc.poll() if self.proc is not None else None
+            delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+            log.error("hl7 indexer exited; starting it again",
+                      extra={"role": "hl7", "code": code, "attempt": self.restarts, "count": len(self.waiting)})
+            self.restarts += 1
+            if self.writer is not None:
+                self.writer.close()
+            await asyncio.sleep(delay)
+            if self.stopping:
+                ended = asyncio.StreamReader()
+                ended.feed_eof()
+                return ended
+            started = time.monotonic()
+            try:
+                reader = await self._spawn()
+                if await reader.readline():  # ready
+                    log.info("hl7 indexer running again",
+                             extra={"role": "hl7", "elapsed_s": round(time.monotonic() - started, 2)})
+                    return reader
+            except (OSError, ValueError) as exc:  # reset before ready, or no process / descriptors left
+                log.error("hl7 indexer did not start", extra={"role": "hl7", "error_type": type(exc).__name__})
+            self._kill()
 
     async def stop(self, *, closed_segment: str | None, drain_s: float) -> None:
         """Let the indexer finish for up to ``drain_s``, then end it; never hangs."""

@@ -70,6 +70,54 @@ def test_killed_indexer_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None
     store.close()
 
 
+def test_an_indexer_that_fails_to_start_again_is_retried(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The indexer dies, and its replacement cannot be started (no descriptors left) or dies before it
+    is ready: the supervisor tries again. Its follower used to end on that error, and from then on the
+    feed answered AA with nothing indexed behind it until the server was restarted."""
+    from msgate.hl7 import supervisor
+
+    real, attempts = supervisor.IndexerProcess._popen, []
+
+    def flaky(self, theirs):  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        if len(attempts) == 2:
+            raise OSError(24, "Too many open files")
+        return real(self, theirs)
+
+    monkeypatch.setattr(supervisor.IndexerProcess, "_popen", flaky)
+    store = make_store(tmp_path / "home")
+    with running_server(store) as srv:
+        os.kill(srv.indexer.proc.pid, signal.SIGKILL)
+        with MllpClient("127.0.0.1", srv.port, timeout=10) as client:
+            for i in range(20):
+                assert client.send(message(i)).code == "AA"
+        wait_mapped(store, 20, timeout=60)
+        assert len(attempts) == 3 and srv.indexer.restarts == 2
+    store.close()
+
+
+def test_a_resent_message_gets_its_application_ack(tmp_path: Path) -> None:
+    """Enhanced mode (MSH-15/16 AL): the connection was lost before the application ACK, so the sender
+    resends. The resend is a duplicate; it used to get its CA and then never an application ACK."""
+    store = make_store(tmp_path / "home")
+    with running_server(store) as srv:
+        first = RawClient(srv.port)
+        first.send(mllp.frame(message(1, enhanced=True)))
+        assert msa(first.recv_frame())[1:3] == ["CA", "IX00001"]
+        first.close()  # before the application ACK
+        wait_mapped(store, 1)
+        again = RawClient(srv.port, timeout=20)
+        try:
+            again.send(mllp.frame(message(1, enhanced=True)))
+            assert msa(again.recv_frame())[1:3] == ["CA", "IX00001"]
+            assert msa(again.recv_frame())[1:3] == ["AA", "IX00001"]  # the stored row's mapping outcome
+        finally:
+            again.close()
+        assert _counts(store) == (1, 1)  # stored once, the resend counted as a duplicate
+    store.close()
+
+
 def test_indexer_ends_when_the_server_is_killed(tmp_path: Path) -> None:
     home, port = tmp_path / "home", free_port()
     proc = start_serve(home, port)

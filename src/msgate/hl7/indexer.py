@@ -42,7 +42,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from msgate.batching import take_batch
-from msgate.hl7.mapping import map_messages
+from msgate.hl7.mapping import Outcome, map_messages
 from msgate.hl7.msh import HeaderError, Msh, read_msh
 from msgate.hl7.segments import SegmentReader
 from msgate.storage.models import Hl7Message
@@ -208,6 +208,7 @@ class Indexer:
                 items.append(_Item(seq, raw, read_msh(raw)))
             except HeaderError:  # the server read this MSH before journaling it; never expected
                 log.error("journal record without a readable MSH skipped", extra={"seq": seq})
+        all_items = items
         if recovering:
             items = self._unknown(items)
         stored = self._store(items) if items else []
@@ -219,9 +220,27 @@ class Indexer:
             ack = "" if recovering else ("CA" if item.msh.enhanced else "AA")
             self.mapper.put(_Job(result.message_id, ack, item.raw, reply))
             queued.add(item.seq)
-        for seq in sorted(wanted - queued):  # a duplicate, or stored before a restart: no application ACK
+        resent = [item for item in all_items if item.seq in wanted - queued]
+        self._answer_resent(name, resent)
+        for seq in sorted(wanted - queued - {item.seq for item in resent}):  # no readable MSH: no answer
             self.send({"outcome": [name, seq, None, ""]})
         return len(stored)
+
+    def _answer_resent(self, name: str, items: list[_Item]) -> None:
+        """Application ACKs for records stored before (a sender that resends because it never saw one):
+        the stored row's mapping outcome, once the mapping queued before them has run."""
+        if not items:
+            return
+        keys = {item.seq: self.store.ingest.dedup_key(item.msh.header()) for item in items}
+        with self.store.db.session() as session:
+            ids = dict(session.exec(select(Hl7Message.dedup_index, Hl7Message.id).where(
+                col(Hl7Message.dedup_index).in_(set(keys.values())))).all())
+        for item in items:
+            message_id = ids.get(keys[item.seq])
+            if message_id is None:
+                self.send({"outcome": [name, item.seq, None, ""]})
+            else:
+                self.mapper.put(_Job(message_id, "", None, (name, item.seq), remap=False))
 
     def _unknown(self, items: list[_Item]) -> list[_Item]:
         """Drop records already stored, and repeats within the batch (indexed before a crash or restart)."""
@@ -258,6 +277,7 @@ class _Job:
     ack: str  # the ACK code to record on the row ("": not known, e.g. indexed after a restart)
     raw: bytes | None  # None: read back from its blob
     reply: tuple[str, int] | None  # (segment, record) when an application ACK waits for the outcome
+    remap: bool = True  # False: mapped already (or queued before): only answer with the row's outcome
 
 
 class Mapper(threading.Thread):
@@ -296,20 +316,32 @@ class Mapper(threading.Thread):
             self._map(batch)
 
     def _map(self, batch: list[_Job]) -> None:
-        acks = {job.message_id: job.ack for job in batch if job.ack}
-        raws = {job.message_id: job.raw for job in batch if job.raw is not None}
+        todo = [job for job in batch if job.remap]
+        acks = {job.message_id: job.ack for job in todo if job.ack}
+        raws = {job.message_id: job.raw for job in todo if job.raw is not None}
         try:
-            outcomes = map_messages(self.store, [job.message_id for job in batch], acks=acks, raws=raws)
+            outcomes = map_messages(self.store, [job.message_id for job in todo], acks=acks, raws=raws) if todo else {}
         except Exception:  # the rows stay pending: mapped at the next start or by `msgate messages replay`
             log.exception("mapping batch failed", extra={"count": len(batch)})
             outcomes = {}
+        stored = self._stored_outcomes([job.message_id for job in batch if not job.remap])
         for job in batch:
-            outcome = outcomes.get(job.message_id)
+            outcome = outcomes.get(job.message_id) if job.remap else stored.get(job.message_id)
             if outcome is not None and outcome.state == "error":
                 log.warning("mapping error", extra={"message_id": job.message_id, "reason": outcome.error})
             if job.reply is not None:
                 code = None if outcome is None else ("AE" if outcome.state == "error" else "AA")
                 self.send({"outcome": [*job.reply, code, (outcome.error or "") if outcome else ""]})
+
+
+    def _stored_outcomes(self, message_ids: list[int]) -> dict[int, Outcome]:
+        """The recorded mapping outcome of rows mapped earlier (none for a row still pending)."""
+        if not message_ids:
+            return {}
+        with self.store.db.session() as session:
+            rows = session.exec(select(Hl7Message).where(col(Hl7Message.id).in_(message_ids))).all()
+        return {row.id: Outcome(state=row.mapping_state, error=row.mapping_error)  # type: ignore[misc]
+                for row in rows if row.mapping_state != "pending"}
 
 
 class Channel:

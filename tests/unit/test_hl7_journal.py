@@ -29,6 +29,43 @@ def test_journal_roundtrip_torn_tail_and_tamper(tmp_path: Path) -> None:
         read_segment(path, ring)
 
 
+@pytest.mark.parametrize("preallocate", [False, True])
+@pytest.mark.parametrize("written", [0, 10])  # nothing written, or a short write before the error
+def test_a_failed_append_spoils_no_later_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                preallocate: bool, written: int) -> None:
+    """A write or flush error (ENOSPC, EIO) refuses that call's records (0xA700 / AE) but must leave every
+    acknowledged record readable. Appending behind the torn bytes used to make the next acknowledged
+    record fail authentication, so recovery stopped on TamperedData at the next start."""
+    import errno
+    import os
+
+    from msgate.storage import journal as journal_mod
+
+    ring = keyring.generate()
+    journal = Journal(tmp_path / "j", ring, rotate_bytes=1 << 20, preallocate=preallocate)
+    journal.start()
+    first = journal.append([b"MSH|acknowledged-1\r"])
+    real_write = os.write
+
+    def failing(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(journal_mod.os, "write", real_write)
+        if written:
+            real_write(fd, bytes(data)[:written])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_mod.os, "write", failing)
+    with pytest.raises(OSError):
+        journal.append([b"MSH|refused\r"])
+    second = journal.append([b"MSH|acknowledged-2\r"])
+    assert second != first  # a fresh segment after the failure
+    records = [r for p in sorted((tmp_path / "j").glob("*.jnl"), key=lambda p: p.name != first)
+               for r in read_segment(p, ring)]
+    assert records == [b"MSH|acknowledged-1\r", b"MSH|acknowledged-2\r"]
+    journal.indexed(first, 1)  # the failed segment goes once its acknowledged records are indexed
+    assert not (tmp_path / "j" / first).exists()
+    journal.close()
+
+
 def test_fully_indexed_segment_is_deleted_on_close(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j", keyring.generate())
     name = journal.append([b"MSH|a\r"])

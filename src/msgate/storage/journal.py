@@ -98,16 +98,30 @@ class Journal:
             seg = self._current
             if seg is None or seg.size > self.rotate_bytes:
                 seg = self._rotate()
-            out = bytearray()
-            for raw in raws:
-                seg.seq += 1
-                nonce = os.urandom(12)
-                body = nonce + seg.aead.encrypt(nonce, raw, _aad(seg.name, seg.seq))
-                out += struct.pack(">I", len(body)) + body
-            view = memoryview(out)
-            while view:
-                view = view[os.write(seg.fd, view):]
-            os.fdatasync(seg.fd)
+            first = seg.seq
+            try:
+                out = bytearray()
+                for raw in raws:
+                    seg.seq += 1
+                    nonce = os.urandom(12)
+                    body = nonce + seg.aead.encrypt(nonce, raw, _aad(seg.name, seg.seq))
+                    out += struct.pack(">I", len(body)) + body
+                view = memoryview(out)
+                while view:
+                    view = view[os.write(seg.fd, view):]
+                os.fdatasync(seg.fd)
+            except OSError:
+                # Nothing of this call is acknowledged, but part of it may be on disk: appending behind
+                # it would misplace every later record (their sequence numbers and offsets). The
+                # segment takes no more appends (its acknowledged records stay until indexed) and the
+                # next call starts a new one.
+                seg.seq = first
+                self._current = None
+                try:
+                    self._close(seg)
+                except OSError:
+                    pass
+                raise
             seg.size += len(out)
             return seg.name
 

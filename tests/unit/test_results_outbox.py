@@ -209,7 +209,8 @@ def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store
     assert new_sr.StudyInstanceUID == old_sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.1"
     oru = blobs["out.oru"].decode()
     assert new_sr.SOPInstanceUID in oru
-    assert all(line.split("|")[11] == "C" for line in oru.split("\r") if line.startswith("OBX"))
+    assert all(line.split("|")[11] == "P" for line in oru.split("\r") if line.startswith("OBX"))
+    assert "|Correction: replaces" in oru
 
 
 def test_superseded_job_is_not_published(rstore: Store) -> None:

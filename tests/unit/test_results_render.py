@@ -255,7 +255,7 @@ def test_oru_carries_findings_uids_and_order_numbers(sources: list[Dataset], res
     assert (obr[2], obr[3], obr[18], obr[25]) == ("PL123", "FI456", "ACC-R-1", "P")
     obx = [line.split("|") for line in er7.split("\r") if line.startswith("OBX")]
     values = {o[3].split("^")[0]: o[5] for o in obx}
-    assert values["113014"] == "1.2.3.4"
+    assert values["SR-UID"] == "1.2.3.4"
     assert float(values[codes.P_MS.value]) == pytest.approx(result.p_ms)
     assert values[codes.EDSS_CLASS.value].startswith(codes.EDSS_CLASS_VALUES[result.edss_class].value + "^")
     assert values[codes.DIAGNOSIS.value].startswith("24700007^")
@@ -264,9 +264,14 @@ def test_oru_carries_findings_uids_and_order_numbers(sources: list[Dataset], res
     assert len(obx) == len(hl7_out.findings(result)) + 1
 
 
-def test_correction_oru_has_status_c(sources: list[Dataset], result: ModelResult) -> None:
+def test_correction_oru_stays_preliminary_and_says_so(sources: list[Dataset], result: ModelResult) -> None:
+    """Unverified AI output: P even for a correction (C would mark it as a verified final result)."""
     er7 = _oru(result, sources[0], True)
-    assert all(line.split("|")[11] == "C" for line in er7.split("\r") if line.startswith("OBX"))
+    segments = er7.split("\r")
+    assert all(line.split("|")[11] == "P" for line in segments if line.startswith("OBX"))
+    assert next(s for s in segments if s.startswith("OBR")).split("|")[25] == "P"
+    assert hl7_out.CORRECTION in [s.split("|")[3] for s in segments if s.startswith("NTE")]
+    assert hl7_out.CORRECTION not in _oru(result, sources[0], False)
 
 
 def test_control_id_rewrite_keeps_the_rest() -> None:
@@ -306,3 +311,69 @@ def test_key_images_setting(tmp_path: Path) -> None:
     assert RenderOptions.from_settings(load_settings(home=tmp_path)).key_images == 3
     off = load_settings(home=tmp_path, results={"key_images": 0})
     assert RenderOptions.from_settings(off) == RenderOptions(key_images=0, parametric_map=True)
+
+
+def _segment(er7: str, name: str) -> list[str]:
+    return next(line for line in er7.split("\r") if line.startswith(name)).split("|")
+
+
+def _with(source: Dataset, **attrs: object) -> Dataset:
+    import copy
+
+    changed = copy.deepcopy(source)  # the fixture is shared by the module
+    for key, value in attrs.items():
+        setattr(changed, key, value)
+    return changed
+
+
+def test_oru_escapes_delimiters_in_identifiers_and_names(sources: list[Dataset], result: ModelResult) -> None:
+    """An ``^`` in an MRN used to split it (PID-3.1 read as another patient's MRN); an ``&`` in an order
+    number made the whole publish fail validation; an ``&`` in a name passed through."""
+    settings = load_settings(home=Path("/nonexistent"), hl7_out={"host": "127.0.0.1", "port": 2576})
+    source = _with(sources[0], PatientID="MRN^1", PatientName="Smith&Jones^Mary")
+    er7 = hl7_out.render_oru(result, source=source, numbers=hl7_out.OrderNumbers("PL|1", "R&D-77", "ACC~2"),
+                             sr_uid="1.2.3.4", correction=False, settings=settings)
+    pid = _segment(er7, "PID")
+    assert pid[3].split("^")[0] == "MRN\\S\\1" and pid[5].startswith("Smith\\T\\Jones^Mary")
+    obr = _segment(er7, "OBR")
+    assert (obr[2], obr[3], obr[18]) == ("PL\\F\\1", "R\\T\\D-77", "ACC\\R\\2")
+    parsed = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    assert parsed.ORU_R01_PATIENT_RESULT.ORU_R01_PATIENT.PID.PID_3.CX_1.to_er7() == "MRN\\S\\1"
+
+
+def test_oru_person_name_components_and_charset(sources: list[Dataset], result: ModelResult) -> None:
+    """DICOM PN is family^given^middle^prefix^suffix (with = groups); HL7 XPN puts the suffix before the
+    prefix. A non-ASCII name is sent as UTF-8, so MSH-18 says so."""
+    er7 = _oru(result, _with(sources[0], SpecificCharacterSet="ISO_IR 192",
+                             PatientName="Müller^Jürgen^Q^Dr^Jr=山田^太郎"), False)
+    assert _segment(er7, "PID")[5] == "Müller^Jürgen^Q^Jr^Dr"
+    assert _segment(er7, "MSH")[17] == "UNICODE UTF-8"
+    assert len(_segment(_oru(result, sources[0], False), "MSH")) < 18  # ASCII: no MSH-18
+
+
+def test_oru_times_exam_time_and_offsets(sources: list[Dataset], result: ModelResult) -> None:
+    """OBR-7/OBX-14 are when the exam was done (StudyDate/StudyTime, local unless the source gives its
+    offset), not the publish time; times msgate makes are UTC with +0000."""
+    source = _with(sources[0], StudyDate="20261120", StudyTime="101500.25")
+    er7 = _oru(result, source, False)
+    assert _segment(er7, "MSH")[6].endswith("+0000") and _segment(er7, "OBR")[22].endswith("+0000")
+    assert _segment(er7, "OBR")[7] == "20261120101500"
+    findings = [line.split("|") for line in er7.split("\r") if line.startswith("OBX") and "SR-UID" not in line]
+    assert {obx[14] for obx in findings} == {"20261120101500"}
+    with_offset = _oru(result, _with(source, TimezoneOffsetFromUTC="+0100"), False)
+    assert _segment(with_offset, "OBR")[7] == "20261120091500+0000"
+
+
+def test_flags_reach_the_oru_and_the_sr(sources: list[Dataset], result: ModelResult) -> None:
+    """A result flagged for review, or computed without QSM or an EHR value, says so in both outputs;
+    the numbers alone used to be identical with and without the flag."""
+    from msgate.results.notes import flag_notes
+
+    flagged = ModelResult(**{**result.__dict__, "flags": ("review", "qsm_absent", "ehr_missing:nfl")})
+    notes = flag_notes(flagged)
+    assert len(notes) == 3 and flag_notes(ModelResult(**{**result.__dict__, "flags": ()})) == ()
+    ntes = [line.split("|")[3] for line in _oru(flagged, sources[0], False).split("\r") if line.startswith("NTE")]
+    assert all(note in ntes for note in notes)
+    sr = build_sr(flagged, sources, None, Identity.of(flagged), series_uid="1.2.3", sop_uid="1.2.3.1")
+    texts = [item.TextValue for item in sr.ContentSequence if getattr(item, "ValueType", "") == "TEXT"]
+    assert DISCLAIMER in texts and all(note in texts for note in notes)

@@ -3,7 +3,9 @@
 Segments: MSH, PID, ORC, OBR (accession in OBR-18 per IHE Radiology, placer OBR-2, filler OBR-3,
 OBR-25 result status), one OBX per finding (NM/CE/ST, units, OBX-11 ``P`` until a clinician verifies,
 OBX-17 method = algorithm name and version), an RP/ST OBX with the SR SOP Instance UID, and an NTE
-disclaimer. Values are escaped by hl7apy.
+disclaimer. Every text value is escaped here (``\\ | ^ & ~``, HL7 v2.5.1 §2.7) before it is placed in a
+component: hl7apy itself escapes only ``|`` and ``~``, so an ``^`` in an MRN used to split it into two
+components (another patient), and an ``&`` in an order number made the message invalid.
 """
 
 from __future__ import annotations
@@ -58,8 +60,31 @@ class OruInput:
     notes: tuple[str, ...] = ()
 
 
+_ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
+
+
+def esc(text: str) -> str:
+    """One component's text with the HL7 delimiters escaped (the default encoding characters)."""
+    for char, sequence in _ESCAPES:
+        text = text.replace(char, sequence)
+    return text
+
+
+def xpn(dicom_name: str) -> str:
+    """A DICOM person name (family^given^middle^prefix^suffix, ``=``-separated alphabetic, ideographic
+    and phonetic groups) as an HL7 XPN (family^given^middle^suffix^prefix): the alphabetic group only."""
+    parts = (dicom_name.split("=", 1)[0].split("^") + [""] * 5)[:5]
+    family, given, middle, prefix, suffix = (esc(part.strip()) for part in parts)
+    return "^".join((family, given, middle, suffix, prefix)).rstrip("^")
+
+
 def _ts(value: datetime | None = None) -> str:
-    return (value or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d%H%M%S")
+    """HL7 DTM: an aware time in UTC with its offset (``+0000``); a naive one (a DICOM study time whose
+    offset the source did not give) as it is, without an offset."""
+    value = value or datetime.now(UTC)
+    if value.tzinfo is None:
+        return value.strftime("%Y%m%d%H%M%S")
+    return value.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
 def build_oru(result: OruInput) -> str:
@@ -78,6 +103,8 @@ def build_oru(result: OruInput) -> str:
         msg.msh.msh_15 = "AL"
         msg.msh.msh_16 = "NE"
         _body(msg, result)
+        if not str(msg.to_er7()).isascii():  # sent as UTF-8: say so (empty MSH-18 means ASCII)
+            msg.msh.msh_18 = "UNICODE UTF-8"
         msg.validate()
         return str(msg.to_er7()).replace("\n", "\r")
     except HL7apyException as exc:
@@ -88,21 +115,21 @@ def _body(msg: Message, r: OruInput) -> None:
     pr = msg.add_group("ORU_R01_PATIENT_RESULT")
     patient = pr.add_group("ORU_R01_PATIENT")
     patient.pid.pid_1 = "1"
-    patient.pid.pid_3 = f"{r.patient_id}^^^{r.patient_authority}^MR"
-    patient.pid.pid_5 = r.patient_name or "UNKNOWN"
+    patient.pid.pid_3 = f"{esc(r.patient_id)}^^^{esc(r.patient_authority)}^MR"
+    patient.pid.pid_5 = xpn(r.patient_name) or "UNKNOWN"
     oo = pr.add_group("ORU_R01_ORDER_OBSERVATION")
     oo.orc.orc_1 = "RE"
-    oo.orc.orc_2 = r.placer_number
-    oo.orc.orc_3 = r.filler_number
+    oo.orc.orc_2 = esc(r.placer_number)
+    oo.orc.orc_3 = esc(r.filler_number)
     oo.obr.obr_1 = "1"
-    oo.obr.obr_2 = r.placer_number
-    oo.obr.obr_3 = r.filler_number
+    oo.obr.obr_2 = esc(r.placer_number)
+    oo.obr.obr_3 = esc(r.filler_number)
     oo.obr.obr_4 = f"{r.service_code}^{r.service_text}^L"
     oo.obr.obr_7 = _ts(r.observed_at)
-    oo.obr.obr_18 = r.accession
+    oo.obr.obr_18 = esc(r.accession)
     oo.obr.obr_22 = _ts()
     oo.obr.obr_25 = r.status
-    method = f"{r.model_name}^{r.model_name} {r.model_version}^L"
+    method = f"{esc(r.model_name)}^{esc(r.model_name)} {esc(r.model_version)}^L"
     n = 0
     for finding in r.findings:
         n += 1
@@ -112,7 +139,7 @@ def _body(msg: Message, r: OruInput) -> None:
         obs.obx.obx_3 = f"{finding.code}^{finding.text}^{finding.system}"
         if finding.sub_id:
             obs.obx.obx_4 = finding.sub_id
-        obs.obx.obx_5 = finding.value
+        obs.obx.obx_5 = esc(finding.value) if finding.value_type == "ST" else finding.value
         if finding.units:
             obs.obx.obx_6 = finding.units
         obs.obx.obx_11 = r.status
@@ -121,11 +148,11 @@ def _body(msg: Message, r: OruInput) -> None:
     obs = oo.add_group("ORU_R01_OBSERVATION")
     obs.obx.obx_1 = str(n + 1)
     obs.obx.obx_2 = "ST"
-    obs.obx.obx_3 = "113014^DICOM SR Instance UID^DCM"  # the SR that carries the same result
+    obs.obx.obx_3 = "SR-UID^Structured report SOP Instance UID^99MSGATE"  # the SR that carries the same result
     obs.obx.obx_5 = r.sr_sop_instance_uid
     obs.obx.obx_11 = r.status
     obs.obx.obx_17 = method
     for number, text in enumerate((DISCLAIMER, *r.notes), start=1):
         nte = oo.add_segment("NTE")
         nte.nte_1 = str(number)
-        nte.nte_3 = text
+        nte.nte_3 = esc(text)

@@ -8,6 +8,7 @@ MSH-10 is a placeholder here; the outbox writes a fresh control id into MSH-10 f
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 
 from pydicom.dataset import Dataset
 from sqlmodel import Session, col, select
@@ -17,6 +18,7 @@ from msgate.hl7.oru import Finding, OruInput, build_oru
 from msgate.model.types import ModelResult
 from msgate.results import codes
 from msgate.results.identity import HE_PARAMETER
+from msgate.results.notes import flag_notes
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Order, Study
 
@@ -86,6 +88,30 @@ def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source
     return OrderNumbers(placer or accession, filler or accession, accession)
 
 
+# A correction of unverified AI output stays preliminary (table 0085: C and F are for verified results;
+# reference/domain.md: OBX-11 P until a clinician verifies). The same order numbers let the EHR replace
+# the earlier values; this note says so to whoever reads it.
+CORRECTION = "Correction: replaces the AI result sent earlier for this order (still unverified)."
+
+
+def exam_time(source: Dataset) -> datetime | None:
+    """When the exam was done (OBR-7, OBX-14): StudyDate + StudyTime of the source, local time unless
+    the source gives TimezoneOffsetFromUTC; None (the publish time) without a study date."""
+    date = str(source.get("StudyDate", "") or "").strip()
+    if len(date) != 8 or not date.isdigit():
+        return None
+    clock = (str(source.get("StudyTime", "") or "").split(".")[0].strip() + "000000")[:6]
+    try:
+        when = datetime.strptime(date + (clock if clock.isdigit() else "000000"), "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    offset = str(source.get("TimezoneOffsetFromUTC", "") or "").strip()
+    if len(offset) == 5 and offset[0] in "+-" and offset[1:].isdigit():
+        minutes = int(offset[1:3]) * 60 + int(offset[3:])
+        when = when.replace(tzinfo=timezone(timedelta(minutes=minutes if offset[0] == "+" else -minutes)))
+    return when
+
+
 def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, sr_uid: str, correction: bool,
                settings: Settings) -> str:
     dest = settings.hl7_out
@@ -94,9 +120,10 @@ def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, s
         patient_id=str(source.get("PatientID", "") or ""), patient_authority=str(source.get("IssuerOfPatientID", "") or ""),
         accession=numbers.accession, placer_number=numbers.placer, filler_number=numbers.filler,
         sr_sop_instance_uid=sr_uid, model_name=result.model_name, model_version=result.model_version,
-        control_id=PLACEHOLDER_CONTROL_ID, findings=findings(result), status="C" if correction else "P",
-        notes=(HE_PARAMETER,) if "he" in result.flags else (),
-        patient_name=str(name) if name else "",
+        control_id=PLACEHOLDER_CONTROL_ID, findings=findings(result), status="P",
+        notes=((CORRECTION,) if correction else ()) + ((HE_PARAMETER,) if "he" in result.flags else ())
+        + flag_notes(result),
+        patient_name=str(name) if name else "", observed_at=exam_time(source),
         sending_application=settings.hl7.sending_application, sending_facility=settings.hl7.sending_facility,
         receiving_application=dest.receiving_application if dest else "EHR",
         receiving_facility=dest.receiving_facility if dest else "HOSPITAL",

@@ -4,7 +4,8 @@
 already has outbox entries is not rendered again (a redelivered task is harmless). A job that was
 superseded or cancelled before it was published is skipped; its successor publishes. A job that
 supersedes an earlier published one renders a new SR whose Predecessor Documents Sequence names the
-earlier SR, and an ORU whose OBR-25/OBX-11 is ``C`` (correction).
+earlier SR, and an ORU for the same order numbers with a correction note (OBR-25/OBX-11 stay ``P``:
+the result is still unverified AI output).
 
 Objects go into the original study, one new series each (SR 9800, SEG 9801, PM 9802, SC 9803); UIDs
 are generated once here and stored in the encrypted blobs, so every resend reuses them.

@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes as pcodes
 from msgate.model.types import ModelResult
 from msgate.results import codes
 from msgate.results.identity import Identity
+from msgate.results.notes import flag_notes
 from msgate.results.seg import SegResult
 
 DISCLAIMER = "Unverified AI output, not for diagnosis. Results require review by a qualified clinician."
@@ -112,8 +113,9 @@ def measurement_report(result: ModelResult, sources: Sequence[Dataset], seg: Seg
         procedure_reported=codes.PROCEDURE_MRI_HEAD, imaging_measurements=groups,  # type: ignore[arg-type]
         title=codes.REPORT_TITLE,
     )
-    report[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=codes.DISCLAIMER_NAME, value=DISCLAIMER, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    for text in (DISCLAIMER, *flag_notes(result)):  # review flag, absent inputs: read with the numbers
+        report[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DISCLAIMER_NAME, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return report
 
 

@@ -1,0 +1,29 @@
+"""Readable notes for a result's flags, carried in the SR (text items) and the ORU (NTE segments).
+
+A reader of either must see that a result was flagged for review, or computed without an input
+(QSM, T1, an EHR field), and not only the numbers.
+"""
+
+from __future__ import annotations
+
+from msgate.model.types import ModelResult
+
+_TEXT = {
+    "review": "Flagged for review: low calibrated confidence or high uncertainty.",
+    "qsm_absent": "QSM absent: paramagnetic rim lesions not assessable.",
+    "t1_absent": "T1 absent: computed from FLAIR (and QSM) only.",
+    "ehr_deadline": "Required EHR data did not arrive before the deadline: computed with it masked.",
+    "missing_slices": "Missing slices in the FLAIR series: the volume was completed by interpolation.",
+    "gantry_tilt": "Gantry tilt in the source series.",
+    "mixed_orientation": "Mixed slice orientations in the source series.",
+    "duplicate_positions": "Duplicate slice positions in the source series.",
+}
+
+
+def flag_notes(result: ModelResult) -> tuple[str, ...]:
+    """One sentence per flag that changes how the result should be read, in a stable order."""
+    out = [_TEXT[flag] for flag in _TEXT if flag in result.flags]
+    missing = sorted(flag.split(":", 1)[1] for flag in result.flags if flag.startswith("ehr_missing:"))
+    if missing:
+        out.append(f"EHR values absent (masked): {', '.join(missing)}.")
+    return tuple(out)

@@ -51,6 +51,34 @@ def test_leftover_segment_is_indexed_once_before_the_port_opens(store: Store, tm
         ae.shutdown()
 
 
+def test_a_replayed_journal_does_not_revert_a_corrected_instance(store: Store, tmp_path: Path) -> None:
+    """v1 then a corrected v2 of one instance (two associations), both indexed; the process dies before
+    their segment is deleted, and recovery replays both records. v1 used to differ from the current v2,
+    so it was stored again as v3: the corrected instance reverted and a spurious audit event appeared."""
+    import pydicom
+
+    first = write_series(tmp_path / "v1", count=1, description="AX FLAIR")[0]
+    ds = pydicom.dcmread(first)
+    ds.ImageComments = "corrected"
+    second = tmp_path / "v2.dcm"
+    ds.save_as(second)
+    v1, v2 = first.read_bytes(), second.read_bytes()
+    store.ingest.store_instance(source=v1, assoc_id="assoc1")
+    store.ingest.store_instance(source=v2, assoc_id="assoc2")
+    journal = Journal(store.settings.home / "dicom-journal", store.ring, preallocate=True)
+    journal.append([encode_record(Received(v1, dataset.parse(v1), "SCU", "assoc1")),
+                    encode_record(Received(v2, dataset.parse(v2), "SCU", "assoc2"))])
+    store.settings.dicom.port = free_port()
+    ae, _, _ = server.start(store)
+    ae.shutdown()
+    with store.db.session() as session:
+        rows = session.exec(select(Instance).order_by(Instance.version)).all()  # type: ignore[arg-type]
+        ingests = [e for e in session.exec(select(AuditEvent)).all() if e.kind == "ingest.instance"]
+    assert [(r.version, r.current, r.assoc_id) for r in rows] == [(1, False, "assoc1"), (2, True, "assoc2")]
+    assert len(ingests) == 2
+    assert list(stored_bytes(store).values()) == [[v1, v2]]
+
+
 def test_zero_filled_segment_keeps_records_and_drops_a_torn_tail(store: Store, tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j", store.ring, rotate_bytes=1 << 20, preallocate=True)
     path = tmp_path / "j" / journal.append([b"first" * 10, b"second" * 10])

@@ -104,6 +104,8 @@ class BatchIndexer:
 
     def _round(self, items: Sequence[PreparedInstance], *, actor: str) -> tuple[list[StoredInstance], list[str]]:
         current = self._current([i.sop_index for i in items])
+        replayed = self._replayed([i for i in items if (seen := current.get(i.sop_index)) is not None
+                                   and seen[1] != i.digest and i.assoc_id])
         now = utcnow()
         plans: list[tuple[PreparedInstance, int, int, int, bool, bool] | StoredInstance] = []
         dropped: list[str] = []
@@ -111,6 +113,11 @@ class BatchIndexer:
             seen = current.get(item.sop_index)
             if seen is not None and seen[1] == item.digest:
                 plans.append(StoredInstance(seen[0], seen[3], seen[4], True, seen[2], False, False))
+                dropped.append(item.blob.id)
+                continue
+            earlier = replayed.get((item.sop_index, item.digest, item.assoc_id or ""))
+            if earlier is not None:  # indexed before from this same delivery: a journal replay, not a version
+                plans.append(earlier)
                 dropped.append(item.blob.id)
                 continue
             study_id, new_study = self._study(item.header, item.calling_aet)
@@ -132,6 +139,22 @@ class BatchIndexer:
               "calling_aet": item.calling_aet})
             for r, item in zip(results, items, strict=True) if not r.duplicate])
         return results, dropped
+
+    def _replayed(self, items: list[PreparedInstance]) -> dict[tuple[str, str, str], StoredInstance]:
+        """Earlier (not current) versions with the same bytes from the same association as ``items``.
+
+        The journal is replayed after a crash or an indexer restart, and records indexed before it come
+        again. A record matching the current version is a duplicate already; one matching an older
+        version received on the same association was indexed before (v1, then v2, then v1 replayed) and
+        must not become a new version: that reverted a corrected instance."""
+        if not items:
+            return {}
+        rows = self.session.execute(
+            select(Instance.id, Instance.sop_uid_index, Instance.content_hash, Instance.assoc_id,  # type: ignore[call-overload]
+                   Instance.version, Instance.study_id, Instance.series_id)
+            .where(col(Instance.sop_uid_index).in_({i.sop_index for i in items}),
+                   col(Instance.assoc_id).in_({i.assoc_id for i in items}), col(Instance.current).is_(False))).all()
+        return {(r[1], r[2], r[3]): StoredInstance(r[0], r[5], r[6], True, r[4], False, False) for r in rows}
 
     def _current(self, sop_indexes: list[str]) -> dict[str, tuple[int, str, int, int, int]]:
         rows = self.session.execute(

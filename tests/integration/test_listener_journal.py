@@ -79,6 +79,48 @@ def test_a_replayed_journal_does_not_revert_a_corrected_instance(store: Store, t
     assert list(stored_bytes(store).values()) == [[v1, v2]]
 
 
+def test_recovered_instances_reopen_a_finished_study(store: Store, tmp_path: Path) -> None:
+    """A T1-only study had ended ``stable``; its FLAIR was acknowledged from the journal and the process
+    died before indexing it. Recovery indexed the FLAIR but left the study stable: no job ever ran."""
+    import pydicom
+
+    from msgate.storage import repo_studies
+    from msgate.storage.models import Study
+
+    t1 = write_series(tmp_path / "t1", count=2, description="T1 MPRAGE", scanning=("GR", "IR"),
+                      inversion_time=900.0)
+    study_uid = str(pydicom.dcmread(t1[0]).StudyInstanceUID)
+    flair = write_series(tmp_path / "fl", count=2, description="AX FLAIR", study_uid=study_uid, number=2)
+    stored = [store.ingest.store_instance(source=p, assoc_id="a1") for p in t1]
+    with store.db.session() as session:
+        repo_studies.finish(session, study_id=stored[0].study_id, state="stable", reason="quiet", roles=["T1"],
+                            missing=["FLAIR"])
+    journal = Journal(store.settings.home / "dicom-journal", store.ring, preallocate=True)
+    journal.append([encode_record(Received(p.read_bytes(), dataset.parse(p.read_bytes()), "SCU", "a2"))
+                    for p in flair])
+    store.settings.dicom.port = free_port()
+    store.settings.dicom.quiet_seconds = 0.5
+    ae, _, tracker = server.start(store)
+    tracker.load_open()
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with store.db.session() as session:
+                study = session.get(Study, stored[0].study_id)
+                assert study is not None
+                if (study.state, study.runs) == ("ready", 1) or time.monotonic() > deadline:
+                    break
+            time.sleep(0.1)
+        assert (study.state, study.runs, study.instance_count) == ("ready", 1, 4)
+    finally:
+        stop.set()
+        thread.join(5)
+        ae.shutdown()
+
+
 def test_zero_filled_segment_keeps_records_and_drops_a_torn_tail(store: Store, tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j", store.ring, rotate_bytes=1 << 20, preallocate=True)
     path = tmp_path / "j" / journal.append([b"first" * 10, b"second" * 10])

@@ -292,12 +292,24 @@ class Indexer:
                 received.append(Received(data, dataset.parse(data), aet, assoc_id))
             for start in range(0, len(received), MAX_BATCH):
                 chunk = received[start:start + MAX_BATCH]
-                failed = [r for r in self.store.ingest.index_received(chunk, actor="recovery")
-                          if isinstance(r, Exception)]
+                results = self.store.ingest.index_received(chunk, actor="recovery")
+                failed = [r for r in results if isinstance(r, Exception)]
                 if failed:
                     raise failed[0]
+                self._reopen([r for r in results if isinstance(r, StoredInstance) and not r.duplicate])
             total += len(received)
             path.unlink()
         if total:
             log.info("journaled instances indexed after a restart", extra={"count": total})
         return total
+
+    def _reopen(self, stored: list[StoredInstance]) -> None:
+        """New instances for a study that had finished (ready, stable) before the crash: it is receiving
+        again, so the restarted tracker (``load_open``) decides it anew, as a live instance would."""
+        studies = sorted({s.study_id for s in stored if not s.new_study})
+        if not studies:
+            return
+        with self.store.db.session() as session:
+            for study_id in studies:
+                if repo_studies.reopen(session, study_id=study_id, actor="recovery"):
+                    log.info("study reopened", extra={"study_id": study_id})

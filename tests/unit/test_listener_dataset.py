@@ -49,3 +49,25 @@ def test_missing_uid_is_a900_and_garbage_is_c210() -> None:
     with pytest.raises(Rejected) as info:
         parse(bytes(range(256)) * 10)
     assert status_for(info.value) in (0xC210, 0xA900)
+
+
+def test_a_private_sequence_forwarded_as_un_of_undefined_length_is_accepted() -> None:
+    """A PACS that forwards a private sequence it does not know sends it as UN of undefined length; its
+    items are then Implicit VR Little Endian (PS3.5 §6.2.2). The walker read them as explicit VR and
+    refused a valid dataset with 0xC210."""
+    import struct
+
+    ds = dcmread(get_testdata_file("MR_small.dcm"))
+    ds.add_new(0x00090010, "LO", "ACME")
+    ds.add_new(0x00091001, "OB", b"MARKMARK")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    marker = b"\x09\x00\x01\x10OB\x00\x00\x08\x00\x00\x00MARKMARK"
+    item = b"\x09\x00\x02\x10" + struct.pack("<I", 4) + b"ABCD"  # implicit VR inside
+    sequence = (b"\x09\x00\x01\x10UN\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + item
+                + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    data = buf.getvalue().replace(marker, sequence)
+    assert data != buf.getvalue()
+    assert parse(data).get("SOPInstanceUID") == str(ds.SOPInstanceUID)
+    with pytest.raises(Rejected):
+        parse(data[:-1])

@@ -188,7 +188,10 @@ def _walk(data: bytes, offset: int, e: str, implicit: bool, *, nested: bool,
         else:
             length, offset = struct.unpack_from(f"{e}H", data, offset + 6)[0], offset + 8
         if length == _UNDEFINED:
-            offset = _items(data, offset, e, implicit)
+            if not implicit and vr == b"UN":  # PS3.5 §6.2.2: a sequence of unknown VR, its items in
+                offset = _items(data, offset, "<", True)  # Implicit VR Little Endian (a forwarded private SQ)
+            else:
+                offset = _items(data, offset, e, implicit)
             continue
         if found is not None and (group << 16 | elem) in _WANTED:
             found[group << 16 | elem] = data[offset:offset + length]

@@ -57,3 +57,29 @@ def test_invalid_setting_named_without_traceback(tmp_path: Path) -> None:
     assert "MSGATE_DICOM__PORT" in result.stderr and "Traceback" not in result.stderr
     debug = run(tmp_path, "--debug", "keys", "status", env={"MSGATE_DICOM__PORT": "eleven"})
     assert "Traceback" in debug.stderr
+
+
+def test_retire_refuses_a_key_that_still_wraps_a_journal_segment(tmp_path: Path) -> None:
+    """A segment of acknowledged instances not yet indexed (the listener crashed) is wrapped by the old
+    KEK. Retiring it used to succeed, and the listener then failed at start: the instances were lost."""
+    import json
+
+    from msgate.config import load_settings
+    from msgate.storage import keyring
+    from msgate.storage.journal import Journal
+
+    home = tmp_path / "home"
+    assert run(home, "keys", "init").returncode == 0
+    assert run(home, "db", "upgrade").returncode == 0
+    settings = load_settings(home=home)
+    ring = keyring.load(settings.keyring_path)
+    journal = Journal(home / "dicom-journal", ring)
+    journal.append([b"MGD1 an acknowledged instance"])
+    journal.close()  # the process died: the segment stays
+    assert run(home, "keys", "rotate").returncode == 0
+    refused = run(home, "keys", "retire", ring.active_id)
+    assert refused.returncode == 2 and "1 commit-journal segments" in refused.stderr, refused.stderr
+    assert len(json.loads(run(home, "keys", "status", "--json").stdout)["keys"]) == 2  # both kept
+    for segment in (home / "dicom-journal").glob("*.jnl"):
+        segment.unlink()  # indexed (the listener ran)
+    assert run(home, "keys", "retire", ring.active_id).returncode == 0

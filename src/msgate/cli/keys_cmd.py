@@ -11,7 +11,7 @@ from rich.table import Table
 
 from msgate.cli.common import console, print_json, state
 from msgate.errors import ConfigError
-from msgate.storage import audit, keyring, rotation
+from msgate.storage import audit, journal, keyring, rotation
 
 app = typer.Typer(no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
@@ -85,6 +85,10 @@ def retire(ctx: typer.Context, kek_id: str) -> None:
         still = rotation.key_usage(session).get(kek_id, 0)
     if still:
         raise ConfigError(f"key {kek_id} still wraps {still} data keys; run `msgate keys rotate --resume` first")
+    segments = journal.key_usage(st.settings.home).get(kek_id, 0)
+    if segments:  # acknowledged instances or messages not yet indexed: dropping the key would lose them
+        raise ConfigError(f"key {kek_id} still wraps {segments} commit-journal segments (received, not yet "
+                          "indexed); run the dicom and hl7 roles until their journals are indexed, then retire")
     keyring.save(ring.without(kek_id), st.settings.keyring_path)
     with store.db.session() as session:
         audit.append(session, kind="key.retire", actor=audit.operator(), subject=f"kek:{kek_id}")

@@ -179,6 +179,34 @@ class Journal:
             self._current = self._spare = None
 
 
+def segment_key_id(path: Path) -> str | None:
+    """The id of the KEK that wraps a segment's data key (None: not a journal segment, or torn header)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4 + 2 + 256)
+    except OSError:
+        return None
+    if head[:4] != MAGIC or len(head) < 6:
+        return None
+    (klen,) = struct.unpack_from(">H", head, 4)
+    kid = head[6:6 + klen]
+    return kid.decode(errors="replace") if len(kid) == klen else None
+
+
+JOURNAL_DIRS = ("dicom-journal", "hl7-journal")
+
+
+def key_usage(home: Path) -> dict[str, int]:
+    """How many journal segments (DICOM and HL7 commit journals under ``home``) each KEK wraps."""
+    usage: dict[str, int] = {}
+    for name in JOURNAL_DIRS:
+        for path in (home / name).glob("*.jnl"):
+            kid = segment_key_id(path)
+            if kid is not None:
+                usage[kid] = usage.get(kid, 0) + 1
+    return usage
+
+
 def read_segment(path: Path, ring: KeyRing) -> list[bytes]:
     """The records of a segment left on disk; a torn tail is dropped, a forged record raises."""
     data = path.read_bytes()

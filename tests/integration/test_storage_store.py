@@ -194,6 +194,7 @@ def test_retention_purges_bodies_keeps_rows(store: Store) -> None:
         study = s.get(Study, stored.study_id)
         assert study is not None
         study.delivered_at = utcnow() - timedelta(days=store.settings.storage.retention_days + 1)
+        study.state = "ready"
         s.add(study)
     dry = retention.purge(store, dry_run=True)
     assert dry.studies == [stored.study_id] and dry.blobs == 1
@@ -207,6 +208,35 @@ def test_retention_purges_bodies_keeps_rows(store: Store) -> None:
         assert s.exec(select(func.count()).select_from(Instance)).one() == 2
         assert audit.verify(s).ok and audit.tail(s, 1)[0].kind == "retention.purge"
     assert retention.purge(store).studies == []
+
+
+def test_retention_keeps_a_study_with_a_run_after_its_delivery(store: Store) -> None:
+    """New instances reopened a delivered study (and a new run follows): its bodies used to be purged on
+    the old delivery date, under the new run. Kept while it receives, while that run is pending, and
+    purged again once the run has ended."""
+    from msgate.storage.models import Job
+
+    stored = store.ingest.store_instance(source=mr_slice())
+    old = utcnow() - timedelta(days=store.settings.storage.retention_days + 1)
+    with store.db.session() as s:
+        study = s.get(Study, stored.study_id)
+        assert study is not None
+        study.delivered_at, study.state = old, "receiving"  # reopened by a new instance
+        s.add(study)
+    assert retention.purge(store, dry_run=True).studies == []
+    with store.db.session() as s:
+        study = s.get(Study, stored.study_id)
+        assert study is not None
+        study.state = "ready"
+        s.add(study)
+        s.add(Job(id="run2", study_id=stored.study_id, idem_key="run2", state="queued"))
+    assert retention.purge(store, dry_run=True).studies == []  # the new run has not delivered yet
+    with store.db.session() as s:
+        job = s.get(Job, "run2")
+        assert job is not None
+        job.state = "failed"
+        s.add(job)
+    assert retention.purge(store, dry_run=True).studies == [stored.study_id]
 
 
 def test_tampered_blob_file_is_detected(tmp_path: Path) -> None:

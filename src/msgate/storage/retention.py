@@ -1,6 +1,8 @@
 """Retention: purge the source images of studies whose results were delivered.
 
-Two policies, both only for delivered studies (``study.delivered_at`` set by the outbox):
+Two policies, both only for delivered studies (``study.delivered_at`` set by the outbox) that are
+finished (not receiving again) and have no run waiting since that delivery (queued, running, or done
+with its results not yet delivered): a study reopened by new instances keeps its bodies for that run.
 - by age: ``storage.retention_days`` after delivery;
 - by free space: while free space is under ``storage.purge_free_bytes``, oldest delivery first.
 Purging deletes blob bodies and marks the rows; index rows and the audit trail stay.
@@ -12,11 +14,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import exists
 from sqlmodel import col, func, select
 
 from msgate.storage import audit
 from msgate.storage.blobs import free_bytes
-from msgate.storage.models import Blob, Instance, Study, utcnow
+from msgate.storage.models import Blob, Instance, Job, Study, utcnow
+from msgate.storage.repo_studies import FINAL_STATES
 from msgate.storage.store import Store
 
 
@@ -34,13 +38,17 @@ class PurgeReport:
 
 
 def _candidates(store: Store) -> list[tuple[int, Any, int]]:
-    """Delivered, unpurged studies, oldest delivery first, with their stored bytes."""
+    """Delivered, unpurged, finished studies without a run after that delivery, oldest delivery first,
+    with their stored bytes."""
+    run_after = exists().where(col(Job.study_id) == col(Study.id), col(Job.state).in_(("queued", "running", "done")),
+                               col(Job.created_at) > col(Study.delivered_at))
     with store.db.session() as session:
         rows = session.exec(
             select(Study.id, Study.delivered_at, func.coalesce(func.sum(Blob.stored_size), 0))
             .join(Instance, col(Instance.study_id) == col(Study.id), isouter=True)
             .join(Blob, col(Blob.id) == col(Instance.blob_id), isouter=True)
-            .where(col(Study.delivered_at).is_not(None), col(Study.purged_at).is_(None))
+            .where(col(Study.delivered_at).is_not(None), col(Study.purged_at).is_(None),
+                   col(Study.state).in_(FINAL_STATES), ~run_after)
             .group_by(Study.id, Study.delivered_at).order_by(col(Study.delivered_at))
         ).all()
     return [(int(sid), delivered, int(size)) for sid, delivered, size in rows]  # type: ignore[arg-type]

@@ -202,7 +202,10 @@ def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store
                             .where(OutboxEntry.job_id == second)).all()
         blobs = {k: rstore.blobs.read(session, b) for b, k in rows}
         attempts = session.exec(select(OutboxAttempt)).all()
-    assert attempts == []
+        old = session.exec(select(OutboxEntry).where(OutboxEntry.job_id == first)).all()
+    # the first job's objects were never delivered: dropped, not sent after their correction
+    assert {e.state for e in old} == {"dropped"} and len(attempts) == len(old)
+    assert {(a.entry_id, a.outcome) for a in attempts} == {(e.id, "superseded") for e in old}
     new_sr = dcmread(io.BytesIO(blobs["out.sr"]))
     ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
@@ -218,3 +221,27 @@ def test_superseded_job_is_not_published(rstore: Store) -> None:
     with rstore.db.session() as session:
         session.get(Job, job).state = "superseded"  # type: ignore[union-attr]
     assert publish_job(rstore, job) == "skipped:superseded"
+
+
+def test_a_correction_is_recognised_at_an_hl7_only_site(tmp_path: Path) -> None:
+    """No PACS configured, so no SR was queued for the first result: the second used to go out as a plain
+    result, without saying it replaces the first; and the first's undelivered ORU is dropped."""
+    settings = make_settings(tmp_path / "home", "sqlite", hl7_out={"port": 2599})
+    store = open_store(settings)
+    try:
+        first = _job(store, with_flair=True)
+        store_result(store, job_id=first, result=model_result((12, 40, 48)))
+        assert publish_job(store, first) == "queued"
+        with store.db.session() as session:
+            session.get(Job, first).state = "superseded"  # type: ignore[union-attr]
+        second = _job(store, supersedes=first, idem="k2")
+        store_result(store, job_id=second, result=model_result((12, 40, 48), version="0.3.2", edss=5.0))
+        assert publish_job(store, second) == "queued"
+        with store.db.session() as session:
+            entries = session.exec(select(OutboxEntry).order_by(col(OutboxEntry.created_at))).all()
+            assert [(e.job_id, e.kind, e.state) for e in entries] == [(first, "hl7", "dropped"),
+                                                                     (second, "hl7", "pending")]
+            oru = store.blobs.read(session, entries[1].blob_id).decode()
+        assert "|Correction: replaces" in oru
+    finally:
+        store.close()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import highdicom as hd
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from msgate.errors import Rejected
 from msgate.model.types import ModelResult
@@ -31,7 +31,7 @@ from msgate.results.identity import Identity
 from msgate.results.outbox import Rendered, enqueue
 from msgate.results.sources import load_flair
 from msgate.storage import audit
-from msgate.storage.models import Blob, Job, OutboxEntry, Study
+from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,32 @@ def previous_sr(store: Store, job: Job) -> Dataset | None:
     return None
 
 
+def predecessors(session: Session, job: Job) -> list[str]:
+    """The earlier jobs this one supersedes (walking ``supersedes_id``), nearest first."""
+    out, seen, current = [], {job.id}, job.supersedes_id
+    while current and current not in seen:
+        seen.add(current)
+        out.append(current)
+        older = session.get(Job, current)
+        current = older.supersedes_id if older is not None else None
+    return out
+
+
+def _retire_predecessors(session: Session, job_ids: list[str]) -> int:
+    """Undelivered objects of superseded jobs are dropped: sent after the correction (their retry was
+    due later), they would leave the EHR and the PACS holding the out-of-date result."""
+    entries = session.exec(select(OutboxEntry).where(col(OutboxEntry.job_id).in_(job_ids),
+                                                     col(OutboxEntry.state).in_(("pending", "dead")))).all()
+    for entry in entries:
+        entry.state = "dropped"
+        session.add(entry)
+        session.add(OutboxAttempt(entry_id=entry.id, outcome="superseded",
+                                  detail="replaced by a later result of the same study before it was delivered"))
+        audit.append(session, kind="outbox.drop", actor="publish", subject=f"outbox:{entry.id}",
+                     detail={"job_id": entry.job_id, "destination": entry.destination, "reason": "superseded"})
+    return len(entries)
+
+
 def publish_job(store: Store, job_id: str) -> str:
     """Render and enqueue; returns ``queued``, ``already`` or ``skipped:<state>``."""
     from msgate.workers.results_io import read_result
@@ -127,19 +153,24 @@ def publish_job(store: Store, job_id: str) -> str:
     with store.db.session() as session:
         study = session.get(Study, job.study_id)
         assert study is not None
+        earlier = predecessors(session, job)
+        published = bool(earlier) and session.exec(select(OutboxEntry.id).where(
+            col(OutboxEntry.job_id).in_(earlier))).first() is not None  # by any destination (HL7-only sites)
         if store.settings.hl7_out is not None:
             numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources[0])
             oru = hl7_out.render_oru(result, source=sources[0], numbers=numbers, sr_uid=sr_uid,
-                                     correction=previous is not None, settings=store.settings)
+                                     correction=published, settings=store.settings)
             objects.append(Rendered("out.oru", oru.encode("utf-8")))
         if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:
             return "already"  # a concurrent run won
         queued = enqueue(store, session, job_id=job_id, objects=objects)
+        if queued and earlier:
+            _retire_predecessors(session, earlier)
         if queued:
             study.delivered_at = None  # new results are pending for this study
             session.add(study)
         audit.append(session, kind="results.rendered", actor="publish", subject=f"job:{job_id}",
                      detail={"objects": [o.kind for o in objects], "entries": len(queued),
-                             "correction": previous is not None, "model_version": result.model_version})
+                             "correction": published, "model_version": result.model_version})
     log.info("results queued", extra={"job_id": job_id, "count": len(queued)})
     return "queued"

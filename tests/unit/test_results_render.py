@@ -377,3 +377,20 @@ def test_flags_reach_the_oru_and_the_sr(sources: list[Dataset], result: ModelRes
     sr = build_sr(flagged, sources, None, Identity.of(flagged), series_uid="1.2.3", sop_uid="1.2.3.1")
     texts = [item.TextValue for item in sr.ContentSequence if getattr(item, "ValueType", "") == "TEXT"]
     assert DISCLAIMER in texts and all(note in texts for note in notes)
+
+
+def test_japanese_character_set_with_an_empty_first_value_renders() -> None:
+    """``\\ISO 2022 IR 87`` (PS3.5 H.3.1, the usual Japanese form) made highdicom refuse the sources and the
+    whole publish fail without a retry; every object now carries the name as received."""
+    from tests.integration.pacs_peers import encode
+
+    sources = []
+    for ds in flair_series(n=12, rows=40, cols=48, seed=3):
+        ds.SpecificCharacterSet, ds.PatientName = ["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"
+        sources.append(dcmread(io.BytesIO(encode(ds))))
+    objects, _ = render(model_result((12, 40, 48)), sort_slices(sources), options=RenderOptions(key_images=1))
+    assert len(objects) >= 3
+    for obj in objects:
+        out = dcmread(io.BytesIO(obj.data))
+        assert str(out.PatientName) == "Yamada^Tarou=山田^太郎"
+        assert list(out.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]

@@ -68,6 +68,8 @@ def _encode(ds: Dataset) -> bytes:
 def render(result: ModelResult, sources: list[Dataset], *, options: RenderOptions = RenderOptions(),
            previous: list[Dataset] | None = None) -> tuple[list[Rendered], str]:
     """The DICOM objects of one result (SEG first); returns them and the SR SOP Instance UID."""
+    for source in sources:
+        _default_repertoire_named(source)
     ident = Identity.of(result)
     seg = seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
     sr_uid = hd.UID()
@@ -86,6 +88,17 @@ def render(result: ModelResult, sources: list[Dataset], *, options: RenderOption
             objects.append(Rendered("out.sc", _encode(sc)))
     objects.append(Rendered("out.sr", _encode(report)))
     return objects, sr_uid
+
+
+def _default_repertoire_named(ds: Dataset) -> None:
+    """``\\ISO 2022 IR 87`` (an empty first value: the default repertoire, the usual Japanese form, PS3.5
+    H.3.1) written as ``ISO 2022 IR 6\\ISO 2022 IR 87``: the same meaning, and highdicom refuses the empty
+    value (the whole publish failed, and was not retried)."""
+    value = ds.get("SpecificCharacterSet")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        values = [str(v).strip() for v in value]
+        if len(values) > 1 and values[0] == "":
+            ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
 
 
 def previous_sr(store: Store, job: Job) -> Dataset | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,40 @@ from msgate.storage.store import Store
 pytestmark = [pytest.mark.integration]
 
 
-def test_ready_hook_called_after_commit(store: Store, tmp_path: Path) -> None:
+@contextmanager
+def _listening(store: Store, *, quiet: float, hook: Callable[[ReadyStudy], None]) -> Iterator[int]:
+    """The listener in this process with its tracker thread and ``hook``; yields its port."""
     store.settings.dicom.port = free_port()
-    store.settings.dicom.quiet_seconds = 30
+    store.settings.dicom.quiet_seconds = quiet
+    ae, srv, tracker = server.start(store)
+    tracker.add_hook(hook)
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        ae.shutdown()
+
+
+def _run_until_seen(tracker: Tracker, seen: list[ReadyStudy], *, settle: float = 0.0) -> None:
+    """Run the tracker's thread until the hook saw a study (at most 10 s), then ``settle`` seconds more."""
+    stop = threading.Event()
+    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(settle)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def test_ready_hook_called_after_commit(store: Store, tmp_path: Path) -> None:
     seen: list[tuple[ReadyStudy, str]] = []
 
     def hook(ready: ReadyStudy) -> None:
@@ -29,31 +62,22 @@ def test_ready_hook_called_after_commit(store: Store, tmp_path: Path) -> None:
             study = session.get(Study, ready.study_id)
             seen.append((ready, study.state if study else "?"))
 
-    ae, srv, tracker = server.start(store)
-    tracker.add_hook(hook)
-    stop = threading.Event()
-    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with _listening(store, quiet=30, hook=hook) as port:
         files = write_series(tmp_path / "s", count=4, description="AX FLAIR")
-        assert pynd_send(srv.server_address[1], files) == [0, 0, 0, 0]
+        assert pynd_send(port, files) == [0, 0, 0, 0]
         released = time.monotonic()
         while not seen and time.monotonic() - released < 15:
             time.sleep(0.01)
         assert seen and time.monotonic() - released < 10  # on release, not after the 30 s quiet period
         ready, state = seen[0]
         assert (ready.run, ready.reason, ready.roles, state) == (1, "released", ("FLAIR",), "ready")
-        assert pynd_send(srv.server_address[1], files[:1]) == [0]  # duplicate: success, not stored twice
+        assert pynd_send(port, files[:1]) == [0]  # duplicate: success, not stored twice
         with store.db.session() as session:
             assert len(session.exec(select(Instance)).all()) == 4
         time.sleep(0.3)
         with store.db.session() as session:
             assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]
         assert len(seen) == 1
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        ae.shutdown()
 
 
 def test_an_instance_indexed_after_its_association_ended_does_not_hold_the_study(store: Store,
@@ -71,17 +95,7 @@ def test_an_instance_indexed_after_its_association_ended_does_not_hold_the_study
     tracker.instance_stored(first, header, assoc_id="a1", calling_aet="X")
     tracker.association_ended("a1", released=True)
     tracker.instance_stored(late, header, assoc_id="a1", calling_aet="X")  # the retried one, answered late
-    stop = threading.Event()
-    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(1.0)  # several quiet periods: finished once, not again and again
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    _run_until_seen(tracker, seen, settle=1.0)  # several quiet periods: finished once, not again and again
     assert [(r.study_id, r.run) for r in seen] == [(first.study_id, 1)]
     with store.db.session() as session:
         assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]
@@ -102,17 +116,10 @@ def test_instances_before_established_event_belong_to_the_association(store: Sto
         established(self, event)  # type: ignore[arg-type]
 
     monkeypatch.setattr(handlers.Listener, "on_established", late)
-    store.settings.dicom.port = free_port()
-    store.settings.dicom.quiet_seconds = 30
     seen: list[ReadyStudy] = []
-    ae, srv, tracker = server.start(store)
-    tracker.add_hook(seen.append)
-    stop = threading.Event()
-    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with _listening(store, quiet=30, hook=seen.append) as port:
         files = write_series(tmp_path / "s", count=4, description="AX FLAIR")
-        assert pynd_send(srv.server_address[1], files) == [0, 0, 0, 0]
+        assert pynd_send(port, files) == [0, 0, 0, 0]
         released = time.monotonic()
         while not seen and time.monotonic() - released < 10:
             time.sleep(0.01)
@@ -123,10 +130,6 @@ def test_instances_before_established_event_belong_to_the_association(store: Sto
             assert [(a.outcome, a.instances) for a in assocs] == [("released", 4)]
             assert {i.assoc_id for i in session.exec(select(Instance)).all()} == {assocs[0].id}
             assert [s.state for s in session.exec(select(Study)).all()] == ["ready"]
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        ae.shutdown()
 
 
 def test_an_association_held_open_after_its_instances_gets_one_run(store: Store, tmp_path: Path) -> None:
@@ -136,35 +139,26 @@ def test_an_association_held_open_after_its_instances_gets_one_run(store: Store,
     from pynetdicom import AE
     from pynetdicom.presentation import build_context
 
-    store.settings.dicom.port = free_port()
-    store.settings.dicom.quiet_seconds = 0.5
     seen: list[ReadyStudy] = []
-    ae, srv, tracker = server.start(store)
-    tracker.add_hook(seen.append)
-    stop = threading.Event()
-    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
-    thread.start()
     files = write_series(tmp_path / "s", count=3, description="AX FLAIR")
     first = dataset.parse(files[0].read_bytes())
     scu = AE(ae_title="ROUTER")
     scu.requested_contexts = [build_context(first.get("SOPClassUID"), first.transfer_syntax)]
-    assoc = scu.associate("127.0.0.1", srv.server_address[1], ae_title="MSGATE")
-    try:
-        assert assoc.is_established
-        assert [int(assoc.send_c_store(f).Status) for f in files] == [0, 0, 0]
-        time.sleep(2.5)  # five quiet periods with the association open and idle
-        assert [(r.run, r.reason) for r in seen] == [(1, "quiet")]
-        with store.db.session() as session:
-            assert [(s.state, s.runs) for s in session.exec(select(Study)).all()] == [("ready", 1)]
-        assoc.release()
-        time.sleep(0.5)
-        assert len(seen) == 1  # the late release does not make it ready again
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-        stop.set()
-        thread.join(timeout=5)
-        ae.shutdown()
+    with _listening(store, quiet=0.5, hook=seen.append) as port:
+        assoc = scu.associate("127.0.0.1", port, ae_title="MSGATE")
+        try:
+            assert assoc.is_established
+            assert [int(assoc.send_c_store(f).Status) for f in files] == [0, 0, 0]
+            time.sleep(2.5)  # five quiet periods with the association open and idle
+            assert [(r.run, r.reason) for r in seen] == [(1, "quiet")]
+            with store.db.session() as session:
+                assert [(s.state, s.runs) for s in session.exec(select(Study)).all()] == [("ready", 1)]
+            assoc.release()
+            time.sleep(0.5)
+            assert len(seen) == 1  # the late release does not make it ready again
+        finally:
+            if assoc.is_established:
+                assoc.abort()
 
 
 def test_a_study_whose_role_was_not_recorded_still_finishes(store: Store, tmp_path: Path,
@@ -188,14 +182,5 @@ def test_a_study_whose_role_was_not_recorded_still_finishes(store: Store, tmp_pa
         for item in stored:
             tracker.instance_stored(item, header, assoc_id="a1", calling_aet="X")
     tracker.association_ended("a1", released=True)
-    stop = threading.Event()
-    thread = threading.Thread(target=tracker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+    _run_until_seen(tracker, seen)
     assert [(r.run, r.reason, r.roles) for r in seen] == [(1, "released", ("FLAIR",))]

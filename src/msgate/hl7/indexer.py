@@ -333,7 +333,6 @@ class Mapper(threading.Thread):
                 code = None if outcome is None else ("AE" if outcome.state == "error" else "AA")
                 self.send({"outcome": [*job.reply, code, (outcome.error or "") if outcome else ""]})
 
-
     def _stored_outcomes(self, message_ids: list[int]) -> dict[int, Outcome]:
         """The recorded mapping outcome of rows mapped earlier (none for a row still pending)."""
         if not message_ids:

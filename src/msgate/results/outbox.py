@@ -239,8 +239,8 @@ def _mark_study(session: Session, entry: OutboxEntry, now: datetime) -> None:
         .where(Job.study_id == job.study_id, col(OutboxEntry.state).in_(OPEN_STATES))
     ).first()
     study = session.get(Study, job.study_id)
-    if open_rows is None and study is not None and (study.delivered_at is None or study.delivered_at < now):
-        study.delivered_at = now  # each run's delivery: retention counts from the latest
+    if open_rows is None and study is not None and study.delivered_at is None:
+        study.delivered_at = now
         session.add(study)
         audit.append(session, kind="study.delivered", actor=ACTOR, subject=f"study:{study.id}",
                      detail={"job_id": job.id})

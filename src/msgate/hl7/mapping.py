@@ -19,6 +19,7 @@ identifiers name are looked up together and remembered, and observations are wri
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,19 +81,13 @@ class Tx:
         self.observations.flush()
 
 
-def parse_ts(value: str) -> datetime | None:
-    """HL7 TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]`` as aware UTC (no offset: UTC)."""
-    value = value.strip()
+def parse_ts(value: str, default: timezone = timezone.utc) -> datetime | None:
+    """HL7 TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]`` as aware UTC. Without an offset the time is
+    the sender's local time (HL7 v2.5.1 2.A.22): ``default`` is the offset of the message's MSH-7."""
+    value, zone = _split_zone(value.strip())
     if not value[:4].isdigit():
         return None
-    offset = timezone.utc
-    for sign in ("+", "-"):
-        if sign in value[4:]:
-            value, _, zone = value.rpartition(sign)
-            if zone[:4].isdigit() and len(zone) >= 4:
-                minutes = int(zone[:2]) * 60 + int(zone[2:4])
-                offset = timezone(timedelta(minutes=minutes if sign == "+" else -minutes))
-            break
+    offset = zone or default
     digits = value.split(".")[0]
     try:
         parts = [int(digits[0:4]), int(digits[4:6] or 1), int(digits[6:8] or 1), int(digits[8:10] or 0),
@@ -100,6 +95,23 @@ def parse_ts(value: str) -> datetime | None:
         return datetime(*parts, tzinfo=offset).astimezone(UTC)  # type: ignore[misc]
     except ValueError:
         return None
+
+
+def _split_zone(value: str) -> tuple[str, timezone | None]:
+    """(the time without its ``+/-ZZZZ``, that offset or None)."""
+    for sign in ("+", "-"):
+        if sign in value[4:]:
+            value, _, zone = value.rpartition(sign)
+            if zone[:4].isdigit() and len(zone) >= 4:
+                minutes = int(zone[:2]) * 60 + int(zone[2:4])
+                return value, timezone(timedelta(minutes=minutes if sign == "+" else -minutes))
+            return value, None
+    return value, None
+
+
+def sender_offset(msh7: str) -> timezone:
+    """The UTC offset MSH-7 states: the sender's zone, for its times that state none (else UTC)."""
+    return _split_zone(msh7.strip())[1] or timezone.utc
 
 
 def identifiers(seg: Segment, n: int = 3) -> list[Identifier]:
@@ -149,9 +161,8 @@ def _map_adt(tx: Tx, msg: Message, trigger: str, outcome: Outcome) -> None:
             if mrg is None or mrg.name != "MRG":
                 raise MappingError("merge_without_mrg")
             retired_ids = identifiers(mrg, 1)
-            retired = repo_ehr.find_patient(session, store.cipher, retired_ids)
             tx.flush()  # a merge moves stored observations and studies: write the pending ones first
-            if retired is not None:
+            for retired in repo_ehr.find_patients(session, store.cipher, retired_ids):  # MRG-1 may name several
                 repo_ehr.merge(session, survivor_patient=surviving, retired=retired)
             repo_ehr.add_identifiers(session, store.cipher, surviving, retired_ids)
             tx.merged()
@@ -168,10 +179,20 @@ def _map_adt(tx: Tx, msg: Message, trigger: str, outcome: Outcome) -> None:
     _patient_from_pid(tx, pid, outcome)
 
 
-def _index(store: Store, value: str, scope: str) -> tuple[str | None, bytes | None]:
+def _index(store: Store, value: str, scope: str, namespace: str = "") -> tuple[str | None, bytes | None]:
+    """The blind index (number and its assigning namespace: placer 1001 of HIS_A is not 1001 of HIS_B)
+    and the encrypted number."""
     if not value:
         return None, None
-    return store.cipher.blind_index(value, scope=scope), store.cipher.encrypt(value, column=f"order.{scope}")
+    key = f"{value}|{namespace}" if namespace else value
+    return store.cipher.blind_index(key, scope=scope), store.cipher.encrypt(value, column=f"order.{scope}")
+
+
+def _entity(seg: Segment | None, n: int) -> tuple[str, str]:
+    """An EI field: (entity identifier, namespace ID or else universal ID)."""
+    if seg is None:
+        return "", ""
+    return seg.get(n).strip(), (seg.get(n, 2) or seg.get(n, 3)).strip()
 
 
 def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
@@ -193,22 +214,27 @@ def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
             group.append(seg)
         obr = next((s for s in group if s.name == "OBR"), None)
         ipc = next((s for s in group if s.name == "IPC"), None)
-        placer = orc.get(2) or (obr.get(2) if obr else "")
-        filler = orc.get(3) or (obr.get(3) if obr else "")
+        placer = _entity(orc, 2) if orc.get(2) else _entity(obr, 2)
+        filler = _entity(orc, 3) if orc.get(3) else _entity(obr, 3)
         accession = (ipc.get(1) if ipc else "") or (obr.get(18) if obr else "")
-        _upsert_order(session, store, patient, placer.strip(), filler.strip(), accession.strip(), orc, obr, message_id)
+        _upsert_order(session, store, patient, placer, filler, accession.strip(), orc, obr, message_id,
+                      zone=sender_offset(msg.msh.get(7)))
 
 
-def _upsert_order(session: Session, store: Store, patient: Patient | None, placer: str, filler: str, accession: str,
-                  orc: Segment, obr: Segment | None, message_id: int) -> None:
-    placer_i, placer_e = _index(store, placer, "placer")
-    filler_i, filler_e = _index(store, filler, "filler")
+def _upsert_order(session: Session, store: Store, patient: Patient | None, placer: tuple[str, str],
+                  filler: tuple[str, str], accession: str, orc: Segment, obr: Segment | None, message_id: int,
+                  *, zone: timezone) -> None:
+    placer_i, placer_e = _index(store, placer[0], "placer", placer[1])
+    filler_i, filler_e = _index(store, filler[0], "filler", filler[1])
     acc_i, acc_e = _index(store, accession, "accession")
     order = None
     for column, value in ((Order.placer_index, placer_i), (Order.filler_index, filler_i),
                           (Order.accession_index, acc_i)):
         if value and order is None:
-            order = session.exec(select(Order).where(col(column) == value)).first()
+            found = session.exec(select(Order).where(col(column) == value)).first()
+            if found is not None and patient is not None and found.patient_id not in (None, patient.id):
+                continue  # another patient's order with the same number: never moved to this patient
+            order = found
     order = order or Order()
     order.patient_id = patient.id if patient is not None else order.patient_id
     order.placer_index, order.placer_enc = placer_i or order.placer_index, placer_e or order.placer_enc
@@ -216,7 +242,7 @@ def _upsert_order(session: Session, store: Store, patient: Patient | None, place
     order.accession_index, order.accession_enc = acc_i or order.accession_index, acc_e or order.accession_enc
     order.status = (orc.get(1) or orc.get(5))[:8]
     order.procedure_code = (obr.get(4) if obr else "")[:64]
-    order.ordered_at = parse_ts(orc.get(9)) or (parse_ts(obr.get(6)) if obr else None) or order.ordered_at
+    order.ordered_at = parse_ts(orc.get(9), zone) or (parse_ts(obr.get(6), zone) if obr else None) or order.ordered_at
     order.message_id, order.updated_at = message_id, utcnow()
     session.add(order)
     session.flush()
@@ -234,7 +260,7 @@ def _map_oru(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
     patient = _patient_from_pid(tx, pid, outcome, demographics=False)
     assert patient.id is not None
     rows = message_rows(tx.store.cipher, msg, patient_id=patient.id, message_id=message_id, outcome=outcome,
-                        parse_ts=parse_ts)
+                        parse_ts=functools.partial(parse_ts, default=sender_offset(msg.msh.get(7))))
     if not rows:
         outcome.findings.append({"code": "no_observations", "location": "OBX", "severity": "W"})
         return

@@ -53,7 +53,9 @@ def obx_value(obx: Segment, vtype: str) -> str:
     if vtype in ("CE", "CWE", "CNE", "CF"):
         return obx.get(5, 1) or obx.get(5, 2)
     if vtype == "SN":
-        comparator, number = obx.get(5, 1), obx.get(5, 2)
+        comparator, number, separator, second = (obx.get(5, c) for c in (1, 2, 3, 4))
+        if separator or second:  # a range (40-50) or a ratio (1:128): not one number
+            return f"{comparator}{number}{separator}{second}"
         return number if comparator in ("", "=") else f"{comparator}{number}"
     if vtype == "ED":
         return ""
@@ -74,7 +76,7 @@ def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient
     spec, code, system = feature_for(code, system, obx.get(3, 4).strip(), obx.get(3, 6).strip())
     value = obx_value(obx, vtype)
     unit = obx.get(6, 1).strip()
-    feature = spec.name if spec is not None else None
+    feature = spec.name if spec is not None and value else None  # an empty value never feeds the model
     if spec is not None and spec.kind == "numeric" and value:
         try:
             converted = convert(float(value), unit, spec.unit)
@@ -89,7 +91,7 @@ def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient
     return {"patient_id": patient_id, "feature": feature, "code": code[:64], "code_system": system[:16],
             "value_enc": cipher.encrypt(value[:65536], column="observation.value"), "value_type": vtype[:4],
             "unit": unit[:32], "status": (obx.get(11).strip().upper() or "F")[:2], "observed_at": observed,
-            "withdrawn": False, "message_id": message_id, "updated_at": utcnow()}
+            "withdrawn": False, "message_id": message_id, "updated_at": utcnow(), "_empty": not value}
 
 
 def message_rows(cipher: FieldCipher, msg: Message, *, patient_id: int, message_id: int, outcome: Findings,
@@ -173,8 +175,18 @@ class ObservationWriter:
 
 def _apply(row: dict[str, Any], key: Key, fresh: dict[Key, dict[str, Any]], existing: dict[Key, int],
            changes: dict[int, dict[str, Any]], added: list[tuple[Key, dict[str, Any]]], now: Any) -> None:
-    """One row against what earlier messages left: replace or withdraw it, else a new row."""
+    """One row against what earlier messages left: replace or withdraw it, else a new row. A row without
+    a value (status changed to final, ``U``; pending, ``I``) changes only the status of the row it
+    matches: it used to replace that row's value with nothing."""
     withdraw = row["status"] in WITHDRAW
+    if row["feature"] is None and not withdraw and (fresh.get(key) is not None or existing.get(key) is not None) \
+            and row.pop("_empty", False):
+        if (target := fresh.get(key)) is not None:
+            target.update(status=row["status"], updated_at=now)
+        else:
+            changes.setdefault(existing[key], {}).update(status=row["status"], updated_at=now)
+        return
+    row.pop("_empty", None)
     target = fresh.get(key)
     if target is not None:  # a row an earlier message of this batch added
         if withdraw:

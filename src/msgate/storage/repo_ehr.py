@@ -43,8 +43,15 @@ class Identifier:
     id_type: str = "MR"
 
 
+PATIENT_ID_TYPES = frozenset({"", "MR", "PI", "PT", "PN", "MRN"})  # table 0203: identify the patient
+
+
 def id_index(cipher: FieldCipher, ident: Identifier) -> str:
-    return cipher.blind_index(f"{ident.authority}|{ident.value}", scope="mrn")
+    """Patient identifiers (MR, PI, ...) by authority and value, as DICOM's Issuer/PatientID link them;
+    any other type (an account AN, a visit VN, a licence) also by its type: account 2002 is not MRN 2002."""
+    id_type = ident.id_type.strip().upper()
+    suffix = "" if id_type in PATIENT_ID_TYPES else f"|{id_type}"
+    return cipher.blind_index(f"{ident.authority}|{ident.value}{suffix}", scope="mrn")
 
 
 def survivor(session: Session, patient: Patient) -> Patient:
@@ -56,6 +63,21 @@ def survivor(session: Session, patient: Patient) -> Patient:
             break
         patient = nxt
     return patient
+
+
+def find_patients(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> list[Patient]:
+    """Every (surviving) patient that any of ``idents`` names, in identifier order, each once."""
+    if not idents:
+        return []
+    indexes = [id_index(cipher, i) for i in idents]
+    out: dict[int, Patient] = {}
+    for row in session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes))
+                            .order_by(col(PatientIdentifier.id))).all():
+        patient = session.get(Patient, row.patient_id)
+        if patient is not None:
+            patient = survivor(session, patient)
+            out.setdefault(patient.id, patient)  # type: ignore[arg-type]
+    return list(out.values())
 
 
 def find_patient(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> Patient | None:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -200,6 +201,7 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="None: durable embedded queue under home; redis://... in production")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "kv"] = "json"
+    site_timezone: str = Field("UTC", description="IANA zone of the site's DICOM dates and times (StudyDate is local)")
     dicom: DicomSettings = DicomSettings()
     hl7: Hl7Settings = Hl7Settings()
     pacs: list[PacsDestination] = Field(default_factory=list)
@@ -210,6 +212,19 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     rules: ListenerRules = ListenerRules()  # series roles and routing, see msgate.listener.rules
     he: HeSettings = HeSettings()
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Rome)") from None
+        return value
+
+    @property
+    def site_zone(self) -> ZoneInfo:
+        return ZoneInfo(self.site_timezone)
 
     @field_validator("database_url", "broker_url")
     @classmethod

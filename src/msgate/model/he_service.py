@@ -93,7 +93,7 @@ def job_inputs(store: Store, job_ids: list[str], spec: ModelSpec, *, actor: str,
             study = session.get(Study, study_id)
             if study is None:
                 raise Rejected("the study was deleted", code="no_study")
-            x, m = raw_columns(ehr_mod.vector(ehr_mod.snapshot(session, store.cipher, study, link)))
+            x, m = raw_columns(ehr_mod.vector(ehr_mod.snapshot(session, store.cipher, study, link, store.settings.site_zone)))
             rows.append(spec.transform(x, m))
     return np.stack(rows).astype(np.float64)
 

@@ -219,6 +219,9 @@ def merge(session: Session, *, survivor_patient: Patient, retired: Patient) -> N
     session.add(survivor_patient)
 
 
+AGEING = frozenset({"age", "disease_duration"})  # in years, they grow between the observation and the study
+
+
 def _age(birth: str, at: date) -> float | None:
     try:
         born = date(int(birth[:4]), int(birth[4:6] or 1), int(birth[6:8] or 1))
@@ -246,12 +249,14 @@ def snapshot(session: Session, cipher: FieldCipher, patient: Patient, at: dateti
                     value = float(raw)
                 except ValueError:
                     value = raw
+            if spec.name in AGEING and isinstance(value, float):  # as old as it is at the study, not when noted
+                value = round(value + (at - row.observed_at).days / 365.25, 2)
             out[spec.name] = {"value": value, "unit": row.unit, "observed_at": row.observed_at, "status": row.status,
                               "source": f"observation:{row.id}"}
     birth = cipher.decrypt(patient.birth_date_enc, column="patient.birth_date")
-    if out.get("age") is None and birth:
-        age = _age(birth, at.date())
-        out["age"] = {"value": age, "unit": "a", "observed_at": None, "status": "", "source": "PID-7"} if age else None
+    age = _age(birth, at.date()) if birth else None
+    if age:  # the birth date gives the age at the study exactly; an age observation only without one
+        out["age"] = {"value": age, "unit": "a", "observed_at": None, "status": "", "source": "PID-7"}
     sex = cipher.decrypt(patient.sex_enc, column="patient.sex")
     if out.get("sex") is None and sex in ("F", "M"):
         out["sex"] = {"value": sex, "unit": "", "observed_at": None, "status": "", "source": "PID-8"}

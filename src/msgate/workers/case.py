@@ -146,7 +146,7 @@ def _ehr(store: Store, study_id: int, link: ehr_mod.EhrLink) -> EhrVector:
         study = session.get(Study, study_id)
         if study is None:
             raise Rejected("the study was deleted", code="no_study")
-        return ehr_mod.vector(ehr_mod.snapshot(session, store.cipher, study, link))
+        return ehr_mod.vector(ehr_mod.snapshot(session, store.cipher, study, link, store.settings.site_zone))
 
 
 def choose_series(rows: list[Series]) -> dict[str, Series]:

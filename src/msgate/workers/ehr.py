@@ -1,9 +1,11 @@
 """The EHR side of a case: which patient and order a study links to, and its feature snapshot.
 
-Linking (no decryption needed, blind indexes only): the order with the study's accession number
-(``Order.accession_index``), else the study's linked patient (``Study.patient_id``, set when an HL7
-identifier matches the DICOM ``IssuerOfPatientID|PatientID``), else that identifier looked up
-directly. Merged patients resolve to the survivor. The snapshot is taken at the study date with the
+Linking (no decryption needed, blind indexes only): the study's own patient (``Study.patient_id``, set
+when an HL7 identifier matches the DICOM ``IssuerOfPatientID|PatientID``, else that identifier looked up
+directly), and the order with the study's accession number (``Order.accession_index``) when that order
+belongs to the same patient, or gives the patient when the study's identifier links to none. An order of
+another patient with the same accession number (numbers are unique only per issuer) is not used.
+Merged patients resolve to the survivor. The snapshot is taken at the study date with the
 feature schema's validity windows (``storage.repo_ehr.snapshot``); age and sex fall back to the DICOM
 header when the EHR has no demographics.
 """
@@ -14,7 +16,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, tzinfo
 from typing import Any
 
 import numpy as np
@@ -34,34 +36,46 @@ class EhrLink:
 
 
 def link(session: Session, study: Study) -> EhrLink:
-    order = None
-    if study.accession_index:
-        order = session.exec(select(Order).where(Order.accession_index == study.accession_index)
-                             .order_by(col(Order.updated_at).desc())).first()
-    patient_id = order.patient_id if order is not None and order.patient_id else study.patient_id
+    patient_id = study.patient_id
     if patient_id is None and study.dicom_patient_index:
         ident = session.exec(select(PatientIdentifier)
                              .where(PatientIdentifier.id_index == study.dicom_patient_index)).first()
         patient_id = ident.patient_id if ident is not None else None
-    if patient_id is not None:
-        patient = session.get(Patient, patient_id)
-        patient_id = repo_ehr.survivor(session, patient).id if patient is not None else None
+    patient_id = _survivor_id(session, patient_id)
+    order = None
+    if study.accession_index:
+        for candidate in session.exec(select(Order).where(Order.accession_index == study.accession_index)
+                                      .order_by(col(Order.updated_at).desc())).all():
+            owner = _survivor_id(session, candidate.patient_id)
+            if patient_id is None or owner in (None, patient_id):
+                order = candidate
+                patient_id = patient_id if patient_id is not None else owner
+                break
     return EhrLink(patient_id, order.id if order is not None else None)
 
 
-def study_datetime(cipher: FieldCipher, study: Study) -> datetime:
-    """End of the study day (UTC); the ready time when the study has no StudyDate."""
+def _survivor_id(session: Session, patient_id: int | None) -> int | None:
+    if patient_id is None:
+        return None
+    patient = session.get(Patient, patient_id)
+    return repo_ehr.survivor(session, patient).id if patient is not None else None
+
+
+def study_datetime(cipher: FieldCipher, study: Study, zone: tzinfo = UTC) -> datetime:
+    """End of the study day in the site's zone (StudyDate is local), as UTC: nothing observed after the
+    study's local day reaches its case. The ready time when the study has no StudyDate."""
     raw = cipher.decrypt(study.study_date_enc, column="study.study_date") or ""
     try:
         day = datetime.strptime(raw[:8], "%Y%m%d").date()
-        return datetime.combine(day, time(23, 59, 59), tzinfo=UTC)
+        return datetime.combine(day, time(23, 59, 59), tzinfo=zone).astimezone(UTC)
     except ValueError:
         return study.ready_at or study.first_received_at
 
 
-def snapshot(session: Session, cipher: FieldCipher, study: Study, ehr_link: EhrLink) -> dict[str, Any]:
+def snapshot(session: Session, cipher: FieldCipher, study: Study, ehr_link: EhrLink,
+             zone: tzinfo = UTC) -> dict[str, Any]:
     """Feature name -> {"value", "observed_at", "source", ...} or None (missing or expired)."""
-    at = study_datetime(cipher, study)
+    at = study_datetime(cipher, study, zone)
     patient = session.get(Patient, ehr_link.patient_id) if ehr_link.patient_id is not None else None
     snap: dict[str, Any] = ({spec.name: None for spec in FEATURES} if patient is None
                             else repo_ehr.snapshot(session, cipher, patient, at))

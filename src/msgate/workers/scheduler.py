@@ -90,7 +90,7 @@ def plan(session: Session, store: Store, study: Study, *, model_version: str) ->
     if "FLAIR" not in chosen or study.id is None:
         return None
     link = ehr_mod.link(session, study)
-    snap = ehr_mod.snapshot(session, store.cipher, study, link)
+    snap = ehr_mod.snapshot(session, store.cipher, study, link, store.settings.site_zone)
     missing = ehr_mod.missing(snap)
     required = [name for name in store.settings.workers.required_ehr_fields if name in missing]
     ready_at = study.ready_at or utcnow()

@@ -93,7 +93,7 @@ def edss_label(store: Store, cand: Candidate, run_id: str) -> float | None:
             return None
         audit.append(session, kind="decrypt.training", actor=ACTOR, subject=f"train:{run_id}",
                      detail={"study_id": cand.study_id, "patient_id": cand.patient_id, "label": EDSS_LABEL.name})
-        at = ehr_mod.study_datetime(store.cipher, study)
+        at = ehr_mod.study_datetime(store.cipher, study, store.settings.site_zone)
         for row in _label_rows(session, cand.patient_id, at):
             try:
                 value = float(store.cipher.decrypt(row.value_enc, column="observation.value") or "")

@@ -1,0 +1,79 @@
+"""EHR linking and the feature snapshot (workers/ehr.py, storage/repo_ehr.py): cases that used to give a
+patient's model another patient's or a stale value (found in review, 2026-12-07)."""
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from msgate.hl7.mapping import map_messages
+from msgate.hl7.msh import read_msh
+from msgate.storage.models import Observation, Study
+from msgate.storage.store import Store
+from msgate.workers import ehr as ehr_mod
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+from test_workers_double import add_patient, make_study  # noqa: E402
+
+
+def _hl7(store: Store, raw: str) -> None:
+    data = raw.replace("\n", "\r").encode()
+    stored = store.ingest.store_hl7(raw=data, header=read_msh(data).header())
+    outcome = map_messages(store, [stored.message_id])[stored.message_id]
+    assert outcome.state == "mapped", outcome
+
+
+def _obs(store: Store, pid: int, feature: str, code: str, value: str, unit: str, when: datetime) -> None:
+    with store.db.session() as s:
+        s.add(Observation(patient_id=pid, feature=feature, code=code, code_system="LN",
+                          value_enc=store.cipher.encrypt(value, column="observation.value"),
+                          value_type="NM", unit=unit, observed_at=when))
+
+
+def _snap(store: Store, study_id: int):
+    with store.db.session() as s:
+        study = s.get(Study, study_id)
+        link = ehr_mod.link(s, study)
+        snap = ehr_mod.snapshot(s, store.cipher, study, link, store.settings.site_zone)
+        return link, snap, ehr_mod.vector(snap), ehr_mod.missing(snap)
+
+
+def test_accession_of_another_patients_order_overrides_the_study_patient(store: Store) -> None:
+    # DICOM study: PatientID MRN00001 (no issuer), AccessionNumber ACC00001, StudyDate 20261101.
+    study_id, _ = make_study(store, seed=1)
+    a = add_patient(store, mrn="MRN00001", nfl=10.0)          # the imaged patient, NfL 10
+    # Another patient's order that happens to carry the same accession number (other site / reused number).
+    _hl7(store, "MSH|^~\\&|RIS|OTHER|||20261020||OMI^O23^OMI_O23|O1|P|2.5.1\n"
+                "PID|1||OTHERMRN^^^OTHER^MR||ROE^RICHARD||19500101|M\n"
+                "ORC|NW|PL9|FL9\nOBR|1|PL9|FL9|MR^MRI brain\nIPC|ACC00001|RP1|1.2.3|SPS1|MR\n")
+    _hl7(store, "MSH|^~\\&|LAB|OTHER|||20261020||ORU^R01^ORU_R01|R1|P|2.5.1\n"
+                "PID|1||OTHERMRN^^^OTHER^MR||ROE^RICHARD||19500101|M\nOBR|1||||||20261015\n"
+                "OBX|1|NM|101281-4^NfL^LN||99|pg/mL|||||F|||20261015\n")
+    with store.db.session() as s:
+        assert s.get(Study, study_id).patient_id == a   # the DICOM identifier already linked it to A
+    link, snap, vec, _ = _snap(store, study_id)
+    assert link.patient_id == a, f"study of patient {a} linked to patient {link.patient_id}"
+    assert snap["nfl"]["value"] == 10.0 and snap["sex"]["value"] == "F"
+
+
+def test_old_age_observation_beats_birth_date(store: Store) -> None:
+    study_id, _ = make_study(store, seed=2)                       # StudyDate 20261101
+    pid = add_patient(store, mrn="MRN00002", birth="19800101")    # 46.8 years at the study
+    # An "Age" OBX (LOINC 30525-0) sent with a lab panel ten years earlier; validity is 36500 days.
+    _obs(store, pid, "age", "30525-0", "36", "a", datetime(2016, 11, 1, tzinfo=UTC))
+    _obs(store, pid, "disease_duration", "MS-DURATION", "1.0", "a", datetime(2018, 11, 1, tzinfo=UTC))
+    _, snap, vec, _ = _snap(store, study_id)
+    assert snap["age"]["value"] > 46, snap["age"]
+    assert snap["disease_duration"] is None or snap["disease_duration"]["value"] >= 8.9, snap["disease_duration"]
+
+
+def test_value_observed_after_the_study_date_with_offset(store: Store) -> None:
+    store.settings.site_timezone = "Europe/Rome"  # the site's StudyDate is local time
+    study_id, _ = make_study(store, seed=3)                       # StudyDate 20261101 (local, Italy +0100)
+    add_patient(store, mrn="MRN00003", nfl=10.0)                   # 2026-10-01
+    _hl7(store, "MSH|^~\\&|LAB|HOSP|||20261102||ORU^R01^ORU_R01|R3|P|2.5.1\n"
+                "PID|1||MRN00003||DOE^JANE||19800101|F\nOBR|1\n"
+                "OBX|1|NM|101281-4^NfL^LN||99|pg/mL|||||F|||202611020030+0100\n")   # 2 Nov 00:30 local
+    _, snap, _, _ = _snap(store, study_id)
+    assert snap["nfl"]["value"] == 10.0, f"value observed on 2 Nov (local) used for a 1 Nov study: {snap['nfl']}"

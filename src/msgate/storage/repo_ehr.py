@@ -219,7 +219,9 @@ def merge(session: Session, *, survivor_patient: Patient, retired: Patient) -> N
     session.add(survivor_patient)
 
 
-AGEING = frozenset({"age", "disease_duration"})  # in years, they grow between the observation and the study
+# In years, it grows between the observation and the study. (Disease duration is used as recorded: the
+# synthetic cohort, and so the shipped model, records it as of the scan date.)
+AGEING = frozenset({"age"})
 
 
 def _age(birth: str, at: date) -> float | None:

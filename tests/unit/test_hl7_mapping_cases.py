@@ -123,3 +123,15 @@ def test_merge_with_two_retired_identifier_rows(store: Store) -> None:
         stray = [(p.id, p.merged_into_id) for p in s.exec(select(Patient)).all() if p.id != s1.id and p.merged_into_id is None]
     snap = _snap(store, "S1")
     assert snap["sdmt"] is not None and snap["nfl"] is not None, ("survivor", s1.id, "observations", owners, "unmerged", stray)
+
+
+def test_a_correction_replaces_the_result_with_its_own_sub_id(store: Store) -> None:
+    """Repeated OBX for one code told apart by OBX-4: a correction of sub-ID 1 used to replace sub-ID 2's
+    row (the latest row of the code), leaving the old value of 1 and losing 2."""
+    _map(store, _oru("D1", "M8", "OBX|1|NM|101281-4^NfL^LN|1|8|pg/mL|||||F\n"
+                                 "OBX|2|NM|101281-4^NfL^LN|2|20|pg/mL|||||F\n"))
+    _map(store, _oru("D2", "M8", "OBX|1|NM|101281-4^NfL^LN|1|9|pg/mL|||||C\n"))
+    with store.db.session() as s:
+        rows = [(o.sub_id, store.cipher.decrypt(o.value_enc, column="observation.value"))
+                for o in s.exec(select(Observation)).all() if not o.withdrawn]
+    assert sorted(rows) == [("1", "9.0"), ("2", "20.0")]

@@ -29,7 +29,7 @@ for _spec in FEATURES:
     for _code, _system in _spec.codes:
         _BY_CODE[(_code.upper(), _system.upper())] = _spec
 
-Key = tuple[int, str, str, Any]  # patient id, code, code system, observed at
+Key = tuple[int, str, str, Any, str]  # patient id, code, code system, observed at, OBX-4 sub-ID
 
 
 class Findings(Protocol):
@@ -91,6 +91,7 @@ def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient
     return {"patient_id": patient_id, "feature": feature, "code": code[:64], "code_system": system[:16],
             "value_enc": cipher.encrypt(value[:65536], column="observation.value"), "value_type": vtype[:4],
             "unit": unit[:32], "status": (obx.get(11).strip().upper() or "F")[:2], "observed_at": observed,
+            "sub_id": obx.get(4).strip()[:20],
             "withdrawn": False, "message_id": message_id, "updated_at": utcnow(), "_empty": not value}
 
 
@@ -142,7 +143,7 @@ class ObservationWriter:
         for rows in messages:
             added: list[tuple[Key, dict[str, Any]]] = []
             for row in rows:
-                key = (row["patient_id"], row["code"], row["code_system"], row["observed_at"])
+                key = (row["patient_id"], row["code"], row["code_system"], row["observed_at"], row["sub_id"])
                 _apply(row, key, fresh, existing, changes, added, now)
             for key, row in added:
                 fresh[key] = row
@@ -154,11 +155,12 @@ class ObservationWriter:
         patients = {r["patient_id"] for rows in messages for r in rows}
         codes = {r["code"] for rows in messages for r in rows}
         found: dict[Key, int] = {}
-        for oid, pid, code, system, observed in self.session.execute(
-                select(table.c.id, table.c.patient_id, table.c.code, table.c.code_system, table.c.observed_at)
+        for oid, pid, code, system, observed, sub_id in self.session.execute(
+                select(table.c.id, table.c.patient_id, table.c.code, table.c.code_system, table.c.observed_at,
+                       table.c.sub_id)
                 .where(table.c.patient_id.in_(patients), table.c.code.in_(codes))
                 .order_by(table.c.id)).all():
-            found[(pid, code, system, observed)] = oid  # the latest stored row of a key is the one replaced
+            found[(pid, code, system, observed, sub_id)] = oid  # the latest stored row of a key is the one replaced
         return found
 
     def _write(self, inserts: list[dict[str, Any]], changes: dict[int, dict[str, Any]]) -> None:

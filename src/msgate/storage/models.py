@@ -251,6 +251,7 @@ class Observation(SQLModel, table=True):
     unit: str = Field(default="", max_length=32)
     status: str = Field(default="F", max_length=2)
     observed_at: datetime | None = _ts(index=True)
+    sub_id: str = Field(default="", max_length=20)  # OBX-4: tells repeated results of one code apart
     withdrawn: bool = False
     message_id: int | None = Field(default=None, foreign_key="hl7_message.id")
     updated_at: datetime = _created()

@@ -144,12 +144,14 @@ def test_an_association_held_open_after_its_instances_gets_one_run(store: Store,
     first = dataset.parse(files[0].read_bytes())
     scu = AE(ae_title="ROUTER")
     scu.requested_contexts = [build_context(first.get("SOPClassUID"), first.transfer_syntax)]
-    with _listening(store, quiet=0.5, hook=seen.append) as port:
+    # 2 s: long enough that the instances of a loaded box's indexer (PostgreSQL, one commit per instance)
+    # are not split into two runs by a gap between them; the old bug re-ran every 0.25 s however long it was
+    with _listening(store, quiet=2.0, hook=seen.append) as port:
         assoc = scu.associate("127.0.0.1", port, ae_title="MSGATE")
         try:
             assert assoc.is_established
             assert [int(assoc.send_c_store(f).Status) for f in files] == [0, 0, 0]
-            time.sleep(2.5)  # five quiet periods with the association open and idle
+            time.sleep(6.5)  # three quiet periods with the association open and idle
             assert [(r.run, r.reason) for r in seen] == [(1, "quiet")]
             with store.db.session() as session:
                 assert [(s.state, s.runs) for s in session.exec(select(Study)).all()] == [("ready", 1)]

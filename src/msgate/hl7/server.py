@@ -122,12 +122,8 @@ class Committer:
         self.store.ingest.check_space()
         try:
             return self.journal.append([p.raw for p in group])
-        except OSError as exc:
+        except OSError as exc:  # the journal retired the segment the failed group may sit in half-written
             self.segment = None
-            try:
-                self.journal.close()  # the failed group may sit in it half-written: start a fresh segment
-            except OSError:
-                pass
             raise Transient(f"journal write failed ({type(exc).__name__})", code="journal_io") from None
 
 

@@ -103,18 +103,13 @@ def _default_repertoire_named(ds: Dataset) -> None:
 
 def previous_sr(store: Store, job: Job) -> Dataset | None:
     """The SR header of the nearest superseded job that was published (walks ``supersedes_id``)."""
-    seen = {job.id}
-    current = job.supersedes_id
     with store.db.session() as session:
-        while current and current not in seen:
-            seen.add(current)
+        for earlier in predecessors(session, job):
             blob_id = session.exec(
                 select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
-                .where(OutboxEntry.job_id == current, Blob.kind == "out.sr")).first()
+                .where(OutboxEntry.job_id == earlier, Blob.kind == "out.sr")).first()
             if blob_id is not None:
                 return dcmread(io.BytesIO(store.blobs.read(session, blob_id)), stop_before_pixels=True)
-            older = session.get(Job, current)
-            current = older.supersedes_id if older is not None else None
     return None
 
 

@@ -52,7 +52,7 @@ class DataPhase:
         self._reset()
 
     def _reset(self) -> None:
-        self.pending: list[bytes] = []  # raw PDUs of the message whose command is not decoded yet
+        self.pending: list[bytes] = []  # the PDVs (each as a PDU) of the message whose command is not decoded yet
         self.command_parts: list[bytes] = []
         self.command: pdata.Command | None = None
         self.context_id = -1
@@ -118,18 +118,22 @@ class DataPhase:
     # --- P-DATA-TF -----------------------------------------------------------------------------------
 
     def _on_pdata(self, header: bytearray, body: bytearray) -> None:
-        if self.command is None:
-            self.pending.append(bytes(header) + bytes(body))
+        """One P-DATA-TF PDU. Its PDVs may end one message and start the next (PS3.8 §9.3.5.1 allows
+        fragments of several messages in one PDU), so a message handed to pynetdicom is replayed from
+        its own PDVs, never from whole PDUs that also carried the end of a message answered here."""
         try:
             pdvs = pdata.split_pdvs(memoryview(body))
         except pdata.MalformedPdu:
             if self.command is not None:
                 raise ProtocolViolation("malformed P-DATA-TF inside a C-STORE data set") from None
+            self.pending.append(bytes(header) + bytes(body))
             self._fall_back()
             return
-        for pdv in pdvs:
+        for index, pdv in enumerate(pdvs):
             if self.command is None:
+                self.pending.append(pdv.pdu())
                 if not self._on_command_fragment(pdv):
+                    self._fall_back(pdvs[index + 1:])
                     return
             elif pdv.is_command or pdv.context_id != self.context_id:
                 raise ProtocolViolation("C-STORE data set interrupted by a command or another context")
@@ -141,7 +145,6 @@ class DataPhase:
     def _on_command_fragment(self, pdv: pdata.Pdv) -> bool:
         """Collect the command; once complete, take it (True) or hand the message to pynetdicom (False)."""
         if not pdv.is_command or (self.command_parts and pdv.context_id != self.context_id):
-            self._fall_back()
             return False
         self.context_id = pdv.context_id
         self.command_parts.append(bytes(pdv.data))
@@ -150,11 +153,9 @@ class DataPhase:
         try:
             command = pdata.decode_command(b"".join(self.command_parts))
         except pdata.MalformedPdu:
-            self._fall_back()
             return False
         if (command.field != pdata.C_STORE_RQ or command.dataset_type == pdata.NO_DATASET
                 or self.context_id not in self._contexts()):
-            self._fall_back()
             return False
         self.command, self.pending = command, []
         return True
@@ -165,10 +166,11 @@ class DataPhase:
                              for cx in self.dul.assoc.accepted_contexts}
         return self.contexts
 
-    def _fall_back(self) -> None:
-        """Replay the current message's PDUs into pynetdicom and leave the association on its path."""
+    def _fall_back(self, rest: list[pdata.Pdv] | None = None) -> None:
+        """Replay the current message (and ``rest``, the PDVs after it in the same PDU) into pynetdicom,
+        and leave the association on its path."""
         self.active = False
-        pending = self.pending
+        pending = self.pending + [pdv.pdu() for pdv in rest or ()]
         self._reset()
         for raw in pending:
             self._to_pynetdicom(raw)

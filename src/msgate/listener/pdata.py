@@ -31,6 +31,12 @@ class Pdv:
     is_last: bool
     data: memoryview
 
+    def pdu(self) -> bytes:
+        """This PDV alone as a P-DATA-TF PDU (to hand a message that shared a PDU to pynetdicom)."""
+        control = (0x01 if self.is_command else 0x00) | (0x02 if self.is_last else 0x00)
+        item = _ITEM.pack(len(self.data) + 2, self.context_id, control) + bytes(self.data)
+        return struct.pack(">BBI", 0x04, 0x00, len(item)) + item
+
 
 def split_pdvs(body: memoryview) -> list[Pdv]:
     """The PDV items of a P-DATA-TF PDU body (the bytes after the 6-byte PDU header)."""

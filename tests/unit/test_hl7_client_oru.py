@@ -15,7 +15,9 @@ from msgate.hl7.client import MllpClient
 from msgate.hl7.oru import DISCLAIMER, Finding, OruInput, build_oru
 
 
-def _peer(answers: list[str]) -> tuple[int, threading.Thread]:
+def _peer(answers: list[str | list[tuple[str, str | None]]]) -> tuple[int, threading.Thread]:
+    """Answers each message in turn: a code (one ACK echoing its MSH-10), or several ACK frames
+    (code, MSA-2; None: echo this message's MSH-10) sent together."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -28,7 +30,9 @@ def _peer(answers: list[str]) -> tuple[int, threading.Thread]:
             while not frames:
                 frames = [e.payload for e in d.feed(conn.recv(65536)) if e.kind == "frame"]
             cid = frames[0].split(b"\r")[0].split(b"|")[9].decode()
-            conn.sendall(mllp.frame(f"MSH|^~\\&|EHR|H|||2025||ACK|A1|P|2.5.1\rMSA|{code}|{cid}\r".encode()))
+            acks = [(code, None)] if isinstance(code, str) else code
+            conn.sendall(b"".join(mllp.frame(f"MSH|^~\\&|EHR|H|||2025||ACK|A1|P|2.5.1\rMSA|{c}|{cid if m is None else m}\r"
+                                             .encode()) for c, m in acks))
         conn.close()
         srv.close()
 
@@ -53,6 +57,21 @@ def test_client_reuses_connection_and_reads_msa1() -> None:
     with pytest.raises(Transient):
         client.send(build_oru(_result("C3")))
     with pytest.raises(Rejected):
+        client.send(build_oru(_result("C4")))
+    client.close()
+    thread.join(5)
+
+
+def test_client_skips_acks_of_other_messages_and_needs_msa2() -> None:
+    """A commit ACK followed by an application ACK (or a repeated ACK) answers the first message only:
+    the extra frame is not the next message's answer. A late ACK of an earlier message is skipped."""
+    port, thread = _peer([[("CA", None), ("AA", None)], "AA", [("AA", "C1"), ("AA", None)], [("AA", "")]])
+    client = MllpClient("127.0.0.1", port, timeout=5)
+    assert (client.send(build_oru(_result("C1"))).code, client._sock is not None) == ("CA", True)
+    ack = client.send(build_oru(_result("C2")))
+    assert (ack.code, ack.control_id) == ("AA", "C2")
+    assert client.send(build_oru(_result("C3"))).control_id == "C3"
+    with pytest.raises(Transient, match="MSA-2"):
         client.send(build_oru(_result("C4")))
     client.close()
     thread.join(5)

@@ -2,13 +2,16 @@
 
 Only ``AA`` and ``CA`` are success. ``AE``/``CE``, a timeout, a dropped connection or an answer that
 cannot be read are :class:`~msgate.errors.Transient` (retry later); ``AR``/``CR`` are
-:class:`~msgate.errors.Rejected` (permanent). An ACK whose MSA-2 does not echo our MSH-10 is Transient.
+:class:`~msgate.errors.Rejected` (permanent). Only an ACK whose MSA-2 echoes our MSH-10 answers a
+message: ACKs of other messages are skipped until the timeout (then Transient), and an ACK without
+MSA-2 is Transient.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -80,10 +83,26 @@ class MllpClient:
 
     def exchange(self, message: bytes) -> bytes:
         """Send one framed message and return the next frame received (raw ACK bytes)."""
+        self._send(message)
+        return self._next_frame()
+
+    def _send(self, message: bytes) -> None:
         sock = self._connect()
         try:
             sock.sendall(mllp.frame(message))
+        except OSError as exc:
+            self.close()
+            raise Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io") from None
+
+    def _next_frame(self, deadline: float | None = None) -> bytes:
+        sock = self._connect()
+        try:
             while not self._frames:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
                     raise Transient("peer closed the connection before acknowledging", code="closed")
@@ -93,18 +112,32 @@ class MllpClient:
             if isinstance(exc, Transient):
                 raise
             raise Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io") from None
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout)
         return self._frames.pop(0)
 
     def send(self, message: str | bytes, *, encoding: str = "utf-8") -> AckResult:
+        """Send and wait (at most the timeout) for the ACK whose MSA-2 echoes this MSH-10. Frames that
+        answer other messages (a late or repeated ACK of an earlier one, an application ACK after its
+        commit ACK) are skipped, never taken as this message's answer."""
         raw = message.encode(encoding) if isinstance(message, str) else message
         try:
             control_id = read_msh(raw).control_id
         except HeaderError:
             raise Rejected("outbound message has no readable MSH", code="bad_message") from None
-        ack = read_ack(self.exchange(raw))
-        if ack.control_id and ack.control_id != control_id:
-            self.close()
-            raise Transient("acknowledgement for another message", code="ack_mismatch")
+        if not control_id:
+            raise Rejected("outbound message has no MSH-10 control id", code="bad_message")
+        self._frames.clear()  # answers that arrived for earlier messages
+        self._send(raw)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ack = read_ack(self._next_frame(deadline))
+            if ack.control_id == control_id:
+                break
+            if not ack.control_id:  # MSA-2 is required (HL7 v2 2.14.8): no proof of which message it answers
+                self.close()
+                raise Transient("acknowledgement without MSA-2 (control id)", code="ack_mismatch")
         if ack.code in ("AA", "CA"):
             return ack
         if ack.code in ("AR", "CR"):

@@ -270,3 +270,23 @@ def test_a_batch_with_an_instance_twice_counts_it_once(store: Store) -> None:
         assert s.exec(select(Series)).one().instance_count == 2
         assert s.exec(select(Study)).one().instance_count == 2
         assert s.exec(select(func.count()).select_from(Instance)).one() == 2
+
+
+def test_series_count_the_frames_of_multiframe_instances(store: Store, tmp_path: Path) -> None:
+    """A 3D FLAIR sent as one Enhanced MR instance of 8 frames beats a 3-slice 2D FLAIR of the same study
+    when the FLAIR series is chosen (by instance count it lost, 1 to 3)."""
+    from dicom_helpers import write_enhanced_mr, write_series
+    from pydicom.uid import generate_uid
+
+    from msgate.workers.case import choose_series
+
+    study_uid = generate_uid()
+    enhanced = write_enhanced_mr(tmp_path / "e.dcm", frames=8, study_uid=study_uid)
+    for path in [enhanced, *write_series(tmp_path / "s", count=3, study_uid=study_uid), enhanced]:
+        store.ingest.store_instance(source=path.read_bytes(), calling_aet="PACS")  # the last: a duplicate
+    with store.db.session() as s:
+        rows = list(s.exec(select(Series)).all())
+        assert sorted((r.instance_count, r.frame_count) for r in rows) == [(1, 8), (3, 3)]
+        for row in rows:
+            row.role = "FLAIR"
+        assert choose_series(rows)["FLAIR"].frame_count == 8

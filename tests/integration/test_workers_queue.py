@@ -166,6 +166,7 @@ def test_study_sent_twice_runs_once(rig_factory: Callable[..., Rig]) -> None:
         assert len(events) == 2  # the FLAIR series and the EHR snapshot
         assert audit.verify(session).ok
     assert "handoff_at" in job.flags and len(job.flags["flair_instances"]) == 8
+    assert job.flags["flair_frames"] == [None] * 8  # single-frame slices
     assert rig.publish_depth() == 1  # handed to msgate.publish (the results side consumes it)
 
 

@@ -245,3 +245,43 @@ def test_a_correction_is_recognised_at_an_hl7_only_site(tmp_path: Path) -> None:
         assert "|Correction: replaces" in oru
     finally:
         store.close()
+
+
+def test_publish_renders_on_the_frames_the_worker_recorded(rstore: Store) -> None:
+    """The worker assembled the FLAIR from one Enhanced MR instance (its flags name the instance and the
+    frame of each slice): the SEG references that instance frame by frame, not the study's other FLAIR."""
+    import highdicom as hd
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    from msgate.results.seg import frame_map
+    from msgate.storage.models import Instance
+    from msgate.workers import volume
+
+    study_uid = "1.2.826.0.1.3680043.8.498.7"
+    slices = flair_series(n=12, rows=40, cols=48, seed=8, study_uid=study_uid)
+    mf = LegacyConvertedEnhancedMRImage(legacy_datasets=slices, series_instance_uid=hd.UID(), series_number=9,
+                                        sop_instance_uid=hd.UID(), instance_number=1)
+    for ds in [mf, *flair_series(n=12, rows=40, cols=48, seed=9, study_uid=study_uid)]:
+        rstore.ingest.store_instance(source=encode(ds))
+    stored = dcmread(io.BytesIO(encode(mf)))
+    frames = volume.assemble([stored], "FLAIR").frames
+    with rstore.db.session() as session:
+        instance = session.exec(select(Instance).where(Instance.sop_class_uid == str(mf.SOPClassUID))).one()
+        study_id = instance.study_id
+        for series in session.exec(select(Series)).all():
+            series.role = "FLAIR"
+            session.add(series)
+        job = Job(study_id=study_id, idem_key="mf", state="done",
+                  flags={"flair_instances": [instance.id] * 12, "flair_frames": list(frames)})
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    store_result(rstore, job_id=job_id, result=model_result((12, 40, 48)))
+    assert publish_job(rstore, job_id) == "queued"
+    with rstore.db.session() as session:
+        blob_id = session.exec(select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                               .where(OutboxEntry.job_id == job_id, Blob.kind == "out.seg")).first()
+        seg = dcmread(io.BytesIO(rstore.blobs.read(session, blob_id)))
+    refs = {(uid, number) for _, uid, number in frame_map(seg)}
+    assert refs and {uid for uid, _ in refs} == {str(mf.SOPInstanceUID)}
+    assert all(number is not None and 1 <= number <= 12 for _, number in refs)

@@ -175,7 +175,7 @@ def test_seg_geometry_round_trip(rendered: dict[str, list[Dataset]], sources: li
     nonempty = sum(int(masks[key].any(axis=(1, 2)).sum()) for key in keys.values())
     assert seg.NumberOfFrames == len(frames) == nonempty  # empty frames omitted
     pixels = seg.pixel_array.reshape(seg.NumberOfFrames, seg.Rows, seg.Columns)
-    for (number, sop_uid), n in frames.items():
+    for (number, sop_uid, _frame), n in frames.items():
         k = k_of[sop_uid]
         frame = seg.PerFrameFunctionalGroupsSequence[n - 1]
         ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]

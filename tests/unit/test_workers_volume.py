@@ -85,10 +85,11 @@ def test_rle_compressed_pixels_decode() -> None:
     assert float(vol.data[2, 0, 0]) == 39.0
 
 
-def test_enhanced_multiframe() -> None:
+def _enhanced(values: list[int], positions: list[float]) -> Dataset:
+    """An Enhanced MR-like instance: one frame per value, geometry only in the functional groups."""
     ds = _slice(0.0)
-    frames = np.stack([np.full((8, 8), 10 * f, np.uint16) for f in (2, 0, 1)])
-    ds.NumberOfFrames = 3
+    frames = np.stack([np.full((8, 8), v, np.uint16) for v in values])
+    ds.NumberOfFrames = len(values)
     ds.PixelData = frames.tobytes()
     del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept
     shared = Dataset()
@@ -98,7 +99,7 @@ def test_enhanced_multiframe() -> None:
     shared.PixelMeasuresSequence[0].PixelSpacing = [1.0, 1.0]
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per = []
-    for z in (2.0, 0.0, 1.0):
+    for z in positions:
         item = Dataset()
         item.PlanePositionSequence = Sequence([Dataset()])
         item.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, z]
@@ -106,8 +107,32 @@ def test_enhanced_multiframe() -> None:
     ds.PerFrameFunctionalGroupsSequence = Sequence(per)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=False)
-    vol = assemble([dcmread(io.BytesIO(buf.getvalue()), force=True)], "FLAIR").volume
-    assert [float(vol.data[k, 0, 0]) for k in range(3)] == [0.0, 10.0, 20.0]
+    return dcmread(io.BytesIO(buf.getvalue()), force=True)
+
+
+def test_enhanced_multiframe() -> None:
+    assembly = assemble([_enhanced([20, 0, 10], [2.0, 0.0, 1.0])], "FLAIR")
+    assert [float(assembly.volume.data[k, 0, 0]) for k in range(3)] == [0.0, 10.0, 20.0]
+    assert assembly.sources == (0, 0, 0) and assembly.frames == (1, 2, 0)  # slice k -> its frame
+
+
+def test_enhanced_instances_of_one_frame_each() -> None:
+    """Some exports send a 2D series as one-frame Enhanced MR instances: no top-level geometry."""
+    series = [_enhanced([10 * z], [float(z)]) for z in (2, 0, 1)]
+    assembly = assemble(series, "FLAIR")
+    assert [float(assembly.volume.data[k, 0, 0]) for k in range(3)] == [0.0, 10.0, 20.0]
+    assert assembly.sources == (1, 2, 0) and assembly.frames == (0, 0, 0)
+
+
+def test_monochrome1_is_inverted_so_lesions_stay_bright() -> None:
+    """MONOCHROME1 displays the minimum as white: the same image stored either way gives one volume."""
+    mono2 = [_slice(z, value=100 if z == 1.0 else 4000) for z in (0.0, 1.0, 2.0)]
+    mono1 = [_slice(z, value=4095 - (100 if z == 1.0 else 4000)) for z in (0.0, 1.0, 2.0)]
+    for ds in mono2 + mono1:
+        ds.BitsStored, ds.HighBit = 12, 11
+    for ds in mono1:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    np.testing.assert_array_equal(assemble(mono1, "FLAIR").volume.data, assemble(mono2, "FLAIR").volume.data)
 
 
 def test_truncated_pixel_data_names_the_series() -> None:

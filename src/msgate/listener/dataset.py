@@ -29,7 +29,8 @@ _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
 
 
 _WANTED = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID",
-           0x0020000E: "SeriesInstanceUID", 0x00080060: "Modality", 0x00200013: "InstanceNumber"}
+           0x0020000E: "SeriesInstanceUID", 0x00080060: "Modality", 0x00200013: "InstanceNumber",
+           0x00280008: "NumberOfFrames"}
 _UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 

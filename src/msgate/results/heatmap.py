@@ -18,23 +18,29 @@ from pydicom.dataset import Dataset
 from msgate.model.types import ModelResult
 from msgate.results import codes
 from msgate.results.identity import Identity, copy_patient_study
-from msgate.results.seg import check_grid
+from msgate.results.seg import check_grid, on_sources
+from msgate.results.sources import FlairSources, SourceSlice
 
 BANNER = "NOT FOR DIAGNOSIS - unverified AI output"
 MIN_COLUMNS = 512
 
 
-def build_pm(result: ModelResult, sources: Sequence[Dataset], ident: Identity, *, series_uid: str, sop_uid: str,
-             series_number: int = 9802) -> hd.pm.ParametricMap | None:
+def build_pm(result: ModelResult, sources: FlairSources | Sequence[Dataset], ident: Identity, *, series_uid: str,
+             sop_uid: str, series_number: int = 9802) -> hd.pm.ParametricMap | None:
+    """The map on the source planes (as the SEG: see :func:`msgate.results.seg.on_sources`), or None
+    without a heatmap or over several multi-frame sources."""
     if result.heatmap is None:
         return None
-    check_grid(result, sources)
+    placed = on_sources(check_grid(result, sources), np.clip(result.heatmap, 0.0, 1.0).astype(np.float32))
+    if placed is None:
+        return None
+    source_images, pixels = placed
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="GRADCAM", lut_explanation=codes.SALIENCY.meaning, unit=codes.UNIT_ONE,
         value_range=(0.0, 1.0), slope=1.0, intercept=0.0,
     )
     pm = hd.pm.ParametricMap(
-        source_images=list(sources), pixel_array=np.clip(result.heatmap, 0.0, 1.0).astype(np.float32),
+        source_images=source_images, pixel_array=pixels,
         series_instance_uid=series_uid, series_number=series_number, sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=ident.manufacturer, manufacturer_model_name=ident.model_name,
         software_versions=ident.software_versions, device_serial_number=ident.device_serial_number,
@@ -48,11 +54,16 @@ def build_pm(result: ModelResult, sources: Sequence[Dataset], ident: Identity, *
     return pm
 
 
-def key_slices(result: ModelResult, count: int) -> list[int]:
-    """The ``count`` slices with the most heatmap mass plus lesion voxels, in slice order."""
+def key_slices(result: ModelResult, count: int, among: Sequence[int] | None = None) -> list[int]:
+    """The ``count`` slices (of ``among``, default all) with the most heatmap mass plus lesion voxels,
+    in slice order."""
     score = (np.asarray(result.lesion_mask) > 0).sum(axis=(1, 2)).astype(float)
     if result.heatmap is not None:
         score = score + np.asarray(result.heatmap, dtype=float).sum(axis=(1, 2))
+    if among is not None:
+        allowed = np.zeros(score.shape, dtype=bool)
+        allowed[list(among)] = True
+        score[~allowed] = 0.0
     ranked = [int(k) for k in np.argsort(-score, kind="stable") if score[k] > 0][:count]
     return sorted(ranked)
 
@@ -110,24 +121,27 @@ def render_key_image(flair: np.ndarray, heat: np.ndarray | None, labels: np.ndar
     return np.asarray(image)
 
 
-def build_key_images(result: ModelResult, sources: Sequence[Dataset], ident: Identity, *, series_uid: str,
-                     sop_uids: Sequence[str], series_number: int = 9803) -> list[hd.sc.SCImage]:
-    check_grid(result, sources)
-    slices = key_slices(result, len(sop_uids))
+def build_key_images(result: ModelResult, sources: FlairSources | Sequence[Dataset], ident: Identity, *,
+                     series_uid: str, sop_uids: Sequence[str], series_number: int = 9803) -> list[hd.sc.SCImage]:
+    """Key images on the chosen slices that have a source image (an interpolated slice has none)."""
+    src = check_grid(result, sources)
     labels = np.asarray(result.lesion_mask)
+    picked = key_slices(result, len(sop_uids), among=src.present)
     rim_labels = [lesion.label for lesion in result.lesions if lesion.rim_positive]
     out = []
-    for n, (k, sop_uid) in enumerate(zip(slices, sop_uids, strict=False), start=1):
-        ref = sources[k]
+    for n, (k, sop_uid) in enumerate(zip(picked, sop_uids, strict=False), start=1):
+        plane = src.slices[k]
+        assert plane is not None
+        ref = plane.dataset
         scale = max(1, -(-MIN_COLUMNS // int(ref.Columns)))
         heat = None if result.heatmap is None else np.asarray(result.heatmap[k])
-        pixels = render_key_image(ref.pixel_array, heat, labels[k], rim_labels, scale)
-        spacing = [float(v) / scale for v in ref.PixelSpacing]
+        pixels = render_key_image(plane.pixels(), heat, labels[k], rim_labels, scale)
+        spacing = [float(v) / scale for v in plane.spacing]
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref, pixel_array=pixels, photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8, coordinate_system=hd.CoordinateSystemNames.PATIENT, series_instance_uid=series_uid,
             series_number=series_number, sop_instance_uid=sop_uid, instance_number=n, manufacturer=ident.manufacturer,
-            pixel_spacing=(spacing[0], spacing[1]), patient_orientation=_orientation(ref),
+            pixel_spacing=(spacing[0], spacing[1]), patient_orientation=_orientation(plane),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
         copy_patient_study(sc, ref)
@@ -136,20 +150,14 @@ def build_key_images(result: ModelResult, sources: Sequence[Dataset], ident: Ide
         sc.Laterality = None  # Type 2C, present and empty (unpaired structure)
         sc.ImageComments = BANNER
         sc.DerivationDescription = f"FLAIR with {codes.SALIENCY.meaning} and lesion outlines, {ident.model_name} {ident.model_version}"
-        sc.SourceImageSequence = [_ref(ref)]
+        sc.SourceImageSequence = [plane.reference()]
         out.append(sc)
     return out
 
 
-def _ref(ds: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    return item
-
-
-def _orientation(ds: Dataset) -> tuple[str, str]:
+def _orientation(plane: SourceSlice) -> tuple[str, str]:
     """Patient Orientation (row direction, column direction) from the image orientation, main axis only."""
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    iop = np.asarray(plane.orientation, dtype=float)
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
 
     def one(v: np.ndarray) -> str:

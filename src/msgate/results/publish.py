@@ -29,7 +29,7 @@ from msgate.results import seg as seg_mod
 from msgate.results import sr as sr_mod
 from msgate.results.identity import Identity
 from msgate.results.outbox import Rendered, enqueue
-from msgate.results.sources import load_flair
+from msgate.results.sources import FlairSources, load_sources
 from msgate.storage import audit
 from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study
 from msgate.storage.store import Store
@@ -65,10 +65,12 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def render(result: ModelResult, sources: list[Dataset], *, options: RenderOptions = RenderOptions(),
+def render(result: ModelResult, sources: FlairSources | list[Dataset], *, options: RenderOptions = RenderOptions(),
            previous: list[Dataset] | None = None) -> tuple[list[Rendered], str]:
-    """The DICOM objects of one result (SEG first); returns them and the SR SOP Instance UID."""
-    for source in sources:
+    """The DICOM objects of one result (SEG first) on its source planes (a list: sorted single-frame
+    images, one per slice); returns them and the SR SOP Instance UID."""
+    sources = FlairSources.of(sources)
+    for source in sources.datasets:
         _default_repertoire_named(source)
     ident = Identity.of(result)
     seg = seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
@@ -154,7 +156,7 @@ def publish_job(store: Store, job_id: str) -> str:
     result = read_result(store, job_id)
     if result is None:
         raise Rejected("the job has no stored result", code="no_result")
-    sources = load_flair(store, study_id=job.study_id)
+    sources = load_sources(store, job)
     previous = previous_sr(store, job)
     objects, sr_uid = render(result, sources, options=RenderOptions.from_settings(store.settings),
                              previous=[previous] if previous is not None else None)
@@ -165,8 +167,8 @@ def publish_job(store: Store, job_id: str) -> str:
         published = bool(earlier) and session.exec(select(OutboxEntry.id).where(
             col(OutboxEntry.job_id).in_(earlier))).first() is not None  # by any destination (HL7-only sites)
         if store.settings.hl7_out is not None:
-            numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources[0])
-            oru = hl7_out.render_oru(result, source=sources[0], numbers=numbers, sr_uid=sr_uid,
+            numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources.first)
+            oru = hl7_out.render_oru(result, source=sources.first, numbers=numbers, sr_uid=sr_uid,
                                      correction=published, settings=store.settings)
             objects.append(Rendered("out.oru", oru.encode("utf-8")))
         if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:

@@ -31,6 +31,7 @@ from msgate.results import codes
 from msgate.results.identity import Identity
 from msgate.results.notes import flag_notes
 from msgate.results.seg import SegResult
+from msgate.results.sources import FlairSources
 
 DISCLAIMER = "Unverified AI output, not for diagnosis. Results require review by a qualified clinician."
 PARTIAL_FLAGS = ("qsm_absent", "ehr_missing")
@@ -44,7 +45,8 @@ def _m(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, ident: 
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=ident.algorithm)
 
 
-def image_group(result: ModelResult, sources: Sequence[Dataset], ident: Identity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def image_group(result: ModelResult, sources: FlairSources | Sequence[Dataset],
+                ident: Identity) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     measurements = [_m(codes.EDSS_ESTIMATE, result.edss_estimate, codes.UNIT_SCORE, ident)]
     measurements += [_m(code, p, codes.UNIT_ONE, ident)
                      for code, p in zip(codes.EDSS_CLASS_PROBABILITY, result.edss_probabilities, strict=True)]
@@ -61,7 +63,8 @@ def image_group(result: ModelResult, sources: Sequence[Dataset], ident: Identity
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="MS AI image-level findings"),
         algorithm_id=ident.algorithm,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
+                       for ds in FlairSources.of(sources).datasets],
         measurements=measurements,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(codes.EDSS_CLASS, codes.EDSS_CLASS_VALUES[result.edss_class]),
@@ -98,7 +101,7 @@ def lesion_groups(result: ModelResult, seg: SegResult | None, series_uid: str,
     return groups
 
 
-def measurement_report(result: ModelResult, sources: Sequence[Dataset], seg: SegResult | None,
+def measurement_report(result: ModelResult, sources: FlairSources | Sequence[Dataset], seg: SegResult | None,
                        ident: Identity) -> hd.sr.MeasurementReport:
     observer = hd.sr.ObserverContext(
         observer_type=pcodes.DCM.Device,
@@ -107,7 +110,7 @@ def measurement_report(result: ModelResult, sources: Sequence[Dataset], seg: Seg
             model_name=f"{ident.model_name} {ident.model_version}"[:64], serial_number=ident.device_serial_number),
     )
     groups: list[object] = [image_group(result, sources, ident)]
-    groups += lesion_groups(result, seg, str(sources[0].SeriesInstanceUID), ident)
+    groups += lesion_groups(result, seg, str(FlairSources.of(sources).first.SeriesInstanceUID), ident)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_MRI_HEAD, imaging_measurements=groups,  # type: ignore[arg-type]
@@ -119,12 +122,13 @@ def measurement_report(result: ModelResult, sources: Sequence[Dataset], seg: Seg
     return report
 
 
-def build_sr(result: ModelResult, sources: Sequence[Dataset], seg: SegResult | None, ident: Identity, *,
+def build_sr(result: ModelResult, sources: FlairSources | Sequence[Dataset], seg: SegResult | None,
+             ident: Identity, *,
              series_uid: str, sop_uid: str, series_number: int = 9800,
              previous: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
     """The SR in the sources' study; ``previous``: SRs this one supersedes (at least their UIDs)."""
     report = measurement_report(result, sources, seg, ident)
-    evidence = [*sources, *([seg.dataset] if seg is not None else [])]
+    evidence = [*FlairSources.of(sources).datasets, *([seg.dataset] if seg is not None else [])]
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=ident.manufacturer,

@@ -59,8 +59,17 @@ class PreparedInstance:
 @dataclass
 class _Counts:
     instances: int = 0
+    frames: int = 0
     last: Any = None
     modalities: set[str] = field(default_factory=set)
+
+
+def frames(header: HeaderLike) -> int:
+    """Image frames in one instance: NumberOfFrames (IS), 1 when absent or unreadable."""
+    try:
+        return max(1, int(float(header.get("NumberOfFrames") or 1)))
+    except ValueError:
+        return 1
 
 
 def text(ds: Dataset, keyword: str) -> str:
@@ -127,7 +136,7 @@ class BatchIndexer:
                 self.session.execute(update(Instance).where(col(Instance.id) == seen[0]).values(current=False))
                 version = seen[2] + 1
             self._count(self.study_counts, study_id, now, item.header.get("Modality"), seen is None)
-            self._count(self.series_counts, series_id, now, "", seen is None)
+            self._count(self.series_counts, series_id, now, "", seen is None, frames(item.header))
             current[item.sop_index] = (-1, item.digest, version, study_id, series_id)
             plans.append((item, study_id, series_id, version, new_study, new_series))
         stored = self._insert([p for p in plans if not isinstance(p, StoredInstance)], now)
@@ -181,9 +190,10 @@ class BatchIndexer:
         return iter([StoredInstance(int(i), p[1], p[2], False, p[3], p[5], p[4]) for i, p in zip(ids, plans, strict=True)])
 
     @staticmethod
-    def _count(table: dict[int, _Counts], key: int, now: Any, modality: str, new: bool) -> None:
+    def _count(table: dict[int, _Counts], key: int, now: Any, modality: str, new: bool, frames: int = 1) -> None:
         counts = table.setdefault(key, _Counts())
         counts.instances += 1 if new else 0
+        counts.frames += frames if new else 0
         counts.last = now
         if modality:
             counts.modalities.add(modality)
@@ -191,7 +201,8 @@ class BatchIndexer:
     def _update_counts(self) -> None:
         for series_id, counts in self.series_counts.items():
             self.session.execute(update(Series).where(col(Series.id) == series_id).values(
-                instance_count=col(Series.instance_count) + counts.instances, last_received_at=counts.last))
+                instance_count=col(Series.instance_count) + counts.instances,
+                frame_count=col(Series.frame_count) + counts.frames, last_received_at=counts.last))
         for study_id, counts in self.study_counts.items():
             study = self.session.get(Study, study_id)
             assert study is not None

@@ -172,6 +172,7 @@ class Series(SQLModel, table=True):
     body_part: str = Field(default="", max_length=64)
     role: str | None = Field(default=None, max_length=16)
     instance_count: int = 0
+    frame_count: int = 0  # image frames over the series' instances (NumberOfFrames, 1 for single-frame)
     first_received_at: datetime = _created()
     last_received_at: datetime | None = _ts()
 

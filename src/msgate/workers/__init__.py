@@ -19,6 +19,8 @@ Modules, in data-flow order:
 Job states: ``queued -> running -> done | failed``, plus ``superseded`` and ``cancelled``.
 ``Job.stages`` holds timings in ms (queue_wait, load, decode, transforms, inference, store,
 ready_to_result) and the batch size; ``Job.error`` a readable reason; ``Job.flags`` the series used
-(role -> series id), the EHR gaps, ``flair_instances`` (instance id per FLAIR slice ``k``; interpolated
-slices are absent) and ``handoff_at``.
+(role -> series id), the EHR gaps, ``flair_instances`` (instance id per FLAIR slice ``k``; None where
+the slice was interpolated), ``flair_frames`` (per slice ``k``, the 0-based frame of a multi-frame
+instance, else None; the results side renders the SEG, map and key images on exactly these source
+frames) and ``handoff_at``.
 """

@@ -38,6 +38,7 @@ class Loaded:
     flags: list[str] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
     flair_instances: list[int | None] = field(default_factory=list)
+    flair_frames: list[int | None] = field(default_factory=list)  # per slice k: 0-based frame of a multi-frame
 
 
 def _ms(start: float) -> float:
@@ -110,6 +111,7 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
     volumes: dict[str, Volume] = {}
     flags: list[str] = []
     flair_instances: list[int | None] = []
+    flair_frames: list[int | None] = []
     t0 = time.perf_counter()
     wanted = {role: series[role] for role in ROLES if role in series}
     instances, link = _instances(store, wanted, study_id, with_ehr)
@@ -132,12 +134,13 @@ def load(store: Store, *, job_id: str, study_id: int, series: dict[str, int], ac
         flags.extend(f"{role.lower()}_{flag}" for flag in assembly.flags)
         if role == "FLAIR":
             flair_instances = [None if src is None else raw[src][0] for src in assembly.sources]
+            flair_frames = list(assembly.frames)
         del raw, datasets
     t0 = time.perf_counter()
     ehr = _ehr(store, study_id, link) if link is not None else None
     stages["load_ms"] += _ms(t0)
     case = Case(case_id=job_id, volumes=volumes, ehr=ehr)
-    return Loaded(case, flags, {k: round(v, 1) for k, v in stages.items()}, flair_instances)
+    return Loaded(case, flags, {k: round(v, 1) for k, v in stages.items()}, flair_instances, flair_frames)
 
 
 def _ehr(store: Store, study_id: int, link: ehr_mod.EhrLink) -> EhrVector:
@@ -150,9 +153,10 @@ def _ehr(store: Store, study_id: int, link: ehr_mod.EhrLink) -> EhrVector:
 
 
 def choose_series(rows: list[Series]) -> dict[str, Series]:
-    """Per role, the series with the most instances (then the lowest id), as the results side does."""
+    """Per role, the series with the most image frames (a 3D FLAIR sent as one multi-frame instance has
+    as many as its slices), then the most instances, then the lowest id."""
     chosen: dict[str, Series] = {}
-    for row in sorted(rows, key=lambda s: (-s.instance_count, s.id or 0)):
+    for row in sorted(rows, key=lambda s: (-s.frame_count, -s.instance_count, s.id or 0)):
         if row.role in ROLES and row.role not in chosen:
             chosen[row.role] = row
     return chosen

@@ -34,6 +34,7 @@ class Item:
     flags: list[str] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)
     flair_instances: list[int | None] = field(default_factory=list)
+    flair_frames: list[int | None] = field(default_factory=list)
     result: ModelResult | None = None
 
 
@@ -113,6 +114,7 @@ def _load_all(rt: Runtime, items: list[Item]) -> None:
                                    series={k: int(v) for k, v in flags.get("series", {}).items()}, actor=rt.owner,
                                    with_ehr=with_ehr)
             item.case, item.flags, item.flair_instances = loaded.case, loaded.flags, loaded.flair_instances
+            item.flair_frames = loaded.flair_frames
             item.stages.update(loaded.stages)
             t0 = time.perf_counter()
             if pre is not None:
@@ -168,7 +170,8 @@ def _store_and_finish(rt: Runtime, items: list[Item], handoff: Handoff) -> None:
         ready_at = item.claim.flags.get("ready_ts")
         if ready_at:
             item.stages["ready_to_result_ms"] = round((time.time() - float(ready_at)) * 1000, 1)
-        extra = {"model_version": result.model_version, "flair_instances": item.flair_instances}
+        extra = {"model_version": result.model_version, "flair_instances": item.flair_instances,
+                 "flair_frames": item.flair_frames}
         if jobs.finish(rt.store.db, job_id, owner=rt.owner, state="done", stages=item.stages, flags=extra):
             _handoff(rt, job_id, handoff)
         log.info("job done", extra={"job_id": job_id, "batch": item.stages.get("batch"),

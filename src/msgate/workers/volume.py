@@ -41,6 +41,7 @@ class Plane:
     pixels: np.ndarray
     order: tuple[int, int]  # (instance number, frame) for "latest wins" on duplicates
     source: int = 0  # index of the dataset it came from
+    frame: int | None = None  # its 0-based frame in a multi-frame dataset (None: a single-frame dataset)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Assembly:
     volume: Volume
     flags: tuple[str, ...] = field(default_factory=tuple)
     sources: tuple[int | None, ...] = ()  # per slice k: the dataset index, None where interpolated
+    frames: tuple[int | None, ...] = ()  # per slice k: the 0-based frame of a multi-frame dataset, else None
 
 
 def _floats(value: Any, n: int, what: str) -> np.ndarray:
@@ -83,7 +85,18 @@ def _pixels(ds: Dataset, what: str) -> np.ndarray:
                        code="undecodable_pixels") from None
     if int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:
         raise Rejected(f"{what}: colour images are not MR magnitude data", code="bad_pixels")
-    return np.asarray(arr)
+    return monochrome2(ds, np.asarray(arr))
+
+
+def monochrome2(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """Stored values as MONOCHROME2 (higher = brighter). MONOCHROME1 (PS3.3 C.7.6.3.1.2: the minimum is
+    displayed white) is inverted over the stored range, so a FLAIR lesion stays hyperintense."""
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip() != "MONOCHROME1":
+        return stored
+    bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 16) or 16)
+    if int(getattr(ds, "PixelRepresentation", 0) or 0):
+        return (-1 - stored.astype(np.int64)).astype(np.float32)  # signed: [-2^(b-1), 2^(b-1)-1] onto itself
+    return ((1 << bits) - 1 - stored.astype(np.int64)).astype(np.float32)
 
 
 def _single_planes(ds: Dataset, what: str) -> list[Plane]:
@@ -99,7 +112,7 @@ def _single_planes(ds: Dataset, what: str) -> list[Plane]:
                   (float(spacing[0]), float(spacing[1])), pixels, (int(getattr(ds, "InstanceNumber", 0) or 0), 0))]
 
 
-def _group_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
+def group_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
     """A functional group macro for ``frame``: per-frame first, then shared (PS3.3 C.7.6.16)."""
     for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
@@ -110,29 +123,35 @@ def _group_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
 
 def _multiframe_planes(ds: Dataset, what: str) -> list[Plane]:
     frames = _pixels(ds, what)
-    n = int(ds.NumberOfFrames)
+    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
     frames = frames.reshape((n, *frames.shape[-2:]))
     planes = []
     for f in range(n):
-        pos_g = _group_item(ds, f, "PlanePositionSequence")
-        ori_g = _group_item(ds, f, "PlaneOrientationSequence")
-        pix_g = _group_item(ds, f, "PixelMeasuresSequence")
+        pos_g = group_item(ds, f, "PlanePositionSequence")
+        ori_g = group_item(ds, f, "PlaneOrientationSequence")
+        pix_g = group_item(ds, f, "PixelMeasuresSequence")
         if pos_g is None or ori_g is None or pix_g is None:
             raise Rejected(f"{what} frame {f + 1} lacks plane position, orientation or pixel measures",
                            code="bad_geometry")
         pos = _floats(pos_g.PlanePositionSequence[0].ImagePositionPatient, 3, f"{what} position")
         ori = _floats(ori_g.PlaneOrientationSequence[0].ImageOrientationPatient, 6, f"{what} orientation")
         sp = _floats(pix_g.PixelMeasuresSequence[0].PixelSpacing, 2, f"{what} PixelSpacing")
-        rescale_g = _group_item(ds, f, "PixelValueTransformationSequence")
+        rescale_g = group_item(ds, f, "PixelValueTransformationSequence")
         planes.append(Plane(pos, ori, (float(sp[0]), float(sp[1])), _rescale(ds, frames[f], rescale_g),
-                            (int(getattr(ds, "InstanceNumber", 0) or 0), f)))
+                            (int(getattr(ds, "InstanceNumber", 0) or 0), f), frame=f))
     return planes
+
+
+def is_functional(ds: Dataset) -> bool:
+    """Geometry in functional groups (Enhanced / Legacy Converted MR, PS3.3 C.7.6.16), whatever the
+    frame count: a one-frame enhanced instance has no top-level Image Position either."""
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 
 
 def planes_of(datasets: list[Dataset], role: str) -> list[Plane]:
     planes: list[Plane] = []
     for i, ds in enumerate(datasets):
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 or is_functional(ds):
             found = _multiframe_planes(ds, f"series {role} multi-frame instance {i + 1}")
         else:
             found = _single_planes(ds, f"series {role} instance {i + 1}")
@@ -167,7 +186,7 @@ def assemble(datasets: list[Dataset], role: Role) -> Assembly:
     if len(planes) < MIN_SLICES:
         raise Rejected(f"series {role} has {len(planes)} usable slice(s); at least {MIN_SLICES} are needed",
                        code="too_few_slices")
-    data, step, sources = _stack(planes, normal, flags, role)
+    data, step, sources, frames = _stack(planes, normal, flags, role)
     affine = np.eye(4)
     affine[:3, 0] = row_dir * planes[0].spacing[1]
     affine[:3, 1] = col_dir * planes[0].spacing[0]
@@ -176,7 +195,7 @@ def assemble(datasets: list[Dataset], role: Role) -> Assembly:
     tilt = np.degrees(np.arccos(np.clip(abs(step @ normal) / np.linalg.norm(step), -1.0, 1.0)))
     if tilt > TILT_TOLERANCE_DEG:
         flags.append("gantry_tilt")
-    return Assembly(Volume(data=data, affine_lps=affine, role=role), tuple(flags), sources)
+    return Assembly(Volume(data=data, affine_lps=affine, role=role), tuple(flags), sources, frames)
 
 
 def _dedupe(planes: list[Plane], normal: np.ndarray, flags: list[str]) -> list[Plane]:
@@ -194,7 +213,7 @@ def _dedupe(planes: list[Plane], normal: np.ndarray, flags: list[str]) -> list[P
 
 
 def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str],
-           role: str) -> tuple[np.ndarray, np.ndarray, tuple[int | None, ...]]:
+           role: str) -> tuple[np.ndarray, np.ndarray, tuple[int | None, ...], tuple[int | None, ...]]:
     """Stack along the normal; fill missing slices by linear interpolation (or reject too many gaps)."""
     dist = np.array([float(p.position @ normal) for p in planes])
     gaps = np.diff(dist)
@@ -209,10 +228,11 @@ def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str],
         raise Rejected(f"series {role}: {missing} of {total} slices are missing", code="missing_slices")
     out = np.empty((total, *planes[0].pixels.shape), dtype=np.float32)
     sources: list[int | None] = [None] * total
+    frames: list[int | None] = [None] * total
     k = 0
     for i, plane in enumerate(planes):
         out[k] = plane.pixels
-        sources[k] = plane.source
+        sources[k], frames[k] = plane.source, plane.frame
         if i < len(counts):
             for j in range(1, int(counts[i])):
                 w = j / counts[i]
@@ -221,4 +241,4 @@ def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str],
     if missing:
         flags.append("missing_slices")
     step = (planes[-1].position - planes[0].position) / (total - 1)
-    return out, step, tuple(sources)
+    return out, step, tuple(sources), tuple(frames)

@@ -109,6 +109,43 @@ def test_expired_lease_is_reclaimed_and_recorded_as_interrupted(rstore: Store) -
     assert _state(rstore, entry_id).state == "delivered"
 
 
+def test_an_entry_whose_sender_keeps_dying_is_dead_lettered_at_max_age(rstore: Store) -> None:
+    """A sender that crashes on one object never records an outcome: each lease expiry is an attempt,
+    and past max_age the entry is dead instead of re-leased forever."""
+    entry_id = _entries(rstore, _job(rstore))[0]
+    start = utcnow()
+    outbox.claim(rstore, POLICY, now=start)
+    outbox.claim(rstore, POLICY, now=start + timedelta(seconds=61))
+    assert _state(rstore, entry_id).attempts == 1
+    late = start + timedelta(seconds=POLICY.max_age + 200)
+    assert entry_id not in [c.id for c in outbox.claim(rstore, POLICY, now=late)]
+    entry = _state(rstore, entry_id)
+    assert (entry.state, entry.attempts) == ("dead", 2) and _outcomes(rstore, entry_id) == ["interrupted", "expired"]
+
+
+def test_an_unexpected_error_mid_batch_retries_the_unanswered_entries(rstore: Store,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug or an odd object raising inside a destination's delivery: entries already answered keep
+    their outcome, the one in flight (renewed) and the ones not reached go back to pending with backoff."""
+    ids = _entries(rstore, _job(rstore), n=6)
+    for_a = sorted(i for i in ids if _state(rstore, i).destination == "pacs-a")
+
+    def boom(store: Store, dest: object, items: list[outbox.Claimed], policy: outbox.Policy) -> None:
+        first = outbox.renew(store, items[0], policy)
+        assert first is not None
+        outbox.record(store, first, outbox.Attempt("delivered", "0x0000"), policy)
+        outbox.renew(store, items[1], policy)
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(outbox, "deliver_dicom", boom)
+    outbox.deliver(rstore, [c for c in outbox.claim(rstore, POLICY) if c.id in for_a], POLICY)
+    states = sorted((_state(rstore, i).state, _state(rstore, i).attempts) for i in for_a)
+    assert states == [("delivered", 1), ("pending", 1), ("pending", 1)]
+    pending = [i for i in for_a if _state(rstore, i).state == "pending"]
+    assert all(_outcomes(rstore, i) == ["retry"] and _state(rstore, i).last_error.endswith("(KeyError)")
+               for i in pending)
+
+
 def test_a_claim_that_lost_its_lease_neither_sends_nor_records(rstore: Store) -> None:
     """Sender A's lease on an entry still waiting in its batch runs out and sender B takes it: A must
     not send it (renew says no) nor record an outcome over B's claim. A holder's renewal keeps it."""

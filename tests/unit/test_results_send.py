@@ -37,3 +37,8 @@ def test_outcome_classes() -> None:
     assert not Outcome("1", 0xA700, "").delivered and not Outcome("1", 0xA700, "").permanent
     assert Outcome("1", 0xA900, "").permanent and Outcome("1", 0x0122, "").permanent
     assert not Outcome("1", 0xC000, "").permanent and not Outcome("1", None, "").delivered
+    # every warning stored the object (PS3.4 B.2.3, PS3.7 C.1): not sent again
+    for warning in (0x0001, 0x0107, 0x0116, 0xB000, 0xB001, 0xB006):
+        assert Outcome("1", warning, "").delivered, hex(warning)
+    assert Outcome("1", 0x0111, "").delivered  # duplicate SOP instance: an earlier attempt stored it
+    assert not Outcome("1", 0xC001, "").delivered and not Outcome("1", 0xA701, "").delivered

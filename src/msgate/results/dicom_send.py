@@ -9,8 +9,10 @@ knows when the reactor is really parked inside ``wait()``, and :meth:`Sender.sen
 every C-STORE, so no response can reach the reactor. A DIMSE timeout, an abort or a lost
 association is still reported (Transient) and the outbox retries with the same SOP Instance UID.
 
-Status classes (PS3.4 Annex B.2.3, PS3.7 C): success ``0x0000`` and warnings ``0xB000``/``0xB006``/
-``0xB007`` are delivered; ``0xA7xx`` (out of resources), ``0xCxxx`` (cannot understand) and every
+Status classes (PS3.4 Annex B.2.3, PS3.7 C): success ``0x0000`` and every warning (``0x0001``,
+``0x0107`` attribute list error, ``0x0116`` attribute value out of range, ``0xBxxx``: the object was
+stored) are delivered, and so is ``0x0111`` (duplicate SOP instance: msgate's objects have fresh UIDs,
+so the peer holds this object from an earlier attempt whose answer was lost); ``0xA7xx`` (out of resources), ``0xCxxx`` (cannot understand) and every
 transport failure are retried; ``0xA9xx`` (data set does not match SOP class), ``0x0122`` (SOP class
 not supported, also used when the peer refused the object's presentation context; Verification is
 always requested so the association survives that) and ``0x0124`` (not authorised) are permanent.
@@ -39,7 +41,8 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 VERIFICATION = "1.2.840.10008.1.1"
-WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+WARNINGS = frozenset({0x0001, 0x0107, 0x0116})  # plus the 0xBxxx range
+STORED = frozenset({0x0111})  # duplicate SOP instance: already there
 PERMANENT = frozenset({0x0122, 0x0124})
 PARK_TIMEOUT = 5.0
 
@@ -83,7 +86,10 @@ class Outcome:
 
     @property
     def delivered(self) -> bool:
-        return self.status is not None and (self.status == 0x0000 or self.status in WARNINGS)
+        if self.status is None:
+            return False
+        return self.status == 0x0000 or self.status in WARNINGS or self.status in STORED or (
+            self.status & 0xF000) == 0xB000
 
     @property
     def permanent(self) -> bool:

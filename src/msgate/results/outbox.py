@@ -145,6 +145,9 @@ def _holds(entry: OutboxEntry, claimed: Claimed) -> bool:
     return abs((entry.next_attempt_at - claimed.lease_until).total_seconds()) < 1e-3
 
 
+_renewed = threading.local()  # per delivering thread: entry id -> its claim as last renewed
+
+
 def renew(store: Store, claimed: Claimed, policy: Policy, *, now: datetime | None = None) -> Claimed | None:
     """Extend the lease of an entry about to be sent; None if the claim lost it (do not send)."""
     until = (now or utcnow()) + timedelta(seconds=policy.lease)
@@ -156,7 +159,11 @@ def renew(store: Store, claimed: Claimed, policy: Policy, *, now: datetime | Non
             return None
         entry.next_attempt_at = until
         session.add(entry)
-    return replace(claimed, lease_until=until)
+    out = replace(claimed, lease_until=until)
+    held = getattr(_renewed, "claims", None)
+    if held is not None:
+        held[claimed.id] = out
+    return out
 
 
 def claim(store: Store, policy: Policy, *, now: datetime | None = None, destination: str | None = None,
@@ -178,6 +185,12 @@ def claim(store: Store, policy: Policy, *, now: datetime | None = None, destinat
         until = now + timedelta(seconds=policy.lease)
         for entry, blob_kind in rows:
             if entry.state == "sending":
+                entry.attempts += 1  # an attempt that never reported (the sender died or hung)
+                if now - _window_start(session, entry) > timedelta(seconds=policy.max_age):
+                    entry.state, entry.last_error = "dead", "max age reached; the sender stopped mid-send"
+                    session.add(entry)
+                    _attempt(session, entry, Attempt("expired", "", entry.last_error))
+                    continue
                 _attempt(session, entry, Attempt("interrupted", "", "lease expired: the sender stopped mid-send"))
             entry.state, entry.next_attempt_at = "sending", until
             session.add(entry)
@@ -333,6 +346,7 @@ def deliver(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
     pacs = {d.name: d for d in store.settings.pacs}
 
     def one(dest_name: str, batch: list[Claimed]) -> None:
+        _renewed.claims = {}
         try:
             if dest_name == HL7_DESTINATION:
                 deliver_hl7(store, batch, policy)
@@ -341,8 +355,13 @@ def deliver(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
             else:
                 for item in batch:
                     record(store, item, Attempt("retry", "", "destination not configured"), policy)
-        except Exception:
+        except Exception as exc:  # a bug or an odd object: the batch's unanswered entries retry with backoff
             log.exception("outbox delivery failed", extra={"destination": dest_name})
+            failed = Attempt("retry", type(exc).__name__[:64], f"unexpected error while sending ({type(exc).__name__})")
+            for item in batch:  # entries that already have an outcome are no longer held: record() skips them
+                record(store, _renewed.claims.get(item.id, item), failed, policy)
+        finally:
+            _renewed.claims = None
 
     if len(groups) == 1:
         one(*next(iter(groups.items())))

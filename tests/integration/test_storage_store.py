@@ -187,15 +187,22 @@ def test_rotation_rewraps_and_old_key_can_be_retired(settings, store: Store) -> 
         assert audit.verify(s).ok
 
 
+def _delivered(store: Store, study_id: int, when: object, state: str = "ready") -> None:
+    """Mark a study delivered at ``when``, its instances received the day before."""
+    with store.db.session() as s:
+        study = s.get(Study, study_id)
+        assert study is not None
+        study.delivered_at, study.state = when, state
+        s.add(study)
+        for inst in s.exec(select(Instance).where(Instance.study_id == study_id)).all():
+            inst.received_at = when - timedelta(days=1)  # type: ignore[operator]
+            s.add(inst)
+
+
 def test_retention_purges_bodies_keeps_rows(store: Store) -> None:
     stored = store.ingest.store_instance(source=mr_slice())
     store.ingest.store_instance(source=mr_slice())  # another study, not delivered
-    with store.db.session() as s:
-        study = s.get(Study, stored.study_id)
-        assert study is not None
-        study.delivered_at = utcnow() - timedelta(days=store.settings.storage.retention_days + 1)
-        study.state = "ready"
-        s.add(study)
+    _delivered(store, stored.study_id, utcnow() - timedelta(days=store.settings.storage.retention_days + 1))
     dry = retention.purge(store, dry_run=True)
     assert dry.studies == [stored.study_id] and dry.blobs == 1
     report = retention.purge(store)
@@ -218,11 +225,7 @@ def test_retention_keeps_a_study_with_a_run_after_its_delivery(store: Store) -> 
 
     stored = store.ingest.store_instance(source=mr_slice())
     old = utcnow() - timedelta(days=store.settings.storage.retention_days + 1)
-    with store.db.session() as s:
-        study = s.get(Study, stored.study_id)
-        assert study is not None
-        study.delivered_at, study.state = old, "receiving"  # reopened by a new instance
-        s.add(study)
+    _delivered(store, stored.study_id, old, "receiving")  # reopened by a new instance
     assert retention.purge(store, dry_run=True).studies == []
     with store.db.session() as s:
         study = s.get(Study, stored.study_id)
@@ -237,6 +240,31 @@ def test_retention_keeps_a_study_with_a_run_after_its_delivery(store: Store) -> 
         job.state = "failed"
         s.add(job)
     assert retention.purge(store, dry_run=True).studies == [stored.study_id]
+
+
+def test_retention_never_purges_an_instance_acknowledged_after_the_candidates_were_listed(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listener commits a new instance of a delivered study before it reopens the study: a purge
+    that listed the study just before must not delete that acknowledged instance's body."""
+    from pydicom.uid import generate_uid
+
+    study_uid = generate_uid()
+    first = store.ingest.store_instance(source=mr_slice(study_uid=study_uid))
+    _delivered(store, first.study_id, utcnow() - timedelta(days=store.settings.storage.retention_days + 1))
+    late: list[int] = []
+    purge_study = retention._purge_study
+
+    def racing(st: Store, study_id: int, dry_run: bool) -> int | None:
+        late.append(store.ingest.store_instance(source=mr_slice(study_uid=study_uid, index=1)).instance_id)
+        return purge_study(st, study_id, dry_run)
+
+    monkeypatch.setattr(retention, "_purge_study", racing)
+    assert retention.purge(store).studies == []  # no longer eligible once the instance is in
+    with store.db.session() as s:
+        for instance_id in (first.instance_id, *late):
+            inst = s.get(Instance, instance_id)
+            assert inst is not None and store.blobs.read(s, inst.blob_id)
+        assert s.get(Study, first.study_id).purged_at is None  # type: ignore[union-attr]
 
 
 def test_tampered_blob_file_is_detected(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import exists
+from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
 from msgate.storage import audit
@@ -37,18 +38,32 @@ class PurgeReport:
         return dict(vars(self))
 
 
+def _run_after() -> Any:
+    return exists().where(col(Job.study_id) == col(Study.id), col(Job.state).in_(("queued", "running", "done")),
+                          col(Job.created_at) > col(Study.delivered_at))
+
+
+def _arrived_after() -> Any:
+    """An instance acknowledged after the delivery: the study is being reopened (the listener commits the
+    instance before it reopens the study, so the state may still say finished)."""
+    late = aliased(Instance)
+    return exists().where(late.study_id == col(Study.id), late.received_at > col(Study.delivered_at))
+
+
+def _eligible() -> list[Any]:
+    return [col(Study.delivered_at).is_not(None), col(Study.purged_at).is_(None),
+            col(Study.state).in_(FINAL_STATES), ~_run_after(), ~_arrived_after()]
+
+
 def _candidates(store: Store) -> list[tuple[int, Any, int]]:
-    """Delivered, unpurged, finished studies without a run after that delivery, oldest delivery first,
-    with their stored bytes."""
-    run_after = exists().where(col(Job.study_id) == col(Study.id), col(Job.state).in_(("queued", "running", "done")),
-                               col(Job.created_at) > col(Study.delivered_at))
+    """Delivered, unpurged, finished studies without a run or an instance after that delivery, oldest
+    delivery first, with their stored bytes."""
     with store.db.session() as session:
         rows = session.exec(
             select(Study.id, Study.delivered_at, func.coalesce(func.sum(Blob.stored_size), 0))
             .join(Instance, col(Instance.study_id) == col(Study.id), isouter=True)
             .join(Blob, col(Blob.id) == col(Instance.blob_id), isouter=True)
-            .where(col(Study.delivered_at).is_not(None), col(Study.purged_at).is_(None),
-                   col(Study.state).in_(FINAL_STATES), ~run_after)
+            .where(*_eligible())
             .group_by(Study.id, Study.delivered_at).order_by(col(Study.delivered_at))
         ).all()
     return [(int(sid), delivered, int(size)) for sid, delivered, size in rows]  # type: ignore[arg-type]
@@ -61,31 +76,39 @@ def purge(store: Store, *, dry_run: bool = False) -> PurgeReport:
     space_path = store.settings.blob_dir if settings.blob_backend == "local" else store.settings.home
     free = free_bytes(space_path)
     for study_id, delivered, size in _candidates(store):
-        if delivered <= cutoff:
+        by_age = delivered <= cutoff
+        if not by_age and free >= settings.purge_free_bytes:
+            continue
+        purged = _purge_study(store, study_id, dry_run)
+        if purged is None:  # changed since the candidates were listed (new instances, a new run)
+            continue
+        if by_age:
             report.by_age += 1
-        elif free < settings.purge_free_bytes:
+        else:
             report.by_space += 1
             free += size
-        else:
-            continue
         report.studies.append(study_id)
         report.bytes += size
-        report.blobs += _purge_study(store, study_id, dry_run)
+        report.blobs += purged
     return report
 
 
-def _purge_study(store: Store, study_id: int, dry_run: bool) -> int:
+def _purge_study(store: Store, study_id: int, dry_run: bool) -> int | None:
+    """Purge one study's bodies; None when it is no longer eligible, re-checked under the study's row
+    lock, so an instance acknowledged since the candidates were listed is never purged."""
     with store.db.session() as session:
+        study = session.exec(select(Study).where(Study.id == study_id, *_eligible()).with_for_update()).first()
+        if study is None:
+            return None
         blobs = session.exec(
             select(Blob).join(Instance, col(Instance.blob_id) == col(Blob.id))
-            .where(Instance.study_id == study_id, col(Blob.purged_at).is_(None))
+            .where(Instance.study_id == study_id, col(Blob.purged_at).is_(None),
+                   col(Instance.received_at) <= study.delivered_at)
         ).all()
         if dry_run:
             return len(blobs)
         for blob in blobs:
             store.blobs.purge(session, blob)
-        study = session.get(Study, study_id)
-        assert study is not None
         study.purged_at = utcnow()
         session.add(study)
         audit.append(session, kind="retention.purge", actor="retention", subject=f"study:{study_id}",

@@ -167,3 +167,27 @@ def test_keys_role_makes_a_key_and_rotates_on_a_parameter_change(tmp_path: Path)
         assert keys.active_id() != first and first in keys.key_ids()
     finally:
         store.close()
+
+
+def test_kek_rotation_rewraps_the_ckks_secret_and_retire_sees_it(tmp_path: Path) -> None:
+    """`keys rotate` re-wraps the CKKS secret key file under the new KEK, and until then the old KEK
+    counts as in use (`keys retire` used to drop it, and the HE key was lost)."""
+    from msgate.config import load_settings
+    from msgate.storage import rotation
+    from msgate.storage.store import open_store
+
+    home = tmp_path / "home"
+    store = open_store(load_settings(home=home, storage={"min_free_bytes": 0, "purge_free_bytes": 0}))
+    try:
+        old = store.ring.active_id
+        key_id = HeKeys(home, store.ring).generate(he.HeParams())
+        with store.db.session() as session:
+            before = rotation.key_usage(session, home)
+        assert before.get(old, 0) >= 1 and HeKeys(home).kek_usage() == {old: 1}
+        store.ring = store.ring.with_new_kek()
+        report = rotation.rotate(store)
+        assert old not in report.remaining and HeKeys(home).kek_usage() == {store.ring.active_id: 1}
+        keys = HeKeys(home, store.ring.without(old))  # the old KEK retired
+        assert keys._secret(key_id).mac_key
+    finally:
+        store.close()

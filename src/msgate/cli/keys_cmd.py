@@ -58,7 +58,7 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     ring = keyring.load(st.settings.keyring_path)
     store = st.store()
     with store.db.session() as session:
-        usage = rotation.key_usage(session)
+        usage = rotation.key_usage(session, st.settings.home)
     now = datetime.now(UTC)
     rows = [{"id": k.id, "active": k.id == ring.active_id, "created": k.created.isoformat(),
              "age_days": round((now - k.created).total_seconds() / 86400, 1), "wraps": usage.get(k.id, 0)}
@@ -82,7 +82,7 @@ def retire(ctx: typer.Context, kek_id: str) -> None:
     ring = keyring.load(st.settings.keyring_path)
     store = st.store()
     with store.db.session() as session:
-        still = rotation.key_usage(session).get(kek_id, 0)
+        still = rotation.key_usage(session, st.settings.home).get(kek_id, 0)
     if still:
         raise ConfigError(f"key {kek_id} still wraps {still} data keys; run `msgate keys rotate --resume` first")
     segments = journal.key_usage(st.settings.home).get(kek_id, 0)

@@ -229,6 +229,36 @@ class HeKeys:
             return self.generate(params)
         return active
 
+    def kek_usage(self) -> dict[str, int]:
+        """How many CKKS secret key files each key-ring KEK wraps (``keys retire`` must not drop one)."""
+        usage: dict[str, int] = {}
+        for path in sorted(self.dir.glob("*.secret")) if self.dir.exists() else []:
+            kek_id = json.loads(path.read_bytes()).get("kek_id")
+            if kek_id:
+                usage[kek_id] = usage.get(kek_id, 0) + 1
+        return usage
+
+    def rewrap(self) -> int:
+        """Re-wrap every secret key file's data key under the ring's active KEK (``keys rotate``); the
+        secret itself is not re-encrypted. Returns how many files changed."""
+        from msgate.storage import crypto
+
+        if self.ring is None:
+            return 0
+        done = 0
+        for path in sorted(self.dir.glob("*.secret")) if self.dir.exists() else []:
+            doc = json.loads(path.read_bytes())
+            if not doc.get("kek_id") or doc["kek_id"] == self.ring.active_id:
+                continue
+            key_id = path.stem
+            dek = crypto.unwrap_key(self.ring, crypto.WrappedKey(doc["kek_id"], base64.b64decode(doc["wrapped_dek"])),
+                                    blob_id=key_id, kind=KIND)
+            wrapped = crypto.wrap_key(self.ring.active, dek, blob_id=key_id, kind=KIND)
+            doc["kek_id"], doc["wrapped_dek"] = wrapped.kek_id, _b64(wrapped.wrapped)
+            _write_private(path, json.dumps(doc).encode())
+            done += 1
+        return done
+
     def retire(self, key_id: str) -> None:
         if key_id == self.active_id():
             raise ConfigError("cannot retire the active CKKS key; rotate first")

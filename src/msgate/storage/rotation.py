@@ -1,4 +1,5 @@
-"""Key rotation: re-wrap every data key (blob keys and the PHI field key) under the active KEK.
+"""Key rotation: re-wrap every data key (blob keys, the PHI field key and the CKKS secret key files'
+keys) under the active KEK.
 
 Blob bodies and PHI columns are never re-encrypted: only wrapped keys change. Work is done in
 committed batches, so an interrupted rotation resumes where it stopped (``msgate keys rotate --resume``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlmodel import Session, func, select
 
@@ -26,11 +28,16 @@ class RotationReport:
     remaining: dict[str, int] = field(default_factory=dict)
 
 
-def key_usage(session: Session) -> dict[str, int]:
-    """How many data keys (blobs + field keys) each KEK wraps."""
+def key_usage(session: Session, home: Path | None = None) -> dict[str, int]:
+    """How many data keys (blobs + field keys, and with ``home`` the CKKS secret key files) each KEK wraps."""
     usage: dict[str, int] = {}
     for model in (Blob, DataKey):
         for kek_id, count in session.exec(select(model.kek_id, func.count()).group_by(model.kek_id)).all():
+            usage[kek_id] = usage.get(kek_id, 0) + count
+    if home is not None:
+        from msgate.model.he_keys import HeKeys
+
+        for kek_id, count in HeKeys(home).kek_usage().items():
             usage[kek_id] = usage.get(kek_id, 0) + count
     return usage
 
@@ -68,11 +75,14 @@ def rewrap_data_keys(store: Store) -> int:
 
 def rotate(store: Store, *, progress: Progress | None = None) -> RotationReport:
     """Re-wrap everything not yet under the active KEK (the new key must already be active)."""
+    from msgate.model.he_keys import HeKeys
+
     report = RotationReport()
-    report.rewrapped_keys = rewrap_data_keys(store)
+    report.rewrapped_keys = rewrap_data_keys(store) + HeKeys(store.settings.home, store.ring).rewrap()
     report.rewrapped_blobs = rewrap_blobs(store, progress=progress)
     with store.db.session() as session:
-        report.remaining = {k: v for k, v in key_usage(session).items() if k != store.ring.active_id}
+        report.remaining = {k: v for k, v in key_usage(session, store.settings.home).items()
+                            if k != store.ring.active_id}
         audit.append(session, kind="key.rotate", actor=audit.operator(), subject=f"kek:{store.ring.active_id}",
                      detail={"rewrapped_blobs": report.rewrapped_blobs, "rewrapped_keys": report.rewrapped_keys})
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hl7apy.core import Message
 from sqlmodel import select
@@ -72,6 +73,18 @@ def test_oru_versions_units_repeated_obx(store: Store, version: str) -> None:
     assert _obs(store, "101281-4") == [("12.0", False, "pg/mL", "nfl")]
     assert _obs(store, "MS-T25FW") == [("6.0", False, "s", "t25fw")]
     assert _obs(store, "X1")[0][0] == "a&b"
+
+
+def test_non_finite_numbers_never_feed_the_model(store: Store) -> None:
+    """Python's float() takes "NaN" and "inf": stored as present they failed the HE batch (TenSEAL
+    refuses non-finite values) and gave NaN logits in plaintext."""
+    from msgate.workers import ehr
+
+    _store_and_map(store, _oru("2.5.1", "N1", [("NM", "101281-4^NfL^LN", "NaN", "pg/mL", "F"),
+                                               ("NM", "14117-6^IgG index^LN", "inf", "", "F")]))
+    assert [o[3] for o in _obs(store, "101281-4") + _obs(store, "14117-6")] == [None, None]
+    vec = ehr.vector({"nfl": {"value": "nan"}, "igg_index": {"value": "0.7"}})
+    assert not vec.present[vec.names.index("nfl")] and np.isfinite(vec.values).all()
 
 
 def test_custom_encoding_characters(store: Store) -> None:

@@ -10,6 +10,8 @@ exactly the outcome of applying each message in turn (a message's rows do not se
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, insert, select, update
@@ -79,7 +81,10 @@ def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient
     feature = spec.name if spec is not None and value else None  # an empty value never feeds the model
     if spec is not None and spec.kind == "numeric" and value:
         try:
-            converted = convert(float(value), unit, spec.unit)
+            number = float(value)
+            if not math.isfinite(number):  # "NaN", "inf": float() takes them, the model cannot
+                raise ValueError(value)
+            converted = convert(number, unit, spec.unit)
         except ValueError:
             converted = None
             outcome.findings.append({"code": "value_not_numeric", "location": f"OBX^{n}^5", "severity": "W"})

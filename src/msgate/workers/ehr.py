@@ -121,5 +121,8 @@ def vector(snap: Mapping[str, Any]) -> EhrVector:
             vals[i] = float(value) if spec.kind == "numeric" else float(spec.categories.index(str(value)))
         except (TypeError, ValueError):
             continue
+        if not np.isfinite(vals[i]):  # a stored "nan"/"inf": missing, not a value
+            vals[i] = 0.0
+            continue
         present[i] = True
     return EhrVector(vals, present, tuple(f.name for f in FEATURES))

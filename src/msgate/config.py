@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +35,23 @@ from msgate.errors import ConfigError
 from msgate.listener.rules import ListenerRules
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "password", "secret", "example"})
+RESERVED_DESTINATIONS = frozenset({"hl7"})  # msgate.results.outbox.HL7_DESTINATION: the ORU lane
+
+
+def _check_ae_title(value: str) -> str:
+    """An AE title per PS3.5 §6.2 (VR AE): 1-16 ASCII characters, no backslash or control character,
+    not only spaces (PS3.8 §9.3.2: a called or calling AE title may not be all spaces)."""
+    if not value.strip():
+        raise ValueError("an AE title must not be empty or only spaces")
+    if len(value) > 16:
+        raise ValueError(f"AE title {value!r} is longer than 16 characters")
+    if not value.isascii() or "\\" in value or any(unicodedata.category(c)[0] == "C" for c in value):
+        raise ValueError(f"AE title {value!r} may contain only printable ASCII characters other than "
+                         "backslash")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
 class Section(BaseModel):
@@ -34,12 +61,31 @@ class Section(BaseModel):
 
 
 class TlsSettings(Section):
-    """Optional TLS for a listener. With ``ca_file`` set, client certificates are required."""
+    """Optional TLS for a listener. With ``ca_file`` set, client certificates are required.
+
+    ``enabled`` needs ``cert_file`` and ``key_file``; a file set while ``enabled`` is false is refused (it
+    would otherwise give a plaintext listener that looks configured for TLS). Each file must be readable.
+    """
 
     enabled: bool = False
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_file: Path | None = Field(None, validate_default=True)
+    key_file: Path | None = Field(None, validate_default=True)
     ca_file: Path | None = None
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _usable_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        enabled = info.data.get("enabled", False)
+        if value is None:
+            if enabled and info.field_name != "ca_file":
+                raise ValueError("is required when TLS is enabled")
+            return value
+        if not enabled:
+            raise ValueError("is set while TLS is off (enabled = false), which would leave the listener "
+                             "plaintext; set enabled = true or remove the file setting")
+        if not value.is_file() or not os.access(value, os.R_OK):
+            raise ValueError(f"not a readable file: {value}")
+        return value
 
 
 def _check_networks(values: list[str]) -> list[str]:
@@ -54,7 +100,7 @@ def _check_networks(values: list[str]) -> list[str]:
 class DicomSettings(Section):
     """The DICOM listener (C-ECHO, C-STORE SCP)."""
 
-    ae_title: str = Field("MSGATE", min_length=1, max_length=16)
+    ae_title: AeTitle = "MSGATE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)
     max_pdu: int = Field(262_144, ge=0, description="0 means unlimited")
@@ -62,7 +108,8 @@ class DicomSettings(Section):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     max_associations: int = Field(32, ge=1)
-    allowed_aets: list[str] = Field(default_factory=list, description="empty: any calling AE (warned at start)")
+    allowed_aets: list[AeTitle] = Field(default_factory=list,
+                                        description="empty: any calling AE (warned at start)")
     allowed_networks: list[str] = Field(default_factory=list, description="empty: any source address")
     quiet_seconds: float = Field(10.0, gt=0, description="a study with no new instance for this long is stable")
     index_backlog_mb: int = Field(256, ge=16, description="journaled bytes waiting for the indexer before "
@@ -90,10 +137,17 @@ class Hl7Settings(Section):
 class PacsDestination(Section):
     """A C-STORE destination for results (SR, SEG, parametric map, SC)."""
 
-    name: str = "pacs"
+    name: str = Field("pacs", min_length=1, max_length=64, description="the outbox's destination key; unique")
     host: str = "127.0.0.1"
     port: int = Field(104, ge=1, le=65535)
-    ae_title: str = Field("PACS", min_length=1, max_length=16)
+    ae_title: AeTitle = "PACS"
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.strip().lower() in RESERVED_DESTINATIONS:
+            raise ValueError(f"{value!r} is reserved for the HL7 results lane; choose another PACS name")
+        return value
 
 
 class Hl7Destination(Section):
@@ -109,6 +163,23 @@ class ResultsSettings(Section):
     """What the results publisher renders (msgate.results; docs/results.md)."""
 
     key_images: int = Field(3, ge=0, le=20, description="RGB Secondary Capture key images per result; 0 turns them off")
+    # The outbox's retry policy (msgate.results.outbox.Policy reads these by name). Times in seconds.
+    base_delay: float = Field(5.0, gt=0, description="first retry delay; doubles per attempt (equal jitter)")
+    max_delay: float = Field(3600.0, gt=0, description="cap on the retry delay")
+    max_age: float = Field(3 * 24 * 3600.0, gt=0, description="a failing entry is dead-lettered after this")
+    lease: float = Field(300.0, gt=0, description="how long a claimed entry stays with its sender")
+    batch: int = Field(50, ge=1, description="entries a lane sends per round (one association or connection)")
+    poll: float = Field(1.0, gt=0, description="how often an idle lane looks for due entries")
+    dimse_timeout: float = Field(60.0, gt=0, description="C-STORE answer timeout at a PACS")
+    hl7_timeout: float = Field(30.0, gt=0, description="ACK timeout at the interface engine")
+
+    @field_validator("max_delay")
+    @classmethod
+    def _cap_above_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("base_delay")
+        if base is not None and value < base:
+            raise ValueError("must not be shorter than base_delay")
+        return value
 
 
 class StorageSettings(Section):
@@ -212,6 +283,17 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     rules: ListenerRules = ListenerRules()  # series roles and routing, see msgate.listener.rules
     he: HeSettings = HeSettings()
+
+    @field_validator("pacs")
+    @classmethod
+    def _distinct_pacs_names(cls, value: list[PacsDestination]) -> list[PacsDestination]:
+        seen: set[str] = set()
+        for dest in value:
+            if dest.name in seen:
+                raise ValueError(f"two PACS destinations are named {dest.name!r} ('pacs' when name is not "
+                                 "set); give each [[pacs]] a distinct name")
+            seen.add(dest.name)
+        return value
 
     @field_validator("site_timezone")
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import logging
 import ssl
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from hl7_helpers import RawClient, make_store, running_server
 
 from msgate.hl7.client import MllpClient
+from msgate.hl7.server import Hl7Server
 
 pytestmark = pytest.mark.integration
 MSG = b"MSH|^~\\&|LAB|HOSP|||20250101||ADT^A01|T1|P|2.5.1\rPID|1||M1^^^HOSP^MR\r"
@@ -53,3 +56,28 @@ def test_source_outside_allowlist_is_closed_without_answer(tmp_path: Path) -> No
         with pytest.raises(ConnectionError):
             client.recv_frame()
     store.close()
+
+
+@pytest.mark.parametrize("networks,warned", [([], True), (["10.0.0.0/8"], False)])
+def test_open_listener_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture, networks: list[str],
+                                      warned: bool) -> None:
+    """docs/security.md: an open default logs a warning at start (the DICOM listener did, HL7 did not)."""
+    store = make_store(tmp_path / "home", allowed_networks=networks)
+    with caplog.at_level(logging.WARNING, logger="msgate.hl7.server"), running_server(store):
+        pass
+    store.close()
+    warnings = [r for r in caplog.records if r.name == "msgate.hl7.server" and r.levelno == logging.WARNING
+                and "open to any source" in r.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+    if warned:
+        assert "MSGATE_HL7__ALLOWED_NETWORKS" in warnings[0].getMessage()
+
+
+def test_ipv4_mapped_peer_matches_ipv4_networks() -> None:
+    """A dual-stack socket reports an IPv4 peer as ``::ffff:a.b.c.d``; it must match IPv4 networks."""
+    server = object.__new__(Hl7Server)  # the allowlist check alone, without a store or a socket
+    server.networks = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
+    assert server.allowed("127.0.0.1") and server.allowed("::ffff:127.0.0.1")
+    assert server.allowed("fd00::5")
+    assert not server.allowed("::ffff:10.0.0.1") and not server.allowed("10.0.0.1")
+    assert not server.allowed("::1") and not server.allowed("not-an-address")

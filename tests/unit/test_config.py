@@ -67,3 +67,111 @@ def test_job_lease_is_the_hard_limit_plus_the_margin(monkeypatch: pytest.MonkeyP
     assert wk.lease_seconds == 6.5
     monkeypatch.delenv("MSGATE_WORKERS__LEASE_MARGIN_SECONDS")
     assert load_settings().workers.lease_seconds == 900 + 30  # the defaults
+
+
+@pytest.mark.parametrize("overrides,name", [
+    ({"dicom": {"allowed_aets": ["CT_SCANNER_ROOM_12"]}}, "MSGATE_DICOM__ALLOWED_AETS"),  # 18 characters
+    ({"dicom": {"allowed_aets": ["MR1", "    "]}}, "MSGATE_DICOM__ALLOWED_AETS"),
+    ({"dicom": {"allowed_aets": ["MR\\1"]}}, "MSGATE_DICOM__ALLOWED_AETS"),
+    ({"dicom": {"ae_title": "   "}}, "MSGATE_DICOM__AE_TITLE"),
+    ({"dicom": {"ae_title": "MS\x07GATE"}}, "MSGATE_DICOM__AE_TITLE"),
+    ({"pacs": [{"name": "main", "ae_title": "ORTHANC\\PACS"}]}, "MSGATE_PACS__AE_TITLE"),
+    ({"pacs": [{"name": "main", "ae_title": "A_VERY_LONG_PACS_AET"}]}, "MSGATE_PACS__AE_TITLE"),
+    ({"pacs": [{"name": "main", "ae_title": "PACSÄ"}]}, "MSGATE_PACS__AE_TITLE"),
+])
+def test_invalid_ae_titles_are_refused_and_named(overrides: dict[str, object], name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(**overrides)
+    assert f"invalid setting {name}:" in str(err.value)
+
+
+def test_valid_ae_titles_pass() -> None:
+    s = load_settings(dicom={"ae_title": "MSGATE_MS_01", "allowed_aets": ["CT SCANNER 1", "X" * 16]},
+                      pacs=[{"name": "main", "ae_title": "ORTHANC"}])
+    assert s.dicom.allowed_aets == ["CT SCANNER 1", "X" * 16] and s.pacs[0].ae_title == "ORTHANC"
+
+
+@pytest.fixture()
+def tls_files(tmp_path: Path) -> dict[str, str]:
+    files = {}
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("-----BEGIN-----\n")
+        files[name] = str(path)
+    return files
+
+
+@pytest.mark.parametrize("section", ["dicom", "hl7"])
+def test_tls_settings_are_checked_at_load(section: str, tls_files: dict[str, str], tmp_path: Path) -> None:
+    prefix = f"MSGATE_{section.upper()}__TLS__"
+
+    def refused(**tls: object) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_settings(**{section: {"tls": tls}})
+        return str(err.value)
+
+    assert f"{prefix}CERT_FILE:" in refused(enabled=True)
+    assert f"{prefix}KEY_FILE:" in refused(enabled=True, cert_file=tls_files["cert_file"])
+    missing = refused(enabled=True, cert_file=str(tmp_path / "nope.pem"), key_file=tls_files["key_file"])
+    assert f"{prefix}CERT_FILE:" in missing and "readable file" in missing
+    assert f"{prefix}KEY_FILE:" in refused(enabled=True, cert_file=tls_files["cert_file"],
+                                           key_file=str(tmp_path))  # a folder
+    assert f"{prefix}CA_FILE:" in refused(enabled=True, cert_file=tls_files["cert_file"],
+                                          key_file=tls_files["key_file"], ca_file=str(tmp_path / "ca.pem"))
+    tls = getattr(load_settings(**{section: {"tls": {"enabled": True, **tls_files}}}), section).tls
+    assert tls.enabled and tls.ca_file is not None
+
+
+@pytest.mark.parametrize("section", ["dicom", "hl7"])
+@pytest.mark.parametrize("field", ["cert_file", "key_file", "ca_file"])
+def test_tls_files_without_tls_enabled_are_refused(section: str, field: str, tls_files: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files set but TLS off used to give a plaintext listener without a word."""
+    monkeypatch.setenv(f"MSGATE_{section.upper()}__TLS__{field.upper()}", tls_files[field])
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert f"invalid setting MSGATE_{section.upper()}__TLS__{field.upper()}:" in str(err.value)
+    assert "not enabled" in str(err.value) or "enabled = false" in str(err.value)
+
+
+def test_pacs_names_must_be_distinct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two unnamed [[pacs]] were both 'pacs': the outbox sent both entries to the second PACS."""
+    monkeypatch.setenv("MSGATE_PACS", '[{"host": "10.0.0.5", "ae_title": "PACSA"},'
+                                      ' {"host": "10.0.0.6", "ae_title": "PACSB"}]')
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "invalid setting MSGATE_PACS:" in str(err.value) and "distinct name" in str(err.value)
+    monkeypatch.setenv("MSGATE_PACS", '[{"name": "a", "ae_title": "PACSA"},'
+                                      ' {"name": "b", "ae_title": "PACSB"}]')
+    assert [d.name for d in load_settings().pacs] == ["a", "b"]
+
+
+def test_pacs_names_in_the_toml_file_must_be_distinct(tmp_path: Path) -> None:
+    cfg = tmp_path / "msgate.toml"
+    cfg.write_text('[[pacs]]\nhost = "10.0.0.5"\n[[pacs]]\nhost = "10.0.0.6"\n')
+    with pytest.raises(ConfigError, match=r"MSGATE_PACS:.*give each \[\[pacs\]\] a distinct name"):
+        load_settings(cfg)
+
+
+@pytest.mark.parametrize("name", ["hl7", "HL7", "x" * 65, ""])
+def test_reserved_or_overlong_pacs_name_is_refused(name: str) -> None:
+    """A PACS named 'hl7' was routed to the HL7 lane; the outbox keys destinations by 64 characters."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(pacs=[{"name": name}])
+    assert "invalid setting MSGATE_PACS__NAME:" in str(err.value)
+    assert load_settings(pacs=[{"name": "x" * 64}]).pacs[0].name == "x" * 64
+
+
+def test_outbox_policy_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from msgate.results.outbox import Policy
+
+    assert Policy.from_settings(load_settings()) == Policy()  # the same defaults
+    monkeypatch.setenv("MSGATE_RESULTS__MAX_AGE", "3600")
+    monkeypatch.setenv("MSGATE_RESULTS__DIMSE_TIMEOUT", "20")
+    policy = Policy.from_settings(load_settings(results={"lease": 120, "batch": 10}))
+    assert (policy.max_age, policy.dimse_timeout, policy.lease, policy.batch) == (3600, 20, 120, 10)
+    assert policy.base_delay == Policy().base_delay
+    with pytest.raises(ConfigError, match="MSGATE_RESULTS__MAX_DELAY"):
+        load_settings(results={"base_delay": 60, "max_delay": 30})
+    with pytest.raises(ConfigError, match="MSGATE_RESULTS__BATCH"):
+        load_settings(results={"batch": 0})

@@ -1,7 +1,8 @@
 """``msgate serve [--role ...]``: run one role, or every role in one process group (``all``).
 
 A role is a function ``run(store: Store, stop: threading.Event) -> None`` that blocks until ``stop``
-is set. Roles are imported lazily, so the light roles never import torch.
+is set. Roles are imported lazily, so the light roles never import torch. A role that raises stops the
+whole process group; after the clean shutdown ``serve`` exits with status 1, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def serve(
     if missing:
         raise ConfigError(f"role {', '.join(missing)} is not available in this build")
     stop = threading.Event()
+    crashed: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    threads = [threading.Thread(target=_guard, args=(name, fn, store, stop), name=f"role-{name}", daemon=True)
+    threads = [threading.Thread(target=_guard, args=(name, fn, store, stop, crashed), name=f"role-{name}",
+                                daemon=True)
                for name, fn in runners.items()]
     metrics_server = None
     if st.settings.metrics.enabled:
@@ -94,6 +97,9 @@ def serve(
         metrics_server.shutdown()
     store.close()
     log.info("msgate stopped", extra={"role": ",".join(roles)})
+    if crashed:
+        log.error("exiting with status 1: a role crashed", extra={"role": ",".join(crashed)})
+        raise typer.Exit(1)
 
 
 def _heartbeats(store: Any, roles: list[str], threads: list[threading.Thread], stop: threading.Event) -> None:
@@ -115,11 +121,13 @@ def _heartbeats(store: Any, roles: list[str], threads: list[threading.Thread], s
         log.warning("heartbeat cleanup failed", extra={"reason": "database"})
 
 
-def _guard(name: str, fn: Any, store: Any, stop: threading.Event) -> None:
-    """Run one role; a crash stops the whole process group so a supervisor restarts it."""
+def _guard(name: str, fn: Any, store: Any, stop: threading.Event, crashed: list[str]) -> None:
+    """Run one role; a crash is recorded in ``crashed`` and stops the whole process group (``serve``
+    then exits non-zero, so a supervisor restarts it)."""
     started = time.monotonic()
     try:
         fn(store, stop)
     except Exception:
         log.exception("role crashed", extra={"role": name, "elapsed_s": round(time.monotonic() - started, 1)})
+        crashed.append(name)
         stop.set()

@@ -169,6 +169,9 @@ class Hl7Server:
         self._server = await asyncio.start_server(accept, self.settings.host, self.settings.port, ssl=self._ssl(),
                                                   limit=1 << 20, backlog=256)
         self.port = self._server.sockets[0].getsockname()[1]
+        if not self.networks:
+            log.warning("HL7 listener is open to any source address; set MSGATE_HL7__ALLOWED_NETWORKS",
+                        extra={"role": "hl7", "port": self.port})
         log.info("hl7 listening", extra={"role": "hl7", "host": self.settings.host, "port": self.port,
                                          "count": recovered})
         return self.port
@@ -180,6 +183,8 @@ class Hl7Server:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 peer of a dual-stack ("::") listener: ::ffff:a.b.c.d
         return any(address in net for net in self.networks)
 
     async def stop(self) -> None:

@@ -87,6 +87,8 @@ class _AccessControlledHandler(RequestHandler):
         fastpath.arm(assoc, type(self).store, type(self).before_release)
         if self.networks:
             host = ipaddress.ip_address(self.client_address[0])
+            if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+                host = host.ipv4_mapped  # an IPv4 peer of a dual-stack ("::") listener: ::ffff:a.b.c.d
             if not any(host in net for net in self.networks):
                 _reject_at_negotiation(assoc)
         return assoc

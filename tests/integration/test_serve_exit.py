@@ -1,0 +1,41 @@
+"""``msgate serve`` exit status as a supervisor sees it: a crashed role is a failure (status 1), an invalid
+setting is refused before any role starts (status 2, naming the setting)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _serve(home: Path, role: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
+    full_env.update({"MSGATE_HOME": str(home), "MSGATE_STORAGE__MIN_FREE_BYTES": "0",
+                     "MSGATE_METRICS__ENABLED": "false", **env})
+    return subprocess.run([sys.executable, "-m", "msgate", "serve", "--role", role], capture_output=True,
+                          text=True, env=full_env, timeout=120)
+
+
+def test_a_crashed_role_exits_non_zero(tmp_path: Path) -> None:
+    """The DICOM role cannot bind its port (in use): it crashes, the process shuts down and exits 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = _serve(tmp_path / "home", "dicom", MSGATE_DICOM__PORT=str(taken.getsockname()[1]))
+    assert "role crashed" in result.stderr and "msgate stopped" in result.stderr
+    assert result.returncode == 1, result.stderr[-2000:]
+
+
+def test_bad_tls_path_is_refused_before_the_role_starts(tmp_path: Path) -> None:
+    result = _serve(tmp_path / "home", "dicom", MSGATE_DICOM__PORT="0", MSGATE_DICOM__TLS__ENABLED="true",
+                    MSGATE_DICOM__TLS__CERT_FILE=str(tmp_path / "server.pem"),
+                    MSGATE_DICOM__TLS__KEY_FILE=str(tmp_path / "server.key"))
+    assert result.returncode == 2
+    assert "MSGATE_DICOM__TLS__CERT_FILE" in result.stderr and "msgate started" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -87,6 +87,12 @@ def test_encrypt_jobs_reads_the_ehr_on_the_trusted_side(tmp_path: Path) -> None:
         double.make_study(store, seed=3)
         double.add_patient(store, mrn="MRN00003", nfl=12.0, sex="M")
         [job_id] = Scheduler(store, build_app(settings)).scan()
+        from msgate.storage.models import Job
+
+        with store.db.session() as session:  # a worker's claim: only a running job gets HE inputs
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.state, job.attempts = "running", 1
         keys = HeKeys(settings.home, store.ring)
         keys.generate(he.HeParams())
         spec = ModelSpec((0.0,) * N_COLUMNS, (1.0,) * N_COLUMNS, (32, 32, 32))
@@ -115,11 +121,28 @@ def test_encrypt_jobs_reads_the_ehr_on_the_trusted_side(tmp_path: Path) -> None:
         _, model = he.random_model(seed=4, members=3)
         worker = HeWorker.for_home(model, settings.home)
         z = np.abs(np.random.default_rng(4).normal(size=(3, 1, model.z_dim)))
-        out = client.finalize(worker.evaluate(pack, z))
+        result = worker.evaluate(pack, z)
+        out = client.finalize(result, t_edss=0.01)  # the key service applies its checkpoint's T, not 0.01
         from msgate.model.patient.calibration import softmax
 
         want = softmax(model.plain_logits(u, z)[:, :4])
         assert np.abs(np.asarray(out[0]["edss_probabilities"]) - want[0]).max() <= 1e-3
+        # no decryption oracle: one decryption per request, one encryption per job attempt, running jobs only
+        with pytest.raises(Rejected, match="already decrypted"):
+            client.finalize(result)
+        with pytest.raises(Rejected, match="already had its HE inputs"):
+            client.encrypt_jobs([job_id], model=spec.fingerprint)
+        with store.db.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.attempts = 2  # claimed again after a failed attempt
+        assert client.encrypt_jobs([job_id], model=spec.fingerprint)
+        with store.db.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.state = "done"
+        with pytest.raises(Rejected, match="not running"):
+            client.encrypt_jobs([job_id], model=spec.fingerprint)
         with pytest.raises(Rejected, match="no job"):
             client.encrypt_jobs(["no-such-job"], model=spec.fingerprint)
         with pytest.raises(Rejected, match="differs"):

@@ -34,6 +34,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 KIND = "he-ckks"
+MAX_OPENED = 1 << 20
+"""Request ids remembered as decrypted (a few tens of MB); far more than the requests in flight."""
 PROB_DECIMALS = 4
 """Decimals of the probabilities the key service hands back (see :meth:`HeKeys.finalize`)."""
 
@@ -171,6 +174,7 @@ class HeKeys:
         self.ring = ring
         self._secrets: dict[str, _Secret] = {}
         self._lock = threading.Lock()
+        self._opened: OrderedDict[str, None] = OrderedDict()  # request ids already decrypted (newest last)
 
     # -- keys -----------------------------------------------------------------------------------------
 
@@ -352,6 +356,12 @@ class HeKeys:
         from msgate.model.patient.calibration import sigmoid, softmax
 
         logits = self.open_result(res)
+        with self._lock:  # one answer per request: a worker cannot query the key service repeatedly
+            if res.request_id in self._opened:
+                raise TamperedData("this HE request was already decrypted once", code="he_replay")
+            self._opened[res.request_id] = None
+            while len(self._opened) > MAX_OPENED:
+                self._opened.popitem(last=False)
         probs = np.round(softmax(logits[:, :4], t_edss), PROB_DECIMALS)
         p_ms = np.round(sigmoid(logits[:, 5], t_ms), PROB_DECIMALS)
         edss = np.clip(np.round(logits[:, 4] * 2) / 2, 0.0, 9.5)

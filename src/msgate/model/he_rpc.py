@@ -92,6 +92,9 @@ def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> 
             return {"packs": [p.to_wire() for p in packs]}
         if req.get("op") == "finalize":
             res = EncryptedResult.from_wire(req["result"])
+            if jobs is not None:  # the key service's own checkpoint temperatures, not the worker's
+                spec = jobs.spec()
+                return {"outcomes": keys.finalize(res, t_edss=spec.t_edss, t_ms=spec.t_ms)}
             return {"outcomes": keys.finalize(res, t_edss=float(req.get("t_edss", 1.0)),
                                               t_ms=float(req.get("t_ms", 1.0)))}
         return {"error": f"unknown op {req.get('op')!r}", "code": "he_op"}

@@ -40,6 +40,8 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     widths: tuple[int, ...]
+    t_edss: float = 1.0  # the checkpoint's calibration temperatures: the key service applies its own,
+    t_ms: float = 1.0  # never a worker's (a tiny temperature would sharpen what a decryption reveals)
 
     @property
     def fingerprint(self) -> str:
@@ -56,11 +58,14 @@ class ModelSpec:
 def model_spec(ckpt: Any) -> ModelSpec:
     """The spec of a loaded ``PatientCheckpoint`` (every member's EHR hidden width, in order)."""
     return ModelSpec(tuple(float(v) for v in ckpt.scaler.mean), tuple(float(v) for v in ckpt.scaler.std),
-                     tuple(int(n.ehr.net[0].out_features) for n in ckpt.nets))
+                     tuple(int(n.ehr.net[0].out_features) for n in ckpt.nets), float(ckpt.t_edss), float(ckpt.t_ms))
 
 
-def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None) -> list[tuple[int, Any]]:
-    """(study id, EHR link) per job; one audit event per job, committed before anything is read."""
+def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None,
+             issued: dict[str, int] | None = None) -> list[tuple[int, Any]]:
+    """(study id, EHR link) per job; one audit event per job, committed before anything is read. With
+    ``issued`` (job id -> the attempt its inputs were last encrypted for): only a running job, once per
+    attempt, so a worker cannot have the same patient's inputs encrypted again and again."""
     from msgate.storage import audit
     from msgate.storage.models import Job, Study
     from msgate.workers import ehr as ehr_mod
@@ -72,22 +77,33 @@ def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None
             study = session.get(Study, job.study_id) if job is not None else None
             if study is None or study.id is None:
                 raise Rejected(f"no job {jid} (or its study) for HE encryption", code="he_no_job")
+            if issued is not None:
+                assert job is not None
+                if job.state != "running":
+                    raise Rejected(f"job {jid} is {job.state}, not running: no HE inputs", code="he_job_state")
+                if issued.get(jid) == job.attempts:
+                    raise Rejected(f"job {jid} already had its HE inputs for this attempt", code="he_replay")
             link = ehr_mod.link(session, study)
             audit.append(session, kind=AUDIT_KIND, actor=actor[:64], subject=f"job:{jid}",
                          detail={"ehr": True, "patient_id": link.patient_id, "key_id": key_id})
             out.append((study.id, link))
+        if issued is not None:
+            for jid in job_ids:
+                job = session.get(Job, jid)
+                assert job is not None
+                issued[jid] = job.attempts
     return out
 
 
 def job_inputs(store: Store, job_ids: list[str], spec: ModelSpec, *, actor: str,
-               key_id: str | None = None) -> np.ndarray:
+               key_id: str | None = None, issued: dict[str, int] | None = None) -> np.ndarray:
     """Standardised model EHR inputs of jobs, [len(job_ids), 2 * n_columns], built on the trusted side."""
     from msgate.model.patient.ehr import raw_columns
     from msgate.storage.models import Study
     from msgate.workers import ehr as ehr_mod
 
     rows = []
-    resolved = _resolve(store, job_ids, actor=actor, key_id=key_id)
+    resolved = _resolve(store, job_ids, actor=actor, key_id=key_id, issued=issued)
     with store.db.session() as session:
         for study_id, link in resolved:
             study = session.get(Study, study_id)
@@ -110,6 +126,7 @@ class JobSource:
     checkpoint: Path | None = None
     actor: str = field(default_factory=_actor)
     _spec: ModelSpec | None = None
+    issued: dict[str, int] = field(default_factory=dict)  # job id -> attempt its inputs were encrypted for
 
     def spec(self) -> ModelSpec:
         if self._spec is None:
@@ -124,7 +141,7 @@ class JobSource:
         if model != spec.fingerprint:
             raise Rejected("the worker's patient model differs from the key service's (scaler or ensemble); "
                            "deploy the same checkpoint to both", code="he_model_mismatch")
-        u = job_inputs(self.store, job_ids, spec, actor=self.actor, key_id=keys.active_id())
+        u = job_inputs(self.store, job_ids, spec, actor=self.actor, key_id=keys.active_id(), issued=self.issued)
         packs = keys.encrypt(u, job_ids, widths=spec.widths, max_batch=max_batch)
         log.info("HE inputs encrypted", extra={"count": len(job_ids), "batch": len(packs)})
         return packs

@@ -207,6 +207,9 @@ class WorkerSettings(Section):
     scan_seconds: float = Field(2.0, gt=0, description="scheduler / reconciler period")
     lookback_seconds: float = Field(3600.0, ge=0, description="ready studies older than deadline+this are done")
     publish_grace_seconds: float = Field(10.0, ge=0, description="unpublished jobs older than this are re-sent")
+    publish_stall_seconds: float = Field(3600.0, ge=1, description="a done job handed to publishing this long ago "
+                                         "with nothing rendered is handed off again (lost task, retries exhausted)")
+    publish_handoffs: int = Field(4, ge=1, description="hand-offs of one job to publishing, the first included")
     batch_size: int = Field(4, ge=1, description="dynamic batching: cases per predict call")
     batch_wait_seconds: float = Field(0.2, ge=0, description="how long a batch waits for more queued cases")
     soft_time_limit: float = Field(600.0, gt=0)

@@ -63,6 +63,29 @@ def _job(store: Store, *, with_flair: bool = False, supersedes: str | None = Non
         return job.id
 
 
+def _state_job(store: Store, job_id: str) -> Job:
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_a_publish_refused_for_good_is_recorded_on_the_job(rstore: Store) -> None:
+    from msgate.errors import Rejected
+    from msgate.results import tasks
+    from msgate.results.tasks import PUBLISH_TASK
+    from msgate.workers.celery_app import build_app
+
+    job_id = _job(rstore)  # no stored result
+    tasks.use_store(rstore)
+    try:
+        with pytest.raises(Rejected):
+            build_app(rstore.settings).tasks[PUBLISH_TASK].run(job_id)
+    finally:
+        tasks.use_store(None)
+    assert _state_job(rstore, job_id).flags["publish_error"] == "no_result"
+
+
 def _entries(store: Store, job_id: str, n: int = 2) -> list[str]:
     with store.db.session() as session:
         objects = [outbox.Rendered("out.sr", b"DICM" * 8)] * (n // 2)
@@ -221,6 +244,7 @@ def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store
     store_result(rstore, job_id=first, result=model_result(shape))
     assert publish_job(rstore, first) == "queued"
     assert publish_job(rstore, first) == "already"
+    assert "rendered_at" in _state_job(rstore, first).flags  # the reconciler's stalled-publish sweep skips it
     with rstore.db.session() as session:
         rows = session.exec(select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
                             .where(OutboxEntry.job_id == first)).all()

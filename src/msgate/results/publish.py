@@ -31,7 +31,7 @@ from msgate.results.identity import Identity
 from msgate.results.outbox import Rendered, enqueue
 from msgate.results.sources import FlairSources, load_sources
 from msgate.storage import audit
-from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study
+from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,10 @@ def publish_job(store: Store, job_id: str) -> str:
         if queued:
             study.delivered_at = None  # new results are pending for this study
             session.add(study)
+        row = session.get(Job, job_id)
+        if row is not None:  # rendered (even with no destination configured): the reconciler's sweep skips it
+            row.flags = {**row.flags, "rendered_at": utcnow().isoformat()}
+            session.add(row)
         audit.append(session, kind="results.rendered", actor="publish", subject=f"job:{job_id}",
                      detail={"objects": [o.kind for o in objects], "entries": len(queued),
                              "correction": published, "model_version": result.model_version})

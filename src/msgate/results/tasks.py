@@ -2,7 +2,10 @@
 
 The work is :func:`msgate.results.publish.publish_job`, idempotent by job id (a job with outbox
 entries is not rendered twice), so ``acks_late`` redelivery is harmless. ``Transient`` (database
-down) retries with jittered exponential backoff; ``Rejected`` (no result, no FLAIR) fails at once.
+down) retries with jittered exponential backoff; ``Rejected`` (no result, no FLAIR) fails at once and
+is recorded on the job (``publish_error``). A job handed off but never rendered (the task was lost with
+a broker restart, or ran out of retries) is handed off again by the scheduler's reconciler
+(:func:`msgate.workers.jobs.stalled_publish`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from msgate.errors import Transient
+from msgate.errors import Rejected, Transient
 from msgate.results.publish import publish_job
 from msgate.storage.store import Store
 
@@ -21,7 +24,7 @@ PUBLISH_TASK = "msgate.publish"
 _store: Store | None = None
 
 
-def use_store(store: Store) -> None:
+def use_store(store: Store | None) -> None:
     """The publish role hands its open store to the task (otherwise the worker runtime's is used)."""
     global _store
     _store = store
@@ -43,7 +46,15 @@ def register(app: Celery) -> None:
               autoretry_for=(Transient,), retry_backoff=2, retry_backoff_max=600, retry_jitter=True, max_retries=20,
               ignore_result=True)
     def publish(self: Task[Any, Any], job_id: str) -> str:
-        outcome = publish_job(_current_store(settings), job_id)
+        store = _current_store(settings)
+        try:
+            outcome = publish_job(store, job_id)
+        except Rejected as exc:  # for good (no result, no FLAIR source): recorded, so no sweep retries it
+            from msgate.workers import jobs
+
+            jobs.mark_publish(store.db, job_id, error=exc.code)
+            log.error("publish refused", extra={"job_id": job_id, "reason": exc.code})
+            raise
         log.info("publish task finished", extra={"job_id": job_id, "status": outcome})
         return outcome
 

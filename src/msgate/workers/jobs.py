@@ -181,6 +181,51 @@ def mark_handed_off(db: Database, job_id: str) -> None:
             session.add(job)
 
 
+def stalled_publish(db: Database, *, older_than: float, max_handoffs: int, limit: int = 200) -> list[str]:
+    """Done jobs handed to publishing more than ``older_than`` seconds ago that were never rendered (no
+    ``rendered_at``, no outbox entry) and never refused (no ``publish_error``), with fewer than
+    ``max_handoffs`` hand-offs: their publish task was lost (a broker restarted without persistence) or
+    gave up on its retries (a long database outage). Publishing is idempotent, so a hand-off again is safe."""
+    from msgate.storage.models import OutboxEntry
+
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with db.session() as session:
+        rows = session.exec(select(Job).where(Job.state == "done", col(Job.finished_at) <= cutoff,
+                                              col(Job.id).not_in(select(OutboxEntry.job_id).where(
+                                                  col(OutboxEntry.job_id).is_not(None))))
+                            .order_by(col(Job.finished_at)).limit(limit * 5)).all()
+    out = []
+    for job in rows:
+        flags = job.flags
+        if ("handoff_at" not in flags or "rendered_at" in flags or "publish_error" in flags
+                or int(flags.get("handoffs", 1)) >= max_handoffs):
+            continue
+        if datetime.fromisoformat(str(flags["handoff_at"])) <= cutoff:
+            out.append(job.id)
+    return out[:limit]
+
+
+def mark_handed_off_again(db: Database, job_id: str) -> None:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            job.flags = _with(job.flags, handoff_at=utcnow().isoformat(), handoffs=int(job.flags.get("handoffs", 1)) + 1)
+            session.add(job)
+            audit.append(session, kind="job.handoff", actor="scheduler", subject=f"job:{job_id}",
+                         detail={"handoffs": job.flags["handoffs"], "reason": "nothing rendered"})
+
+
+def mark_publish(db: Database, job_id: str, *, rendered: bool = False, error: str | None = None) -> None:
+    """Record on the job that its results were rendered (``rendered_at``), or that publishing refused it
+    for good (``publish_error``: a code, no PHI)."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            now = utcnow().isoformat()
+            job.flags = _with(job.flags, **({"rendered_at": now} if rendered else {"publish_error": error}))
+            session.add(job)
+
+
 def unpublished(db: Database, *, older_than: float, limit: int = 200) -> list[str]:
     cutoff = utcnow() - timedelta(seconds=older_than)
     with db.session() as session:

@@ -225,6 +225,14 @@ class Scheduler:
                 break
             jobs.mark_handed_off(db, jid)
             handed += 1
+        for jid in jobs.stalled_publish(db, older_than=wk.publish_stall_seconds, max_handoffs=wk.publish_handoffs):
+            try:
+                tasks.send_publish(self.app, jid)
+            except Exception:
+                break
+            jobs.mark_handed_off_again(db, jid)
+            log.warning("job handed to publishing again: nothing was rendered", extra={"job_id": jid})
+            handed += 1
         if sent or handed:
             log.info("reconciled", extra={"count": sent, "batch": handed})
         return {"expired": len(expired), "republished": sent, "handed_off": handed}

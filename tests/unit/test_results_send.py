@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from msgate.results.dicom_send import Outcome, _Checkpoint
 
 
@@ -42,3 +44,26 @@ def test_outcome_classes() -> None:
         assert Outcome("1", warning, "").delivered, hex(warning)
     assert Outcome("1", 0x0111, "").delivered  # duplicate SOP instance: an earlier attempt stored it
     assert not Outcome("1", 0xC001, "").delivered and not Outcome("1", 0xA701, "").delivered
+
+
+def test_a_reactor_that_did_not_park_in_time_is_let_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A park timeout used to leave the flag cleared: the reactor then parked for good and no longer
+    saw the peer's release or abort."""
+    from types import SimpleNamespace
+
+    from pydicom.dataset import Dataset
+
+    from msgate.config import PacsDestination
+    from msgate.results import dicom_send
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3"
+    sender = dicom_send.Sender(PacsDestination(name="p", host="127.0.0.1", port=104, ae_title="PACS"))
+    sender.checkpoint = _Checkpoint()
+    sender.assoc = SimpleNamespace(is_established=True,  # type: ignore[assignment]
+                                   accepted_contexts=[SimpleNamespace(abstract_syntax=ds.SOPClassUID)])
+    monkeypatch.setattr(dicom_send, "PARK_TIMEOUT", 0.05)
+    monkeypatch.setattr(dicom_send, "dcmread", lambda _buf: ds)
+    outcome = sender.send(b"")  # nothing waits in the reactor's wait(): park times out
+    assert outcome.status is None and outcome.detail == "reactor did not pause"
+    assert sender.checkpoint.is_set()

@@ -130,6 +130,7 @@ class Sender:
         if not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
             return Outcome(uid, 0x0122, "0x0122 (presentation context rejected: SOP class not supported)")
         if not checkpoint.park(PARK_TIMEOUT):
+            checkpoint.set()  # let the reactor run again: it must still see the peer's release or abort
             return Outcome(uid, None, "reactor did not pause")
         try:
             rsp = assoc.send_c_store(ds)

@@ -63,6 +63,16 @@ def test_missing_slice_is_interpolated_and_flagged() -> None:
     assert float(result.volume.data[3, 0, 0]) == pytest.approx((39 + 79) / 2)
 
 
+def test_a_gap_that_is_not_a_whole_number_of_steps_is_irregular() -> None:
+    """20 slices 3 mm apart, then a gap of 20.1 mm (6.7 steps), then 5 more: each of the 7 steps is
+    within 5 % of 3 mm, but filling the gap with 6 slices would shift every slice after it by 0.9 mm."""
+    zs = [3.0 * i for i in range(20)] + [57.0 + 20.1 + 3.0 * i for i in range(5)]
+    with pytest.raises(Rejected, match="irregular"):
+        assemble([_slice(z) for z in zs], "FLAIR")
+    on_grid = [3.0 * i for i in range(20)] + [57.0 + 21.0 + 3.0 * i for i in range(5)]
+    assert "missing_slices" in assemble([_slice(z) for z in on_grid], "FLAIR").flags
+
+
 def test_too_many_missing_slices_rejected() -> None:
     with pytest.raises(Rejected, match="missing"):
         assemble([_slice(z) for z in (0.0, 1.0, 5.0, 9.0)], "FLAIR")

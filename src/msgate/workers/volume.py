@@ -219,7 +219,9 @@ def _stack(planes: list[Plane], normal: np.ndarray, flags: list[str],
     gaps = np.diff(dist)
     step_len = float(np.min(gaps))  # the true spacing, as long as two neighbours are present
     counts = np.maximum(1, np.rint(gaps / step_len).astype(int))
-    if np.any(np.abs(gaps / counts - step_len) > max(0.05 * step_len, POSITION_TOLERANCE_MM)):
+    # the whole gap must be a whole number of steps: a per-step tolerance let a 6.7-step gap through,
+    # and the averaged step then mis-placed the real slices after it
+    if np.any(np.abs(gaps - counts * step_len) > max(0.05 * step_len, POSITION_TOLERANCE_MM)):
         raise Rejected(f"series {role}: slice spacing is irregular and cannot be resampled on one grid",
                        code="irregular_spacing")
     missing = int(np.sum(counts - 1))

@@ -83,3 +83,30 @@ def test_retire_refuses_a_key_that_still_wraps_a_journal_segment(tmp_path: Path)
     for segment in (home / "dicom-journal").glob("*.jnl"):
         segment.unlink()  # indexed (the listener ran)
     assert run(home, "keys", "retire", ring.active_id).returncode == 0
+
+
+def test_retire_refuses_while_roles_started_before_the_rotation_still_run(tmp_path: Path) -> None:
+    """A role loads the key ring once: after `keys rotate` it still wraps new data under the old KEK.
+    Retiring that KEK while the role runs lost everything it wrote afterwards."""
+    from datetime import timedelta
+
+    from msgate.config import load_settings
+    from msgate.storage import heartbeat, keyring
+    from msgate.storage.models import utcnow
+    from msgate.storage.store import open_store
+
+    home = tmp_path / "home"
+    assert run(home, "keys", "init").returncode == 0
+    assert run(home, "db", "upgrade").returncode == 0
+    old = keyring.load(load_settings(home=home).keyring_path).active_id
+    store = open_store(load_settings(home=home, storage={"min_free_bytes": 0}))
+    try:
+        heartbeat.beat(store.db, ["worker"], utcnow() - timedelta(minutes=5))  # a worker running since before
+        assert run(home, "keys", "rotate").returncode == 0
+        refused = run(home, "keys", "retire", old)
+        assert refused.returncode == 2 and "worker@" in refused.stderr and "restart" in refused.stderr
+        heartbeat.clear(store.db, ["worker"])
+        heartbeat.beat(store.db, ["worker"], utcnow())  # restarted: it has the new key ring
+        assert run(home, "keys", "retire", old).returncode == 0
+    finally:
+        store.close()

@@ -75,12 +75,37 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         console.print(f"[red]data keys wrapped by keys missing from the ring: {unknown}")
 
 
+def _roles_on_an_older_ring(store: object, active_created: datetime) -> list[str]:
+    """Running roles (a fresh heartbeat) started before the active KEK was made: they loaded the key ring
+    before the rotation and still wrap new data keys under the KEK that was active then."""
+    from msgate.storage import heartbeat
+
+    now = datetime.now(UTC)
+    return sorted({f"{b.role}@{b.instance}" for b in heartbeat.read(store.db)  # type: ignore[attr-defined]
+                   if (now - _aware(b.beat_at)).total_seconds() <= heartbeat.INTERVAL_S * 4
+                   and _aware(b.started_at) < active_created})
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 @app.command()
-def retire(ctx: typer.Context, kek_id: str) -> None:
-    """Drop an old KEK once no data key is wrapped by it."""
+def retire(
+    ctx: typer.Context,
+    kek_id: str,
+    force: Annotated[bool, typer.Option("--force", help="retire although roles started before the rotation "
+                                                        "are still running")] = False,
+) -> None:
+    """Drop an old KEK once no data key is wrapped by it and every running role has the new key ring."""
     st = state(ctx)
     ring = keyring.load(st.settings.keyring_path)
     store = st.store()
+    stale = _roles_on_an_older_ring(store, ring.get(ring.active_id).created)
+    if stale and not force:
+        raise ConfigError(f"roles started before the active key {ring.active_id} are still running "
+                          f"({', '.join(stale)}): they still wrap new data under an older key; restart them, "
+                          "then retire")
     with store.db.session() as session:
         still = rotation.key_usage(session, st.settings.home).get(kek_id, 0)
     if still:

@@ -53,3 +53,31 @@ def test_rotate_and_retire_in_memory() -> None:
     with pytest.raises(ConfigError):
         rotated.without(rotated.active_id)
     assert [k.id for k in rotated.without(ring.active_id).keks] == [rotated.active_id]
+
+
+def test_key_ring_changes_are_serialised(tmp_path: Path) -> None:
+    """`keys rotate` and `keys retire` (or two first starts) used to load, change and save the file
+    unlocked: the last writer's stale copy dropped the KEK the other had just made active."""
+    import threading
+
+    path = tmp_path / "keys" / "keyring.json"
+    first = keyring.init(path)
+    done = threading.Event()
+
+    def rotate() -> None:
+        with keyring.locked(path):
+            keyring.save(keyring.load(path).with_new_kek(), path)
+        done.set()
+
+    with keyring.locked(path):  # a retire in progress: loaded, checking, about to save
+        stale = keyring.load(path)
+        thread = threading.Thread(target=rotate)
+        thread.start()
+        assert not done.wait(0.3)  # the rotation waits for the lock
+        keyring.save(stale, path)
+    thread.join(5)
+    ring = keyring.load(path)
+    assert len(ring.keks) == 2 and ring.active_id != first.active_id  # the rotation is not lost
+    again = [keyring.init(path, exist_ok=True) for _ in range(2)]  # a racing first start loads, never re-creates
+    assert {r.index_key for r in again} == {first.index_key}
+    assert not list(path.parent.glob("*.tmp"))

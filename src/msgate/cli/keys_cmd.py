@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from msgate.cli.common import console, print_json, state
+from msgate.cli.common import add_row, cell, console, print_json, state
 from msgate.errors import ConfigError
 from msgate.storage import audit, journal, keyring, rotation
 
@@ -34,10 +34,12 @@ def rotate(
     """Add a new active KEK and re-wrap every data key under it (bodies are not re-encrypted)."""
     st = state(ctx)
     path = st.settings.keyring_path
-    ring = keyring.load(path)
+    with keyring.locked(path):
+        ring = keyring.load(path)
+        if not resume:
+            ring = ring.with_new_kek()
+            keyring.save(ring, path)
     if not resume:
-        ring = ring.with_new_kek()
-        keyring.save(ring, path)
         console.print(f"new active key [bold]{ring.active_id}[/bold]; restart running services to use it")
     store = st.store()
     with store.db.session() as session:
@@ -69,10 +71,10 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         return
     table = Table("key id", "active", "age (days)", "data keys wrapped")
     for row in rows:
-        table.add_row(str(row["id"]), "yes" if row["active"] else "", str(row["age_days"]), str(row["wraps"]))
+        add_row(table, row["id"], "yes" if row["active"] else "", row["age_days"], row["wraps"])
     console.print(table)
     if unknown:
-        console.print(f"[red]data keys wrapped by keys missing from the ring: {unknown}")
+        console.print(cell(f"data keys wrapped by keys missing from the ring: {unknown}", style="red"))
 
 
 def _roles_on_an_older_ring(store: object, active_created: datetime) -> list[str]:
@@ -99,8 +101,14 @@ def retire(
 ) -> None:
     """Drop an old KEK once no data key is wrapped by it and every running role has the new key ring."""
     st = state(ctx)
-    ring = keyring.load(st.settings.keyring_path)
     store = st.store()
+    with keyring.locked(st.settings.keyring_path):  # a rotation cannot slip in between load and save
+        _retire(st, store, kek_id, force)
+    console.print(f"retired {kek_id}")
+
+
+def _retire(st: Any, store: Any, kek_id: str, force: bool) -> None:
+    ring = keyring.load(st.settings.keyring_path)
     stale = _roles_on_an_older_ring(store, ring.get(ring.active_id).created)
     if stale and not force:
         raise ConfigError(f"roles started before the active key {ring.active_id} are still running "
@@ -117,4 +125,3 @@ def retire(
     keyring.save(ring.without(kek_id), st.settings.keyring_path)
     with store.db.session() as session:
         audit.append(session, kind="key.retire", actor=audit.operator(), subject=f"kek:{kek_id}")
-    console.print(f"retired {kek_id}")

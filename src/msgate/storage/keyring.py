@@ -9,10 +9,13 @@ In production, put the file on an encrypted volume or mount it as a secret (see 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import secrets
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,8 +96,8 @@ def save(ring: KeyRing, path: Path) -> None:
             for k in ring.keks
         ],
     }
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per writer
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, json.dumps(doc, indent=1).encode())
         os.fsync(fd)
@@ -140,10 +143,29 @@ def load(path: Path) -> KeyRing:
     return ring
 
 
-def init(path: Path) -> KeyRing:
-    """Create a new key ring; refuse to overwrite an existing one (that would orphan every blob)."""
-    if path.exists():
-        raise ConfigError(f"a key ring already exists at {path}; use `msgate keys rotate`")
-    ring = generate()
-    save(ring, path)
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the key ring's exclusive lock (``flock`` on a file beside it) around a load-change-save, so
+    two commands (``keys rotate`` and ``keys retire``, or two first starts) cannot overwrite each
+    other's change: a lost update could drop the active KEK and orphan everything wrapped under it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def init(path: Path, *, exist_ok: bool = False) -> KeyRing:
+    """Create a new key ring; refuse to overwrite an existing one (that would orphan every blob). With
+    ``exist_ok`` (a first start racing another), load the one that exists instead."""
+    with locked(path):
+        if path.exists():
+            if exist_ok:
+                return load(path)
+            raise ConfigError(f"a key ring already exists at {path}; use `msgate keys rotate`")
+        ring = generate()
+        save(ring, path)
     return KeyRing(keks=ring.keks, active_id=ring.active_id, index_key=ring.index_key, path=path)

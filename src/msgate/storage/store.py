@@ -40,7 +40,7 @@ def load_or_create_ring(settings: Settings, *, create: bool) -> keyring.KeyRing:
         fresh_home = not (settings.home / "msgate.db").exists() and not settings.blob_dir.exists()
         if create and settings.is_embedded and fresh_home:
             log.warning("no key ring found: created a new one (embedded mode); back it up", extra={"role": "keys"})
-            return keyring.init(path)
+            return keyring.init(path, exist_ok=True)  # another process may be starting at the same moment
         raise ConfigError(f"no key ring at {path}; run `msgate keys init`")
     return keyring.load(path)
 

@@ -109,7 +109,7 @@ def wait_mapped(store: Store, count: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"mapping did not finish: {total} stored, {pending} pending")
 
 
-def wait_row(store: Store, header: object, timeout: float = 30.0) -> None:
+def wait_row(store: Store, header: object, raw: bytes, timeout: float = 30.0) -> None:
     """Wait until the message with this header is stored and no longer pending mapping."""
     import time
 
@@ -117,7 +117,7 @@ def wait_row(store: Store, header: object, timeout: float = 30.0) -> None:
 
     from msgate.storage.models import Hl7Message
 
-    key = store.ingest.dedup_key(header)  # type: ignore[arg-type]
+    key = store.ingest.dedup_key(header, raw)  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with store.db.session() as session:

@@ -52,9 +52,7 @@ def test_conformance_message_answer_and_mapping(server, path: Path) -> None:  # 
     raw = path.read_bytes()
     messages = split_batch(raw)[0] if is_batch(raw) else [raw]
     msh = read_msh(messages[0])
-    with store.db.session() as session:  # some published samples reuse another's MSH-10 (template copies)
-        seen = session.exec(select(Hl7Message).where(
-            Hl7Message.dedup_index == store.ingest.dedup_key(msh.header()))).first() is not None
+    key = store.ingest.dedup_key(msh.header(), messages[0])
     client = RawClient(srv.port)
     try:
         client.send(mllp.frame(raw))
@@ -81,13 +79,11 @@ def test_conformance_message_answer_and_mapping(server, path: Path) -> None:  # 
     if expect_app:
         assert codes[-1] == "AA" or path.name in NOT_MAPPED
     header = msh.header()
-    if seen:  # a duplicate is acknowledged again and not applied twice
-        assert _duplicates(store, store.ingest.dedup_key(header)) >= 1
-        return
-    wait_row(store, header)
+    # some published samples reuse another's sender and MSH-10 (template copies): each is still its own
+    # message, stored and mapped (they used to be taken for resends and dropped)
+    wait_row(store, header, messages[0])
     with store.db.session() as session:
-        row = session.exec(select(Hl7Message).where(
-            Hl7Message.dedup_index == store.ingest.dedup_key(header))).one()
+        row = session.exec(select(Hl7Message).where(Hl7Message.dedup_index == key)).one()
         state, error = NOT_MAPPED.get(path.name, ("mapped", None))
         assert (row.mapping_state, row.mapping_error) == (state, error)
         assert row.message_type == header.message_type and row.trigger == header.trigger
@@ -117,3 +113,34 @@ def _duplicates(store, key: str) -> int:  # type: ignore[no-untyped-def]
             return int(count)
         time.sleep(0.05)
     return 0
+
+
+def test_a_resend_is_a_duplicate_and_a_reused_control_id_is_a_new_message(tmp_path: Path) -> None:
+    """adt_a08/a28/a31_v2.8 reuse adt_a01_v2.8's sender and MSH-10 (MSG00001); the HCV ELR reuses the
+    campylobacter one's. They were acknowledged AA and dropped as resends: each is its own message. A
+    true resend (the same content, MSH-7 restamped) is still a duplicate, acknowledged and not stored twice."""
+    store = make_store(tmp_path)
+    first = (CONFORMANCE / "adt_a01_v2.8_fhirconverter.hl7").read_bytes()
+    others = [(CONFORMANCE / name).read_bytes() for name in (
+        "adt_a08_v2.8_fhirconverter.hl7", "adt_a28_v2.8_fhirconverter.hl7", "adt_a31_v2.8_fhirconverter.hl7")]
+    msh7 = read_msh(first).get(7)
+    resend = first.replace(msh7.encode(), b"20991231235959", 1) if msh7 else first
+    assert len({read_msh(m).control_id for m in [first, *others]}) == 1
+    try:
+        with running_server(store) as srv:
+            client = RawClient(srv.port)
+            try:
+                for raw in [first, *others, resend]:
+                    client.send(mllp.frame(raw))
+                    assert msa(_answers(client, 1, 10)[0])[1] == "AA"
+            finally:
+                client.close()
+            for raw in [first, *others]:
+                wait_row(store, read_msh(raw).header(), raw)
+        with store.db.session() as session:
+            rows = session.exec(select(Hl7Message).order_by(Hl7Message.id)).all()
+            assert [r.trigger for r in rows] == ["A01", "A08", "A28", "A31"]
+            assert [r.duplicates or 0 for r in rows] == [1, 0, 0, 0]
+    finally:
+        store.close()
+

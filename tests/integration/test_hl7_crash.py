@@ -61,7 +61,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_message(tmp_path: Path) -> Non
             keys = set(session.exec(select(Hl7Message.dedup_index)).all())
         for i in acked:  # every acknowledged message is durable
             header = Hl7Header(control_id=f"CR{i:05d}", sending_application="LAB", sending_facility="HOSP")
-            assert store.ingest.dedup_key(header) in keys
+            assert store.ingest.dedup_key(header, message(i)) in keys
         store.close()
         done = set(acked)
         with MllpClient("127.0.0.1", port, timeout=10) as client:

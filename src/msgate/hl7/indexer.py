@@ -231,7 +231,7 @@ class Indexer:
         the stored row's mapping outcome, once the mapping queued before them has run."""
         if not items:
             return
-        keys = {item.seq: self.store.ingest.dedup_key(item.msh.header()) for item in items}
+        keys = {item.seq: self.store.ingest.dedup_key(item.msh.header(), item.raw) for item in items}
         with self.store.db.session() as session:
             ids = dict(session.exec(select(Hl7Message.dedup_index, Hl7Message.id).where(
                 col(Hl7Message.dedup_index).in_(set(keys.values())))).all())
@@ -244,7 +244,7 @@ class Indexer:
 
     def _unknown(self, items: list[_Item]) -> list[_Item]:
         """Drop records already stored, and repeats within the batch (indexed before a crash or restart)."""
-        keys = [self.store.ingest.dedup_key(item.msh.header()) for item in items]
+        keys = [self.store.ingest.dedup_key(item.msh.header(), item.raw) for item in items]
         with self.store.db.session() as session:
             known = set(session.exec(select(Hl7Message.dedup_index).where(
                 col(Hl7Message.dedup_index).in_(set(keys)))).all())

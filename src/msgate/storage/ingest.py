@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import logging
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,13 @@ from msgate.storage.models import Blob, Hl7Message, Instance
 
 log = logging.getLogger(__name__)
 HL7_BODY_WRITERS = 8  # parallel fsyncs of HL7 bodies (ext4 commits them together)
+
+
+def body_digest(raw: bytes) -> str:
+    """SHA-256 of a message's segments after MSH, line endings normalised to CR."""
+    rest = re.split(rb"\r\n|\r|\n", raw.strip(b"\r\n"), maxsplit=1)
+    body = re.sub(rb"\r\n|\n", b"\r", rest[1]).strip(b"\r") if len(rest) > 1 else b""
+    return hashlib.sha256(body).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -256,9 +264,12 @@ class Ingest:
 
     # --- HL7 ---------------------------------------------------------------------------------------
 
-    def dedup_key(self, header: Hl7Header) -> str:
-        return self.cipher.blind_index(
-            f"{header.sending_application}|{header.sending_facility}|{header.control_id}", scope="msh10")
+    def dedup_key(self, header: Hl7Header, raw: bytes) -> str:
+        """A resend is the same sender (MSH-3, MSH-4), the same MSH-10 and the same content after MSH (an
+        engine may restamp MSH-7 when it resends). Another message that reuses a control id (senders
+        restart their counters; test feeds reuse ``MSG00001``) is a new message, never dropped."""
+        return self.cipher.blind_index(f"{header.sending_application}|{header.sending_facility}|{header.control_id}|"
+                                       f"{body_digest(raw)}", scope="msh10")
 
     def store_hl7(self, *, raw: bytes, header: Hl7Header, actor: str = "hl7") -> StoredMessage:
         """Store one raw message; a duplicate (same MSH-10/3/4) is reported, not stored again."""
@@ -278,7 +289,7 @@ class Ingest:
         except Transient:
             metrics.HL7_MESSAGES.labels("transient").inc(len(items))
             raise
-        keys = [self.dedup_key(h) for _, h in items]
+        keys = [self.dedup_key(h, raw) for raw, h in items]
         bodies = self._hl7_bodies(items, keys) if self.can_group_commit else {}
         try:
             with self.db.session() as session:

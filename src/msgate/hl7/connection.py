@@ -111,14 +111,15 @@ class Connection:
         except HeaderError as exc:
             log.warning("hl7 message rejected", extra={"conn_id": self.conn_id, "reason": exc.reason,
                                                        "code": exc.code})
-            return exc.header, self._ack("AR", exc.header, (AckError(exc.code, exc.location),), text=exc.reason)
+            return exc.header, self._ack(_reject(exc.header), exc.header, (AckError(exc.code, exc.location),),
+                                         text=exc.reason)
         from msgate.hl7.server import supported
 
         problem = supported(msh)
         if problem is not None:
             log.warning("hl7 message type not handled", extra={"conn_id": self.conn_id, "code": problem.code,
                                                                "msg_type": f"{msh.message_type}^{msh.trigger}"})
-            return msh, self._ack("AR", msh, (problem,), text="message type not handled")
+            return msh, self._ack(_reject(msh), msh, (problem,), text="message type not handled")
         prefix = "C" if msh.enhanced else "A"
         code = f"{prefix}A"
         try:
@@ -145,7 +146,7 @@ class Connection:
         def send(code: str, reason: str) -> None:
             if (msh.app_ack == "ER" and code == "AA") or (msh.app_ack == "SU" and code != "AA"):
                 return
-            errors = (AckError(207, ""),) if code != "AA" else ()
+            errors = (mapping_error(reason),) if code != "AA" else ()
             payload = mllp.frame(self._encode(self._ack(code, msh, errors, text=reason), msh))
             loop.call_soon_threadsafe(self._write_if_open, payload)
 
@@ -182,3 +183,25 @@ def _try_msh(head: bytes) -> Msh | None:
         return None
     except Exception:
         return None
+
+
+def _reject(msh: Msh | None) -> str:
+    """A message refused before it is stored: ``CR`` in enhanced mode (a commit reject, HL7 v2.5.1
+    §2.9.3, table 0008), ``AR`` in original mode or when MSH cannot be read."""
+    return "CR" if msh is not None and msh.enhanced else "AR"
+
+
+MAPPING_ERRORS = {  # mapping_error -> HL7 table 0357 code and the location it names
+    "no_patient_segment": (100, "PID"),
+    "no_patient_identifier": (101, "PID^1^3"),
+    "merge_without_mrg": (100, "MRG"),
+    "no_order_segment": (100, "ORC"),
+}
+
+
+def mapping_error(reason: str) -> AckError:
+    """The ERR segment of an application ACK for a message that could not be mapped: what is missing and
+    where (100 segment missing, 101 required field missing), else 207 (application internal error)."""
+    code, location = MAPPING_ERRORS.get(reason, (207, ""))
+    return AckError(code, location)
+

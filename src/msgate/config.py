@@ -129,9 +129,20 @@ class Hl7Settings(Section):
     allowed_networks: list[str] = Field(default_factory=list)
     sending_application: str = "MSGATE"
     sending_facility: str = "MSGATE"
+    processing_ids: list[str] = Field(default_factory=lambda: ["P"], min_length=1,
+                                      description="MSH-11 values accepted (P production, T training, D "
+                                                  "debugging); others are refused with error 202")
     tls: TlsSettings = TlsSettings()
 
     _nets = field_validator("allowed_networks")(_check_networks)
+
+    @field_validator("processing_ids")
+    @classmethod
+    def _processing_ids(cls, value: list[str]) -> list[str]:
+        out = [v.strip().upper() for v in value]
+        if any(v not in ("P", "T", "D") for v in out):
+            raise ValueError("processing ids are P, T or D (HL7 table 0103)")
+        return out
 
 
 class PacsDestination(Section):

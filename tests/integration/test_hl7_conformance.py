@@ -33,7 +33,9 @@ APP_ERR = {"oru_r01_v2.4_ft_highlight_hapi.hl7": ("PID", "100"),
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    store = make_store(tmp_path_factory.mktemp("conf"))
+    # 12 of the samples are training (T) or debugging (D) messages: a test feed accepts them (production
+    # accepts P only: test_training_messages_are_refused_by_default)
+    store = make_store(tmp_path_factory.mktemp("conf"), processing_ids=["P", "T", "D"])
     with running_server(store) as srv:
         yield srv, store
     store.close()
@@ -154,6 +156,29 @@ def test_a_resend_is_a_duplicate_and_a_reused_control_id_is_a_new_message(tmp_pa
             rows = session.exec(select(Hl7Message).order_by(Hl7Message.id)).all()
             assert [r.trigger for r in rows] == ["A01", "A08", "A28", "A31"]
             assert [r.duplicates or 0 for r in rows] == [1, 0, 0, 0]
+    finally:
+        store.close()
+
+
+def test_training_messages_are_refused_by_default(tmp_path: Path) -> None:
+    """MSH-11 T (training) or D (debugging) sent to a production feed (the default accepts P only) must
+    not become a live patient's EHR: refused before storing, error 202 at MSH-11, CR in enhanced mode."""
+    store = make_store(tmp_path)
+    try:
+        with running_server(store) as srv:
+            client = RawClient(srv.port)
+            try:
+                for name, code in (("adt_a01_v2.7_linuxforhealth.hl7", "CR"),  # MSH-15 AL: enhanced
+                                   ("oru_r01_v2.5_cbc_fhirconverter.hl7", "AR")):
+                    raw = (CONFORMANCE / name).read_bytes()
+                    client.send(mllp.frame(raw))
+                    answer = _answers(client, 1, 10)[0]
+                    assert msa(answer)[1:3] == [code, read_msh(raw).control_id]
+                    assert "202" in "|".join(err(answer)) and "MSH^1^11" in "|".join(err(answer))
+            finally:
+                client.close()
+        with store.db.session() as session:
+            assert session.exec(select(Hl7Message)).first() is None and session.exec(select(Patient)).first() is None
     finally:
         store.close()
 

@@ -115,6 +115,12 @@ class Connection:
                                          text=exc.reason)
         from msgate.hl7.server import supported
 
+        processing = msh.get(11, 1).strip().upper() or "P"
+        if processing not in self.settings.processing_ids:  # a test feed routed to production, or the reverse
+            log.warning("hl7 processing id refused", extra={"conn_id": self.conn_id, "code": 202,
+                                                            "reason": processing[:1]})
+            return msh, self._ack(_reject(msh), msh, (AckError(202, "MSH^1^11"),),
+                                  text="processing id not accepted here")
         problem = supported(msh)
         if problem is not None:
             log.warning("hl7 message type not handled", extra={"conn_id": self.conn_id, "code": problem.code,

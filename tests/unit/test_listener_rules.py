@@ -96,3 +96,19 @@ def test_rules_from_toml_and_bad_regex_named(tmp_path: Path) -> None:
     config.write_text('[[rules.roles]]\nrole = "FLAIR"\ntext = "(unclosed"\n')
     with pytest.raises(ConfigError, match="RULES"):
         load_settings(config, home=tmp_path)
+
+
+@pytest.mark.parametrize(("modality", "sop_class"), [
+    ("SEG", "1.2.840.10008.5.1.4.1.1.66.4"),  # a lesion segmentation named after its FLAIR
+    ("SR", "1.2.840.10008.5.1.4.1.1.88.33"),
+    ("MR", "1.2.840.10008.5.1.4.1.1.30"),  # a parametric map keeps the source modality
+    ("PR", "1.2.840.10008.5.1.4.1.1.11.1"),
+    ("KO", "1.2.840.10008.5.1.4.1.1.88.59"),
+])
+def test_non_image_objects_never_take_an_image_role(modality: str, sop_class: str) -> None:
+    """A SEG described "AX FLAIR lesion segmentation" became the study's FLAIR series."""
+    ds = Dataset()
+    ds.SeriesDescription, ds.Modality, ds.SOPClassUID = "AX FLAIR lesion segmentation", modality, sop_class
+    assert decide(ds, ListenerRules()).role is Role.OTHER
+    ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+    assert decide(ds, ListenerRules()).role is Role.FLAIR

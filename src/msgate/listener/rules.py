@@ -167,6 +167,25 @@ class SeriesFields:
     image_type: str = ""
     scanning_sequence: str = ""
     inversion_time: float | None = None
+    modality: str = ""
+    sop_class: str = ""
+
+
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "DOC", "REG", "PLAN",
+                                  "FID", "AU", "ECG"})
+NON_IMAGE_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.66.1", "1.2.840.10008.5.1.4.1.1.66.2",
+    "1.2.840.10008.5.1.4.1.1.66.3", "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5",
+    "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.481.3",
+})
+"""Raw data, registrations, fiducials, segmentations, surfaces, parametric maps, PDF, RT structures: never
+an MR series the model reads, whatever the description says ("AX FLAIR lesion segmentation")."""
+
+
+def is_non_image(fields: SeriesFields) -> bool:
+    sop = fields.sop_class
+    return (fields.modality.upper() in NON_IMAGE_MODALITIES or sop in NON_IMAGE_CLASSES
+            or sop.startswith(("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.")))  # SR, KO; states
 
 
 @dataclass(frozen=True)
@@ -201,7 +220,8 @@ def series_fields(ds: Any) -> SeriesFields:
     text = " | ".join(filter(None, (_text(ds, "SeriesDescription"), _text(ds, "ProtocolName"))))
     seq = _text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
     return SeriesFields(text=text, sequence_name=seq, image_type=_text(ds, "ImageType"),
-                        scanning_sequence=_text(ds, "ScanningSequence"), inversion_time=_float(ds, "InversionTime"))
+                        scanning_sequence=_text(ds, "ScanningSequence"), inversion_time=_float(ds, "InversionTime"),
+                        modality=_text(ds, "Modality"), sop_class=_text(ds, "SOPClassUID"))
 
 
 def study_fields(ds: Any, calling_aet: str = "") -> StudyFields:
@@ -210,7 +230,10 @@ def study_fields(ds: Any, calling_aet: str = "") -> StudyFields:
 
 
 def classify(fields: SeriesFields, rules: list[RoleRule]) -> tuple[Role, str]:
-    """The role of a series and the name of the rule that decided it."""
+    """The role of a series and the name of the rule that decided it. Non-image objects (SEG, SR, key
+    object selections, presentation states, parametric maps, ...) are OTHER before any rule is read."""
+    if is_non_image(fields):
+        return Role.OTHER, "not an image series (SOP class or modality)"
     for index, rule in enumerate(rules):
         if rule.matches(fields):
             return rule.role, rule.name or f"roles[{index}]"

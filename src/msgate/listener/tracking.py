@@ -218,7 +218,7 @@ class Tracker:
                 fields = rules_mod.SeriesFields(text=text, sequence_name=series.sequence_name,
                                                 image_type=series.image_type,
                                                 scanning_sequence=series.scanning_sequence,
-                                                inversion_time=series.inversion_time)
+                                                inversion_time=series.inversion_time, modality=series.modality)
                 role = rules_mod.classify(fields, self.rules.roles)[0].value
                 series.role = role
                 session.add(series)

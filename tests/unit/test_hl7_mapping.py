@@ -87,6 +87,17 @@ def test_non_finite_numbers_never_feed_the_model(store: Store) -> None:
     assert not vec.present[vec.names.index("nfl")] and np.isfinite(vec.values).all()
 
 
+def test_repeated_obx_lines_are_corrected_one_by_one(store: Store) -> None:
+    """A report's text and its code share OBX-3 (18783-1) with no sub-ID: a corrected report replaced
+    both stored lines' counterpart with the last corrected line, and the old text stayed current."""
+    lines = [("TX", "18783-1^Recommendation^LN", "CT in 6 months", "", "F"),
+             ("CE", "18783-1^Recommendation^LN", "CT10", "", "F")]
+    _store_and_map(store, _oru("2.5.1", "R1", lines))
+    _store_and_map(store, _oru("2.5.1", "R2", [("TX", "18783-1^Recommendation^LN", "MRI in 3 months", "", "C"),
+                                               ("CE", "18783-1^Recommendation^LN", "MR20", "", "C")]))
+    assert [o[0] for o in _obs(store, "18783-1")] == ["MRI in 3 months", "MR20"]
+
+
 def test_custom_encoding_characters(store: Store) -> None:
     enc = {"FIELD": "|", "COMPONENT": "$", "REPETITION": "*", "ESCAPE": "!", "SUBCOMPONENT": "@"}
     _store_and_map(store, _oru("2.5", "E1", [("NM", "14117-6$IgG index$LN", "0.9", "", "F")], enc=enc))
@@ -225,12 +236,13 @@ def test_a_batch_maps_exactly_as_one_message_at_a_time(tmp_path: Path, settings:
     assert one["merged"] and one["observations"] and one["orders"]  # the feed did map something
     assert {state for state, _, _ in one["messages"]} == {"mapped"}
     # as mapped message by message before batches existed: a correction replaces the latest value of its
-    # key, rows of one message do not replace each other, results of a merged patient follow the survivor
+    # key, rows of one message do not replace each other (a repeated key is told apart by its position:
+    # Q6's one value corrects Q4's first, 8.0, not its second), results of a merged patient follow the survivor
     assert [(who, code, value, status, withdrawn) for who, code, _, _, value, status, withdrawn, _, _
             in one["observations"]] == [
         ("A", "101281-4", "7.0", "F", False), ("A", "MS-T25FW", "", "W", True),
         ("NEWP", "101281-4", "14.0", "C", False), ("SURV", "101281-4", "12.0", "C", False),
-        ("SURV", "101281-4", "13.0", "C", False), ("SURV", "101281-4", "8.0", "F", False),
+        ("SURV", "101281-4", "13.0", "C", False), ("SURV", "101281-4", "8.5", "F", False),
         ("SURV", "MS-T25FW", "7.0", "F", False)]
     assert one["studies"] == [("uid0", "SURV"), ("uid1", "SURV"), ("uid2", "NEWP")]
     for key in one:

@@ -120,6 +120,19 @@ def message_rows(cipher: FieldCipher, msg: Message, *, patient_id: int, message_
                                   outcome=outcome, n=n)
             if row is not None:
                 rows.append(row)
+    return _number_repeats(rows)
+
+
+def _number_repeats(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OBX lines of one message with the same code, time and OBX-4 (a report's text and its code, both
+    18783-1, no sub-ID) are told apart by their order: the 2nd gets sub-ID ``#2`` (``<OBX-4>#2``), so a
+    corrected report replaces each line with its counterpart instead of all of them with one."""
+    seen: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        key = (row["code"], row["code_system"], row["observed_at"], row["sub_id"])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            row["sub_id"] = f"{row['sub_id']}#{seen[key]}"[-20:]
     return rows
 
 

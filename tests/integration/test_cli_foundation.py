@@ -110,3 +110,22 @@ def test_retire_refuses_while_roles_started_before_the_rotation_still_run(tmp_pa
         assert run(home, "keys", "retire", old).returncode == 0
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_status_before_db_upgrade_is_down_with_json(tmp_path: Path, backend: str,
+                                                   request: pytest.FixtureRequest) -> None:
+    """A reachable database without msgate's schema (a new home, or a new PostgreSQL database before
+    `msgate db upgrade`): the status contract still holds, JSON on stdout and exit 2 (down)."""
+    import json
+
+    home = tmp_path / "home"
+    env = {"MSGATE_DATABASE_URL": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    assert run(home, "keys", "init", env=env).returncode == 0
+    result = run(home, "status", "--json", env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["health"] == "down"
+    assert report["database"]["reason"] == "schema missing; run msgate db upgrade"
+    quiet = run(home, "status", "--role", "hl7", "--quiet", env=env)
+    assert quiet.returncode == 2 and quiet.stdout == "" and "Traceback" not in quiet.stderr

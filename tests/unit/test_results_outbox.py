@@ -238,6 +238,27 @@ def test_cli_list_retry_drop(rstore: Store) -> None:
     assert "outbox.retry" in kinds and "outbox.drop" in kinds
 
 
+def test_drop_skips_an_entry_a_sender_holds_and_its_answer_is_recorded(rstore: Store) -> None:
+    """An operator drop while the sender is mid-send used to win: the peer's answer was thrown away, with
+    no attempt row and no send.attempt event. In flight (lease running) is skipped; an expired lease
+    (the sender stopped) can be dropped."""
+    held, stalled = _entries(rstore, _job(rstore))
+    claimed = {c.id: c for c in outbox.claim(rstore, outbox.Policy(lease=0.001))}  # leases that run out
+    renewed = outbox.renew(rstore, claimed[held], POLICY)  # the sender is sending this one now
+    assert renewed is not None
+    out = CliRunner().invoke(outbox_cmd.app, ["drop", held, stalled, "--json"], obj=State(rstore.settings))
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"dropped": [stalled], "skipped": [held]}
+    assert outbox.record(rstore, renewed, outbox.Attempt("delivered", "0x0000", "stored"), POLICY) == "delivered"
+    assert _outcomes(rstore, held) == ["delivered"] and _state(rstore, stalled).state == "dropped"
+    with rstore.db.session() as session:
+        sends = session.exec(select(AuditEvent).where(AuditEvent.kind == "send.attempt")).all()
+        assert [e.subject for e in sends] == [f"outbox:{held}"]
+        assert session.exec(select(Study)).one().delivered_at is not None
+    text = CliRunner().invoke(outbox_cmd.app, ["drop", held], obj=State(rstore.settings))
+    assert "skipped 1 (delivered, dropped or in flight)" in text.output
+
+
 def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store) -> None:
     first = _job(rstore, with_flair=True)
     shape = (12, 40, 48)

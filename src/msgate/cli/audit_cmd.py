@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import add_row, console, fail, print_json, state
 from msgate.storage import audit
 
 app = typer.Typer(no_args_is_help=True)
@@ -44,6 +44,6 @@ def tail(
         return
     table = Table("seq", "time (UTC)", "kind", "actor", "subject", "detail")
     for e in events:
-        table.add_row(str(e.seq), f"{e.ts:%Y-%m-%d %H:%M:%S}", e.kind, e.actor, e.subject,
-                      ", ".join(f"{k}={v}" for k, v in e.detail.items()))
+        add_row(table, e.seq, f"{e.ts:%Y-%m-%d %H:%M:%S}", e.kind, e.actor, e.subject,
+                ", ".join(f"{k}={v}" for k, v in e.detail.items()))
     console.print(table)

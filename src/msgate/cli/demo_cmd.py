@@ -21,9 +21,10 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
-from msgate.cli.common import console
+from msgate.cli.common import console, say
 from msgate.demo import run as demo
 from msgate.demo.patients import make_patients
 from msgate.demo.peers import MllpStandIn, PacsStandIn
@@ -128,20 +129,22 @@ def _print(results: list[dict]) -> None:  # type: ignore[type-arg]
     console.rule("results, as received back by the stand-in PACS and interface engine")
     for r in results:
         v, t = r["result"], r["truth"]
-        console.print(f"[bold]{r['subject']}[/bold] ({r['kind']})   truth: {t['diagnosis']}, EDSS {t['edss']}, "
-                      f"{t['lesions']} lesions, {t['rims']} Rim+")
+        console.print(f"[bold]{escape(str(r['subject']))}[/bold] "
+                      + escape(f"({r['kind']})   truth: {t['diagnosis']}, EDSS {t['edss']}, "
+                               f"{t['lesions']} lesions, {t['rims']} Rim+"))
         if v:
             rim = v.get("rim_count")
-            console.print(f"  EDSS class {v.get('edss_class', '-')} (confidence {v.get('confidence', 0):.2f}, "
-                          f"estimate {v.get('edss_estimate', 0):.1f})")
-            console.print(f"  {v.get('diagnosis', '-')} (P(MS) {v.get('p_ms', 0):.2f}); "
-                          f"{int(v.get('lesion_count', 0))} lesions, {v.get('lesion_volume_ml', 0):.2f} mL; "
-                          f"Rim+ {int(rim) if rim is not None else 'not assessable'}")
+            say(f"  EDSS class {v.get('edss_class', '-')} (confidence {v.get('confidence', 0):.2f}, "
+                f"estimate {v.get('edss_estimate', 0):.1f})")
+            say(f"  {v.get('diagnosis', '-')} (P(MS) {v.get('p_ms', 0):.2f}); "
+                f"{int(v.get('lesion_count', 0))} lesions, {v.get('lesion_volume_ml', 0):.2f} mL; "
+                f"Rim+ {int(rim) if rim is not None else 'not assessable'}")
         if r["he"]["sr"] or r["he"]["oru"]:
             console.print("  EHR branch under homomorphic encryption (CKKS): said by the "
                           + " and ".join(n for n, k in (("SR", "sr"), ("ORU", "oru")) if r["he"][k]))
-        sr = f"{r['sr']['destination']} acked" if r["sr"]["count"] else "[red]SR missing"
-        oru = f"{r['oru']['destination']} acked" if r["oru"]["received"] else "[red]ORU missing"
+        sr = escape(f"{r['sr']['destination']} acked") if r["sr"]["count"] else "[red]SR missing[/red]"
+        oru = escape(f"{r['oru']['destination']} acked") if r["oru"]["received"] else "[red]ORU missing[/red]"
         console.print(f"  SR to {sr}; ORU to {oru}")
         stages = ", ".join(f"{k} {v}s" for k, v in r["stages_s"].items())
-        console.print(f"  timeline: {stages}" + (f"  [red]{r['error']}" if r["error"] else ""))
+        error = f"  [red]{escape(str(r['error']))}" if r["error"] else ""
+        console.print(escape(f"  timeline: {stages}") + error)

@@ -10,10 +10,11 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlmodel import col, select
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import add_row, console, fail, print_json, say, state
 from msgate.storage import audit
 from msgate.storage.models import Job, Result, utcnow
 from msgate.storage.store import Store
@@ -67,9 +68,8 @@ def list_(
                   "reason")
     for d in docs:
         st = d["stages"]
-        table.add_row(d["id"], str(d["study_id"]), d["state"], d["created_at"] or "", str(d["attempts"]),
-                      str(st.get("batch", "")), str(st.get("inference_ms", "")),
-                      str(st.get("ready_to_result_ms", "")), (d["error"] or "")[:60])
+        add_row(table, d["id"], d["study_id"], d["state"], d["created_at"], d["attempts"], st.get("batch"),
+                st.get("inference_ms"), st.get("ready_to_result_ms"), (d["error"] or "")[:60])
     console.print(table)
 
 
@@ -100,24 +100,25 @@ def show(
     if json_out:
         print_json(doc)
         return
-    console.print(f"job {doc['id']}  study {doc['study_id']}  state [bold]{doc['state']}[/bold]  "
-                  f"attempts {doc['attempts']}  model {doc['model_version'] or '-'}  result {'yes' if has_result else 'no'}")
+    console.print(f"job {doc['id']}  study {doc['study_id']}  state [bold]{escape(doc['state'])}[/bold]  "
+                  f"attempts {doc['attempts']}  model {escape(doc['model_version'] or '-')}  "
+                  f"result {'yes' if has_result else 'no'}")
     if doc["error"]:
-        console.print(f"reason: {doc['error']}", highlight=False)
+        say(f"reason: {doc['error']}")
     if doc["supersedes"]:
-        console.print(f"supersedes job {doc['supersedes']}")
-    console.print(f"created {doc['created_at']}  published {doc['published_at'] or '-'}  started "
-                  f"{doc['started_at'] or '-'}  finished {doc['finished_at'] or '-'}", highlight=False)
+        say(f"supersedes job {doc['supersedes']}")
+    say(f"created {doc['created_at']}  published {doc['published_at'] or '-'}  started "
+        f"{doc['started_at'] or '-'}  finished {doc['finished_at'] or '-'}")
     table = Table("stage", "ms")
     for name in STAGES:
         if name in doc["stages"]:
-            table.add_row(name.removesuffix("_ms"), str(doc["stages"][name]))
+            add_row(table, name.removesuffix("_ms"), doc["stages"][name])
     if "batch" in doc["stages"]:
-        table.add_row("batch size", str(doc["stages"]["batch"]))
+        add_row(table, "batch size", doc["stages"]["batch"])
     console.print(table)
     if doc["ehr_missing"]:
-        console.print(f"EHR missing: {', '.join(doc['ehr_missing'])}"
-                      + ("  (ran after the EHR deadline)" if doc["ehr_deadline"] else ""))
+        say(f"EHR missing: {', '.join(doc['ehr_missing'])}"
+            + ("  (ran after the EHR deadline)" if doc["ehr_deadline"] else ""))
 
 
 def _publish(store: Store, job_id: str) -> bool:

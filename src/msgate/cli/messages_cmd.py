@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from sqlmodel import col, select
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import console, fail, print_json, say, state
 from msgate.storage import audit
 from msgate.storage.models import Hl7Message
 from msgate.storage.store import Store
@@ -50,9 +50,9 @@ def list_messages(
         print_json(rows)
         return
     for r in rows:
-        console.print(f"{r['id']:>6}  {r['type']:<12} {r['control_id'] or '':<24} {r['received_at']:%Y-%m-%d %H:%M:%S}  "
-                      f"ack={r['ack'] or '-':<3} {r['mapping_state']:<8} {r['mapping_error'] or ''}  "
-                      f"findings={r['findings']}", highlight=False)
+        say(f"{r['id']:>6}  {r['type']:<12} {r['control_id'] or '':<24} "
+            f"{r['received_at']:%Y-%m-%d %H:%M:%S}  ack={r['ack'] or '-':<3} {r['mapping_state']:<8} "
+            f"{r['mapping_error'] or ''}  findings={r['findings']}")
 
 
 @app.command("show")
@@ -69,7 +69,7 @@ def show(ctx: typer.Context, message_id: int, as_json: Annotated[bool, typer.Opt
         print_json(data)
         return
     for key, value in data.items():
-        console.print(f"{key:>20}: {value}", highlight=False)
+        say(f"{key:>20}: {value}")
 
 
 @app.command("replay")
@@ -84,6 +84,9 @@ def replay(
     store = state(ctx).store()
     with store.db.session() as session:
         if message_id is not None:
+            if session.get(Hl7Message, message_id) is None:
+                fail(f"no message {message_id}")
+                return
             ids = [message_id]
         elif errors:
             ids = [i for i in session.exec(select(Hl7Message.id).where(Hl7Message.mapping_state == "error")).all()
@@ -91,7 +94,10 @@ def replay(
         else:
             fail("give a message id or --errors")
             return
+        if not ids:
+            console.print("no messages in the error state; nothing replayed")
+            return
         audit.append(session, kind="hl7.replay", actor=audit.operator(), subject="hl7", detail={"count": len(ids)})
     outcomes = map_messages(store, ids)
     for mid, outcome in outcomes.items():
-        console.print(f"{mid}: {outcome.state} {outcome.error or ''}", highlight=False)
+        say(f"{mid}: {outcome.state} {outcome.error or ''}")

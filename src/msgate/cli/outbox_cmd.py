@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from sqlmodel import col, select
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import add_row, console, fail, print_json, state
 from msgate.results import outbox_ops as outbox
 from msgate.storage import audit
 from msgate.storage.models import Blob, OutboxEntry
@@ -44,8 +44,8 @@ def list_(
         when = d["delivered_at"] or (d["next_attempt_at"] if d["state"] in ("pending", "sending") else None)
         last = d["history"][-1] if d["history"] else None
         answer = f"{last['outcome']} {last['peer_status']}".strip() if last else ""
-        table.add_row(d["id"][:12], (d["job_id"] or "")[:12], d["object"], d["destination"], d["state"],
-                      str(d["attempts"]), f"{when:%Y-%m-%d %H:%M:%S}" if when else "", answer)
+        add_row(table, d["id"][:12], (d["job_id"] or "")[:12], d["object"], d["destination"], d["state"],
+                d["attempts"], f"{when:%Y-%m-%d %H:%M:%S}" if when else "", answer)
     console.print(table)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from sqlmodel import select
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import fail, print_json, say, state
 from msgate.storage import audit, repo_ehr
 from msgate.storage.models import Patient, PatientIdentifier
 from msgate.storage.repo_ehr import Identifier
@@ -66,7 +66,7 @@ def show(
         print_json(data)
         return
     for key in ("id", "name", "birth_date", "sex", "identifiers", "at"):
-        console.print(f"{key:>12}: {data[key]}", highlight=False)
+        say(f"{key:>12}: {data[key]}")
     for name, value in data["features"].items():
         shown = "-" if value is None else f"{value['value']} {value['unit']} ({value['observed_at'] or value['source']})"
-        console.print(f"{name:>16}: {shown}", highlight=False)
+        say(f"{name:>16}: {shown}")

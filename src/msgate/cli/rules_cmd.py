@@ -13,7 +13,7 @@ import typer
 from pydicom import dcmread
 from rich.table import Table
 
-from msgate.cli.common import console, print_json, state
+from msgate.cli.common import add_row, cell, console, print_json, state
 from msgate.listener import rules
 
 app = typer.Typer(no_args_is_help=True)
@@ -47,10 +47,10 @@ def test(
         table = Table("file", "role", "role rule", "route", "route rule", "required roles")
         for d in docs:
             if "error" in d:
-                table.add_row(str(d["file"]), "[red]unreadable[/red]", str(d["error"]), "", "", "")
+                add_row(table, d["file"], cell("unreadable", style="red"), d["error"], "", "", "")
             else:
-                table.add_row(str(d["file"]), str(d["role"]), str(d["role_rule"]), str(d["route"]),
-                              str(d["route_rule"]), ",".join(d["required_roles"]))  # type: ignore[arg-type]
+                add_row(table, d["file"], str(d["role"]), str(d["role_rule"]), str(d["route"]),
+                        str(d["route_rule"]), ",".join(d["required_roles"]))  # type: ignore[arg-type]
         console.print(table)
     if failed:
         raise typer.Exit(1)

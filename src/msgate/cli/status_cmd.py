@@ -12,11 +12,14 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
+from sqlalchemy.exc import SQLAlchemyError
 
 from msgate.cli import status_probe as probe
-from msgate.cli.common import console, print_json, state
+from msgate.cli.common import add_row, cell, console, print_json, state
 from msgate.cli.serve_cmd import available_roles
 from msgate.config import Settings
+from msgate.errors import MsgateError
 from msgate.storage.db import Database
 
 LEVEL = {"ok": 0, "degraded": 1, "down": 2}
@@ -30,20 +33,29 @@ def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
                                   "disk": probe.disk(settings)}
         if report["database"]["health"] == "down":
             return _finish(report, critical=True)
-        expected = (only_role,) if only_role else tuple(r for r in probe.PIPELINE_ROLES if r in available_roles())
-        report["roles"] = probe.roles(db, expected)
-        if "dicom" in expected:
-            report["roles"]["dicom"]["port_open"] = probe.port_open(settings.dicom.host, settings.dicom.port)
-        if "hl7" in expected:
-            report["roles"]["hl7"]["port_open"] = probe.port_open(settings.hl7.host, settings.hl7.port)
-        if only_role in (None, "scheduler", "worker", "publish"):
-            report["broker"] = probe.broker(settings)
-        if only_role is None:
-            report["jobs"] = probe.jobs(db)
-            report["outbox"] = probe.outbox(db)
+        try:
+            _probe_system(db, settings, only_role, report)
+        except (MsgateError, SQLAlchemyError) as exc:  # the database went away or broke mid-probe
+            report["database"] = probe.failed("database", exc) | {"backend": report["database"]["backend"]}
+            return _finish(report, critical=True)
         return _finish(report)
     finally:
         db.dispose()
+
+
+def _probe_system(db: Database, settings: Settings, only_role: str | None, report: dict[str, Any]) -> None:
+    """Roles (with their ports), broker, jobs and outbox, added to ``report``."""
+    expected = (only_role,) if only_role else tuple(r for r in probe.PIPELINE_ROLES if r in available_roles())
+    report["roles"] = probe.roles(db, expected)
+    if "dicom" in expected:
+        report["roles"]["dicom"]["port_open"] = probe.port_open(settings.dicom.host, settings.dicom.port)
+    if "hl7" in expected:
+        report["roles"]["hl7"]["port_open"] = probe.port_open(settings.hl7.host, settings.hl7.port)
+    if only_role in (None, "scheduler", "worker", "publish"):
+        report["broker"] = probe.broker(settings)
+    if only_role is None:
+        report["jobs"] = probe.jobs(db)
+        report["outbox"] = probe.outbox(db)
 
 
 def _finish(report: dict[str, Any], critical: bool = False) -> dict[str, Any]:
@@ -72,27 +84,27 @@ def render(report: dict[str, Any]) -> Group:
     for name in ("database", "keys", "disk", "broker"):
         if name in report:
             part = report[name]
-            parts.add_row(name, _h(part["health"]), _detail(part))
+            add_row(parts, name, _h(part["health"]), _detail(part))
     for role, info in report.get("roles", {}).items():
-        parts.add_row(f"role {role}", _h(info["health"]), _detail(info))
+        add_row(parts, f"role {role}", _h(info["health"]), _detail(info))
     if "jobs" in report:
         jobs = report["jobs"]
         counts = ", ".join(f"{k} {v}" for k, v in sorted(jobs["last_hour"].items())) or "none"
         timing = f"p50 {jobs['p50_s']:.1f}s p95 {jobs['p95_s']:.1f}s" if jobs["p50_s"] is not None else ""
-        parts.add_row("jobs (1 h)", "", f"{counts} {timing}".strip())
+        add_row(parts, "jobs (1 h)", "", f"{counts} {timing}".strip())
         for failure in jobs["recent_failures"]:
-            parts.add_row("", "", f"[red]job {failure['job']}: {failure['reason']}")
+            add_row(parts, "", "", cell(f"job {failure['job']}: {failure['reason']}", style="red"))
     if "outbox" in report:
         out = report["outbox"]
-        parts.add_row("outbox", _h(out["health"]), f"backlog {out['backlog']}, oldest {out['oldest_s']:.0f}s, "
-                      f"dead {out['dead_letters']}")
+        add_row(parts, "outbox", _h(out["health"]),
+                f"backlog {out['backlog']}, oldest {out['oldest_s']:.0f}s, dead {out['dead_letters']}")
         for error in out["recent_errors"]:
-            parts.add_row("", "", f"[yellow]{error['destination']}: {error['reason']}")
+            add_row(parts, "", "", cell(f"{error['destination']}: {error['reason']}", style="yellow"))
     return Group(head, parts)
 
 
-def _h(level: str) -> str:
-    return f"[{STYLE[level]}]{level}[/]"
+def _h(level: str) -> Text:
+    return cell(level, style=STYLE[level])
 
 
 def _detail(part: dict[str, Any]) -> str:

@@ -11,9 +11,11 @@ import statistics
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, func, select
 
 from msgate.config import Settings
+from msgate.errors import MsgateError
 from msgate.storage import heartbeat, keyring
 from msgate.storage.blobs import free_bytes
 from msgate.storage.db import Database
@@ -23,14 +25,28 @@ QUEUES = ("gpu", "publish")
 PIPELINE_ROLES = ("dicom", "hl7", "scheduler", "worker", "publish")
 STALE_AFTER_S = heartbeat.INTERVAL_S * 4
 OUTBOX_STALE_S = 900.0
+SCHEMA_MISSING = "schema missing; run msgate db upgrade"
 
 
 def database(db: Database) -> dict[str, Any]:
+    """Reachable and migrated; a database without msgate's schema is down (nothing can run on it)."""
     if not db.ping():
         return {"health": "down", "reason": "database unreachable"}
-    revision = db.current_revision()
-    return {"health": "ok" if revision else "degraded", "revision": revision,
-            "backend": "sqlite" if db.is_sqlite else "postgresql"}
+    backend = "sqlite" if db.is_sqlite else "postgresql"
+    try:
+        revision = db.current_revision()
+    except (MsgateError, SQLAlchemyError) as exc:
+        return failed("database", exc) | {"backend": backend}
+    if not revision:
+        return {"health": "down", "reason": SCHEMA_MISSING, "backend": backend}
+    return {"health": "ok", "revision": revision, "backend": backend}
+
+
+def failed(what: str, exc: Exception) -> dict[str, Any]:
+    """A probe that raised, as a down component. Only msgate's own text is shown: a driver's message
+    may quote SQL parameters, so only its type is named."""
+    detail = str(exc) if isinstance(exc, MsgateError) else type(exc).__name__
+    return {"health": "down", "reason": f"{what} probe failed: {detail}"[:200]}
 
 
 def keys(settings: Settings) -> dict[str, Any]:

@@ -10,13 +10,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from sqlmodel import Session
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import add_row, console, fail, print_json, say, state
 from msgate.storage import audit, repo_studies
 from msgate.storage.models import Study
 from msgate.storage.store import Store
 
 app = typer.Typer(no_args_is_help=True)
+AUDIT_CHUNK = 500  # study ids per phi.view event of one listing
 
 
 def _ts(value: Any) -> str | None:
@@ -36,6 +38,16 @@ def _study_doc(store: Store, study: Study) -> dict[str, Any]:
     }
 
 
+def _audit_listing(session: Session, study_ids: list[int]) -> None:
+    """One phi.view event per chunk of displayed ids, so every study shown is attributable."""
+    chunks = [study_ids[i:i + AUDIT_CHUNK] for i in range(0, len(study_ids), AUDIT_CHUNK)]
+    operator = audit.operator()
+    audit.append_many(session, [
+        ("phi.view", operator, "studies:list",
+         {"study_ids": chunk, "count": len(study_ids), "part": n, "parts": len(chunks)})
+        for n, chunk in enumerate(chunks, start=1)])
+
+
 @app.command("list")
 def list_(
     ctx: typer.Context,
@@ -48,18 +60,15 @@ def list_(
     with store.db.session() as session:
         studies = repo_studies.list_studies(session, state=state_filter, limit=limit)
         docs = [_study_doc(store, s) for s in studies]
-        if docs:
-            audit.append(session, kind="phi.view", actor=audit.operator(), subject="studies:list",
-                         detail={"study_ids": [d["id"] for d in docs][:500]})
+        _audit_listing(session, [d["id"] for d in docs])
     if json_out:
         print_json(docs)
         return
     table = Table("id", "accession", "patient id", "study date", "state", "route", "AE", "inst", "received (UTC)",
                   "ready (UTC)")
     for d in docs:
-        table.add_row(str(d["id"]), d["accession"] or "", d["patient_id"] or "", d["study_date"] or "", d["state"],
-                      d["route"] or "", d["calling_aet"], str(d["instances"]), d["last_received_at"] or "",
-                      d["ready_at"] or "")
+        add_row(table, d["id"], d["accession"], d["patient_id"], d["study_date"], d["state"], d["route"],
+                d["calling_aet"], d["instances"], d["last_received_at"], d["ready_at"])
     console.print(table)
 
 
@@ -92,18 +101,18 @@ def show(
     if json_out:
         print_json(doc)
         return
-    console.print(f"study {doc['id']}  accession {doc['accession'] or '-'}  patient {doc['patient_id'] or '-'}  "
-                  f"date {doc['study_date'] or '-'}", highlight=False)
-    console.print(f"state {doc['state']} (route {doc['route'] or '-'}, runs {doc['runs']})  calling AE "
-                  f"{doc['calling_aet']}  received {doc['first_received_at']} .. {doc['last_received_at']}  "
-                  f"ready {doc['ready_at'] or '-'}", highlight=False)
+    say(f"study {doc['id']}  accession {doc['accession'] or '-'}  patient {doc['patient_id'] or '-'}  "
+        f"date {doc['study_date'] or '-'}")
+    say(f"state {doc['state']} (route {doc['route'] or '-'}, runs {doc['runs']})  calling AE "
+        f"{doc['calling_aet']}  received {doc['first_received_at']} .. {doc['last_received_at']}  "
+        f"ready {doc['ready_at'] or '-'}")
     table = Table("series", "no.", "modality", "role", "description", "instances", "last received (UTC)")
     for s in doc["series"]:
-        table.add_row(str(s["id"]), str(s["number"] or ""), s["modality"], s["role"] or "", s["description"] or "",
-                      str(s["instances"]), s["last_received_at"] or "")
+        add_row(table, s["id"], s["number"], s["modality"], s["role"], s["description"], s["instances"],
+                s["last_received_at"])
     console.print(table)
     assoc = Table("association", "calling AE", "peer", "outcome", "instances", "failures", "started (UTC)")
     for a in doc["associations"]:
-        assoc.add_row(a["id"][:12], a["calling_aet"], a["peer"], a["outcome"], str(a["instances"]),
-                      str(a["failures"]), a["started_at"] or "")
+        add_row(assoc, a["id"][:12], a["calling_aet"], a["peer"], a["outcome"], a["instances"], a["failures"],
+                a["started_at"])
     console.print(assoc)

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from sqlmodel import Session, col, select
 
-from msgate.cli.common import console, fail, print_json, state
+from msgate.cli.common import add_row, console, fail, print_json, state
 from msgate.storage import audit
 from msgate.storage.models import (
     Association,
@@ -90,6 +90,17 @@ def message_events(msg: Hl7Message) -> list[dict[str, Any]]:
     return events
 
 
+def stage_text(name: str, value: Any) -> str:
+    """One ``Job.stages`` entry with its unit: ``*_ms`` are milliseconds, ``batch`` is a count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} {value}"
+    if name.endswith("_ms"):
+        return f"{name.removesuffix('_ms')} {value:.1f} ms"
+    if name == "batch":
+        return f"batch size {value:g}"
+    return f"{name} {value:g}"
+
+
 def job_events(session: Session, job: Job) -> list[dict[str, Any]]:
     ref = f"job:{job.id[:8]}"
     events = [_event(job.created_at, "job", f"job created (model {job.model_version or '?'})", ref)]
@@ -98,8 +109,7 @@ def job_events(session: Session, job: Job) -> list[dict[str, Any]]:
         if ts:
             events.append(_event(ts, "job", label, ref))
     if job.stages:
-        stages = ", ".join(f"{k} {v:.2f}s" if isinstance(v, (int, float)) else f"{k} {v}"
-                           for k, v in job.stages.items())
+        stages = ", ".join(stage_text(k, v) for k, v in job.stages.items())
         events.append(_event(job.finished_at or job.started_at, "job", f"stages: {stages}", ref))
     if job.error:
         events.append(_event(job.finished_at, "job", f"error: {job.error}", ref))
@@ -139,5 +149,5 @@ def command(
         return
     table = Table("time (UTC)", "stage", "event", "ref")
     for e in timeline:
-        table.add_row((e["time"] or "")[11:23], e["stage"], e["event"], e["ref"])
+        add_row(table, (e["time"] or "")[11:23], e["stage"], e["event"], e["ref"])
     console.print(table)

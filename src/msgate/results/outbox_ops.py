@@ -7,6 +7,7 @@ name; a retry restarts the entry's max-age window (see :mod:`msgate.results.outb
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -49,13 +50,26 @@ def requeue(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
     return done
 
 
+def in_flight(entry: OutboxEntry, now: datetime) -> bool:
+    """A sender holds the entry right now: ``sending`` under a lease that has not run out."""
+    return entry.state == "sending" and entry.next_attempt_at > now
+
+
 def drop(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
-    """Operator drop: the entry is never sent; it no longer holds back the study's delivered mark."""
+    """Operator drop: the entry is never sent; it no longer holds back the study's delivered mark.
+
+    Delivered and dropped entries are skipped, and so are entries in flight: the peer may already have
+    the object, and its answer must still be recorded. An expired lease means the sender stopped; that
+    entry can be dropped.
+    """
     done = []
+    now = utcnow()
     with store.db.session() as session:
         for entry_id in entry_ids:
-            entry = session.get(OutboxEntry, entry_id)
-            if entry is None or entry.state == "delivered" or entry.state == "dropped":
+            # the row lock orders this against a sender's renew/record of the same entry
+            query = select(OutboxEntry).where(OutboxEntry.id == entry_id).with_for_update()
+            entry = session.exec(query).first()
+            if entry is None or entry.state in ("delivered", "dropped") or in_flight(entry, now):
                 continue
             entry.state = "dropped"
             session.add(entry)
@@ -63,7 +77,7 @@ def drop(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
             audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
                          detail={"job_id": entry.job_id, "destination": entry.destination})
             session.flush()
-            _mark_study(session, entry, utcnow())
+            _mark_study(session, entry, now)
             done.append(entry.id)
     return done
 

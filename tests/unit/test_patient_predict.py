@@ -171,3 +171,17 @@ def test_shipped_patient_checkpoint_matches_the_shipped_lesion_model() -> None:
     assert meta["lesion_checkpoint"] == checkpoint_id()
     assert meta["model_version"] == checkpoint.MODEL_VERSION
     assert meta["feature_schema_hash"] == checkpoint.schema_hash()
+
+
+def test_the_model_runs_on_the_device_it_is_given() -> None:
+    """The worker passes its device: load_model used to ignore it (no `device` parameter), so a GPU
+    worker logged `device: cuda` and ran every network on the CPU."""
+    from msgate.model.predict import load_model
+
+    model = load_model(device="cpu")
+    assert model.device == "cpu"
+    devices = {p.device.type for n in model.ckpt.nets for p in n.parameters()}
+    lesion = getattr(model.lesions, "model", None)
+    if lesion is not None:
+        assert lesion.device == "cpu"
+    assert devices == {"cpu"}

@@ -37,6 +37,7 @@ class PatientModel:
     batch_size: int = 4
     heatmaps: bool = True
     extra: dict[str, object] = field(default_factory=dict)
+    device: str = "cpu"  # where the networks run (the worker's MSGATE_WORKERS__DEVICE)
 
     @property
     def name(self) -> str:
@@ -51,13 +52,17 @@ _DEFAULT: PatientModel | None = None
 
 
 def load_model(path: Path | str | None = None, *, review_confidence: float = 0.5,
-               lesion_source: LesionSource | None = None) -> PatientModel:
+               lesion_source: LesionSource | None = None, device: str | None = None) -> PatientModel:
     """Load the patient checkpoint (default: the packaged ``patient-tiny.pt``) and the lesion source it
-    was trained with (``heuristic`` stand-in or the issue-6 lesion model; see ``lesionsrc``)."""
+    was trained with (``heuristic`` stand-in or the issue-6 lesion model; see ``lesionsrc``), on
+    ``device`` (``cpu`` by default; the worker passes its resolved device, e.g. ``cuda``)."""
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    dev = str(device or "cpu")
     ckpt = checkpoint.load(path)
-    source = lesion_source or load_lesion_source(str(ckpt.meta.get("lesion_source", "heuristic")))
-    return PatientModel(ckpt, source, review_confidence)
+    for net in {id(n): n for n in (*ckpt.nets, ckpt.net)}.values():
+        net.to(dev)
+    source = lesion_source or load_lesion_source(str(ckpt.meta.get("lesion_source", "heuristic")), device=dev)
+    return PatientModel(ckpt, source, review_confidence, device=dev)
 
 
 def _inputs(model: PatientModel, case: Case) -> tuple[LesionOutput, ModelInput, NDArray[np.float32], NDArray[np.float32]]:
@@ -80,11 +85,11 @@ def _mc_probs(model: PatientModel, zs: list[torch.Tensor], es: list[torch.Tensor
     probs = []
     with torch.no_grad():
         for _ in range(model.mc_samples):
-            logits = torch.zeros(zs[0].shape[0], 4)
+            logits = torch.zeros(zs[0].shape[0], 4, device=zs[0].device)
             for net, z, e in zip(nets, zs, es):
                 keep = (torch.rand(z.shape[1:], generator=gen) >= net.drop.p).float() / (1.0 - net.drop.p)
-                logits += net.fusion(z * keep, e)[:, :4] / len(nets)
-            probs.append(softmax(logits.numpy(), model.ckpt.t_edss))
+                logits += net.fusion(z * keep.to(z.device), e)[:, :4] / len(nets)
+            probs.append(softmax(logits.cpu().numpy(), model.ckpt.t_edss))
     return np.mean(probs, axis=0)  # type: ignore[no-any-return]
 
 
@@ -103,16 +108,17 @@ def _flags(case: Case, confidence: float, uncertainty: float, model: PatientMode
 def _predict_batch(model: PatientModel, cases: list[Case]) -> list[ModelResult]:
     net = model.ckpt.net.eval()
     prepared = [_inputs(model, c) for c in cases]
-    image = torch.as_tensor(np.stack([p[1].image for p in prepared]))
-    present = torch.as_tensor(np.stack([p[1].present for p in prepared]))
-    ehr = torch.as_tensor(np.stack([p[2] for p in prepared]))
-    lesion = torch.as_tensor(np.stack([p[3] for p in prepared]))
+    dev = model.device
+    image = torch.as_tensor(np.stack([p[1].image for p in prepared])).to(dev)
+    present = torch.as_tensor(np.stack([p[1].present for p in prepared])).to(dev)
+    ehr = torch.as_tensor(np.stack([p[2] for p in prepared])).to(dev)
+    lesion = torch.as_tensor(np.stack([p[3] for p in prepared])).to(dev)
     nets = model.ckpt.nets
     with torch.no_grad():
         zs = [n.image_embedding(image, present, lesion) for n in nets]
         es = [n.ehr_embedding(ehr) for n in nets]
         outs = [n.heads(z, e) for n, z, e in zip(nets, zs, es)]
-    out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("edss_logits", "edss", "ms_logit")}
+    out = {k: torch.stack([o[k] for o in outs]).mean(0).cpu() for k in ("edss_logits", "edss", "ms_logit")}
     probs = softmax(out["edss_logits"].numpy(), model.ckpt.t_edss)
     p_ms = sigmoid(out["ms_logit"].numpy(), model.ckpt.t_ms)
     unc = normalised_entropy(_mc_probs(model, zs, es))

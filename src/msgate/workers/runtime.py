@@ -104,6 +104,8 @@ class Runtime:
         if callable(loader):
             params = inspect.signature(loader).parameters
             self._model = loader(device=self.device) if "device" in params else loader()
+            if "device" not in params:  # a model that does not take a device runs where it chose (CPU)
+                self.device = str(getattr(self._model, "device", "cpu"))
         self.version = (declared_version(module) or str(getattr(self._model, "version", "") or "")[:64]
                         or UNVERSIONED)
         warm = getattr(module, "warm_up", None)

@@ -32,10 +32,10 @@ class RealLesions:
 
     name = "msgate-lesions"
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, device: str = "cpu") -> None:
         from msgate.model.lesions import load_lesion_model
 
-        self.model = load_lesion_model(path)
+        self.model = load_lesion_model(path, device=device)
         self.name = f"msgate-lesions-{self.model.version}"
         self.checkpoint = checkpoint_id(path)
 

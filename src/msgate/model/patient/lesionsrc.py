@@ -142,7 +142,7 @@ class HeuristicLesions:
         return np.ascontiguousarray(out.transpose(2, 1, 0))
 
 
-def load_lesion_source(kind: str = "auto") -> LesionSource:
+def load_lesion_source(kind: str = "auto", device: str = "cpu") -> LesionSource:
     """``heuristic``, ``lesion-model`` (issue 6 checkpoint) or ``auto`` (the lesion model if its
     checkpoint is installed, else the heuristic). A patient checkpoint records the kind it was trained
     with, and ``predict`` uses that kind, so the lesion features keep their training distribution."""
@@ -151,7 +151,7 @@ def load_lesion_source(kind: str = "auto") -> LesionSource:
     try:
         from msgate.model.patient.lesionmodel import RealLesions
 
-        return RealLesions()
+        return RealLesions(device=device)
     except (ImportError, FileNotFoundError, ValueError):
         if kind == "lesion-model":
             raise

@@ -159,3 +159,18 @@ def test_too_few_slices_and_no_geometry() -> None:
     del no_pos.ImagePositionPatient
     with pytest.raises(Rejected, match="ImagePositionPatient"):
         assemble([no_pos, _slice(1.0), _slice(2.0)], "FLAIR")
+
+
+def test_nonfinite_pixels_are_zeroed_and_flagged() -> None:
+    """A float QSM export with NaN outside the brain made every probability NaN, with no flag."""
+    series = [_slice(z) for z in (0.0, 1.0, 2.0)]
+    pixels = np.full((8, 8), 5.0, np.float32)
+    pixels[0, 0], pixels[1, 1], pixels[2, 2] = np.nan, np.inf, -np.inf
+    for ds in series:
+        del ds.PixelData, ds.RescaleSlope, ds.RescaleIntercept
+        ds.BitsAllocated, ds.FloatPixelData = 32, pixels.tobytes()
+        del ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    assembly = assemble(series, "QSM")
+    assert np.isfinite(assembly.volume.data).all() and "nonfinite_pixels" in assembly.flags
+    assert float(assembly.volume.data[1, 0, 0]) == 0.0 and float(assembly.volume.data[1, 3, 3]) == 5.0
+

@@ -100,7 +100,8 @@ def _mean_dicts(rows: list[list[dict[str, float]]]) -> list[dict[str, float]]:
 def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel) -> tuple[str, ...]:
     flags = [f for f, role in (("qsm_absent", "QSM"), ("t1_absent", "T1")) if role not in case.volumes]
     flags += missing_flags(case.ehr) if case.ehr is not None else []
-    if confidence < model.review_confidence or uncertainty > model.review_uncertainty:
+    if (not (np.isfinite(confidence) and np.isfinite(uncertainty))  # NaN compares False: never "review"
+            or confidence < model.review_confidence or uncertainty > model.review_uncertainty):
         flags.append("review")
     return tuple(flags)
 

@@ -7,7 +7,8 @@ the mean step between slice origins, column 3 = the first slice's ``ImagePositio
 
 Handled: compressed pixel data (pydicom + pylibjpeg decoders); Enhanced / Legacy Converted MR
 multi-frame (PS3.3 C.7.6.16 functional groups); slices sorted by position along the slice normal;
-duplicate positions (the latest instance wins); mixed orientations (localisers: the largest stack
+duplicate positions (the latest instance wins); NaN/Inf pixels (float exports; set to 0 and flagged);
+mixed orientations (localisers: the largest stack
 of one orientation and matrix size is kept); missing slices (linearly interpolated up to
 :data:`MAX_MISSING_FRACTION`); gantry tilt (a sheared affine, the step keeps its true direction).
 Anything else raises :class:`~msgate.errors.Rejected` with a reason that names no patient data.
@@ -187,6 +188,9 @@ def assemble(datasets: list[Dataset], role: Role) -> Assembly:
         raise Rejected(f"series {role} has {len(planes)} usable slice(s); at least {MIN_SLICES} are needed",
                        code="too_few_slices")
     data, step, sources, frames = _stack(planes, normal, flags, role)
+    if not np.isfinite(data).all():  # float exports (QSM) often hold NaN outside the brain: NaN in, NaN out
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        flags.append("nonfinite_pixels")
     affine = np.eye(4)
     affine[:3, 0] = row_dir * planes[0].spacing[1]
     affine[:3, 1] = col_dir * planes[0].spacing[0]

@@ -39,7 +39,7 @@ def _volume(role: str, shape: tuple[int, int, int], spacing: float, seed: int) -
 
 
 def _case(case_id: str = "c1", roles: tuple[str, ...] = ("FLAIR", "QSM", "T1"), ehr: dict[str, object] | None = None) -> Case:
-    vols = {role: _volume(role, (20, 24, 22) if role == "FLAIR" else (30, 24, 22), 5.0 if role == "FLAIR" else 4.0, i)
+    vols = {role: _volume(role, (22, 24, 22) if role == "FLAIR" else (30, 24, 22), 5.0 if role == "FLAIR" else 4.0, i)
             for i, role in enumerate(roles)}
     values = {"age": 41.0, "sex": "F", "disease_duration": 5.0, "t25fw": 5.1, "nhpt": 20.0, "sdmt": 55,
               "nfl": 9.0, "ocb": "POS", "igg_index": 0.8, "relapses_2y": 1, "dmt": "fingolimod"}
@@ -185,3 +185,19 @@ def test_the_model_runs_on_the_device_it_is_given() -> None:
     if lesion is not None:
         assert lesion.device == "cpu"
     assert devices == {"cpu"}
+
+
+def test_a_flair_that_does_not_span_the_brain_is_flagged_for_review() -> None:
+    """A thin slab gave one 100 mL 'lesion' and a confident EDSS with no flag."""
+    from msgate.model.predict import MIN_HEAD_FOOT_MM, _flags, head_foot_extent, load_model
+    from msgate.model.types import Case, EhrVector, Volume
+
+    model = load_model()
+    ehr = EhrVector(np.zeros(1, np.float32), np.ones(1, bool), ("age",))
+    slab = Volume(np.zeros((5, 64, 64), np.float32), np.diag([1.0, 1.0, 3.0, 1.0]), "FLAIR")
+    sagittal = Volume(np.zeros((40, 128, 128), np.float32),  # 40 sagittal slices; head-foot runs in-plane
+                      np.array([[0.0, 0, 1, 0], [1, 0, 0, 0], [0, -1.2, 0, 0], [0, 0, 0, 1]]), "FLAIR")
+    assert head_foot_extent(slab) == 12.0 and head_foot_extent(sagittal) == pytest.approx(127 * 1.2)
+    flags = _flags(Case("c", {"FLAIR": slab}, ehr), 0.9, 0.1, model)
+    assert "partial_coverage" in flags and "review" in flags and MIN_HEAD_FOOT_MM == 100.0
+    assert "partial_coverage" not in _flags(Case("c", {"FLAIR": sagittal}, ehr), 0.9, 0.1, model)

@@ -369,9 +369,12 @@ def test_flags_reach_the_oru_and_the_sr(sources: list[Dataset], result: ModelRes
     the numbers alone used to be identical with and without the flag."""
     from msgate.results.notes import flag_notes
 
-    flagged = ModelResult(**{**result.__dict__, "flags": ("review", "qsm_absent", "ehr_missing:nfl")})
+    flagged = ModelResult(**{**result.__dict__, "flags": ("review", "qsm_absent", "ehr_missing:nfl",
+                                                          "flair_missing_slices", "qsm_nonfinite_pixels")})
     notes = flag_notes(flagged)
-    assert len(notes) == 3 and flag_notes(ModelResult(**{**result.__dict__, "flags": ()})) == ()
+    assert len(notes) == 5 and flag_notes(ModelResult(**{**result.__dict__, "flags": ()})) == ()
+    # the worker prefixes series flags with their role; they used to match no note at all
+    assert "FLAIR series: missing slices, completed by interpolation." in notes
     ntes = [line.split("|")[3] for line in _oru(flagged, sources[0], False).split("\r") if line.startswith("NTE")]
     assert all(note in ntes for note in notes)
     sr = build_sr(flagged, sources, None, Identity.of(flagged), series_uid="1.2.3", sop_uid="1.2.3.1")

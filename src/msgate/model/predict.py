@@ -22,7 +22,7 @@ from msgate.model.patient.ehr import missing_flags, raw_columns
 from msgate.model.patient.explain import ehr_contributions, gradcam
 from msgate.model.patient.lesionsrc import LesionOutput, LesionSource, lesion_features, load_lesion_source
 from msgate.model.patient.preprocess import ModelInput, prepare, to_flair_grid
-from msgate.model.types import Case, ModelResult
+from msgate.model.types import Case, ModelResult, Volume
 
 
 @dataclass
@@ -97,11 +97,27 @@ def _mean_dicts(rows: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     return [{k: float(np.mean([r[i][k] for r in rows])) for k in rows[0][i]} for i in range(len(rows[0]))]
 
 
+MIN_HEAD_FOOT_MM = 100.0
+"""A FLAIR that spans less than this head to foot does not hold the brain: on a 3-slice slab the lesion
+network labelled the whole slab as one 100 mL lesion. Such a result is flagged for review."""
+
+
+def head_foot_extent(volume: Volume) -> float:
+    """The volume's extent along the patient's head-foot axis (LPS z), in mm, voxel centre to centre."""
+    k, r, c = volume.data.shape
+    corners = np.array([[i, j, m, 1.0] for i in (0, c - 1) for j in (0, r - 1) for m in (0, k - 1)])
+    z = (volume.affine_lps @ corners.T)[2]
+    return float(z.max() - z.min())
+
+
 def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel) -> tuple[str, ...]:
     flags = [f for f, role in (("qsm_absent", "QSM"), ("t1_absent", "T1")) if role not in case.volumes]
+    partial = head_foot_extent(case.flair) < MIN_HEAD_FOOT_MM
+    if partial:
+        flags.append("partial_coverage")
     flags += missing_flags(case.ehr) if case.ehr is not None else []
     if (not (np.isfinite(confidence) and np.isfinite(uncertainty))  # NaN compares False: never "review"
-            or confidence < model.review_confidence or uncertainty > model.review_uncertainty):
+            or partial or confidence < model.review_confidence or uncertainty > model.review_uncertainty):
         flags.append("review")
     return tuple(flags)
 

@@ -13,16 +13,23 @@ _TEXT = {
     "qsm_absent": "QSM absent: paramagnetic rim lesions not assessable.",
     "t1_absent": "T1 absent: computed from FLAIR (and QSM) only.",
     "ehr_deadline": "Required EHR data did not arrive before the deadline: computed with it masked.",
-    "missing_slices": "Missing slices in the FLAIR series: the volume was completed by interpolation.",
-    "gantry_tilt": "Gantry tilt in the source series.",
-    "mixed_orientation": "Mixed slice orientations in the source series.",
-    "duplicate_positions": "Duplicate slice positions in the source series.",
+    "partial_coverage": "The FLAIR does not cover the whole brain head to foot: lesion results may be wrong.",
 }
+_SERIES = {  # what volume assembly flags, per series (``flair_missing_slices``, ``qsm_nonfinite_pixels``)
+    "missing_slices": "missing slices, completed by interpolation",
+    "gantry_tilt": "gantry tilt",
+    "mixed_orientation": "mixed slice orientations (the main stack was used)",
+    "duplicate_positions": "duplicate slice positions (the latest instance was used)",
+    "nonfinite_pixels": "NaN or infinite pixel values, set to 0",
+}
+_ROLES = {"flair": "FLAIR", "qsm": "QSM", "t1": "T1"}
 
 
 def flag_notes(result: ModelResult) -> tuple[str, ...]:
     """One sentence per flag that changes how the result should be read, in a stable order."""
     out = [_TEXT[flag] for flag in _TEXT if flag in result.flags]
+    out += [f"{name} series: {text}." for role, name in _ROLES.items() for flag, text in _SERIES.items()
+            if f"{role}_{flag}" in result.flags]
     missing = sorted(flag.split(":", 1)[1] for flag in result.flags if flag.startswith("ehr_missing:"))
     if missing:
         out.append(f"EHR values absent (masked): {', '.join(missing)}.")

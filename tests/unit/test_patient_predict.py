@@ -201,3 +201,30 @@ def test_a_flair_that_does_not_span_the_brain_is_flagged_for_review() -> None:
     flags = _flags(Case("c", {"FLAIR": slab}, ehr), 0.9, 0.1, model)
     assert "partial_coverage" in flags and "review" in flags and MIN_HEAD_FOOT_MM == 100.0
     assert "partial_coverage" not in _flags(Case("c", {"FLAIR": sagittal}, ehr), 0.9, 0.1, model)
+
+
+def test_lesions_outside_a_qsm_slab_are_not_assessed() -> None:
+    """A QSM slab (smaller field of view than the FLAIR) was zero-filled on the working grid, so lesions
+    outside it were scored on empty patches and reported Rim- (assessed) instead of not assessable."""
+    from msgate.model.patient.lesionmodel import RealLesions
+    from msgate.model.patient.synthdata import synth_case
+    from msgate.model.predict import _flags, load_model
+
+    case, _ = synth_case(202, 4)
+    qsm = case.volumes["QSM"]
+    k0, n = qsm.data.shape[0] // 2 + 5, int(round(40 / qsm.spacing[2]))
+    shift = np.eye(4)
+    shift[2, 3] = k0
+    slab = Volume(np.ascontiguousarray(qsm.data[k0:k0 + n]), qsm.affine_lps @ shift, "QSM")
+    lesions = RealLesions()
+    full = lesions(case.volumes).findings
+    part = lesions({**case.volumes, "QSM": slab}).findings
+    assert all(f.rim_probability is not None for f in full)
+    outside = [f for f in part if f.rim_probability is None]
+    assert 0 < len(outside) < len(part)
+    z = [(slab.affine_lps @ [0, 0, k, 1])[2] for k in (0, n - 1)]
+    lo, hi = min(z), max(z)
+    assert all(f.rim_probability is not None for f in part if lo + 8 <= f.centroid_lps[2] <= hi - 8)
+    assert all(f.rim_probability is None for f in part if not lo - 8 <= f.centroid_lps[2] <= hi + 8)
+    flags = _flags(Case("c", {**case.volumes, "QSM": slab}, case.ehr), 0.9, 0.1, load_model(), part)
+    assert "qsm_partial_coverage" in flags

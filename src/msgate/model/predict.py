@@ -22,7 +22,7 @@ from msgate.model.patient.ehr import missing_flags, raw_columns
 from msgate.model.patient.explain import ehr_contributions, gradcam
 from msgate.model.patient.lesionsrc import LesionOutput, LesionSource, lesion_features, load_lesion_source
 from msgate.model.patient.preprocess import ModelInput, prepare, to_flair_grid
-from msgate.model.types import Case, ModelResult, Volume
+from msgate.model.types import Case, LesionFinding, ModelResult, Volume
 
 
 @dataclass
@@ -110,8 +110,11 @@ def head_foot_extent(volume: Volume) -> float:
     return float(z.max() - z.min())
 
 
-def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel) -> tuple[str, ...]:
+def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel,
+           findings: tuple[LesionFinding, ...] = ()) -> tuple[str, ...]:
     flags = [f for f, role in (("qsm_absent", "QSM"), ("t1_absent", "T1")) if role not in case.volumes]
+    if "QSM" in case.volumes and any(f.rim_probability is None for f in findings):
+        flags.append("qsm_partial_coverage")  # lesions outside the QSM field of view: not assessed
     partial = head_foot_extent(case.flair) < MIN_HEAD_FOOT_MM
     if partial:
         flags.append("partial_coverage")
@@ -155,7 +158,7 @@ def _predict_batch(model: PatientModel, cases: list[Case]) -> list[ModelResult]:
             confidence=conf, uncertainty=float(unc[i]), p_ms=float(p_ms[i]), lesions=les.findings,
             lesion_mask=les.labels.astype(np.int16),
             heatmap=None if heat is None else to_flair_grid(heat[i], mi.affine_ras, case.flair),
-            ehr_contributions=contribs[i], flags=_flags(case, conf, float(unc[i]), model)))
+            ehr_contributions=contribs[i], flags=_flags(case, conf, float(unc[i]), model, les.findings)))
     return results
 
 

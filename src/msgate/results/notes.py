@@ -13,6 +13,8 @@ _TEXT = {
     "qsm_absent": "QSM absent: paramagnetic rim lesions not assessable.",
     "t1_absent": "T1 absent: computed from FLAIR (and QSM) only.",
     "ehr_deadline": "Required EHR data did not arrive before the deadline: computed with it masked.",
+    "qsm_partial_coverage": "QSM does not cover every lesion: those lesions were not assessed for a "
+                            "paramagnetic rim, and the Rim+ count covers the assessed lesions only.",
     "partial_coverage": "The FLAIR does not cover the whole brain head to foot: lesion results may be wrong.",
 }
 _SERIES = {  # what volume assembly flags, per series (``flair_missing_slices``, ``qsm_nonfinite_pixels``)

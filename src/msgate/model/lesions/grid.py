@@ -60,6 +60,21 @@ def to_grid(vol: Volume, grid: WorkGrid, order: int = 1) -> F32:
     return _resample(arr, np.asarray(vol.affine_lps, np.float64), grid.affine, grid.shape, order).astype(np.float32)
 
 
+def coverage(vol: Volume, grid: WorkGrid) -> NDArray[np.bool_]:
+    """Where ``vol`` has data on the working grid (c, r, k): a QSM slab covers less than the FLAIR, and
+    :func:`to_grid` fills the rest with 0, which reads as 'no rim' rather than 'not measured'."""
+    ones = Volume(np.ones(vol.data.shape, np.float32), vol.affine_lps, vol.role)
+    return to_grid(ones, grid, order=0) > 0.5
+
+
+def covered(cov: NDArray[np.bool_], box: tuple[slice, ...] | None, margin: int = 2) -> bool:
+    """Is the bounding box ``box`` (grid slices), grown by ``margin`` voxels (within the grid), all in ``cov``?"""
+    if box is None:
+        return False
+    grown = tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, cov.shape))
+    return bool(cov[grown].all())
+
+
 def from_grid(arr: NDArray[np.generic], grid: WorkGrid) -> NDArray[np.generic]:
     """A working-grid label map back in the FLAIR grid, ``[k, r, c]`` (nearest neighbour)."""
     out = _resample(arr, grid.affine, grid.src_affine, grid.src_shape, order=0)

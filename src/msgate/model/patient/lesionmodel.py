@@ -41,6 +41,7 @@ class RealLesions:
 
     def with_patches(self, volumes: dict[str, Volume]) -> tuple[LesionOutput, NDArray[np.float32]]:
         """Lesions with Rim+ probabilities, plus the (N, 2, s, s, s) Rim+ patches (N = 0 without QSM)."""
+        from msgate.model.lesions.grid import coverage, covered
         from msgate.model.lesions.model import RimScores
         from msgate.model.lesions.patches import lesion_patches
         from msgate.model.lesions.segment import prepare, segment_arrays
@@ -54,10 +55,17 @@ class RealLesions:
             probs: dict[int, float | None] = {lab: None for lab in labels}
             out = LesionOutput(lesions.label_map.astype(np.int16), RimScores(probs, "QSM" in arrays).apply(lesions))
             return out, np.zeros((0, 2, size, size, size), np.float32)
-        cents = ndimage.center_of_mass(np.ones(lesions.work_labels.shape), lesions.work_labels, index=labels)
+        # a lesion whose surroundings the QSM does not cover (a slab) is not assessable: None, not Rim-
+        cov = coverage(volumes["QSM"], grid)
+        boxes = ndimage.find_objects(lesions.work_labels)
+        inside = [lab for lab in labels if lab - 1 < len(boxes) and covered(cov, boxes[lab - 1])]
+        cents = ndimage.center_of_mass(np.ones(lesions.work_labels.shape), lesions.work_labels, index=inside) \
+            if inside else []
         patches = lesion_patches(arrays["QSM"], arrays["FLAIR"], [np.asarray(c) for c in cents], size)
-        p = 1.0 / (1.0 + np.exp(-m.rim_logits(patches)))
-        scores = RimScores({lab: round(float(v), 6) for lab, v in zip(labels, p)}, assessable=True)
+        p = 1.0 / (1.0 + np.exp(-m.rim_logits(patches))) if inside else np.zeros(0)
+        probs = {lab: None for lab in labels}
+        probs.update({lab: round(float(v), 6) for lab, v in zip(inside, p)})
+        scores = RimScores(probs, assessable=True)
         return LesionOutput(lesions.label_map.astype(np.int16), scores.apply(lesions)), patches
 
     def rim_probabilities(self, patches: NDArray[np.floating]) -> NDArray[np.float64]:

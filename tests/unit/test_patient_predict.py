@@ -228,3 +228,19 @@ def test_lesions_outside_a_qsm_slab_are_not_assessed() -> None:
     assert all(f.rim_probability is None for f in part if not lo - 8 <= f.centroid_lps[2] <= hi + 8)
     flags = _flags(Case("c", {**case.volumes, "QSM": slab}, case.ehr), 0.9, 0.1, load_model(), part)
     assert "qsm_partial_coverage" in flags
+
+
+def test_a_patient_checkpoint_refuses_another_lesion_checkpoint(tmp_path: Path) -> None:
+    """The patient model's lesion features come from one lesion checkpoint; another one installed beside
+    it loaded silently (the 0.1.0 -> 0.2.0 lesion swap the model card describes)."""
+    from msgate.errors import ConfigError
+
+    blob = torch.load(checkpoint.DEFAULT_PATH, map_location="cpu", weights_only=True)
+    meta = json.loads(blob["meta_json"])
+    assert meta["lesion_checkpoint"] and meta["lesion_source"] == "lesion-model"
+    load_model()  # the shipped pair
+    blob["meta_json"] = json.dumps({**meta, "lesion_checkpoint": "000000000000"}, sort_keys=True)
+    other = tmp_path / "patient-other.pt"
+    torch.save(blob, other)
+    with pytest.raises(ConfigError, match="lesion checkpoint 000000000000"):
+        load_model(other)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from msgate.errors import ConfigError
 from msgate.model.patient import checkpoint
 from msgate.model.patient.calibration import normalised_entropy, sigmoid, softmax
 from msgate.model.patient.ehr import missing_flags, raw_columns
@@ -62,6 +63,11 @@ def load_model(path: Path | str | None = None, *, review_confidence: float = 0.5
     for net in {id(n): n for n in (*ckpt.nets, ckpt.net)}.values():
         net.to(dev)
     source = lesion_source or load_lesion_source(str(ckpt.meta.get("lesion_source", "heuristic")), device=dev)
+    expected, actual = str(ckpt.meta.get("lesion_checkpoint") or ""), str(getattr(source, "checkpoint", "") or "")
+    if lesion_source is None and expected and actual and expected != actual:
+        raise ConfigError(f"the patient model was trained on lesion features from lesion checkpoint {expected}, "
+                          f"but lesion checkpoint {actual} is installed: its features would not match; install "
+                          "the pair the patient checkpoint names, or retrain it (msgate train patient)")
     return PatientModel(ckpt, source, review_confidence, device=dev)
 
 

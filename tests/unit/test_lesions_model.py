@@ -202,3 +202,41 @@ def test_rim_arch_from_checkpoint_metadata() -> None:
     m = build_model(TINY, meta, ("asymmetric", "stacked"))
     assert isinstance(m.rim["asymmetric"], AsymmetricRimNet) and m.rim["asymmetric"].bounded
     assert isinstance(m.rim["stacked"], StackedRimNet)
+
+
+def _restored(vol: Volume, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> Volume:
+    """The same voxels stored in another orientation: new (c, r, k) axis a is old axis ``perm[a]``,
+    reversed where ``flips[a]``; the affine follows, so every voxel keeps its LPS position."""
+    crk = vol.data.transpose(2, 1, 0).transpose(perm)
+    for axis, flip in enumerate(flips):
+        if flip:
+            crk = np.flip(crk, axis)
+    old_n = vol.data.shape[::-1]
+    index = np.zeros((4, 4))
+    index[3, 3] = 1.0
+    for axis, (old, flip) in enumerate(zip(perm, flips)):
+        index[old, axis] = -1.0 if flip else 1.0
+        index[old, 3] = old_n[old] - 1 if flip else 0.0
+    return Volume(np.ascontiguousarray(crk.transpose(2, 1, 0)), vol.affine_lps @ index, vol.role)
+
+
+def test_lesion_results_do_not_depend_on_how_the_slices_are_stored() -> None:
+    """The working grid kept the FLAIR's stored orientation, so the networks saw the head flipped or
+    rotated for anything but the training storage ([-1,0,0,0,-1,0] axial): one head gave 5 to 7 lesions."""
+    from msgate.model.lesions.data import synth_case
+    from msgate.model.patient.lesionmodel import RealLesions
+
+    case = synth_case(202, 3)
+    lesions = RealLesions()
+    reference = lesions(case.volumes).findings
+    assert reference
+    for perm, flips in (((0, 1, 2), (True, True, False)),   # axial as most scanners store it, [1,0,0,0,1,0]
+                        ((1, 2, 0), (False, True, False)),  # sagittal slices
+                        ((0, 2, 1), (True, True, False))):  # coronal slices
+        stored = {role: _restored(v, perm, flips) for role, v in case.volumes.items()}
+        assert np.isclose(stored["FLAIR"].data.sum(), case.volumes["FLAIR"].data.sum())
+        got = lesions(stored).findings
+        assert len(got) == len(reference), perm
+        assert sorted(round(f.volume_ml, 3) for f in got) == sorted(round(f.volume_ml, 3) for f in reference)
+        assert sorted(f.rim_probability for f in got) == pytest.approx(sorted(f.rim_probability for f in reference),
+                                                                       abs=1e-4)

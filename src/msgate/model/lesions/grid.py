@@ -1,8 +1,8 @@
 """Working grid: resample the contract's volumes (``data[k, r, c]``, ``affine_lps`` on ``(c, r, k)``).
 
 Arrays inside the lesion model are in ``(c, r, k)`` order so that index order and affine columns
-agree. The working grid keeps the FLAIR orientation and field of view at the preset's isotropic
-spacing; everything else (QSM, T1, which may come from another acquisition) is resampled into it
+agree. The working grid covers the FLAIR field of view at the preset's isotropic spacing, in the
+orientation the networks were trained in (:func:`work_grid`); everything else (QSM, T1, which may come from another acquisition) is resampled into it
 through the affines, and results go back to the FLAIR grid the same way.
 """
 
@@ -33,16 +33,37 @@ class WorkGrid:
         return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))  # type: ignore[return-value]
 
 
+CANONICAL = np.diag([-1.0, -1.0, 1.0])
+"""Direction cosines (columns: c, r, k) of the orientation the networks were trained in: axial slices
+stored with ImageOrientationPatient ``[-1,0,0,0,-1,0]`` (``synth.protocols``), slices along +z (LPS)."""
+
+
 def work_grid(flair: Volume, spacing_mm: float) -> WorkGrid:
-    """FLAIR field of view at ``spacing_mm``; voxel centres aligned on the FLAIR corner."""
+    """The FLAIR field of view at ``spacing_mm``, in the training orientation (:data:`CANONICAL`).
+
+    A FLAIR stored that way keeps its own grid (voxel centres aligned on its corner). Any other storage
+    (axial ``[1,0,0,0,1,0]``, sagittal or coronal 3D, oblique) gets the axis-aligned grid over the same
+    field of view: the lesion network and the Rim+ patches (B0 along ``k``) see the head as in training,
+    so the results no longer depend on how the scanner stored the slices."""
     src_shape = tuple(int(n) for n in flair.data.shape[::-1])
+    src_aff = np.asarray(flair.affine_lps, dtype=np.float64)
     sp = np.asarray(flair.spacing)
     ratio = spacing_mm / sp
-    shape = tuple(max(1, int(round(n / r))) for n, r in zip(src_shape, ratio))
-    scale = np.diag(np.append(ratio, 1.0))
-    scale[:3, 3] = (ratio - 1.0) / 2.0
-    aff = np.asarray(flair.affine_lps, dtype=np.float64) @ scale
-    return WorkGrid(shape, aff, src_shape, np.asarray(flair.affine_lps, dtype=np.float64))  # type: ignore[arg-type]
+    directions = src_aff[:3, :3] / sp
+    if np.allclose(directions, CANONICAL, atol=1e-3):
+        shape = tuple(max(1, int(round(n / r))) for n, r in zip(src_shape, ratio))
+        scale = np.diag(np.append(ratio, 1.0))
+        scale[:3, 3] = (ratio - 1.0) / 2.0
+        return WorkGrid(shape, src_aff @ scale, src_shape, src_aff)  # type: ignore[arg-type]
+    edges = np.array([[i, j, m, 1.0] for i in (-0.5, src_shape[0] - 0.5) for j in (-0.5, src_shape[1] - 0.5)
+                      for m in (-0.5, src_shape[2] - 0.5)])
+    world = (src_aff @ edges.T)[:3].T
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    shape = tuple(max(1, int(round(float(e) / spacing_mm))) for e in hi - lo)
+    aff = np.eye(4)
+    aff[:3, :3] = CANONICAL * spacing_mm
+    aff[:3, 3] = [hi[0] - spacing_mm / 2, hi[1] - spacing_mm / 2, lo[2] + spacing_mm / 2]  # corner voxel centres
+    return WorkGrid(shape, aff, src_shape, src_aff)  # type: ignore[arg-type]
 
 
 def _resample(arr: NDArray[np.generic], src_aff: NDArray[np.float64], dst_aff: NDArray[np.float64],

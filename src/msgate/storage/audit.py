@@ -90,13 +90,20 @@ class Verification:
 
 
 def verify(session: Session, batch: int = 5000) -> Verification:
-    """Walk the whole chain in order; stop at the first inconsistency."""
+    """Walk the chain in order up to the head read first; stop at the first inconsistency.
+
+    The head is read before the records: records appended while the walk runs (committed after that
+    read) are not part of what is verified. Reading it last made a concurrent append on PostgreSQL
+    (read committed: each page sees what has committed by then) look like a deleted tail."""
+    head = session.get(AuditHead, 1)
+    end = head.seq if head is not None else None
     prev_hash, expected_seq, checked = GENESIS, 1, 0
     last_seq = 0
     while True:
-        rows: Sequence[AuditEvent] = session.exec(
-            select(AuditEvent).where(AuditEvent.seq > last_seq).order_by(col(AuditEvent.seq)).limit(batch)
-        ).all()
+        query = select(AuditEvent).where(AuditEvent.seq > last_seq)
+        if end is not None:
+            query = query.where(AuditEvent.seq <= end)
+        rows: Sequence[AuditEvent] = session.exec(query.order_by(col(AuditEvent.seq)).limit(batch)).all()
         if not rows:
             break
         for event in rows:
@@ -104,7 +111,6 @@ def verify(session: Session, batch: int = 5000) -> Verification:
             if problem:
                 return Verification(False, checked, event.seq if "missing" not in problem else expected_seq, problem)
             prev_hash, expected_seq, checked, last_seq = event.hash, event.seq + 1, checked + 1, event.seq
-    head = session.get(AuditHead, 1)
     if head is not None and (head.seq != expected_seq - 1 or head.hash != prev_hash):
         return Verification(False, checked, expected_seq, f"records after seq {expected_seq - 1} were deleted "
                             f"(head says {head.seq})")

@@ -124,3 +124,35 @@ def test_segment_reader_zero_filled_segment_and_its_torn_last_record(tmp_path: P
     path.write_bytes(bytes(data))
     assert SegmentReader(path, ring).read() == [(1, b"MSH|one\r")]
     journal.close()
+
+
+def test_a_segment_whose_header_was_cut_short_holds_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash or ENOSPC while a segment was made left a short header: recovery raised struct.error and
+    the listener could not start until someone deleted the file. A short write now fails the segment
+    (and its append) and removes the file."""
+    import errno
+    import os
+
+    ring = keyring.init(tmp_path / "keys" / "keyring.json")
+    journal = Journal(tmp_path / "j", ring)
+    journal.append([b"acknowledged"])
+    segment = next((tmp_path / "j").glob("*.jnl"))
+    full = segment.read_bytes()
+    for cut in (5, 20, 34):
+        segment.write_bytes(full[:cut])
+        assert read_segment(segment, ring) == []
+    writes = iter([3])
+
+    def short_write(fd: int, data: bytes) -> int:
+        n = next(writes, None)
+        if n is None:
+            raise OSError(errno.ENOSPC, "no space")
+        return real(fd, data[:n])  # the header: 3 bytes written, the rest lost
+
+    real = os.write
+    other = Journal(tmp_path / "k", ring)
+    monkeypatch.setattr("msgate.storage.journal.os.write", short_write)
+    with pytest.raises(OSError):
+        other.append([b"never acknowledged"])
+    monkeypatch.undo()
+    assert list((tmp_path / "k").glob("*.jnl")) == []

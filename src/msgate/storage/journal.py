@@ -16,6 +16,7 @@ wrapped by the key ring's KEK, like blobs.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -40,6 +41,16 @@ def _aad(name: str, seq: int) -> bytes:
     return name.encode() + b"|" + str(seq).encode()
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a short write is not an error to the kernel)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write to a journal segment")
+        view = view[n:]
+
+
 class Segment:
     def __init__(self, directory: Path, ring: KeyRing, *, zero_fill: int = 0) -> None:
         """A new segment file, made durable with its folder entry. With ``zero_fill`` its first bytes are
@@ -51,15 +62,20 @@ class Segment:
         kid = wrapped.kek_id.encode()
         header = MAGIC + struct.pack(">H", len(kid)) + kid + struct.pack(">H", len(wrapped.wrapped)) + wrapped.wrapped
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(self.fd, header)
-        zeros = bytes(1 << 20)
-        for offset in range(len(header), zero_fill, len(zeros)):
-            os.write(self.fd, zeros[:zero_fill - offset])
-            if (offset // len(zeros)) % ZERO_FLUSH_MIB == ZERO_FLUSH_MIB - 1:
-                os.fdatasync(self.fd)  # a few MiB per flush: appends to the current segment wait less
-        os.lseek(self.fd, len(header), os.SEEK_SET)
-        os.fsync(self.fd)
-        fsync_dir(directory)
+        try:
+            _write_all(self.fd, header)
+            zeros = bytes(1 << 20)
+            for offset in range(len(header), zero_fill, len(zeros)):
+                _write_all(self.fd, zeros[:zero_fill - offset])
+                if (offset // len(zeros)) % ZERO_FLUSH_MIB == ZERO_FLUSH_MIB - 1:
+                    os.fdatasync(self.fd)  # a few MiB per flush: appends to the current segment wait less
+            os.lseek(self.fd, len(header), os.SEEK_SET)
+            os.fsync(self.fd)
+            fsync_dir(directory)
+        except OSError:  # ENOSPC, EIO: no half-made segment is left for recovery to trip over
+            os.close(self.fd)
+            self.path.unlink(missing_ok=True)
+            raise
         self.aead = AESGCM(self.dek)
         self.size, self.seq, self.indexed, self.closed = len(header), 0, 0, False
 
@@ -213,12 +229,17 @@ def read_segment(path: Path, ring: KeyRing) -> list[bytes]:
     if data[:4] != MAGIC:
         return []
     pos = 4
-    (klen,) = struct.unpack_from(">H", data, pos)
-    kid = data[pos + 2:pos + 2 + klen].decode()
-    pos += 2 + klen
-    (wlen,) = struct.unpack_from(">H", data, pos)
-    wrapped = data[pos + 2:pos + 2 + wlen]
-    pos += 2 + wlen
+    try:
+        (klen,) = struct.unpack_from(">H", data, pos)
+        kid = data[pos + 2:pos + 2 + klen].decode()
+        pos += 2 + klen
+        (wlen,) = struct.unpack_from(">H", data, pos)
+        wrapped = data[pos + 2:pos + 2 + wlen]
+        pos += 2 + wlen
+    except (struct.error, UnicodeDecodeError):
+        return []  # header cut short (a crash while the segment was made): no record was ever appended
+    if pos > len(data):
+        return []
     aead = AESGCM(crypto.unwrap_key(ring, crypto.WrappedKey(kid, wrapped), blob_id=path.name, kind=KIND))
     out, seq = [], 0
     while pos + 4 <= len(data):

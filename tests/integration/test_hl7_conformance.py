@@ -182,3 +182,35 @@ def test_training_messages_are_refused_by_default(tmp_path: Path) -> None:
     finally:
         store.close()
 
+
+
+def test_conformance_values_land_in_the_right_columns(tmp_path: Path) -> None:
+    """What three public samples say, checked field by field against their text (the main test only
+    checks that something was mapped): escapes decoded (10\\S\\9/L), SN ^182 as a number, OBX-14 with
+    an offset stored in UTC, OBR-7 as the time when OBX-14 is empty, PID-3 with its authority and type."""
+    from datetime import UTC, datetime
+
+    from msgate.hl7.mapping import map_messages
+
+    store = make_store(tmp_path, processing_ids=["P", "T", "D"])
+    dec = store.cipher.decrypt
+    try:
+        for name in ("oru_r01_v2.3_cbc_zsegments_monai_mig.hl7", "oru_r01_v2.5.1_cbc_nist_lri_fhirconverter.hl7",
+                     "oru_r01_v2.4_glucose_pythonhl7.hl7"):
+            raw = (CONFORMANCE / name).read_bytes()
+            mid = store.ingest.store_hl7(raw=raw, header=read_msh(raw).header()).message_id
+            assert map_messages(store, [mid])[mid].state == "mapped", name
+        with store.db.session() as session:
+            def obs(code: str) -> tuple[str | None, str, str, datetime]:
+                row = session.exec(select(Observation).where(Observation.code == code)).one()
+                at = row.observed_at if row.observed_at.tzinfo else row.observed_at.replace(tzinfo=UTC)
+                return dec(row.value_enc, column="observation.value"), row.unit, row.value_type, at
+
+            ids = {(dec(i.value_enc, column="patient_identifier.value"), i.authority, i.id_type)
+                   for i in session.exec(select(PatientIdentifier)).all()}
+            assert {("AND234DA_PID3", "", "MR"), ("PATID1234", "NIST MPI", "MR"), ("555-44-4444", "", "MR")} <= ids
+            assert obs("301.0500") == ("10.1", "10^9/L", "NM", datetime(2014, 11, 13, 9, 16, tzinfo=UTC))
+            assert obs("26453-1") == ("4.41", "10*6/uL", "NM", datetime(2011, 1, 3, 22, 34, 28, tzinfo=UTC))  # -0800
+            assert obs("1554-5") == ("182", "mg/dl", "SN", datetime(2002, 2, 15, 7, 30, tzinfo=UTC))  # OBR-7
+    finally:
+        store.close()

@@ -134,8 +134,31 @@ def test_transfer_syntaxes_and_conformance_files_stored_as_received(tmp_path: Pa
         sent += extra
         with opened_store(listener.home) as store:
             stored = stored_bytes(store)
+            indexed = _index_of(store, conformance)
     for path in sent:  # bit-exact: the stored dataset is the one sent (MR_small* share a SOP Instance UID)
         assert as_sent(path.read_bytes()) in [as_sent(v) for v in stored[sop_uid(path)]], path.name
+    for path in conformance:  # indexed under their own study and series, with their SOP class; never an MR role
+        ds = dcmread(path, stop_before_pixels=True)
+        study_uid, series_uid, sop_class, role = indexed[str(ds.SOPInstanceUID)]
+        assert (study_uid, series_uid, sop_class) == (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID)
+        assert role == "OTHER", (path.name, role)
+
+
+def _index_of(store: object, files: list[Path]) -> dict[str, tuple[str, str, str, str | None]]:
+    """SOP Instance UID -> (study UID, series UID, SOP class, series role) as the index holds them."""
+    from sqlmodel import select
+
+    from msgate.storage.models import Instance, Series, Study
+
+    dec = store.cipher.decrypt  # type: ignore[attr-defined]
+    out = {}
+    with store.db.session() as session:  # type: ignore[attr-defined]
+        for inst in session.exec(select(Instance)).all():
+            series, study = session.get(Series, inst.series_id), session.get(Study, inst.study_id)
+            out[dec(inst.sop_uid_enc, column="instance.sop_uid")] = (
+                dec(study.study_uid_enc, column="study.study_uid"), dec(series.series_uid_enc, column="series.series_uid"),
+                inst.sop_class_uid, series.role)
+    return out
 
 
 def test_concurrent_associations(tmp_path: Path) -> None:

@@ -354,3 +354,44 @@ def test_audit_verify_is_not_fooled_by_an_append_that_commits_while_it_runs(tmp_
             assert audit.verify(s).ok
     finally:
         store.close()
+
+
+def test_a_commit_that_raised_but_committed_keeps_its_body(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection drops during COMMIT but the server committed: the listener answers a failure, the
+    sender resends and finds the row as a duplicate. The group-commit path discarded the body on the
+    error, so that instance's row pointed to a deleted body."""
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session as OrmSession
+
+    from msgate.storage.index_dicom import BatchIndexer
+
+    from tests.conftest import make_settings
+
+    store = open_store(make_settings(tmp_path / "home", "sqlite"))  # file bodies, written outside the transaction
+    assert store.ingest.can_group_commit
+    real_commit, real_run = OrmSession.commit, BatchIndexer.run
+    failed: list[bool] = []
+
+    def run(self: BatchIndexer, *args: object, **kwargs: object) -> object:
+        self.session.info["indexed"] = True
+        return real_run(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def commit_then_fail(self: OrmSession) -> None:
+        indexed = self.info.get("indexed", False)
+        real_commit(self)
+        if indexed and not failed:  # the transaction that indexed the instance committed, then "dropped"
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    raw = mr_slice()
+    monkeypatch.setattr(BatchIndexer, "run", run)
+    monkeypatch.setattr(OrmSession, "commit", commit_then_fail)
+    prepared = store.ingest.prepare_instance(source=raw, calling_aet="PACS")
+    assert isinstance(store.ingest.commit_instances([prepared])[0], Transient)  # answered as a failure
+    monkeypatch.undo()
+    again = store.ingest.store_instance(source=raw, calling_aet="PACS")  # the sender's resend
+    assert again.duplicate
+    with store.db.session() as s:
+        inst = s.get(Instance, again.instance_id)
+        assert inst is not None and store.blobs.read(s, inst.blob_id) == raw
+    store.close()

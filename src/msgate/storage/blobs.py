@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +31,8 @@ from msgate.storage import crypto
 from msgate.storage.db import Database
 from msgate.storage.keyring import KeyRing
 from msgate.storage.models import Blob, BlobChunk, new_id, utcnow
+
+log = logging.getLogger(__name__)
 
 Source = bytes | bytearray | memoryview | Path | BinaryIO
 
@@ -299,7 +302,19 @@ class Blobs:
         return blob
 
     def discard_body(self, session: Session, blob_id: str) -> None:
-        """Remove a body whose index row was never committed (lost race, rolled-back ingest)."""
+        """Remove a body whose index row was never committed (lost race, rolled-back ingest).
+
+        Outside a transaction (``session`` None) the body stays when its row exists after all: a COMMIT
+        that raised (the connection dropped) may still have committed on the server, and the sender, told
+        to resend, then finds the row as a duplicate of an acknowledged message whose body would be gone."""
+        if session is None:
+            try:
+                with self.db.session() as check:
+                    if check.get(Blob, blob_id) is not None:
+                        log.warning("body kept: its index row was committed after all", extra={"blob_id": blob_id})
+                        return
+            except Exception:  # noqa: BLE001 - the database is away: as before, the body goes (retries during
+                pass  # a long outage would otherwise leave an orphan file per attempt)
         self.bodies.delete(session, blob_id)
 
     def _dek(self, blob: Blob) -> bytes:

@@ -240,6 +240,9 @@ def test_retention_keeps_a_study_with_a_run_after_its_delivery(store: Store) -> 
         job.state = "failed"
         s.add(job)
     assert retention.purge(store, dry_run=True).studies == [stored.study_id]
+    with store.db.session() as s:  # `jobs retry` re-queues an old job: it keeps its created_at (before delivery)
+        s.add(Job(id="old", study_id=stored.study_id, idem_key="old", state="queued", created_at=old))
+    assert retention.purge(store, dry_run=True).studies == []
 
 
 def test_retention_never_purges_an_instance_acknowledged_after_the_candidates_were_listed(

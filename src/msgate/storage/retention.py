@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists
+from sqlalchemy import and_, exists, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import col, func, select
 
@@ -39,8 +39,11 @@ class PurgeReport:
 
 
 def _run_after() -> Any:
-    return exists().where(col(Job.study_id) == col(Study.id), col(Job.state).in_(("queued", "running", "done")),
-                          col(Job.created_at) > col(Study.delivered_at))
+    """A run that still needs the images: queued or running whenever it was made (``jobs retry`` re-queues
+    an old job with its old ``created_at``), or done after the delivery (its results not delivered yet)."""
+    return exists().where(col(Job.study_id) == col(Study.id), or_(
+        col(Job.state).in_(("queued", "running")),
+        and_(col(Job.state) == "done", col(Job.created_at) > col(Study.delivered_at))))
 
 
 def _arrived_after() -> Any:

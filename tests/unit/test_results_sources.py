@@ -107,3 +107,51 @@ def test_an_interpolated_slice_gets_no_seg_frame_and_no_key_image() -> None:
     assert out["out.pm"][0].NumberOfFrames == N - 1
     refs = {str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) for sc in out["out.sc"]}
     assert refs and str(ordered[gap].SOPInstanceUID) not in refs
+
+
+def test_a_multiframe_flair_with_a_frame_left_out_gets_no_seg_but_its_report(enhanced: tuple[Dataset, list[Dataset]]
+                                                                              ) -> None:
+    """A localiser frame inside the Enhanced MR instance: the worker leaves it out, and highdicom refuses a
+    SEG over that instance (mixed orientations). Publishing failed outright; now the SEG and map are left
+    out and the SR and key images still go out."""
+    mf, _ = enhanced
+    assembly = volume.assemble([mf], "FLAIR")
+    used = FlairSources(tuple(SourceSlice(mf, f) for f in assembly.frames[1:]))  # frame of slice 0 left out
+    result = model_result((N - 1, ROWS, COLS))
+    kinds = sorted(k for k in _rendered(result, used, key_images=2))
+    assert kinds == ["out.sc", "out.sr"]
+
+
+def test_a_job_recorded_before_frame_mapping_is_refused_on_a_multiframe_flair(tmp_path: object) -> None:
+    """Without flair_frames every slice pointed at the whole multi-frame instance: the SEG copied one mask
+    slice onto every frame, silently wrong. Such a job is refused (re-run it) instead."""
+    from types import SimpleNamespace
+
+    from msgate.errors import Rejected
+    from msgate.results import sources as sources_mod
+
+    mf = _reread(LegacyConvertedEnhancedMRImage(legacy_datasets=flair_series(n=4, rows=8, cols=8, seed=2),
+                                                series_instance_uid=hd.UID(), series_number=9,
+                                                sop_instance_uid=hd.UID(), instance_number=1))
+    buf = io.BytesIO()
+    mf.save_as(buf, enforce_file_format=True)
+
+    class _Blobs:
+        def read(self, session: object, blob_id: str) -> bytes:
+            return buf.getvalue()
+
+    class _Session:
+        def __enter__(self) -> _Session:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def exec(self, query: object) -> SimpleNamespace:
+            return SimpleNamespace(all=lambda: [SimpleNamespace(id=7, blob_id="b")])
+
+    store = SimpleNamespace(blobs=_Blobs(), db=SimpleNamespace(session=lambda: _Session()))
+    job = SimpleNamespace(flags={"flair_instances": [7, 7, 7, 7]}, study_id=1)
+    with pytest.raises(Rejected, match="re-run"):
+        sources_mod.load_sources(store, job)  # type: ignore[arg-type]
+

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import highdicom as hd
 from pydicom import dcmread
@@ -35,6 +37,7 @@ from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, 
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PUBLISHABLE = ("done",)
 
 
@@ -73,23 +76,38 @@ def render(result: ModelResult, sources: FlairSources | list[Dataset], *, option
     for source in sources.datasets:
         _default_repertoire_named(source)
     ident = Identity.of(result)
-    seg = seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
+    seg = _optional("SEG", lambda: seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
     sr_uid = hd.UID()
     report = sr_mod.build_sr(result, sources, seg, ident, series_uid=hd.UID(), sop_uid=sr_uid, previous=previous or ())
     objects = []
     if seg is not None:
         objects.append(Rendered("out.seg", _encode(seg.dataset)))
     if options.parametric_map:
-        pm = heatmap.build_pm(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
+        pm = _optional("parametric map", lambda: heatmap.build_pm(result, sources, ident, series_uid=hd.UID(),
+                                                                   sop_uid=hd.UID()))
         if pm is not None:
             objects.append(Rendered("out.pm", _encode(pm)))
     if options.key_images > 0:
         series = hd.UID()
-        for sc in heatmap.build_key_images(result, sources, ident, series_uid=series,
-                                           sop_uids=[hd.UID() for _ in range(options.key_images)]):
+        images = _optional("key images", lambda: heatmap.build_key_images(
+            result, sources, ident, series_uid=series, sop_uids=[hd.UID() for _ in range(options.key_images)]))
+        for sc in images or []:
             objects.append(Rendered("out.sc", _encode(sc)))
     objects.append(Rendered("out.sr", _encode(report)))
     return objects, sr_uid
+
+
+def _optional(what: str, build: Callable[[], T]) -> T | None:
+    """A derived image object (SEG, map, key images) that cannot be built on these sources is left out,
+    logged: the SR and the ORU, which carry the findings, still go out. The grid check stays fatal."""
+    try:
+        return build()
+    except ValueError as exc:
+        if str(exc).startswith('Argument "result"'):  # the result is not on the FLAIR grid: nothing is right
+            raise
+        log.warning("result object left out: it cannot be built on the source images",
+                    extra={"reason": what, "error_type": type(exc).__name__})
+        return None
 
 
 def _default_repertoire_named(ds: Dataset) -> None:

@@ -55,17 +55,22 @@ def check_grid(result: ModelResult, sources: FlairSources | Sequence[Dataset]) -
 
 def on_sources(src: FlairSources, planes: np.ndarray) -> tuple[list[Dataset], np.ndarray] | None:
     """``planes`` (one per slice ``k``) re-ordered as frames of the derived object's source images:
-    the single-frame images with a source, or every frame of the one multi-frame image (frames the
-    worker did not use stay 0). None when the sources are several multi-frame images."""
+    the single-frame images with a source, or every frame of the one multi-frame image. None when the sources are several multi-frame images, or one whose
+    frames the worker did not all use (highdicom refuses a source with repeated positions or mixed
+    orientations), so the derived object is left out rather than wrong."""
     if src.one_plane_per_image:
         keep = src.present
         return [src.slices[k].dataset for k in keep], planes[keep]  # type: ignore[union-attr]
     if len(src.datasets) != 1:
         return None
     ds = src.first
-    out = np.zeros((int(ds.NumberOfFrames), *planes.shape[1:]), dtype=planes.dtype)
-    for k in src.present:
-        out[src.slices[k].frame] = planes[k]  # type: ignore[union-attr,index]
+    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    frames = [src.slices[k].frame for k in src.present]  # type: ignore[union-attr]
+    if None in frames or sorted(frames) != list(range(n)):  # type: ignore[type-var]
+        return None  # frames the worker left out (a duplicate position, a localiser): one SEG cannot skip them
+    out = np.zeros((n, *planes.shape[1:]), dtype=planes.dtype)
+    for k, frame in zip(src.present, frames, strict=True):
+        out[frame] = planes[k]  # type: ignore[index]
     return [ds], out
 
 
@@ -98,8 +103,8 @@ def build_seg(result: ModelResult, sources: FlairSources | Sequence[Dataset], id
     ]
     placed = on_sources(src, np.stack([masks[key] for key, _, _ in present], axis=-1).astype(np.uint8))
     if placed is None:
-        log.warning("no SEG: the FLAIR was assembled from several multi-frame instances",
-                    extra={"count": len(src.datasets)})
+        log.warning("no SEG: the FLAIR planes used are not the frames of one image (several multi-frame "
+                    "instances, or frames left out)", extra={"count": len(src.datasets)})
         return None
     source_images, pixels = placed
     seg = hd.seg.Segmentation(

@@ -28,7 +28,7 @@ from sqlmodel import Session, col, select
 from msgate.errors import Rejected
 from msgate.storage.models import Instance, Job, Series
 from msgate.storage.store import Store
-from msgate.workers.volume import group_item, monochrome2
+from msgate.workers.volume import group_item, is_functional, monochrome2
 
 FLAIR_ROLE = "FLAIR"
 
@@ -163,6 +163,10 @@ def load_sources(store: Store, job: Job) -> FlairSources:
             datasets[instance.id] = dcmread(io.BytesIO(store.blobs.read(session, instance.blob_id)))
     if set(datasets) != wanted:
         raise Rejected("a FLAIR instance the result was computed from is no longer stored", code="no_flair")
+    if not flags.get("flair_frames") and any(is_functional(ds) or int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
+                                             for ds in datasets.values()):
+        raise Rejected("the job was computed before source frames were recorded, on a multi-frame FLAIR: "
+                       "re-run it (msgate jobs retry) to publish it", code="no_frame_map")
     return FlairSources(tuple(None if i is None else SourceSlice(datasets[int(i)], None if f is None else int(f))
                               for i, f in zip(instances, frames, strict=True)))
 

@@ -398,3 +398,21 @@ def test_a_commit_that_raised_but_committed_keeps_its_body(tmp_path: Path, monke
         inst = s.get(Instance, again.instance_id)
         assert inst is not None and store.blobs.read(s, inst.blob_id) == raw
     store.close()
+
+
+def test_a_message_stored_before_the_content_key_is_still_a_duplicate(store: Store) -> None:
+    """Rows stored before 2026-12-07 carry the old duplicate key (sender and MSH-10 only): their resend,
+    or a journal replay after the upgrade, was stored and mapped a second time. A message that reuses
+    such a row's MSH-10 with other content is still a new message."""
+    raw = (b"MSH|^~\\&|LAB|HOSP|MSGATE|MSGATE|20250101120000||ORU^R01^ORU_R01|C0001|P|2.5.1\r"
+           b"PID|1||M1^^^HOSP^MR||DOE^JANE||19800101|F\r")
+    header = Hl7Header(control_id="C0001", sending_application="LAB", sending_facility="HOSP")
+    first = store.ingest.store_hl7(raw=raw, header=header)
+    with store.db.session() as s:  # as the earlier release indexed it
+        row = s.get(Hl7Message, first.message_id)
+        assert row is not None
+        row.dedup_index = store.ingest.legacy_key(header)
+    resend = store.ingest.store_hl7(raw=raw.replace(b"20250101120000", b"20250101120500", 1), header=header)
+    assert resend.duplicate and resend.message_id == first.message_id
+    other = store.ingest.store_hl7(raw=raw.replace(b"DOE^JANE", b"ROE^RICHARD"), header=header)
+    assert not other.duplicate

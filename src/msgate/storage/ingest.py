@@ -338,6 +338,28 @@ class Ingest:
             raise failed
         return done
 
+    def legacy_key(self, header: Hl7Header) -> str:
+        """The duplicate key of messages stored before 2026-12-07 (sender and MSH-10 only)."""
+        return self.cipher.blind_index(
+            f"{header.sending_application}|{header.sending_facility}|{header.control_id}", scope="msh10")
+
+    def _legacy_duplicates(self, session: Session, items: Sequence[tuple[bytes, Hl7Header]], keys: list[str],
+                           found: dict[str, Hl7Message]) -> dict[int, Hl7Message]:
+        """Items that resend a message stored under the old key: same sender and MSH-10, and the same
+        content after MSH (read back from the stored body), so an upgrade does not store them twice."""
+        todo = {i: self.legacy_key(h) for i, ((_, h), key) in enumerate(zip(items, keys, strict=True))
+                if key not in found}
+        if not todo:
+            return {}
+        rows = {m.dedup_index: m for m in session.exec(
+            select(Hl7Message).where(col(Hl7Message.dedup_index).in_(set(todo.values())))).all()}
+        out = {}
+        for i, old in todo.items():
+            row = rows.get(old)
+            if row is not None and body_digest(self.blobs.read(session, row.blob_id)) == body_digest(items[i][0]):
+                out[i] = row
+        return out
+
     def _hl7_rows(self, session: Session, items: Sequence[tuple[bytes, Hl7Header]], keys: list[str],
                   bodies: dict[int, Blob], actor: str) -> list[tuple[Hl7Message, bool]]:
         """Index rows of a batch in ``session`` (one flush), then one audit event per stored message
@@ -346,11 +368,12 @@ class Ingest:
         ``bodies`` are popped as they are used; what is left over was not needed (a duplicate)."""
         found = {m.dedup_index: m for m in session.exec(
             select(Hl7Message).where(col(Hl7Message.dedup_index).in_(set(keys)))).all()}
+        legacy = self._legacy_duplicates(session, items, keys, found)
         results: list[tuple[Hl7Message, bool]] = []
         new: list[tuple[Hl7Message, Hl7Header, str]] = []
         for i, ((raw, header), key) in enumerate(zip(items, keys, strict=True)):
-            if key in found:
-                message = found[key]
+            if key in found or i in legacy:
+                message = found[key] if key in found else legacy[i]
                 message.duplicates = (message.duplicates or 0) + 1
                 session.add(message)
                 results.append((message, True))

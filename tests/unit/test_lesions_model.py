@@ -240,3 +240,20 @@ def test_lesion_results_do_not_depend_on_how_the_slices_are_stored() -> None:
         assert sorted(round(f.volume_ml, 3) for f in got) == sorted(round(f.volume_ml, 3) for f in reference)
         assert sorted(f.rim_probability for f in got) == pytest.approx(sorted(f.rim_probability for f in reference),
                                                                        abs=1e-4)
+
+
+def test_qsm_on_the_flair_grid_covers_its_outer_slices() -> None:
+    """Coverage resampled with nearest neighbour left the first and last working slices uncovered when
+    the QSM had exactly the FLAIR's slices, so lesions there read as not assessable."""
+    from msgate.model.lesions.grid import coverage, work_grid
+
+    for directions in (np.diag([-1.0, -1.0, 1.0]), np.eye(3)):
+        aff = np.eye(4)
+        aff[:3, :3] = directions * np.array([1.0, 1.0, 3.0])
+        flair = Volume(np.zeros((40, 32, 32), np.float32), aff, "FLAIR")
+        qsm = Volume(np.zeros((40, 32, 32), np.float32), aff, "QSM")
+        for spacing in (1.0, 2.0):
+            assert coverage(qsm, work_grid(flair, spacing)).all()
+        half = Volume(np.zeros((20, 32, 32), np.float32), aff, "QSM")  # the lower half only
+        cov = coverage(half, work_grid(flair, 3.0))
+        assert cov.any() and not cov.all()

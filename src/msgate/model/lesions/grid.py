@@ -84,8 +84,13 @@ def to_grid(vol: Volume, grid: WorkGrid, order: int = 1) -> F32:
 def coverage(vol: Volume, grid: WorkGrid) -> NDArray[np.bool_]:
     """Where ``vol`` has data on the working grid (c, r, k): a QSM slab covers less than the FLAIR, and
     :func:`to_grid` fills the rest with 0, which reads as 'no rim' rather than 'not measured'."""
-    ones = Volume(np.ones(vol.data.shape, np.float32), vol.affine_lps, vol.role)
-    return to_grid(ones, grid, order=0) > 0.5
+    # ones padded with a zero voxel all round, resampled linearly: >= 0.5 exactly within half a voxel of
+    # the outer slice centres, which is what the volume covers (order 0 dropped the outer half slices)
+    ones = np.pad(np.ones(vol.data.shape[::-1], np.float32), 1)
+    shift = np.eye(4)
+    shift[:3, 3] = -1.0
+    padded = _resample(ones, np.asarray(vol.affine_lps, np.float64) @ shift, grid.affine, grid.shape, order=1)
+    return np.asarray(padded >= 0.5 - 1e-6)
 
 
 def covered(cov: NDArray[np.bool_], box: tuple[slice, ...] | None, margin: int = 2) -> bool:

@@ -81,3 +81,24 @@ def test_key_ring_changes_are_serialised(tmp_path: Path) -> None:
     again = [keyring.init(path, exist_ok=True) for _ in range(2)]  # a racing first start loads, never re-creates
     assert {r.index_key for r in again} == {first.index_key}
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_key_ring_without_file_locks_still_works_and_drops_stale_copies(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some network file systems refuse flock (ENOLCK): key commands failed with a raw traceback. A save
+    that crashed left a full copy of the key ring in a temp file; the next locked change removes it."""
+    import errno
+    import fcntl
+
+    path = tmp_path / "keys" / "keyring.json"
+    keyring.init(path)
+    stale = path.parent / f".{path.name}.123.abcd.tmp"
+    stale.write_text("{}")
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with keyring.locked(path):
+        keyring.save(keyring.load(path).with_new_kek(), path)
+    assert len(keyring.load(path).keks) == 2 and not stale.exists()

@@ -67,8 +67,8 @@ class _Counts:
 def frames(header: HeaderLike) -> int:
     """Image frames in one instance: NumberOfFrames (IS), 1 when absent or unreadable."""
     try:
-        return max(1, int(float(header.get("NumberOfFrames") or 1)))
-    except ValueError:
+        return min(max(1, int(float(header.get("NumberOfFrames") or 1))), 1 << 20)
+    except (ValueError, OverflowError):  # "1e999", "inf": not a frame count
         return 1
 
 

@@ -9,7 +9,9 @@ In production, put the file on an encrypted volume or mount it as a secret (see 
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
+import logging
 import json
 import os
 import secrets
@@ -21,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from msgate.errors import ConfigError, KeyFilePermissions, KeyNotFound
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 
@@ -150,11 +154,22 @@ def locked(path: Path) -> Iterator[None]:
     other's change: a lost update could drop the active KEK and orphan everything wrapped under it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    locked_here = True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            locked_here = False  # some network file systems have no locks: run key commands one at a time
+            log.warning("key ring lock unavailable on this file system; run key commands one at a time",
+                        extra={"reason": errno.errorcode.get(exc.errno or 0, "")})
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a crashed save's copy of the key ring
+            stale.unlink(missing_ok=True)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        if locked_here:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 

@@ -416,3 +416,42 @@ def test_a_message_stored_before_the_content_key_is_still_a_duplicate(store: Sto
     assert resend.duplicate and resend.message_id == first.message_id
     other = store.ingest.store_hl7(raw=raw.replace(b"DOE^JANE", b"ROE^RICHARD"), header=header)
     assert not other.duplicate
+
+
+@pytest.mark.postgres
+def test_roles_starting_together_share_one_field_key(tmp_path: Path, pg_url: str) -> None:
+    """compose starts every role at once after `migrate`: each made its own PHI field key, and a role could
+    not decrypt what another wrote (KeyNotFound)."""
+    from sqlalchemy import text
+
+    from msgate.storage import keyring
+    from msgate.storage.db import Database
+    from msgate.storage.store import field_cipher
+
+    ring = keyring.init(tmp_path / "keys" / "keyring.json")
+    Database(pg_url).upgrade()
+    barrier, ciphers, errors = threading.Barrier(6), [], []
+
+    def role() -> None:
+        db = Database(pg_url)
+        try:
+            barrier.wait()
+            ciphers.append(field_cipher(db, ring))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            db.dispose()
+
+    threads = [threading.Thread(target=role) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(ciphers) == 6
+    assert len({c.active for c in ciphers}) == 1
+    token = ciphers[0].encrypt("DOE^JANE", column="study.patient_name")
+    assert all(c.decrypt(token, column="study.patient_name") == "DOE^JANE" for c in ciphers)
+    db = Database(pg_url)
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM data_key WHERE purpose = 'field'")).scalar() == 1
+    db.dispose()

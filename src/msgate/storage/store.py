@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from sqlalchemy import text
+
 from msgate.config import Settings
 from msgate.errors import ConfigError
 from msgate.storage import crypto, keyring
@@ -45,11 +47,19 @@ def load_or_create_ring(settings: Settings, *, create: bool) -> keyring.KeyRing:
     return keyring.load(path)
 
 
+FIELD_KEY_LOCK = 0x6D736761_7465_01  # pg_advisory_xact_lock key of the field key's creation ("msgate" 1)
+
+
 def field_cipher(db: Database, ring: keyring.KeyRing) -> FieldCipher:
-    """Load (or on first use create) the PHI field key, wrapped by the active KEK in ``data_key``."""
+    """Load (or on first use create) the PHI field key, wrapped by the active KEK in ``data_key``. Its
+    creation is serialised (PostgreSQL: an advisory lock; SQLite: the write lock every transaction takes):
+    roles starting together on a fresh database each made their own key, and could not read each other's
+    PHI columns."""
     from sqlmodel import col, select
 
     with db.session() as session:
+        if not db.is_sqlite:  # every role starts at once on a fresh database: one of them makes the key
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": FIELD_KEY_LOCK})
         rows = session.exec(select(DataKey).where(DataKey.purpose == "field").order_by(col(DataKey.created_at))).all()
         if not rows:
             key_id = new_id()

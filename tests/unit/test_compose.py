@@ -71,3 +71,63 @@ def test_every_command_is_a_real_msgate_subcommand(compose: dict) -> None:  # ty
         if args[:1] == ["serve"]:
             role = args[args.index("--role") + 1]
             assert Role(role) and role in ROLE_RUNNERS, service
+
+
+def _interpolate(value: object, env: dict[str, str]) -> object:
+    """Compose's ``${VAR:-default}`` / ``${VAR}`` / ``$$`` on every string, with ``env`` as the shell."""
+    import re
+
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3) or ""
+        return env.get(name) or default
+
+    out = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-((?:[^{}]|\{[^{}]*\})*))?\}", sub, value.replace("$$", "\0"))
+    return out.replace("\0", "$")
+
+
+def _msgate_services(compose: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {name: s for name, s in compose["services"].items()
+            if isinstance(s.get("command"), list) and s["command"][:2] == ["msgate", "serve"]}
+
+
+def test_every_service_environment_loads_as_settings(compose: dict, tmp_path: Path,  # type: ignore[type-arg]
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an empty shell environment, each msgate service's variables (defaults interpolated, the
+    database URL from its secret file) must be valid settings: a typo'd name or a non-JSON list fails."""
+    from msgate.config import load_settings
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "msgate_database_url").write_text("postgresql+psycopg://msgate:pw@postgres/msgate\n")
+    for name, service in _msgate_services(_interpolate(compose, {})).items():  # type: ignore[arg-type]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        env["MSGATE_SECRETS_DIR"], env["MSGATE_HOME"] = str(secrets), str(tmp_path / "home")
+        env["MSGATE_KEYRING_FILE"] = str(tmp_path / "home" / "keys" / "keyring.json")
+        for key in [k for k in __import__("os").environ if k.startswith("MSGATE_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        settings = load_settings()
+        assert settings.resolved_database_url.startswith("postgresql+psycopg://"), name
+        assert settings.storage.blob_backend == "postgres" and settings.pacs, name
+
+
+def test_each_service_checks_its_own_role_and_shares_the_key_ring(compose: dict) -> None:  # type: ignore[type-arg]
+    """A system-wide health check marked every container unhealthy when one role (say a GPU worker) was
+    down; every role needs the key ring volume; migrations run once, after the database and the key ring."""
+    for name, service in _msgate_services(compose).items():
+        role = service["command"][service["command"].index("--role") + 1]
+        assert service["healthcheck"]["test"] == ["CMD", "msgate", "status", "--role", role, "--quiet"], name
+        assert any(str(v).startswith("keys:") for v in service["volumes"]), name
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
+    migrate = compose["services"]["migrate"]
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert migrate["depends_on"]["keys-init"]["condition"] == "service_completed_successfully"
+    assert compose["services"]["worker"]["command"][-1] == "worker"

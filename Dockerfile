@@ -1,8 +1,8 @@
 # msgate, CPU image: the light roles (dicom, hl7, scheduler, publish, keys) and CPU workers.
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN useradd --create-home --uid 10001 msgate && mkdir -p /var/lib/msgate/keys \
-    && chown -R msgate /var/lib/msgate && chmod 700 /var/lib/msgate/keys
+RUN useradd --create-home --uid 10001 msgate && mkdir -p /var/lib/msgate/keys/he/public \
+    && chown -R msgate /var/lib/msgate && chmod 700 /var/lib/msgate/keys /var/lib/msgate/keys/he
 WORKDIR /opt/msgate
 COPY pyproject.toml constraints.txt README.md ./
 COPY src ./src

@@ -131,3 +131,15 @@ def test_each_service_checks_its_own_role_and_shares_the_key_ring(compose: dict)
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert migrate["depends_on"]["keys-init"]["condition"] == "service_completed_successfully"
     assert compose["services"]["worker"]["command"][-1] == "worker"
+
+
+def test_only_the_keys_role_holds_the_ckks_secret_key(compose: dict) -> None:  # type: ignore[type-arg]
+    """HE mode keeps EHR values from the worker host; the CKKS secret key lived on the `keys` volume that
+    the GPU worker mounts too."""
+    services = compose["services"]
+    mounts = {name: [str(v).split(":")[0] for v in s.get("volumes", [])] for name, s in _msgate_services(compose).items()}
+    assert "he-secret" in mounts["keys"] and "he-public" in mounts["keys"]
+    assert [name for name, m in mounts.items() if "he-secret" in m] == ["keys"]
+    assert "he-public" in mounts["worker"]
+    assert services["keys"]["volumes"][2].endswith(":/var/lib/msgate/keys/he")
+

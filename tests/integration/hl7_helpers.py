@@ -138,22 +138,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve_env(home: Path, port: int) -> dict[str, str]:
+def serve_env(home: Path, port: int, **extra: str) -> dict[str, str]:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
     env.update(MSGATE_HOME=str(home), MSGATE_HL7__PORT=str(port), MSGATE_STORAGE__MIN_FREE_BYTES="0",
-               MSGATE_METRICS__ENABLED="false")
+               MSGATE_METRICS__ENABLED="false", **extra)
     return env
 
 
-def start_serve(home: Path, port: int):  # type: ignore[no-untyped-def]
-    """``msgate serve --role hl7`` as a subprocess; returns once the port accepts connections."""
+def start_serve(home: Path, port: int, **extra: str):  # type: ignore[no-untyped-def]
+    """``msgate serve --role hl7`` as a subprocess (``extra``: more MSGATE_* variables); returns once the
+    port accepts connections."""
     import subprocess
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "msgate", "serve", "--role", "hl7"], env=serve_env(home, port),
+    proc = subprocess.Popen([sys.executable, "-m", "msgate", "serve", "--role", "hl7"], env=serve_env(home, port, **extra),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

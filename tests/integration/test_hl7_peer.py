@@ -26,7 +26,8 @@ MIXED = ["adt_a01_v2.5.1_fhirconverter.hl7", "adt_a04_v2.3_fhirconverter.hl7", "
 def test_mllp_send_mixed_feed(tmp_path: Path) -> None:
     port = free_port()
     home = tmp_path / "home"
-    proc = start_serve(home, port)
+    # two of the samples are training (T) and debugging (D) messages: a test feed that accepts them
+    proc = start_serve(home, port, MSGATE_HL7__PROCESSING_IDS='["P","T","D"]')
     try:
         raws = [(CONFORMANCE / name).read_bytes() for name in MIXED]
         feed = tmp_path / "feed.hl7"

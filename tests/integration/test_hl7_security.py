@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from hl7_helpers import RawClient, make_store, running_server
 
+from msgate.hl7 import mllp
 from msgate.hl7.client import MllpClient
 from msgate.hl7.server import Hl7Server
 
@@ -81,3 +82,20 @@ def test_ipv4_mapped_peer_matches_ipv4_networks() -> None:
     assert server.allowed("fd00::5")
     assert not server.allowed("::ffff:10.0.0.1") and not server.allowed("10.0.0.1")
     assert not server.allowed("::1") and not server.allowed("not-an-address")
+
+
+def test_a_listener_on_all_addresses_takes_ipv4_and_ipv6(tmp_path: Path) -> None:
+    """MSGATE_HL7__HOST=:: bound IPv6 only (asyncio sets IPV6_V6ONLY): IPv4 senders could not connect."""
+    import socket
+
+    store = make_store(tmp_path, host="::")
+    try:
+        with running_server(store) as srv:
+            for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                with socket.socket(family) as sock:
+                    sock.settimeout(5)
+                    sock.connect((address, srv.port))
+                    sock.sendall(mllp.frame(MSG))
+                    assert b"MSA|AA" in sock.recv(4096)
+    finally:
+        store.close()

@@ -19,6 +19,7 @@ import gc
 import ipaddress
 import itertools
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -166,8 +167,12 @@ class Hl7Server:
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await Connection(self, reader, writer, next(_conn_ids)).serve()
 
-        self._server = await asyncio.start_server(accept, self.settings.host, self.settings.port, ssl=self._ssl(),
-                                                  limit=1 << 20, backlog=256)
+        if self.settings.host in ("::", ""):  # every address, IPv4 included (asyncio binds "::" IPv6-only)
+            self._server = await asyncio.start_server(accept, sock=_dual_stack(self.settings.port),
+                                                      ssl=self._ssl(), limit=1 << 20, backlog=256)
+        else:
+            self._server = await asyncio.start_server(accept, self.settings.host, self.settings.port,
+                                                      ssl=self._ssl(), limit=1 << 20, backlog=256)
         self.port = self._server.sockets[0].getsockname()[1]
         if not self.networks:
             log.warning("HL7 listener is open to any source address; set MSGATE_HL7__ALLOWED_NETWORKS",
@@ -222,3 +227,13 @@ def run(store: Store, stop: threading.Event) -> None:
 
 __all__ = ["Hl7Server", "run", "supported", "Transient", "HeaderError", "read_msh", "check_msh", "build_ack",
            "wrap_batch", "mllp", "split_batch", "is_batch"]
+
+
+def _dual_stack(port: int) -> socket.socket:
+    """One socket on every IPv6 and IPv4 address (IPv4 peers arrive as ``::ffff:a.b.c.d``)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    return sock
+

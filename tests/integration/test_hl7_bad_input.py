@@ -86,6 +86,19 @@ def test_empty_batch_gets_an_empty_batch_answer(server) -> None:  # type: ignore
     assert answer.startswith(b"BHS|") and b"\rBTS|0\r" in answer
 
 
+def test_a_batch_answer_names_the_batch_it_answers(server) -> None:  # type: ignore[no-untyped-def]
+    """The answer's BHS-12 (reference batch control id) is the sender's BHS-11, and the sender becomes its
+    receiver (BHS-5/6): it used to carry neither, so a sender could not match it to its batch."""
+    client = RawClient(server.port)
+    batch = (b"FHS|^~\\&|LAB|HOSP|||20250101||||F-77\rBHS|^~\\&|LAB|HOSP|||20250101||||B-77\r"
+             + good("BT1") + good("BT2") + b"BTS|2\rFTS|1\r")
+    answer = client.exchange(batch).decode()
+    lines = {line[:3]: line.split("|") for line in answer.split("\r") if line[:3] in ("FHS", "BHS", "BTS")}
+    assert lines["BHS"][4:6] == ["LAB", "HOSP"] and lines["BHS"][11] == "B-77"
+    assert lines["FHS"][11] == "F-77" and lines["BTS"][1] == "2"
+    assert [line.split("|")[2] for line in answer.split("\r") if line.startswith("MSA")] == ["BT1", "BT2"]
+
+
 def test_missing_end_block_then_next_frame(server) -> None:  # type: ignore[no-untyped-def]
     client = RawClient(server.port)
     client.send(mllp.SB + good("U1") + mllp.frame(good("U2")))

@@ -90,13 +90,28 @@ def build_ack(code: str, msh: Msh | None, *, errors: tuple[AckError, ...] = (), 
     return "\r".join(segments) + "\r"
 
 
-def wrap_batch(acks: list[str], *, enc: Encoding = DEFAULT_ENCODING, file_header: bool = False) -> str:
-    """A batch acknowledgement: [FHS] BHS, one ACK per message, BTS [FTS] (HL7 v2.5.1 §2.10.3)."""
+def wrap_batch(acks: list[str], *, enc: Encoding = DEFAULT_ENCODING, file_header: bool = False,
+               received: dict[str, list[str]] | None = None) -> str:
+    """A batch acknowledgement: [FHS] BHS, one ACK per message, BTS [FTS] (HL7 v2.5.1 §2.10.3).
+
+    ``received``: the sender's FHS/BHS fields (``line.split(field separator)``). Their sender becomes our
+    receiver (-5/-6) and their batch control id (-11) our reference batch control id (-12), so a sender
+    can tell which batch this acknowledges."""
     f = enc.field
+
+    def header(tag: str) -> str:
+        theirs = (received or {}).get(tag, [])
+
+        def field(n: int) -> str:  # field n of theirs (n >= 3: index n - 1)
+            return theirs[n - 1] if len(theirs) > n - 1 else ""
+
+        fields = ["MSGATE", "MSGATE", field(3), field(4), _ts(), "", "", "", "", field(11)]
+        return f"{tag}{f}{enc.msh2}{f}" + f.join(fields).rstrip(f) + "\r"
+
     out = []
     if file_header:
-        out.append(f"FHS{f}{enc.msh2}{f}MSGATE{f}MSGATE{f}{f}{f}{_ts()}\r")
-    out.append(f"BHS{f}{enc.msh2}{f}MSGATE{f}MSGATE{f}{f}{f}{_ts()}\r")
+        out.append(header("FHS"))
+    out.append(header("BHS"))
     out.extend(acks)
     out.append(f"BTS{f}{len(acks)}\r")
     if file_header:

@@ -172,8 +172,20 @@ class Connection:
         if not texts:  # every message said MSH-15 NE (or ER and all went well): nothing to send
             return b""
         first = next((m for m, _ in answers if m is not None), None)
-        text = wrap_batch(texts, enc=first.enc if first else read_msh_default(), file_header=has_fhs)
+        text = wrap_batch(texts, enc=first.enc if first else read_msh_default(), file_header=has_fhs,
+                          received=_batch_headers(raw))
         return self._encode(text, first)
+
+
+def _batch_headers(raw: bytes) -> dict[str, list[str]]:
+    """The sender's FHS and BHS lines, split on their field separator (the character after the tag)."""
+    out: dict[str, list[str]] = {}
+    for line in raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r"):
+        line = line.lstrip()
+        tag = line[:3].decode("ascii", "replace")
+        if tag in ("FHS", "BHS") and tag not in out and len(line) > 3:
+            out[tag] = line.decode("latin-1").split(line[3:4].decode("latin-1"))
+    return out
 
 
 def read_msh_default():  # type: ignore[no-untyped-def]

@@ -47,14 +47,14 @@ def predict(cases: Sequence[Case]) -> list[ModelResult]:
 
 
 def _module() -> str:
-    try:
-        from msgate.model import predict as real
+    """The real model when it takes a device and its checkpoint is packaged (it is: a failure to load it
+    on CUDA fails the test instead of falling back to the double)."""
+    from msgate.model import predict as real
+    from msgate.model.patient import checkpoint
 
-        if "device" in inspect.signature(real.load_model).parameters:
-            real.load_model(device="cuda")
-            return "msgate.model.predict"
-    except Exception:
-        pass
+    if "device" in inspect.signature(real.load_model).parameters and checkpoint.DEFAULT_PATH.exists():
+        real.load_model(device="cuda")
+        return "msgate.model.predict"
     return "test_workers_gpu"
 
 
@@ -65,6 +65,7 @@ def test_batched_inference_on_cuda(tmp_path: Path) -> None:
     from msgate.workers.scheduler import Scheduler
 
     module = _module()
+    assert module == "msgate.model.predict"  # the packaged model takes a device: it, not the double, runs here
     settings = make_settings(tmp_path / "home", "sqlite", workers={
         "model_module": module, "ehr_deadline_seconds": 0, "required_ehr_fields": [], "batch_size": 4,
         "batch_wait_seconds": 0.5, "device": "auto"})

@@ -294,14 +294,18 @@ def test_scheduler_role_turns_ready_studies_into_results(tmp_path: Path) -> None
 
     from msgate.workers import scheduler
 
-    rig = make_rig(tmp_path, "embedded", None)
+    rig = make_rig(tmp_path, "embedded", None, scan_seconds=120)  # only the hook can wake it in time
     stop = threading.Event()
     thread = threading.Thread(target=scheduler.run, args=(rig.store, stop), daemon=True)
     try:
         thread.start()
         rig.start_worker()
+        time.sleep(1.0)  # the role's first scan has run (nothing ready yet); it now waits for a wake-up
         study_id, _ = double.make_study(rig.store, seed=30)
         scheduler.hook(type("Ready", (), {"study_id": study_id})())
+        woken = time.monotonic()
+        rig.wait(lambda: bool(rig.jobs()), timeout=20, what="the job the hook's wake-up planned")
+        assert time.monotonic() - woken < 20  # the scan period is 120 s
         rig.wait(rig.settled(1), what="the scheduler role's job")
         assert rig.jobs()[0].state == "done"
     finally:

@@ -20,8 +20,9 @@ def test_flat_context_copy_equals_deepcopy_and_is_independent() -> None:
 
 
 def test_threads_without_wake_signals_sleep_as_before() -> None:
-    started = time.perf_counter()
-    fastpath._reactor_sleep(0.001)
-    fastpath._dul_sleep(0.001)
-    fastpath._reactor_sleep(0.02)
-    assert time.perf_counter() - started >= 0.02
+    """Each wait on its own (a DUL thread that returned at once would spin the CPU)."""
+    for sleep, seconds in ((fastpath._reactor_sleep, 0.001), (fastpath._dul_sleep, 0.001),
+                           (fastpath._reactor_sleep, 0.02), (fastpath._dul_sleep, 0.02)):
+        started = time.perf_counter()
+        sleep(seconds)
+        assert time.perf_counter() - started >= seconds, (sleep.__name__, seconds)

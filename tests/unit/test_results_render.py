@@ -397,3 +397,17 @@ def test_japanese_character_set_with_an_empty_first_value_renders() -> None:
         out = dcmread(io.BytesIO(obj.data))
         assert str(out.PatientName) == "Yamada^Tarou=山田^太郎"
         assert list(out.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+
+
+def test_key_slices_are_the_most_salient_ones() -> None:
+    """Literal answers (the key-image test derives its expectation from key_slices itself)."""
+    mask = np.zeros((8, 4, 4), np.int16)
+    mask[2, :2, :2] = 1  # 4 lesion voxels on slice 2
+    heat = np.zeros((8, 4, 4), np.float32)
+    heat[6] = 0.5  # 8.0 of heatmap mass on slice 6
+    heat[4] = 0.1  # 1.6 on slice 4
+    result = ModelResult(**{**model_result((12, 40, 48)).__dict__, "lesion_mask": mask, "heatmap": heat})
+    assert heatmap.key_slices(result, 2) == [2, 6]  # slice order, not rank order
+    assert heatmap.key_slices(result, 1) == [6]
+    assert heatmap.key_slices(result, 5) == [2, 4, 6]  # slices with nothing are never key images
+    assert heatmap.key_slices(result, 2, among=[0, 1, 2, 3, 4, 5, 7]) == [2, 4]  # slice 6 has no source

@@ -367,3 +367,26 @@ def test_publish_renders_on_the_frames_the_worker_recorded(rstore: Store) -> Non
     refs = {(uid, number) for _, uid, number in frame_map(seg)}
     assert refs and {uid for uid, _ in refs} == {str(mf.SOPInstanceUID)}
     assert all(number is not None and 1 <= number <= 12 for _, number in refs)
+
+
+def test_a_job_superseded_while_it_renders_queues_nothing(rstore: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A successor created while the old job rendered: the old job's stale objects were queued after the
+    successor's (the state was checked only before rendering)."""
+    from msgate.results import publish
+    from msgate.workers import jobs as jobs_mod
+
+    first = _job(rstore, with_flair=True)
+    store_result(rstore, job_id=first, result=model_result((12, 40, 48)))
+    real_render = publish.render
+
+    def render_then_superseded(*args: object, **kwargs: object) -> object:
+        out = real_render(*args, **kwargs)  # type: ignore[arg-type]
+        with rstore.db.session() as session:
+            study_id = session.get(Job, first).study_id  # type: ignore[union-attr]
+        assert jobs_mod.create(rstore.db, study_id=study_id, idem_key="successor", model_version="m", flags={})
+        return out
+
+    monkeypatch.setattr(publish, "render", render_then_superseded)
+    assert publish_job(rstore, first) == "skipped:superseded"
+    with rstore.db.session() as session:
+        assert session.exec(select(OutboxEntry).where(OutboxEntry.job_id == first)).first() is None

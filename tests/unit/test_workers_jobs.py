@@ -252,3 +252,28 @@ def test_an_unforeseen_error_after_loading_requeues_the_batch(store: Store, sche
         inference.run(runtime.Runtime(store.settings, store), first, task_id="t-1", handoff=lambda _: None)
     states = [(j.state, j.error) for j in (jobs.state_of(store.db, first), jobs.state_of(store.db, second)) if j]
     assert states == [("queued", "unexpected error (RuntimeError)")] * 2
+
+
+def test_retry_gets_a_full_budget_and_never_revives_a_stale_job(store: Store, sched: Scheduler,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retried job kept its attempt count (one transient error failed it again at once), and retrying a
+    cancelled job after a newer one existed delivered the stale result last."""
+    double.make_study(store, seed=5)
+    [job_id] = sched.scan()
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.attempts, job.error = "failed", 6, "failed after 6 attempts"
+        job.flags = {**job.flags, "publish_error": "no_result", "handoffs": 3}
+    monkeypatch.setenv("MSGATE_HOME", str(store.settings.home))
+    monkeypatch.setenv("MSGATE_STORAGE__MIN_FREE_BYTES", "0")
+    runner = CliRunner()
+    assert runner.invoke(jobs_cmd.app, ["retry", job_id]).exit_code == 0
+    job = _jobs(store)[0]
+    assert (job.state, job.attempts, job.error) == ("queued", 0, None)
+    assert "publish_error" not in job.flags and "handoffs" not in job.flags
+    assert runner.invoke(jobs_cmd.app, ["cancel", job_id]).exit_code == 0
+    newer = jobs.create(store.db, study_id=job.study_id, idem_key="newer", model_version="m", flags={})
+    assert newer is not None and newer.supersedes_id == job_id  # linked although the older one was cancelled
+    refused = runner.invoke(jobs_cmd.app, ["retry", job_id])
+    assert refused.exit_code == 1 and newer.id in refused.output and "newer job" in refused.output

@@ -157,9 +157,17 @@ def retry(
     store = state(ctx).store()
     job = _get(store, job_id)
 
+    with store.db.session() as session:
+        later = session.exec(select(Job.id).where(Job.study_id == job.study_id, Job.id != job.id,
+                                                  col(Job.created_at) > job.created_at)).first()
+    if later is not None:  # its stale result would be delivered after the newer one's
+        fail(f"job {job.id} has a newer job for its study ({later}); retry that one instead")
+
     def requeue(row: Job) -> None:
-        row.state, row.published_at, row.finished_at = "queued", None, None
-        row.flags = {k: v for k, v in row.flags.items() if k not in ("owner", "lease_until", "handoff_at")}
+        row.state, row.published_at, row.finished_at, row.error = "queued", None, None, None
+        row.attempts = 0  # a full retry budget (the audit chain keeps the earlier attempts)
+        row.flags = {k: v for k, v in row.flags.items()
+                     if k not in ("owner", "lease_until", "handoff_at", "handoffs", "rendered_at", "publish_error")}
 
     _transition(store, job.id, RETRYABLE, "failed or cancelled jobs can be retried", "job.retry", requeue)
     published = _publish(store, job.id)

@@ -179,6 +179,13 @@ def publish_job(store: Store, job_id: str) -> str:
     objects, sr_uid = render(result, sources, options=RenderOptions.from_settings(store.settings),
                              previous=[previous] if previous is not None else None)
     with store.db.session() as session:
+        # the job row's lock orders concurrent runs of this job (a redelivered or re-handed-off task) and a
+        # successor superseding it while it rendered: the checks below then see what the other committed
+        locked = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if locked is None:
+            raise Rejected("no such job", code="no_job")
+        if locked.state not in PUBLISHABLE:
+            return f"skipped:{locked.state}"  # superseded or cancelled while it rendered: its successor publishes
         study = session.get(Study, job.study_id)
         assert study is not None
         earlier = predecessors(session, job)
@@ -197,10 +204,9 @@ def publish_job(store: Store, job_id: str) -> str:
         if queued:
             study.delivered_at = None  # new results are pending for this study
             session.add(study)
-        row = session.get(Job, job_id)
-        if row is not None:  # rendered (even with no destination configured): the reconciler's sweep skips it
-            row.flags = {**row.flags, "rendered_at": utcnow().isoformat()}
-            session.add(row)
+        # rendered (even with no destination configured): the reconciler's stalled-publish sweep skips it
+        locked.flags = {**locked.flags, "rendered_at": utcnow().isoformat()}
+        session.add(locked)
         audit.append(session, kind="results.rendered", actor="publish", subject=f"job:{job_id}",
                      detail={"objects": [o.kind for o in objects], "entries": len(queued),
                              "correction": published, "model_version": result.model_version})

@@ -63,8 +63,12 @@ def create(db: Database, *, study_id: int, idem_key: str, model_version: str, fl
                 return None
             older = session.exec(select(Job).where(Job.study_id == study_id, col(Job.state).in_(SUPERSEDABLE))
                                  .order_by(col(Job.created_at).desc()).with_for_update()).all()
+            # the chain links to the study's newest job whatever its state: a cancelled or superseded one
+            # in between used to break it (no correction note, the old result's entries left pending)
+            newest = session.exec(select(Job.id).where(Job.study_id == study_id)
+                                  .order_by(col(Job.created_at).desc())).first()
             job = Job(study_id=study_id, idem_key=idem_key, model_version=model_version[:64], flags=flags,
-                      supersedes_id=older[0].id if older else None)
+                      supersedes_id=newest)
             for old in older:
                 old.state, old.finished_at = "superseded", old.finished_at or utcnow()
                 session.add(old)

@@ -53,3 +53,29 @@ def test_a_job_never_rendered_is_handed_off_again(tmp_path: Path, monkeypatch: p
         assert jobs.stalled_publish(store.db, older_than=600, max_handoffs=3) == []
     finally:
         store.close()
+
+
+def test_hand_offs_are_claimed_once_and_never_starved(tmp_path: Path) -> None:
+    """Two schedulers (HA) both handed off the same jobs (read, send, then mark); and 1000 jobs that can
+    never be published, at the head of a fixed window, hid a job the sweep was for."""
+    settings = make_settings(tmp_path / "home", "sqlite", workers={"publish_stall_seconds": 600})
+    store = open_store(settings)
+    try:
+        study_id, _ = double.make_study(store, seed=6)
+        old = utcnow() - timedelta(hours=2)
+        with store.db.session() as session:
+            session.add_all([Job(id=f"refused{i}", study_id=study_id, idem_key=f"refused{i}", state="done",
+                                 finished_at=old + timedelta(seconds=i),
+                                 flags={"handoff_at": old.isoformat(), "publish_error": "no_flair"})
+                             for i in range(1000)])
+            session.add(Job(id="lost", study_id=study_id, idem_key="lost", state="done",
+                            finished_at=old - timedelta(minutes=5), flags={"handoff_at": old.isoformat()}))
+            session.add(Job(id="fresh", study_id=study_id, idem_key="fresh", state="done",
+                            finished_at=old - timedelta(minutes=6), flags={}))
+        assert jobs.stalled_publish(store.db, older_than=600, max_handoffs=4) == ["lost"]
+        assert jobs.not_handed_off(store.db, older_than=0) == ["fresh"]
+        before = utcnow() - timedelta(seconds=600)
+        assert [jobs.claim_handoff(store.db, "lost", again_before=before) for _ in range(2)] == [True, False]
+        assert [jobs.claim_handoff(store.db, "fresh") for _ in range(2)] == [True, False]
+    finally:
+        store.close()

@@ -17,7 +17,7 @@ The reconciler returns running jobs with an expired lease to ``queued`` and repu
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -190,33 +190,57 @@ def stalled_publish(db: Database, *, older_than: float, max_handoffs: int, limit
     ``rendered_at``, no outbox entry) and never refused (no ``publish_error``), with fewer than
     ``max_handoffs`` hand-offs: their publish task was lost (a broker restarted without persistence) or
     gave up on its retries (a long database outage). Publishing is idempotent, so a hand-off again is safe."""
-    from msgate.storage.models import OutboxEntry
-
     cutoff = utcnow() - timedelta(seconds=older_than)
-    with db.session() as session:
-        rows = session.exec(select(Job).where(Job.state == "done", col(Job.finished_at) <= cutoff,
-                                              col(Job.id).not_in(select(OutboxEntry.job_id).where(
-                                                  col(OutboxEntry.job_id).is_not(None))))
-                            .order_by(col(Job.finished_at)).limit(limit * 5)).all()
-    out = []
-    for job in rows:
+    query = _unpublished_done(cutoff)
+
+    def wanted(job: Job) -> bool:
         flags = job.flags
         if ("handoff_at" not in flags or "rendered_at" in flags or "publish_error" in flags
                 or int(flags.get("handoffs", 1)) >= max_handoffs):
-            continue
-        if datetime.fromisoformat(str(flags["handoff_at"])) <= cutoff:
-            out.append(job.id)
+            return False
+        return datetime.fromisoformat(str(flags["handoff_at"])) <= cutoff
+
+    return _paged(db, query, wanted, limit)
+
+
+def _paged(db: Database, query: Any, wanted: Callable[[Job], bool], limit: int, page: int = 500,
+           scan: int = 20_000) -> list[str]:
+    """Ids of the jobs ``query`` returns (newest finished first) that ``wanted`` keeps, page by page: the
+    JSON flags are filtered here, so one fixed window could fill up with jobs that never qualify (refused
+    or rendered ones) and hide those that do."""
+    out: list[str] = []
+    with db.session() as session:
+        for offset in range(0, scan, page):
+            rows = session.exec(query.order_by(col(Job.finished_at).desc(), col(Job.id))
+                                .offset(offset).limit(page)).all()
+            out.extend(j.id for j in rows if wanted(j))
+            if len(out) >= limit or len(rows) < page:
+                break
     return out[:limit]
 
 
-def mark_handed_off_again(db: Database, job_id: str) -> None:
+def claim_handoff(db: Database, job_id: str, *, again_before: datetime | None = None) -> bool:
+    """Take the hand-off of a job to publishing before sending it, under the job row's lock, so two
+    schedulers (HA) never both send it: the first time (no ``handoff_at`` yet), or ``again_before`` a
+    time (its last hand-off was earlier: the stalled-publish sweep). False when another took it."""
     with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            job.flags = _with(job.flags, handoff_at=utcnow().isoformat(), handoffs=int(job.flags.get("handoffs", 1)) + 1)
-            session.add(job)
+        job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or job.state != "done" or "rendered_at" in job.flags:
+            return False
+        last = job.flags.get("handoff_at")
+        if again_before is None:
+            if last is not None:
+                return False
+            job.flags = _with(job.flags, handoff_at=utcnow().isoformat())
+        else:
+            if last is None or datetime.fromisoformat(str(last)) > again_before:
+                return False
+            job.flags = _with(job.flags, handoff_at=utcnow().isoformat(),
+                              handoffs=int(job.flags.get("handoffs", 1)) + 1)
             audit.append(session, kind="job.handoff", actor="scheduler", subject=f"job:{job_id}",
                          detail={"handoffs": job.flags["handoffs"], "reason": "nothing rendered"})
+        session.add(job)
+        return True
 
 
 def mark_publish(db: Database, job_id: str, *, rendered: bool = False, error: str | None = None) -> None:
@@ -252,10 +276,21 @@ def expire_leases(db: Database, *, max_attempts: int | None = None) -> list[str]
 
 def not_handed_off(db: Database, *, older_than: float, limit: int = 200) -> list[str]:
     cutoff = utcnow() - timedelta(seconds=older_than)
-    with db.session() as session:
-        rows = session.exec(select(Job).where(Job.state == "done", col(Job.finished_at) <= cutoff)
-                            .order_by(col(Job.finished_at).desc()).limit(limit * 5)).all()
-    return [j.id for j in rows if "handoff_at" not in j.flags][:limit]
+    return _paged(db, _unpublished_done(cutoff), lambda job: "handoff_at" not in job.flags, limit)
+
+
+HANDOFF_WINDOW = timedelta(days=30)
+"""Done jobs older than this are not handed to publishing by the reconciler any more (an operator can)."""
+
+
+def _unpublished_done(finished_before: datetime) -> Any:
+    """Done jobs finished between :data:`HANDOFF_WINDOW` ago and ``finished_before`` with no outbox
+    entry: the only ones a hand-off can concern (published jobs are most rows and are left out in SQL)."""
+    from msgate.storage.models import OutboxEntry
+
+    return select(Job).where(Job.state == "done", col(Job.finished_at) <= finished_before,
+                             col(Job.finished_at) >= utcnow() - HANDOFF_WINDOW, col(Job.id).not_in(
+                                 select(OutboxEntry.job_id).where(col(OutboxEntry.job_id).is_not(None))))
 
 
 def result_count(session: Session, job_id: str) -> int:

@@ -218,19 +218,24 @@ class Scheduler:
                 break
             sent += 1
         handed = 0
+        # each hand-off is claimed on the job row before it is sent (two schedulers never both send it);
+        # a send that fails after its claim is picked up again by the stalled-publish sweep
         for jid in jobs.not_handed_off(db, older_than=wk.publish_grace_seconds):
+            if not jobs.claim_handoff(db, jid):
+                continue
             try:
                 tasks.send_publish(self.app, jid)
             except Exception:
                 break
-            jobs.mark_handed_off(db, jid)
             handed += 1
+        stalled_before = utcnow() - timedelta(seconds=wk.publish_stall_seconds)
         for jid in jobs.stalled_publish(db, older_than=wk.publish_stall_seconds, max_handoffs=wk.publish_handoffs):
+            if not jobs.claim_handoff(db, jid, again_before=stalled_before):
+                continue
             try:
                 tasks.send_publish(self.app, jid)
             except Exception:
                 break
-            jobs.mark_handed_off_again(db, jid)
             log.warning("job handed to publishing again: nothing was rendered", extra={"job_id": jid})
             handed += 1
         if sent or handed:

@@ -277,3 +277,28 @@ def test_retry_gets_a_full_budget_and_never_revives_a_stale_job(store: Store, sc
     assert newer is not None and newer.supersedes_id == job_id  # linked although the older one was cancelled
     refused = runner.invoke(jobs_cmd.app, ["retry", job_id])
     assert refused.exit_code == 1 and newer.id in refused.output and "newer job" in refused.output
+
+
+def test_a_released_job_waits_for_its_own_retry_before_the_reconciler_resends_it(store: Store,
+                                                                                  sched: Scheduler) -> None:
+    """The reconciler re-sent a released job at once (its grace counted from created_at), beside the
+    message's own retry with backoff: six attempts went in four seconds and a 20 s outage failed the job."""
+    from datetime import datetime, timedelta
+
+    double.make_study(store, seed=7)
+    [job_id] = sched.scan()
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.created_at = job.created_at - timedelta(minutes=5)
+        job.published_at = job.created_at
+    claim = jobs.claim(store.db, job_id, owner="w1", lease_seconds=60, via="test")
+    assert claim is not None
+    assert jobs.release(store.db, job_id, owner="w1", error="transient: key service", max_attempts=6)
+    assert jobs.unpublished(store.db, older_than=0, backoff_max=300) == []  # its retry is due in ~2 s
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        released = datetime.fromisoformat(job.flags["released_at"])
+        job.flags = {**job.flags, "released_at": (released - timedelta(seconds=10)).isoformat()}
+    assert jobs.unpublished(store.db, older_than=0, backoff_max=300) == [job_id]  # the retry looks lost

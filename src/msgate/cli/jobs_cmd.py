@@ -167,7 +167,8 @@ def retry(
         row.state, row.published_at, row.finished_at, row.error = "queued", None, None, None
         row.attempts = 0  # a full retry budget (the audit chain keeps the earlier attempts)
         row.flags = {k: v for k, v in row.flags.items()
-                     if k not in ("owner", "lease_until", "handoff_at", "handoffs", "rendered_at", "publish_error")}
+                     if k not in ("owner", "lease_until", "handoff_at", "handoffs", "rendered_at", "publish_error",
+                                 "released_at")}
 
     _transition(store, job.id, RETRYABLE, "failed or cancelled jobs can be retried", "job.retry", requeue)
     published = _publish(store, job.id)

@@ -174,6 +174,7 @@ def _requeue_or_fail(session: Session, job: Job, error: str, max_attempts: int |
                      detail={"reason": reason[:200]})
     else:
         job.state, job.error, job.published_at = "queued", error[:512], None  # the reconciler re-sends it
+        job.flags = _with(job.flags, released_at=utcnow().isoformat())  # ... once the message's retry is due
     session.add(job)
 
 
@@ -254,12 +255,26 @@ def mark_publish(db: Database, job_id: str, *, rendered: bool = False, error: st
             session.add(job)
 
 
-def unpublished(db: Database, *, older_than: float, limit: int = 200) -> list[str]:
-    cutoff = utcnow() - timedelta(seconds=older_than)
+def unpublished(db: Database, *, older_than: float, backoff_max: float = 300.0, limit: int = 200) -> list[str]:
+    """Queued jobs whose message was never sent (or is presumed lost). A job released after a failed
+    attempt waits for its own message's retry (jittered backoff 2 s x 2^attempt, at most ``backoff_max``)
+    plus ``older_than``: re-sending it at once spent the whole retry budget in seconds, so a short outage
+    (the key service restarting) failed the job for good."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=older_than)
     with db.session() as session:
-        return list(session.exec(select(Job.id).where(Job.state == "queued", col(Job.published_at).is_(None),
-                                                      col(Job.created_at) <= cutoff)
-                                 .order_by(col(Job.created_at)).limit(limit)).all())
+        rows = session.exec(select(Job).where(Job.state == "queued", col(Job.published_at).is_(None),
+                                              col(Job.created_at) <= cutoff)
+                            .order_by(col(Job.created_at)).limit(limit * 5)).all()
+    out = []
+    for job in rows:
+        released = job.flags.get("released_at")
+        if released is not None:
+            wait = older_than + 1.5 * min(backoff_max, 2.0 * 2 ** max(0, job.attempts - 1))  # 1.5: the jitter
+            if datetime.fromisoformat(str(released)) > now - timedelta(seconds=wait):
+                continue
+        out.append(job.id)
+    return out[:limit]
 
 
 def expire_leases(db: Database, *, max_attempts: int | None = None) -> list[str]:

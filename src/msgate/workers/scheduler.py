@@ -213,7 +213,7 @@ class Scheduler:
         for jid in expired:
             log.warning("worker lost; job re-queued (or failed at the retry limit)", extra={"job_id": jid})
         sent = 0
-        for jid in jobs.unpublished(db, older_than=wk.publish_grace_seconds):
+        for jid in jobs.unpublished(db, older_than=wk.publish_grace_seconds, backoff_max=wk.retry_backoff_max):
             if not self.publish(jid):
                 break
             sent += 1

@@ -125,9 +125,9 @@ def previous_sr(store: Store, job: Job) -> Dataset | None:
     """The SR header of the nearest superseded job that was published (walks ``supersedes_id``)."""
     with store.db.session() as session:
         for earlier in predecessors(session, job):
-            blob_id = session.exec(
+            blob_id = session.exec(  # a dropped SR never reached the PACS: the one before it is the predecessor
                 select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
-                .where(OutboxEntry.job_id == earlier, Blob.kind == "out.sr")).first()
+                .where(OutboxEntry.job_id == earlier, Blob.kind == "out.sr", OutboxEntry.state != "dropped")).first()
             if blob_id is not None:
                 return dcmread(io.BytesIO(store.blobs.read(session, blob_id)), stop_before_pixels=True)
     return None

@@ -390,3 +390,35 @@ def test_a_job_superseded_while_it_renders_queues_nothing(rstore: Store, monkeyp
     assert publish_job(rstore, first) == "skipped:superseded"
     with rstore.db.session() as session:
         assert session.exec(select(OutboxEntry).where(OutboxEntry.job_id == first)).first() is None
+
+
+def test_a_correction_names_the_last_sr_that_was_not_dropped(rstore: Store) -> None:
+    """A -> B -> C: B's objects were dropped (superseded before delivery), so the PACS never had B's SR;
+    C's SR must name A's as its predecessor, not B's."""
+    shape = (12, 40, 48)
+    a = _job(rstore, with_flair=True)
+    store_result(rstore, job_id=a, result=model_result(shape))
+    assert publish_job(rstore, a) == "queued"
+    b = _job(rstore, supersedes=a, idem="kb")
+    store_result(rstore, job_id=b, result=model_result(shape, edss=4.0))
+    assert publish_job(rstore, b) == "queued"
+    with rstore.db.session() as session:
+        for entry in session.exec(select(OutboxEntry)).all():
+            entry.state = "delivered" if entry.job_id == a else "dropped"
+            session.add(entry)
+
+        def sr_uid(job_id: str) -> str:
+            blob = session.exec(select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                                .where(OutboxEntry.job_id == job_id, Blob.kind == "out.sr")).first()
+            return str(dcmread(io.BytesIO(rstore.blobs.read(session, blob))).SOPInstanceUID)
+
+        a_sr = sr_uid(a)
+    c = _job(rstore, supersedes=b, idem="kc")
+    store_result(rstore, job_id=c, result=model_result(shape, edss=5.0))
+    assert publish_job(rstore, c) == "queued"
+    with rstore.db.session() as session:
+        blob = session.exec(select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                            .where(OutboxEntry.job_id == c, Blob.kind == "out.sr")).first()
+        new_sr = dcmread(io.BytesIO(rstore.blobs.read(session, blob)))
+    ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == a_sr

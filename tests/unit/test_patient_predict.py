@@ -244,3 +244,16 @@ def test_a_patient_checkpoint_refuses_another_lesion_checkpoint(tmp_path: Path) 
     torch.save(blob, other)
     with pytest.raises(ConfigError, match="lesion checkpoint 000000000000"):
         load_model(other)
+
+
+def test_a_qsm_map_in_other_units_is_flagged_for_review() -> None:
+    """A QSM exported in ppb (x1000) makes every lesion look paramagnetic; nothing checked the scale."""
+    from msgate.model.predict import _flags, load_model, qsm_scale_suspect
+
+    ppm = _case().volumes["QSM"]
+    ppb = Volume(ppm.data * 1000.0, ppm.affine_lps, "QSM")
+    assert not qsm_scale_suspect(ppm) and qsm_scale_suspect(ppb)
+    case = _case()
+    flags = _flags(Case(case.case_id, {**case.volumes, "QSM": ppb}, case.ehr), 0.9, 0.1, load_model())
+    assert "qsm_scale_suspect" in flags and "review" in flags
+    assert "qsm_scale_suspect" not in _flags(case, 0.9, 0.1, load_model())

@@ -116,17 +116,30 @@ def head_foot_extent(volume: Volume) -> float:
     return float(z.max() - z.min())
 
 
+QSM_PPM_P99_MAX = 5.0
+"""Brain susceptibility is within about +-0.5 ppm (veins and iron-rich nuclei reach ~1): a 99th percentile
+of |QSM| above this is a map in other units (ppb, or scaled integers without their rescale), on which
+every lesion would look paramagnetic."""
+
+
+def qsm_scale_suspect(qsm: Volume) -> bool:
+    return float(np.percentile(np.abs(qsm.data[::2, ::2, ::2]), 99)) > QSM_PPM_P99_MAX
+
+
 def _flags(case: Case, confidence: float, uncertainty: float, model: PatientModel,
            findings: tuple[LesionFinding, ...] = ()) -> tuple[str, ...]:
     flags = [f for f, role in (("qsm_absent", "QSM"), ("t1_absent", "T1")) if role not in case.volumes]
     if "QSM" in case.volumes and any(f.rim_probability is None for f in findings):
         flags.append("qsm_partial_coverage")  # lesions outside the QSM field of view: not assessed
+    if "QSM" in case.volumes and qsm_scale_suspect(case.volumes["QSM"]):
+        flags.append("qsm_scale_suspect")
     partial = head_foot_extent(case.flair) < MIN_HEAD_FOOT_MM
     if partial:
         flags.append("partial_coverage")
     flags += missing_flags(case.ehr) if case.ehr is not None else []
     if (not (np.isfinite(confidence) and np.isfinite(uncertainty))  # NaN compares False: never "review"
-            or partial or confidence < model.review_confidence or uncertainty > model.review_uncertainty):
+            or partial or "qsm_scale_suspect" in flags
+            or confidence < model.review_confidence or uncertainty > model.review_uncertainty):
         flags.append("review")
     return tuple(flags)
 

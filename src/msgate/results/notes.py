@@ -15,6 +15,8 @@ _TEXT = {
     "ehr_deadline": "Required EHR data did not arrive before the deadline: computed with it masked.",
     "qsm_partial_coverage": "QSM does not cover every lesion: those lesions were not assessed for a "
                             "paramagnetic rim, and the Rim+ count covers the assessed lesions only.",
+    "qsm_scale_suspect": "QSM values are far outside the ppm range of brain tissue (another unit, or a missing "
+                         "rescale): paramagnetic rim results are unreliable.",
     "partial_coverage": "The FLAIR does not cover the whole brain head to foot: lesion results may be wrong.",
 }
 _SERIES = {  # what volume assembly flags, per series (``flair_missing_slices``, ``qsm_nonfinite_pixels``)

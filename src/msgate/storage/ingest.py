@@ -47,6 +47,10 @@ def body_digest(raw: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def _sender_msh10(header: Hl7Header) -> str:
+    return f"{header.sending_application}|{header.sending_facility}|{header.control_id}"
+
+
 @dataclass(frozen=True)
 class Hl7Header:
     """What the commit path reads from MSH before storing (no full parse needed)."""
@@ -268,11 +272,10 @@ class Ingest:
         """A resend is the same sender (MSH-3, MSH-4), the same MSH-10 and the same content after MSH (an
         engine may restamp MSH-7 when it resends). Another message that reuses a control id (senders
         restart their counters; test feeds reuse ``MSG00001``) is a new message, never dropped."""
-        return self.cipher.blind_index(f"{header.sending_application}|{header.sending_facility}|{header.control_id}|"
-                                       f"{body_digest(raw)}", scope="msh10")
+        return self.cipher.blind_index(f"{_sender_msh10(header)}|{body_digest(raw)}", scope="msh10")
 
     def store_hl7(self, *, raw: bytes, header: Hl7Header, actor: str = "hl7") -> StoredMessage:
-        """Store one raw message; a duplicate (same MSH-10/3/4) is reported, not stored again."""
+        """Store one raw message; a duplicate (see :meth:`dedup_key`) is reported, not stored again."""
         return self.store_hl7_batch([(raw, header)], actor=actor)[0]
 
     def store_hl7_batch(self, items: Sequence[tuple[bytes, Hl7Header]], *, actor: str = "hl7") -> list[StoredMessage]:
@@ -340,8 +343,7 @@ class Ingest:
 
     def legacy_key(self, header: Hl7Header) -> str:
         """The duplicate key of messages stored before 2026-12-07 (sender and MSH-10 only)."""
-        return self.cipher.blind_index(
-            f"{header.sending_application}|{header.sending_facility}|{header.control_id}", scope="msh10")
+        return self.cipher.blind_index(_sender_msh10(header), scope="msh10")
 
     def _legacy_duplicates(self, session: Session, items: Sequence[tuple[bytes, Hl7Header]], keys: list[str],
                            found: dict[str, Hl7Message]) -> dict[int, Hl7Message]:

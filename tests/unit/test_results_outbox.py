@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from msgate.cli import outbox_cmd
 from msgate.cli.common import State
-from msgate.results import outbox, outbox_ops
+from msgate.results import codes, outbox, outbox_ops
 from msgate.results.publish import publish_job
 from msgate.storage.models import AuditEvent, Blob, Job, OutboxAttempt, OutboxEntry, Series, Study, utcnow
 from msgate.storage.store import Store, open_store
@@ -259,6 +259,26 @@ def test_drop_skips_an_entry_a_sender_holds_and_its_answer_is_recorded(rstore: S
     assert "skipped 1 (delivered, dropped or in flight)" in text.output
 
 
+def _deliver(store: Store, job_id: str, kinds: tuple[str, ...]) -> None:
+    """Mark the job's entries of these blob kinds delivered (what the sender does on success)."""
+    with store.db.session() as session:
+        for entry, kind in session.exec(select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                                        .where(OutboxEntry.job_id == job_id)).all():
+            if kind in kinds:
+                entry.state, entry.delivered_at = "delivered", utcnow()
+                session.add(entry)
+
+
+def _one_lesion(shape: tuple[int, int, int]) -> object:
+    import dataclasses
+
+    import numpy as np
+
+    res = model_result(shape, version="0.3.2", edss=5.0, qsm=False)
+    return dataclasses.replace(res, lesions=res.lesions[:1],
+                               lesion_mask=np.where(res.lesion_mask == 1, 1, 0).astype(np.int16))
+
+
 def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store) -> None:
     first = _job(rstore, with_flair=True)
     shape = (12, 40, 48)
@@ -276,6 +296,48 @@ def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store
     n_sc = kinds.count("out.sc") // 2
     assert kinds == sorted(["out.seg"] * 2 + ["out.pm"] * 2 + ["out.sc"] * 2 * n_sc + ["out.sr"] * 2 + ["out.oru"])
     assert publish_job(rstore, first) == "already"
+    _deliver(rstore, first, ("out.sr", "out.oru"))  # the SR and ORU went out; the images are still pending
+    second = _job(rstore, supersedes=first, idem="k2")
+    store_result(rstore, job_id=second, result=_one_lesion(shape))  # type: ignore[arg-type]
+    assert publish_job(rstore, second) == "queued"
+    with rstore.db.session() as session:
+        rows = session.exec(select(OutboxEntry.blob_id, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                            .where(OutboxEntry.job_id == second)).all()
+        blobs = {k: rstore.blobs.read(session, b) for b, k in rows}
+        attempts = session.exec(select(OutboxAttempt)).all()
+        old = session.exec(select(OutboxEntry, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                           .where(OutboxEntry.job_id == first)).all()
+    # the first job's undelivered objects are dropped, not sent after their correction; delivered ones stay
+    assert {k: e.state for e, k in old if k in ("out.sr", "out.oru")} == {"out.sr": "delivered", "out.oru": "delivered"}
+    dropped = [e for e, k in old if k not in ("out.sr", "out.oru")]
+    assert dropped and {e.state for e in dropped} == {"dropped"} and len(attempts) == len(dropped)
+    assert {(a.entry_id, a.outcome) for a in attempts} == {(e.id, "superseded") for e in dropped}
+    new_sr = dcmread(io.BytesIO(blobs["out.sr"]))
+    ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    assert new_sr.StudyInstanceUID == old_sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.1"
+    oru = blobs["out.oru"].decode()
+    assert new_sr.SOPInstanceUID in oru
+    obx = [line.split("|") for line in oru.split("\r") if line.startswith("OBX")]
+    assert all(o[11] == "P" for o in obx if o[11] != "D")
+    assert "|Correction: replaces" in oru
+    # what the first ORU said and this one does not (lesions 2 and 3, the Rim+ values without QSM) is
+    # retracted with status D; lesion 1 stays current
+    gone = {(o[3].split("^")[0], o[4]) for o in obx if o[11] == "D"}
+    vol, rim = codes.LESION_VOLUME.value, codes.RIM_PROBABILITY.value
+    assert {(vol, "2"), (vol, "3"), (rim, "1"), (codes.RIM_COUNT.value, "")} <= gone and (vol, "1") not in gone
+    assert all(o[5] == "" and o[2] == "" for o in obx if o[11] == "D")
+
+
+def test_a_successor_of_an_undelivered_result_is_not_a_correction(rstore: Store) -> None:
+    """Nothing of the first result reached the PACS or the EHR (all still pending, then dropped): the new
+    SR names no predecessor the PACS never got, and the ORU does not claim to replace anything."""
+    first = _job(rstore, with_flair=True)
+    shape = (12, 40, 48)
+    store_result(rstore, job_id=first, result=model_result(shape))
+    assert publish_job(rstore, first) == "queued"
+    with rstore.db.session() as session:
+        session.get(Job, first).state = "superseded"  # type: ignore[union-attr]
     second = _job(rstore, supersedes=first, idem="k2")
     store_result(rstore, job_id=second, result=model_result(shape, version="0.3.2", edss=5.0))
     assert publish_job(rstore, second) == "queued"
@@ -283,19 +345,12 @@ def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store
         rows = session.exec(select(OutboxEntry.blob_id, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
                             .where(OutboxEntry.job_id == second)).all()
         blobs = {k: rstore.blobs.read(session, b) for b, k in rows}
-        attempts = session.exec(select(OutboxAttempt)).all()
         old = session.exec(select(OutboxEntry).where(OutboxEntry.job_id == first)).all()
-    # the first job's objects were never delivered: dropped, not sent after their correction
-    assert {e.state for e in old} == {"dropped"} and len(attempts) == len(old)
-    assert {(a.entry_id, a.outcome) for a in attempts} == {(e.id, "superseded") for e in old}
-    new_sr = dcmread(io.BytesIO(blobs["out.sr"]))
-    ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-    assert ref.ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
-    assert new_sr.StudyInstanceUID == old_sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.1"
+    assert {e.state for e in old} == {"dropped"}
+    assert "PredecessorDocumentsSequence" not in dcmread(io.BytesIO(blobs["out.sr"]))
     oru = blobs["out.oru"].decode()
-    assert new_sr.SOPInstanceUID in oru
-    assert all(line.split("|")[11] == "P" for line in oru.split("\r") if line.startswith("OBX"))
-    assert "|Correction: replaces" in oru
+    assert "Correction" not in oru and not any(line.split("|")[11] == "D" for line in oru.split("\r")
+                                                  if line.startswith("OBX"))
 
 
 def test_superseded_job_is_not_published(rstore: Store) -> None:
@@ -307,7 +362,7 @@ def test_superseded_job_is_not_published(rstore: Store) -> None:
 
 def test_a_correction_is_recognised_at_an_hl7_only_site(tmp_path: Path) -> None:
     """No PACS configured, so no SR was queued for the first result: the second used to go out as a plain
-    result, without saying it replaces the first; and the first's undelivered ORU is dropped."""
+    result, without saying it replaces the first (whose ORU the EHR got)."""
     settings = make_settings(tmp_path / "home", "sqlite", hl7_out={"port": 2599})
     store = open_store(settings)
     try:
@@ -316,12 +371,13 @@ def test_a_correction_is_recognised_at_an_hl7_only_site(tmp_path: Path) -> None:
         assert publish_job(store, first) == "queued"
         with store.db.session() as session:
             session.get(Job, first).state = "superseded"  # type: ignore[union-attr]
+        _deliver(store, first, ("out.oru",))
         second = _job(store, supersedes=first, idem="k2")
         store_result(store, job_id=second, result=model_result((12, 40, 48), version="0.3.2", edss=5.0))
         assert publish_job(store, second) == "queued"
         with store.db.session() as session:
             entries = session.exec(select(OutboxEntry).order_by(col(OutboxEntry.created_at))).all()
-            assert [(e.job_id, e.kind, e.state) for e in entries] == [(first, "hl7", "dropped"),
+            assert [(e.job_id, e.kind, e.state) for e in entries] == [(first, "hl7", "delivered"),
                                                                      (second, "hl7", "pending")]
             oru = store.blobs.read(session, entries[1].blob_id).decode()
         assert "|Correction: replaces" in oru
@@ -422,3 +478,68 @@ def test_a_correction_names_the_last_sr_that_was_not_dropped(rstore: Store) -> N
         new_sr = dcmread(io.BytesIO(rstore.blobs.read(session, blob)))
     ref = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == a_sr
+
+
+def test_the_oru_names_the_order_of_this_patient_not_anothers_with_the_same_accession(rstore: Store) -> None:
+    """Two patients' orders share an accession (a counter restart, another facility): the ORU carries the
+    order the worker linked the job to, never the newest order with that accession."""
+    import time
+
+    from msgate.storage.models import Order, Patient
+    from msgate.workers import ehr
+
+    job_id = _job(rstore, with_flair=True)  # images: accession ACC-R-1
+    c = rstore.cipher
+    with rstore.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        mine, other = Patient(), Patient()
+        session.add_all([mine, other])
+        session.flush()
+        study.patient_id = mine.id
+        session.add(study)
+
+        def order(patient: Patient, number: str) -> Order:
+            return Order(patient_id=patient.id, accession_index=study.accession_index,
+                         placer_enc=c.encrypt(f"PL-{number}", column="order.placer"),
+                         filler_enc=c.encrypt(f"FI-{number}", column="order.filler"))
+
+        session.add(order(mine, "MINE"))
+        session.flush()
+        time.sleep(0.01)
+        session.add(order(other, "OTHER"))  # newer, another patient
+        session.flush()
+        job.flags = {**job.flags, "order_id": ehr.link(session, study).order_id}
+        session.add(job)
+    store_result(rstore, job_id=job_id, result=model_result((12, 40, 48)))
+    assert publish_job(rstore, job_id) == "queued"
+    with rstore.db.session() as session:
+        blob = session.exec(select(OutboxEntry.blob_id).where(OutboxEntry.kind == "hl7")).one()
+        oru = rstore.blobs.read(session, blob).decode()
+    segments = {line[:3]: line.split("|") for line in oru.split("\r") if line}
+    assert (segments["ORC"][2], segments["ORC"][3], segments["OBR"][2]) == ("PL-MINE", "FI-MINE", "PL-MINE")
+    assert "OTHER" not in oru
+
+
+def test_an_oru_that_cannot_be_built_does_not_hold_back_the_sr(rstore: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ORU is refused (strict validation): the SR and the images still go to the PACS, and the job
+    and the audit chain say why there is no ORU."""
+    from msgate.errors import Rejected
+    from msgate.results import hl7_out
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise Rejected("ORU failed strict validation (MaxLengthReached)", code="oru_invalid")
+
+    monkeypatch.setattr(hl7_out, "render_oru", refuse)
+    job_id = _job(rstore, with_flair=True)
+    store_result(rstore, job_id=job_id, result=model_result((12, 40, 48)))
+    assert publish_job(rstore, job_id) == "queued"
+    with rstore.db.session() as session:
+        kinds = set(session.exec(select(Blob.kind).join(OutboxEntry, col(OutboxEntry.blob_id) == col(Blob.id))
+                                 .where(OutboxEntry.job_id == job_id)).all())
+        events = session.exec(select(AuditEvent).where(AuditEvent.kind == "results.oru_refused")).all()
+    assert "out.sr" in kinds and "out.oru" not in kinds
+    assert _state_job(rstore, job_id).flags["oru_error"] == "oru_invalid"
+    assert [e.subject for e in events] == [f"job:{job_id}"]

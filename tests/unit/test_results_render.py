@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import random
 import re
@@ -262,6 +263,30 @@ def test_oru_carries_findings_uids_and_order_numbers(sources: list[Dataset], res
     assert int(values[codes.RIM_COUNT.value]) == result.rim_count
     assert all(o[11] == "P" for o in obx)
     assert len(obx) == len(hl7_out.findings(result)) + 1
+
+
+def test_oru_wire_format_authority_and_units(sources: list[Dataset], result: ModelResult) -> None:
+    """Every segment ends with CR, the last included; UCUM units are CE with their coding system; an
+    Issuer of Patient ID that does not fit HD.1 (an OID, a long name) goes into HD.2 instead of making
+    the whole ORU invalid (the SR and images were held back with it)."""
+    er7 = _oru(result, sources[0], False)
+    assert er7.endswith("\r") and not er7.endswith("\r\r")
+    units = {o.split("|")[3].split("^")[0]: o.split("|")[6] for o in er7.split("\r") if o.startswith("OBX")}
+    assert units[codes.LESION_VOLUME_TOTAL.value] == "mL^mL^UCUM"
+    for issuer, hd in (("2.16.840.1.113883.2.9", "&2.16.840.1.113883.2.9&ISO"),
+                       ("OSPEDALE SAN MARTINO GENOVA", "&OSPEDALE SAN MARTINO GENOVA&L"), ("HOSP", "HOSP")):
+        source = copy.deepcopy(sources[0])
+        source.IssuerOfPatientID = issuer
+        er7 = _oru(result, source, False)
+        msg = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        msg.validate()
+        assert _segment(er7, "PID")[3] == f"{source.PatientID}^^^{hd}^MR"
+    source = copy.deepcopy(sources[0])
+    source.IssuerOfPatientID = "HOSP"
+    qualifier = Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.250.1.71", "ISO"
+    source.IssuerOfPatientIDQualifiersSequence = [qualifier]
+    assert _segment(_oru(result, source, False), "PID")[3] == f"{source.PatientID}^^^HOSP&1.2.250.1.71&ISO^MR"
 
 
 def test_correction_oru_stays_preliminary_and_says_so(sources: list[Dataset], result: ModelResult) -> None:

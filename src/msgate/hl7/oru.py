@@ -1,15 +1,17 @@
 """ORU^R01 v2.5.1 builder for model results, strictly validated with hl7apy before it leaves.
 
 Segments: MSH, PID, ORC, OBR (accession in OBR-18 per IHE Radiology, placer OBR-2, filler OBR-3,
-OBR-25 result status), one OBX per finding (NM/CE/ST, units, OBX-11 ``P`` until a clinician verifies,
-OBX-17 method = algorithm name and version), an RP/ST OBX with the SR SOP Instance UID, and an NTE
-disclaimer. Every text value is escaped here (``\\ | ^ & ~``, HL7 v2.5.1 §2.7) before it is placed in a
+OBR-25 result status), one OBX per finding (NM/CE/ST, UCUM units as CE, OBX-11 ``P`` until a clinician
+verifies, OBX-17 method = algorithm name and version), an OBX with status ``D`` for each observation an
+earlier ORU for the order carried and this one does not, an ST OBX with the SR SOP Instance UID, and an
+NTE disclaimer. Every segment, the last included, ends with CR. Every text value is escaped here (``\\ | ^ & ~``, HL7 v2.5.1 §2.7) before it is placed in a
 component: hl7apy itself escapes only ``|`` and ``~``, so an ``^`` in an MRN used to split it into two
 components (another patient), and an ``&`` in an order number made the message invalid.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -30,8 +32,19 @@ class Finding:
     text: str
     value_type: Literal["NM", "CE", "ST"]
     value: str
-    units: str = ""
+    units: str = ""  # a UCUM code (sent as CE ``code^code^UCUM``)
     sub_id: str = ""  # OBX-4: groups the values of one lesion ("1", "2", ...)
+
+
+@dataclass(frozen=True)
+class Retraction:
+    """An observation an earlier ORU for the same order carried and this one does not (a lesion the
+    new result no longer has): sent as an OBX with result status ``D`` (table 0085, "deletes the OBX
+    record"), so a receiver that files values by OBX-3 + OBX-4 does not keep it as current. ``identifier``
+    is OBX-3 as the earlier message encoded it."""
+
+    identifier: str
+    sub_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class OruInput:
     """What the publisher knows about one result."""
 
     patient_id: str
-    patient_authority: str
+    patient_authority: str  # DICOM Issuer of Patient ID (a local name or an OID)
     accession: str
     placer_number: str
     filler_number: str
@@ -58,6 +71,9 @@ class OruInput:
     service_code: str = "MSAI"
     service_text: str = "MS MRI AI analysis"
     notes: tuple[str, ...] = ()
+    authority_universal_id: str = ""  # DICOM Issuer of Patient ID Qualifiers: Universal Entity ID
+    authority_universal_type: str = ""  # and its type (ISO, DNS, URI, ...)
+    retracted: tuple[Retraction, ...] = ()
 
 
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
@@ -76,6 +92,27 @@ def xpn(dicom_name: str) -> str:
     parts = (dicom_name.split("=", 1)[0].split("^") + [""] * 5)[:5]
     family, given, middle, prefix, suffix = (esc(part.strip()) for part in parts)
     return "^".join((family, given, middle, suffix, prefix)).rstrip("^")
+
+
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_HD_NAMESPACE_MAX = 20  # HD.1 is an IS of at most 20 characters (v2.5.1 table of data types)
+
+
+def hd(name: str, universal_id: str = "", universal_type: str = "") -> str:
+    """An assigning authority as HD subcomponents (``namespace&universal id&type``, escaped). An OID goes
+    into HD.2 with type ISO; a name longer than HD.1 allows goes into HD.2 as a local (``L``) identifier
+    instead of being cut (a cut name would no longer match the EHR's authority)."""
+    name, universal_id, universal_type = name.strip(), universal_id.strip(), universal_type.strip()
+    if not universal_id and _OID.match(name):
+        name, universal_id, universal_type = "", name, "ISO"
+    if len(name) > _HD_NAMESPACE_MAX:
+        if universal_id:
+            name = ""  # the universal id names the authority; a name too long for HD.1 is left out
+        else:
+            name, universal_id, universal_type = "", name, "L"
+    if universal_id:
+        return f"{esc(name)}&{esc(universal_id)}&{esc(universal_type or 'L')}"
+    return esc(name)
 
 
 def _ts(value: datetime | None = None) -> str:
@@ -106,7 +143,7 @@ def build_oru(result: OruInput) -> str:
         if not str(msg.to_er7()).isascii():  # sent as UTF-8: say so (empty MSH-18 means ASCII)
             msg.msh.msh_18 = "UNICODE UTF-8"
         msg.validate()
-        return str(msg.to_er7()).replace("\n", "\r")
+        return str(msg.to_er7()).replace("\n", "\r") + "\r"  # every segment ends with CR (v2.5.1 §2.5)
     except HL7apyException as exc:
         raise Rejected(f"ORU failed strict validation ({type(exc).__name__})", code="oru_invalid") from None
 
@@ -115,7 +152,8 @@ def _body(msg: Message, r: OruInput) -> None:
     pr = msg.add_group("ORU_R01_PATIENT_RESULT")
     patient = pr.add_group("ORU_R01_PATIENT")
     patient.pid.pid_1 = "1"
-    patient.pid.pid_3 = f"{esc(r.patient_id)}^^^{esc(r.patient_authority)}^MR"
+    authority = hd(r.patient_authority, r.authority_universal_id, r.authority_universal_type)
+    patient.pid.pid_3 = f"{esc(r.patient_id)}^^^{authority}^MR"
     patient.pid.pid_5 = xpn(r.patient_name) or "UNKNOWN"
     oo = pr.add_group("ORU_R01_ORDER_OBSERVATION")
     oo.orc.orc_1 = "RE"
@@ -141,9 +179,18 @@ def _body(msg: Message, r: OruInput) -> None:
             obs.obx.obx_4 = finding.sub_id
         obs.obx.obx_5 = esc(finding.value) if finding.value_type == "ST" else finding.value
         if finding.units:
-            obs.obx.obx_6 = finding.units
+            obs.obx.obx_6 = f"{esc(finding.units)}^{esc(finding.units)}^UCUM"
         obs.obx.obx_11 = r.status
         obs.obx.obx_14 = _ts(r.observed_at)
+        obs.obx.obx_17 = method
+    for gone in r.retracted:
+        n += 1
+        obs = oo.add_group("ORU_R01_OBSERVATION")
+        obs.obx.obx_1 = str(n)
+        obs.obx.obx_3 = gone.identifier
+        if gone.sub_id:
+            obs.obx.obx_4 = gone.sub_id
+        obs.obx.obx_11 = "D"
         obs.obx.obx_17 = method
     obs = oo.add_group("ORU_R01_OBSERVATION")
     obs.obx.obx_1 = str(n + 1)

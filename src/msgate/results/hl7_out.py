@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 from pydicom.dataset import Dataset
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from msgate.config import Settings
-from msgate.hl7.oru import Finding, OruInput, build_oru
+from msgate.hl7.oru import Finding, OruInput, Retraction, build_oru
 from msgate.model.types import ModelResult
 from msgate.results import codes
 from msgate.results.identity import HE_PARAMETER
@@ -76,16 +76,38 @@ def lesion_findings(result: ModelResult) -> tuple[Finding, ...]:
     return tuple(out)
 
 
-def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source: Dataset) -> OrderNumbers:
-    """Placer/filler from the order that shares the study's accession; the accession from the images."""
+def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source: Dataset,
+                  order_id: int | None = None) -> OrderNumbers:
+    """Placer/filler of the order the job was linked to (``job.flags["order_id"]``, the order of this
+    patient that shares the study's accession, chosen by ``workers.ehr.link``); without one, the same
+    choice made now. Never another patient's order with the same accession (counters restart, several
+    facilities): the EHR would file the result against that patient. The accession from the images."""
+    from msgate.workers.ehr import link  # the worker's rule, so the ORU names the order the model used
+
     accession = str(source.get("AccessionNumber", "") or "")
-    order = None
-    if study.accession_index:
-        order = session.exec(select(Order).where(Order.accession_index == study.accession_index)
-                             .order_by(col(Order.updated_at).desc())).first()
+    order = session.get(Order, order_id) if order_id is not None else None
+    if order is None:
+        linked = link(session, study).order_id
+        order = session.get(Order, linked) if linked is not None else None
     placer = cipher.decrypt(order.placer_enc, column="order.placer") if order and order.placer_enc else None
     filler = cipher.decrypt(order.filler_enc, column="order.filler") if order and order.filler_enc else None
     return OrderNumbers(placer or accession, filler or accession, accession)
+
+
+def retractions(previous_oru: str, current: tuple[Finding, ...]) -> tuple[Retraction, ...]:
+    """The observations (OBX-3 code + OBX-4 sub-id) the earlier ORU for this order sent as current and
+    ``current`` no longer has: a lesion that is gone, a Rim+ count without QSM now."""
+    keep = {(f.code, f.sub_id) for f in current} | {("SR-UID", "")}
+    out, seen = [], set()
+    for line in previous_oru.replace("\n", "\r").split("\r"):
+        fields = line.split("|")
+        if not line.startswith("OBX") or len(fields) < 12 or fields[11] == "D":
+            continue
+        code, sub = fields[3].split("^")[0], fields[4]
+        if (code, sub) not in keep and (code, sub) not in seen:
+            seen.add((code, sub))
+            out.append(Retraction(fields[3], sub))
+    return tuple(out)
 
 
 # A correction of unverified AI output stays preliminary (table 0085: C and F are for verified results;
@@ -113,14 +135,21 @@ def exam_time(source: Dataset) -> datetime | None:
 
 
 def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, sr_uid: str, correction: bool,
-               settings: Settings) -> str:
+               settings: Settings, previous_oru: str | None = None) -> str:
+    """``previous_oru``: the ORU the EHR last received for this order (a correction retracts what it
+    carried and this result does not)."""
     dest = settings.hl7_out
     name = source.get("PatientName")
+    qualifiers = (source.get("IssuerOfPatientIDQualifiersSequence") or [None])[0]
+    found = findings(result)
     return build_oru(OruInput(
         patient_id=str(source.get("PatientID", "") or ""), patient_authority=str(source.get("IssuerOfPatientID", "") or ""),
+        authority_universal_id=str(qualifiers.get("UniversalEntityID", "") or "") if qualifiers else "",
+        authority_universal_type=str(qualifiers.get("UniversalEntityIDType", "") or "") if qualifiers else "",
+        retracted=retractions(previous_oru, found) if previous_oru else (),
         accession=numbers.accession, placer_number=numbers.placer, filler_number=numbers.filler,
         sr_sop_instance_uid=sr_uid, model_name=result.model_name, model_version=result.model_version,
-        control_id=PLACEHOLDER_CONTROL_ID, findings=findings(result), status="P",
+        control_id=PLACEHOLDER_CONTROL_ID, findings=found, status="P",
         notes=((CORRECTION,) if correction else ()) + ((HE_PARAMETER,) if "he" in result.flags else ())
         + flag_notes(result),
         patient_name=str(name) if name else "", observed_at=exam_time(source),

@@ -121,16 +121,28 @@ def _default_repertoire_named(ds: Dataset) -> None:
             ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
 
 
-def previous_sr(store: Store, job: Job) -> Dataset | None:
-    """The SR header of the nearest superseded job that was published (walks ``supersedes_id``)."""
+REACHED = ("delivered", "sending")  # may have reached its destination; pending and dead ones are dropped
+
+
+def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:
+    """The ``kind`` object (``out.sr``, ``out.oru``) of the nearest superseded job that was delivered or
+    is being sent (walks ``supersedes_id``). One still pending or dead is dropped by this publish and
+    never reaches anyone: naming it as the predecessor would point the PACS or the EHR at nothing."""
     with store.db.session() as session:
         for earlier in predecessors(session, job):
-            blob_id = session.exec(  # a dropped SR never reached the PACS: the one before it is the predecessor
+            blob_id = session.exec(
                 select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
-                .where(OutboxEntry.job_id == earlier, Blob.kind == "out.sr", OutboxEntry.state != "dropped")).first()
+                .where(OutboxEntry.job_id == earlier, Blob.kind == kind, col(OutboxEntry.state).in_(REACHED))
+            ).first()
             if blob_id is not None:
-                return dcmread(io.BytesIO(store.blobs.read(session, blob_id)), stop_before_pixels=True)
+                return store.blobs.read(session, blob_id)
     return None
+
+
+def previous_sr(store: Store, job: Job) -> Dataset | None:
+    """The SR header the new SR supersedes (:func:`previous_sent`)."""
+    raw = previous_sent(store, job, "out.sr")
+    return dcmread(io.BytesIO(raw), stop_before_pixels=True) if raw is not None else None
 
 
 def predecessors(session: Session, job: Job) -> list[str]:
@@ -142,6 +154,25 @@ def predecessors(session: Session, job: Job) -> list[str]:
         older = session.get(Job, current)
         current = older.supersedes_id if older is not None else None
     return out
+
+
+def _oru(store: Store, session: Session, job: Job, study: Study, result: ModelResult, sources: FlairSources,
+         sr_uid: str, correction: bool, previous: bytes | None) -> bytes | None:
+    """The ORU (a correction of an earlier result that reached a destination; ``previous``: the ORU the
+    EHR got for it, whose observations this one no longer has are retracted), or None when it cannot be built (recorded on the job and audited): the DICOM objects still go to the
+    PACS, instead of the whole publish failing for good on one HL7 field."""
+    try:
+        numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources.first,
+                                        order_id=job.flags.get("order_id"))
+        return hl7_out.render_oru(result, source=sources.first, numbers=numbers, sr_uid=sr_uid,
+                                  correction=correction, settings=store.settings,
+                                  previous_oru=previous.decode("utf-8", "replace") if previous else None).encode("utf-8")
+    except Rejected as exc:
+        log.error("ORU left out: it cannot be built for this result", extra={"job_id": job.id, "reason": exc.code})
+        job.flags = {**job.flags, "oru_error": exc.code}
+        audit.append(session, kind="results.oru_refused", actor="publish", subject=f"job:{job.id}",
+                     detail={"reason": exc.code})
+        return None
 
 
 def _retire_predecessors(session: Session, job_ids: list[str]) -> int:
@@ -176,6 +207,7 @@ def publish_job(store: Store, job_id: str) -> str:
         raise Rejected("the job has no stored result", code="no_result")
     sources = load_sources(store, job)
     previous = previous_sr(store, job)
+    previous_oru = previous_sent(store, job, "out.oru")
     objects, sr_uid = render(result, sources, options=RenderOptions.from_settings(store.settings),
                              previous=[previous] if previous is not None else None)
     with store.db.session() as session:
@@ -189,13 +221,13 @@ def publish_job(store: Store, job_id: str) -> str:
         study = session.get(Study, job.study_id)
         assert study is not None
         earlier = predecessors(session, job)
-        published = bool(earlier) and session.exec(select(OutboxEntry.id).where(
-            col(OutboxEntry.job_id).in_(earlier))).first() is not None  # by any destination (HL7-only sites)
+        published = bool(earlier) and session.exec(select(OutboxEntry.id).where(  # by any destination
+            col(OutboxEntry.job_id).in_(earlier), col(OutboxEntry.state).in_(REACHED))).first() is not None
         if store.settings.hl7_out is not None:
-            numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources.first)
-            oru = hl7_out.render_oru(result, source=sources.first, numbers=numbers, sr_uid=sr_uid,
-                                     correction=published, settings=store.settings)
-            objects.append(Rendered("out.oru", oru.encode("utf-8")))
+            oru = _oru(store, session, locked, study, result, sources, sr_uid, published,
+                       previous_oru if published else None)
+            if oru is not None:
+                objects.append(Rendered("out.oru", oru))
         if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:
             return "already"  # a concurrent run won
         queued = enqueue(store, session, job_id=job_id, objects=objects)

@@ -273,14 +273,14 @@ def test_oru_wire_format_authority_and_units(sources: list[Dataset], result: Mod
     assert er7.endswith("\r") and not er7.endswith("\r\r")
     units = {o.split("|")[3].split("^")[0]: o.split("|")[6] for o in er7.split("\r") if o.startswith("OBX")}
     assert units[codes.LESION_VOLUME_TOTAL.value] == "mL^mL^UCUM"
-    for issuer, hd in (("2.16.840.1.113883.2.9", "&2.16.840.1.113883.2.9&ISO"),
+    for issuer, authority in (("2.16.840.1.113883.2.9", "&2.16.840.1.113883.2.9&ISO"),
                        ("OSPEDALE SAN MARTINO GENOVA", "&OSPEDALE SAN MARTINO GENOVA&L"), ("HOSP", "HOSP")):
         source = copy.deepcopy(sources[0])
         source.IssuerOfPatientID = issuer
         er7 = _oru(result, source, False)
         msg = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
         msg.validate()
-        assert _segment(er7, "PID")[3] == f"{source.PatientID}^^^{hd}^MR"
+        assert _segment(er7, "PID")[3] == f"{source.PatientID}^^^{authority}^MR"
     source = copy.deepcopy(sources[0])
     source.IssuerOfPatientID = "HOSP"
     qualifier = Dataset()

@@ -16,8 +16,11 @@ presentation data values are assembled directly:
 - any other message (C-ECHO, an unknown command, a command on an unknown context, a malformed PDU
   before the command is known) is replayed into pynetdicom's own path, PDU by PDU and in order, and the
   association stays on that path from then on; pynetdicom answers it as it always does;
-- a protocol violation after a C-STORE-RQ was accepted here (a command fragment inside its dataset, a
-  dataset on another context) raises, and pynetdicom's DUL loop aborts the association (A-ABORT);
+- a protocol violation (a command fragment inside a dataset, a dataset or a command fragment on another
+  context than the message's, a request other than C-STORE, C-ECHO or C-CANCEL) raises, and pynetdicom's
+  DUL loop aborts the association (A-ABORT);
+- a PDU longer than we accept (a P-DATA-TF over the maximum PDU we announced, any other PDU over
+  :data:`ASSOCIATION_PDU_MAX`) is refused before its body is read or allocated (A-ABORT);
 - an A-RELEASE-RQ first calls ``before_release`` (the listener waits there until the association's
   instances are indexed), then goes to pynetdicom, which answers it.
 """
@@ -34,7 +37,12 @@ from msgate.listener import pdata
 
 log = logging.getLogger(__name__)
 
-StoreFn = Callable[[bytes, Any, str], int]  # (Part-10 bytes, association, transfer syntax) -> DIMSE status
+ASSOCIATION_PDU_MAX = 1 << 20  # A-ASSOCIATE-RQ and the other non-data PDUs: real ones are a few KiB
+UNLIMITED_PDATA_MAX = 64 << 20  # a P-DATA-TF when our maximum PDU is 0 ("unlimited"): still bounded
+HEADER_SLACK = 6  # tolerated excess over our maximum PDU (peers that count the 6-byte PDU header in it)
+
+# (Part-10 bytes, association, transfer syntax, (Affected SOP Class UID, Affected SOP Instance UID)) -> status
+StoreFn = Callable[[bytes, Any, str, tuple[str, str]], int]
 ReleaseFn = Callable[[Any], None]  # called with the association before its A-RELEASE-RQ is processed
 
 
@@ -74,6 +82,9 @@ class DataPhase:
             log.error("unknown PDU type received", extra={"reason": f"0x{pdu_type:02X}"})
             self.dul.event_queue.put("Evt19")
             return
+        if length > self._limit(pdu_type):
+            self._refuse_oversized(sock, pdu_type, length)
+            return
         body = self._recv(sock, length)
         if body is None:
             return
@@ -83,6 +94,27 @@ class DataPhase:
         if pdu_type == 0x05 and self.before_release is not None:
             self.before_release(self.dul.assoc)
         self._to_pynetdicom(bytes(header) + bytes(body))
+
+    def _limit(self, pdu_type: int) -> int:
+        """The largest PDU length accepted: a P-DATA-TF up to the maximum we announced (PS3.8 D.1: the
+        peer must not send more), anything else up to :data:`ASSOCIATION_PDU_MAX`. The body is read into
+        a buffer of the declared size, so an unchecked length let one 6-byte header, before any access
+        control, make the listener allocate gigabytes."""
+        if pdu_type != 0x04:
+            return ASSOCIATION_PDU_MAX
+        ours = int(getattr(getattr(self.dul.assoc, "acceptor", None), "maximum_length", 0) or 0)
+        return ours + HEADER_SLACK if ours else UNLIMITED_PDATA_MAX
+
+    def _refuse_oversized(self, sock: socket.socket, pdu_type: int, length: int) -> None:
+        """An invalid PDU (Evt19: pynetdicom answers with A-ABORT); nothing more is read from this peer,
+        so the rest of its declared body is never taken for PDUs."""
+        log.error("PDU longer than this listener accepts: association aborted",
+                  extra={"reason": f"type 0x{pdu_type:02X}, {length} bytes"})
+        self.dul.event_queue.put("Evt19")
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def _recv(self, sock: socket.socket, size: int, *, quiet_eof: bool = False) -> bytearray | None:
         """Exactly ``size`` bytes, or None after queueing Evt17 (connection closed or timed out). The peer
@@ -143,8 +175,13 @@ class DataPhase:
                     self._answer()
 
     def _on_command_fragment(self, pdv: pdata.Pdv) -> bool:
-        """Collect the command; once complete, take it (True) or hand the message to pynetdicom (False)."""
-        if not pdv.is_command or (self.command_parts and pdv.context_id != self.context_id):
+        """Collect the command; once complete, take it (True) or hand the message to pynetdicom (False).
+        A command whose fragments change context, or a request this store-only listener does not serve
+        (N-CREATE, N-ACTION, ... which pynetdicom would answer as a C-STORE on a storage context),
+        aborts the association."""
+        if self.command_parts and pdv.context_id != self.context_id:
+            raise ProtocolViolation("command fragments on two presentation contexts")
+        if not pdv.is_command:
             return False
         self.context_id = pdv.context_id
         self.command_parts.append(bytes(pdv.data))
@@ -154,6 +191,8 @@ class DataPhase:
             command = pdata.decode_command(b"".join(self.command_parts))
         except pdata.MalformedPdu:
             return False
+        if command.field not in pdata.SERVED:
+            raise ProtocolViolation(f"DIMSE request 0x{command.field:04X} is not served here")
         if (command.field != pdata.C_STORE_RQ or command.dataset_type == pdata.NO_DATASET
                 or self.context_id not in self._contexts()):
             return False
@@ -183,7 +222,7 @@ class DataPhase:
                                transfer_syntax=syntax)
         data = b"".join((meta, *self.parts))
         self._reset()
-        status = self.store(data, self.dul.assoc, syntax)
+        status = self.store(data, self.dul.assoc, syntax, (command.sop_class_uid, command.sop_instance_uid))
         del data
         rsp = pdata.encode_store_rsp(command, status)
         max_pdu = int(getattr(self.dul.assoc.requestor, "maximum_length", 0) or 0)

@@ -34,7 +34,7 @@ RELEASE_WAIT = 30.0  # seconds a release waits for indexing; the instances are d
 
 def status_for(exc: Rejected) -> int:
     """The DIMSE failure status of a rejected dataset."""
-    if exc.code.startswith("missing_"):
+    if exc.code.startswith("missing_") or exc.code in ("instance_uid_mismatch", "class_uid_mismatch"):
         return DATA_SET_MISMATCH
     if exc.code in ("undecodable", "truncated"):
         return CANNOT_UNDERSTAND
@@ -76,16 +76,27 @@ class Listener:
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int:
-        """EVT_C_STORE (pynetdicom's path): store the bytes as received (no transcoding), then answer."""
+        """EVT_C_STORE (pynetdicom's path): store the bytes as received (no transcoding), then answer.
+        pynetdicom hands any request on a storage context here (an N-CREATE too): that is aborted."""
+        if type(event.request).__name__ != "C_STORE":
+            log.warning("association aborted: a request that is not C-STORE on a storage context",
+                        extra={"assoc_id": self._stats(event.assoc).assoc_id,
+                               "reason": type(event.request).__name__})
+            event.assoc.abort()
+            return FAILURE
         try:
             data = event.encoded_dataset()
         except Exception:
             log.exception("store failed", extra={"assoc_id": self._stats(event.assoc).assoc_id})
             return self._failed(self._stats(event.assoc), FAILURE, "internal")
-        return self.store_encoded(data, event.assoc, str(event.context.transfer_syntax))
+        request = event.request
+        return self.store_encoded(data, event.assoc, str(event.context.transfer_syntax),
+                                  (str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or "")))
 
-    def store_encoded(self, data: bytes, assoc: Any, transfer_syntax: str) -> int:
+    def store_encoded(self, data: bytes, assoc: Any, transfer_syntax: str, affected: tuple[str, str]) -> int:
         """Persist one received dataset (file meta + data set, as sent) and return the DIMSE status.
+        ``affected``: the C-STORE-RQ's Affected SOP Class and Instance UIDs, which the data set must carry
+        (the sender records the command's instance as stored, the index the data set's).
 
         Called by pynetdicom's EVT_C_STORE and by the direct data phase (``listener.dataphase``)."""
         started = time.perf_counter()
@@ -93,6 +104,7 @@ class Listener:
         try:
             self.store.ingest.check_space()
             header = dataset.parse(data)
+            _matches_command(header, affected)
             self.intake.accept(Received(data, header, stats.calling_aet, stats.assoc_id))
         except Rejected as exc:
             return self._failed(stats, status_for(exc), exc.code)
@@ -173,6 +185,18 @@ class Listener:
     def on_rejected(self, event: evt.Event) -> None:
         log.warning("association rejected", extra={"calling_aet": _aet(event.assoc),
                                                    "peer": str(event.assoc.requestor.address)})
+
+
+def _matches_command(header: dataset.Header, affected: tuple[str, str]) -> None:
+    """PS3.4 B.2.3 (0xA900): the data set's SOP Class and Instance UIDs are the command's. A data set
+    without SOP Instance UID was refused already; one without SOP Class UID takes the command's."""
+    sop_class, sop_instance = affected
+    if header.get("SOPInstanceUID") != sop_instance:
+        raise Rejected("the data set's SOP Instance UID is not the command's Affected SOP Instance UID",
+                       code="instance_uid_mismatch")
+    if header.get("SOPClassUID") and header.get("SOPClassUID") != sop_class:
+        raise Rejected("the data set's SOP Class UID is not the command's Affected SOP Class UID",
+                       code="class_uid_mismatch")
 
 
 def _aet(assoc: Any) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
+C_ECHO_RQ, C_CANCEL_RQ = 0x0030, 0x0FFF
+SERVED = frozenset({C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ})  # the requests a store-only acceptor answers
 NO_DATASET = 0x0101
 
 _ITEM = struct.Struct(">IBB")  # PDV item length, presentation context ID, message control header

@@ -42,6 +42,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from msgate.batching import take_batch
+from msgate.errors import Transient
 from msgate.hl7.mapping import Outcome, map_messages
 from msgate.hl7.msh import HeaderError, Msh, read_msh
 from msgate.hl7.segments import SegmentReader
@@ -211,10 +212,11 @@ class Indexer:
         all_items = items
         if recovering:
             items = self._unknown(items)
-        stored = self._store(items) if items else []
+        stored, retried = self._store(items) if items else ([], False)
+        ours = self._committed_before(stored) if retried and not recovering else set()
         queued = set()
         for item, result in zip(items, stored, strict=True):
-            if result.duplicate:
+            if result.duplicate and result.message_id not in ours:
                 continue
             reply = (name, item.seq) if item.seq in wanted else None
             ack = "" if recovering else ("CA" if item.msh.enhanced else "AA")
@@ -255,12 +257,25 @@ class Indexer:
                 known.add(key)
         return fresh
 
-    def _store(self, items: list[_Item]) -> list[Any]:
-        """``store_hl7_batch``, retried while the database or disk is away (the journal keeps the records)."""
+    def _committed_before(self, stored: list[Any]) -> set[int]:
+        """After a failed try, the duplicates that an earlier try of this batch committed (its COMMIT's
+        answer was lost): rows still pending that the mapper has not been given. They were never
+        queued for mapping, and would have stayed unmapped until the next start."""
+        ids = [r.message_id for r in stored if r.duplicate]
+        if not ids:
+            return set()
+        with self.store.db.session() as session:
+            pending = set(session.exec(select(Hl7Message.id).where(
+                col(Hl7Message.id).in_(ids), Hl7Message.mapping_state == "pending")).all())
+        return {i for i in pending if i is not None and not self.mapper.has(i)}
+
+    def _store(self, items: list[_Item]) -> tuple[list[Any], bool]:
+        """``store_hl7_batch``, retried while the database or disk is away (the journal keeps the records);
+        also whether a try failed first (a failed COMMIT may have committed after all)."""
         attempt = 0
         while True:
             try:
-                return self.store.ingest.store_hl7_batch([(item.raw, item.msh.header()) for item in items])
+                return self.store.ingest.store_hl7_batch([(item.raw, item.msh.header()) for item in items]), attempt > 0
             except Exception:
                 log.exception("hl7 indexing failed; retrying", extra={"count": len(items), "attempt": attempt})
                 if self.deadline is not None:
@@ -289,16 +304,27 @@ class Mapper(threading.Thread):
 
     KEEP_RAW = 4096
 
+    RETRY_MAX = 30.0  # s between tries of a batch that could not be mapped because the database was away
+
     def __init__(self, store: Store, send: Any) -> None:
         super().__init__(name="hl7-mapping", daemon=True)
         self.store, self.send = store, send
         self.items: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.deadline: float | None = None
+        self._lock = threading.Lock()
+        self._queued: set[int] = set()  # message ids given to map and not mapped yet
 
     def put(self, job: _Job) -> None:
         if self.items.qsize() > self.KEEP_RAW:
             job.raw = None
+        if job.remap:
+            with self._lock:
+                self._queued.add(job.message_id)
         self.items.put(job)
+
+    def has(self, message_id: int) -> bool:
+        with self._lock:
+            return message_id in self._queued
 
     def queue_pending(self) -> int:
         """Queue what was stored but not mapped before the last stop or crash."""
@@ -306,7 +332,7 @@ class Mapper(threading.Thread):
             ids = [i for i in session.exec(select(Hl7Message.id).where(Hl7Message.mapping_state == "pending")
                                            .order_by(col(Hl7Message.id))).all() if i is not None]
         for message_id in ids:
-            self.items.put(_Job(message_id, "", None, None))
+            self.put(_Job(message_id, "", None, None))
         return len(ids)
 
     def run(self) -> None:
@@ -319,11 +345,25 @@ class Mapper(threading.Thread):
         todo = [job for job in batch if job.remap]
         acks = {job.message_id: job.ack for job in todo if job.ack}
         raws = {job.message_id: job.raw for job in todo if job.raw is not None}
-        try:
-            outcomes = map_messages(self.store, [job.message_id for job in todo], acks=acks, raws=raws) if todo else {}
-        except Exception:  # the rows stay pending: mapped at the next start or by `msgate messages replay`
-            log.exception("mapping batch failed", extra={"count": len(batch)})
-            outcomes = {}
+        attempt = 0
+        while True:
+            try:
+                outcomes = (map_messages(self.store, [job.message_id for job in todo], acks=acks, raws=raws)
+                            if todo else {})
+                break
+            except Transient as exc:  # the database is away: this batch again (in order), after a pause
+                attempt += 1
+                log.warning("mapping batch failed; retrying", extra={"count": len(batch), "reason": exc.code,
+                                                                     "attempt": attempt})
+                if self.deadline is not None:
+                    return  # stopping: the rows stay pending and are mapped at the next start
+                time.sleep(min(self.RETRY_MAX, 0.2 * 2 ** min(attempt, 8)))
+            except Exception:  # the rows stay pending: mapped at the next start or by `msgate messages replay`
+                log.exception("mapping batch failed", extra={"count": len(batch)})
+                outcomes = {}
+                break
+        with self._lock:
+            self._queued.difference_update(job.message_id for job in todo)
         stored = self._stored_outcomes([job.message_id for job in batch if not job.remap])
         for job in batch:
             outcome = outcomes.get(job.message_id) if job.remap else stored.get(job.message_id)

@@ -8,9 +8,10 @@ each indexed instance goes to the readiness tracker and is counted as indexed in
 (deleted once all its records are). An association's end goes through the same channel, after its
 instances, so a study is only judged ready on release once everything it received is indexed.
 
-The child retries a failing batch (database unavailable, disk error) with backoff and finally gives it
-up: it stays in the journal, and on restart :meth:`Indexer.recover` indexes what is left before the
-port opens. A child that dies is started again and sent what it had not answered. The bytes waiting
+The child retries a batch that fails for a transient reason (the database away, a disk error) with
+capped backoff for as long as that lasts, committing the bodies it already wrote; any other failure is
+given up after a few tries: it stays in the journal, and on restart :meth:`Indexer.recover` indexes what
+is left before the port opens. A child that dies is started again and sent what it had not answered. The bytes waiting
 here are bounded (:meth:`reserve`), so a stalled index slows senders down (and finally answers 0xA700)
 instead of growing memory without limit.
 """

@@ -13,8 +13,8 @@ Messages (``multiprocessing.connection`` framing), listener to here:
 
 Here to the listener: ``{"ready": true}`` once the store is open, then ``{"r": [...]}`` per batch, in the
 order received: ``[seq, 1, instance_id, study_id, series_id, duplicate, version, new_series, new_study]``
-(indexed), ``[seq, 0, reason]`` (given up after retries: it stays in the journal and is indexed at the next
-start) or ``[seq, 2]`` (an association end, everything before it answered). The listener owns the journal:
+(indexed), ``[seq, 0, reason]`` (given up after retries of a failure that is not transient: it stays
+in the journal and is indexed at the next start; transient ones, a database outage, are retried while they last) or ``[seq, 2]`` (an association end, everything before it answered). The listener owns the journal:
 a segment is deleted there once every record in it is answered as indexed. If this process dies, the
 listener starts another and sends again what was not answered (a record stored twice is a duplicate).
 """
@@ -32,6 +32,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from msgate.errors import Transient
 from msgate.listener import dataset
 from msgate.listener.record import decode_record
 from msgate.storage.index_dicom import PreparedInstance, StoredInstance
@@ -41,7 +42,8 @@ from msgate.storage.store import Store
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64
-MAX_TRIES = 8
+MAX_TRIES = 8  # for failures that are not Transient; a Transient one is retried while it lasts
+MAX_BACKOFF = 30.0  # s between two tries of a batch the database keeps refusing
 LINGER = 0.02  # s: a small batch waits this long for company (per-batch costs: one sync, one transaction)
 INDEXER_NICE = 5  # below the listener that answers senders; far above `nice -n 19` batch jobs
 SEQ = struct.Struct(">Q")
@@ -136,44 +138,79 @@ class Worker:
 
     def index(self, batch: list[Entry], prepared: list[PreparedInstance] | Exception | None = None
               ) -> list[list[object]]:
+        """Index one batch; the answers in batch order.
+
+        A Transient failure (the database away, a deadlock, a COMMIT whose answer was lost) is retried
+        with capped backoff for as long as it lasts: giving up left acknowledged instances out of the
+        index until the next start while their study went ready without them. The retry commits the
+        bodies already written (a COMMIT that did reach the server finds its rows: duplicates). Any
+        other failure is given up after :data:`MAX_TRIES`: it stays in the journal for the next start."""
         answers: dict[int, list[object]] = {}
-        todo = []
+        todo: list[tuple[int, Received, PreparedInstance | None]] = []
+        bodies = iter(prepared) if isinstance(prepared, list) else None
         for seq, received in batch:
             if received is None:
                 answers[seq] = [seq, 2]
             elif received.header is None:
                 answers[seq] = [seq, 0, "unparsable"]
             else:
-                todo.append((seq, received))
+                todo.append((seq, received, next(bodies) if bodies is not None else None))
         tries = 0
+        first_error: Exception | None = prepared if isinstance(prepared, Exception) else None
         while todo:
-            ingest = self.store.ingest
-            if tries == 0 and isinstance(prepared, list):
-                results: list[StoredInstance | Exception] = ingest.commit_instances(prepared)
-            elif tries == 0 and isinstance(prepared, Exception):
-                results = [prepared] * len(todo)
-            else:
-                results = ingest.index_received([r for _, r in todo])
-            failed = []
-            for (seq, received), result in zip(todo, results, strict=True):
+            results = self._attempt(todo, first_error)
+            first_error = None
+            failed: list[tuple[int, Received, PreparedInstance | None, Exception]] = []
+            for (seq, received, body), result in zip(todo, results, strict=True):
                 if isinstance(result, StoredInstance):
                     answers[seq] = [seq, 1, result.instance_id, result.study_id, result.series_id,
                                     result.duplicate, result.version, result.new_series, result.new_study]
                     received.header.release()
-                else:
-                    failed.append((seq, received, type(result).__name__))
+                else:  # a body kept for a transient failure is committed again; any other was discarded
+                    failed.append((seq, received, body if isinstance(result, Transient) else None, result))
             tries += 1
-            if failed and tries >= MAX_TRIES:
+            permanent = [f for f in failed if not isinstance(f[3], Transient)]
+            if permanent and tries >= MAX_TRIES:
                 log.error("instances not indexed; they stay in the journal until the next start",
-                          extra={"reason": failed[0][2], "count": len(failed)})
-                for seq, _, reason in failed:
-                    answers[seq] = [seq, 0, reason]
-                break
+                          extra={"reason": _reason(permanent[0][3]), "count": len(permanent)})
+                for seq, _, _, error in permanent:
+                    answers[seq] = [seq, 0, type(error).__name__]
+                failed = [f for f in failed if isinstance(f[3], Transient)]
             if failed:
-                log.warning("indexing failed; retrying", extra={"reason": failed[0][2], "count": tries})
-                time.sleep(min(10.0, 0.1 * 2 ** tries))
-            todo = [(seq, received) for seq, received, _ in failed]
+                log.warning("indexing failed; retrying", extra={"reason": _reason(failed[0][3]), "count": tries,
+                                                                "batch": len(failed)})
+                time.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(tries, 10)))
+            todo = [(seq, received, body) for seq, received, body, _ in failed]
         return [answers[seq] for seq, _ in batch]
+
+    def _attempt(self, todo: list[tuple[int, Received, PreparedInstance | None]], error: Exception | None
+                 ) -> list[StoredInstance | Exception]:
+        """One try: commit the bodies already written; write the others first (file bodies), or store
+        them within the transaction (PostgreSQL bodies)."""
+        if error is not None:
+            return [error] * len(todo)
+        ingest = self.store.ingest
+        if not ingest.can_group_commit:
+            return ingest.index_received([received for _, received, _ in todo])
+        missing = [i for i, (_, _, body) in enumerate(todo) if body is None]
+        bodies = [body for _, _, body in todo]
+        if missing:
+            try:
+                written = ingest.prepare_received([todo[i][1] for i in missing])
+            except OSError as exc:
+                return [Transient(f"blob write failed ({type(exc).__name__})", code="blob_io")] * len(todo)
+            for i, body in zip(missing, written, strict=True):
+                bodies[i] = body
+        results = ingest.commit_instances(bodies, keep_on_transient=True)  # type: ignore[arg-type]
+        for i, result in enumerate(results):  # keep what was written for the next try
+            if isinstance(result, Transient):
+                todo[i] = (todo[i][0], todo[i][1], bodies[i])
+        return results
+
+
+def _reason(exc: Exception) -> str:
+    """What a log line may say about a failure: its code (``db_unavailable``), never its message."""
+    return str(getattr(exc, "code", "") or type(exc).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -306,15 +306,20 @@ class Blobs:
 
         Outside a transaction (``session`` None) the body stays when its row exists after all: a COMMIT
         that raised (the connection dropped) may still have committed on the server, and the sender, told
-        to resend, then finds the row as a duplicate of an acknowledged message whose body would be gone."""
+        to resend, then finds the row as a duplicate of an acknowledged message whose body would be gone.
+        When that cannot be checked (the database is still away) the body stays too: an unreferenced
+        file costs disk, a deleted body of a committed row loses an acknowledged instance. (The ingest
+        paths retry with the bodies they already wrote, so an outage does not leave one per attempt.)"""
         if session is None:
             try:
                 with self.db.session() as check:
                     if check.get(Blob, blob_id) is not None:
                         log.warning("body kept: its index row was committed after all", extra={"blob_id": blob_id})
                         return
-            except Exception:  # noqa: BLE001 - the database is away: as before, the body goes (retries during
-                pass  # a long outage would otherwise leave an orphan file per attempt)
+            except Exception:  # noqa: BLE001 - any failure to check keeps the body
+                log.warning("body kept: whether its index row was committed cannot be checked now",
+                            extra={"blob_id": blob_id})
+                return
         self.bodies.delete(session, blob_id)
 
     def _dek(self, blob: Blob) -> bytes:

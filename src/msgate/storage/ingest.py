@@ -210,8 +210,8 @@ class Ingest:
                 prepared.append(self._prepared(item, blob))
             self.blobs.bodies.sync()
         except OSError:
-            for done in prepared:
-                self.blobs.discard_body(None, done.blob.id)  # type: ignore[arg-type]
+            for done in prepared:  # no index row can name these yet
+                self.blobs.bodies.delete(None, done.blob.id)  # type: ignore[arg-type]
             raise
         return prepared
 
@@ -242,20 +242,29 @@ class Ingest:
         return PreparedInstance(hdr, blob, self.cipher.blind_index(hdr.get("SOPInstanceUID"), scope="sop"),
                                 content_hash(self.cipher, source), calling_aet, assoc_id)
 
-    def commit_instances(self, items: Sequence[PreparedInstance], *,
-                         actor: str = "listener") -> list[StoredInstance | Exception]:
+    def commit_instances(self, items: Sequence[PreparedInstance], *, actor: str = "listener",
+                         keep_on_transient: bool = False) -> list[StoredInstance | Exception]:
         """Phase 2: index every prepared instance in one transaction; each result follows the commit.
 
         A duplicate (same SOP Instance UID and bytes) keeps the first copy and drops the new body. If
         the transaction fails, the items are retried one by one so one bad item fails alone.
+
+        ``keep_on_transient``: when the database is away (or a COMMIT's answer was lost, so it may have
+        committed after all), every body stays and each result is the Transient error: the caller
+        commits these same prepared bodies again, instead of writing new ones on every retry or
+        deleting a body whose row the server did commit.
         """
         started = time.perf_counter()
         try:
             with self.db.session() as session:
                 stored, dropped = BatchIndexer(session, self.cipher).run(items, actor=actor)
         except Exception as exc:
+            if keep_on_transient and isinstance(exc, Transient):
+                metrics.INSTANCES.labels("transient").inc(len(items))
+                return [exc] * len(items)
             if len(items) > 1:
-                return [r for item in items for r in self.commit_instances([item], actor=actor)]
+                return [r for item in items
+                        for r in self.commit_instances([item], actor=actor, keep_on_transient=keep_on_transient)]
             self.blobs.discard_body(None, items[0].blob.id)  # type: ignore[arg-type]
             metrics.INSTANCES.labels("transient" if isinstance(exc, Transient) else "rejected").inc()
             return [exc]
@@ -336,8 +345,8 @@ class Ingest:
             except BaseException as exc:  # keep going: every written body must be known to be discarded
                 failed = exc
         if failed is not None:
-            for blob in done.values():
-                self.blobs.discard_body(None, blob.id)  # type: ignore[arg-type]
+            for blob in done.values():  # no index row can name these yet
+                self.blobs.bodies.delete(None, blob.id)  # type: ignore[arg-type]
             raise failed
         return done
 

@@ -41,9 +41,12 @@ def rstore(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iter
     st.close()
 
 
-def _job(store: Store, *, with_flair: bool = False, supersedes: str | None = None, idem: str = "k1") -> str:
+def _job(store: Store, *, with_flair: bool = False, supersedes: str | None = None, idem: str = "k1",
+         strip: tuple[str, ...] = ()) -> str:
     if with_flair:
         for ds in flair_series(n=12, rows=40, cols=48, seed=5, study_uid="1.2.826.0.1.3680043.8.498.1"):
+            for keyword in strip:
+                delattr(ds, keyword)
             store.ingest.store_instance(source=encode(ds))
     with store.db.session() as session:
         series = session.exec(select(Series)).first()
@@ -84,6 +87,42 @@ def test_a_publish_refused_for_good_is_recorded_on_the_job(rstore: Store) -> Non
     finally:
         tasks.use_store(None)
     assert _state_job(rstore, job_id).flags["publish_error"] == "no_result"
+
+
+def test_a_publish_that_fails_unexpectedly_is_recorded_on_the_job(rstore: Store,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not Rejected, not Transient (a defect): it failed once and left no trace on the job, so neither
+    `jobs show` nor `status` said why the study never got its SR and ORU."""
+    from msgate.results import tasks
+    from msgate.results.tasks import PUBLISH_TASK
+    from msgate.workers.celery_app import build_app
+
+    def broken(store: Store, job_id: str) -> str:
+        raise AttributeError("'FileDataset' object has no attribute 'StudyID'")
+
+    monkeypatch.setattr(tasks, "publish_job", broken)
+    job_id = _job(rstore)
+    tasks.use_store(rstore)
+    try:
+        with pytest.raises(AttributeError):
+            build_app(rstore.settings).tasks[PUBLISH_TASK].run(job_id)
+    finally:
+        tasks.use_store(None)
+    assert _state_job(rstore, job_id).flags["publish_error"] == "render_failed:AttributeError"
+
+
+def test_sources_without_type2_study_attributes_are_published(rstore: Store) -> None:
+    """Anonymisers and routers remove StudyID, StudyTime, the referring physician: highdicom reads them
+    from the source, and the publish failed for good after the result was computed."""
+    job_id = _job(rstore, with_flair=True, strip=("StudyID", "StudyTime", "ReferringPhysicianName", "PatientSex"))
+    store_result(rstore, job_id=job_id, result=model_result((12, 40, 48)))
+    assert publish_job(rstore, job_id) == "queued"
+    with rstore.db.session() as session:
+        rows = session.exec(select(OutboxEntry.blob_id, Blob.kind).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                            .where(OutboxEntry.job_id == job_id)).all()
+        sr = dcmread(io.BytesIO(rstore.blobs.read(session, next(b for b, k in rows if k == "out.sr"))))
+    assert {k for _, k in rows} >= {"out.sr", "out.seg", "out.oru"}
+    assert sr.StudyID == "" and sr.StudyTime == "" and sr.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.1"
 
 
 def _entries(store: Store, job_id: str, n: int = 2) -> list[str]:

@@ -75,6 +75,7 @@ def render(result: ModelResult, sources: FlairSources | list[Dataset], *, option
     sources = FlairSources.of(sources)
     for source in sources.datasets:
         _default_repertoire_named(source)
+        _type2_present(source)
     ident = Identity.of(result)
     seg = _optional("SEG", lambda: seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
     sr_uid = hd.UID()
@@ -122,6 +123,20 @@ def _default_repertoire_named(ds: Dataset) -> None:
 
 
 REACHED = ("delivered", "sending")  # may have reached its destination; pending and dead ones are dropped
+
+
+# Patient and General Study attributes of Type 2 (present, may be empty) that every derived object copies
+# from its source; highdicom reads them as attributes, so one removed by an anonymiser or a router (StudyID
+# and StudyTime often are) made the whole publish fail, for good, after the result was computed.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "StudyID", "ReferringPhysicianName", "AccessionNumber")
+
+
+def _type2_present(ds: Dataset) -> None:
+    """Add the copied Type 2 attributes a source lacks, empty (PS3.5 7.4.5: what an absent one means)."""
+    for keyword in TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
 
 
 def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:

@@ -2,8 +2,8 @@
 
 The work is :func:`msgate.results.publish.publish_job`, idempotent by job id (a job with outbox
 entries is not rendered twice), so ``acks_late`` redelivery is harmless. ``Transient`` (database
-down) retries with jittered exponential backoff; ``Rejected`` (no result, no FLAIR) fails at once and
-is recorded on the job (``publish_error``). A job handed off but never rendered (the task was lost with
+down) retries with jittered exponential backoff; ``Rejected`` (no result, no FLAIR) and any other error
+(a defect) fail at once and are recorded on the job (``publish_error``). A job handed off but never rendered (the task was lost with
 a broker restart, or ran out of retries) is handed off again by the scheduler's reconciler
 (:func:`msgate.workers.jobs.stalled_publish`).
 """
@@ -54,6 +54,15 @@ def register(app: Celery) -> None:
 
             jobs.mark_publish(store.db, job_id, error=exc.code)
             log.error("publish refused", extra={"job_id": job_id, "reason": exc.code})
+            raise
+        except Transient:
+            raise
+        except Exception as exc:  # a defect, not a condition that passes: recorded, so `jobs show`/`status`
+            from msgate.workers import jobs  # show why there is no SR/ORU (`jobs retry` once it is fixed)
+
+            reason = f"render_failed:{type(exc).__name__}"
+            jobs.mark_publish(store.db, job_id, error=reason)
+            log.exception("publish failed", extra={"job_id": job_id, "reason": reason})
             raise
         log.info("publish task finished", extra={"job_id": job_id, "status": outcome})
         return outcome

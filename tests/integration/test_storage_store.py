@@ -217,6 +217,20 @@ def test_retention_purges_bodies_keeps_rows(store: Store) -> None:
     assert retention.purge(store).studies == []
 
 
+def test_retention_by_free_space_only_where_purging_frees_it(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the free-space floor, the local backend purges delivered studies oldest first; PostgreSQL
+    blob bodies live on the database's disk, and measuring MSGATE_HOME purged every study on its delivery
+    day there, whatever retention_days said."""
+    stored = store.ingest.store_instance(source=mr_slice())
+    _delivered(store, stored.study_id, utcnow() - timedelta(hours=1))  # well inside retention_days
+    monkeypatch.setattr(store.settings.storage, "purge_free_bytes", 1 << 62)  # always under the floor
+    report = retention.purge(store, dry_run=True)
+    if store.settings.storage.blob_backend == "local":
+        assert report.studies == [stored.study_id] and report.by_space == 1
+    else:
+        assert report.studies == [] and report.by_space == 0
+
+
 def test_retention_keeps_a_study_with_a_run_after_its_delivery(store: Store) -> None:
     """New instances reopened a delivered study (and a new run follows): its bodies used to be purged on
     the old delivery date, under the new run. Kept while it receives, while that run is pending, and

@@ -4,7 +4,8 @@ Two policies, both only for delivered studies (``study.delivered_at`` set by the
 finished (not receiving again) and have no run waiting since that delivery (queued, running, or done
 with its results not yet delivered): a study reopened by new instances keeps its bodies for that run.
 - by age: ``storage.retention_days`` after delivery;
-- by free space: while free space is under ``storage.purge_free_bytes``, oldest delivery first.
+- by free space: while free space under the blob folder is under ``storage.purge_free_bytes``, oldest
+  delivery first (local blob backend only: with PostgreSQL blob bodies, the space is the database's).
 Purging deletes blob bodies and marks the rows; index rows and the audit trail stay.
 """
 
@@ -76,8 +77,9 @@ def purge(store: Store, *, dry_run: bool = False) -> PurgeReport:
     settings = store.settings.storage
     report = PurgeReport(dry_run=dry_run)
     cutoff = utcnow() - timedelta(days=settings.retention_days)
-    space_path = store.settings.blob_dir if settings.blob_backend == "local" else store.settings.home
-    free = free_bytes(space_path)
+    # by free space only where purging frees that space: PostgreSQL blob bodies live on the database's
+    # disk, which msgate cannot measure, so measuring MSGATE_HOME purged every delivered study there
+    free = free_bytes(store.settings.blob_dir) if settings.blob_backend == "local" else float("inf")
     for study_id, delivered, size in _candidates(store):
         by_age = delivered <= cutoff
         if not by_age and free >= settings.purge_free_bytes:

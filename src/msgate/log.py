@@ -5,6 +5,10 @@ Rules (STYLE.md, "Logging"):
   never reaches the output;
 - exceptions are rendered as their type and stack frames only, never their message text, because
   third-party messages (pydicom, hl7apy, drivers) may quote field values;
+- another library's message (pydicom, highdicom, drivers) is shown only as its format string when it
+  has arguments; a message it formatted itself may quote values (a UID, a name, a date) and is
+  withheld, with its source line; Python ``warnings`` (highdicom quotes a Patient's Name) are logged
+  the same way, as their category and source line, never their text;
 - pynetdicom's identifier logging is switched off and its debug handlers stay silent.
 Use :func:`uid_hash` (a keyed hash) when a UID is needed for correlation.
 """
@@ -15,6 +19,7 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -59,8 +64,10 @@ class SafeFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
+            "msg": _message(record),
         }
+        if not _own(record):
+            doc["src"] = f"{record.filename}:{record.lineno}"
         doc.update(safe_fields(record))
         if record.exc_info and record.exc_info[0] is not None:
             doc.update(_safe_exception(record.exc_info))
@@ -68,6 +75,32 @@ class SafeFormatter(logging.Formatter):
             return json.dumps(doc, default=str, ensure_ascii=False)
         return " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, str) or ' ' in v else v}"
                         for k, v in doc.items())
+
+
+WITHHELD = "(message withheld: it may quote data)"
+
+
+def _own(record: logging.LogRecord) -> bool:
+    return record.name == "msgate" or record.name.startswith("msgate.")
+
+
+def _message(record: logging.LogRecord) -> str:
+    """msgate's own messages are constant strings (values go in allowlisted fields); another library's
+    only as a format string whose arguments are left out."""
+    if not isinstance(record.msg, str):
+        return type(record.msg).__name__
+    if _own(record) or record.args:
+        return record.msg
+    return WITHHELD
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """``warnings.showwarning``: the category and where, never the text (it may quote a value)."""
+    logging.getLogger("msgate.warnings").warning(
+        "library warning (text withheld: it may quote data)",
+        extra={"error_type": getattr(category, "__name__", "Warning"),
+               "reason": f"{str(filename).rsplit('/', 1)[-1]}:{lineno}"})
 
 
 def quiet_pynetdicom() -> None:
@@ -91,6 +124,7 @@ def setup_logging(level: str = "INFO", style: str = "json", stream: TextIO | Non
     handler._msgate = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    warnings.showwarning = _show_warning
     quiet_pynetdicom()
     for noisy in ("hl7apy", "pydicom", "highdicom", "celery", "kombu", "amqp", "alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

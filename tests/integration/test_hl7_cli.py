@@ -33,6 +33,9 @@ def test_messages_and_patients_views(tmp_path: Path) -> None:
         ("ORU^R01", "Q1", "AA", "mapped"), ("ORU^R01", "Q2", "AA", "error")}
     shown = json.loads(run(messages_cmd.app, ["show", str(ids[1]), "--json"], env=env).output)
     assert shown["mapping_error"] == "no_patient_segment" and "findings" in shown["validation"]
+    with store.db.session() as session:  # the decrypted control ids shown (senders put MRNs in them)
+        views = {e.subject: e.detail for e in session.exec(select(AuditEvent).where(AuditEvent.kind == "phi.view"))}
+    assert sorted(views["messages:list"]["message_ids"]) == sorted(ids) and f"message:{ids[1]}" in views
     replay = run(messages_cmd.app, ["replay", "--errors"], env=env)
     assert replay.exit_code == 0 and "error no_patient_segment" in replay.output
     patient = run(patients_cmd.app, ["show", "HOSP|MRN7", "--at", "2025-03-01", "--json"], env=env)

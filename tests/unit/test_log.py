@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 
-from msgate.log import SafeFormatter, setup_logging
+from msgate.log import WITHHELD, SafeFormatter, setup_logging
 
 
-def _record(msg: str, **extra: object) -> logging.LogRecord:
-    logger = logging.getLogger("t")
-    return logger.makeRecord("t", logging.INFO, __file__, 1, msg, (), None, extra=extra)
+def _record(msg: str, name: str = "msgate.t", args: tuple[object, ...] = (), **extra: object) -> logging.LogRecord:
+    return logging.getLogger(name).makeRecord(name, logging.INFO, __file__, 1, msg, args, None, extra=extra)
 
 
 def test_allowlist_drops_unknown_fields() -> None:
@@ -41,3 +41,25 @@ def test_kv_style_and_pynetdicom_quiet() -> None:
 
     assert _config.LOG_REQUEST_IDENTIFIERS is False and _config.LOG_RESPONSE_IDENTIFIERS is False
     assert logging.getLogger("pynetdicom").level >= logging.WARNING
+
+
+def test_another_librarys_message_is_shown_without_its_values() -> None:
+    """pydicom formats the value into its message ("Invalid value for VR UI: '2.25.0123'"): withheld,
+    with where it came from; a format string with arguments is shown without them."""
+    line = SafeFormatter("json").format(_record("Invalid value for VR UI: '2.25.099887766'", name="pydicom"))
+    doc = json.loads(line)
+    assert "99887766" not in line and doc["msg"] == WITHHELD and doc["src"].startswith("test_log.py:")
+    line = SafeFormatter("json").format(_record("Invalid value for VR DA: %r", name="pydicom", args=("1953-03-17",)))
+    assert "1953" not in line and json.loads(line)["msg"] == "Invalid value for VR DA: %r"
+
+
+def test_library_warnings_are_logged_without_their_text() -> None:
+    """highdicom warns with the Patient's Name in the text; it went raw to stderr, past the formatter."""
+    stream = io.StringIO()
+    setup_logging("INFO", "json", stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn('The string "ZZTOPSECRET QWERTY" is unlikely to represent the intended person name',
+                      UserWarning, stacklevel=1)
+    out = stream.getvalue()
+    assert "ZZTOPSECRET" not in out and '"error_type": "UserWarning"' in out

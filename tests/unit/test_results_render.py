@@ -436,3 +436,17 @@ def test_key_slices_are_the_most_salient_ones() -> None:
     assert heatmap.key_slices(result, 1) == [6]
     assert heatmap.key_slices(result, 5) == [2, 4, 6]  # slices with nothing are never key images
     assert heatmap.key_slices(result, 2, among=[0, 1, 2, 3, 4, 5, 7]) == [2, 4]  # slice 6 has no source
+
+
+def test_source_values_in_the_forms_routers_send_do_not_stop_the_results(result: ModelResult) -> None:
+    """A birth date with dashes, a lower-case sex, a time with colons: highdicom refuses to copy them and
+    the whole publish failed, for good. They go out in their DICOM form, or empty (Type 2)."""
+    sources = sort_slices(flair_series(n=12, rows=40, cols=48, seed=3))
+    for ds in sources:
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyTime, ds.StudyDate = "1953-03-17", "f", "10:15:00", "2026-11-20"
+    sources[0].PatientBirthDate = sources[1].PatientBirthDate = "1953"  # not a date at all
+    objects, _ = render(result, sources, options=RenderOptions(key_images=1))
+    sr = dcmread(io.BytesIO(next(o.data for o in objects if o.kind == "out.sr")))
+    assert (sr.PatientSex, sr.StudyTime, sr.StudyDate) == ("F", "101500", "20261120")
+    assert sr.PatientBirthDate in ("", "19530317")
+    assert {o.kind for o in objects} >= {"out.sr", "out.seg", "out.pm", "out.sc"}

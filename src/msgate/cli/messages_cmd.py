@@ -1,4 +1,7 @@
-"""``msgate messages list|show|replay``: the HL7 feed as an operator sees it (no payloads shown)."""
+"""``msgate messages list|show|replay``: the HL7 feed as an operator sees it (no payloads shown).
+
+The control id (MSH-10) is shown decrypted: senders often build it from the MRN, so every display is
+recorded in the audit chain (``phi.view``), as ``studies list`` does."""
 
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ def list_messages(
         if state_filter:
             query = query.where(Hl7Message.mapping_state == state_filter)
         rows = [_row(store, m) for m in session.exec(query).all()]
+        if rows:  # the control id is stored encrypted: senders put MRNs in it; every display is audited
+            audit.append(session, kind="phi.view", actor=audit.operator(), subject="messages:list",
+                         detail={"message_ids": [r["id"] for r in rows], "count": len(rows)})
     if as_json:
         print_json(rows)
         return
@@ -65,6 +71,7 @@ def show(ctx: typer.Context, message_id: int, as_json: Annotated[bool, typer.Opt
             fail(f"no message {message_id}")
             return
         data = _row(store, m, detail=True)
+        audit.append(session, kind="phi.view", actor=audit.operator(), subject=f"message:{message_id}", detail={})
     if as_json:
         print_json(data)
         return

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 
 import highdicom as hd
@@ -76,6 +78,7 @@ def render(result: ModelResult, sources: FlairSources | list[Dataset], *, option
     for source in sources.datasets:
         _default_repertoire_named(source)
         _type2_present(source)
+        _conformant_values(source)
     ident = Identity.of(result)
     seg = _optional("SEG", lambda: seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
     sr_uid = hd.UID()
@@ -137,6 +140,38 @@ def _type2_present(ds: Dataset) -> None:
     for keyword in TYPE2_COPIED:
         if keyword not in ds:
             setattr(ds, keyword, "")
+
+
+_TIME = re.compile(r"^([01]\d|2[0-3])([0-5]\d([0-5]\d(\.\d{1,6})?)?)?$")
+
+
+def _conformant_values(ds: Dataset) -> None:
+    """Dates, times and sex in the forms scanners and routers really send (``1953-03-17``, ``10:15:00``,
+    ``f``), which highdicom refuses when it copies them, put into their DICOM form, or emptied (Type 2)
+    when they cannot be: one such value failed the whole publish, for good. Logged by keyword only."""
+    fixed = []
+    for keyword in ("PatientBirthDate", "StudyDate"):
+        raw = str(ds.get(keyword, "") or "").strip()
+        value = re.sub(r"[-./ ]", "", raw)
+        try:
+            ok = len(value) == 8 and value.isdigit() and bool(datetime.strptime(value, "%Y%m%d"))
+        except ValueError:
+            ok = False
+        if raw and (not ok or value != raw):
+            setattr(ds, keyword, value if ok else "")
+            fixed.append(keyword)
+    raw = str(ds.get("StudyTime", "") or "").strip()
+    value = raw.replace(":", "")
+    if raw and (value != raw or not _TIME.match(value)):
+        ds.StudyTime = value if _TIME.match(value) else ""
+        fixed.append("StudyTime")
+    raw = str(ds.get("PatientSex", "") or "")
+    if raw and raw not in ("M", "F", "O"):
+        ds.PatientSex = raw.strip().upper() if raw.strip().upper() in ("M", "F", "O") else ""
+        fixed.append("PatientSex")
+    if fixed:
+        log.warning("source values not in their DICOM form were normalised for the results",
+                    extra={"reason": ",".join(fixed)})
 
 
 def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:

@@ -106,11 +106,11 @@ class Tracker:
 
     def _classify(self, stored: StoredInstance, header: HeaderLike, calling_aet: str) -> None:
         decision = rules_mod.decide(header.dataset(), self.rules, calling_aet)
-        with self.store.db.session() as session:
+        with self.store.db.session() as session:  # study row before series row, as the indexer locks them:
+            if stored.new_study:  # the other order deadlocked with it on PostgreSQL (one side aborted)
+                repo_studies.set_study_route(session, study_id=stored.study_id, route=decision.route)
             if stored.new_series:
                 repo_studies.set_series_role(session, series_id=stored.series_id, role=decision.role.value)
-            if stored.new_study:
-                repo_studies.set_study_route(session, study_id=stored.study_id, route=decision.route)
 
     def association_ended(self, assoc_id: str, *, released: bool) -> None:
         """A release may make its studies ready now; an abort leaves them to the quiet period."""

@@ -2,7 +2,8 @@
 
 Built without a parser because the commit path must stay fast; tests validate the output with hl7apy.
 MSA-1 is one of table 0008 (AA/AE/AR, CA/CE/CR); MSA-2 echoes MSH-10. An error adds an ERR segment
-with a table 0357 code, its location and severity: ERR-2/3/4 from v2.5 on, ERR-1 (ELD) before.
+with a table 0357 code, its location and severity: ERR-2/3/4 from v2.5 on, ERR-1 (ELD) before. MSH-9 has
+the components the answered version defines; an ACK that is not ASCII names its character set in MSH-18.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from msgate.hl7.msh import DEFAULT_ENCODING, Encoding, Msh
+from msgate.hl7.msh import CHARSETS, DEFAULT_ENCODING, Encoding, Msh
 
 ERROR_TEXT: dict[int, str] = {
     0: "Message accepted", 100: "Segment sequence error", 101: "Required field missing", 102: "Data type error",
@@ -49,12 +50,45 @@ def _esc(value: str, enc: Encoding) -> str:
     return out
 
 
-def _modern(version: str) -> bool:
+def _version(version: str) -> tuple[int, ...]:
+    """``2.3.1`` as (2, 3, 1); an unreadable version counts as the newest."""
     try:
-        major, minor = version.split(".")[:2]
-        return (int(major), int(minor)) >= (2, 5)
+        return tuple(int(part) for part in version.split("."))
     except ValueError:
-        return True
+        return (99,)
+
+
+def _modern(version: str) -> bool:
+    return _version(version) >= (2, 5)
+
+
+def _msh9(trigger: str, version: str, c: str) -> str:
+    """MSH-9 of the ACK: a single ID in v2.1, ``ACK^event`` from v2.2, MSH-9.3 (structure) from v2.3.1."""
+    if not trigger or _version(version) < (2, 2):
+        return "ACK"
+    return f"ACK{c}{trigger}{c}ACK" if _version(version) >= (2, 3, 1) else f"ACK{c}{trigger}"
+
+
+def hl7_charset(codec: str) -> str:
+    """The MSH-18 value (table 0211) for a Python codec msgate reads or writes."""
+    if codec == "utf-8":
+        return "UNICODE UTF-8"
+    return next((name for name, value in CHARSETS.items() if value == codec), "UNICODE UTF-8")
+
+
+def ack_codec(text: str, msh: Msh | None) -> str:
+    """The codec an ACK is sent in: the message's own (what it echoes was read with it), else UTF-8."""
+    codec = msh.charset if msh is not None else "utf-8"
+    try:
+        text.encode(codec)
+    except (UnicodeEncodeError, LookupError):
+        return "utf-8"
+    return codec
+
+
+def encode_ack(text: str, msh: Msh | None) -> bytes:
+    """An ACK (or batch of ACKs) as bytes, in the character set its MSH-18 names (see :func:`build_ack`)."""
+    return text.encode(ack_codec(text, msh))
 
 
 def err_segment(error: AckError, enc: Encoding, version: str) -> str:
@@ -77,17 +111,20 @@ def build_ack(code: str, msh: Msh | None, *, errors: tuple[AckError, ...] = (), 
     their_app = msh.fields[3] if msh is not None and len(msh.fields) > 3 else ""
     their_fac = msh.fields[4] if msh is not None and len(msh.fields) > 4 else ""
     processing = (msh.get(11) if msh is not None else "") or "P"
-    msh9 = f"ACK{c}{trigger}{c}ACK" if trigger else "ACK"
     fields = ["MSH", enc.msh2, _esc(sending_application, enc), _esc(sending_facility, enc), their_app, their_fac,
-              _ts(), "", msh9, _control_id(), processing, version]
-    segments = [f.join(fields)]
+              _ts(), "", _msh9(trigger, version, c), _control_id(), processing, version]
     control_id = msh.control_id if msh is not None else ""
     msa = ["MSA", code, control_id]
     if text:
         msa.append(_esc(text, enc))
-    segments.append(f.join(msa))
-    segments.extend(err_segment(e, enc, version) for e in errors)
-    return "\r".join(segments) + "\r"
+    segments = [f.join(msa), *(err_segment(e, enc, version) for e in errors)]
+    body = f.join(fields) + "".join(segments)
+    if not body.isascii() and _version(version) >= (2, 3):  # name the set it is sent in (MSH-18 is from v2.3)
+        codec = ack_codec(body, msh)
+        declared = msh.get(18).strip() if msh is not None else ""
+        named = declared if declared and CHARSETS.get(declared.upper()) == codec else hl7_charset(codec)
+        fields += ["", "", "", "", "", _esc(named, enc)]
+    return "\r".join([f.join(fields), *segments]) + "\r"
 
 
 def wrap_batch(acks: list[str], *, enc: Encoding = DEFAULT_ENCODING, file_header: bool = False,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
-from msgate.hl7.ack import AckError, build_ack, wrap_batch
+from msgate.hl7.ack import AckError, build_ack, encode_ack, wrap_batch
 from msgate.hl7.msh import HeaderError, Msh, check_msh, read_msh
 from msgate.hl7.parse import is_batch, split_batch
 
@@ -98,50 +98,58 @@ class Connection:
         return self._encode(text, msh) if text else None
 
     def _encode(self, text: str, msh: Msh | None) -> bytes:
-        try:
-            return text.encode(msh.charset if msh is not None else "utf-8")
-        except (UnicodeEncodeError, LookupError):
-            return text.encode("utf-8")
+        return encode_ack(text, msh)
 
     async def _message(self, raw: bytes) -> tuple[Msh | None, str | None]:
-        """Store one message and return its answer (None: MSH-15 says no accept ACK)."""
+        """Store one message and return its answer (None: MSH-15/16 ask for none)."""
         try:
             msh = read_msh(raw)
             check_msh(msh)
         except HeaderError as exc:
             log.warning("hl7 message rejected", extra={"conn_id": self.conn_id, "reason": exc.reason,
                                                        "code": exc.code})
-            return exc.header, self._ack(_reject(exc.header), exc.header, (AckError(exc.code, exc.location),),
-                                         text=exc.reason)
+            return exc.header, self._refuse("R", exc.header, (AckError(exc.code, exc.location),), exc.reason)
         from msgate.hl7.server import supported
 
         processing = msh.get(11, 1).strip().upper() or "P"
         if processing not in self.settings.processing_ids:  # a test feed routed to production, or the reverse
             log.warning("hl7 processing id refused", extra={"conn_id": self.conn_id, "code": 202,
                                                             "reason": processing[:1]})
-            return msh, self._ack(_reject(msh), msh, (AckError(202, "MSH^1^11"),),
-                                  text="processing id not accepted here")
+            return msh, self._refuse("R", msh, (AckError(202, "MSH^1^11"),),
+                                     "processing id not accepted here")
         problem = supported(msh)
         if problem is not None:
             log.warning("hl7 message type not handled", extra={"conn_id": self.conn_id, "code": problem.code,
                                                                "msg_type": f"{msh.message_type}^{msh.trigger}"})
-            return msh, self._ack(_reject(msh), msh, (problem,), text="message type not handled")
-        prefix = "C" if msh.enhanced else "A"
-        code = f"{prefix}A"
+            return msh, self._refuse("R", msh, (problem,), "message type not handled")
         try:
             await self.server.committer.submit(raw, msh.header(), self._app_ack_callback(msh))
         except Transient as exc:
             log.warning("hl7 store failed", extra={"conn_id": self.conn_id, "reason": exc.code})
-            return msh, self._ack(f"{prefix}E", msh, (AckError(207, "MSH^1"),), text="temporarily unable to store")
+            return msh, self._refuse("E", msh, (AckError(207, "MSH^1"),), "temporarily unable to store")
         except Rejected as exc:
             log.warning("hl7 store refused", extra={"conn_id": self.conn_id, "reason": exc.code})
-            return msh, self._ack(f"{prefix}R", msh, (AckError(207, "MSH^1"),), text="refused")
+            return msh, self._refuse("R", msh, (AckError(207, "MSH^1"),), "refused")
         except Exception:
             log.exception("hl7 store failed", extra={"conn_id": self.conn_id})
-            return msh, self._ack(f"{prefix}E", msh, (AckError(207, "MSH^1"),), text="internal error")
+            return msh, self._refuse("E", msh, (AckError(207, "MSH^1"),), "internal error")
         if msh.enhanced and msh.accept_ack in ("NE", "ER"):
             return msh, None
-        return msh, self._ack(code, msh)
+        return msh, self._ack("CA" if msh.enhanced else "AA", msh)
+
+    def _refuse(self, kind: str, msh: Msh | None, errors: tuple[AckError, ...], text: str) -> str | None:
+        """The answer to a message that was not stored (``kind`` R: refused, E: error; HL7 v2.5.1 §2.9.3).
+
+        Original mode (or no readable MSH): AR/AE. Enhanced mode: the commit ACK CR/CE only as MSH-15 asks
+        (AL, ER or empty; never NE, nor SU, which asks for successes only); else, the message never reaching
+        the application, its application ACK AR/AE when MSH-16 asks for errors (AL, ER); else nothing."""
+        if msh is None or not msh.enhanced:
+            return self._ack(f"A{kind}", msh, errors, text=text)
+        if msh.accept_ack not in ("NE", "SU"):
+            return self._ack(f"C{kind}", msh, errors, text=text)
+        if msh.app_ack in ("AL", "ER"):
+            return self._ack(f"A{kind}", msh, errors, text=text)
+        return None
 
     def _app_ack_callback(self, msh: Msh):  # type: ignore[no-untyped-def]
         """Enhanced mode: send the application ACK per MSH-16 (AL always, ER on error, SU on success)."""
@@ -203,17 +211,12 @@ def _try_msh(head: bytes) -> Msh | None:
         return None
 
 
-def _reject(msh: Msh | None) -> str:
-    """A message refused before it is stored: ``CR`` in enhanced mode (a commit reject, HL7 v2.5.1
-    §2.9.3, table 0008), ``AR`` in original mode or when MSH cannot be read."""
-    return "CR" if msh is not None and msh.enhanced else "AR"
-
-
 MAPPING_ERRORS = {  # mapping_error -> HL7 table 0357 code and the location it names
     "no_patient_segment": (100, "PID"),
     "no_patient_identifier": (101, "PID^1^3"),
     "merge_without_mrg": (100, "MRG"),
     "no_order_segment": (100, "ORC"),
+    "missing_trigger_event": (201, "MSH^1^9^1^2"),
 }
 
 

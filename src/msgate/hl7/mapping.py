@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 PATIENT_TRIGGERS = {"A01", "A04", "A05", "A08", "A28", "A31"}
 MERGE_TRIGGERS = {"A40", "A34", "A39"}
 ORDER_TYPES = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19")}
+NULL = '""'  # the explicit null (HL7 v2.5.1 §2.5.3): delete the stored value; "" in a field, never data
+ONLY_TRIGGER = {"ORM": "O01", "ORU": "R01"}  # the one event of each before v2.5: implied when none is sent
 __all__ = ["map_messages", "map_parsed", "feature_for", "obx_value", "parse_ts", "identifiers", "Outcome", "Tx"]
 
 
@@ -84,8 +86,8 @@ class Tx:
 def parse_ts(value: str, default: timezone = timezone.utc) -> datetime | None:
     """HL7 TS/DTM ``YYYY[MM[DD[HH[MM[SS[.S+]]]]]][+/-ZZZZ]`` as aware UTC. Without an offset the time is
     the sender's local time (HL7 v2.5.1 2.A.22): ``default`` is the offset of the message's MSH-7."""
-    value, zone = _split_zone(value.strip())
-    if not value[:4].isdigit():
+    value, zone, valid = _split_zone(value.strip())
+    if not value[:4].isdigit() or not valid:
         return None
     offset = zone or default
     digits = value.split(".")[0]
@@ -97,16 +99,21 @@ def parse_ts(value: str, default: timezone = timezone.utc) -> datetime | None:
         return None
 
 
-def _split_zone(value: str) -> tuple[str, timezone | None]:
-    """(the time without its ``+/-ZZZZ``, that offset or None)."""
+def _split_zone(value: str) -> tuple[str, timezone | None, bool]:
+    """(the time without its ``+/-ZZZZ``, that offset or None, whether the offset is usable). An offset
+    outside -23:59..+23:59 is not (``timezone`` refuses it with ValueError, which used to fail the
+    whole message): the time it qualifies is invalid."""
     for sign in ("+", "-"):
         if sign in value[4:]:
             value, _, zone = value.rpartition(sign)
             if zone[:4].isdigit() and len(zone) >= 4:
-                minutes = int(zone[:2]) * 60 + int(zone[2:4])
-                return value, timezone(timedelta(minutes=minutes if sign == "+" else -minutes))
-            return value, None
-    return value, None
+                hours, minutes = int(zone[:2]), int(zone[2:4])
+                if hours > 23 or minutes > 59:
+                    return value, None, False
+                total = hours * 60 + minutes
+                return value, timezone(timedelta(minutes=total if sign == "+" else -total)), True
+            return value, None, True
+    return value, None, True
 
 
 def sender_offset(msh7: str) -> timezone:
@@ -131,19 +138,27 @@ def pid_identifiers(pid: Segment) -> list[Identifier]:
     return identifiers(pid, 3) or identifiers(pid, 2) or identifiers(pid, 4)
 
 
+def _value(text: str) -> str:
+    """A value with the explicit null read as empty (where there is nothing stored to delete)."""
+    text = text.strip()
+    return "" if text == NULL else text
+
+
 def _patient_from_pid(tx: Tx, pid: Segment, outcome: Outcome, *, demographics: bool = True) -> Patient:
     idents = pid_identifiers(pid)
     if not idents:
         raise MappingError("no_patient_identifier")
-    family, given, middle = pid.get(5, 1, 1), pid.get(5, 2), pid.get(5, 3)
-    name = "^".join(p for p in (family, given, middle)).rstrip("^") or None
-    birth = pid.get(7, 1)[:8] or None
+    cleared = frozenset(column for column, n in (("name", 5), ("birth_date", 7), ("sex", 8))
+                        if pid.raw(n).strip() == NULL)
+    family, given, middle = (_value(pid.get(5, c)) for c in (1, 2, 3))
+    name = None if "name" in cleared else "^".join(p for p in (family, given, middle)).rstrip("^") or None
+    birth = None if "birth_date" in cleared else pid.get(7, 1)[:8] or None
     if birth and (not birth.isdigit() or parse_ts(birth) is None):
         outcome.findings.append({"code": "invalid_birth_date", "location": "PID^1^7", "severity": "W"})
         birth = None
-    sex = pid.get(8).strip().upper()[:1] or None
+    sex = None if "sex" in cleared else pid.get(8).strip().upper()[:1] or None
     patient = repo_ehr.upsert_patient(tx.session, tx.store.cipher, idents, name=name, birth_date=birth, sex=sex,
-                                      update_demographics=demographics, known=tx.patients)
+                                      clear=cleared, update_demographics=demographics, known=tx.patients)
     outcome.patient_id = patient.id
     return patient
 
@@ -192,7 +207,7 @@ def _entity(seg: Segment | None, n: int) -> tuple[str, str]:
     """An EI field: (entity identifier, namespace ID or else universal ID)."""
     if seg is None:
         return "", ""
-    return seg.get(n).strip(), (seg.get(n, 2) or seg.get(n, 3)).strip()
+    return _value(seg.get(n)), _value(seg.get(n, 2) or seg.get(n, 3))
 
 
 def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
@@ -214,10 +229,10 @@ def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
             group.append(seg)
         obr = next((s for s in group if s.name == "OBR"), None)
         ipc = next((s for s in group if s.name == "IPC"), None)
-        placer = _entity(orc, 2) if orc.get(2) else _entity(obr, 2)
-        filler = _entity(orc, 3) if orc.get(3) else _entity(obr, 3)
-        accession = (ipc.get(1) if ipc else "") or (obr.get(18) if obr else "")
-        _upsert_order(session, store, patient, placer, filler, accession.strip(), orc, obr, message_id,
+        placer = _entity(orc, 2) if _value(orc.get(2)) else _entity(obr, 2)
+        filler = _entity(orc, 3) if _value(orc.get(3)) else _entity(obr, 3)
+        accession = _value(ipc.get(1) if ipc else "") or _value(obr.get(18) if obr else "")
+        _upsert_order(session, store, patient, placer, filler, accession, orc, obr, message_id,
                       zone=sender_offset(msg.msh.get(7)))
 
 
@@ -267,16 +282,31 @@ def _map_oru(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
     tx.observations.add(rows)
 
 
+def _trigger(msg: Message, outcome: Outcome) -> str:
+    """MSH-9.2, else EVN-1 (HL7 v2.1 has no MSH-9.2: an ADT's event is in EVN-1), else ''."""
+    trigger = msg.msh.get(9, 2).strip().upper()
+    evn = msg.first("EVN")
+    if not trigger and evn is not None and _value(evn.get(1)):
+        trigger = _value(evn.get(1)).upper()
+        outcome.findings.append({"code": "trigger_from_evn", "location": "EVN^1^1", "severity": "I"})
+    if not trigger:
+        outcome.findings.append({"code": "missing_trigger_event", "location": "MSH^1^9^1^2", "severity": "W"})
+    return trigger
+
+
 def map_parsed(tx: Tx, msg: Message, message_id: int) -> Outcome:
     outcome = Outcome(state="mapped", findings=list(msg.findings))
-    mtype, trigger = msg.msh.get(9, 1).strip().upper(), msg.msh.get(9, 2).strip().upper()
+    mtype, trigger = msg.msh.get(9, 1).strip().upper(), _trigger(msg, outcome)
+    if not _split_zone(msg.msh.get(7).strip())[2]:
+        outcome.findings.append({"code": "invalid_timestamp", "location": "MSH^1^7", "severity": "W"})
+    if mtype == "ADT" and not trigger:
+        raise MappingError("missing_trigger_event")
+    trigger = trigger or ONLY_TRIGGER.get(mtype, "")
     if mtype == "ADT":
         _map_adt(tx, msg, trigger, outcome)
     elif (mtype, trigger) in ORDER_TYPES:
         _map_order(tx, msg, message_id, outcome)
-    elif mtype == "ORU" and trigger in ("R01", ""):
-        if not trigger:
-            outcome.findings.append({"code": "missing_trigger_event", "location": "MSH^1^9^2", "severity": "W"})
+    elif (mtype, trigger) == ("ORU", "R01"):
         _map_oru(tx, msg, message_id, outcome)
     else:
         outcome.state = "skipped"

@@ -2,14 +2,15 @@
 
 Encoding characters come from MSH-1/MSH-2 (any separators, including the v2.7 truncation character
 ``#`` as a fifth one). The character set comes from MSH-18 with a fallback: a declared single-byte set
-that hides valid UTF-8 is read as UTF-8, and undecodable bytes fall back to ISO 8859-1 (never fails).
+that hides valid UTF-8 is read as UTF-8, and undecodable bytes fall back to ISO 8859-1 (never fails),
+with a finding (a declared multi-byte set such as UTF-8 included: no character is replaced silently).
 Errors carry a table 0357 code and an HL7 location, and never quote field values.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from msgate.storage.ingest import Hl7Header
 
@@ -60,6 +61,7 @@ class Msh:
     fields: tuple[str, ...]
     charset: str = "utf-8"
     findings: tuple[dict[str, str], ...] = field(default=())
+    event: str = ""  # EVN-1, read only when MSH-9.2 is empty (HL7 v2.1, and senders that leave it out)
 
     def get(self, n: int, component: int = 1) -> str:
         if n >= len(self.fields):
@@ -85,7 +87,8 @@ class Msh:
 
     @property
     def trigger(self) -> str:
-        return self.get(9, 2).strip().upper()
+        """MSH-9.2, else EVN-1: v2.1 has no MSH-9.2 and carries the event in EVN-1 (ADT)."""
+        return self.get(9, 2).strip().upper() or self.event
 
     @property
     def structure(self) -> str:
@@ -157,6 +160,13 @@ def charset_of(declared: str, raw: bytes) -> tuple[str, list[dict[str, str]]]:
             if not codec:
                 findings.append({"code": "charset_fallback_latin1", "location": "MSH^1^18", "severity": "W"})
             return (codec if codec != "ascii" else "latin-1"), findings
+    try:  # a multi-byte set: bytes it cannot decode would become U+FFFD in patient data
+        raw.decode(codec)
+    except UnicodeDecodeError:
+        findings.append({"code": "charset_invalid_bytes", "location": "MSH^1^18", "severity": "W"})
+        return "latin-1", findings
+    except LookupError:
+        return "latin-1", findings
     return codec, findings
 
 
@@ -173,7 +183,23 @@ def read_msh(raw: bytes) -> Msh:
             fields = ("MSH", enc.field, *line.encode("latin-1").decode(codec).split(enc.field)[1:])
         except (UnicodeDecodeError, LookupError):
             codec = "latin-1"
-    return Msh(enc=enc, fields=tuple(fields), charset=codec, findings=tuple(findings))
+    msh = Msh(enc=enc, fields=tuple(fields), charset=codec, findings=tuple(findings))
+    if not msh.trigger:
+        msh = replace(msh, event=evn_event(raw, enc))
+    return msh
+
+
+def evn_event(raw: bytes, enc: Encoding) -> str:
+    """EVN-1 (event type code) of the message's EVN segment, upper case; '' without one."""
+    sep = enc.field.encode("latin-1")
+    for marker in (b"\rEVN" + sep, b"\nEVN" + sep):
+        start = raw.find(marker)
+        if start >= 0:
+            line = raw[start + 1:].split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+            value = line.split(enc.field)[1] if enc.field in line else ""
+            event = value.split(enc.repetition, 1)[0].split(enc.component, 1)[0].strip().upper()
+            return "" if event == '""' else event
+    return ""
 
 
 def check_msh(msh: Msh) -> None:

@@ -77,7 +77,9 @@ def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient
         return None
     spec, code, system = feature_for(code, system, obx.get(3, 4).strip(), obx.get(3, 6).strip())
     value = obx_value(obx, vtype)
+    value = "" if value.strip() == '""' else value  # the explicit null: no value (HL7 v2.5.1 §2.5.3)
     unit = obx.get(6, 1).strip()
+    unit = "" if unit == '""' else unit
     feature = spec.name if spec is not None and value else None  # an empty value never feeds the model
     if spec is not None and spec.kind == "numeric" and value:
         try:
@@ -102,7 +104,8 @@ def observation_row(cipher: FieldCipher, obx: Segment, *, observed: Any, patient
 
 def message_rows(cipher: FieldCipher, msg: Message, *, patient_id: int, message_id: int, outcome: Findings,
                  parse_ts: Any) -> list[dict[str, Any]]:
-    """Rows for every OBX of an ORU, each timed by OBX-14, else its OBR-7, else MSH-7."""
+    """Rows for every OBX of an ORU, each timed by OBX-14, else its OBR-7, else MSH-7 (an OBX-14 that is
+    valued but not a valid time is a finding)."""
     rows: list[dict[str, Any]] = []
     obr: Segment | None = None
     sent = None
@@ -112,7 +115,11 @@ def message_rows(cipher: FieldCipher, msg: Message, *, patient_id: int, message_
             obr = seg
         elif seg.name == "OBX":
             n += 1
-            observed = parse_ts(seg.get(14)) or (parse_ts(obr.get(7)) if obr else None)
+            observed = parse_ts(seg.get(14))
+            if observed is None and seg.get(14).strip() not in ("", '""'):  # e.g. offset +9900: OBR-7 instead
+                outcome.findings.append({"code": "invalid_timestamp", "location": f"OBX^{n}^14",
+                                         "severity": "W"})
+            observed = observed or (parse_ts(obr.get(7)) if obr else None)
             if observed is None:
                 sent = sent or parse_ts(msg.msh.get(7))
                 observed = sent

@@ -117,8 +117,34 @@ class Message:
         return iter(self.segments)
 
 
+def lf_terminated(data: str | bytes) -> bool:
+    """Whether the first segment (MSH, or FHS/BHS) ends with a bare LF rather than CR or CR LF.
+
+    HL7 ends segments with CR (§2.5.1); some senders use LF. A message is split by its own terminator:
+    when it is CR, a bare LF is text (report lines in OBX-5 TX/FT), never a segment end."""
+    cr, lf = ("\r", "\n") if isinstance(data, str) else (b"\r", b"\n")
+    data = data.lstrip()
+    end_cr, end_lf = data.find(cr), data.find(lf)  # type: ignore[arg-type]
+    return end_lf >= 0 and (end_cr < 0 or end_lf < end_cr)
+
+
 def split_segments(text: str) -> list[str]:
-    return [line.strip("\n") for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if line.strip()]
+    """Segment lines, split on the terminator the first segment ends with (see :func:`lf_terminated`)."""
+    text = text.replace("\r\n", "\r")
+    if lf_terminated(text):
+        text = text.replace("\n", "\r")
+    return [line.strip("\n") for line in text.split("\r") if line.strip()]
+
+
+def _lf_findings(segments: list[Segment]) -> list[dict[str, str]]:
+    """One finding per segment that keeps a line feed in its text (``OBX^2``: the second OBX)."""
+    seen: dict[str, int] = {}
+    out = []
+    for seg in segments:
+        seen[seg.name] = seen.get(seg.name, 0) + 1
+        if any("\n" in value for value in seg.fields):
+            out.append({"code": "embedded_lf", "location": f"{seg.name}^{seen[seg.name]}", "severity": "I"})
+    return out
 
 
 def parse(raw: bytes) -> Message:
@@ -141,12 +167,14 @@ def parse(raw: bytes) -> Message:
             segments.append(Segment("MSH", ["MSH", enc.field, *parts[1:]], enc))
         elif name:
             segments.append(Segment(name, parts, enc))
-    return Message(segments, enc, msh.charset, msh.findings)
+    return Message(segments, enc, msh.charset, (*msh.findings, *_lf_findings(segments)))
 
 
 def split_batch(raw: bytes) -> tuple[list[bytes], bool]:
     """Split an FHS/BHS batch into its messages (raw bytes, one per MSH); also whether it had FHS."""
-    data = raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    data = raw.replace(b"\r\n", b"\r")
+    if lf_terminated(data):
+        data = data.replace(b"\n", b"\r")
     lines = [line for line in data.split(b"\r") if line.strip()]
     messages: list[list[bytes]] = []
     for line in lines:

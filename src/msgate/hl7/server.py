@@ -39,21 +39,26 @@ from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-ORDER_TRIGGERS = {"ORM": {"O01"}, "OMI": {"O23"}, "OMG": {"O19"}, "ORU": {"R01", ""}}
+# ORM and ORU have one trigger each before v2.5 (O01, R01): a message without one (HL7 v2.1 has no MSH-9.2)
+# is that one, mapped with a finding
+ORDER_TRIGGERS = {"ORM": {"O01", ""}, "OMI": {"O23"}, "OMG": {"O19"}, "ORU": {"R01", ""}}
 MAX_GROUP = 256
 STOP_DRAIN_S = 10.0  # the indexer's time to finish at shutdown; the rest waits in the journal
 _conn_ids = itertools.count(1)
 
 
 def supported(msh: Msh) -> AckError | None:
-    """None when msgate handles this type; else the ERR for AR (200 unknown type, 201 unknown event)."""
+    """None when msgate handles this type; else the ERR for AR (200 unknown type, 201 unknown event).
+
+    Locations are ERL (segment^sequence^field^repetition^component): MSH-9.1 and MSH-9.2. An ADT's event
+    is MSH-9.2, else EVN-1 (HL7 v2.1); an ADT with neither is refused, never stored to be skipped."""
     if msh.message_type == "ADT":
-        return None
+        return None if msh.trigger else AckError(201, "MSH^1^9^1^2")
     triggers = ORDER_TRIGGERS.get(msh.message_type)
     if triggers is None:
-        return AckError(200, "MSH^1^9^1")
+        return AckError(200, "MSH^1^9^1^1")
     if msh.trigger not in triggers:
-        return AckError(201, "MSH^1^9^2")
+        return AckError(201, "MSH^1^9^1^2")
     return None
 
 

@@ -92,9 +92,11 @@ def find_patient(session: Session, cipher: FieldCipher, idents: list[Identifier]
 
 
 def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifier], *, name: str | None = None,
-                   birth_date: str | None = None, sex: str | None = None, update_demographics: bool = True,
-                   known: KnownPatients | None = None) -> Patient:
+                   birth_date: str | None = None, sex: str | None = None, clear: frozenset[str] = frozenset(),
+                   update_demographics: bool = True, known: KnownPatients | None = None) -> Patient:
     """Find the patient by any identifier or create one; set the demographics given; add new identifiers.
+
+    ``clear`` names demographics to delete (``name``, ``birth_date``, ``sex``): the HL7 explicit null ``""``.
 
     With ``update_demographics=False`` (orders and results) an existing patient's demographics are left to
     ADT, which owns them; a new patient still gets them. ``known`` saves the lookup when it knows every
@@ -113,6 +115,8 @@ def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifie
             patient.birth_date_enc = enc(birth_date, column="patient.birth_date")
         if sex:
             patient.sex_enc = enc(sex, column="patient.sex")
+        for column in clear & {"name", "birth_date", "sex"}:
+            setattr(patient, f"{column}_enc", None)
         patient.updated_at = utcnow()
         session.add(patient)
         session.flush()

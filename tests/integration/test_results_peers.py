@@ -150,8 +150,11 @@ def test_highdicom_reads_back_what_storescp_received(delivered: Delivered) -> No
     uids = [str(ds.SOPInstanceUID) for ds in delivered.sources]
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
                                                relabel=True)
-    rim = [lesion.label for lesion in delivered.result.lesions if lesion.rim_positive]
-    expected = np.where(np.isin(delivered.result.lesion_mask, rim), 2, (delivered.result.lesion_mask > 0) * 1)
+    number_of = {int(str(s.SegmentLabel).removeprefix("Lesion ")): int(s.SegmentNumber) for s in seg.SegmentSequence}
+    assert sorted(number_of) == [lesion.label for lesion in delivered.result.lesions]  # one segment per lesion
+    expected = np.zeros(delivered.result.lesion_mask.shape, dtype=np.int64)
+    for label, number in number_of.items():
+        expected[delivered.result.lesion_mask == label] = number
     np.testing.assert_array_equal(pixels, expected)
     refs = {r.ReferencedSOPInstanceUID for r in sr.CurrentRequestedProcedureEvidenceSequence[0]
             .ReferencedSeriesSequence[0].ReferencedSOPSequence}

@@ -6,6 +6,8 @@ import copy
 import io
 import random
 import re
+import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -21,7 +23,7 @@ from msgate.model.types import ModelResult
 from msgate.results import codes, heatmap, hl7_out, outbox, payload
 from msgate.results.identity import Identity
 from msgate.results.publish import RenderOptions, render
-from msgate.results.seg import build_seg, class_masks, frame_map
+from msgate.results.seg import build_seg, frame_map
 from msgate.results.sources import sort_slices
 from msgate.results.sr import DISCLAIMER, build_sr
 from tests.integration.pacs_peers import flair_series, model_result
@@ -98,8 +100,7 @@ def test_sr_lesion_groups_reference_their_segments(rendered: dict[str, list[Data
         assert group.tracking_identifier == f"Lesion {lesion.label}"
         ref = group.referenced_segment
         assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
-        expected = "Paramagnetic rim lesion" if lesion.rim_positive else "MS lesion"
-        assert labels[ref.referenced_segment_numbers[0]] == expected
+        assert labels[ref.referenced_segment_numbers[0]] == f"Lesion {lesion.label}"
         values = {m.name.value: m.value for m in group.get_measurements()}
         assert values[codes.VOLUME.value] == pytest.approx(lesion.volume_ml)
         assert values[codes.RIM_PROBABILITY.value] == pytest.approx(lesion.rim_probability)
@@ -130,7 +131,9 @@ def test_sr_without_qsm_is_partial_and_has_no_rim_count(sources: list[Dataset]) 
     result = model_result((len(sources), 40, 48), qsm=False)
     ident = Identity.of(result)
     seg = build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
-    assert seg is not None and list(seg.class_segment) == ["lesion"]
+    assert seg is not None and sorted(seg.lesion_segment) == [lesion.label for lesion in result.lesions]
+    types = {s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.dataset.SegmentSequence}
+    assert types == {codes.LESION.value}  # no QSM: no lesion is Rim+
     ds = _reread(build_sr(result, sources, seg, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
     assert ds.CompletionFlag == "PARTIAL"
     group = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()[0]
@@ -166,14 +169,13 @@ def test_seg_geometry_round_trip(rendered: dict[str, list[Dataset]], sources: li
     seg = hd.seg.Segmentation.from_dataset(rendered["out.seg"][0])
     assert seg.SegmentationType == "BINARY"
     k_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
-    masks = class_masks(result)
-    keys = {s.SegmentNumber: ("rim" if s.SegmentLabel.startswith("Paramagnetic") else "lesion")
-            for s in seg.SegmentSequence}
+    label_of = {int(s.SegmentNumber): int(str(s.SegmentLabel).removeprefix("Lesion ")) for s in seg.SegmentSequence}
+    masks = {number: result.lesion_mask == label for number, label in label_of.items()}
     shared = seg.SharedFunctionalGroupsSequence[0]
     assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.25, 1.0]
     assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     frames = frame_map(seg)
-    nonempty = sum(int(masks[key].any(axis=(1, 2)).sum()) for key in keys.values())
+    nonempty = sum(int(mask.any(axis=(1, 2)).sum()) for mask in masks.values())
     assert seg.NumberOfFrames == len(frames) == nonempty  # empty frames omitted
     pixels = seg.pixel_array.reshape(seg.NumberOfFrames, seg.Rows, seg.Columns)
     for (number, sop_uid, _frame), n in frames.items():
@@ -181,14 +183,14 @@ def test_seg_geometry_round_trip(rendered: dict[str, list[Dataset]], sources: li
         frame = seg.PerFrameFunctionalGroupsSequence[n - 1]
         ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         assert ipp == [float(v) for v in sources[k].ImagePositionPatient]
-        np.testing.assert_array_equal(pixels[n - 1].astype(bool), masks[keys[number]][k])
+        np.testing.assert_array_equal(pixels[n - 1].astype(bool), masks[number][k])
     volume = seg.get_volume()
     assert volume is not None
     for label in {int(v) for v in np.unique(result.lesion_mask)} - {0}:
         k, r, c = (int(v[0]) for v in np.nonzero(result.lesion_mask == label))
         lps = np.asarray(sources[k].ImagePositionPatient, dtype=float) + np.array([c * 1.0, r * 1.25, 0.0])
         ijk = np.linalg.inv(volume.affine) @ np.append(lps, 1.0)
-        number = next(n for n, key in keys.items() if masks[key][k, r, c])
+        number = next(n for n, mask in masks.items() if mask[k, r, c])
         assert volume.array[tuple(int(round(x)) for x in ijk[:3])][number - 1]
 
 
@@ -450,3 +452,110 @@ def test_source_values_in_the_forms_routers_send_do_not_stop_the_results(result:
     assert (sr.PatientSex, sr.StudyTime, sr.StudyDate) == ("F", "101500", "20261120")
     assert sr.PatientBirthDate in ("", "19530317")
     assert {o.kind for o in objects} >= {"out.sr", "out.seg", "out.pm", "out.sc"}
+
+
+VOXEL_ML = 1.25 * 1.0 * 3.0 / 1000  # flair_series: Pixel Spacing 1.25 x 1.0 mm, slices 3 mm apart
+
+
+def _segment_voxels(seg: Dataset) -> dict[int, int]:
+    """Voxels per segment number, counted in the SEG's own pixel data by its per-frame segment numbers."""
+    pixels = seg.pixel_array.reshape(seg.NumberOfFrames, seg.Rows, seg.Columns)
+    out: dict[int, int] = {}
+    for (number, _uid, _frame), n in frame_map(seg).items():
+        out[number] = out.get(number, 0) + int(pixels[n - 1].astype(bool).sum())
+    return out
+
+
+def test_each_lesion_group_references_exactly_its_lesion(rendered: dict[str, list[Dataset]],
+                                                          result: ModelResult) -> None:
+    """TID 1411: the referenced segment is the region measured. Lesions 1 and 3 both referenced the whole
+    "MS lesion" class segment (0.1725 mL, against 0.15 and 0.0225 mL reported)."""
+    seg = rendered["out.seg"][0]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(rendered["out.sr"][0])
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    numbers = [group.referenced_segment.referenced_segment_numbers[0] for group in groups]
+    assert len(set(numbers)) == len(numbers) == len(result.lesions)
+    voxels = _segment_voxels(seg)
+    for group, number, lesion in zip(groups, numbers, result.lesions, strict=True):
+        segment = seg.SegmentSequence[number - 1]
+        assert segment.SegmentNumber == number
+        assert segment.SegmentLabel == segment.TrackingID == group.tracking_identifier == f"Lesion {lesion.label}"
+        assert segment.TrackingUID == group.tracking_uid
+        expected = codes.RIM_LESION if lesion.rim_positive else codes.LESION
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == expected.value
+        assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == codes.ABNORMAL_STRUCTURE.value
+        volume = {m.name.value: m.value for m in group.get_measurements()}[codes.VOLUME.value]
+        assert voxels[number] * VOXEL_ML == pytest.approx(volume)
+        assert voxels[number] == int((result.lesion_mask == lesion.label).sum())
+
+
+def test_mask_labels_without_a_finding_go_into_one_remainder_segment(sources: list[Dataset],
+                                                                     result: ModelResult) -> None:
+    """Voxels no finding describes (a payload whose lesion list left one out) stay in the SEG, in one
+    segment no SR group references, instead of disappearing or joining a lesion's segment."""
+    partial = ModelResult(**{**result.__dict__, "lesions": result.lesions[:2]})
+    ident = Identity.of(partial)
+    seg = build_seg(partial, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID())
+    assert seg is not None
+    labels = [str(s.SegmentLabel) for s in seg.dataset.SegmentSequence]
+    assert labels == ["Lesion 1", "Lesion 2", "MS lesion, other"]
+    assert _segment_voxels(_reread(seg.dataset))[3] == int((result.lesion_mask == 3).sum())
+    ds = _reread(build_sr(partial, sources, seg, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
+    groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_volumetric_roi_measurement_groups()
+    assert [g.referenced_segment.referenced_segment_numbers[0] for g in groups] == [1, 2]
+
+
+def _many_lesions(shape: tuple[int, int, int], n: int) -> ModelResult:
+    """``n`` lesions of 2 x 2 x 2 voxels on distinct (slice, row) places; every fifth one Rim+."""
+    mask = np.zeros(shape, np.int16)
+    base = model_result(shape)
+    lesions = []
+    for i in range(n):
+        k, r, c = 1 + 3 * (i % 6), 2 + 6 * (i // 6), 5 + (7 * i) % 60
+        mask[k:k + 2, r:r + 2, c:c + 2] = i + 1
+        lesions.append(replace(base.lesions[0], label=i + 1, volume_ml=8 * VOXEL_ML,
+                               rim_probability=0.9 if i % 5 == 0 else 0.1))
+    return ModelResult(**{**base.__dict__, "lesions": tuple(lesions), "lesion_mask": mask})
+
+
+def test_sixty_small_lesions_get_sixty_segments_in_bounded_memory() -> None:
+    """One segment per lesion, built from a label map: memory stays near the volume's size (a one-hot
+    stack would be 60 volumes) and only the lesions' own planes become frames."""
+    shape = (20, 64, 80)
+    sources = sort_slices(flair_series(n=shape[0], rows=shape[1], cols=shape[2], seed=11))
+    many = _many_lesions(shape, 60)
+    build_seg(many, sources, Identity.of(many), series_uid=hd.UID(), sop_uid=hd.UID())  # first use loads tables
+    tracemalloc.start()
+    try:
+        seg = build_seg(many, sources, Identity.of(many), series_uid=hd.UID(), sop_uid=hd.UID())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seg is not None
+    assert [str(s.SegmentLabel) for s in seg.dataset.SegmentSequence] == [f"Lesion {i}" for i in range(1, 61)]
+    assert seg.dataset.NumberOfFrames == 60 * 2
+    assert peak < 40 * many.lesion_mask.size, peak  # about 17 bytes a voxel; a 60-segment one-hot stack: 123
+    data = _reread(seg.dataset)
+    assert len(data.PixelData) == -(-60 * 2 * shape[1] * shape[2] // 8)  # bit-packed, empty frames omitted
+    voxels = _segment_voxels(data)
+    assert voxels == {n: 8 for n in range(1, 61)}
+    rim = {int(s.SegmentNumber) for s in data.SegmentSequence
+           if s.SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.RIM_LESION.value}
+    assert rim == {i + 1 for i in range(0, 60, 5)}
+
+
+def test_a_flair_from_two_multiframe_instances_still_gets_no_seg(sources: list[Dataset],
+                                                                 result: ModelResult) -> None:
+    """One SEG takes one multi-frame source (PS3.3 C.8.20.2): over two, no SEG and no lesion groups,
+    rather than a SEG on the wrong frames."""
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    from msgate.results.sources import FlairSources, SourceSlice
+
+    halves = [_reread(LegacyConvertedEnhancedMRImage(legacy_datasets=part, series_instance_uid=hd.UID(),
+                                                     series_number=9, sop_instance_uid=hd.UID(), instance_number=n))
+              for n, part in enumerate((sources[:6], sources[6:]), start=1)]
+    src = FlairSources(tuple(SourceSlice(mf, f) for mf in halves for f in range(6)))
+    assert build_seg(result, src, Identity.of(result), series_uid=hd.UID(), sop_uid=hd.UID()) is None
+    objects, _ = render(result, src, options=RenderOptions(key_images=0, parametric_map=False))
+    assert [o.kind for o in objects] == ["out.sr"]

@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from msgate.results.publish import RenderOptions, render
-from msgate.results.seg import class_masks, frame_map
+from msgate.results.seg import frame_map
 from msgate.results.sources import FlairSources, SourceSlice, sort_slices
 from msgate.workers import volume
 from tests.integration.pacs_peers import flair_series, model_result
@@ -58,9 +58,7 @@ def test_multiframe_flair_objects_reference_the_frames_the_worker_used(enhanced:
     out = _rendered(result, src, key_images=2)
 
     seg = out["out.seg"][0]
-    masks = class_masks(result)
-    keys = {int(s.SegmentNumber): ("rim" if "rim" in str(s.SegmentLabel).lower() else "lesion")
-            for s in seg.SegmentSequence}
+    label_of = {int(s.SegmentNumber): int(str(s.SegmentLabel).removeprefix("Lesion ")) for s in seg.SegmentSequence}
     pixels = seg.pixel_array.reshape(seg.NumberOfFrames, seg.Rows, seg.Columns)
     frames = frame_map(seg)
     assert frames and all(uid == str(mf.SOPInstanceUID) and number is not None for _, uid, number in frames)
@@ -68,7 +66,7 @@ def test_multiframe_flair_objects_reference_the_frames_the_worker_used(enhanced:
         k = frame_of_k.index(number)
         ipp = [float(v) for v in seg.PerFrameFunctionalGroupsSequence[n - 1].PlanePositionSequence[0].ImagePositionPatient]
         assert ipp == [float(v) for v in ordered[k].ImagePositionPatient]
-        np.testing.assert_array_equal(pixels[n - 1].astype(bool), masks[keys[segment]][k])
+        np.testing.assert_array_equal(pixels[n - 1].astype(bool), result.lesion_mask[k] == label_of[segment])
 
     pm = out["out.pm"][0]
     assert pm.NumberOfFrames == N
@@ -101,8 +99,8 @@ def test_an_interpolated_slice_gets_no_seg_frame_and_no_key_image() -> None:
     used = {uid for _, uid, _ in frame_map(seg)}
     assert str(ordered[gap].SOPInstanceUID) not in used
     assert used <= {str(ds.SOPInstanceUID) for ds in kept}
-    masks = class_masks(result)
-    expected = sum(int(m[[k for k in range(N) if k != gap]].any(axis=(1, 2)).sum()) for m in masks.values())
+    planes = result.lesion_mask[[k for k in range(N) if k != gap]]
+    expected = sum(int((planes == lesion.label).any(axis=(1, 2)).sum()) for lesion in result.lesions)
     assert seg.NumberOfFrames == expected
     assert out["out.pm"][0].NumberOfFrames == N - 1
     refs = {str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) for sc in out["out.sc"]}

@@ -1,13 +1,20 @@
-"""Lesion Segmentation (PS3.3 A.51): binary, one segment per lesion class, empty frames omitted.
+"""Lesion Segmentation (PS3.3 A.51): binary, one segment per lesion, empty frames omitted.
 
-Segment classes: ``lesion`` (lesions without a paramagnetic rim, or not assessable) and ``rim``
-(Rim+ lesions). Only classes with at least one voxel get a segment; segment numbers are consecutive
-from 1, and :class:`SegResult` says which number each class and each lesion got, so the SR can
-reference them. Frames follow the source planes (``mask[k]`` on :class:`FlairSources` slice ``k``):
-single-frame sources are referenced image by image (slices the worker interpolated have no source and
-no frame); an Enhanced MR multi-frame source is referenced frame by frame. A FLAIR the worker assembled
-from several multi-frame instances cannot be one SEG's source (highdicom, like PS3.3 C.8.20.2, takes
-one multi-frame image or single-frame images), so it gets no SEG and a log line saying so.
+Each finding of ``result.lesions`` with a voxel on a source plane gets its own segment ``Lesion <label>``
+(category Abnormal structure; type Lesion, or Paramagnetic rim lesion when Rim+), so the SR's TID 1411
+group for that lesion references exactly the voxels it measures (PS3.16 TID 1411: the referenced
+segment is the region measured). Segment label, tracking id and tracking UID equal the SR group's.
+Voxels whose label no finding describes go into one last ``MS lesion, other`` segment that no group
+references. Segment numbers are consecutive from 1 (:class:`SegResult` says which lesion got which);
+the pixels go to highdicom as one label map with segment numbers as values (non-overlapping BINARY
+segments), so memory follows the volume, not the number of lesions.
+
+Frames follow the source planes (``mask[k]`` on :class:`FlairSources` slice ``k``): single-frame
+sources are referenced image by image (slices the worker interpolated have no source and no frame, so
+a lesion's voxels there are in no segment); an Enhanced MR multi-frame source is referenced frame
+by frame. A FLAIR the worker assembled from several multi-frame instances cannot be one SEG's source
+(highdicom, like PS3.3 C.8.20.2, takes one multi-frame image or single-frame images), so it gets no
+SEG and a log line saying so.
 """
 
 from __future__ import annotations
@@ -21,24 +28,23 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pcodes
 
-from msgate.model.types import ModelResult
+from msgate.model.types import LesionFinding, ModelResult
 from msgate.results import codes
 from msgate.results.identity import Identity
 from msgate.results.sources import FlairSources
 
 log = logging.getLogger(__name__)
 
-CLASSES = (
-    ("lesion", "MS lesion", codes.LESION),
-    ("rim", "Paramagnetic rim lesion", codes.RIM_LESION),
-)
+OTHER_LABEL = "MS lesion, other"
 
 
 @dataclass
 class SegResult:
+    """The SEG and, by lesion label, its segment number, tracking UID and SEG frame numbers."""
+
     dataset: hd.seg.Segmentation
-    class_segment: dict[str, int] = field(default_factory=dict)
     lesion_segment: dict[int, int] = field(default_factory=dict)
+    lesion_tracking_uid: dict[int, str] = field(default_factory=dict)
     lesion_frames: dict[int, list[int]] = field(default_factory=dict)
 
 
@@ -74,39 +80,62 @@ def on_sources(src: FlairSources, planes: np.ndarray) -> tuple[list[Dataset], np
     return [ds], out
 
 
-def class_masks(result: ModelResult) -> dict[str, np.ndarray]:
-    """Boolean (k, r, c) masks per lesion class; labels missing from ``lesions`` count as ``lesion``."""
-    rim_labels = [lesion.label for lesion in result.lesions if lesion.rim_positive]
-    labels = np.asarray(result.lesion_mask)
-    rim = np.isin(labels, rim_labels) if rim_labels else np.zeros(labels.shape, dtype=bool)
-    return {"lesion": (labels > 0) & ~rim, "rim": rim}
+def number_segments(result: ModelResult, planes: np.ndarray) -> tuple[np.ndarray, list[LesionFinding | None]]:
+    """Segment numbers for ``planes`` (lesion labels on the SEG's frames), as a label map (uint8, or
+    uint16 past 255 segments) and the lesion each number describes: 1.. for the findings of
+    ``result.lesions`` with a voxel on those frames, in list order, then one remainder segment (None)
+    for labels > 0 that no finding describes. Built plane by plane, so memory stays near the volume's."""
+    values = np.unique(planes)
+    present = {int(v) for v in values if v > 0}
+    described: list[LesionFinding | None] = []
+    number: dict[int, int] = {}
+    for lesion in result.lesions:
+        if lesion.label in present and lesion.label not in number:
+            described.append(lesion)
+            number[lesion.label] = len(described)
+    if present - number.keys():
+        described.append(None)
+    dtype = np.uint8 if len(described) <= np.iinfo(np.uint8).max else np.uint16
+    lut = np.array([0 if v <= 0 else number.get(int(v), len(described)) for v in values], dtype=dtype)
+    out = np.zeros(planes.shape, dtype=dtype)
+    for i, plane in enumerate(planes):
+        out[i] = lut[np.searchsorted(values, plane)]
+    return out, described
+
+
+def _description(number: int, lesion: LesionFinding | None,
+                 algorithm: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
+    """Segment ``Lesion <label>`` (tracking id the same, as the SR's TID 1411 group), or the remainder."""
+    label = OTHER_LABEL if lesion is None else f"Lesion {lesion.label}"
+    concept = codes.RIM_LESION if lesion is not None and lesion.rim_positive else codes.LESION
+    return hd.seg.SegmentDescription(
+        segment_number=number, segment_label=label, segmented_property_category=codes.ABNORMAL_STRUCTURE,
+        segmented_property_type=concept, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, tracking_uid=hd.UID(), tracking_id=label,
+    )
 
 
 def build_seg(result: ModelResult, sources: FlairSources | Sequence[Dataset], ident: Identity, *, series_uid: str,
               sop_uid: str, series_number: int = 9801) -> SegResult | None:
-    """The SEG, or None when the mask is empty (a SEG needs at least one segment) or the sources are
-    several multi-frame images."""
+    """The SEG, or None when the mask is empty on the source planes (a SEG needs at least one segment)
+    or the sources are several multi-frame images."""
     src = check_grid(result, sources)
-    masks = class_masks(result)
-    present = [(key, label, concept) for key, label, concept in CLASSES if masks[key].any()]
-    if not present:
+    labels = np.asarray(result.lesion_mask)
+    if not (labels > 0).any():
         return None
-    algorithm = hd.AlgorithmIdentificationSequence(name=ident.model_name, family=pcodes.cid7162.ArtificialIntelligence,
-                                                   version=ident.model_version)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number, segment_label=label, segmented_property_category=codes.ABNORMAL_STRUCTURE,
-            segmented_property_type=concept, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm, tracking_uid=hd.UID(), tracking_id=f"{key} segment",
-        )
-        for number, (key, label, concept) in enumerate(present, start=1)
-    ]
-    placed = on_sources(src, np.stack([masks[key] for key, _, _ in present], axis=-1).astype(np.uint8))
+    placed = on_sources(src, labels)
     if placed is None:
         log.warning("no SEG: the FLAIR planes used are not the frames of one image (several multi-frame "
                     "instances, or frames left out)", extra={"count": len(src.datasets)})
         return None
-    source_images, pixels = placed
+    source_images, planes = placed
+    pixels, described = number_segments(result, planes)
+    if not described:
+        log.warning("no SEG: no lesion voxel lies on a source plane (interpolated slices only)")
+        return None
+    algorithm = hd.AlgorithmIdentificationSequence(name=ident.model_name, family=pcodes.cid7162.ArtificialIntelligence,
+                                                   version=ident.model_version)
+    descriptions = [_description(n, lesion, algorithm) for n, lesion in enumerate(described, start=1)]
     seg = hd.seg.Segmentation(
         source_images=source_images, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=series_number,
@@ -115,8 +144,12 @@ def build_seg(result: ModelResult, sources: FlairSources | Sequence[Dataset], id
         device_serial_number=ident.device_serial_number, series_description="MS lesions (AI, unverified)",
         content_label="LESIONS", omit_empty_frames=True, coding_schemes=[codes.scheme_identification()],
     )
-    out = SegResult(seg, {key: n for n, (key, _, _) in enumerate(present, start=1)})
-    _lesion_frames(result, out, src)
+    out = SegResult(seg)
+    for description, lesion in zip(descriptions, described, strict=True):
+        if lesion is not None:
+            out.lesion_segment[lesion.label] = int(description.SegmentNumber)
+            out.lesion_tracking_uid[lesion.label] = str(description.TrackingUID)
+    _lesion_frames(out)
     return out
 
 
@@ -134,20 +167,10 @@ def frame_map(seg: Dataset) -> dict[tuple[int, str, int | None], int]:
     return out
 
 
-def _lesion_frames(result: ModelResult, out: SegResult, src: FlairSources) -> None:
-    """For each lesion: its segment number and the SEG frame numbers that contain it."""
-    frames = frame_map(out.dataset)
-    labels = np.asarray(result.lesion_mask)
-    for lesion in result.lesions:
-        number = out.class_segment.get("rim" if lesion.rim_positive else "lesion")
-        if number is None:
-            continue
-        found = []
-        for k in np.flatnonzero((labels == lesion.label).any(axis=(1, 2))):
-            plane = src.slices[int(k)]
-            key = None if plane is None else (number, plane.sop_uid, plane.frame_number)
-            if key in frames:
-                found.append(frames[key])  # type: ignore[index]
-        if found:
-            out.lesion_segment[lesion.label] = number
-            out.lesion_frames[lesion.label] = sorted(found)
+def _lesion_frames(out: SegResult) -> None:
+    """For each lesion with a segment: the SEG frame numbers of that segment."""
+    frames: dict[int, list[int]] = {}
+    for (number, _uid, _frame), n in frame_map(out.dataset).items():
+        frames.setdefault(number, []).append(n)
+    for label, number in out.lesion_segment.items():
+        out.lesion_frames[label] = sorted(frames.get(number, []))

@@ -7,9 +7,10 @@ Content tree:
 - one image-level group (TID 1501) with the EDSS class and MS-vs-cSVD qualitative evaluations and the
   EDSS estimate, class probabilities, confidence, uncertainty, P(MS), lesion count, total lesion volume
   and Rim+ count measurements, referencing every source FLAIR image;
-- one volumetric ROI group (TID 1411) per lesion, referencing its SEG segment (by segment number only:
-  DCMTK warns when an IMAGE item carries both frame and segment numbers), with its tracking id
-  ``Lesion <label>``, location, volume, Rim+ probability and rim status;
+- one volumetric ROI group (TID 1411) per lesion with a SEG segment, referencing that lesion's own
+  segment (the region measured; by segment number only: DCMTK warns when an IMAGE item carries both
+  frame and segment numbers), with the segment's tracking id ``Lesion <label>`` and tracking UID,
+  location, volume, Rim+ probability and rim status;
 - a TEXT comment: unverified AI output, not for diagnosis.
 
 Every group carries the algorithm identification. VerificationFlag stays UNVERIFIED; the
@@ -90,7 +91,8 @@ def lesion_groups(result: ModelResult, seg: SegResult | None, series_uid: str,
                 codes.RIM_STATUS, codes.PRESENT if lesion.rim_positive else codes.ABSENT))
         sites = [hd.sr.FindingSite(codes.LOCATION[lesion.location])] if lesion.location in codes.LOCATION else None
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"Lesion {lesion.label}"),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=seg.lesion_tracking_uid[lesion.label],
+                                                          identifier=f"Lesion {lesion.label}"),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
                 segment_number=number,

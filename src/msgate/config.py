@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import ssl
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,14 +30,17 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from msgate.errors import ConfigError
+from msgate.config_env import check_variable_names, not_json
 from msgate.listener.rules import ListenerRules
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "password", "secret", "example"})
 RESERVED_DESTINATIONS = frozenset({"hl7"})  # msgate.results.outbox.HL7_DESTINATION: the ORU lane
+DATABASE_SCHEMES = ("sqlite", "postgresql+psycopg")
 
 
 def _check_ae_title(value: str) -> str:
@@ -85,7 +90,27 @@ class TlsSettings(Section):
                              "plaintext; set enabled = true or remove the file setting")
         if not value.is_file() or not os.access(value, os.R_OK):
             raise ValueError(f"not a readable file: {value}")
+        if info.field_name == "key_file" and isinstance(info.data.get("cert_file"), Path):
+            _load_tls(lambda ctx: ctx.load_cert_chain(info.data["cert_file"], value, password=_no_password),
+                      f"{value} is not an unencrypted PEM private key that matches cert_file")
+        elif info.field_name != "key_file":
+            _load_tls(lambda ctx: ctx.load_verify_locations(cafile=value),
+                      f"{value} holds no PEM certificate")
         return value
+
+
+def _no_password() -> bytes:
+    """An encrypted key is refused rather than prompting on a terminal a service does not have."""
+    return b""
+
+
+def _load_tls(load: Any, problem: str) -> None:
+    """Load a TLS file the way the listeners do (ssl.create_default_context), so a file that is readable
+    but not a usable certificate or key is refused here, naming the setting, instead of crashing the role."""
+    try:
+        load(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+    except ssl.SSLError as exc:
+        raise ValueError(f"{problem} ({exc.reason or exc.strerror or 'unreadable'})") from None
 
 
 def _check_networks(values: list[str]) -> list[str]:
@@ -322,6 +347,20 @@ class Settings(BaseSettings):
     def site_zone(self) -> ZoneInfo:
         return ZoneInfo(self.site_timezone)
 
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str | None) -> str | None:
+        """The two engines msgate runs on; the URL itself is never echoed (it may hold a password)."""
+        if value is None:
+            return value
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme in ("postgres", "postgresql"):
+            raise ValueError(f"{scheme}:// names no driver; use postgresql+psycopg://user:password@host/db")
+        if scheme not in DATABASE_SCHEMES or (scheme == "sqlite" and not value.startswith("sqlite:///")):
+            raise ValueError("unsupported database URL; use postgresql+psycopg://user:password@host/db "
+                             "or sqlite:///path/to/msgate.db")
+        return value
+
     @field_validator("database_url", "broker_url")
     @classmethod
     def _no_placeholder_password(cls, value: str | None) -> str | None:
@@ -377,8 +416,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build the Settings; raise ConfigError naming the first invalid setting."""
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"config file not found: {config_file}")
-
+    check_variable_names(os.environ, Settings)
     secrets_dir = os.environ.get("MSGATE_SECRETS_DIR")  # e.g. /run/secrets: a file msgate_database_url
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():  # else: a warning, then the defaults
+        raise ConfigError(f"invalid setting MSGATE_SECRETS_DIR: not a directory: {secrets_dir}")
 
     class _FileSettings(Settings):
         model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file,
@@ -389,6 +430,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"invalid setting {_env_name(first['loc'])}: {first['msg']}") from None
-    except ValueError as exc:  # a malformed TOML file or env value that is not valid JSON
+    except SettingsError as exc:  # a value pydantic-settings could not decode (a list that is not JSON)
+        field = re.search(r'field "(\w+)"', str(exc))
+        named = not_json(field.group(1), os.environ, Settings) if field else None
+        raise (named or ConfigError(f"invalid configuration: {exc}")) from None
+    except ValueError as exc:  # a malformed TOML file
         raise ConfigError(f"invalid configuration: {exc}") from None
     return loaded

@@ -35,6 +35,13 @@ class Transient(MsgateError):
     code = "transient"
 
 
+class DatabaseUnavailable(Transient):
+    """The database cannot be reached (refused, timed out, authentication); the message names its URL
+    with the password masked, and the driver's connection message (no SQL, so no PHI)."""
+
+    code = "db_unavailable"
+
+
 class ConfigError(MsgateError):
     """Settings or key files are invalid; the message names the setting."""
 

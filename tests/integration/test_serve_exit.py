@@ -3,6 +3,8 @@ setting is refused before any role starts (status 2, naming the setting)."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import socket
 import subprocess
@@ -27,9 +29,25 @@ def test_a_crashed_role_exits_non_zero(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = _serve(tmp_path / "home", "dicom", MSGATE_DICOM__PORT=str(taken.getsockname()[1]))
+        port = taken.getsockname()[1]
+        result = _serve(tmp_path / "home", "dicom", MSGATE_DICOM__PORT=str(port))
     assert "role crashed" in result.stderr and "msgate stopped" in result.stderr
     assert result.returncode == 1, result.stderr[-2000:]
+    crash = next(json.loads(line) for line in result.stderr.splitlines() if '"role crashed"' in line)
+    # Only "error_type": "OSError" was logged: nothing said which port, or why.
+    assert crash["code"] == "EADDRINUSE" and crash["port"] == port, crash
+    assert crash["reason"] == os.strerror(errno.EADDRINUSE)
+
+
+def test_a_tls_file_that_is_not_pem_is_refused_before_the_role_starts(tmp_path: Path) -> None:
+    """A readable file that is not a certificate passed the check; the role then crashed at start with only
+    "SSLError" in its log and exit 1, a silent restart loop under compose."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk\n")
+    result = _serve(tmp_path / "home", "dicom", MSGATE_DICOM__PORT="0", MSGATE_DICOM__TLS__ENABLED="true",
+                    MSGATE_DICOM__TLS__CERT_FILE=str(junk), MSGATE_DICOM__TLS__KEY_FILE=str(junk))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "MSGATE_DICOM__TLS__CERT_FILE" in result.stderr and "msgate started" not in result.stderr
 
 
 def test_bad_tls_path_is_refused_before_the_role_starts(tmp_path: Path) -> None:

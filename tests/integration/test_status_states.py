@@ -114,3 +114,36 @@ def test_status_in_each_state(system: tuple) -> None:  # type: ignore[type-arg]
             proc.wait(30)
     down = wait_status(env, 2, timeout=60)
     assert down["health"] == "down"
+
+
+def test_a_listener_whose_port_does_not_answer_is_degraded(tmp_path: Path) -> None:
+    """A fresh heartbeat counted as healthy even when the DICOM port did not answer (listener thread dead,
+    process alive), so compose's `status --role dicom --quiet` health check passed."""
+    import socket
+
+    from msgate.storage import heartbeat
+    from msgate.storage.models import utcnow
+
+    home, port = tmp_path / "home", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
+    env.update({"MSGATE_HOME": str(home), "MSGATE_DICOM__PORT": str(port), "MSGATE_STORAGE__MIN_FREE_BYTES": "0",
+                "MSGATE_STORAGE__PURGE_FREE_BYTES": "0"})
+    subprocess.run([sys.executable, "-m", "msgate", "keys", "init"], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "msgate", "db", "upgrade"], env=env, check=True, capture_output=True)
+    store = open_store(load_settings(home=home, storage={"min_free_bytes": 0}), migrate=False, create_keys=False)
+    try:
+        heartbeat.beat(store.db, ["dicom"], utcnow())  # a live dicom role, on this host, with nothing bound
+        out = subprocess.run([sys.executable, "-m", "msgate", "status", "--role", "dicom", "--json"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        report = json.loads(out.stdout)
+        assert out.returncode == 1, report
+        assert report["roles"]["dicom"]["health"] == "degraded" and report["roles"]["dicom"]["port_open"] is False
+        assert str(port) in report["roles"]["dicom"]["reason"]
+        with socket.socket() as listening:  # the port answers: healthy
+            listening.bind(("127.0.0.1", port))
+            listening.listen()
+            out = subprocess.run([sys.executable, "-m", "msgate", "status", "--role", "dicom", "--quiet"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    finally:
+        store.close()

@@ -173,3 +173,14 @@ def test_replay_of_a_missing_message_fails_before_auditing(cstore: Store) -> Non
     out = _cli(cstore, messages_cmd.app, ["replay", "99"])
     assert out.exit_code == 1 and "no message 99" in out.output
     assert _audit(cstore, "hl7.replay") == []
+
+
+# --- 7. help text follows the settings -------------------------------------------------------------------
+
+
+def test_keys_init_help_names_the_keyring_setting() -> None:
+    """It said "under MSGATE_HOME/keys", but the key ring goes where MSGATE_KEYRING_FILE says."""
+    from msgate.cli import keys_cmd
+
+    out = CliRunner().invoke(keys_cmd.app, ["init", "--help"], terminal_width=200)
+    assert out.exit_code == 0 and "MSGATE_KEYRING_FILE" in out.output, out.output

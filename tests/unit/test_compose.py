@@ -143,3 +143,49 @@ def test_only_the_keys_role_holds_the_ckks_secret_key(compose: dict) -> None:  #
     assert "he-public" in mounts["worker"]
     assert services["keys"]["volumes"][2].endswith(":/var/lib/msgate/keys/he")
 
+
+
+def _header_variables() -> set[str]:
+    """The ``MSGATE_*`` names the comment block at the top of compose.yaml tells operators to set."""
+    import re
+
+    header = []
+    for line in (ROOT / "compose.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    return set(re.findall(r"\bMSGATE_[A-Z0-9_]*[A-Z0-9]", "\n".join(header)))
+
+
+def test_every_variable_the_header_names_reaches_a_service(compose: dict) -> None:  # type: ignore[type-arg]
+    """Compose passes a container only what its `environment:` lists: the header told operators to set the
+    network allowlists, but no service forwarded them, so the listeners stayed open to every address."""
+    named = _header_variables()
+    assert {"MSGATE_DICOM__ALLOWED_NETWORKS", "MSGATE_HL7__ALLOWED_NETWORKS"} <= named
+    for name in sorted(named):
+        forwarded = [svc for svc, s in compose["services"].items()
+                     if f"${{{name}" in str((s.get("environment") or {}).get(name, ""))]
+        assert forwarded, f"{name} is named in the header but no service's environment forwards ${{{name}}}"
+
+
+def test_the_operators_allowlists_reach_the_listeners(compose: dict, tmp_path: Path,  # type: ignore[type-arg]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from msgate.config import load_settings
+
+    shell = {"MSGATE_DICOM__ALLOWED_AETS": '["PACS1"]', "MSGATE_DICOM__ALLOWED_NETWORKS": '["10.1.0.0/16"]',
+             "MSGATE_HL7__ALLOWED_NETWORKS": '["10.2.0.0/16"]'}
+    services = _msgate_services(_interpolate(compose, shell))  # type: ignore[arg-type]
+    for key in [k for k in __import__("os").environ if k.startswith("MSGATE_")]:
+        monkeypatch.delenv(key)
+    loaded = {}
+    for name in ("dicom", "hl7"):
+        for key, value in services[name]["environment"].items():
+            monkeypatch.setenv(key, str(value))
+        monkeypatch.delenv("MSGATE_SECRETS_DIR")  # the container's /run/secrets is not here
+        monkeypatch.setenv("MSGATE_HOME", str(tmp_path / "home"))
+        loaded[name] = load_settings()
+        for key in services[name]["environment"]:
+            monkeypatch.delenv(key, raising=False)
+    assert loaded["dicom"].dicom.allowed_aets == ["PACS1"]
+    assert loaded["dicom"].dicom.allowed_networks == ["10.1.0.0/16"]
+    assert loaded["hl7"].hl7.allowed_networks == ["10.2.0.0/16"]

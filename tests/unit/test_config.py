@@ -91,14 +91,54 @@ def test_valid_ae_titles_pass() -> None:
     assert s.dicom.allowed_aets == ["CT SCANNER 1", "X" * 16] and s.pacs[0].ae_title == "ORTHANC"
 
 
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @pytest.fixture()
 def tls_files(tmp_path: Path) -> dict[str, str]:
-    files = {}
-    for name in ("cert_file", "key_file", "ca_file"):
-        path = tmp_path / f"{name}.pem"
-        path.write_text("-----BEGIN-----\n")
-        files[name] = str(path)
-    return files
+    cert, key = _self_signed(tmp_path, "server")
+    ca, _ = _self_signed(tmp_path, "ca")
+    return {"cert_file": str(cert), "key_file": str(key), "ca_file": str(ca)}
+
+
+@pytest.mark.parametrize("section", ["dicom", "hl7"])
+def test_tls_files_that_do_not_load_are_refused_by_name(section: str, tls_files: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """A readable file that is not PEM (or a key of another certificate) passed the check, and the role
+    then crashed at start with only "SSLError" in its log, restarting forever under compose."""
+    prefix = f"MSGATE_{section.upper()}__TLS__"
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk\n")
+    _, other_key = _self_signed(tmp_path, "other")
+
+    def refused(**tls: object) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_settings(**{section: {"tls": {"enabled": True, **tls_files, **tls}}})
+        return str(err.value)
+
+    assert f"{prefix}CERT_FILE:" in refused(cert_file=str(junk))
+    assert f"{prefix}KEY_FILE:" in refused(key_file=str(junk))
+    assert f"{prefix}KEY_FILE:" in refused(key_file=tls_files["cert_file"])
+    assert f"{prefix}KEY_FILE:" in refused(key_file=str(other_key))  # not the certificate's key
+    assert f"{prefix}CA_FILE:" in refused(ca_file=str(junk))
 
 
 @pytest.mark.parametrize("section", ["dicom", "hl7"])
@@ -175,3 +215,70 @@ def test_outbox_policy_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(results={"base_delay": 60, "max_delay": 30})
     with pytest.raises(ConfigError, match="MSGATE_RESULTS__BATCH"):
         load_settings(results={"batch": 0})
+
+
+# --- names and forms the environment gets wrong -----------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in [k for k in __import__("os").environ if k.upper().startswith("MSGATE_")]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name", ["MSGATE_DATABSE_URL", "MSGATE_DICOMM__PORT", "msgate_brokerurl"])
+def test_an_unknown_variable_is_refused_by_name(clean_env: pytest.MonkeyPatch, name: str) -> None:
+    """MSGATE_DATABSE_URL was ignored without a word: the command ran on the embedded SQLite database."""
+    clean_env.setenv(name, "postgresql+psycopg://u:pw@db/msgate")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert name in str(err.value) and "pw" not in str(err.value)
+
+
+def test_variables_that_are_not_settings_are_accepted(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Read by load_settings itself, interpolated by compose on the host only, or a test hook."""
+    for name in ("MSGATE_IMAGE", "MSGATE_GPU_IMAGE", "MSGATE_WORKER_GPU", "MSGATE_TEST_PG_ADMIN"):
+        clean_env.setenv(name, "x")
+    clean_env.setenv("MSGATE_SECRETS_DIR", str(tmp_path))
+    clean_env.setenv("MSGATE_KEYRING_FILE", str(tmp_path / "ring.json"))
+    assert load_settings().keyring_path == tmp_path / "ring.json"
+
+
+def test_a_missing_secrets_dir_is_refused(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("MSGATE_SECRETS_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="MSGATE_SECRETS_DIR"):
+        load_settings()
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("MSGATE_DICOM__ALLOWED_AETS", "PACS1", 'e.g. ["PACS1"]'),
+    ("MSGATE_HL7__ALLOWED_NETWORKS", "10.0.0.0/8, 192.168.1.0/24", 'e.g. ["10.0.0.0/8", "192.168.1.0/24"]'),
+    ("MSGATE_PACS", "orthanc", "JSON"),
+])
+def test_a_value_that_is_not_json_names_the_variable(clean_env: pytest.MonkeyPatch, name: str, value: str,
+                                                      says: str) -> None:
+    clean_env.setenv("MSGATE_DICOM__HOST", "0.0.0.0")  # a plain value is not JSON either, and is fine
+    clean_env.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert f"invalid setting {name}:" in str(err.value) and says in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("url,says", [
+    ("postgres://msgate:pw@db/msgate", "use postgresql+psycopg://"),
+    ("postgresql://msgate:pw@db/msgate", "use postgresql+psycopg://"),
+    ("mysql://msgate:pw@db/msgate", "unsupported"),
+    ("notaurl", "unsupported"),
+    ("sqlite://", "unsupported"),
+])
+def test_database_url_forms(url: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(database_url=url)
+    assert "invalid setting MSGATE_DATABASE_URL:" in str(err.value) and says in str(err.value)
+    assert "pw" not in str(err.value)
+
+
+def test_supported_database_urls_pass(tmp_path: Path) -> None:
+    assert load_settings(database_url="postgresql+psycopg://msgate:s3cret@db/msgate").database_url
+    assert load_settings(database_url=f"sqlite:///{tmp_path}/x.db").is_embedded

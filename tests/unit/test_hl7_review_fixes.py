@@ -18,7 +18,7 @@ from msgate.hl7.mapping import Outcome, map_messages
 from msgate.hl7.msh import read_msh
 from msgate.hl7.parse import parse
 from msgate.storage import repo_ehr
-from msgate.storage.models import Observation, Order, Patient
+from msgate.storage.models import Observation, Order
 from msgate.storage.store import Store, open_store
 
 ORU_MSH = "MSH|^~\\&|LAB|HOSP|MSGATE|MSGATE|20261201120000+0100||ORU^R01^ORU_R01|{cid}|P|2.5.1"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from msgate import __version__
 from msgate.cli import audit_cmd, db_cmd, keys_cmd, serve_cmd
@@ -81,25 +83,40 @@ def root(
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
-        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
+        code = app(prog_name="msgate", standalone_mode=False)  # the exit code of typer.Exit
     except MsgateError as exc:
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2 if exc.code in ("config", "key_permissions", "key_not_found") else 1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
+    except typer.TyperException as exc:  # typer bundles its own click: not a click.ClickException
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()  # the usage line, then "Error: ..."
+        else:
+            err_console.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # a folder that cannot be made, a full disk, a port in use: the OS's own words
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {escape(describe_os_error(exc))}", highlight=False)
+        sys.exit(1)
     except Exception as exc:  # the CLI's edge: one line, no traceback, unless --debug
         if debug:
             raise
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
         err_console.print(f"[red]error:[/red] unexpected {type(exc).__name__}; rerun with --debug for details")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``cannot use PATH: Not a directory (ENOTDIR)``: the path (msgate's own folders, named by internal
+    ids, or one the operator gave) and the errno, never a traceback."""
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    where = f"cannot use {exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or type(exc).__name__} ({name})"

@@ -19,7 +19,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 @app.command()
 def init(ctx: typer.Context) -> None:
-    """Create a new key ring (mode 0600) under MSGATE_HOME/keys."""
+    """Create a new key ring (mode 0600) at MSGATE_KEYRING_FILE (default MSGATE_HOME/keys/keyring.json)."""
     settings = state(ctx).settings
     ring = keyring.init(settings.keyring_path)
     console.print(f"created key ring {settings.keyring_path} with active key [bold]{ring.active_id}[/bold]")

@@ -7,6 +7,7 @@ whole process group; after the clean shutdown ``serve`` exits with status 1, so 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import signal
@@ -32,6 +33,8 @@ class Role(str, Enum):
     publish = "publish"
     keys = "keys"
 
+
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
 ROLE_RUNNERS: dict[str, str] = {
     "dicom": "msgate.listener.server:run",
@@ -127,7 +130,21 @@ def _guard(name: str, fn: Any, store: Any, stop: threading.Event, crashed: list[
     started = time.monotonic()
     try:
         fn(store, stop)
-    except Exception:
-        log.exception("role crashed", extra={"role": name, "elapsed_s": round(time.monotonic() - started, 1)})
+    except Exception as exc:
+        log.exception("role crashed", extra={"role": name, "elapsed_s": round(time.monotonic() - started, 1),
+                                             **_os_error_fields(exc, name, store.settings)})
         crashed.append(name)
         stop.set()
+
+
+def _os_error_fields(exc: Exception, role: str, settings: Any) -> dict[str, Any]:
+    """errno and the OS's words for an OSError (a port in use, a folder that cannot be written), and the
+    role's address when the error is about binding it. The log shows no exception text (it may quote
+    PHI), so a port conflict read only "OSError" and compose restarted the role forever without a reason."""
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return {}
+    fields: dict[str, Any] = {"code": errno.errorcode.get(exc.errno, str(exc.errno)), "reason": exc.strerror}
+    section = {"dicom": settings.dicom, "hl7": settings.hl7}.get(role)
+    if section is not None and exc.errno in BIND_ERRNOS:
+        fields.update(host=section.host, port=section.port)
+    return fields

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from msgate.cli import status_probe as probe
 from msgate.cli.common import add_row, cell, console, print_json, state
-from msgate.cli.serve_cmd import available_roles
+from msgate.cli.serve_cmd import ROLE_RUNNERS, available_roles
 from msgate.config import Settings
 from msgate.errors import MsgateError
 from msgate.storage.db import Database
@@ -27,7 +27,11 @@ STYLE = {"ok": "green", "degraded": "yellow", "down": "red"}
 
 
 def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
-    db = Database(settings.resolved_database_url)
+    try:  # an unusable URL or database path is "down" too: JSON and exit 2, never a crash
+        db = Database(settings.resolved_database_url, **probe.DB_LIMITS)
+    except Exception as exc:
+        return _finish({"database": probe.failed("database", exc), "keys": probe.keys(settings),
+                        "disk": probe.disk(settings)}, critical=True)
     try:
         report: dict[str, Any] = {"database": probe.database(db), "keys": probe.keys(settings),
                                   "disk": probe.disk(settings)}
@@ -46,11 +50,9 @@ def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
 def _probe_system(db: Database, settings: Settings, only_role: str | None, report: dict[str, Any]) -> None:
     """Roles (with their ports), broker, jobs and outbox, added to ``report``."""
     expected = (only_role,) if only_role else tuple(r for r in probe.PIPELINE_ROLES if r in available_roles())
-    report["roles"] = probe.roles(db, expected)
-    if "dicom" in expected:
-        report["roles"]["dicom"]["port_open"] = probe.port_open(settings.dicom.host, settings.dicom.port)
-    if "hl7" in expected:
-        report["roles"]["hl7"]["port_open"] = probe.port_open(settings.hl7.host, settings.hl7.port)
+    ports = {"dicom": (settings.dicom.host, settings.dicom.port),
+             "hl7": (settings.hl7.host, settings.hl7.port)}
+    report["roles"] = probe.roles(db, expected, ports)
     if only_role in (None, "scheduler", "worker", "publish"):
         report["broker"] = probe.broker(settings)
     if only_role is None:
@@ -124,6 +126,9 @@ def command(
 
     Exit code: 0 healthy, 1 degraded, 2 down.
     """
+    if role is not None and role not in ROLE_RUNNERS:  # not "down": a role that can never run is a typo
+        raise typer.BadParameter(f"unknown role {role!r}; valid roles: {', '.join(ROLE_RUNNERS)}",
+                                 param_hint="'--role'")
     settings = state(ctx).settings
     if watch:
         with Live(render(collect(settings, role)), console=console, refresh_per_second=1) as live:

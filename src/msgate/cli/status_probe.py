@@ -26,6 +26,9 @@ PIPELINE_ROLES = ("dicom", "hl7", "scheduler", "worker", "publish")
 STALE_AFTER_S = heartbeat.INTERVAL_S * 4
 OUTBOX_STALE_S = 900.0
 SCHEMA_MISSING = "schema missing; run msgate db upgrade"
+# compose's health check allows 15 s; libpq may try twice (SSL, then plain), each within connect_timeout
+DB_LIMITS = {"connect_timeout": 3, "statement_timeout_ms": 5000}
+LOOPBACK = ("0.0.0.0", "::", "", "127.0.0.1", "::1", "localhost")
 
 
 def database(db: Database) -> dict[str, Any]:
@@ -67,7 +70,10 @@ def disk(settings: Settings) -> dict[str, Any]:
             "reason": "free space below the ingest floor" if free < floor else ""}
 
 
-def roles(db: Database, expected: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def roles(db: Database, expected: tuple[str, ...],
+          ports: dict[str, tuple[str, int]] | None = None) -> dict[str, dict[str, Any]]:
+    """Each role from its heartbeats; a listener role (``ports``: role -> host, port) is healthy only
+    with its port answering."""
     now = utcnow()
     beats = heartbeat.read(db)
     out: dict[str, dict[str, Any]] = {}
@@ -79,11 +85,27 @@ def roles(db: Database, expected: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             info.update(beat.info)
         if live:
             info["health"] = "ok"
+            if role in (ports or {}):
+                _check_port(info, live, *(ports or {})[role])
         else:
             info["health"] = "down"
             info["reason"] = "stale heartbeat (crashed?)" if mine else "not running"
         out[role] = info
     return out
+
+
+def _check_port(info: dict[str, Any], live: list[Any], host: str, port: int) -> None:
+    """A fresh heartbeat with a port that does not answer (the listener died or never bound while its
+    process lives, or it is still indexing its journal) is degraded. A wildcard or loopback bind is probed
+    on loopback, which says nothing about an instance on another machine: then it is not checked."""
+    here = heartbeat.instance_name().rsplit(":", 1)[0]
+    if host in LOOPBACK and not any(b.instance.rsplit(":", 1)[0] == here for b in live):
+        info["port_open"] = None  # not checked from this host
+        return
+    info["port_open"] = port_open(host, port)
+    if not info["port_open"]:
+        info["health"] = "degraded"
+        info["reason"] = f"port {port} not answering"
 
 
 def port_open(host: str, port: int, timeout: float = 1.0) -> bool:

@@ -2,6 +2,9 @@
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when it returns) and
 ``BEGIN IMMEDIATE`` transactions, so concurrent writers queue on the busy timeout instead of failing.
+PostgreSQL connections have a connect timeout and TCP keepalives: without them a database host that
+stops answering (a hung server, a firewall dropping packets) blocked every call, ``pool_pre_ping``
+included, forever (libpq connection parameters, PostgreSQL docs §34.1.2).
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlmodel import Session
 
-from msgate.errors import Transient
+from msgate.errors import DatabaseUnavailable, Transient
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -47,16 +50,47 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-class Database:
-    """One engine per process; ``session()`` yields a transaction-scoped sqlmodel Session."""
+def _postgres_engine(url: str, connect_timeout: int, statement_timeout_ms: int | None) -> Engine:
+    args: dict[str, Any] = {"connect_timeout": connect_timeout, "keepalives": 1, "keepalives_idle": 30,
+                            "keepalives_interval": 10, "keepalives_count": 3}
+    if statement_timeout_ms is not None:
+        args["options"] = f"-c statement_timeout={statement_timeout_ms}"
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=30,
+                         connect_args=args)
 
-    def __init__(self, url: str) -> None:
+
+def masked(url: str) -> str:
+    """The URL with its password replaced by ``***``, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(an unparsable database URL)"
+
+
+class Database:
+    """One engine per process; ``session()`` yields a transaction-scoped sqlmodel Session.
+
+    ``connect_timeout`` (seconds, libpq's minimum is 2) and ``statement_timeout_ms`` apply to PostgreSQL
+    only; ``msgate status`` sets both low so a health check answers in bounded time.
+    """
+
+    def __init__(self, url: str, *, connect_timeout: int = 10,
+                 statement_timeout_ms: int | None = None) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             self.engine = _sqlite_engine(url)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.engine = _postgres_engine(url, connect_timeout, statement_timeout_ms)
+
+    def connect(self) -> Connection:
+        """A connection; a database that cannot be reached raises :class:`DatabaseUnavailable` naming it."""
+        try:
+            return self.engine.connect()
+        except OperationalError as exc:
+            said = str(exc.orig).strip()  # libpq's connection message: host, port, user; never SQL
+            reason = said.splitlines()[0][:200] if said else type(exc.orig).__name__
+            raise DatabaseUnavailable(f"cannot connect to the database at {masked(self.url)}: {reason}") from exc
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -76,10 +110,10 @@ class Database:
 
     def ping(self) -> bool:
         try:
-            with self.engine.connect() as conn:
+            with self.connect() as conn:
                 conn.execute(text("SELECT 1"))
             return True
-        except OperationalError:
+        except (OperationalError, DatabaseUnavailable):
             return False
 
     def upgrade(self, revision: str = "head") -> None:
@@ -89,14 +123,14 @@ class Database:
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
+        with self.connect() as conn, conn.begin():
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
     def dispose(self) -> None:

@@ -8,6 +8,7 @@ Reliability settings (celery docs: tasks.rst, optimizing.rst, backends-and-broke
 - ``worker_prefetch_multiplier = 1``: a GPU worker holds one case at a time;
 - Redis ``visibility_timeout`` > hard time limit (enforced by :class:`~msgate.config.WorkerSettings`),
   so a slow task is not delivered to a second worker while the first still runs it;
+- no Celery time limits: the solo pool never applies them; ``tasks.Watchdog`` enforces the limits;
 - queues ``gpu`` (``msgate.infer``) and ``publish`` (``msgate.publish``), routed by task name.
 
 Without ``MSGATE_BROKER_URL`` the broker is kombu's SQLAlchemy transport on ``MSGATE_HOME/queue.db``
@@ -111,7 +112,6 @@ _apps_lock = threading.RLock()
 
 def _build(settings: Settings, *, main: str) -> Celery:
     url, transport, options = broker_options(settings)
-    wk = settings.workers
     app = Celery(main, broker=url, set_as_current=False)
     app.conf.update(
         broker_transport=transport,
@@ -130,8 +130,6 @@ def _build(settings: Settings, *, main: str) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
-        task_soft_time_limit=wk.soft_time_limit,
-        task_time_limit=wk.hard_time_limit,
         task_default_queue=GPU_QUEUE,
         task_queues=(Queue(GPU_QUEUE, Exchange(GPU_QUEUE), routing_key=GPU_QUEUE),
                      Queue(PUBLISH_QUEUE, Exchange(PUBLISH_QUEUE), routing_key=PUBLISH_QUEUE)),

@@ -5,6 +5,10 @@
 the batch (one by one if the batch fails), stores each result encrypted (upserted by job id) and
 hands each finished job to ``msgate.publish``. A job that failed for a permanent reason (an unusable
 series, a broken blob) fails alone, with a readable reason; the others in its batch go on.
+
+A job whose earlier attempt did not finish (its worker was lost, or it was released) runs alone and
+gathers no batch: if it is the case that kills or hangs the worker, only its own attempts are used up.
+A job planned for another model version than this worker's is handed back, unrun and uncounted.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
-def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff) -> str:
-    """Run the job of one message (and any batch it gathers); returns a short outcome for the log."""
+def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff,
+        held: list[str] | None = None) -> str:
+    """Run the job of one message (and any batch it gathers); returns a short outcome for the log.
+    ``held`` gets the id of every job this run claims (the task's time-limit watchdog releases them)."""
     wk = rt.settings.workers
     try:
         rt.model()  # loaded once per process, before the job is claimed
@@ -54,7 +60,16 @@ def run(rt: Runtime, job_id: str, *, task_id: str | None, handoff: Handoff) -> s
                          task_id=task_id)
     if primary is None:
         return _not_claimed(rt, job_id, handoff)
-    items = [Item(primary)] + [Item(c) for c in _gather(rt, exclude={job_id})]
+    if primary.model_version != rt.version[:64]:
+        log.warning("job planned for another model version; handed back",
+                    extra={"job_id": job_id, "model_version": rt.version, "reason": "model_version"})
+        reason = f"model version mismatch: planned for {primary.model_version}, worker has {rt.version}"
+        jobs.hand_back(rt.store.db, job_id, owner=rt.owner, error=reason)
+        return "handed back (model version)"
+    if held is not None:
+        held.append(job_id)
+    mates = _gather(rt, exclude={job_id}, held=held) if primary.attempts <= 1 else []
+    items = [Item(primary)] + [Item(c) for c in mates]
     try:
         _load_all(rt, items)
         _predict(rt, items)
@@ -83,17 +98,21 @@ def _not_claimed(rt: Runtime, job_id: str, handoff: Handoff) -> str:
     return f"skipped ({job.state})"
 
 
-def _gather(rt: Runtime, *, exclude: set[str]) -> list[jobs.Claim]:
-    """Dynamic batching: claim queued jobs until the batch is full or the wait is over."""
+def _gather(rt: Runtime, *, exclude: set[str], held: list[str] | None) -> list[jobs.Claim]:
+    """Dynamic batching: claim fresh queued jobs of this worker's model version until the batch is
+    full or the wait is over."""
     wk = rt.settings.workers
     claims: list[jobs.Claim] = []
     deadline = time.monotonic() + wk.batch_wait_seconds
     while len(claims) + 1 < wk.batch_size:
-        for jid in jobs.queued_ids(rt.store.db, exclude=list(exclude), limit=wk.batch_size - 1 - len(claims)):
+        for jid in jobs.queued_ids(rt.store.db, exclude=list(exclude), limit=wk.batch_size - 1 - len(claims),
+                                   model_version=rt.version[:64]):
             exclude.add(jid)
             claim = jobs.claim(rt.store.db, jid, owner=rt.owner, lease_seconds=wk.lease_seconds, via="batch")
             if claim is not None:
                 claims.append(claim)
+                if held is not None:
+                    held.append(jid)
         if time.monotonic() >= deadline or len(claims) + 1 >= wk.batch_size:
             break
         time.sleep(0.02)

@@ -10,8 +10,12 @@ Who may claim a job:
 - its own message (``via="message"``) claims a queued job; it also takes over a running job that
   was claimed by the *same* task id (the message was delivered again: its first holder died), or
   whose lease ran out;
-- dynamic batching (``via="batch"``) claims queued jobs only.
-The reconciler returns running jobs with an expired lease to ``queued`` and republishes them.
+- dynamic batching (``via="batch"``) claims queued jobs only, and only *fresh* ones (never claimed:
+  ``attempts == 0``) planned for the worker's model version. A job that lost its worker (counted in
+  ``flags.lost``) or was released after a failed attempt runs alone, so a case that kills or hangs its
+  worker uses up only its own attempts, never those of the cases it was batched with.
+The reconciler returns running jobs with an expired lease to ``queued`` and republishes them. A worker
+whose model version is not the job's hands it back (:func:`hand_back`) without counting an attempt.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class Claim:
     flags: dict[str, Any]
     created_at: datetime
     published_at: datetime | None
+    attempts: int  # this claim included: more than 1 means an earlier attempt did not finish
+    model_version: str
 
 
 def _with(flags: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -107,12 +113,13 @@ def claim(db: Database, job_id: str, *, owner: str, lease_seconds: float, via: s
             stages["queue_wait_ms"] = round((now - job.published_at).total_seconds() * 1000, 1)
         job.stages = stages
         session.add(job)
-        return Claim(job.id, job.study_id, dict(job.flags), job.created_at, job.published_at)
+        return Claim(job.id, job.study_id, dict(job.flags), job.created_at, job.published_at, job.attempts,
+                     job.model_version)
 
 
 def _claimable(job: Job, via: str, task_id: str | None) -> bool:
     if job.state == "queued":
-        return True
+        return via != "batch" or job.attempts == 0
     if job.state != "running" or via != "message":
         return False
     lease_expired = float(job.flags.get("lease_until", 0)) < time.time()
@@ -120,12 +127,14 @@ def _claimable(job: Job, via: str, task_id: str | None) -> bool:
     return lease_expired or redelivered
 
 
-def queued_ids(db: Database, *, exclude: Sequence[str], limit: int) -> list[str]:
-    """Queued jobs that a batch could take, oldest first."""
+def queued_ids(db: Database, *, exclude: Sequence[str], limit: int, model_version: str) -> list[str]:
+    """Queued jobs that a batch could take, oldest first: fresh ones (never claimed) planned for
+    ``model_version``."""
     if limit <= 0:
         return []
     with db.session() as session:
-        rows = session.exec(select(Job.id).where(Job.state == "queued", col(Job.id).not_in(list(exclude)))
+        rows = session.exec(select(Job.id).where(Job.state == "queued", col(Job.id).not_in(list(exclude)),
+                                                 Job.attempts == 0, Job.model_version == model_version)
                             .order_by(col(Job.created_at)).limit(limit)).all()
     return list(rows)
 
@@ -162,6 +171,22 @@ def release(db: Database, job_id: str, *, owner: str, error: str, max_attempts: 
         if job is None or job.state != "running" or job.flags.get("owner") != owner:
             return False
         _requeue_or_fail(session, job, error, max_attempts, actor=owner)
+        return True
+
+
+def hand_back(db: Database, job_id: str, *, owner: str, error: str) -> bool:
+    """running -> queued without counting the attempt: this worker must not run the job (another model
+    version). It is re-sent by the reconciler after a backoff that grows with ``flags.handbacks``, so a
+    worker with the job's version (or the scheduler, planning it again for the new version) gets it."""
+    with db.session() as session:
+        job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None or job.state != "running" or job.flags.get("owner") != owner:
+            return False
+        job.flags = _with(job.flags, lease_until=None, owner=None, released_at=utcnow().isoformat(),
+                          handbacks=int(job.flags.get("handbacks", 0)) + 1)
+        job.state, job.error, job.published_at = "queued", error[:512], None
+        job.attempts = max(0, job.attempts - 1)
+        session.add(job)
         return True
 
 
@@ -270,7 +295,8 @@ def unpublished(db: Database, *, older_than: float, backoff_max: float = 300.0, 
     for job in rows:
         released = job.flags.get("released_at")
         if released is not None:
-            wait = older_than + 1.5 * min(backoff_max, 2.0 * 2 ** max(0, job.attempts - 1))  # 1.5: the jitter
+            tries = job.attempts + int(job.flags.get("handbacks", 0))
+            wait = older_than + 1.5 * min(backoff_max, 2.0 * 2 ** max(0, tries - 1))  # 1.5: the jitter
             if datetime.fromisoformat(str(released)) > now - timedelta(seconds=wait):
                 continue
         out.append(job.id)
@@ -278,15 +304,26 @@ def unpublished(db: Database, *, older_than: float, backoff_max: float = 300.0, 
 
 
 def expire_leases(db: Database, *, max_attempts: int | None = None) -> list[str]:
-    """Running jobs whose lease ran out (worker lost): back to queued, unpublished. A job that has lost
-    its worker ``max_attempts`` times (it kills the worker: out of memory, a driver crash) fails."""
+    """Running jobs whose lease ran out (worker lost): back to queued, unpublished, ``flags.lost``
+    counted (such a job is not batched again). A job that has lost its worker ``max_attempts`` times (it
+    kills the worker: out of memory, a driver crash) fails."""
     now, out = time.time(), []
     with db.session() as session:
         for job in session.exec(select(Job).where(Job.state == "running").with_for_update()).all():
             if float(job.flags.get("lease_until", 0)) < now:
+                job.flags = _with(job.flags, lost=int(job.flags.get("lost", 0)) + 1)
                 _requeue_or_fail(session, job, "worker lost (lease expired)", max_attempts, actor="scheduler")
                 out.append(job.id)
     return out
+
+
+def stale_version_studies(db: Database, *, model_version: str, limit: int = 500) -> set[int]:
+    """Studies with a queued job planned for another model version than ``model_version`` (the
+    checkpoint was replaced since): the scheduler plans them again, which supersedes that job."""
+    with db.session() as session:
+        rows = session.exec(select(Job.study_id).where(Job.state == "queued",
+                                                       Job.model_version != model_version[:64]).limit(limit)).all()
+    return set(rows)
 
 
 def not_handed_off(db: Database, *, older_than: float, limit: int = 200) -> list[str]:

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -59,13 +60,56 @@ def declared_version(module: ModuleType) -> str | None:
     return None if version is None else str(version)[:64]
 
 
-def model_version(settings: Settings) -> str:
-    """The model version for idempotency keys; loads the model (once per process) if it must."""
+def model_version(settings: Settings, *, fresh: bool = False) -> str:
+    """The model version for idempotency keys; loads the model (once per process) if it must, or, with
+    ``fresh``, once more in a Runtime of its own on the CPU (the checkpoint was replaced; a worker in the
+    same process keeps the model it loaded)."""
     try:
         module = import_model_module(settings)
     except Rejected:
         return UNVERSIONED
-    return declared_version(module) or get(settings).loaded_version()
+    declared = declared_version(module)
+    if declared is not None:
+        return declared
+    if fresh:
+        cpu = settings.model_copy(update={"workers": settings.workers.model_copy(update={"device": "cpu"})})
+        return Runtime(cpu).loaded_version()
+    return get(settings).loaded_version()
+
+
+def version_stamp(settings: Settings) -> tuple[object, ...] | None:
+    """A cheap fingerprint of the model version, for the scheduler to re-read it on every scan: the
+    declared version itself, else the size and mtime of the checkpoint files (the module's
+    ``CHECKPOINT_FILES``; for the shipped model, the patient checkpoint and its JSON sidecar). None when
+    neither is known (the loaded version is then read once per process, as before)."""
+    try:
+        module = import_model_module(settings)
+    except Rejected:
+        return None
+    declared = declared_version(module)
+    if declared is not None:
+        return ("declared", declared)
+    files = _checkpoint_files(module)
+    return tuple((str(p), *_stat(p)) for p in files) if files else None
+
+
+def _checkpoint_files(module: ModuleType) -> list[Path]:
+    named = getattr(module, "CHECKPOINT_FILES", None)
+    if named is not None:
+        return [Path(p) for p in (named() if callable(named) else named)]
+    if module.__name__ in ("msgate.model.predict", "msgate.model.he_worker"):
+        from msgate.model.patient.checkpoint import DEFAULT_PATH
+
+        return [DEFAULT_PATH, DEFAULT_PATH.with_suffix(".json")]
+    return []
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
 
 
 class Runtime:

@@ -109,17 +109,30 @@ class Scheduler:
     def __init__(self, store: Store, app: Celery) -> None:
         self.store, self.app = store, app
         self.settings: Settings = store.settings
+        self.model_version: str | None = None
+        self._stamp: tuple[object, ...] | None = None
         self.model_version = self._model_version()
         wk = self.settings.workers
         self.watermark = utcnow() - timedelta(seconds=wk.lookback_seconds)
         self.catch_up = True  # the first scan also takes ready studies that never got a job
 
     def _model_version(self) -> str | None:
+        """The version new jobs are planned with, re-read on every scan so a replaced checkpoint (an
+        upgrade) is planned with at once. Cheap: a declared version is one call; a loaded one is derived
+        again only when the checkpoint files' size or mtime changed (:func:`runtime.version_stamp`)."""
         try:
-            return runtime.model_version(self.settings)
+            stamp = runtime.version_stamp(self.settings)
+            if self.model_version is not None and stamp is not None and stamp == self._stamp:
+                return self.model_version
+            version = runtime.model_version(self.settings, fresh=self._stamp is not None)
         except Exception:  # e.g. no checkpoint yet: no jobs until the model can be loaded
             log.exception("model unavailable; no jobs are created until it loads")
-            return None
+            return self.model_version
+        if self.model_version is not None and version != self.model_version:
+            log.warning("model version changed; queued jobs are planned again",
+                        extra={"model_version": version})
+        self._stamp = stamp
+        return version
 
     def candidates(self, session: Session, extra: set[int]) -> list[Study]:
         """Recently ready studies (re-planned when their EHR changes). The first scan after a start (or
@@ -174,13 +187,15 @@ class Scheduler:
     def scan(self, extra: set[int] | None = None) -> list[str]:
         """Create the jobs that are due; returns their ids (published or left to the reconciler)."""
         created: list[str] = []
+        self.model_version = self._model_version()
         if self.model_version is None:
-            self.model_version = self._model_version()
-            if self.model_version is None:
-                return created
+            return created
         version = self.model_version
+        # a job still queued for another version (planned before the checkpoint was replaced) is planned
+        # again: the new job supersedes it, and no worker runs a job under a version it was not keyed with
+        extra = (extra or set()) | jobs.stale_version_studies(self.store.db, model_version=version)
         with self.store.db.session() as session:
-            studies = self.candidates(session, extra or set())
+            studies = self.candidates(session, extra)
             plans = [p for s in studies if (p := plan(session, self.store, s, model_version=version))]
         now = utcnow()
         for p in plans:

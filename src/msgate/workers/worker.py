@@ -5,8 +5,10 @@ child (pytorch/pytorch#40403). The model is loaded and warmed up before the firs
 With several GPUs the role starts one child process per device (``spawn``, ``CUDA_VISIBLE_DEVICES``).
 Embedded mode (no ``MSGATE_BROKER_URL``) runs the same worker on the durable SQLite transport.
 
-Time limits: the solo pool cannot interrupt a running task, so the hard limit is enforced by the
-job lease (``jobs.expire_leases`` in the scheduler's reconciler) and the Redis visibility timeout.
+Time limits: the solo pool applies neither of Celery's limits. The watchdog in :mod:`msgate.workers.tasks`
+does: past the soft limit it logs; past the hard limit it releases the task's jobs (an attempt counted)
+and ends the process (exit 70) for the supervisor to restart it; with ``serve --role all`` that restarts
+every role of the process. The job lease (``jobs.expire_leases``) covers a worker that dies outright.
 """
 
 from __future__ import annotations

@@ -60,15 +60,22 @@ def declared_version(module: ModuleType) -> str | None:
     return None if version is None else str(version)[:64]
 
 
+def _declared(settings: Settings) -> tuple[Any, str | None]:
+    """The model module (None when it cannot be imported) and the version it declares, if any."""
+    try:
+        module = import_model_module(settings)
+    except Rejected:
+        return None, None
+    return module, declared_version(module)
+
+
 def model_version(settings: Settings, *, fresh: bool = False) -> str:
     """The model version for idempotency keys; loads the model (once per process) if it must, or, with
     ``fresh``, once more in a Runtime of its own on the CPU (the checkpoint was replaced; a worker in the
     same process keeps the model it loaded)."""
-    try:
-        module = import_model_module(settings)
-    except Rejected:
+    module, declared = _declared(settings)
+    if module is None:
         return UNVERSIONED
-    declared = declared_version(module)
     if declared is not None:
         return declared
     if fresh:
@@ -82,11 +89,9 @@ def version_stamp(settings: Settings) -> tuple[object, ...] | None:
     declared version itself, else the size and mtime of the checkpoint files (the module's
     ``CHECKPOINT_FILES``; for the shipped model, the patient checkpoint and its JSON sidecar). None when
     neither is known (the loaded version is then read once per process, as before)."""
-    try:
-        module = import_model_module(settings)
-    except Rejected:
+    module, declared = _declared(settings)
+    if module is None:
         return None
-    declared = declared_version(module)
     if declared is not None:
         return ("declared", declared)
     files = _checkpoint_files(module)

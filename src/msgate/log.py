@@ -6,8 +6,8 @@ Rules (STYLE.md, "Logging"):
 - exceptions are rendered as their type and stack frames only, never their message text, because
   third-party messages (pydicom, hl7apy, drivers) may quote field values;
 - another library's message (pydicom, highdicom, drivers) is shown only as its format string when it
-  has arguments; a message it formatted itself may quote values (a UID, a name, a date) and is
-  withheld, with its source line; Python ``warnings`` (highdicom quotes a Patient's Name) are logged
+  has arguments, or as it is when it holds no digits and no quotes (a constant text); any other message
+  it formatted itself may quote values (a UID, a name, a date) and is withheld, with its source line; Python ``warnings`` (highdicom quotes a Patient's Name) are logged
   the same way, as their category and source line, never their text;
 - pynetdicom's identifier logging is switched off and its debug handlers stay silent.
 Use :func:`uid_hash` (a keyed hash) when a UID is needed for correlation.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 import warnings
@@ -78,6 +79,10 @@ class SafeFormatter(logging.Formatter):
 
 
 WITHHELD = "(message withheld: it may quote data)"
+# A library's message with no digits and no quotes is taken for a constant text (the values such messages
+# quote, UIDs, dates, names, come with digits or in quotes): shown, so operators still read pynetdicom's
+# "Connection closed before the entire PDU was received" or a pool's "Exception during reset".
+_CONSTANT = re.compile(r"^[A-Za-z ,.;:()/_-]+$")
 
 
 def _own(record: logging.LogRecord) -> bool:
@@ -90,6 +95,8 @@ def _message(record: logging.LogRecord) -> str:
     if not isinstance(record.msg, str):
         return type(record.msg).__name__
     if _own(record) or record.args:
+        return record.msg
+    if len(record.msg) <= 200 and _CONSTANT.match(record.msg):  # "DIMSE timeout reached while waiting ..."
         return record.msg
     return WITHHELD
 

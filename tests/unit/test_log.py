@@ -51,6 +51,10 @@ def test_another_librarys_message_is_shown_without_its_values() -> None:
     assert "99887766" not in line and doc["msg"] == WITHHELD and doc["src"].startswith("test_log.py:")
     line = SafeFormatter("json").format(_record("Invalid value for VR DA: %r", name="pydicom", args=("1953-03-17",)))
     assert "1953" not in line and json.loads(line)["msg"] == "Invalid value for VR DA: %r"
+    for quoting in ('The string "DOE JOHN" is unlikely to represent the intended person name', "Patient DOE^JOHN"):
+        assert json.loads(SafeFormatter("json").format(_record(quoting, name="highdicom")))["msg"] == WITHHELD
+    constant = "DIMSE timeout reached while waiting for message response"  # a constant text operators need
+    assert json.loads(SafeFormatter("json").format(_record(constant, name="pynetdicom.dimse")))["msg"] == constant
 
 
 def test_library_warnings_are_logged_without_their_text() -> None:

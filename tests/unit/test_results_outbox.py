@@ -111,6 +111,31 @@ def test_a_publish_that_fails_unexpectedly_is_recorded_on_the_job(rstore: Store,
     assert _state_job(rstore, job_id).flags["publish_error"] == "render_failed:AttributeError"
 
 
+def test_a_publish_interrupted_by_io_is_retried_not_recorded(rstore: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError (a blob on a flaky share) or a pool timeout passes: retried, not a publish_error that
+    stops the stalled-publish sweep from handing the job off again."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from msgate.errors import Transient
+    from msgate.results import tasks
+    from msgate.results.tasks import PUBLISH_TASK
+    from msgate.workers.celery_app import build_app
+
+    job_id = _job(rstore)
+    for error in (OSError(5, "Input/output error"), PoolTimeout("QueuePool limit reached")):
+        def broken(store: Store, jid: str, error: Exception = error) -> str:
+            raise error
+
+        monkeypatch.setattr(tasks, "publish_job", broken)
+        tasks.use_store(rstore)
+        try:
+            with pytest.raises(Transient):
+                build_app(rstore.settings).tasks[PUBLISH_TASK].run(job_id)
+        finally:
+            tasks.use_store(None)
+        assert "publish_error" not in _state_job(rstore, job_id).flags
+
+
 def test_sources_without_type2_study_attributes_are_published(rstore: Store) -> None:
     """Anonymisers and routers remove StudyID, StudyTime, the referring physician: highdicom reads them
     from the source, and the publish failed for good after the result was computed."""
@@ -366,6 +391,29 @@ def test_publish_job_is_idempotent_and_a_successor_is_a_correction(rstore: Store
     vol, rim = codes.LESION_VOLUME.value, codes.RIM_PROBABILITY.value
     assert {(vol, "2"), (vol, "3"), (rim, "1"), (codes.RIM_COUNT.value, "")} <= gone and (vol, "1") not in gone
     assert all(o[5] == "" and o[2] == "" for o in obx if o[11] == "D")
+
+
+def test_a_result_whose_send_may_have_arrived_is_corrected(rstore: Store) -> None:
+    """The ORU was sent once and its ACK timed out (still pending, one attempt): the EHR may have filed it,
+    so the next result is a correction that retracts what it no longer has."""
+    first = _job(rstore, with_flair=True)
+    shape = (12, 40, 48)
+    store_result(rstore, job_id=first, result=model_result(shape))
+    assert publish_job(rstore, first) == "queued"
+    with rstore.db.session() as session:
+        session.get(Job, first).state = "superseded"  # type: ignore[union-attr]
+        for entry in session.exec(select(OutboxEntry).where(OutboxEntry.job_id == first, OutboxEntry.kind == "hl7")):
+            entry.attempts = 1
+            session.add(entry)
+    second = _job(rstore, supersedes=first, idem="k2")
+    store_result(rstore, job_id=second, result=_one_lesion(shape))  # type: ignore[arg-type]
+    assert publish_job(rstore, second) == "queued"
+    with rstore.db.session() as session:
+        blob = session.exec(select(OutboxEntry.blob_id).where(OutboxEntry.job_id == second,
+                                                              OutboxEntry.kind == "hl7")).one()
+        oru = rstore.blobs.read(session, blob).decode()
+    assert "|Correction: replaces" in oru
+    assert any(line.split("|")[11] == "D" for line in oru.split("\r") if line.startswith("OBX"))
 
 
 def test_a_successor_of_an_undelivered_result_is_not_a_correction(rstore: Store) -> None:

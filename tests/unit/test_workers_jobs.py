@@ -93,6 +93,20 @@ def test_claims_and_leases(store: Store, sched: Scheduler) -> None:
     assert job.state == "queued" and job.published_at is None and "lease expired" in (job.error or "")
 
 
+def test_a_job_no_worker_can_run_fails_after_its_hand_backs(store: Store, sched: Scheduler) -> None:
+    """A checkpoint rolled back under a queued job (or a version skew nobody noticed): every worker hands it
+    back; it bounced forever, never failing, invisible in `jobs` and `status`."""
+    double.make_study(store, seed=4)
+    [job_id] = sched.scan()
+    for n in range(1, 4):
+        assert jobs.claim(store.db, job_id, owner="w:1", lease_seconds=60, via="message", task_id=f"t{n}")
+        assert jobs.hand_back(store.db, job_id, owner="w:1", error="model version mismatch", max_handbacks=3)
+        [job] = _jobs(store)
+        assert job.attempts == 0 and job.flags["handbacks"] == n
+        assert job.state == ("queued" if n < 3 else "failed")
+    assert "after 3 hand-backs" in (job.error or "")
+
+
 def test_hook_wakes_the_scheduler() -> None:
     from msgate.listener import server
     from msgate.workers import scheduler

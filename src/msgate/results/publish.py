@@ -24,6 +24,7 @@ from typing import TypeVar
 import highdicom as hd
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from msgate.errors import Rejected
@@ -125,7 +126,11 @@ def _default_repertoire_named(ds: Dataset) -> None:
             ds.SpecificCharacterSet = ["ISO 2022 IR 6", *values[1:]]
 
 
-REACHED = ("delivered", "sending")  # may have reached its destination; pending and dead ones are dropped
+def _reached() -> object:
+    """An entry that may have reached its destination: delivered, being sent, or tried at least once (an
+    ACK that timed out, a C-STORE without answer: the peer may have filed it). One never tried is dropped
+    by this publish and never reaches anyone."""
+    return or_(col(OutboxEntry.state).in_(("delivered", "sending")), col(OutboxEntry.attempts) > 0)
 
 
 # Patient and General Study attributes of Type 2 (present, may be empty) that every derived object copies
@@ -175,14 +180,15 @@ def _conformant_values(ds: Dataset) -> None:
 
 
 def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:
-    """The ``kind`` object (``out.sr``, ``out.oru``) of the nearest superseded job that was delivered or
-    is being sent (walks ``supersedes_id``). One still pending or dead is dropped by this publish and
-    never reaches anyone: naming it as the predecessor would point the PACS or the EHR at nothing."""
+    """The ``kind`` object (``out.sr``, ``out.oru``) of the nearest superseded job that may have reached
+    its destination (:func:`_reached`; walks ``supersedes_id``). One never tried is dropped by this
+    publish and never reaches anyone: naming it as the predecessor would point the PACS or the EHR at
+    nothing."""
     with store.db.session() as session:
         for earlier in predecessors(session, job):
             blob_id = session.exec(
                 select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
-                .where(OutboxEntry.job_id == earlier, Blob.kind == kind, col(OutboxEntry.state).in_(REACHED))
+                .where(OutboxEntry.job_id == earlier, Blob.kind == kind, _reached())
             ).first()
             if blob_id is not None:
                 return store.blobs.read(session, blob_id)
@@ -272,7 +278,7 @@ def publish_job(store: Store, job_id: str) -> str:
         assert study is not None
         earlier = predecessors(session, job)
         published = bool(earlier) and session.exec(select(OutboxEntry.id).where(  # by any destination
-            col(OutboxEntry.job_id).in_(earlier), col(OutboxEntry.state).in_(REACHED))).first() is not None
+            col(OutboxEntry.job_id).in_(earlier), _reached())).first() is not None
         if store.settings.hl7_out is not None:
             oru = _oru(store, session, locked, study, result, sources, sr_uid, published,
                        previous_oru if published else None)

@@ -2,8 +2,9 @@
 
 The work is :func:`msgate.results.publish.publish_job`, idempotent by job id (a job with outbox
 entries is not rendered twice), so ``acks_late`` redelivery is harmless. ``Transient`` (database
-down) retries with jittered exponential backoff; ``Rejected`` (no result, no FLAIR) and any other error
-(a defect) fail at once and are recorded on the job (``publish_error``). A job handed off but never rendered (the task was lost with
+down; also an OSError or a database connection/pool error) retries with jittered exponential backoff;
+``Rejected`` (no result, no FLAIR) and any other error (a defect) fail at once and are recorded on the job
+(``publish_error``). A job handed off but never rendered (the task was lost with
 a broker restart, or ran out of retries) is handed off again by the scheduler's reconciler
 (:func:`msgate.workers.jobs.stalled_publish`).
 """
@@ -14,6 +15,7 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from sqlalchemy import exc as sa_exc
 
 from msgate.errors import Rejected, Transient
 from msgate.results.publish import publish_job
@@ -57,6 +59,9 @@ def register(app: Celery) -> None:
             raise
         except Transient:
             raise
+        except (OSError, sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+            # conditions that pass (a blob read on a flaky share, the pool exhausted): retried with backoff
+            raise Transient(f"publish interrupted ({type(exc).__name__})", code="publish_io") from None
         except Exception as exc:  # a defect, not a condition that passes: recorded, so `jobs show`/`status`
             from msgate.workers import jobs  # show why there is no SR/ORU (`jobs retry` once it is fixed)
 

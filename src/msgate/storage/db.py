@@ -51,10 +51,17 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def _postgres_engine(url: str, connect_timeout: int, statement_timeout_ms: int | None) -> Engine:
-    args: dict[str, Any] = {"connect_timeout": connect_timeout, "keepalives": 1, "keepalives_idle": 30,
-                            "keepalives_interval": 10, "keepalives_count": 3}
+    """Timeouts and keepalives as defaults: what the URL's query already sets wins (``connect_args``
+    would override it: an operator's ``connect_timeout=30`` or ``options=-csearch_path=...`` was lost),
+    and the statement timeout is added to the URL's ``options`` rather than replacing them."""
+    query = dict(make_url(url).query)
+    defaults: dict[str, Any] = {"connect_timeout": connect_timeout, "keepalives": 1, "keepalives_idle": 30,
+                                "keepalives_interval": 10, "keepalives_count": 3}
+    args = {key: value for key, value in defaults.items() if key not in query}
     if statement_timeout_ms is not None:
-        args["options"] = f"-c statement_timeout={statement_timeout_ms}"
+        given = query.get("options")
+        given = " ".join(given) if isinstance(given, tuple) else (given or "")
+        args["options"] = f"{given} -c statement_timeout={statement_timeout_ms}".strip()
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=30,
                          connect_args=args)
 

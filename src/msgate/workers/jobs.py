@@ -174,18 +174,30 @@ def release(db: Database, job_id: str, *, owner: str, error: str, max_attempts: 
         return True
 
 
-def hand_back(db: Database, job_id: str, *, owner: str, error: str) -> bool:
+MAX_HANDBACKS = 24  # with the growing re-send pause, about two days of no worker having the job's version
+
+
+def hand_back(db: Database, job_id: str, *, owner: str, error: str, max_handbacks: int = MAX_HANDBACKS) -> bool:
     """running -> queued without counting the attempt: this worker must not run the job (another model
     version). It is re-sent by the reconciler after a backoff that grows with ``flags.handbacks``, so a
-    worker with the job's version (or the scheduler, planning it again for the new version) gets it."""
+    worker with the job's version (or the scheduler, planning it again for the new version) gets it.
+    After ``max_handbacks`` the job fails with the reason (a checkpoint rolled back under a queued job, a
+    version skew nobody noticed): it shows in ``jobs`` and ``status`` instead of bouncing forever."""
     with db.session() as session:
         job = session.exec(select(Job).where(Job.id == job_id).with_for_update()).first()
         if job is None or job.state != "running" or job.flags.get("owner") != owner:
             return False
+        handbacks = int(job.flags.get("handbacks", 0)) + 1
         job.flags = _with(job.flags, lease_until=None, owner=None, released_at=utcnow().isoformat(),
-                          handbacks=int(job.flags.get("handbacks", 0)) + 1)
-        job.state, job.error, job.published_at = "queued", error[:512], None
+                          handbacks=handbacks)
         job.attempts = max(0, job.attempts - 1)
+        if handbacks >= max_handbacks:
+            reason = f"{error}; no worker with that version took it after {handbacks} hand-backs"
+            job.state, job.finished_at, job.error = "failed", utcnow(), reason[:512]
+            audit.append(session, kind="job.failed", actor=owner[:64], subject=f"job:{job.id}",
+                         detail={"reason": reason[:200]})
+        else:
+            job.state, job.error, job.published_at = "queued", error[:512], None
         session.add(job)
         return True
 

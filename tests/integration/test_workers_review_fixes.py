@@ -172,9 +172,9 @@ def test_a_job_for_another_model_version_is_handed_back(rig_factory: Callable[..
     assert rig.jobs()[0].model_version == "double-1"
     other = rig.start_worker(MSGATE_TEST_MODEL_VERSION="double-2")
 
-    def seen() -> bool:
+    def seen() -> bool:  # the worker claims (running) before it reads the version: wait past that
         job = rig.jobs()[0]
-        return job.state != "queued" or bool(job.flags.get("handbacks"))
+        return job.state not in ("queued", "running") or bool(job.flags.get("handbacks"))
 
     rig.wait(seen, what="the double-2 worker to take the message")
     [job] = rig.jobs()

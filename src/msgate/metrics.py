@@ -8,6 +8,7 @@ docs/operations.md ("Metrics").
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -87,8 +88,10 @@ def serve(db: Any, host: str, port: int) -> Any:
         REGISTRY.register(_collector)
     try:
         server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    except OSError:
-        log.warning("metrics port unavailable", extra={"port": port})
+    except OSError as exc:  # named: "in use" and "cannot assign that address" need different fixes
+        log.warning("metrics port unavailable; the endpoint is off in this process",
+                    extra={"port": port, "code": exc.errno,
+                           "reason": errno.errorcode.get(exc.errno or 0, "unknown")})
         return None
     log.info("metrics endpoint up", extra={"host": host, "port": server.server_port})
     return server

@@ -67,3 +67,25 @@ def test_library_warnings_are_logged_without_their_text() -> None:
                       UserWarning, stacklevel=1)
     out = stream.getvalue()
     assert "ZZTOPSECRET" not in out and '"error_type": "UserWarning"' in out
+
+
+def test_a_taken_metrics_port_is_named_with_its_reason(caplog: object, monkeypatch: object) -> None:
+    """The log said only "metrics port unavailable": an operator could not tell a port in use from an
+    address this host does not have. It now names the errno (code and symbolic reason)."""
+    import socket
+
+    import pytest
+
+    from msgate import metrics
+
+    assert isinstance(caplog, pytest.LogCaptureFixture) and isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.setattr(metrics, "_collector", object())  # no store collector registered in this process
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with caplog.at_level(logging.WARNING, logger="msgate.metrics"):
+            assert metrics.serve(None, "127.0.0.1", port) is None
+    [record] = [r for r in caplog.records if r.name == "msgate.metrics"]
+    fields = json.loads(SafeFormatter("json").format(record))
+    assert fields["port"] == port and fields["reason"] == "EADDRINUSE" and fields["code"] == 98

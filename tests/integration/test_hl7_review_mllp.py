@@ -118,3 +118,20 @@ def test_original_mode_refusal_is_unchanged(server) -> None:  # type: ignore[no-
     srv, _ = server
     answer = RawClient(srv.port).exchange(message("OR1", typ="BAR^P01"))
     assert msa(answer)[1:3] == ["AR", "OR1"]
+
+
+# The message row recorded CA (shown by `messages list` and `trace`) for an enhanced-mode message whose
+# MSH-15 asked for no accept ACK on success (NE, ER): none was sent.
+@pytest.mark.parametrize(("accept", "recorded"), [("NE", None), ("ER", None), ("AL", "CA"), ("SU", "CA")])
+def test_the_recorded_ack_is_the_one_sent(server, accept: str, recorded: str | None) -> None:  # type: ignore[no-untyped-def]
+    srv, store = server
+    cid = "REC" + accept
+    raw = message(cid, extra=f"|||{accept}|NE")
+    client = RawClient(srv.port)
+    client.send(mllp.frame(raw))
+    if recorded is None:  # nothing comes for it: the next answer on this connection is the next message's
+        assert msa(client.exchange(message(cid + "X")))[1:3] == ["AA", cid + "X"]
+    else:
+        assert msa(client.recv_frame())[1:3] == [recorded, cid]
+    row = _row(store, raw)
+    assert row.mapping_state == "mapped" and row.ack_code == recorded

@@ -133,9 +133,8 @@ class Connection:
         except Exception:
             log.exception("hl7 store failed", extra={"conn_id": self.conn_id})
             return msh, self._refuse("E", msh, (AckError(207, "MSH^1"),), "internal error")
-        if msh.enhanced and msh.accept_ack in ("NE", "ER"):
-            return msh, None
-        return msh, self._ack("CA" if msh.enhanced else "AA", msh)
+        code = msh.stored_ack
+        return msh, (self._ack(code, msh) if code else None)
 
     def _refuse(self, kind: str, msh: Msh | None, errors: tuple[AckError, ...], text: str) -> str | None:
         """The answer to a message that was not stored (``kind`` R: refused, E: error; HL7 v2.5.1 §2.9.3).

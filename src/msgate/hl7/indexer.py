@@ -219,7 +219,7 @@ class Indexer:
             if result.duplicate and result.message_id not in ours:
                 continue
             reply = (name, item.seq) if item.seq in wanted else None
-            ack = "" if recovering else ("CA" if item.msh.enhanced else "AA")
+            ack = "" if recovering else (item.msh.stored_ack or "")  # what the connection sends
             self.mapper.put(_Job(result.message_id, ack, item.raw, reply))
             queued.add(item.seq)
         resent = [item for item in all_items if item.seq in wanted - queued]

@@ -107,6 +107,14 @@ class Msh:
         """Enhanced acknowledgement mode: MSH-15 or MSH-16 valued (HL7 v2.5.1 §2.9.3)."""
         return bool(self.accept_ack or self.app_ack)
 
+    @property
+    def stored_ack(self) -> str | None:
+        """The answer sent once this message is stored: AA (original mode), CA (enhanced mode), or none
+        when MSH-15 asks for no accept ACK on success (NE, ER). Recorded on the row as what was sent."""
+        if not self.enhanced:
+            return "AA"
+        return None if self.accept_ack in ("NE", "ER") else "CA"
+
     def header(self) -> Hl7Header:
         return Hl7Header(control_id=self.control_id, sending_application=self.get(3).strip(),
                          sending_facility=self.get(4).strip(), message_type=self.message_type,

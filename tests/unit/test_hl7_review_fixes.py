@@ -198,3 +198,23 @@ def test_ack_for_undeclared_latin1_names_the_charset_used() -> None:
     msh = read_msh(raw)
     assert msh.charset == "latin-1"
     assert build_ack("AA", msh).split("\r")[0].split("|")[17] == "8859/1"
+
+
+# A Windows sender's curly apostrophe (0x92) under a declared 8859/1 was stored as the invisible C1
+# control U+0092: the name read "O\x92BRIEN", matched no other system's spelling and printed as garbage.
+@pytest.mark.parametrize("declared", ["8859/1", "", "ASCII"])
+def test_windows_1252_bytes_under_latin1_are_read_as_meant(store: Store, declared: str) -> None:
+    raw = (b"MSH|^~\\&|ADM|HOSP|MSGATE|MSGATE|20261201120000||ADT^A01|W" + declared.encode()
+           + b"|P|2.5.1||||||" + declared.encode() + b"\rEVN|A01\rPID|1||WIN1" + declared.encode()
+           + b"^^^HOSP^MR||O\x92BRIEN^REN\xc9E||19800101|F\r")
+    msh = read_msh(raw)
+    assert msh.charset == "cp1252" and "charset_c1_as_cp1252" in {f["code"] for f in msh.findings}
+    assert _map(store, raw).state == "mapped"
+    assert _patient(store, "WIN1" + declared)[0] == "O\u2019BRIEN^REN\u00c9E"
+
+
+def test_latin1_without_c1_bytes_stays_latin1() -> None:
+    msh = read_msh(b"MSH|^~\\&|A|B|||1||ADT^A01|X|P|2.5||||||8859/1\rPID|1||1||REN\xc9E\r")
+    assert msh.charset == "latin-1" and not msh.findings
+    undefined = read_msh(b"MSH|^~\\&|A|B|||1||ADT^A01|X|P|2.5||||||8859/1\rPID|1||1||A\x81B\r")
+    assert undefined.charset == "latin-1"  # 0x81 is undefined in Windows-1252: stays Latin-1

@@ -4,6 +4,7 @@ Encoding characters come from MSH-1/MSH-2 (any separators, including the v2.7 tr
 ``#`` as a fifth one). The character set comes from MSH-18 with a fallback: a declared single-byte set
 that hides valid UTF-8 is read as UTF-8, and undecodable bytes fall back to ISO 8859-1 (never fails),
 with a finding (a declared multi-byte set such as UTF-8 included: no character is replaced silently).
+C1 bytes (0x80-0x9F) in a message read as Latin-1 are read as Windows-1252, with a finding.
 Errors carry a table 0357 code and an HL7 location, and never quote field values.
 """
 
@@ -167,7 +168,11 @@ def charset_of(declared: str, raw: bytes) -> tuple[str, list[dict[str, str]]]:
         except UnicodeDecodeError:
             if not codec:
                 findings.append({"code": "charset_fallback_latin1", "location": "MSH^1^18", "severity": "W"})
-            return (codec if codec != "ascii" else "latin-1"), findings
+            codec = codec if codec not in ("", "ascii") else "latin-1"
+            if codec == "latin-1" and _c1_as_cp1252(raw):
+                findings.append({"code": "charset_c1_as_cp1252", "location": "MSH^1^18", "severity": "W"})
+                return "cp1252", findings
+            return codec, findings
     try:  # a multi-byte set: bytes it cannot decode would become U+FFFD in patient data
         raw.decode(codec)
     except UnicodeDecodeError:
@@ -176,6 +181,23 @@ def charset_of(declared: str, raw: bytes) -> tuple[str, list[dict[str, str]]]:
     except LookupError:
         return "latin-1", findings
     return codec, findings
+
+
+_C1 = re.compile(rb"[\x80-\x9f]")
+
+
+def _c1_as_cp1252(raw: bytes) -> bool:
+    """Bytes 0x80-0x9F (C1 controls, never text in ISO 8859-1) in a message read as Latin-1: a Windows
+    sender's curly apostrophe (O’BRIEN, 0x92), dash or euro sign under a declared (or assumed) 8859/1.
+    Read as Latin-1 they became invisible control characters in the stored name; Windows-1252, which
+    every Windows HL7 sender writes, reads them as meant. Not where a byte is undefined in Windows-1252."""
+    if not _C1.search(raw):
+        return False
+    try:
+        raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_msh(raw: bytes) -> Msh:

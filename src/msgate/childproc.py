@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,16 @@ def spawn(module: str, theirs: socket.socket, settings: Settings) -> subprocess.
 
 
 def start_child(nice: int) -> Settings:
-    """In the child: settings from stdin, logging set up, priority lowered by ``nice`` (where allowed)."""
+    """In the child: stop signals ignored, settings from stdin, logging set up, priority lowered by
+    ``nice`` (where allowed).
+
+    SIGTERM and SIGINT are the parent's to act on. systemd (``KillMode=control-group``, its default) and
+    a terminal's Ctrl-C signal every process of the service at once: the indexers died at once, the
+    role logged "indexer exited; starting it again" as an error and started a new one while stopping,
+    and HL7 application ACKs still waiting were never sent. The parent's stop message ends them after
+    they drain; a parent that is gone closes their socket, and they exit on that."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     settings = load_settings(**json.loads(sys.stdin.read()))
     setup_logging(settings.log_level, settings.log_format)
     try:

@@ -57,3 +57,41 @@ def test_bad_tls_path_is_refused_before_the_role_starts(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "MSGATE_DICOM__TLS__CERT_FILE" in result.stderr and "msgate started" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("role", ["dicom", "hl7"])
+def test_a_stop_signal_to_the_whole_service_stops_it_in_order(tmp_path: Path, role: str) -> None:
+    """systemd (KillMode=control-group) and Ctrl-C signal every process of the service: the indexers died
+    at once, and the role logged "indexer exited; starting it again" as an error and started a new one
+    while it was stopping. The indexers now leave stop signals to the role, which ends them in order."""
+    import signal
+    import time
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
+    env.update({"MSGATE_HOME": str(tmp_path / "home"), "MSGATE_STORAGE__MIN_FREE_BYTES": "0",
+                "MSGATE_METRICS__ENABLED": "false", f"MSGATE_{role.upper()}__PORT": str(port)})
+    proc = subprocess.Popen([sys.executable, "-m", "msgate", "serve", "--role", role], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1.0)  # the indexer process is up and ready by now
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as systemd does
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-2000:]
+    assert "msgate stopped" in err and "indexer exited" not in err, err[-3000:]

@@ -112,3 +112,25 @@ def test_an_hl7_message_committed_by_a_failed_try_is_still_mapped(store: Store) 
     with store.db.session() as session:
         ids = sorted(i for i in session.exec(select(Hl7Message.id)).all() if i is not None)
     assert sorted(queued) == ids and len(ids) == 2
+
+
+def test_an_orphaned_indexer_exits_instead_of_retrying_forever(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The indexer ignores stop signals (its listener ends it in order), so one whose listener died during
+    a database outage would have retried for ever, holding its batch, deaf to SIGTERM: it now exits at
+    its next retry (the listener's journal keeps the batch for the next start)."""
+    sources = [encode(ds) for ds in flair_series(n=2, seed=12)]
+    batch = [(seq, Received(data, dataset.parse(data), "SCU", "assoc-2")) for seq, data in enumerate(sources, 1)]
+    worker = indexproc.Worker(store, conn=None)  # type: ignore[arg-type]
+    prepared = worker.prepare(batch)  # type: ignore[arg-type]
+    Outage(store, seconds=3600)  # the database stays away
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(indexproc.os, "getppid", lambda: 1)  # reparented: the listener is gone
+    monkeypatch.setattr(indexproc.os, "_exit", exit_)
+    with pytest.raises(Exited):
+        worker.index(batch, prepared)  # type: ignore[arg-type]

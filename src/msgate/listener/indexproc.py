@@ -78,6 +78,7 @@ def _read(conn: Connection, items: queue.SimpleQueue[Entry | str | None]) -> Non
 class Worker:
     def __init__(self, store: Store, conn: Connection) -> None:
         self.store, self.conn = store, conn
+        self.parent = os.getppid()
         self.items: queue.SimpleQueue[Entry | str | None] = queue.SimpleQueue()
 
     def take(self) -> tuple[list[Entry], bool]:
@@ -179,6 +180,9 @@ class Worker:
             if failed:
                 log.warning("indexing failed; retrying", extra={"reason": _reason(failed[0][3]), "count": tries,
                                                                 "batch": len(failed)})
+                if os.getppid() != self.parent:  # the listener is gone (it keeps the batch in its journal),
+                    log.warning("dicom listener gone; indexer exits", extra={"role": "dicom"})
+                    os._exit(0)  # and stop signals are ignored here: never linger as an orphan
                 time.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(tries, 10)))
             todo = [(seq, received, body) for seq, received, body, _ in failed]
         return [answers[seq] for seq, _ in batch]

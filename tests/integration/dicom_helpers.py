@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from msgate.config import load_settings
 from msgate.listener.dataset import _dataset_start
+from msgate.results.dicom_send import c_store
 from msgate.storage.store import Store, open_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,7 +249,7 @@ def pynd_send(port: int, items: list[Any], *, aet: str = "PYNDSCU", chunked: boo
             return [None] * len(items)
         statuses: list[int | None] = []
         for item in items:
-            status = assoc.send_c_store(item)
+            status = c_store(assoc, item)
             statuses.append(int(status.Status) if status else None)
         assoc.release()
         return statuses

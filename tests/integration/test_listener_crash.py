@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+from msgate.results.dicom_send import c_store
 from msgate.storage import audit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,7 +41,7 @@ def _sender(port: int, files: list[Path], log: dict[Path, int | None]) -> None:
             if not assoc.is_established:
                 break
             try:
-                status = assoc.send_c_store(dcmread(path))
+                status = c_store(assoc, dcmread(path))
             except RuntimeError:  # the association died between the check and the send
                 break
             log[path] = int(status.Status) if status and "Status" in status else None

@@ -26,6 +26,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from sqlmodel import select
 
+from msgate.results.dicom_send import c_store
 from msgate.storage.models import Association, Series, Study
 
 pytestmark = [pytest.mark.integration, pytest.mark.peer]
@@ -77,8 +78,8 @@ def test_store_then_echo_then_store_on_one_association(tmp_path: Path) -> None:
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", listener.port, ae_title="MSGATE")
         assert assoc.is_established
-        statuses = [assoc.send_c_store(files[0]).Status, assoc.send_c_echo().Status,
-                    assoc.send_c_store(files[1]).Status]
+        statuses = [c_store(assoc, files[0]).Status, assoc.send_c_echo().Status,
+                    c_store(assoc, files[1]).Status]
         assoc.release()
         assert statuses == [0, 0, 0]
         with opened_store(listener.home) as store:

@@ -15,6 +15,7 @@ from sqlmodel import select
 
 from msgate.listener import dataset, server
 from msgate.listener.tracking import ReadyStudy, Tracker
+from msgate.results.dicom_send import c_store
 from msgate.storage.models import Instance, Study
 from msgate.storage.store import Store
 
@@ -150,7 +151,7 @@ def test_an_association_held_open_after_its_instances_gets_one_run(store: Store,
         assoc = scu.associate("127.0.0.1", port, ae_title="MSGATE")
         try:
             assert assoc.is_established
-            assert [int(assoc.send_c_store(f).Status) for f in files] == [0, 0, 0]
+            assert [int(c_store(assoc, f).Status) for f in files] == [0, 0, 0]
             time.sleep(6.5)  # three quiet periods with the association open and idle
             assert [(r.run, r.reason) for r in seen] == [(1, "quiet")]
             with store.db.session() as session:

@@ -16,6 +16,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
+from msgate.results.dicom_send import c_store
+
 pytestmark = [pytest.mark.integration]
 
 
@@ -49,7 +51,7 @@ def _send(port: int, path: Path, context: ssl.SSLContext) -> int | None:
     assoc = ae.associate("127.0.0.1", port, ae_title="MSGATE", tls_args=(context, "localhost"))
     if not assoc.is_established:
         return None
-    status = assoc.send_c_store(dcmread(path))
+    status = c_store(assoc, dcmread(path))
     assoc.release()
     return int(status.Status) if status else None
 

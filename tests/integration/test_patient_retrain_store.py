@@ -27,6 +27,7 @@ from msgate.model.patient.lesionsrc import load_lesion_source
 from msgate.model.patient.presets import get_preset
 from msgate.model.patient.synthdata import case_arrays, synth_case
 from msgate.model.synth.cohort import CohortConfig, generate_subject
+from msgate.results.dicom_send import c_store
 from msgate.storage.models import AuditEvent, Observation, Study
 from msgate.storage.repo_studies import FINAL_STATES
 from msgate.workers.training import collect
@@ -46,7 +47,7 @@ def _c_store(port: int, files: list[Path]) -> None:
     assoc = ae.associate("127.0.0.1", port, ae_title="MSGATE")
     assert assoc.is_established
     try:
-        statuses = [assoc.send_c_store(dcmread(path)) for path in files]
+        statuses = [c_store(assoc, dcmread(path)) for path in files]
     finally:
         assoc.release()
     assert all(s and s.Status == 0x0000 for s in statuses)

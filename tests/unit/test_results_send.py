@@ -59,11 +59,11 @@ def test_a_reactor_that_did_not_park_in_time_is_let_run_again(monkeypatch: pytes
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.3"
     sender = dicom_send.Sender(PacsDestination(name="p", host="127.0.0.1", port=104, ae_title="PACS"))
-    sender.checkpoint = _Checkpoint()
-    sender.assoc = SimpleNamespace(is_established=True,  # type: ignore[assignment]
+    checkpoint = _Checkpoint()
+    sender.assoc = SimpleNamespace(is_established=True, _reactor_checkpoint=checkpoint,  # type: ignore[assignment]
                                    accepted_contexts=[SimpleNamespace(abstract_syntax=ds.SOPClassUID)])
     monkeypatch.setattr(dicom_send, "PARK_TIMEOUT", 0.05)
     monkeypatch.setattr(dicom_send, "dcmread", lambda _buf: ds)
     outcome = sender.send(b"")  # nothing waits in the reactor's wait(): park times out
     assert outcome.status is None and outcome.detail == "reactor did not pause"
-    assert sender.checkpoint.is_set()
+    assert checkpoint.is_set()

@@ -28,6 +28,7 @@ from msgate.config import load_settings
 from msgate.demo.patients import DemoPatient
 from msgate.demo.peers import MllpStandIn, PacsStandIn
 from msgate.hl7.client import MllpClient
+from msgate.results.dicom_send import c_store
 from msgate.storage.models import Job, OutboxEntry, Study
 from msgate.storage.store import Store, open_store
 
@@ -126,7 +127,7 @@ def send_dicom(patient: DemoPatient, port: int) -> int:
     stored = 0
     try:
         for path in patient.dicom_files:
-            status = assoc.send_c_store(dcmread(path))
+            status = c_store(assoc, dcmread(path))  # pynetdicom's own send_c_store can lose a response
             if status and status.Status == 0x0000:
                 stored += 1
     finally:

@@ -78,6 +78,34 @@ class _Checkpoint(threading.Event):
             return bool(self._cond.wait_for(lambda: self.parked, timeout))  # type: ignore[attr-defined]
 
 
+class NotPaused(RuntimeError):
+    """The association's reactor did not park in time: the C-STORE was not sent."""
+
+
+def steady(assoc: Association) -> Association:
+    """Give an established requestor association the race-free checkpoint (see the module docstring);
+    then send with :func:`c_store`. For every pynetdicom SCU msgate runs: results, the demo's senders."""
+    if not isinstance(assoc._reactor_checkpoint, _Checkpoint):
+        assoc._reactor_checkpoint = _Checkpoint()  # the reactor reads the attribute on every loop
+    return assoc
+
+
+def c_store(assoc: Association, ds: Dataset) -> Dataset:
+    """``send_c_store`` with the reactor parked first, so the response cannot be taken as "unexpected";
+    an empty Dataset (no Status) when no valid response came, as pynetdicom returns. Raises
+    :class:`NotPaused` when the reactor did not park within ``PARK_TIMEOUT`` (nothing was sent)."""
+    checkpoint = steady(assoc)._reactor_checkpoint
+    assert isinstance(checkpoint, _Checkpoint)
+    if not checkpoint.park(PARK_TIMEOUT):
+        checkpoint.set()  # let the reactor run again: it must still see the peer's release or abort
+        raise NotPaused("reactor did not pause")
+    try:
+        return assoc.send_c_store(ds)
+    except Exception:
+        checkpoint.set()
+        raise
+
+
 @dataclass(frozen=True)
 class Outcome:
     sop_instance_uid: str
@@ -104,7 +132,6 @@ class Sender:
         self.dest, self.calling_aet = dest, calling_aet
         self.timeouts = (acse_timeout, dimse_timeout, network_timeout)
         self.assoc: Association | None = None
-        self.checkpoint: _Checkpoint | None = None
 
     def open(self, sop_classes: Sequence[str]) -> None:
         ae = AE(ae_title=self.calling_aet)
@@ -116,26 +143,22 @@ class Sender:
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
             raise Transient(f"association {reason}", code=f"assoc_{reason.replace(' ', '_')}")
-        self.checkpoint = _Checkpoint()
-        assoc._reactor_checkpoint = self.checkpoint  # the reactor reads the attribute on every loop
-        self.assoc = assoc
+        self.assoc = steady(assoc)
 
     def send(self, encoded: bytes) -> Outcome:
         """C-STORE one object; the Outcome's status is None when no valid response came back."""
         ds: Dataset = dcmread(io.BytesIO(encoded))
         uid = str(ds.SOPInstanceUID)
-        assoc, checkpoint = self.assoc, self.checkpoint
-        if assoc is None or checkpoint is None or not assoc.is_established:
+        assoc = self.assoc
+        if assoc is None or not assoc.is_established:
             return Outcome(uid, None, "association lost")
         if not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
             return Outcome(uid, 0x0122, "0x0122 (presentation context rejected: SOP class not supported)")
-        if not checkpoint.park(PARK_TIMEOUT):
-            checkpoint.set()  # let the reactor run again: it must still see the peer's release or abort
-            return Outcome(uid, None, "reactor did not pause")
         try:
-            rsp = assoc.send_c_store(ds)
+            rsp = c_store(assoc, ds)
+        except NotPaused:
+            return Outcome(uid, None, "reactor did not pause")
         except (ValueError, RuntimeError, AttributeError) as exc:
-            checkpoint.set()
             return Outcome(uid, None, f"send failed ({type(exc).__name__})")
         if "Status" not in rsp:
             return Outcome(uid, None, "no response (DIMSE timeout or abort)")

@@ -16,7 +16,10 @@ from msgate.config import Settings, load_settings
 from msgate.storage.store import Store, open_store
 
 PG_ADMIN = os.environ.get("MSGATE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("MSGATE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+# One Redis database per pytest-xdist worker (gw0: 15, gw1: 14, ...): Celery's own keys (unacked
+# messages, bindings) are per database, and parallel test files must not restore each other's messages.
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+REDIS_URL = os.environ.get("MSGATE_TEST_REDIS", f"redis://127.0.0.1:6379/{15 - XDIST_WORKER}")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

@@ -48,7 +48,7 @@ def _env(home: Path, setup: str, pg: str | None, orthanc_port: int, hl7_out: int
         "MSGATE_HL7_OUT": json.dumps({"host": "127.0.0.1", "port": hl7_out}),
     })
     if setup == "production":
-        env.update({"MSGATE_DATABASE_URL": str(pg), "MSGATE_BROKER_URL": "redis://127.0.0.1:6379/13",
+        env.update({"MSGATE_DATABASE_URL": str(pg), "MSGATE_BROKER_URL": "redis://127.0.0.1:6379/7",
                     "MSGATE_STORAGE__BLOB_BACKEND": "postgres",
                     "MSGATE_WORKERS__QUEUE_PREFIX": f"e2e{uuid.uuid4().hex[:8]}"})
     return env

@@ -37,7 +37,7 @@ from msgate.workers.scheduler import Scheduler
 from msgate.workers.tasks import HARD_LIMIT_EXIT
 
 HERE = Path(__file__).resolve().parent
-REDIS_DB12 = "redis://127.0.0.1:6379/12"
+REDIS_OWN_DB = "redis://127.0.0.1:6379/8"  # this file's own (conftest gives xdist workers 15, 14, ...)
 POISON_SIZE = 24
 _LOADED: dict[str, str] = {}
 
@@ -85,7 +85,7 @@ def rig_factory(tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> It
     pg = request.getfixturevalue("pg_url") if kind == "redis" else None
 
     def make(**workers: Any) -> Rig:
-        rig = make_rig(tmp_path, kind, pg, broker=REDIS_DB12, **workers)
+        rig = make_rig(tmp_path, kind, pg, broker=REDIS_OWN_DB, **workers)
         # the worker imports this module as its model, and it imports the tests' conftest
         rig.env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), rig.env["PYTHONPATH"]])
         rig.env["MSGATE_METRICS__ENABLED"] = "false"  # restarted workers must not race for the metrics port

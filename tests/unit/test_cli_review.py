@@ -184,3 +184,16 @@ def test_keys_init_help_names_the_keyring_setting() -> None:
 
     out = CliRunner().invoke(keys_cmd.app, ["init", "--help"], terminal_width=200)
     assert out.exit_code == 0 and "MSGATE_KEYRING_FILE" in out.output, out.output
+
+
+def test_an_error_line_is_never_wrapped_inside_a_path(capsys: pytest.CaptureFixture[str]) -> None:
+    """Error lines were wrapped at the console width (80 columns off a terminal), cutting a long path in
+    two: it could not be copied, and a search for it in the output failed."""
+    import typer
+
+    from msgate.cli.common import fail
+
+    path = "/srv/msgate/" + "/".join(f"folder{i:02d}" for i in range(12)) + "/keys"
+    with pytest.raises(typer.Exit):
+        fail(f"cannot use {path}: Not a directory (ENOTDIR)")
+    assert path in capsys.readouterr().err

@@ -20,7 +20,7 @@ from msgate.config import Settings, load_settings
 from msgate.storage.store import Store, open_store
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error names a path or a setting: never broken
 
 
 class State:

@@ -26,9 +26,14 @@ demo: install
 run: install
 	MSGATE_HOME=$${MSGATE_HOME:-./var} $(VENV)/bin/msgate serve
 
+# Test files run in TEST_WORKERS pytest-xdist processes (a file stays in one process: its module fixtures,
+# servers and ports are its own); most tests wait on sockets and child processes, so 3 fit 2 cores.
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 3
+
 test: install sysdeps
 	@scripts/services.sh
-	$(PY) -m pytest -m "" -p no:cacheprovider tests
+	$(PY) -m pytest -m "" -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not peer" tests

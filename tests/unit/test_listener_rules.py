@@ -11,6 +11,12 @@ from msgate.config import load_settings
 from msgate.errors import ConfigError
 from msgate.listener.rules import ListenerRules, Role, RoleRule, RoutingRule, classify, decide, series_fields
 
+
+def _ir(ti: float) -> dict[str, object]:
+    """A spin-echo inversion recovery with this TI (ms)."""
+    return {"ScanningSequence": ["SE", "IR"], "InversionTime": ti}
+
+
 VENDOR_NAMES = [
     # Siemens
     ("t2_tirm_tra_dark-fluid", {}, Role.FLAIR),
@@ -25,6 +31,9 @@ VENDOR_NAMES = [
     ("SWI_Images", {}, Role.SWI),
     ("mIP_Images(SW)", {}, Role.DERIVED),
     ("t2_tse_tra", {}, Role.T2),
+    ("t1_tirm_tra_dark-fluid", _ir(860), Role.T1),  # T1-weighted dark-fluid, not FLAIR
+    ("t1_tirm_tra", _ir(860), Role.T1),
+    ("t2_tirm_tra_dark-fluid", _ir(2500), Role.FLAIR),
     # GE
     ("AX FLAIR", {}, Role.FLAIR),
     ("3D FLAIR", {}, Role.FLAIR),
@@ -32,13 +41,26 @@ VENDOR_NAMES = [
     ("BRAVO", {}, Role.T1),
     ("Ax SWAN", {}, Role.SWI),
     ("AX T2 FSE", {}, Role.T2),
+    ("Sag T1 FLAIR", _ir(750), Role.T1),  # GE T1 FLAIR: T1-weighted, was taken as the model's FLAIR
+    ("Ax T1 FLAIR Post", _ir(920), Role.T1),
+    ("Ax T1 FLAIR +C", {}, Role.T1),
+    ("COR T1FLAIR", {}, Role.T1),
+    ("T2 FLAIR", {}, Role.FLAIR),
+    ("Ax T2 FLAIR", _ir(2500), Role.FLAIR),
+    ("Sag CUBE FLAIR", _ir(1800), Role.FLAIR),
     # Philips
     ("T2W_FLAIR", {}, Role.FLAIR),
+    ("T1W_FLAIR", _ir(800), Role.T1),
+    ("T1W_FLAIR SENSE", {}, Role.T1),
     ("sT1W_3D_TFE", {}, Role.T1),
     ("SWIp", {}, Role.SWI),
     # parameters only
-    ("", {"ScanningSequence": ["SE", "IR"], "InversionTime": 2500}, Role.FLAIR),
+    ("", _ir(2500), Role.FLAIR),
     ("", {"ScanningSequence": ["GR", "IR"], "InversionTime": 900}, Role.T1),
+    # a FLAIR-named series with a short TI is T1-weighted (CSF is nulled at TI >= ~1500 ms); TI 0 is unset
+    ("AX FLAIR", _ir(860), Role.T1),
+    ("AX FLAIR", _ir(0), Role.FLAIR),
+    ("AX FLAIR", _ir(1650), Role.FLAIR),
     ("", {"ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"], "ScanningSequence": "GR"}, Role.QSM_SOURCE),
     ("", {"ImageType": ["DERIVED", "SECONDARY", "REFORMATTED"]}, Role.DERIVED),
     ("localizer", {}, Role.OTHER),
@@ -63,6 +85,35 @@ def test_default_roles_for_vendor_naming(description: str, attrs: dict[str, obje
 def test_protocol_name_counts_when_description_is_empty() -> None:
     ds = _ds("", ProtocolName="AX FLAIR")
     assert classify(series_fields(ds), ListenerRules().roles)[0] is Role.FLAIR
+
+
+@pytest.mark.parametrize(("description", "protocol", "attrs", "role"), [
+    ("Ax T2 FLAIR", "MS BRAIN SWAN", _ir(2500), Role.FLAIR),  # GE: the exam's protocol on every series
+    ("Ax T2 FLAIR", "MS BRAIN SWAN", {}, Role.FLAIR),
+    ("Sag CUBE FLAIR", "MS QSM RESEARCH", {}, Role.FLAIR),
+    ("Sag T1 FLAIR", "MS BRAIN SWAN", {}, Role.T1),
+    ("Ax SWAN", "MS BRAIN SWAN", {}, Role.SWI),
+    ("Mag_Images", "t2_swi3d_tra_p2", {"ScanningSequence": "GR"}, Role.QSM_SOURCE),  # name in protocol
+    ("", "Ax SWAN", {}, Role.SWI),
+])
+def test_series_description_decides_before_protocol_name(description: str, protocol: str,
+                                                          attrs: dict[str, object], role: Role) -> None:
+    """SeriesDescription and ProtocolName were one text, so the SWI/QSM rules (before FLAIR) matched GE's
+    exam-level protocol: "Ax T2 FLAIR" in an "MS BRAIN SWAN" exam was SWI and the study never ran."""
+    ds = _ds(description, ProtocolName=protocol, **attrs)
+    assert classify(series_fields(ds), ListenerRules().roles)[0] is role
+
+
+def test_site_text_rule_reads_the_protocol_name_as_a_fallback() -> None:
+    """A site rule's ``text`` is the SeriesDescription, then SeriesDescription + ProtocolName."""
+    site = [RoleRule(role=Role.QSM, name="site QSM", text="RESEARCH QSM"),
+            RoleRule(role=Role.FLAIR, name="site FLAIR", text="^AX FLAIR$")]
+    flair = series_fields(_ds("AX FLAIR", ProtocolName="RESEARCH QSM"))
+    assert classify(flair, site) == (Role.FLAIR, "site FLAIR")
+    qsm = series_fields(_ds("x", ProtocolName="RESEARCH QSM"))
+    assert classify(qsm, site) == (Role.QSM, "site QSM (with ProtocolName)")
+    assert classify(series_fields(_ds("", ProtocolName="RESEARCH QSM")), site)[0] is Role.QSM
+    assert classify(series_fields(_ds("x", ProtocolName="y")), site) == (Role.OTHER, "no rule matched")
 
 
 def test_rules_are_ordered_first_match_wins() -> None:

@@ -2,13 +2,16 @@
 
 **Roles** (:class:`RoleRule`) are tried in order; the first rule whose every given condition matches
 decides the series role. Conditions are case-insensitive regular expressions searched in
-SeriesDescription + ProtocolName (``text``), SequenceName, ImageType and ScanningSequence (both as
-``A\\B`` strings), and an InversionTime range in ms. A series that no rule matches is ``OTHER``.
+SeriesDescription (``text``), SequenceName, ImageType and ScanningSequence (both as ``A\\B`` strings),
+and an InversionTime range in ms. When no rule matches, the rules are tried once more with ``text`` =
+SeriesDescription + ' | ' + ProtocolName: GE writes the exam's protocol ("MS BRAIN SWAN") on every
+series, so the description decides first. A series that no rule matches either way is ``OTHER``.
 
-**Routing** (:class:`RoutingRule`) decides per study, from its first instance, what happens once it is
-complete: ``pipeline`` (hand to the MS model when the rule's required roles are present),
-``store_only`` (kept, never scheduled) or ``ignore`` (kept until retention, never scheduled, shown as
-ignored). The first matching rule wins; with none matching the study is ``store_only``.
+**Routing** (:class:`RoutingRule`) decides per study what happens once it is complete: ``pipeline``
+(hand to the MS model when the rule's required roles are present), ``store_only`` (kept, never
+scheduled) or ``ignore`` (kept until retention, never scheduled, shown as ignored). The first matching
+rule wins; with none matching the study is ``store_only``. The study's modality is its first image
+modality: a KO, SR or PR the PACS sent ahead of the images does not make an MR study store-only.
 
 Both lists live in the ``[rules]`` section of the TOML config (``[[rules.roles]]``,
 ``[[rules.routing]]``); ``msgate rules test FILE...`` shows the decisions for given files.
@@ -17,7 +20,7 @@ Both lists live in the ``[rules]`` section of the TOML config (``[[rules.roles]]
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
@@ -64,7 +67,8 @@ class RoleRule(BaseModel):
 
     role: Role
     name: str = ""
-    text: str | None = Field(None, description="regex on SeriesDescription + ProtocolName")
+    text: str | None = Field(None, description="regex on SeriesDescription; when no rule matches, on "
+                             "SeriesDescription + ' | ' + ProtocolName (ProtocolName as a fallback)")
     sequence_name: str | None = None
     image_type: str | None = None
     scanning_sequence: str | None = None
@@ -115,6 +119,9 @@ class RoutingRule(BaseModel):
 
 
 _FLAIR = r"flair|dark[-_ ]?fluid|\btirm\b.*\bfl|fluid[-_ ]?att"
+# "T1" then FLAIR / dark-fluid / TIRM in the same name ([^|]: not across the ' | ' before ProtocolName).
+_T1_FLAIR = (r"(?<![a-z0-9])t1w?(?![0-9])[^|]*?(flair|dark[-_ ]?fluid|tirm)"
+             r"|(flair|dark[-_ ]?fluid)[-_ ]?t1(?![0-9])")
 _W = r"(?<![a-z])(mag|magnitude|pha|phase)(?![a-z])"
 _SOURCE = rf"(qsm|swi|swan|susc|gre).*{_W}|{_W}.*(qsm|swi|swan|gre)"
 
@@ -129,6 +136,12 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
     RoleRule(role=Role.QSM_SOURCE, name="GRE phase image", image_type=r"\b(P|PHASE)\b", scanning_sequence=r"GR"),
     RoleRule(role=Role.SWI, name="SWI", text=r"(?<![a-z])(swi|swan|swip)|susceptibility|venobold"),
     RoleRule(role=Role.SWI, name="SWI image type", image_type=r"\bSWI\b"),
+    # T1 FLAIR before FLAIR: GE "Sag T1 FLAIR" / "Ax T1 FLAIR Post", Philips "T1W_FLAIR", Siemens
+    # "t1_tirm_tra_dark-fluid" are T1-weighted (TI 750-1000 ms) and were taken as the model's FLAIR. A
+    # FLAIR-named series with such a short TI is one too: CSF is nulled at TI >= ~1500 ms.
+    RoleRule(role=Role.T1, name="T1 FLAIR by name", text=_T1_FLAIR),
+    RoleRule(role=Role.T1, name="FLAIR-named, short TI", text=_FLAIR, inversion_time_min=300,
+             inversion_time_max=1300),
     # FLAIR: Siemens t2_tirm_*_dark-fluid / t2_space_dark-fluid, GE AX/3D FLAIR, FLAIR CUBE, Philips T2W_FLAIR.
     RoleRule(role=Role.FLAIR, name="FLAIR by name", text=_FLAIR),
     # T1: MPRAGE/MP2RAGE (Siemens), BRAVO/SPGR (GE), sT1W_3D_TFE (Philips). Names before sequence
@@ -160,9 +173,11 @@ class ListenerRules(BaseModel):
 
 @dataclass(frozen=True)
 class SeriesFields:
-    """The series attributes the role rules read (plain strings, multi-values joined with ``\\``)."""
+    """The series attributes the role rules read (plain strings, multi-values joined with ``\\``).
+    ``text`` is the SeriesDescription, ``protocol`` the ProtocolName (see :func:`classify`)."""
 
     text: str = ""
+    protocol: str = ""
     sequence_name: str = ""
     image_type: str = ""
     scanning_sequence: str = ""
@@ -217,9 +232,9 @@ def _float(ds: Any, keyword: str) -> float | None:
 
 def series_fields(ds: Any) -> SeriesFields:
     """Read the role inputs from a pydicom header (``ds`` is ``pydicom.Dataset``)."""
-    text = " | ".join(filter(None, (_text(ds, "SeriesDescription"), _text(ds, "ProtocolName"))))
     seq = _text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
-    return SeriesFields(text=text, sequence_name=seq, image_type=_text(ds, "ImageType"),
+    return SeriesFields(text=_text(ds, "SeriesDescription"), protocol=_text(ds, "ProtocolName"),
+                        sequence_name=seq, image_type=_text(ds, "ImageType"),
                         scanning_sequence=_text(ds, "ScanningSequence"), inversion_time=_float(ds, "InversionTime"),
                         modality=_text(ds, "Modality"), sop_class=_text(ds, "SOPClassUID"))
 
@@ -231,12 +246,21 @@ def study_fields(ds: Any, calling_aet: str = "") -> StudyFields:
 
 def classify(fields: SeriesFields, rules: list[RoleRule]) -> tuple[Role, str]:
     """The role of a series and the name of the rule that decided it. Non-image objects (SEG, SR, key
-    object selections, presentation states, parametric maps, ...) are OTHER before any rule is read."""
+    object selections, presentation states, parametric maps, ...) are OTHER before any rule is read.
+
+    The rules read the SeriesDescription first, and SeriesDescription + ProtocolName only when none
+    matched: with both in one text, GE's exam-level protocol ("MS BRAIN SWAN", "MS QSM RESEARCH")
+    made every series of the exam SWI or QSM, "Ax T2 FLAIR" included, and the study never ran."""
     if is_non_image(fields):
         return Role.OTHER, "not an image series (SOP class or modality)"
-    for index, rule in enumerate(rules):
-        if rule.matches(fields):
-            return rule.role, rule.name or f"roles[{index}]"
+    passes = [(fields, "")]
+    if fields.protocol:
+        both = " | ".join(filter(None, (fields.text, fields.protocol)))
+        passes.append((replace(fields, text=both), " (with ProtocolName)"))
+    for candidate, note in passes:
+        for index, rule in enumerate(rules):
+            if rule.matches(candidate):
+                return rule.role, (rule.name or f"roles[{index}]") + note
     return Role.OTHER, "no rule matched"
 
 

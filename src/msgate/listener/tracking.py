@@ -190,14 +190,20 @@ class Tracker:
                     log.exception("scheduler hook failed", extra={"study_id": study_id})
 
     def _rule_for(self, session: Session, study_id: int) -> rules_mod.RoutingRule:
-        """Route the study from its stored attributes (the current rules; recorded in ``study.route``)."""
+        """Route the study from its stored attributes (the current rules; recorded in ``study.route``).
+
+        The modality is the first *image* modality received: routing on the first one made an MR study
+        whose key-object selection, SR or presentation state arrived first ``store_only``, never run."""
         study = session.get(Study, study_id)
         if study is None:
             return rules_mod.RoutingRule(name="missing", action="store_only", required_roles=[])
         series = repo_studies.series_of(session, study_id=study_id)
+        modalities = [m for m in study.modalities.split(",") if m]
+        images = [m for m in modalities if m.upper() not in rules_mod.NON_IMAGE_MODALITIES]
+        image_series = [s for s in series if s.modality.upper() not in rules_mod.NON_IMAGE_MODALITIES]
         fields = rules_mod.StudyFields(
-            modality=(study.modalities.split(",") or [""])[0],
-            body_part=next((s.body_part for s in series if s.body_part), ""),
+            modality=(images or modalities or [""])[0],
+            body_part=next((s.body_part for s in [*image_series, *series] if s.body_part), ""),
             study_description=self.store.cipher.decrypt(study.study_description_enc, column="study.description") or "",
             calling_aet=study.calling_aet)
         rule = rules_mod.route(fields, self.rules.routing)
@@ -212,10 +218,11 @@ class Tracker:
         for series in repo_studies.series_of(session, study_id=study_id):
             role = series.role
             if role is None:
-                cipher = self.store.cipher
-                text = " | ".join(filter(None, (cipher.decrypt(series.description_enc, column="series.description"),
-                                                cipher.decrypt(series.protocol_enc, column="series.protocol"))))
-                fields = rules_mod.SeriesFields(text=text, sequence_name=series.sequence_name,
+                cipher = self.store.cipher  # description and protocol apart, as series_fields() reads them
+                description = cipher.decrypt(series.description_enc, column="series.description") or ""
+                protocol = cipher.decrypt(series.protocol_enc, column="series.protocol") or ""
+                fields = rules_mod.SeriesFields(text=description, protocol=protocol,
+                                                sequence_name=series.sequence_name,
                                                 image_type=series.image_type,
                                                 scanning_sequence=series.scanning_sequence,
                                                 inversion_time=series.inversion_time, modality=series.modality)

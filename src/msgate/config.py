@@ -137,6 +137,10 @@ class DicomSettings(Section):
                                         description="empty: any calling AE (warned at start)")
     allowed_networks: list[str] = Field(default_factory=list, description="empty: any source address")
     quiet_seconds: float = Field(10.0, gt=0, description="a study with no new instance for this long is stable")
+    default_issuer: str = Field("", max_length=64,
+                                description="assigning authority for a study without IssuerOfPatientID (most "
+                                            "scanners send none): the HL7 feed's PID-3 CX-4 namespace for the "
+                                            "same MRNs, e.g. HOSP; empty: only DICOM-sent issuers link")
     index_backlog_mb: int = Field(256, ge=16, description="journaled bytes waiting for the indexer before "
                                                           "senders are slowed down (then answered 0xA700)")
     tls: TlsSettings = TlsSettings()
@@ -199,6 +203,9 @@ class ResultsSettings(Section):
     """What the results publisher renders (msgate.results; docs/results.md)."""
 
     key_images: int = Field(3, ge=0, le=20, description="RGB Secondary Capture key images per result; 0 turns them off")
+    seg: bool = Field(True, description="send the lesion Segmentation (off for a PACS without SEG storage: its "
+                                        "C-STOREs would be dead letters for every study)")
+    parametric_map: bool = Field(True, description="send the Parametric Map (off for a PACS without it)")
     # The outbox's retry policy (msgate.results.outbox.Policy reads these by name). Times in seconds.
     base_delay: float = Field(5.0, gt=0, description="first retry delay; doubles per attempt (equal jitter)")
     max_delay: float = Field(3600.0, gt=0, description="cap on the retry delay")

@@ -73,7 +73,8 @@ def test_sn_range_not_taken_as_number(store: Store) -> None:
 def test_placer_namespace_distinguishes_orders(store: Store) -> None:
     acc = store.cipher.blind_index("ACC1", scope="accession")
     with store.db.session() as s:
-        s.add(Study(study_uid_index="uid1", accession_index=acc))
+        s.add(Study(study_uid_index="uid1", accession_index=acc,
+                    patient_id_enc=store.cipher.encrypt("PA", column="study.patient_id")))  # the images' MRN
         s.commit()
     _map(store, "MSH|^~\\&|HIS_A|HOSP|||20250102||ORM^O01|O1|P|2.5.1\nPID|1||PA^^^HOSP^MR\n"
                 "ORC|NW|1001^HIS_A\nOBR|1|1001^HIS_A||MR^MRI brain||||||||||||||ACC1\n")
@@ -83,7 +84,7 @@ def test_placer_namespace_distinguishes_orders(store: Store) -> None:
         orders = s.exec(select(Order)).all()
         pa = repo_ehr.find_patient(s, store.cipher, [repo_ehr.Identifier("PA", "HOSP")])
         study = s.exec(select(Study)).one()
-        lk = ehr.link(s, study)
+        lk = ehr.link(s, study, store.cipher)
         assert lk.patient_id == pa.id, ("study ACC1 (patient A) links to", lk.patient_id, "A is", pa.id,
                                         "orders", [(o.id, o.patient_id, o.status) for o in orders])
 

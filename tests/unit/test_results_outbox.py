@@ -598,7 +598,7 @@ def test_the_oru_names_the_order_of_this_patient_not_anothers_with_the_same_acce
         time.sleep(0.01)
         session.add(order(other, "OTHER"))  # newer, another patient
         session.flush()
-        job.flags = {**job.flags, "order_id": ehr.link(session, study).order_id}
+        job.flags = {**job.flags, "order_id": ehr.link(session, study, c).order_id}
         session.add(job)
     store_result(rstore, job_id=job_id, result=model_result((12, 40, 48)))
     assert publish_job(rstore, job_id) == "queued"

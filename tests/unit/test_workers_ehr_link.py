@@ -34,7 +34,7 @@ def _obs(store: Store, pid: int, feature: str, code: str, value: str, unit: str,
 def _snap(store: Store, study_id: int):
     with store.db.session() as s:
         study = s.get(Study, study_id)
-        link = ehr_mod.link(s, study)
+        link = ehr_mod.link(s, study, store.cipher)
         snap = ehr_mod.snapshot(s, store.cipher, study, link, store.settings.site_zone)
         return link, snap, ehr_mod.vector(snap), ehr_mod.missing(snap)
 
@@ -83,3 +83,54 @@ def test_value_observed_after_the_study_date_with_offset(store: Store) -> None:
                 "OBX|1|NM|101281-4^NfL^LN||99|pg/mL|||||F|||202611020030+0100\n")   # 2 Nov 00:30 local
     _, snap, _, _ = _snap(store, study_id)
     assert snap["nfl"]["value"] == 10.0, f"value observed on 2 Nov (local) used for a 1 Nov study: {snap['nfl']}"
+
+
+def test_an_order_found_by_accession_alone_links_only_the_images_own_patient(store: Store) -> None:
+    """The DICOM identifier linked no patient (no such MRN in the EHR yet), and the newest order with the
+    study's accession number belonged to another patient (another facility, a reused number): the case
+    ran with that patient's NfL and went out with that patient's order numbers."""
+    study_id, _ = make_study(store, seed=11, mrn="IMAGED1")
+    _hl7(store, "MSH|^~\\&|RIS|OTHER|||20261020||OMI^O23^OMI_O23|O11|P|2.5.1\n"
+                "PID|1||OTHER11^^^OTHER^MR||ROE^RICHARD||19500101|M\n"
+                "ORC|NW|PL11|FL11\nOBR|1|PL11|FL11|MR^MRI brain\nIPC|ACC00011|RP1|1.2.3|SPS1|MR\n")
+    _hl7(store, "MSH|^~\\&|LAB|OTHER|||20261020||ORU^R01^ORU_R01|R11|P|2.5.1\n"
+                "PID|1||OTHER11^^^OTHER^MR||ROE^RICHARD||19500101|M\nOBR|1||||||20261015\n"
+                "OBX|1|NM|101281-4^NfL^LN||80|pg/mL|||||F|||20261015\n")
+    with store.db.session() as s:
+        assert s.get(Study, study_id).patient_id is None  # the order's arrival did not adopt the study
+    link, snap, _, missing = _snap(store, study_id)
+    assert (link.patient_id, link.order_id) == (None, None) and snap["nfl"] is None and "nfl" in missing
+
+
+def test_an_order_found_by_accession_links_when_the_mrn_matches_under_another_issuer(store: Store) -> None:
+    """The images' PatientID is the order patient's MRN (the feed sends it with its authority, the scanner
+    without): the accession's order gives the patient, as before."""
+    study_id, _ = make_study(store, seed=12, mrn="IMAGED2")
+    _hl7(store, "MSH|^~\\&|RIS|HOSP|||20261020||OMI^O23^OMI_O23|O12|P|2.5.1\n"
+                "PID|1||IMAGED2^^^HOSP^MR||DOE^JANE||19800101|F\n"
+                "ORC|NW|PL12|FL12\nOBR|1|PL12|FL12|MR^MRI brain\nIPC|ACC00012|RP1|1.2.3|SPS1|MR\n")
+    link, _, _, _ = _snap(store, study_id)
+    assert link.patient_id is not None and link.order_id is not None
+    with store.db.session() as s:
+        assert s.get(Study, study_id).patient_id == link.patient_id  # adopted when the order was mapped
+
+
+def test_a_default_issuer_links_a_scanners_bare_patient_id(tmp_path: Path) -> None:
+    """Scanners rarely send IssuerOfPatientID; the feed indexes MRNs under PID-3's assigning authority, so
+    a bare PatientID linked to no patient (no order in between) and every case ran without its EHR.
+    MSGATE_DICOM__DEFAULT_ISSUER names the authority the scanners' PatientIDs belong to."""
+    from msgate.storage.store import open_store
+    from tests.conftest import make_settings
+
+    adt = ("MSH|^~\\&|ADT|HOSP|||20261020||ADT^A04|A13|P|2.5.1\nEVN|A04\n"
+           "PID|1||MRN00013^^^HOSP^MR||DOE^JANE||19800101|F\n")
+    for issuer, linked in (("", False), ("HOSP", True)):
+        store = open_store(make_settings(tmp_path / f"home-{issuer or 'none'}", "sqlite",
+                                         dicom={"default_issuer": issuer}))
+        try:
+            _hl7(store, adt)
+            study_id, _ = make_study(store, seed=13)  # PatientID MRN00013, no IssuerOfPatientID
+            link, _, _, _ = _snap(store, study_id)
+            assert (link.patient_id is not None) is linked, (issuer, link)
+        finally:
+            store.close()

@@ -261,9 +261,9 @@ def _upsert_order(session: Session, store: Store, patient: Patient | None, place
     order.message_id, order.updated_at = message_id, utcnow()
     session.add(order)
     session.flush()
-    if acc_i and patient is not None:
+    if acc_i and patient is not None:  # studies of this accession that wait for their patient: only its own
         for study in session.exec(select(Study).where(Study.accession_index == acc_i)).all():
-            if study.patient_id is None:
+            if study.patient_id is None and repo_ehr.holds_study_id(session, store.cipher, patient.id, study):
                 study.patient_id = patient.id
                 session.add(study)
 

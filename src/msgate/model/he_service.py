@@ -83,7 +83,7 @@ def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None
                     raise Rejected(f"job {jid} is {job.state}, not running: no HE inputs", code="he_job_state")
                 if issued.get(jid) == job.attempts:
                     raise Rejected(f"job {jid} already had its HE inputs for this attempt", code="he_replay")
-            link = ehr_mod.link(session, study)
+            link = ehr_mod.link(session, study, store.cipher)
             audit.append(session, kind=AUDIT_KIND, actor=actor[:64], subject=f"job:{jid}",
                          detail={"ehr": True, "patient_id": link.patient_id, "key_id": key_id})
             out.append((study.id, link))

@@ -87,7 +87,7 @@ def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source
     accession = str(source.get("AccessionNumber", "") or "")
     order = session.get(Order, order_id) if order_id is not None else None
     if order is None:
-        linked = link(session, study).order_id
+        linked = link(session, study, cipher).order_id
         order = session.get(Order, linked) if linked is not None else None
     placer = cipher.decrypt(order.placer_enc, column="order.placer") if order and order.placer_enc else None
     filler = cipher.decrypt(order.filler_enc, column="order.filler") if order and order.filler_enc else None

@@ -84,8 +84,8 @@ def text(ds: Dataset, keyword: str) -> str:
 class BatchIndexer:
     """Indexes one batch (``run``); a new object per transaction."""
 
-    def __init__(self, session: Session, cipher: FieldCipher) -> None:
-        self.session, self.cipher = session, cipher
+    def __init__(self, session: Session, cipher: FieldCipher, default_issuer: str = "") -> None:
+        self.session, self.cipher, self.default_issuer = session, cipher, default_issuer
         self.studies: dict[str, tuple[int, bool]] = {}  # uid index -> (id, created here)
         self.series: dict[str, tuple[int, bool]] = {}
         self.study_counts: dict[int, _Counts] = {}
@@ -224,7 +224,8 @@ class BatchIndexer:
         if found is not None:
             self.studies[uid_index] = (int(found[0]), False)
             return int(found[0]), False
-        study = new_study(header.dataset(), self.cipher, uid_index=uid_index, calling_aet=calling_aet)
+        study = new_study(header.dataset(), self.cipher, uid_index=uid_index, calling_aet=calling_aet,
+                          default_issuer=self.default_issuer)
         self.session.add(study)
         self.session.flush()
         assert study.id is not None
@@ -248,9 +249,13 @@ class BatchIndexer:
         return series.id, True
 
 
-def new_study(ds: Dataset, cipher: FieldCipher, *, uid_index: str, calling_aet: str) -> Study:
+def new_study(ds: Dataset, cipher: FieldCipher, *, uid_index: str, calling_aet: str, default_issuer: str = "") -> Study:
+    """The study row of a first instance. ``default_issuer`` stands in for an absent IssuerOfPatientID in
+    the identifier index: the HL7 feed indexes MRNs under their assigning authority (PID-3 CX-4), so a
+    scanner's bare PatientID linked to no patient and every case ran without its EHR."""
     enc, idx = cipher.encrypt, cipher.blind_index
-    accession, patient, issuer = text(ds, "AccessionNumber"), text(ds, "PatientID"), text(ds, "IssuerOfPatientID")
+    accession, patient = text(ds, "AccessionNumber"), text(ds, "PatientID")
+    issuer = text(ds, "IssuerOfPatientID") or default_issuer.strip()
     return Study(
         study_uid_index=uid_index, study_uid_enc=enc(text(ds, "StudyInstanceUID"), column="study.study_uid"),
         accession_index=idx(accession, scope="accession") if accession else None,

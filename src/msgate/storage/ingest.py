@@ -112,9 +112,11 @@ def content_hash(cipher: FieldCipher, source: bytes | Path) -> str:
 class Ingest:
     """Durable, idempotent, audited ingest of instances and HL7 messages."""
 
-    def __init__(self, *, db: Database, blobs: Blobs, cipher: FieldCipher, min_free_bytes: int, space_path: Path):
+    def __init__(self, *, db: Database, blobs: Blobs, cipher: FieldCipher, min_free_bytes: int, space_path: Path,
+                 default_issuer: str = ""):
         self.db, self.blobs, self.cipher = db, blobs, cipher
         self.min_free_bytes, self.space_path = min_free_bytes, space_path
+        self.default_issuer = default_issuer
 
     def check_space(self) -> None:
         if self.min_free_bytes and free_bytes(self.space_path) < self.min_free_bytes:
@@ -165,7 +167,7 @@ class Ingest:
             blob = self.blobs.write_body(session, kind="dicom", source=source)
             try:
                 item = PreparedInstance(header, blob, sop_index, digest, calling_aet, assoc_id)
-                results, dropped = BatchIndexer(session, self.cipher).run([item], actor=actor)
+                results, dropped = BatchIndexer(session, self.cipher, self.default_issuer).run([item], actor=actor)
                 if dropped:  # a duplicate: keep the first copy only
                     session.rollback()
             except BaseException:
@@ -257,7 +259,7 @@ class Ingest:
         started = time.perf_counter()
         try:
             with self.db.session() as session:
-                stored, dropped = BatchIndexer(session, self.cipher).run(items, actor=actor)
+                stored, dropped = BatchIndexer(session, self.cipher, self.default_issuer).run(items, actor=actor)
         except Exception as exc:
             if keep_on_transient and isinstance(exc, Transient):
                 metrics.INSTANCES.labels("transient").inc(len(items))

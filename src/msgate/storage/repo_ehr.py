@@ -65,6 +65,22 @@ def survivor(session: Session, patient: Patient) -> Patient:
     return patient
 
 
+def holds_study_id(session: Session, cipher: FieldCipher, patient_id: int, study: Study) -> bool:
+    """Whether the patient (or a patient merged into it) has an identifier whose value is the study's DICOM
+    PatientID, whatever its assigning authority. The check before an order found by accession number alone
+    gives a study its patient: accession numbers are unique per issuer only, so with two facilities (or a
+    reused number) the newest order of that number belonged to someone else, and the case ran with that
+    patient's EHR and went out with that patient's order numbers. A study without PatientID holds none."""
+    dicom_id = (cipher.decrypt(study.patient_id_enc, column="study.patient_id") or "").strip()
+    if not dicom_id:
+        return False
+    ids = {patient_id, *session.exec(select(Patient.id).where(Patient.merged_into_id == patient_id)).all()}
+    for row in session.exec(select(PatientIdentifier).where(col(PatientIdentifier.patient_id).in_(ids))).all():
+        if (cipher.decrypt(row.value_enc, column="patient_identifier.value") or "").strip() == dicom_id:
+            return True
+    return False
+
+
 def find_patients(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> list[Patient]:
     """Every (surviving) patient that any of ``idents`` names, in identifier order, each once."""
     if not idents:

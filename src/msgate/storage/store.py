@@ -84,5 +84,6 @@ def open_store(settings: Settings, *, migrate: bool = True, create_keys: bool = 
     bodies = make_bodies(settings.storage.blob_backend, settings.blob_dir)
     blobs = Blobs(db=db, ring=ring, bodies=bodies, chunk_bytes=settings.storage.chunk_bytes)
     ingest = Ingest(db=db, blobs=blobs, cipher=cipher, min_free_bytes=settings.storage.min_free_bytes,
-                    space_path=settings.blob_dir if settings.storage.blob_backend == "local" else settings.home)
+                    space_path=settings.blob_dir if settings.storage.blob_backend == "local" else settings.home,
+                    default_issuer=settings.dicom.default_issuer)
     return Store(settings=settings, db=db, ring=ring, cipher=cipher, blobs=blobs, ingest=ingest)

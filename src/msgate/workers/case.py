@@ -54,7 +54,7 @@ def _instances(store: Store, series: dict[str, int], study_id: int,
         study = session.get(Study, study_id)
         if study is None:
             raise Rejected("the study was deleted", code="no_study")
-        link = ehr_mod.link(session, study) if with_ehr else None
+        link = ehr_mod.link(session, study, store.cipher) if with_ehr else None
         for role, series_id in series.items():
             rows = session.exec(select(Instance.id, Instance.blob_id).where(
                 Instance.series_id == series_id, col(Instance.current).is_(True)).order_by(col(Instance.id))).all()

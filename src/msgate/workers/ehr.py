@@ -3,8 +3,10 @@
 Linking (no decryption needed, blind indexes only): the study's own patient (``Study.patient_id``, set
 when an HL7 identifier matches the DICOM ``IssuerOfPatientID|PatientID``, else that identifier looked up
 directly), and the order with the study's accession number (``Order.accession_index``) when that order
-belongs to the same patient, or gives the patient when the study's identifier links to none. An order of
-another patient with the same accession number (numbers are unique only per issuer) is not used.
+belongs to the same patient. When the study's identifier links to no patient, an order found by accession
+gives the patient only if that patient has an identifier with the study's DICOM PatientID as its value
+(any assigning authority: scanners rarely send IssuerOfPatientID); an order of another patient with the
+same accession number (numbers are unique only per issuer) is never used.
 Merged patients resolve to the survivor. The snapshot is taken at the study date with the
 feature schema's validity windows (``storage.repo_ehr.snapshot``); age and sex fall back to the DICOM
 header when the EHR has no demographics.
@@ -35,7 +37,7 @@ class EhrLink:
     order_id: int | None
 
 
-def link(session: Session, study: Study) -> EhrLink:
+def link(session: Session, study: Study, cipher: FieldCipher) -> EhrLink:
     patient_id = study.patient_id
     if patient_id is None and study.dicom_patient_index:
         ident = session.exec(select(PatientIdentifier)
@@ -47,9 +49,11 @@ def link(session: Session, study: Study) -> EhrLink:
         for candidate in session.exec(select(Order).where(Order.accession_index == study.accession_index)
                                       .order_by(col(Order.updated_at).desc())).all():
             owner = _survivor_id(session, candidate.patient_id)
-            if patient_id is None or owner in (None, patient_id):
+            if patient_id is not None and owner in (None, patient_id):
                 order = candidate
-                patient_id = patient_id if patient_id is not None else owner
+                break
+            if patient_id is None and owner is not None and repo_ehr.holds_study_id(session, cipher, owner, study):
+                order, patient_id = candidate, owner  # the accession's order, of the images' own patient
                 break
     return EhrLink(patient_id, order.id if order is not None else None)
 

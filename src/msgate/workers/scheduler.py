@@ -89,7 +89,7 @@ def plan(session: Session, store: Store, study: Study, *, model_version: str) ->
     chosen = case_mod.choose_series(list(session.exec(select(Series).where(Series.study_id == study.id)).all()))
     if "FLAIR" not in chosen or study.id is None:
         return None
-    link = ehr_mod.link(session, study)
+    link = ehr_mod.link(session, study, store.cipher)
     snap = ehr_mod.snapshot(session, store.cipher, study, link, store.settings.site_zone)
     missing = ehr_mod.missing(snap)
     required = [name for name in store.settings.workers.required_ehr_fields if name in missing]

@@ -63,7 +63,7 @@ def candidates(store: Store) -> tuple[list[Candidate], Counter[str]]:
         for study in session.exec(select(Study).where(col(Study.state).in_(sorted(FINAL_STATES)))
                                   .order_by(col(Study.id))).all():
             chosen = case_mod.choose_series(list(session.exec(select(Series).where(Series.study_id == study.id)).all()))
-            link = ehr_mod.link(session, study)
+            link = ehr_mod.link(session, study, store.cipher)
             if "FLAIR" not in chosen:
                 skipped["no_flair"] += 1
             elif link.patient_id is None:

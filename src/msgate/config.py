@@ -148,6 +148,11 @@ class DicomSettings(Section):
     _nets = field_validator("allowed_networks")(_check_networks)
 
 
+# MSH-3..6 are HD, whose namespace id (HD.1) is at most 20 characters (HL7 v2.5.1 2.A.33): a longer
+# name was accepted here and then every ORU failed strict validation, so no result reached the EHR.
+HD1 = "MSH-3..6 namespace id: at most 20 characters (HL7 HD.1)"
+
+
 class Hl7Settings(Section):
     """The HL7 v2 MLLP feed and the identity msgate uses in messages it sends."""
 
@@ -156,8 +161,8 @@ class Hl7Settings(Section):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     idle_timeout: float = Field(600.0, gt=0)
     allowed_networks: list[str] = Field(default_factory=list)
-    sending_application: str = "MSGATE"
-    sending_facility: str = "MSGATE"
+    sending_application: str = Field("MSGATE", min_length=1, max_length=20, description=HD1)
+    sending_facility: str = Field("MSGATE", min_length=1, max_length=20, description=HD1)
     processing_ids: list[str] = Field(default_factory=lambda: ["P"], min_length=1,
                                       description="MSH-11 values accepted (P production, T training, D "
                                                   "debugging); others are refused with error 202")
@@ -195,8 +200,8 @@ class Hl7Destination(Section):
 
     host: str = "127.0.0.1"
     port: int = Field(2576, ge=1, le=65535)
-    receiving_application: str = "EHR"
-    receiving_facility: str = "HOSPITAL"
+    receiving_application: str = Field("EHR", min_length=1, max_length=20, description=HD1)
+    receiving_facility: str = Field("HOSPITAL", min_length=1, max_length=20, description=HD1)
 
 
 class ResultsSettings(Section):
@@ -262,7 +267,8 @@ class WorkerSettings(Section):
                                         "this much (clock skew between hosts) before the reconciler re-queues it")
     max_retries: int = Field(5, ge=0)
     retry_backoff_max: float = Field(300.0, gt=0)
-    device: str = Field("auto", description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     model_module: str = Field("msgate.model.predict", description="module with load_model() and predict(cases)")
     queue_prefix: str = Field("", max_length=64, description="Redis key prefix: several deployments, one Redis")
 

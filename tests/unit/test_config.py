@@ -282,3 +282,18 @@ def test_database_url_forms(url: str, says: str) -> None:
 def test_supported_database_urls_pass(tmp_path: Path) -> None:
     assert load_settings(database_url="postgresql+psycopg://msgate:s3cret@db/msgate").database_url
     assert load_settings(database_url=f"sqlite:///{tmp_path}/x.db").is_embedded
+
+
+@pytest.mark.parametrize(("section", "key", "value", "name"), [
+    ("workers", "device", "gpu", "MSGATE_WORKERS__DEVICE"),
+    ("hl7", "sending_application", "RADIOLOGY_AI_GATEWAY_1", "MSGATE_HL7__SENDING_APPLICATION"),
+    ("hl7_out", "receiving_facility", "UNIVERSITY_HOSPITAL_NORTH", "MSGATE_HL7_OUT__RECEIVING_FACILITY"),
+])
+def test_values_that_only_failed_later_are_refused_at_start(tmp_path: Path, section: str, key: str, value: str,
+                                                            name: str) -> None:
+    """A worker device torch does not know crash-looped the worker with only 'RuntimeError'; an HL7 name
+    over HD.1's 20 characters was accepted and then no ORU was ever built. Both are refused by name now."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(home=tmp_path, **{section: {key: value}})
+    assert name in str(info.value)
+    assert load_settings(home=tmp_path, workers={"device": "cuda:1"}).workers.device == "cuda:1"

@@ -48,6 +48,12 @@ class ConfigError(MsgateError):
     code = "config"
 
 
+class HomeInUse(ConfigError):
+    """Another msgate process holds this home's journal: two listeners or feeds on one home lose data."""
+
+    code = "home_in_use"
+
+
 class CryptoError(MsgateError):
     """Base of every decryption or key failure. Never returns garbage."""
 

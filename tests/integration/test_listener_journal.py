@@ -23,6 +23,16 @@ from msgate.storage.store import Store
 pytestmark = [pytest.mark.integration]
 
 
+def _died(journal: Journal) -> None:
+    """What the kernel does for a process that dies: its journal folder's lock is released (the segments
+    stay, never closed)."""
+    import os
+
+    assert journal._owner is not None
+    os.close(journal._owner)
+    journal._owner = None
+
+
 def test_leftover_segment_is_indexed_once_before_the_port_opens(store: Store, tmp_path: Path) -> None:
     files = write_series(tmp_path / "s", count=5, description="AX FLAIR")
     datas = [p.read_bytes() for p in files]
@@ -32,6 +42,7 @@ def test_leftover_segment_is_indexed_once_before_the_port_opens(store: Store, tm
     journal.append(records[:3])
     journal.append(records[3:])
     # the process "died" here: nothing indexed, the segment never closed
+    _died(journal)
     journaled = [decode_record(r) for p in journal.directory.glob("*.jnl") for r in read_segment(p, store.ring)]
     assert [d for _, _, d in journaled] == datas and {a for a, _, _ in journaled} == {"CRASHED"}
 
@@ -68,6 +79,7 @@ def test_a_replayed_journal_does_not_revert_a_corrected_instance(store: Store, t
     journal = Journal(store.settings.home / "dicom-journal", store.ring, preallocate=True)
     journal.append([encode_record(Received(v1, dataset.parse(v1), "SCU", "assoc1")),
                     encode_record(Received(v2, dataset.parse(v2), "SCU", "assoc2"))])
+    _died(journal)
     store.settings.dicom.port = free_port()
     ae, _, _ = server.start(store)
     ae.shutdown()
@@ -98,6 +110,7 @@ def test_recovered_instances_reopen_a_finished_study(store: Store, tmp_path: Pat
     journal = Journal(store.settings.home / "dicom-journal", store.ring, preallocate=True)
     journal.append([encode_record(Received(p.read_bytes(), dataset.parse(p.read_bytes()), "SCU", "a2"))
                     for p in flair])
+    _died(journal)
     store.settings.dicom.port = free_port()
     store.settings.dicom.quiet_seconds = 0.5
     ae, _, tracker = server.start(store)

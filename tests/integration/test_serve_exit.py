@@ -95,3 +95,40 @@ def test_a_stop_signal_to_the_whole_service_stops_it_in_order(tmp_path: Path, ro
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-2000:]
     assert "msgate stopped" in err and "indexer exited" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("role", ["hl7", "dicom"])
+def test_a_second_listener_on_the_same_home_stops_before_it_touches_the_journal(tmp_path: Path, role: str) -> None:
+    """A second `serve --role hl7|dicom` on a home in use took the running one's live journal segments
+    for a crash's leftovers, indexed and deleted them, and the running one went on acknowledging into
+    deleted files: lost at its next restart. The second one now stops first, naming the reason."""
+    import signal
+    import time
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
+    env.update({"MSGATE_HOME": str(home), "MSGATE_STORAGE__MIN_FREE_BYTES": "0", "MSGATE_METRICS__ENABLED": "false"})
+    first_port, second_port = _free_port(), _free_port()
+    first = subprocess.Popen([sys.executable, "-m", "msgate", "serve", "--role", role],
+                             env={**env, f"MSGATE_{role.upper()}__PORT": str(first_port)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and first.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", first_port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        journal = home / f"{role}-journal"
+        segments = sorted(p.name for p in journal.glob("*.jnl"))
+        assert segments, "the running listener has its journal segments"
+        second = subprocess.run([sys.executable, "-m", "msgate", "serve", "--role", role],
+                                env={**env, f"MSGATE_{role.upper()}__PORT": str(second_port)},
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "home_in_use" in second.stderr, second.stderr[-2000:]
+        assert sorted(p.name for p in journal.glob("*.jnl")) == segments  # nothing of the first one's touched
+        assert first.poll() is None
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(60)

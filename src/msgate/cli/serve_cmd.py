@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from msgate.cli.common import state
-from msgate.errors import ConfigError
+from msgate.errors import ConfigError, HomeInUse
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ def _os_error_fields(exc: Exception, role: str, settings: Any) -> dict[str, Any]
     """errno and the OS's words for an OSError (a port in use, a folder that cannot be written), and the
     role's address when the error is about binding it. The log shows no exception text (it may quote
     PHI), so a port conflict read only "OSError" and compose restarted the role forever without a reason."""
+    if isinstance(exc, HomeInUse):
+        return {"code": exc.code, "reason": "another msgate process holds this home's journal: each DICOM "
+                                            "listener and HL7 feed needs its own MSGATE_HOME"}
     if not isinstance(exc, OSError) or exc.errno is None:
         return {}
     fields: dict[str, Any] = {"code": errno.errorcode.get(exc.errno, str(exc.errno)), "reason": exc.strerror}

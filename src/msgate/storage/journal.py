@@ -17,6 +17,7 @@ wrapped by the key ring's KEK, like blobs.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from msgate.errors import TamperedData
+from msgate.errors import HomeInUse, TamperedData
 from msgate.storage import crypto
 from msgate.storage.blobs import fsync_dir
 from msgate.storage.keyring import KeyRing
@@ -89,6 +90,7 @@ class Journal:
         self.directory, self.ring, self.rotate_bytes = directory, ring, rotate_bytes
         self.preallocate = preallocate
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._owner = _own(directory)
         self._lock = threading.Lock()
         self._current: Segment | None = None
         self._segments: dict[str, Segment] = {}
@@ -193,6 +195,27 @@ class Journal:
                 if seg is not None:
                     self._close(seg)
             self._current = self._spare = None
+        if self._owner is not None:
+            os.close(self._owner)  # releases the folder's lock
+            self._owner = None
+
+
+def _own(directory: Path) -> int:
+    """Hold the folder's lock (``flock`` on ``<folder>.lock`` beside it) while this journal is open; released by the kernel
+    when the process ends, however it ends.
+
+    A second listener or feed started on the same home (a systemd unit plus a manual run, two feeds on
+    two ports) took the running one's live segments for a crash's leftovers: it indexed and deleted them
+    while the first kept appending to the deleted files and acknowledging, so what it acknowledged next
+    was lost at its next restart. The second one now stops before it reads anything."""
+    fd = os.open(directory.parent / f"{directory.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HomeInUse(f"{directory} is in use by another msgate process: each DICOM listener and HL7 feed "
+                        "needs its own MSGATE_HOME (or stop the other one first)") from None
+    return fd
 
 
 def segment_key_id(path: Path) -> str | None:

@@ -128,7 +128,8 @@ class DicomSettings(Section):
     ae_title: AeTitle = "MSGATE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)
-    max_pdu: int = Field(262_144, ge=0, description="0 means unlimited")
+    max_pdu: int = Field(262_144, ge=0, description="largest PDU announced and accepted, in bytes; 0 announces "
+                                                   "the listener's own bound (64 MiB), not \"no maximum\"")
     acse_timeout: float = Field(30.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)

@@ -11,7 +11,7 @@ Default configuration (``[dicom]`` in the TOML file, or ``MSGATE_DICOM__*``)::
     ae_title = "MSGATE"          # called AE title
     host = "127.0.0.1"           # bind address; 0.0.0.0 to accept from the network
     port = 11112
-    max_pdu = 262144             # maximum PDU we receive (0 = unlimited)
+    max_pdu = 262144             # maximum PDU we announce and receive (0: 64 MiB, the data phase's bound)
     acse_timeout = 30.0          # seconds
     dimse_timeout = 60.0
     network_timeout = 60.0

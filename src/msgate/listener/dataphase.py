@@ -21,6 +21,9 @@ presentation data values are assembled directly:
   DUL loop aborts the association (A-ABORT);
 - a PDU longer than we accept (a P-DATA-TF over the maximum PDU we announced, any other PDU over
   :data:`ASSOCIATION_PDU_MAX`) is refused before its body is read or allocated (A-ABORT);
+- after a refused PDU (too long, unknown type, undecodable), and whenever the association waits for the
+  connection to close (Sta13), nothing the peer sends is taken for a PDU: it is dropped unread, at most
+  :data:`DISCARD_MAX` bytes, then the connection is closed; a refusal is logged once per connection;
 - an A-RELEASE-RQ first calls ``before_release`` (the listener waits there until the association's
   instances are indexed), then goes to pynetdicom, which answers it.
 """
@@ -38,7 +41,8 @@ from msgate.listener import pdata
 log = logging.getLogger(__name__)
 
 ASSOCIATION_PDU_MAX = 1 << 20  # A-ASSOCIATE-RQ and the other non-data PDUs: real ones are a few KiB
-UNLIMITED_PDATA_MAX = 64 << 20  # a P-DATA-TF when our maximum PDU is 0 ("unlimited"): still bounded
+UNLIMITED_PDATA_MAX = 64 << 20  # the maximum PDU announced (and accepted) when max_pdu is 0 ("unlimited")
+DISCARD_MAX = 1 << 20  # bytes dropped after a refused PDU before the connection is closed
 HEADER_SLACK = 6  # tolerated excess over our maximum PDU (peers that count the 6-byte PDU header in it)
 
 # (Part-10 bytes, association, transfer syntax, (Affected SOP Class UID, Affected SOP Instance UID)) -> status
@@ -57,6 +61,7 @@ class DataPhase:
         self.dul, self.store, self.before_release = dul, store, before_release
         self.active = True
         self.contexts: dict[int, str] | None = None  # accepted context ID -> transfer syntax
+        self.discarded = -1  # bytes dropped since a PDU was refused; -1: none refused
         self._reset()
 
     def _reset(self) -> None:
@@ -70,6 +75,9 @@ class DataPhase:
 
     def read_pdu_data(self) -> None:
         sock = self.dul.socket.socket
+        if self.discarded >= 0 or self.dul.state_machine.current_state == "Sta13":
+            self._discard(sock)  # refused, or waiting for the close: nothing received now changes it
+            return
         header = self._recv(sock, 6, quiet_eof=True)
         if header is None:
             return
@@ -79,11 +87,11 @@ class DataPhase:
             self.dul.event_queue.put("Evt17")
             return
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            log.error("unknown PDU type received", extra={"reason": f"0x{pdu_type:02X}"})
-            self.dul.event_queue.put("Evt19")
+            self._refuse("unknown PDU type received: association aborted", _not_dicom(header))
             return
         if length > self._limit(pdu_type):
-            self._refuse_oversized(sock, pdu_type, length)
+            self._refuse("PDU longer than this listener accepts: association aborted",
+                         f"type 0x{pdu_type:02X}, {length} bytes")
             return
         body = self._recv(sock, length)
         if body is None:
@@ -105,16 +113,28 @@ class DataPhase:
         ours = int(getattr(getattr(self.dul.assoc, "acceptor", None), "maximum_length", 0) or 0)
         return ours + HEADER_SLACK if ours else UNLIMITED_PDATA_MAX
 
-    def _refuse_oversized(self, sock: socket.socket, pdu_type: int, length: int) -> None:
-        """An invalid PDU (Evt19: pynetdicom answers with A-ABORT); nothing more is read from this peer,
-        so the rest of its declared body is never taken for PDUs."""
-        log.error("PDU longer than this listener accepts: association aborted",
-                  extra={"reason": f"type 0x{pdu_type:02X}, {length} bytes"})
+    def _refuse(self, message: str, reason: str) -> None:
+        """An invalid PDU (Evt19: pynetdicom answers with A-ABORT and waits for the close). Before, the
+        peer's next bytes were read as further 6-byte PDU headers, each one logged and answered again: a
+        TLS ClientHello or an HTTP health check on the plain port logged dozens of ERRORs, 4 MiB of junk
+        9,370 lines. From here on :meth:`_discard` drops them unread; this is the one log line."""
+        if self.discarded >= 0:  # a second PDU of a message replayed into pynetdicom
+            return
+        log.error(message, extra={"reason": reason, "peer": _peer(self.dul.assoc)})
         self.dul.event_queue.put("Evt19")
+        self.discarded = 0
+
+    def _discard(self, sock: socket.socket) -> None:
+        """Drop what the peer sent after a refused PDU (pynetdicom calls here only when the socket is
+        readable). Its end, or more than :data:`DISCARD_MAX` bytes, closes the connection (Evt17)."""
+        self.discarded = max(self.discarded, 0)
         try:
-            sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
+            n = sock.recv(65536)
+        except (OSError, TimeoutError):
+            n = b""
+        self.discarded += len(n)
+        if not n or self.discarded > DISCARD_MAX:
+            self.dul.socket.close()
 
     def _recv(self, sock: socket.socket, size: int, *, quiet_eof: bool = False) -> bytearray | None:
         """Exactly ``size`` bytes, or None after queueing Evt17 (connection closed or timed out). The peer
@@ -141,8 +161,8 @@ class DataPhase:
         try:
             pdu, event = self.dul._decode_pdu(raw)
         except Exception:
-            log.error("unable to decode the received PDU data")
-            self.dul.event_queue.put("Evt19")
+            self._refuse("unable to decode the received PDU data: association aborted",
+                         f"type 0x{raw[0]:02X}")
             return
         self.dul.event_queue.put(event)
         self.dul._recv_pdu.put(pdu)
@@ -231,3 +251,17 @@ class DataPhase:
                 self.dul.socket.socket.sendall(pdu)
         except OSError:
             self.dul.event_queue.put("Evt17")
+
+
+def _peer(assoc: Any) -> str:
+    return str(getattr(getattr(assoc, "requestor", None), "address", "") or "")
+
+
+def _not_dicom(header: bytes) -> str:
+    """The unknown type, with what the bytes most likely are (no content is logged)."""
+    kind = f"0x{header[0]:02X}"
+    if header[0] == 0x16 and header[1] == 0x03:
+        return f"{kind}: a TLS handshake (this port is not TLS)"
+    if bytes(header[:3]).isalpha():
+        return f"{kind}: text, e.g. an HTTP request"
+    return kind

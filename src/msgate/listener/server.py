@@ -3,7 +3,14 @@
 Presentation contexts: Verification, plus every storage SOP class pynetdicom knows (Enhanced MR and
 the other multi-frame classes included) × every transfer syntax pydicom knows (implicit/explicit
 little endian, explicit big endian, deflated, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
-HTJ2K, RLE, MPEG/HEVC). Instances are stored as received, never transcoded.
+HTJ2K, RLE, MPEG/HEVC). Instances are stored as received, never transcoded. Of the syntaxes a context
+proposes, the first in :data:`SYNTAX_PREFERENCE` is accepted: Explicit VR Little Endian, the other
+uncompressed ones, lossless compression, lossy compression last.
+
+An A-ASSOCIATE-RQ whose application context name is not the DICOM one gets A-ASSOCIATE-RJ
+(rejected-permanent, service user, application context name not supported; PS3.8 §7.1.1.2).
+``max_pdu = 0`` announces the largest P-DATA-TF the data phase accepts
+(:data:`~msgate.listener.dataphase.UNLIMITED_PDATA_MAX`, 64 MiB), not "no maximum".
 
 Access control (``[dicom]`` settings): ``allowed_aets`` and ``allowed_networks`` are checked during
 association negotiation; a caller outside them gets A-ASSOCIATE-RJ (rejected-permanent, service
@@ -30,7 +37,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from msgate.childproc import settle_heap
 from msgate.config import DicomSettings
 from msgate.errors import ConfigError
-from msgate.listener import fastpath
+from msgate.listener import dataphase, fastpath
 from msgate.listener.dataphase import ReleaseFn, StoreFn
 from msgate.listener.handlers import Listener
 from msgate.listener.indexer import Indexer
@@ -43,8 +50,45 @@ from msgate.storage.store import Store
 log = logging.getLogger(__name__)
 
 
+DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1: the one DICOM application context name
+
+# pynetdicom accepts, for each proposed context, the first of the acceptor's syntaxes the requestor also
+# proposed. In pydicom's list order Implicit VR came before Explicit VR (private elements then stored as
+# UN, not as sent) and JPEG Baseline before every lossless syntax (a sender's lossless J2K taken lossy).
+# Implicit VR stays ahead of Deflated and Big Endian, as before: DCMTK proposes [Explicit VR LE] and
+# [Big Endian, Implicit VR] as two contexts, and sends an Implicit VR file unchanged only if Implicit
+# is taken.
+SYNTAX_PREFERENCE = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (process 14, SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (process 14)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 multi-component lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K RPCL lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.7.1",  # SMPTE ST 2110-20 uncompressed progressive video
+    "1.2.840.10008.1.2.7.2",  # SMPTE ST 2110-20 uncompressed interlaced video
+    "1.2.840.10008.1.2.7.3",  # SMPTE ST 2110-30 PCM audio
+    # lossy, or lossless only at the sender's choice
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 multi-component
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+)  # then every other syntax pydicom knows (MPEG-2, H.264, HEVC, JPIP references), in its order
+
+
 def transfer_syntaxes() -> list[str]:
-    return [str(uid) for uid in AllTransferSyntaxes]
+    """Every syntax pydicom knows (all accepted, as before), in :data:`SYNTAX_PREFERENCE` order."""
+    known = [str(uid) for uid in AllTransferSyntaxes]
+    preferred = [uid for uid in SYNTAX_PREFERENCE if uid in known]
+    return preferred + [uid for uid in known if uid not in preferred]
 
 
 def build_ae(cfg: DicomSettings) -> AE:
@@ -54,7 +98,10 @@ def build_ae(cfg: DicomSettings) -> AE:
     ae.add_supported_context(Verification, syntaxes)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, syntaxes)
-    ae.maximum_pdu_size = cfg.max_pdu
+    # 0 on the wire is "no maximum" (PS3.8 D.1), and a sender then put a whole 66 MiB instance in one
+    # P-DATA-TF, which the data phase refused over its own bound: aborted, never stored, re-sent forever.
+    # Announcing that bound instead makes a conforming sender split.
+    ae.maximum_pdu_size = cfg.max_pdu or dataphase.UNLIMITED_PDATA_MAX
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = cfg.acse_timeout, cfg.dimse_timeout, cfg.network_timeout
     ae.maximum_associations = cfg.max_associations
     ae.require_calling_aet = [aet.strip() for aet in cfg.allowed_aets]
@@ -76,7 +123,8 @@ def tls_context(cfg: DicomSettings) -> ssl.SSLContext | None:
 
 
 class _AccessControlledHandler(RequestHandler):
-    """Per connection: wake signals for the fast path, and the source-network check at negotiation."""
+    """Per connection: wake signals for the fast path, and the checks at negotiation (source network,
+    application context name)."""
 
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     store: StoreFn | None = None
@@ -85,24 +133,40 @@ class _AccessControlledHandler(RequestHandler):
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         fastpath.arm(assoc, type(self).store, type(self).before_release)
-        if self.networks:
-            host = ipaddress.ip_address(self.client_address[0])
-            if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
-                host = host.ipv4_mapped  # an IPv4 peer of a dual-stack ("::") listener: ::ffff:a.b.c.d
-            if not any(host in net for net in self.networks):
-                _reject_at_negotiation(assoc)
+        _reject_at_negotiation(assoc, address_allowed=self._address_allowed())
         return assoc
 
+    def _address_allowed(self) -> bool:
+        if not self.networks:
+            return True
+        host = ipaddress.ip_address(self.client_address[0])
+        if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+            host = host.ipv4_mapped  # an IPv4 peer of a dual-stack ("::") listener: ::ffff:a.b.c.d
+        return any(host in net for net in self.networks)
 
-def _reject_at_negotiation(assoc: Any) -> None:
-    """Answer the A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (permanent, service user, no reason given)."""
+
+def _reject_at_negotiation(assoc: Any, *, address_allowed: bool) -> None:
+    """Checks made before pynetdicom's own negotiation, each answered with A-ASSOCIATE-RJ (permanent,
+    service user): a source address outside ``allowed_networks`` (no reason given), and an application
+    context name other than DICOM's (reason 2, PS3.8 §7.1.1.2; pynetdicom accepted any name)."""
     from pynetdicom import evt
 
     acse = assoc.acse
+    negotiate_as_acceptor = acse._negotiate_as_acceptor
 
     def negotiate() -> None:
-        acse.requestor.ae_title = acse.requestor.primitive.calling_ae_title
-        acse.send_reject(0x01, 0x01, 0x01)
+        request = acse.requestor.primitive
+        if not address_allowed:
+            reason = 0x01
+        elif str(request.application_context_name or "").rstrip("\0 ") != DICOM_APPLICATION_CONTEXT:
+            reason = 0x02
+            log.info("association rejected: application context name not supported",
+                     extra={"reason": "application-context-name-not-supported"})
+        else:
+            negotiate_as_acceptor()
+            return
+        acse.requestor.ae_title = request.calling_ae_title
+        acse.send_reject(0x01, 0x01, reason)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 

@@ -1,6 +1,7 @@
 """Prometheus metrics (prometheus-client), one endpoint per ``msgate serve`` process.
 
-Counters and histograms are updated where the work happens (ingest, ACK paths, tasks, sender);
+Counters and histograms are updated where the work happens (ingest, ACK paths, tasks, the outbox
+sender: one ``DELIVERIES`` count per recorded attempt, :mod:`msgate.results.outbox`);
 queue depth, job states and outbox backlog are read from the database at scrape time by
 :class:`StoreCollector`, so every process reports the same system-wide view. Names are documented in
 docs/operations.md ("Metrics").
@@ -38,8 +39,8 @@ STAGE_SECONDS = Histogram("msgate_job_stage_seconds", "Job stage durations (load
                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
 INFERENCE_SECONDS = Histogram("msgate_model_inference_seconds", "Model predict time per batch", registry=REGISTRY,
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-DELIVERIES = Counter("msgate_outbox_deliveries", "Outbox send attempts, by kind and outcome", ["kind", "outcome"],
-                     registry=REGISTRY)
+DELIVERIES = Counter("msgate_outbox_deliveries", "Outbox send attempts, by kind (dicom, hl7) and outcome "
+                     "(delivered, retry, dead, expired, interrupted)", ["kind", "outcome"], registry=REGISTRY)
 
 
 class StoreCollector(Collector):

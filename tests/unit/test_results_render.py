@@ -559,3 +559,15 @@ def test_a_flair_from_two_multiframe_instances_still_gets_no_seg(sources: list[D
     assert build_seg(result, src, Identity.of(result), series_uid=hd.UID(), sop_uid=hd.UID()) is None
     objects, _ = render(result, src, options=RenderOptions(key_images=0, parametric_map=False))
     assert [o.kind for o in objects] == ["out.sr"]
+
+
+def test_a_pacs_without_seg_or_parametric_map_storage_can_be_spared_them(sources: list[Dataset],
+                                                                        result: ModelResult) -> None:
+    """A PACS that does not take Segmentation or Parametric Map storage dead-lettered both objects of every
+    study (status degraded for good, the study never purgeable), and MSGATE_RESULTS__PARAMETRIC_MAP was
+    refused as an unknown setting. Both are settings now; the SR then carries the findings alone."""
+    settings = load_settings(home=Path("/nonexistent"), results={"seg": False, "parametric_map": False})
+    options = RenderOptions.from_settings(settings)
+    assert (options.seg, options.parametric_map) == (False, False)
+    objects, _ = render(result, sources, options=replace(options, key_images=1))
+    assert sorted(obj.kind for obj in objects) == ["out.sc", "out.sr"]

@@ -1,5 +1,7 @@
 """MLLP client for outbound messages (the results outbox): one reused connection, timeouts, MSA-1.
 
+A connection the peer closed after its last answer is noticed before the next send and reopened.
+
 Only ``AA`` and ``CA`` are success. ``AE``/``CE``, a timeout, a dropped connection or an answer that
 cannot be read are :class:`~msgate.errors.Transient` (retry later); ``AR``/``CR`` are
 :class:`~msgate.errors.Rejected` (permanent). Only an ACK whose MSA-2 echoes our MSH-10 answers a
@@ -87,12 +89,38 @@ class MllpClient:
         return self._next_frame()
 
     def _send(self, message: bytes) -> None:
+        if self._sock is not None and self._peer_closed(self._sock):
+            self.close()  # reconnect below
         sock = self._connect()
         try:
             sock.sendall(mllp.frame(message))
         except OSError as exc:
             self.close()
             raise Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io") from None
+
+    def _peer_closed(self, sock: socket.socket) -> bool:
+        """The peer closed (or reset) the reused connection since its last answer: an engine that closes
+        after each ACK (a Mirth listener with "keep connection open" off). Sending on it used to fail
+        every other message ("peer closed the connection before acknowledging"). A non-blocking read
+        takes what is waiting (answers to earlier messages, kept as frames: ``send`` skips them) up to
+        end of stream (closed) or nothing more (open); TLS cannot peek at the decrypted stream, so a read
+        serves both. A peer that closes while the next message is on its way still gives a retry."""
+        sock.setblocking(False)
+        taken = 0
+        try:
+            while taken <= self.max_ack_bytes:  # a peer that keeps talking: left to the exchange to judge
+                data = sock.recv(65536)
+                if not data:
+                    return True
+                taken += len(data)
+                self._frames.extend(e.payload for e in self._deframer.feed(data) if e.kind == "frame")
+            return False
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except OSError:
+            return True
+        finally:
+            sock.settimeout(self.timeout)
 
     def _next_frame(self, deadline: float | None = None) -> bytes:
         sock = self._connect()

@@ -1,8 +1,9 @@
 """The ORU^R01 side of a result: findings from the same ModelResult and codes as the SR, order numbers
 from the EHR model, built and strictly validated by :mod:`msgate.hl7.oru`.
 
-MSH-10 is a placeholder here; the outbox writes a fresh control id into MSH-10 for every attempt
-(:func:`with_control_id`) and records it on the attempt row.
+MSH-10 is a placeholder here; the outbox writes the entry's control id into MSH-10 (:func:`with_control_id`)
+and records it on the attempt row: the same id for a resend after no answer (the engine may have filed the
+first copy), a new one only after an explicit negative answer (AE/AR/CE/CR).
 """
 
 from __future__ import annotations

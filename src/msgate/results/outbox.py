@@ -6,6 +6,7 @@ An entry is one rendered object (encrypted blob) for one destination: ``dicom`` 
     pending --claim--> sending --peer success--> delivered
                           |----transient failure--> pending (attempts + 1, next_attempt_at = backoff)
                           |----permanent failure or max age--> dead       (operator: retry | drop)
+                          |----not sent or no success, job superseded--> dropped (``superseded``)
 
 - A claim is a lease: ``sending`` with ``next_attempt_at`` = lease end. A sender killed mid-send leaves
   the lease to expire; the next sender takes the entry again (an ``interrupted`` attempt is recorded)
@@ -17,8 +18,17 @@ An entry is one rendered object (encrypted blob) for one destination: ``dicom`` 
 - Backoff is exponential with "equal jitter": ``cap = min(max_delay, base * 2**(n-1))``, the delay is
   uniform in ``[cap/2, cap]``. After ``max_age`` since creation (or since the last operator retry) a
   failing entry is dead-lettered; ``AR``/``CR`` and permanent DIMSE statuses dead-letter at once.
-- Each HL7 attempt writes a new MSH-10 into the message; it is recorded on the attempt row.
-- Every attempt is an :class:`OutboxAttempt` row and a ``send.attempt`` audit event. When every entry of
+- An entry whose job was superseded by a later job that queued results of its own (a correction) is
+  never sent again: publish drops it unless a sender holds it; that sender drops it at renewal (not yet
+  sent), or when it records an answer that is not a success (ACK timeout, AE, ...), and the next claim
+  drops it if the lease ran out, instead of it going back to pending. It used to be resent after the
+  correction, leaving the EHR or PACS on the stale result. An operator retry refuses it.
+- HL7 (v2.5.1 2.9.2, 2.10.3): a resend after no answer (timeout, closed connection, a sender that
+  stopped) carries the same MSH-10, so an engine that filed the first copy can tell the duplicate; only
+  an explicit negative answer (AE/CE/AR/CR, or another MSA-1 that is not a success) moves the entry to a
+  new one. The MSH-10 sent is recorded on the attempt row.
+- Every attempt is an :class:`OutboxAttempt` row, a ``send.attempt`` audit event and a count in
+  ``msgate_outbox_deliveries_total`` (kind, outcome). When every entry of
   a study's jobs is delivered (or dropped), ``Study.delivered_at`` is set (retention starts from it).
 - The role runs one lane (thread) per destination, so a slow or unreachable peer delays no other;
   each round of a lane sends its due objects over one association (or one MLLP connection).
@@ -35,8 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
+from msgate import metrics
 from msgate.config import PacsDestination, Settings
 from msgate.errors import CryptoError, MsgateError, Rejected, Transient
 from msgate.storage import audit
@@ -48,6 +59,8 @@ ACTOR = "outbox"
 HL7_DESTINATION = "hl7"
 KIND_ORDER = {"out.seg": 0, "out.pm": 1, "out.sc": 2, "out.sr": 3, "out.oru": 4}
 OPEN_STATES = ("pending", "sending", "dead")
+NEGATIVE_ANSWERS = ("nak", "rejected")  # peer_status of an HL7 attempt answered AE/CE/other, or AR/CR
+SUPERSEDED_DETAIL = "replaced by a later result of the same study before it was delivered"
 
 
 @dataclass(frozen=True)
@@ -149,13 +162,20 @@ _renewed = threading.local()  # per delivering thread: entry id -> its claim as 
 
 
 def renew(store: Store, claimed: Claimed, policy: Policy, *, now: datetime | None = None) -> Claimed | None:
-    """Extend the lease of an entry about to be sent; None if the claim lost it (do not send)."""
+    """Extend the lease of an entry about to be sent; None if the claim lost it, or if its result was
+    superseded meanwhile (then it is dropped): do not send."""
     until = (now or utcnow()) + timedelta(seconds=policy.lease)
     with store.db.session() as session:
         entry = session.exec(select(OutboxEntry).where(OutboxEntry.id == claimed.id).with_for_update()).first()
         if entry is None or not _holds(entry, claimed):
             log.warning("outbox entry no longer held by this sender (taken by another, or dropped); not sent",
                         extra={"outbox_id": claimed.id, "destination": claimed.destination})
+            return None
+        if superseded(session, [entry.job_id]):  # a correction was queued after the claim: not sent
+            retire(session, entry, actor=ACTOR)
+            _mark_study(session, entry, now or utcnow())
+            log.info("outbox entry superseded by a later result; not sent",
+                     extra={"outbox_id": claimed.id, "destination": claimed.destination})
             return None
         entry.next_attempt_at = until
         session.add(entry)
@@ -176,27 +196,80 @@ def claim(store: Store, policy: Policy, *, now: datetime | None = None, destinat
         query = query.where(OutboxEntry.destination == destination)
     if exclude:
         query = query.where(col(OutboxEntry.destination).not_in(list(exclude)))
+    counted: list[tuple[str, str]] = []
     with store.db.session() as session:
         rows = session.exec(
             query.order_by(col(OutboxEntry.next_attempt_at)).limit(policy.batch)
             .with_for_update(of=OutboxEntry, skip_locked=True)  # PostgreSQL: senders share the work
         ).all()
+        stale = superseded(session, [entry.job_id for entry, _ in rows])
         out = []
         until = now + timedelta(seconds=policy.lease)
         for entry, blob_kind in rows:
             if entry.state == "sending":
                 entry.attempts += 1  # an attempt that never reported (the sender died or hung)
-                if now - _window_start(session, entry) > timedelta(seconds=policy.max_age):
+                expired = now - _window_start(session, entry) > timedelta(seconds=policy.max_age)
+                if expired and entry.job_id not in stale:
                     entry.state, entry.last_error = "dead", "max age reached; the sender stopped mid-send"
                     session.add(entry)
                     _attempt(session, entry, Attempt("expired", "", entry.last_error))
+                    counted.append((entry.kind, "expired"))
                     continue
                 _attempt(session, entry, Attempt("interrupted", "", "lease expired: the sender stopped mid-send"))
+                counted.append((entry.kind, "interrupted"))
+            if entry.job_id in stale:  # a correction is queued: this out-of-date object must not go out now
+                retire(session, entry, actor=ACTOR)
+                _mark_study(session, entry, now)
+                continue
             entry.state, entry.next_attempt_at = "sending", until
             session.add(entry)
             out.append(Claimed(entry.id, entry.job_id, entry.kind, entry.destination, entry.blob_id, blob_kind,
                                entry.attempts, entry.created_at, until))
+    for kind, outcome in counted:
+        metrics.DELIVERIES.labels(kind=kind, outcome=outcome).inc()
     return out
+
+
+def superseded(session: Session, job_ids: Sequence[str | None]) -> dict[str, str]:
+    """The jobs of ``job_ids`` superseded by a later job of their study (``Job.supersedes_id`` followed
+    forward, through jobs that queued nothing) that queued results of its own, each mapped to that job:
+    their undelivered objects are out of date and must never be sent or retried."""
+    ids = {job_id for job_id in job_ids if job_id}
+    if not ids:
+        return {}
+    studies = set(session.exec(select(Job.study_id).where(col(Job.id).in_(list(ids)))).all())
+    after: dict[str, list[str]] = defaultdict(list)
+    for job_id, earlier in session.exec(select(Job.id, Job.supersedes_id).where(  # study_id is indexed
+            col(Job.study_id).in_(list(studies)), col(Job.supersedes_id).is_not(None))).all():
+        after[earlier].append(job_id)
+    chains = {origin: _successors(after, origin) for origin in ids}
+    later = {job_id for chain in chains.values() for job_id in chain}
+    queued = set(session.exec(select(OutboxEntry.job_id).where(col(OutboxEntry.job_id).in_(list(later)))
+                              .distinct()).all()) if later else set()
+    return {origin: first for origin, chain in chains.items()
+            if (first := next((j for j in chain if j in queued), None)) is not None}
+
+
+def _successors(after: dict[str, list[str]], origin: str) -> list[str]:
+    out: list[str] = []
+    seen, todo = {origin}, list(after.get(origin, ()))
+    while todo:
+        job_id = todo.pop(0)
+        if job_id not in seen:
+            seen.add(job_id)
+            out.append(job_id)
+            todo.extend(after.get(job_id, ()))
+    return out
+
+
+def retire(session: Session, entry: OutboxEntry, *, actor: str) -> None:
+    """Drop an entry of a superseded job, with a ``superseded`` attempt row and an audited ``outbox.drop``."""
+    entry.state = "dropped"
+    session.add(entry)
+    session.add(OutboxAttempt(entry_id=entry.id, outcome="superseded", detail=SUPERSEDED_DETAIL))
+    audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
+                 detail={"job_id": entry.job_id, "destination": entry.destination, "reason": "superseded"})
+    session.flush()
 
 
 def _attempt(session: Session, entry: OutboxEntry, result: Attempt) -> None:
@@ -235,9 +308,14 @@ def record(store: Store, claimed: Claimed, result: Attempt, policy: Policy, *, n
             entry.next_attempt_at = now + timedelta(seconds=backoff(entry.attempts, policy))
         session.add(entry)
         _attempt(session, entry, result)
-        if entry.state == "delivered":
+        # superseded while in flight (publish keeps an entry whose answer is awaited): no retry, no dead
+        # letter to requeue; the row locks order this against publish's retirement of the job's entries
+        if outcome != "delivered" and entry.job_id in superseded(session, [entry.job_id]):
+            retire(session, entry, actor=ACTOR)
+        if entry.state in ("delivered", "dropped"):
             _mark_study(session, entry, now)
-        state = entry.state
+        state, kind = entry.state, entry.kind
+    metrics.DELIVERIES.labels(kind=kind, outcome=result.outcome).inc()
     log.info("outbox attempt", extra={"outbox_id": claimed.id, "destination": claimed.destination,
                                       "state": state, "status": result.peer_status, "attempt": claimed.attempts + 1})
     return state
@@ -303,9 +381,19 @@ def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed],
         sender.close()
 
 
-def control_id(entry_id: str, attempt: int) -> str:
-    """A fresh MSH-10 for each attempt of an entry (20 characters at most, HL7 v2.5.1 ST)."""
-    return f"MG{entry_id[:12]}{attempt:04d}"
+def control_id(entry_id: str, copy: int) -> str:
+    """The MSH-10 of an entry's ``copy``-th message (20 characters at most, HL7 v2.5.1 ST): the entry id
+    (uuid4 hex) keeps it apart from every other entry's, the copy number from its own earlier ones."""
+    return f"MG{entry_id[:14]}{copy % 10000:04d}"
+
+
+def message_copy(store: Store, entry_id: str) -> int:
+    """1 + the explicit negative answers the entry got (:data:`NEGATIVE_ANSWERS`). A resend after no
+    answer keeps its MSH-10 (HL7 v2.5.1 2.9.2, 2.10.3): it used to get a new one per attempt, so an engine
+    that filed the first copy (its ACK lost) could not recognise the second as a duplicate."""
+    with store.db.session() as session:
+        return 1 + session.exec(select(func.count()).select_from(OutboxAttempt).where(
+            OutboxAttempt.entry_id == entry_id, col(OutboxAttempt.peer_status).in_(NEGATIVE_ANSWERS))).one()
 
 
 def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
@@ -322,7 +410,7 @@ def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
             item = renew(store, claimed, policy)
             if item is None:
                 continue
-            msh10 = control_id(item.id, item.attempts + 1)
+            msh10 = control_id(item.id, message_copy(store, item.id))
             try:
                 message = with_control_id(_read(store, item.blob_id), msh10)
             except CryptoError as exc:

@@ -1,21 +1,25 @@
 """Operator views and actions on the results outbox (``msgate outbox list|retry|drop``, ``msgate trace``).
 
 Every action is recorded as an attempt row (``requeued``/``dropped``) and audited with the operator's
-name; a retry restarts the entry's max-age window (see :mod:`msgate.results.outbox`).
+name; a retry restarts the entry's max-age window (see :mod:`msgate.results.outbox`) and is refused for
+an entry whose result was superseded by a queued correction.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
 
-from msgate.results.outbox import _mark_study
+from msgate.results.outbox import _mark_study, superseded
 from msgate.storage import audit
 from msgate.storage.models import OutboxAttempt, OutboxEntry, utcnow
 from msgate.storage.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def entries(session: Session, *, state: str | None = None, job_id: str | None = None,
@@ -34,12 +38,22 @@ def attempts_of(session: Session, entry_id: str) -> list[OutboxAttempt]:
 
 
 def requeue(store: Store, entry_ids: Sequence[str], *, actor: str) -> list[str]:
-    """Operator retry: dead or pending entries become due now; their max-age window restarts."""
+    """Operator retry: dead or pending entries become due now; their max-age window restarts.
+
+    An entry of a job superseded by a later one that queued results (a correction) is refused: sent now,
+    it would leave the EHR or the PACS on the out-of-date result (``retry --dead`` used to resend it).
+    """
     done = []
     with store.db.session() as session:
+        stale = superseded(session, session.exec(select(OutboxEntry.job_id)
+                                                 .where(col(OutboxEntry.id).in_(list(entry_ids)))).all())
         for entry_id in entry_ids:
             entry = session.get(OutboxEntry, entry_id)
             if entry is None or entry.state not in ("dead", "pending"):
+                continue
+            if entry.job_id in stale:
+                log.warning("outbox entry not requeued: its result was superseded",
+                            extra={"outbox_id": entry.id, "job_id": entry.job_id})
                 continue
             entry.state, entry.next_attempt_at = "pending", utcnow()
             session.add(entry)

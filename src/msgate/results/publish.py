@@ -31,10 +31,10 @@ from msgate.results import heatmap, hl7_out, source_headers
 from msgate.results import seg as seg_mod
 from msgate.results import sr as sr_mod
 from msgate.results.identity import Identity
-from msgate.results.outbox import Rendered, enqueue
+from msgate.results.outbox import OPEN_STATES, Rendered, enqueue, retire
 from msgate.results.sources import FlairSources, load_sources
 from msgate.storage import audit
-from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
+from msgate.storage.models import Blob, Job, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ PUBLISHABLE = ("done",)
 class RenderOptions:
     key_images: int = 3  # 0 turns the Secondary Capture key images off
     parametric_map: bool = True
+    seg: bool = True  # off: the SR carries the findings without a referenced Segmentation
 
     @classmethod
     def from_settings(cls, settings: object) -> RenderOptions:
@@ -53,7 +54,8 @@ class RenderOptions:
         if section is None:
             return cls()
         return cls(key_images=int(getattr(section, "key_images", cls.key_images)),
-                   parametric_map=bool(getattr(section, "parametric_map", cls.parametric_map)))
+                   parametric_map=bool(getattr(section, "parametric_map", cls.parametric_map)),
+                   seg=bool(getattr(section, "seg", cls.seg)))
 
 
 @dataclass
@@ -77,7 +79,8 @@ def render(result: ModelResult, sources: FlairSources | list[Dataset], *, option
     for source in sources.datasets:
         source_headers.normalise(source)
     ident = Identity.of(result)
-    seg = _optional("SEG", lambda: seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(), sop_uid=hd.UID()))
+    seg = _optional("SEG", lambda: seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(),
+                                                      sop_uid=hd.UID())) if options.seg else None
     sr_uid = hd.UID()
     report = sr_mod.build_sr(result, sources, seg, ident, series_uid=hd.UID(), sop_uid=sr_uid, previous=previous or ())
     objects = []
@@ -172,17 +175,19 @@ def _oru(store: Store, session: Session, job: Job, study: Study, result: ModelRe
 
 def _retire_predecessors(session: Session, job_ids: list[str]) -> int:
     """Undelivered objects of superseded jobs are dropped: sent after the correction (their retry was
-    due later), they would leave the EHR and the PACS holding the out-of-date result."""
+    due later), they would leave the EHR and the PACS holding the out-of-date result.
+
+    One being sent (``sending``) keeps its lease, so the peer's answer is still recorded; the sender
+    then drops it instead of retrying (:func:`msgate.results.outbox.record`, ``renew``, ``claim``). It
+    used to survive here and go back to pending on an ACK timeout, to be resent after the correction.
+    The row locks order this against a sender recording that entry's answer."""
     entries = session.exec(select(OutboxEntry).where(col(OutboxEntry.job_id).in_(job_ids),
-                                                     col(OutboxEntry.state).in_(("pending", "dead")))).all()
-    for entry in entries:
-        entry.state = "dropped"
-        session.add(entry)
-        session.add(OutboxAttempt(entry_id=entry.id, outcome="superseded",
-                                  detail="replaced by a later result of the same study before it was delivered"))
-        audit.append(session, kind="outbox.drop", actor="publish", subject=f"outbox:{entry.id}",
-                     detail={"job_id": entry.job_id, "destination": entry.destination, "reason": "superseded"})
-    return len(entries)
+                                                     col(OutboxEntry.state).in_(OPEN_STATES))
+                           .order_by(col(OutboxEntry.id)).with_for_update()).all()
+    waiting = [entry for entry in entries if entry.state != "sending"]
+    for entry in waiting:
+        retire(session, entry, actor="publish")
+    return len(waiting)
 
 
 def publish_job(store: Store, job_id: str) -> str:

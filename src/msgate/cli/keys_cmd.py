@@ -40,7 +40,8 @@ def rotate(
             ring = ring.with_new_kek()
             keyring.save(ring, path)
     if not resume:
-        console.print(f"new active key [bold]{ring.active_id}[/bold]; restart running services to use it")
+        console.print(f"new active key [bold]{ring.active_id}[/bold]; running services read the data re-wrapped "
+                      "under it (they re-read the key ring); restart them so they also wrap new data under it")
     store = st.store()
     with store.db.session() as session:
         total = rotation.pending(session, ring.active_id)
@@ -49,6 +50,8 @@ def rotate(
         report = rotation.rotate(store, progress=lambda n: bar.advance(task, n))
         bar.update(task, completed=total)
     console.print(f"re-wrapped {report.rewrapped_blobs} blob keys and {report.rewrapped_keys} field keys")
+    if report.shredded:
+        console.print(f"erased the data keys of {report.shredded} purged blobs")
     if report.remaining:
         console.print(f"[yellow]still wrapped by old keys: {report.remaining}; run `msgate keys rotate --resume`")
 
@@ -74,7 +77,8 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         add_row(table, row["id"], "yes" if row["active"] else "", row["age_days"], row["wraps"])
     console.print(table)
     if unknown:
-        console.print(cell(f"data keys wrapped by keys missing from the ring: {unknown}", style="red"))
+        console.print(cell(f"data keys wrapped by keys missing from the ring: {unknown}; restore the key ring "
+                           "backup taken with this database backup", style="red"))
 
 
 def _roles_on_an_older_ring(store: object, active_created: datetime) -> list[str]:
@@ -105,6 +109,14 @@ def retire(
     with keyring.locked(st.settings.keyring_path):  # a rotation cannot slip in between load and save
         _retire(st, store, kek_id, force)
     console.print(f"retired {kek_id}")
+    console.print(RETIRE_WARNING.format(kek_id=kek_id), style="yellow")
+
+
+RETIRE_WARNING = (
+    "Database and blob backups taken before now may hold data keys wrapped by {kek_id}: the key ring "
+    "as it is now cannot restore them. Keep the key ring backup taken with each database backup for as "
+    "long as that backup is kept (docs/operations.md, Backup and restore), and back up the key ring now."
+)
 
 
 def _retire(st: Any, store: Any, kek_id: str, force: bool) -> None:

@@ -6,7 +6,8 @@
   time, inside the caller's transaction; workers on several machines then share one store.
 
 :class:`Blobs` does the envelope encryption and keeps the ``blob`` index row (wrapped data key).
-Memory stays bounded by the chunk size in both directions.
+Memory stays bounded by the chunk size in both directions. A purge erases the wrapped data key with the
+body (crypto-shredding), so a copy of the body in a backup of the blob folder cannot be decrypted.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from sqlalchemy import delete, insert, select
-from sqlmodel import Session
+from sqlalchemy import delete, func, insert, select, update
+from sqlmodel import Session, col
 
 from msgate.errors import TamperedData, TruncatedData
-from msgate.storage import crypto
+from msgate.storage import crypto, keyring
 from msgate.storage.db import Database
 from msgate.storage.keyring import KeyRing
 from msgate.storage.models import Blob, BlobChunk, new_id, utcnow
@@ -276,6 +277,18 @@ class Blobs:
         self.ring = ring
         self.bodies = bodies
         self.chunk_bytes = chunk_bytes
+        self.on_new_ring: Callable[[KeyRing], None] | None = None  # the store swaps its other holders
+
+    def refresh_ring(self) -> bool:
+        """Swap in the key ring file as it is now if it changed since it was loaded (``keys rotate`` while
+        this process runs); from then on new data keys are wrapped under its active KEK too."""
+        fresh = keyring.newer(self.ring)
+        if fresh is None:
+            return False
+        self.ring = fresh
+        if self.on_new_ring is not None:
+            self.on_new_ring(fresh)
+        return True
 
     def write_body(self, session: Session, *, kind: str, source: Source, durable: bool = True) -> Blob:
         """Encrypt and write the body (durable on return, or after ``bodies.sync()`` when ``durable`` is
@@ -323,6 +336,12 @@ class Blobs:
         self.bodies.delete(session, blob_id)
 
     def _dek(self, blob: Blob) -> bytes:
+        """The blob's data key. A KEK id missing from the loaded ring re-reads the key ring file once
+        (:meth:`refresh_ring`): KeyNotFound only when the file lacks it too."""
+        if blob.purged_at is not None or not blob.wrapped_dek:
+            raise TruncatedData(f"blob {blob.id} was purged: its data key is erased")
+        if not self.ring.has(blob.kek_id):
+            self.refresh_ring()
         return crypto.unwrap_key(self.ring, crypto.WrappedKey(blob.kek_id, blob.wrapped_dek),
                                  blob_id=blob.id, kind=blob.kind)
 
@@ -347,18 +366,29 @@ class Blobs:
         return total
 
     def rewrap(self, blob: Blob) -> bool:
-        """Re-wrap the blob's data key under the active KEK (body untouched). False if already there."""
-        if blob.kek_id == self.ring.active_id:
+        """Re-wrap the blob's data key under the active KEK (body untouched). False if already there, or
+        purged: a purged blob's key is erased, never carried forward under a new KEK."""
+        if blob.purged_at is not None or blob.kek_id == self.ring.active_id:
             return False
         wrapped = crypto.wrap_key(self.ring.active, self._dek(blob), blob_id=blob.id, kind=blob.kind)
         blob.kek_id, blob.wrapped_dek = wrapped.kek_id, wrapped.wrapped
         return True
 
     def purge(self, session: Session, blob: Blob) -> None:
-        """Delete the body, keep the index row (marked purged) for the audit trail."""
+        """Delete the body and erase its wrapped data key (crypto-shredding); keep the index row, marked
+        purged, for the audit trail and traces. The kept key decrypted any copy of the body (a backup of
+        the blob folder) with the current key ring, and every rotation re-wrapped it again."""
         self.bodies.delete(session, blob.id)
+        blob.wrapped_dek = b""
         blob.purged_at = utcnow()
         session.add(blob)
+
+    @staticmethod
+    def shred_purged(session: Session) -> int:
+        """Erase the data keys that purges made before crypto-shredding left in their rows."""
+        result = session.execute(update(Blob).where(col(Blob.purged_at).is_not(None),  # type: ignore[arg-type]
+                                                    func.length(col(Blob.wrapped_dek)) > 0).values(wrapped_dek=b""))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 class _Counting:

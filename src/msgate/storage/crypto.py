@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from msgate.errors import CryptoError, KeyNotFound, TamperedData, TruncatedData, WrongKey
+from msgate.storage import keyring
 from msgate.storage.keyring import Kek, KeyRing
 
 MAGIC = b"MSGB"
@@ -54,7 +55,9 @@ def wrap_key(kek: Kek, dek: bytes, *, blob_id: str, kind: str) -> WrappedKey:
 
 
 def unwrap_key(ring: KeyRing, wrapped: WrappedKey, *, blob_id: str, kind: str) -> bytes:
-    kek = ring.get(wrapped.kek_id)
+    if not wrapped.wrapped:
+        raise TruncatedData(f"blob {blob_id} has no data key: erased when it was purged")
+    kek = kek_of(ring, wrapped.kek_id)
     try:
         return AESGCM(kek.key).decrypt(
             wrapped.wrapped[:12], wrapped.wrapped[12:], _dek_aad(blob_id, kind, wrapped.kek_id)
@@ -64,6 +67,15 @@ def unwrap_key(ring: KeyRing, wrapped: WrappedKey, *, blob_id: str, kind: str) -
             f"data key of blob {blob_id} does not unwrap with key {wrapped.kek_id}: wrong key material, "
             "or the key record belongs to another blob"
         ) from None
+
+
+def kek_of(ring: KeyRing, kek_id: str) -> Kek:
+    """KEK ``kek_id`` from ``ring``, or from the key ring file as it is now when ``ring`` (loaded at the
+    process's start) lacks it: a ``keys rotate`` since then re-wrapped the data keys under a new KEK.
+    KeyNotFound only when the file lacks it too."""
+    if not ring.has(kek_id):
+        ring = keyring.newer(ring) or ring
+    return ring.get(kek_id)
 
 
 def new_data_key(ring: KeyRing, *, blob_id: str, kind: str) -> tuple[bytes, WrappedKey]:

@@ -112,7 +112,7 @@ class BatchIndexer:
         return [results[n] for n in range(len(items))], dropped
 
     def _round(self, items: Sequence[PreparedInstance], *, actor: str) -> tuple[list[StoredInstance], list[str]]:
-        current = self._current([i.sop_index for i in items])
+        current, bodiless = self._current([i.sop_index for i in items])
         replayed = self._replayed([i for i in items if (seen := current.get(i.sop_index)) is not None
                                    and seen[1] != i.digest and i.assoc_id])
         now = utcnow()
@@ -120,7 +120,7 @@ class BatchIndexer:
         dropped: list[str] = []
         for item in items:
             seen = current.get(item.sop_index)
-            if seen is not None and seen[1] == item.digest:
+            if seen is not None and seen[1] == item.digest and not _restores(item, bodiless):
                 plans.append(StoredInstance(seen[0], seen[3], seen[4], True, seen[2], False, False))
                 dropped.append(item.blob.id)
                 continue
@@ -138,6 +138,7 @@ class BatchIndexer:
             self._count(self.study_counts, study_id, now, item.header.get("Modality"), seen is None)
             self._count(self.series_counts, series_id, now, "", seen is None, frames(item.header))
             current[item.sop_index] = (-1, item.digest, version, study_id, series_id)
+            bodiless.pop(item.sop_index, None)
             plans.append((item, study_id, series_id, version, new_study, new_series))
         stored = self._insert([p for p in plans if not isinstance(p, StoredInstance)], now)
         results = [p if isinstance(p, StoredInstance) else next(stored) for p in plans]
@@ -165,12 +166,17 @@ class BatchIndexer:
                    col(Instance.assoc_id).in_({i.assoc_id for i in items}), col(Instance.current).is_(False))).all()
         return {(r[1], r[2], r[3]): StoredInstance(r[0], r[5], r[6], True, r[4], False, False) for r in rows}
 
-    def _current(self, sop_indexes: list[str]) -> dict[str, tuple[int, str, int, int, int]]:
+    def _current(self, sop_indexes: list[str]) -> tuple[dict[str, tuple[int, str, int, int, int]],
+                                                        dict[str, str | None]]:
+        """The current versions (id, content hash, version, study, series) by SOP index, and of those whose
+        body retention purged, the association that delivered them."""
         rows = self.session.execute(
             select(Instance.id, Instance.sop_uid_index, Instance.content_hash, Instance.version,  # type: ignore[call-overload]
-                   Instance.study_id, Instance.series_id)
+                   Instance.study_id, Instance.series_id, Blob.purged_at, Instance.assoc_id)
+            .join(Blob, col(Blob.id) == col(Instance.blob_id))
             .where(col(Instance.sop_uid_index).in_(set(sop_indexes)), col(Instance.current).is_(True))).all()
-        return {r[1]: (r[0], r[2], r[3], r[4], r[5]) for r in rows}
+        return ({r[1]: (r[0], r[2], r[3], r[4], r[5]) for r in rows},
+                {r[1]: r[7] for r in rows if r[6] is not None})
 
     def _insert(self, plans: list[tuple[PreparedInstance, int, int, int, bool, bool]], now: Any) -> Any:
         if not plans:
@@ -210,6 +216,7 @@ class BatchIndexer:
             study.modalities = ",".join(known + sorted(counts.modalities - set(known)))[:64]
             study.instance_count += counts.instances
             study.last_received_at = counts.last
+            study.purged_at = None  # stored bodies again: retention must purge them after the next delivery
             self.session.add(study)
         self.session.flush()
         self.series_counts.clear()  # applied: a later round of this batch counts only its own instances
@@ -283,6 +290,14 @@ def new_series(ds: Dataset, cipher: FieldCipher, *, uid_index: str, study_id: in
         scanning_sequence=text(ds, "ScanningSequence")[:64], inversion_time=_float(ds.get("InversionTime")),
         body_part=text(ds, "BodyPartExamined")[:64],
     )
+
+
+def _restores(item: PreparedInstance, bodiless: dict[str, str | None]) -> bool:
+    """Identical bytes for a current version whose body retention purged: stored as a new version, not
+    a duplicate. As a duplicate, a re-send after purge was acknowledged and dropped: nothing stored,
+    nothing audited, no run, the instance still bodiless. A journal replay of that very delivery (the
+    same association) stays a duplicate."""
+    return item.sop_index in bodiless and (not item.assoc_id or bodiless[item.sop_index] != item.assoc_id)
 
 
 _BLOB = insert(Blob.__table__)  # type: ignore[arg-type]

@@ -147,8 +147,9 @@ class Ingest:
         sop_index = self.cipher.blind_index(hdr.get("SOPInstanceUID"), scope="sop")
         digest = content_hash(self.cipher, source)
         with self.db.session() as session:
-            existing = session.exec(select(Instance).where(Instance.sop_uid_index == sop_index,
-                                                           col(Instance.current).is_(True))).first()
+            existing = session.exec(select(Instance).join(Blob, col(Blob.id) == col(Instance.blob_id)).where(
+                Instance.sop_uid_index == sop_index, col(Instance.current).is_(True),
+                col(Blob.purged_at).is_(None))).first()  # a purged copy is no duplicate: stored again (indexer)
             if existing is not None and existing.content_hash == digest and existing.id is not None:
                 return StoredInstance(existing.id, existing.study_id, existing.series_id, True, existing.version,
                                       False, False)

@@ -3,6 +3,8 @@
 A JSON file under ``MSGATE_HOME/keys``, mode 0600, made by ``msgate keys init``. The service refuses
 to start when the file or its folder is readable by group or others. ``rotate`` adds a new active
 KEK; old KEKs stay until every data key they wrap has been re-wrapped, then they can be retired.
+A running process that meets a KEK id it has not loaded re-reads the file (:func:`newer`), so a
+rotation made while it runs does not make the data re-wrapped under the new KEK unreadable to it.
 In production, put the file on an encrypted volume or mount it as a secret (see docs/operations.md).
 """
 
@@ -11,11 +13,12 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
-import logging
 import json
+import logging
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,10 +50,14 @@ class KeyRing:
     active_id: str
     index_key: bytes = field(repr=False)
     path: Path | None = None
+    stamp: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)  # the file as loaded
 
     @property
     def active(self) -> Kek:
         return self.get(self.active_id)
+
+    def has(self, kek_id: str) -> bool:
+        return any(kek.id == kek_id for kek in self.keks)
 
     def get(self, kek_id: str) -> Kek:
         for kek in self.keks:
@@ -126,11 +133,18 @@ def check_permissions(path: Path) -> None:
             )
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """Identifies one version of the file: every save renames a new file into place."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def load(path: Path) -> KeyRing:
     """Load and check the key ring; a clear error if it is missing, too open or malformed."""
     if not path.exists():
         raise ConfigError(f"no key ring at {path}; run `msgate keys init`")
     check_permissions(path)
+    stamp = _stamp(path)  # before the read: a save in between makes the next check read it again
     try:
         doc = json.loads(path.read_text())
         keks = tuple(
@@ -138,13 +152,80 @@ def load(path: Path) -> KeyRing:
                 retired=bool(k.get("retired", False)))
             for k in doc["keks"]
         )
-        ring = KeyRing(keks=keks, active_id=doc["active"], index_key=base64.b64decode(doc["index_key"]), path=path)
+        ring = KeyRing(keks=keks, active_id=doc["active"], index_key=base64.b64decode(doc["index_key"]), path=path,
+                       stamp=stamp)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"key ring {path} is malformed ({type(exc).__name__})") from None
     if any(len(k.key) != KEY_BYTES for k in keks) or len(ring.index_key) != KEY_BYTES:
         raise ConfigError(f"key ring {path} holds a key of the wrong length")
     ring.get(ring.active_id)
     return ring
+
+
+_latest: dict[Path, KeyRing] = {}  # per file: the newest version read by :func:`newer` in this process
+READ_LOCK_WAIT_S = 5.0
+
+
+def newer(ring: KeyRing) -> KeyRing | None:
+    """The key ring file as it is now, when it changed since ``ring`` was loaded; None when it did not,
+    when ``ring`` has no file, or when the file now fails to load (the caller then reports the key it
+    was missing). A file with another blind-index key is refused: it is another installation's ring.
+
+    Running roles kept the ring they loaded at start, so after ``keys rotate`` re-wrapped every data
+    key under the new KEK, each blob read raised KeyNotFound until a restart (dead-lettered results,
+    failed jobs). Callers re-read the file once on a missing KEK id; an unchanged file costs a stat."""
+    path = ring.path
+    if path is None:
+        return None
+    try:
+        now = _stamp(path)
+        if now == ring.stamp:
+            return None
+        cached = _latest.get(path)
+        if cached is not None and cached.stamp == now:
+            return cached
+        with _read_lock(path):
+            fresh = load(path)
+    except (OSError, ConfigError) as exc:
+        log.warning("key ring not re-read", extra={"reason": type(exc).__name__})
+        return None
+    if fresh.index_key != ring.index_key:
+        log.error("key ring file now holds another blind-index key: not used until a restart",
+                  extra={"kek_id": fresh.active_id})
+        return None
+    _latest[path] = fresh
+    log.info("key ring re-read", extra={"kek_id": fresh.active_id})
+    return fresh
+
+
+@contextmanager
+def _read_lock(path: Path) -> Iterator[None]:
+    """A shared hold of the key ring's lock for a re-read, waiting at most READ_LOCK_WAIT_S for a key
+    command in progress. Saves rename a complete file into place, so a read without the lock (no lock
+    file, a read-only secret mount, a file system without locks, a long ``keys retire``) still sees a
+    whole key ring: waiting longer could stall a role's transaction behind a key command."""
+    try:
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    held = False
+    try:
+        deadline = time.monotonic() + READ_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = True
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        if held:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @contextmanager

@@ -6,7 +6,8 @@ with its results not yet delivered): a study reopened by new instances keeps its
 - by age: ``storage.retention_days`` after delivery;
 - by free space: while free space under the blob folder is under ``storage.purge_free_bytes``, oldest
   delivery first (local blob backend only: with PostgreSQL blob bodies, the space is the database's).
-Purging deletes blob bodies and marks the rows; index rows and the audit trail stay.
+Purging deletes blob bodies, erases their wrapped data keys (a backup copy of a body can no longer be
+decrypted) and marks the rows; index rows and the audit trail stay.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ keys) under the active KEK.
 Blob bodies and PHI columns are never re-encrypted: only wrapped keys change. Work is done in
 committed batches, so an interrupted rotation resumes where it stopped (``msgate keys rotate --resume``).
 Once no data key is wrapped by an old KEK, ``msgate keys retire`` can drop it.
+
+Purged blobs have no data key (crypto-shredding): they are neither re-wrapped nor counted, and a key a
+purge made before that change left in its row is erased by the next rotation.
+Rotation changes KEKs only: the PHI field key and the blind-index key stay the same (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from msgate.storage import audit, crypto
 from msgate.storage.models import Blob, DataKey
@@ -25,14 +29,18 @@ Progress = Callable[[int], None]
 class RotationReport:
     rewrapped_blobs: int = 0
     rewrapped_keys: int = 0
+    shredded: int = 0
     remaining: dict[str, int] = field(default_factory=dict)
 
 
 def key_usage(session: Session, home: Path | None = None) -> dict[str, int]:
-    """How many data keys (blobs + field keys, and with ``home`` the CKKS secret key files) each KEK wraps."""
+    """How many data keys (blobs + field keys, and with ``home`` the CKKS secret key files) each KEK wraps.
+    Purged blobs are not counted: their keys are erased, and they must not keep an old KEK from retiring."""
     usage: dict[str, int] = {}
-    for model in (Blob, DataKey):
-        for kek_id, count in session.exec(select(model.kek_id, func.count()).group_by(model.kek_id)).all():
+    queries = (select(Blob.kek_id, func.count()).where(col(Blob.purged_at).is_(None)).group_by(Blob.kek_id),
+               select(DataKey.kek_id, func.count()).group_by(DataKey.kek_id))
+    for query in queries:
+        for kek_id, count in session.exec(query).all():  # type: ignore[call-overload]
             usage[kek_id] = usage.get(kek_id, 0) + count
     if home is not None:
         from msgate.model.he_keys import HeKeys
@@ -50,7 +58,8 @@ def rewrap_blobs(store: Store, *, batch: int = 500, progress: Progress | None = 
     done = 0
     while True:
         with store.db.session() as session:
-            blobs = session.exec(select(Blob).where(Blob.kek_id != store.ring.active_id).limit(batch)).all()
+            blobs = session.exec(select(Blob).where(Blob.kek_id != store.ring.active_id, col(Blob.purged_at).is_(None))
+                                 .limit(batch)).all()
             for blob in blobs:
                 store.blobs.rewrap(blob)
                 session.add(blob)
@@ -78,11 +87,14 @@ def rotate(store: Store, *, progress: Progress | None = None) -> RotationReport:
     from msgate.model.he_keys import HeKeys
 
     report = RotationReport()
+    with store.db.session() as session:
+        report.shredded = store.blobs.shred_purged(session)
     report.rewrapped_keys = rewrap_data_keys(store) + HeKeys(store.settings.home, store.ring).rewrap()
     report.rewrapped_blobs = rewrap_blobs(store, progress=progress)
     with store.db.session() as session:
         report.remaining = {k: v for k, v in key_usage(session, store.settings.home).items()
                             if k != store.ring.active_id}
         audit.append(session, kind="key.rotate", actor=audit.operator(), subject=f"kek:{store.ring.active_id}",
-                     detail={"rewrapped_blobs": report.rewrapped_blobs, "rewrapped_keys": report.rewrapped_keys})
+                     detail={"rewrapped_blobs": report.rewrapped_blobs, "rewrapped_keys": report.rewrapped_keys,
+                             "shredded_purged_keys": report.shredded})
     return report

@@ -32,6 +32,14 @@ class Store:
     blobs: Blobs
     ingest: Ingest
 
+    def __post_init__(self) -> None:
+        self.blobs.on_new_ring = self._use_ring
+
+    def _use_ring(self, ring: keyring.KeyRing) -> None:
+        """The key ring file re-read by a blob read that met a KEK this process had not loaded (a
+        ``keys rotate`` since it started): the store and its field cipher use it from now on too."""
+        self.ring = self.cipher.ring = ring
+
     def close(self) -> None:
         self.db.dispose()
 

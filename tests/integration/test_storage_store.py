@@ -469,3 +469,23 @@ def test_roles_starting_together_share_one_field_key(tmp_path: Path, pg_url: str
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM data_key WHERE purpose = 'field'")).scalar() == 1
     db.dispose()
+
+
+@pytest.mark.postgres
+def test_roles_started_together_on_a_fresh_postgresql_database_all_migrate(pg_url: str, tmp_path: Path) -> None:
+    """Every process migrates at start; on PostgreSQL two at once raced to create the same tables and one
+    exited with "unexpected IntegrityError". The migration now takes an advisory lock."""
+    import os
+    import subprocess
+    import sys
+
+    from msgate.storage import keyring
+
+    keyring.init(tmp_path / "home" / "keys" / "keyring.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
+    env.update({"MSGATE_HOME": str(tmp_path / "home"), "MSGATE_DATABASE_URL": pg_url,
+                "MSGATE_STORAGE__MIN_FREE_BYTES": "0"})
+    procs = [subprocess.Popen([sys.executable, "-m", "msgate", "db", "upgrade"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in procs]
+    assert all(code == 0 for code, _ in outcomes), outcomes

@@ -24,6 +24,7 @@ from msgate.errors import DatabaseUnavailable, Transient
 
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATION_LOCK = 0x6D736761_7465_02  # pg_advisory_xact_lock key of schema migrations ("msgate" 2)
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -131,6 +132,9 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.connect() as conn, conn.begin():
+            if not self.is_sqlite:  # roles started together on PostgreSQL: one migrates, the others then
+                # find it done (they raced to create the same tables: "unexpected IntegrityError", exit 1)
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 

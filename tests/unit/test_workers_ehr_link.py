@@ -6,6 +6,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from msgate.hl7.mapping import map_messages
 from msgate.hl7.msh import read_msh
 from msgate.storage.models import Observation, Study
@@ -134,3 +136,39 @@ def test_a_default_issuer_links_a_scanners_bare_patient_id(tmp_path: Path) -> No
             assert (link.patient_id is not None) is linked, (issuer, link)
         finally:
             store.close()
+
+
+def test_a_lab_value_after_the_run_replans_a_study_linked_through_its_order(store: Store,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order came first, the images (PatientID without issuer) linked to their patient only through it,
+    and the case ran; an NfL that arrived afterwards was never planned in: the scheduler matches changed
+    patients by Study.patient_id, which stayed empty. It is recorded when the link is made now."""
+    from unittest import mock
+
+    from sqlmodel import select
+
+    from msgate.storage.models import Job
+    from msgate.workers.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "_model_version", lambda self: "v1")
+    sched = Scheduler(store, mock.MagicMock())
+    _hl7(store, "MSH|^~\\&|RIS|HOSP|||20261020||OMI^O23^OMI_O23|O14|P|2.5.1\n"
+                "PID|1||IMAGED14^^^HOSP^MR||DOE^JANE||19800101|F\n"
+                "ORC|NW|PL14|FL14\nOBR|1|PL14|FL14|MR^MRI brain\nIPC|ACC00014|RP1|1.2.3|SPS1|MR\n")
+    from datetime import timedelta
+
+    from msgate.storage.models import Order, utcnow
+
+    with store.db.session() as s:  # placed hours before the exam
+        for order in s.exec(select(Order)).all():
+            order.updated_at = utcnow() - timedelta(hours=3)
+            s.add(order)
+    study_id, _ = make_study(store, seed=14, mrn="IMAGED14")  # arrives after its order
+    assert len(sched.scan()) == 1
+    _hl7(store, "MSH|^~\\&|LAB|HOSP|||20261101||ORU^R01^ORU_R01|R14|P|2.5.1\n"
+                "PID|1||IMAGED14^^^HOSP^MR||DOE^JANE||19800101|F\nOBR|1||||||20261015\n"
+                "OBX|1|NM|101281-4^NfL^LN||42|pg/mL|||||F|||20261015\n")
+    assert len(sched.scan()) == 1  # planned again with the NfL
+    with store.db.session() as s:
+        jobs = s.exec(select(Job).where(Job.study_id == study_id)).all()
+        assert len(jobs) == 2 and "nfl" not in max(jobs, key=lambda j: j.created_at).flags["ehr_missing"]

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import and_, exists, or_
+from sqlalchemy import and_, exists, or_, update
 from sqlmodel import Session, col, select
 
 from msgate.config import Settings
@@ -169,6 +169,16 @@ class Scheduler:
         self.watermark = now - WATERMARK_OVERLAP
         return out
 
+    def _remember_patients(self, linked: list[Plan]) -> None:
+        """Record the patient a study was linked to through its order (its DICOM identifier linked none):
+        a lab value or A08 that arrived after the case ran is matched by ``Study.patient_id``, so such a
+        study was never planned again with it. One short transaction per study (the tracker writes study
+        rows too), and only where no patient is recorded yet."""
+        for p in linked:
+            with self.store.db.session() as session:
+                session.execute(update(Study).where(col(Study.id) == p.study_id, col(Study.patient_id).is_(None))
+                                .values(patient_id=p.flags["patient_id"]))
+
     def _ehr_changed(self, session: Session) -> tuple[set[int | None], set[str | None], set[str]]:
         """Patients with new observations, orders or demographics (an ADT^A08 correction, an A40 merge)
         since the last scan; their accessions and identifiers."""
@@ -197,6 +207,8 @@ class Scheduler:
         with self.store.db.session() as session:
             studies = self.candidates(session, extra)
             plans = [p for s in studies if (p := plan(session, self.store, s, model_version=version))]
+            unlinked = {s.id for s in studies if s.patient_id is None}
+        self._remember_patients([p for p in plans if p.study_id in unlinked and p.flags.get("patient_id")])
         now = utcnow()
         for p in plans:
             if p.wait_until is not None and now < p.wait_until:

@@ -172,3 +172,32 @@ def test_a_lab_value_after_the_run_replans_a_study_linked_through_its_order(stor
     with store.db.session() as s:
         jobs = s.exec(select(Job).where(Job.study_id == study_id)).all()
         assert len(jobs) == 2 and "nfl" not in max(jobs, key=lambda j: j.created_at).flags["ehr_missing"]
+
+
+def test_a_study_sent_again_for_another_patient_links_that_patient(store: Store) -> None:
+    """The PACS corrected a wrong worklist pick (MRN P111 -> P222) and sent the study again: the study row
+    kept P111, so the new run used P111's EHR while the SR and ORU named P222."""
+    import io
+
+    from pydicom import dcmread
+    from sqlmodel import select
+
+    from msgate.storage.models import AuditEvent, Instance
+
+    study_id, _ = make_study(store, seed=15, mrn="P111")
+    first = add_patient(store, mrn="P111", nfl=5.0)
+    second = add_patient(store, mrn="P222", nfl=50.0)
+    assert _snap(store, study_id)[0].patient_id == first
+    with store.db.session() as s:
+        bodies = [store.blobs.read(s, row.blob_id) for row in s.exec(select(Instance).where(
+            Instance.study_id == study_id, Instance.current == True)).all()]  # noqa: E712
+    for body in bodies:
+        ds = dcmread(io.BytesIO(body))
+        ds.PatientID = "P222"
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        assert not store.ingest.store_instance(source=out.getvalue(), calling_aet="PACS").duplicate
+    link, snap, _, _ = _snap(store, study_id)
+    assert link.patient_id == second and snap["nfl"]["value"] == 50.0
+    with store.db.session() as s:
+        assert s.exec(select(AuditEvent).where(AuditEvent.kind == "study.reidentified")).first() is not None

@@ -135,6 +135,8 @@ class BatchIndexer:
             if seen is not None:
                 self.session.execute(update(Instance).where(col(Instance.id) == seen[0]).values(current=False))
                 version = seen[2] + 1
+                if not new_study:
+                    self._reidentify(study_id, item.header, actor)
             self._count(self.study_counts, study_id, now, item.header.get("Modality"), seen is None)
             self._count(self.series_counts, series_id, now, "", seen is None, frames(item.header))
             current[item.sop_index] = (-1, item.digest, version, study_id, series_id)
@@ -149,6 +151,25 @@ class BatchIndexer:
               "calling_aet": item.calling_aet})
             for r, item in zip(results, items, strict=True) if not r.duplicate])
         return results, dropped
+
+    def _reidentify(self, study_id: int, header: HeaderLike, actor: str) -> None:
+        """A corrected instance (a new version) whose PatientID, issuer or accession number differ from the
+        study's: the PACS fixed a wrong patient or order and sent the study again. The study row kept the
+        first identity, so the new run linked the first patient's EHR while the SR and ORU named the new
+        one. The identity columns now follow the correction, and the study is linked again from them."""
+        study = self.session.get(Study, study_id)
+        if study is None:
+            return
+        fresh = identity(header.dataset(), self.cipher, self.default_issuer)
+        if (fresh["dicom_patient_index"], fresh["accession_index"]) == (study.dicom_patient_index,
+                                                                        study.accession_index):
+            return
+        for column, value in fresh.items():
+            setattr(study, column, value)
+        study.patient_id = None  # linked again (identifier, then order) when the study is planned
+        self.session.add(study)
+        audit.append(self.session, kind="study.reidentified", actor=actor, subject=f"study:{study_id}",
+                     detail={"reason": "a corrected instance names another patient or order"})
 
     def _replayed(self, items: list[PreparedInstance]) -> dict[tuple[str, str, str], StoredInstance]:
         """Earlier (not current) versions with the same bytes from the same association as ``items``.
@@ -260,22 +281,30 @@ def new_study(ds: Dataset, cipher: FieldCipher, *, uid_index: str, calling_aet: 
     """The study row of a first instance. ``default_issuer`` stands in for an absent IssuerOfPatientID in
     the identifier index: the HL7 feed indexes MRNs under their assigning authority (PID-3 CX-4), so a
     scanner's bare PatientID linked to no patient and every case ran without its EHR."""
-    enc, idx = cipher.encrypt, cipher.blind_index
-    accession, patient = text(ds, "AccessionNumber"), text(ds, "PatientID")
-    issuer = text(ds, "IssuerOfPatientID") or default_issuer.strip()
+    enc = cipher.encrypt
     return Study(
         study_uid_index=uid_index, study_uid_enc=enc(text(ds, "StudyInstanceUID"), column="study.study_uid"),
-        accession_index=idx(accession, scope="accession") if accession else None,
-        accession_enc=enc(accession or None, column="study.accession"),
-        dicom_patient_index=idx(f"{issuer}|{patient}", scope="mrn") if patient else None,
-        patient_id_enc=enc(patient or None, column="study.patient_id"),
-        patient_name_enc=enc(text(ds, "PatientName") or None, column="study.patient_name"),
-        patient_birth_date_enc=enc(text(ds, "PatientBirthDate") or None, column="study.birth_date"),
-        patient_sex_enc=enc(text(ds, "PatientSex") or None, column="study.sex"),
+        **identity(ds, cipher, default_issuer),
         study_date_enc=enc(text(ds, "StudyDate") or None, column="study.study_date"),
         study_description_enc=enc(text(ds, "StudyDescription") or None, column="study.description"),
         modalities="", calling_aet=calling_aet[:16],
     )
+
+
+def identity(ds: Dataset, cipher: FieldCipher, default_issuer: str = "") -> dict[str, Any]:
+    """The study's patient and order identity columns as this data set gives them."""
+    enc, idx = cipher.encrypt, cipher.blind_index
+    accession, patient = text(ds, "AccessionNumber"), text(ds, "PatientID")
+    issuer = text(ds, "IssuerOfPatientID") or default_issuer.strip()
+    return {
+        "accession_index": idx(accession, scope="accession") if accession else None,
+        "accession_enc": enc(accession or None, column="study.accession"),
+        "dicom_patient_index": idx(f"{issuer}|{patient}", scope="mrn") if patient else None,
+        "patient_id_enc": enc(patient or None, column="study.patient_id"),
+        "patient_name_enc": enc(text(ds, "PatientName") or None, column="study.patient_name"),
+        "patient_birth_date_enc": enc(text(ds, "PatientBirthDate") or None, column="study.birth_date"),
+        "patient_sex_enc": enc(text(ds, "PatientSex") or None, column="study.sex"),
+    }
 
 
 def new_series(ds: Dataset, cipher: FieldCipher, *, uid_index: str, study_id: int) -> Series:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msgate.errors import ConfigError, KeyNotFound, TamperedData
+from msgate.errors import ConfigError, KeyNotFound, MsgateError, TamperedData
 from msgate.model import he
 
 if TYPE_CHECKING:
@@ -269,6 +269,20 @@ class HeKeys:
         for p in (self.dir / f"{key_id}.secret", self.public_dir / f"{key_id}.ctx", self.public_dir / f"{key_id}.json"):
             p.unlink(missing_ok=True)
         self._secrets.pop(key_id, None)
+
+    def open_secret(self, key_id: str) -> None:
+        """Open (and cache) the secret of ``key_id`` now. The keys role calls it before it reports ready:
+        it used to open the file at the first request, so a secret it cannot read (mode 0644 after a
+        restore, a retired KEK) failed every job as a model error and its own message reached no log.
+        Raises :class:`~msgate.errors.KeyFilePermissions`, :class:`~msgate.errors.KeyNotFound`,
+        :class:`~msgate.errors.WrongKey` or :class:`~msgate.errors.ConfigError` (a damaged file)."""
+        try:
+            self._secret(key_id)
+        except MsgateError:
+            raise
+        except Exception as exc:  # not JSON, a field missing, not base64, a context TenSEAL cannot read
+            raise ConfigError(f"CKKS secret key file {self.dir / (key_id + '.secret')} is damaged "
+                              f"({type(exc).__name__}); restore it from the backup") from None
 
     def _secret(self, key_id: str) -> _Secret:
         import tenseal as ts

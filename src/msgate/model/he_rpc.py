@@ -29,6 +29,30 @@ REQUEST_QUEUE = "msgate.he-keys"
 """Broker queue of the key service (replies go to the ``reply_to`` queue of each request)."""
 
 
+TRANSIENT_CODES = frozenset({"transient", "db_unavailable", "he_timeout", "he_broker", "he_checkpoint"})
+"""Reply codes a retry can cure (also the replies of a key service older than the ``transient`` flag)."""
+TAMPER_CODES = ("he_request_mac", "he_result_mac", "he_parse", "tampered")
+PAUSE_S = (0.5, 30.0)
+"""First and longest pause of the keys role before it connects to the broker again."""
+
+
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What the broker's clients raise when it is down or restarting: kombu's wrapper, redis-py's own
+    errors (the Redis transport passes them through), sockets, and SQLAlchemy's (the embedded broker)."""
+    import kombu.exceptions
+    import sqlalchemy.exc
+
+    errors: list[type[BaseException]] = [kombu.exceptions.OperationalError, kombu.exceptions.ConnectionError,
+                                         OSError, sqlalchemy.exc.OperationalError]
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is a dependency
+        pass
+    else:
+        errors += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    return tuple(errors)
+
+
 def broker_connection(settings: Any) -> Any:
     """A kombu connection to msgate's broker (the embedded SQLite transport or Redis)."""
     from kombu import Connection
@@ -49,6 +73,22 @@ class BrokerKeyClient:
         self._lock = threading.Lock()
 
     def _call(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            body = self._round_trip(req)
+        except broker_errors() as exc:  # the broker is down (Redis restarting): was neither Transient nor
+            # Rejected, so the worker failed the batch's jobs for good; now they are re-queued
+            raise Transient(f"HE key service: the broker is unavailable ({type(exc).__name__}) (he_broker)",
+                            code="he_broker") from None
+        if "error" in body:
+            code, text = str(body.get("code")), str(body["error"])
+            if code.startswith(TAMPER_CODES):
+                raise TamperedData(text, code=code)
+            if body.get("transient") or code in TRANSIENT_CODES:  # a database blip on the key service
+                raise Transient(f"HE key service: {text} ({code})", code=code)
+            raise Rejected(text, code=code)
+        return body
+
+    def _round_trip(self, req: dict[str, Any]) -> dict[str, Any]:
         corr = uuid.uuid4().hex
         deadline = time.monotonic() + self.timeout
         with self._lock, broker_connection(self.settings) as conn, conn.SimpleQueue(self.reply_to) as replies:
@@ -63,13 +103,7 @@ class BrokerKeyClient:
                 msg.ack()
                 body: dict[str, Any] = msg.payload
                 if body.get("corr") == corr:
-                    break
-        if "error" in body:
-            code = str(body.get("code"))
-            if code.startswith(("he_request_mac", "he_result_mac", "he_parse", "tampered")):
-                raise TamperedData(str(body["error"]), code=code)
-            raise Rejected(str(body["error"]), code=code)
-        return body
+                    return body
 
     def encrypt_jobs(self, job_ids: list[str], *, model: str, max_batch: int | None = None) -> list[EncryptedPack]:
         """Packs built by the key service from storage: the worker sends job ids, never EHR values."""
@@ -82,7 +116,8 @@ class BrokerKeyClient:
 
 
 def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> dict[str, Any]:
-    """One request; errors come back as ``{"error", "code"}`` (no EHR values, no PHI)."""
+    """One request; errors come back as ``{"error", "code", "transient"}`` (no EHR values, no PHI);
+    ``transient`` marks what a retry can cure (a database blip), which the worker re-queues."""
     try:
         if req.get("op") == "encrypt_jobs":
             if jobs is None:
@@ -92,37 +127,62 @@ def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> 
             return {"packs": [p.to_wire() for p in packs]}
         if req.get("op") == "finalize":
             res = EncryptedResult.from_wire(req["result"])
-            if jobs is not None:  # the key service's own checkpoint temperatures, not the worker's
-                spec = jobs.spec()
+            if jobs is not None:  # the temperatures of the checkpoint the inputs were encrypted for
+                spec = jobs.spec_for_request(res.request_id) or jobs.spec()  # (or installed now: restarted)
                 return {"outcomes": keys.finalize(res, t_edss=spec.t_edss, t_ms=spec.t_ms)}
             return {"outcomes": keys.finalize(res, t_edss=float(req.get("t_edss", 1.0)),
                                               t_ms=float(req.get("t_ms", 1.0)))}
         return {"error": f"unknown op {req.get('op')!r}", "code": "he_op"}
-    except MsgateError as exc:
-        return {"error": str(exc), "code": exc.code}
+    except MsgateError as exc:  # msgate's messages carry ids, never PHI
+        log.warning("HE request refused", extra={"status": req.get("op"), "code": exc.code, "reason": str(exc)})
+        return {"error": str(exc), "code": exc.code, "transient": isinstance(exc, Transient)}
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         return {"error": f"bad request ({type(exc).__name__})", "code": "he_request"}
+    except Exception as exc:  # unforeseen: answered, so the serving loop (the keys role) goes on
+        log.exception("HE request failed", extra={"status": req.get("op")})
+        return {"error": f"key service error ({type(exc).__name__}; see the keys role's log)", "code": "he_internal"}
 
 
 def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threading.Event | None = None,
-          jobs: JobSource | None = None) -> None:
-    """Answer requests from :data:`REQUEST_QUEUE` until ``stop`` is set."""
-    with broker_connection(settings) as conn:
-        requests = conn.SimpleQueue(REQUEST_QUEUE)
-        if ready is not None:
-            ready.set()
-        while not stop.is_set():
-            try:
-                msg = requests.get(block=True, timeout=0.5)
-            except requests.Empty:
-                continue
-            req = msg.payload
-            t0 = time.perf_counter()
-            reply = handle(keys, req, jobs)
-            with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:
-                out.put({"corr": req.get("corr"), **reply})
-            msg.ack()
-            log.info("HE request served", extra={"status": req.get("op"), "reason": reply.get("code"),
-                                                 "duration_ms": round((time.perf_counter() - t0) * 1000, 1)})
-        requests.close()
+          jobs: JobSource | None = None, pause: tuple[float, float] = PAUSE_S) -> None:
+    """Answer requests from :data:`REQUEST_QUEUE` until ``stop`` is set. A lost broker (Redis restarting)
+    ended this loop, and with it the keys role and every role of its ``serve`` process; now it connects
+    again after a pause that grows from ``pause[0]`` to ``pause[1]`` seconds."""
+    errors, wait = broker_errors(), pause[0]
+    while not stop.is_set():
+        try:
+            with broker_connection(settings) as conn:
+                requests = conn.SimpleQueue(REQUEST_QUEUE)
+                try:
+                    if ready is not None:
+                        ready.set()
+                    while not stop.is_set():
+                        try:
+                            msg = requests.get(block=True, timeout=0.5)
+                        except requests.Empty:
+                            wait = pause[0]
+                            continue
+                        wait = pause[0]
+                        _answer(conn, keys, msg, jobs)
+                finally:
+                    try:
+                        requests.close()
+                    except errors:
+                        pass
+            return
+        except errors as exc:
+            log.warning("HE key service lost the broker; connecting again",
+                        extra={"role": "keys", "error_type": type(exc).__name__, "elapsed_s": wait})
+            stop.wait(wait)
+            wait = min(wait * 2, pause[1])
 
+
+def _answer(conn: Any, keys: HeKeys, msg: Any, jobs: JobSource | None) -> None:
+    req = msg.payload
+    t0 = time.perf_counter()
+    reply = handle(keys, req, jobs)
+    with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:
+        out.put({"corr": req.get("corr"), **reply})
+    msg.ack()
+    log.info("HE request served", extra={"status": req.get("op"), "reason": reply.get("code"),
+                                         "duration_ms": round((time.perf_counter() - t0) * 1000, 1)})

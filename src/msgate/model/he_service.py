@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msgate.errors import Rejected
+from msgate.errors import MsgateError, Rejected, Transient
 from msgate.model.he_keys import EncryptedPack, EncryptedResult, HeKeys
 
 if TYPE_CHECKING:
@@ -35,18 +36,23 @@ AUDIT_KIND = "decrypt.he_encrypt"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the key service must share with the worker's model: the EHR scaler and the members' widths."""
+    """What the key service must share with the worker's model: the EHR scaler, the members' widths, the
+    calibration temperatures and the checkpoint they come from."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     widths: tuple[int, ...]
     t_edss: float = 1.0  # the checkpoint's calibration temperatures: the key service applies its own,
     t_ms: float = 1.0  # never a worker's (a tiny temperature would sharpen what a decryption reveals)
+    checkpoint: str = ""  # SHA-256 of the checkpoint's metadata (model_spec); "" for a spec built by hand
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the inputs a model expects; a worker and a key service must agree on it."""
-        doc = json.dumps({"mean": self.mean, "std": self.std, "widths": self.widths})
+        """Identifies the model a worker and a key service must agree on. It covered only the scaler and
+        widths, so after an upgrade that changed the temperatures a key service that kept the old
+        checkpoint calibrated with the old ones, silently; now any difference is refused by name."""
+        doc = json.dumps({"mean": self.mean, "std": self.std, "widths": self.widths, "t_edss": self.t_edss,
+                          "t_ms": self.t_ms, "checkpoint": self.checkpoint})
         return hashlib.sha256(doc.encode()).hexdigest()[:32]
 
     def transform(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -57,8 +63,10 @@ class ModelSpec:
 
 def model_spec(ckpt: Any) -> ModelSpec:
     """The spec of a loaded ``PatientCheckpoint`` (every member's EHR hidden width, in order)."""
+    meta = hashlib.sha256(json.dumps(getattr(ckpt, "meta", {}), sort_keys=True, default=str).encode()).hexdigest()
     return ModelSpec(tuple(float(v) for v in ckpt.scaler.mean), tuple(float(v) for v in ckpt.scaler.std),
-                     tuple(int(n.ehr.net[0].out_features) for n in ckpt.nets), float(ckpt.t_edss), float(ckpt.t_ms))
+                     tuple(int(n.ehr.net[0].out_features) for n in ckpt.nets), float(ckpt.t_edss), float(ckpt.t_ms),
+                     meta[:32])
 
 
 def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None,
@@ -86,13 +94,11 @@ def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None
             link = ehr_mod.link(session, study, store.cipher)
             audit.append(session, kind=AUDIT_KIND, actor=actor[:64], subject=f"job:{jid}",
                          detail={"ehr": True, "patient_id": link.patient_id, "key_id": key_id})
-            out.append((study.id, link))
-        if issued is not None:
-            for jid in job_ids:
-                job = session.get(Job, jid)
-                assert job is not None
-                issued[jid] = job.attempts
-    return out
+            out.append((study.id, link, job.attempts if job is not None else 0))
+    if issued is not None:  # after the commit: audit events a failed commit dropped do not use the attempt
+        for jid, (_, _, attempt) in zip(job_ids, out, strict=True):
+            issued[jid] = attempt
+    return [(study_id, link) for study_id, link, _ in out]
 
 
 def job_inputs(store: Store, job_ids: list[str], spec: ModelSpec, *, actor: str,
@@ -118,31 +124,107 @@ def _actor() -> str:
     return f"keys@{socket.gethostname()}:{os.getpid()}"
 
 
+KEPT_SPECS = 4
+"""Specs of checkpoints this key service loaded before the installed one: workers not restarted yet
+after an upgrade finish their jobs with the model (and calibration) they have."""
+KEPT_REQUESTS = 1 << 16
+"""Request ids remembered with the spec they were encrypted under (``finalize`` calibrates with it)."""
+
+
+def _checkpoint_stamp(path: Path) -> tuple[object, ...]:
+    """Path, inode, times and size of the checkpoint and its JSON sidecar (as the workers' version stamp)."""
+    out: list[object] = []
+    for p in (path, path.with_suffix(".json")):
+        try:
+            st = p.stat()
+            out.append((str(p), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        except OSError:
+            out.append((str(p), -1))
+    return tuple(out)
+
+
 @dataclass
 class JobSource:
-    """The store and the model spec (from the checkpoint, loaded lazily) behind ``encrypt_jobs``."""
+    """The store and the model spec behind ``encrypt_jobs``: read from the checkpoint, and read again
+    whenever its files change (the keys role loaded it once and kept it, so after a model upgrade HE
+    results used the old calibration, or every job failed). A spec passed in (tests) is kept."""
 
     store: Store
     checkpoint: Path | None = None
     actor: str = field(default_factory=_actor)
     _spec: ModelSpec | None = None
     issued: dict[str, int] = field(default_factory=dict)  # job id -> attempt its inputs were encrypted for
+    _stamp: tuple[object, ...] | None = None
+    _older: OrderedDict[str, ModelSpec] = field(default_factory=OrderedDict)  # fingerprint -> spec
+    _by_request: OrderedDict[str, ModelSpec] = field(default_factory=OrderedDict)  # request id -> its spec
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._pinned = self._spec is not None
+
+    def _path(self) -> Path:
+        from msgate.model.patient import checkpoint
+
+        return Path(self.checkpoint) if self.checkpoint is not None else checkpoint.DEFAULT_PATH
 
     def spec(self) -> ModelSpec:
-        if self._spec is None:
-            from msgate.model.patient import checkpoint
+        """The spec of the checkpoint installed now (one ``stat`` per call; loaded again on a change)."""
+        from msgate.model.patient import checkpoint
 
-            self._spec = model_spec(checkpoint.load(self.checkpoint))
-        return self._spec
+        with self._lock:
+            if self._pinned and self._spec is not None:
+                return self._spec
+            path = self._path()
+            stamp = _checkpoint_stamp(path)
+            if self._spec is None or stamp != self._stamp:
+                try:
+                    new = model_spec(checkpoint.load(path))
+                except Exception as exc:  # half copied, or missing for a moment: the jobs are retried
+                    log.warning("patient checkpoint cannot be loaded", extra={"role": "keys",
+                                                                               "error_type": type(exc).__name__})
+                    raise Transient(f"the key service cannot load the patient checkpoint ({type(exc).__name__})",
+                                    code="he_checkpoint") from None
+                if self._spec is not None and self._spec.fingerprint != new.fingerprint:
+                    self._older[self._spec.fingerprint] = self._spec
+                    while len(self._older) > KEPT_SPECS:
+                        self._older.popitem(last=False)
+                    log.info("patient checkpoint changed; key service uses the new one",
+                             extra={"role": "keys", "version": new.fingerprint[:12]})
+                self._spec, self._stamp = new, stamp
+            return self._spec
+
+    def spec_of(self, fingerprint: str) -> ModelSpec:
+        """The spec a worker's fingerprint names: the installed checkpoint's, or one loaded before it."""
+        spec = self.spec()
+        if fingerprint == spec.fingerprint:
+            return spec
+        with self._lock:
+            older = self._older.get(fingerprint)
+        if older is None:
+            raise Rejected(f"the worker's patient model (fingerprint {fingerprint[:12]}) differs from the key "
+                           f"service's ({spec.fingerprint[:12]}: scaler, ensemble, calibration temperatures or "
+                           "checkpoint); deploy the same checkpoint to both and restart the workers",
+                           code="he_model_mismatch")
+        return older
+
+    def spec_for_request(self, request_id: str) -> ModelSpec | None:
+        """The spec a request was encrypted under (its temperatures calibrate the result, also when the
+        checkpoint changed in between); None when this key service did not issue it (it restarted since)."""
+        if self._pinned and self._spec is not None:
+            return self._spec
+        with self._lock:
+            return self._by_request.get(request_id)
 
     def encrypt(self, keys: HeKeys, job_ids: list[str], *, model: str,
                 max_batch: int | None = None) -> list[EncryptedPack]:
-        spec = self.spec()
-        if model != spec.fingerprint:
-            raise Rejected("the worker's patient model differs from the key service's (scaler or ensemble); "
-                           "deploy the same checkpoint to both", code="he_model_mismatch")
+        spec = self.spec_of(model)
         u = job_inputs(self.store, job_ids, spec, actor=self.actor, key_id=keys.active_id(), issued=self.issued)
         packs = keys.encrypt(u, job_ids, widths=spec.widths, max_batch=max_batch)
+        with self._lock:
+            for p in packs:
+                self._by_request[p.request_id] = spec
+            while len(self._by_request) > KEPT_REQUESTS:
+                self._by_request.popitem(last=False)
         log.info("HE inputs encrypted", extra={"count": len(job_ids), "batch": len(packs)})
         return packs
 
@@ -178,6 +260,12 @@ def run(store: Store, stop: threading.Event) -> None:
         return
     keys = HeKeys(settings.home, store.ring)
     key_id = keys.ensure(he_settings.params())
+    try:  # before "ready": a secret it cannot open failed every job later, as a "model error"
+        keys.open_secret(key_id)
+    except MsgateError as exc:  # msgate's own message (a path, a key id, the chmod to run): no PHI
+        log.error("CKKS secret key cannot be opened; the keys role stops",
+                  extra={"role": "keys", "code": exc.code, "reason": str(exc)})
+        raise
     log.info("CKKS key service ready", extra={"role": "keys", "key_id": key_id})
     if not stop.is_set():
         serve(keys, settings, stop, jobs=JobSource(store))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from msgate.errors import CryptoError, Rejected, Transient
+from msgate.errors import CryptoError, MsgateError, Rejected, Transient
 from msgate.model.types import Case, ModelResult
 from msgate.workers import case as case_mod
 from msgate.workers import jobs
@@ -159,12 +159,23 @@ def _predict(rt: Runtime, items: list[Item]) -> None:
         results = rt.predict([i.case for i in ready])  # type: ignore[misc]
     except Transient:
         raise  # e.g. the HE key service did not answer: the batch is released and retried, not failed
-    except Exception:
+    except Exception as exc:
+        he_mode = rt.settings.he.enabled
+        code = exc.code if isinstance(exc, MsgateError) else type(exc).__name__
         if len(ready) == 1:
-            log.exception("inference failed", extra={"job_id": ready[0].claim.job_id})
-            _fail(rt, ready[0], "inference failed (model error; see worker log)")
+            log.exception("inference failed", extra={"job_id": ready[0].claim.job_id, "code": code})
+            _fail(rt, ready[0], f"inference failed (HE, {code}; see worker log)" if he_mode
+                  else "inference failed (model error; see worker log)")
             ready[0].case = None
             return
+        if he_mode:
+            # The key service encrypts a job's inputs once per attempt, so the one-by-one retry below was
+            # refused (he_replay) and every job of the batch failed for good. Re-queued instead: each
+            # runs alone on its next attempt (no batch after a failed attempt), with fresh inputs.
+            log.exception("HE batch inference failed; its jobs are re-queued to run alone",
+                          extra={"batch": len(ready), "code": code})
+            raise Transient(f"HE batch of {len(ready)} failed ({code}); each job runs alone next",
+                            code="he_batch") from None
         log.warning("batch inference failed; running the cases one by one", extra={"batch": len(ready)})
         for item in ready:
             _predict(rt, [item])

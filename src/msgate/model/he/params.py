@@ -67,6 +67,12 @@ class HeParams:
         if bits[0] < scale + 8:
             raise HeParamError(f"{prefix}.coeff_mod_bit_sizes: the first prime needs >= 8 bits above the scale "
                                f"for the output range; got {bits[0]} with scale {scale}")
+        need = circuit_depth()
+        if self.depth < need:  # 5 primes passed before, and every job then failed as a "model error"
+            raise HeParamError(
+                f"{prefix}.coeff_mod_bit_sizes (MSGATE_{prefix.upper()}__COEFF_MOD_BIT_SIZES) gives {self.depth} "
+                f"rescales; the circuit needs {need}: at least {need + 2} primes, e.g. {list(DEFAULT_COEFF_BITS)}; "
+                f"got {list(bits)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +83,15 @@ class HeParams:
     def from_dict(cls, d: dict[str, Any]) -> HeParams:
         return cls(int(d["poly_modulus_degree"]), tuple(int(b) for b in d["coeff_mod_bit_sizes"]),
                    int(d["global_scale_bits"]))
+
+
+def circuit_depth() -> int:
+    """Rescales the deepest pack needs, from :meth:`msgate.model.he.Evaluator.depth_needed` (a pack whose
+    ciphertexts hold several feature blocks needs the block sum's level; one block does not)."""
+    from msgate.model.he.evaluator import Evaluator
+    from msgate.model.he.packing import Layout
+
+    return max(Evaluator.depth_needed(Layout(1, n_features, 1, DEFAULT_N // 2)) for n_features in (1, 2))
 
 
 def _is_prime(n: int) -> bool:

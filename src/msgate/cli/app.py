@@ -109,6 +109,9 @@ def main() -> None:
     except Exception as exc:  # the CLI's edge: one line, no traceback, unless --debug
         if debug:
             raise
+        if is_migration_error(exc):  # e.g. `db upgrade --revision` of a revision msgate does not have
+            err_console.print(f"[red]error:[/red] database migration failed: {escape(str(exc))}", highlight=False)
+            sys.exit(2)
         err_console.print(f"[red]error:[/red] unexpected {type(exc).__name__}; rerun with --debug for details")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
@@ -120,3 +123,10 @@ def describe_os_error(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
     where = f"cannot use {exc.filename}: " if exc.filename else ""
     return f"{where}{exc.strerror or type(exc).__name__} ({name})"
+
+
+def is_migration_error(exc: BaseException) -> bool:
+    """alembic's CommandError (a revision it cannot find or reach), without importing alembic for every
+    command. It read "unexpected CommandError"; its text names revisions only, never data."""
+    kind = type(exc)
+    return kind.__name__ == "CommandError" and kind.__module__.startswith("alembic")

@@ -31,7 +31,7 @@ def verify(ctx: typer.Context, json_out: Annotated[bool, typer.Option("--json")]
 @app.command()
 def tail(
     ctx: typer.Context,
-    n: Annotated[int, typer.Option("-n", help="how many events")] = 20,
+    n: Annotated[int, typer.Option("-n", min=1, help="how many events")] = 20,
     kind: Annotated[str | None, typer.Option("--kind", help="only events whose kind starts with this")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from msgate.cli.common import console, print_json, state
+from msgate.cli.common import check_schema, console, err_console, print_json, say, schema_mismatch, state
 from msgate.storage import retention
 from msgate.storage.db import Database
 
@@ -15,9 +15,10 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command()
 def upgrade(ctx: typer.Context, revision: str = "head") -> None:
-    """Apply database migrations (also done on first start)."""
+    """Apply database migrations (``serve`` also applies them when it starts)."""
     settings = state(ctx).settings
     settings.home.mkdir(parents=True, exist_ok=True)
+    check_schema(settings, migrating=True)  # a newer msgate's schema: alembic only said "Can't locate revision"
     db = Database(settings.resolved_database_url)
     db.upgrade(revision)
     console.print(f"database at revision {db.current_revision()}")
@@ -26,10 +27,16 @@ def upgrade(ctx: typer.Context, revision: str = "head") -> None:
 
 @app.command()
 def current(ctx: typer.Context) -> None:
-    """Show the database's migration revision."""
+    """Show the database's migration revision, and whether it is this msgate's."""
     db = Database(state(ctx).settings.resolved_database_url)
-    console.print(db.current_revision() or "empty (run `msgate db upgrade`)")
-    db.dispose()
+    try:
+        revision = db.current_revision()
+    finally:
+        db.dispose()
+    problem = schema_mismatch(revision) if revision else None
+    say(revision or "empty (run `msgate db upgrade`)")
+    if problem:  # on stderr: stdout stays the revision alone, for scripts
+        err_console.print(f"note: {problem}", markup=False, highlight=False)
 
 
 @app.command()

@@ -7,12 +7,12 @@ and cancel are operator actions and are recorded in the audit chain (``job.retry
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
 from rich.table import Table
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from msgate.cli.common import add_row, console, fail, print_json, say, state
 from msgate.storage import audit
@@ -22,6 +22,8 @@ from msgate.storage.store import Store
 app = typer.Typer(no_args_is_help=True)
 RETRYABLE = ("failed", "cancelled")
 CANCELLABLE = ("queued", "running")
+# Job.state values (workers/jobs.py); --state was free text, and a typo ("error") listed nothing, exit 0
+JobState = Literal["queued", "running", "done", "failed", "superseded", "cancelled"]
 STAGES = ("queue_wait_ms", "load_ms", "decode_ms", "transforms_ms", "inference_ms", "store_ms", "ready_to_result_ms")
 
 
@@ -46,10 +48,9 @@ def job_doc(job: Job, *, has_result: bool | None = None) -> dict[str, Any]:
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    state_filter: Annotated[str | None, typer.Option("--state", help="queued, running, done, failed, superseded, "
-                                                     "cancelled")] = None,
+    state_filter: Annotated[JobState | None, typer.Option("--state", help="only jobs in this state")] = None,
     study: Annotated[int | None, typer.Option("--study", help="jobs of one study")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="most recent first")] = 100,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="most recent first")] = 100,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List jobs, newest first."""
@@ -73,14 +74,22 @@ def list_(
     console.print(table)
 
 
+def job_id_of(session: Session, ident: str) -> str:
+    """The full id of the job ``ident`` names: its id, or a unique prefix (lists show ids cut short). A
+    prefix is matched literally: ``%`` or ``_`` in it are not LIKE wildcards."""
+    if session.get(Job, ident) is not None:
+        return ident
+    matches = session.exec(select(Job.id).where(col(Job.id).startswith(ident, autoescape=True)).limit(2)).all()
+    if len(matches) > 1:
+        fail(f"{ident!r} matches several jobs; give more of the job id")
+    if not matches:
+        fail(f"no job {ident}")
+    return matches[0]
+
+
 def _get(store: Store, job_id: str) -> Job:
     with store.db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            matches = session.exec(select(Job).where(col(Job.id).startswith(job_id)).limit(2)).all()
-            job = matches[0] if len(matches) == 1 else None
-    if job is None:
-        fail(f"no job {job_id}")
+        job = session.get(Job, job_id_of(session, job_id))
     assert job is not None
     return job
 

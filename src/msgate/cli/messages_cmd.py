@@ -5,7 +5,7 @@ recorded in the audit chain (``phi.view``), as ``studies list`` does."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from sqlmodel import col, select
@@ -15,6 +15,7 @@ from msgate.storage import audit
 from msgate.storage.models import Hl7Message
 from msgate.storage.store import Store
 
+MappingState = Literal["pending", "mapped", "skipped", "error"]  # Hl7Message.mapping_state (hl7/mapping.py)
 app = typer.Typer(help="Inbound HL7 messages: type, control id, received, ACK, mapping and validation.",
                   no_args_is_help=True)
 
@@ -38,8 +39,9 @@ def _row(store: Store, m: Hl7Message, detail: bool = False) -> dict[str, Any]:
 @app.command("list")
 def list_messages(
     ctx: typer.Context,
-    state_filter: Annotated[str | None, typer.Option("--state", help="pending, mapped, skipped or error")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
+    state_filter: Annotated[MappingState | None, typer.Option("--state", help="only messages in this mapping "
+                                                              "state")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The most recent messages, newest first."""

@@ -8,32 +8,35 @@ ids, destinations and peer statuses only, no PHI.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
 from sqlmodel import col, select
 
 from msgate.cli.common import add_row, console, fail, print_json, state
+from msgate.cli.jobs_cmd import job_id_of
 from msgate.results import outbox_ops as outbox
 from msgate.storage import audit
 from msgate.storage.models import Blob, OutboxEntry
 
 app = typer.Typer(no_args_is_help=True)
+EntryState = Literal["pending", "sending", "delivered", "dead", "dropped"]  # OutboxEntry.state
 
 
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    state_: Annotated[str | None, typer.Option("--state", help="pending, sending, delivered, dead, dropped")] = None,
-    job: Annotated[str | None, typer.Option("--job", help="only this job's entries")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n")] = 50,
+    state_: Annotated[EntryState | None, typer.Option("--state", help="only entries in this state")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="only this job's entries (a unique prefix)")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List outbox entries (newest first) with every attempt and the peer's answer."""
     store = state(ctx).store()
     with store.db.session() as session:
-        rows = outbox.entries(session, state=state_, job_id=job, limit=limit)
+        job_id = job_id_of(session, job) if job is not None else None  # the list shows 12 characters of it
+        rows = outbox.entries(session, state=state_, job_id=job_id, limit=limit)
         kinds = dict(session.exec(select(Blob.id, Blob.kind).where(col(Blob.id).in_([r.blob_id for r in rows]))).all())
         data = [outbox.summary(r, outbox.attempts_of(session, r.id), kinds.get(r.blob_id, "")) for r in rows]
     if json_out:
@@ -55,16 +58,18 @@ def _resolve(ctx: typer.Context, ids: list[str], dead: bool, job: str | None) ->
         query = select(OutboxEntry.id)
         if dead:
             query = query.where(OutboxEntry.state == "dead")
-        if job:
-            query = query.where(OutboxEntry.job_id == job)
-        found = set(session.exec(query).all()) if (dead or job) else set()
+        if job is not None:  # a prefix, as `outbox list` shows it: the full id only selected nothing
+            query = query.where(OutboxEntry.job_id == job_id_of(session, job))
+        found = set(session.exec(query).all()) if (dead or job is not None) else set()
         for prefix in ids:
-            matches = session.exec(select(OutboxEntry.id).where(col(OutboxEntry.id).startswith(prefix))).all()
+            like = col(OutboxEntry.id).startswith(prefix, autoescape=True)  # "%" is not a wildcard
+            matches = session.exec(select(OutboxEntry.id).where(like)).all()
             if len(matches) != 1:
                 fail(f"{prefix!r} matches {len(matches)} outbox entries")
             found.add(matches[0])
     if not found:
-        fail("nothing selected: give entry ids, --dead or --job")
+        fail("no outbox entry matches --dead/--job" if dead or job is not None
+             else "nothing selected: give entry ids, --dead or --job")
     return sorted(found)
 
 
@@ -73,7 +78,7 @@ def retry(
     ctx: typer.Context,
     ids: Annotated[list[str] | None, typer.Argument(help="entry ids (a unique prefix is enough)")] = None,
     dead: Annotated[bool, typer.Option("--dead", help="every dead-lettered entry")] = False,
-    job: Annotated[str | None, typer.Option("--job", help="every entry of this job")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="every entry of this job (a unique prefix)")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Send dead or waiting entries again now."""
@@ -87,7 +92,7 @@ def drop(
     ctx: typer.Context,
     ids: Annotated[list[str] | None, typer.Argument(help="entry ids (a unique prefix is enough)")] = None,
     dead: Annotated[bool, typer.Option("--dead", help="every dead-lettered entry")] = False,
-    job: Annotated[str | None, typer.Option("--job", help="every entry of this job")] = None,
+    job: Annotated[str | None, typer.Option("--job", help="every entry of this job (a unique prefix)")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Abandon entries: they are never sent."""

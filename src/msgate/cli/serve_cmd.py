@@ -67,7 +67,7 @@ def serve(
 ) -> None:
     """Run msgate's services until SIGINT/SIGTERM."""
     st = state(ctx)
-    store = st.store(create_keys=True)
+    store = st.store(migrate=True, create_keys=True)
     roles = available_roles() if role is Role.all else [role.value]
     runners = {name: runner(name) for name in roles}
     missing = [name for name, fn in runners.items() if fn is None]

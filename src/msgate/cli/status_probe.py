@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, func, select
 
+from msgate.cli.common import head_revision, schema_mismatch
 from msgate.config import Settings
 from msgate.errors import MsgateError
 from msgate.storage import heartbeat, keyring
@@ -32,7 +33,8 @@ LOOPBACK = ("0.0.0.0", "::", "", "127.0.0.1", "::1", "localhost")
 
 
 def database(db: Database) -> dict[str, Any]:
-    """Reachable and migrated; a database without msgate's schema is down (nothing can run on it)."""
+    """Reachable and migrated; a database without msgate's schema is down (nothing can run on it), one at
+    another revision than this msgate's is degraded (it said ok, while every other command failed on it)."""
     if not db.ping():
         return {"health": "down", "reason": "database unreachable"}
     backend = "sqlite" if db.is_sqlite else "postgresql"
@@ -42,6 +44,10 @@ def database(db: Database) -> dict[str, Any]:
         return failed("database", exc) | {"backend": backend}
     if not revision:
         return {"health": "down", "reason": SCHEMA_MISSING, "backend": backend}
+    mismatch = schema_mismatch(revision)
+    if mismatch:
+        return {"health": "degraded", "revision": revision, "expected": head_revision(), "backend": backend,
+                "reason": mismatch}
     return {"health": "ok", "revision": revision, "backend": backend}
 
 
@@ -65,9 +71,17 @@ def keys(settings: Settings) -> dict[str, Any]:
 def disk(settings: Settings) -> dict[str, Any]:
     free = free_bytes(settings.blob_dir)
     floor = settings.storage.min_free_bytes
-    health = "ok" if free >= max(floor, settings.storage.purge_free_bytes) else "degraded"
-    return {"health": health, "free_gb": round(free / 1e9, 2), "floor_gb": round(floor / 1e9, 2),
-            "reason": "free space below the ingest floor" if free < floor else ""}
+    # the purge threshold concerns local blob bodies only (retention ignores it with PostgreSQL bodies):
+    # applied to every home, it made each container's health check fail under 5 GiB free while ingest was fine
+    purge = settings.storage.purge_free_bytes if settings.storage.blob_backend == "local" else 0
+    if free < floor:
+        reason = "free space below the ingest floor"
+    elif free < purge:
+        reason = "free space below the retention purge threshold (storage.purge_free_bytes)"
+    else:
+        reason = ""
+    return {"health": "degraded" if reason else "ok", "free_gb": round(free / 1e9, 2),
+            "floor_gb": round(floor / 1e9, 2), "reason": reason}
 
 
 def roles(db: Database, expected: tuple[str, ...],

@@ -1,12 +1,13 @@
 """``msgate studies list|show``: operator views of received studies.
 
 PHI (accession, patient id, study date, series descriptions) is decrypted only for display, and
-every display is recorded in the audit chain (``phi.view``, actor = the OS user).
+every display is recorded in the audit chain (``phi.view``, actor = :func:`audit.operator`: the OS account
+running the command, and the invoking one under sudo).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
@@ -18,6 +19,7 @@ from msgate.storage.models import Study
 from msgate.storage.store import Store
 
 app = typer.Typer(no_args_is_help=True)
+StudyState = Literal["receiving", "ready", "stable", "stored", "ignored"]  # repo_studies' states
 AUDIT_CHUNK = 500  # study ids per phi.view event of one listing
 
 
@@ -51,8 +53,8 @@ def _audit_listing(session: Session, study_ids: list[int]) -> None:
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    state_filter: Annotated[str | None, typer.Option("--state", help="receiving, ready, stable, stored, ignored")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="most recent first")] = 200,
+    state_filter: Annotated[StudyState | None, typer.Option("--state", help="only studies in this state")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="most recent first")] = 200,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List studies, newest first (PHI shown is audited)."""

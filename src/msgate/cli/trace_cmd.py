@@ -7,7 +7,7 @@ recent messages' MSH-10 in memory. The trace itself is audited.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -149,5 +149,15 @@ def command(
         return
     table = Table("time (UTC)", "stage", "event", "ref")
     for e in timeline:
-        add_row(table, (e["time"] or "")[11:23], e["stage"], e["event"], e["ref"])
+        add_row(table, when(e["time"]), e["stage"], e["event"], e["ref"])
     console.print(table)
+
+
+def when(iso: str | None) -> str:
+    """``2025-03-04 11:23:05.123`` in UTC. The table showed the time of day only, so retries days apart
+    read as one afternoon."""
+    if not iso:
+        return ""
+    ts = datetime.fromisoformat(iso)
+    ts = ts.astimezone(UTC) if ts.tzinfo is not None else ts  # naive: stored as UTC
+    return ts.strftime("%Y-%m-%d %H:%M:%S.") + f"{ts.microsecond // 1000:03d}"

@@ -8,9 +8,10 @@ reordered, and notices a deleted tail through the head. Details hold internal id
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
+import os
+import pwd
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,11 +36,24 @@ def chain_hash(prev_hash: str, body: bytes) -> str:
 
 
 def operator() -> str:
-    """The actor name for CLI actions: the OS user running the command."""
+    """The actor name for CLI actions: the effective OS account running the command, and under sudo the
+    account that invoked it (``cli:msgate (sudo alice)``), within the 64-character actor column.
+
+    It was ``getpass.getuser()``, which reads $LOGNAME/$USER first: any operator could record someone
+    else's name, and under ``sudo -u msgate`` every view read ``cli:msgate``. The uid cannot be set from
+    the environment; SUDO_USER only adds the invoking name to it, never replaces it."""
+    uid = os.geteuid()
     try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli:unknown"
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a container uid without a passwd entry
+        name = f"uid{uid}"
+    actor = f"cli:{name}"
+    invoker = os.environ.get("SUDO_USER", "").strip()
+    if invoker and invoker != name:
+        room = 64 - len(actor) - len(" (sudo )")  # AuditEvent.actor is 64 characters
+        if room > 0:
+            actor += f" (sudo {invoker[:room]})"
+    return actor[:64]
 
 
 def append(session: Session, *, kind: str, actor: str, subject: str = "",

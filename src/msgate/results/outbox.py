@@ -18,15 +18,10 @@ An entry is one rendered object (encrypted blob) for one destination: ``dicom`` 
 - Backoff is exponential with "equal jitter": ``cap = min(max_delay, base * 2**(n-1))``, the delay is
   uniform in ``[cap/2, cap]``. After ``max_age`` since creation (or since the last operator retry) a
   failing entry is dead-lettered; ``AR``/``CR`` and permanent DIMSE statuses dead-letter at once.
-- An entry whose job was superseded by a later job that queued results of its own (a correction) is
-  never sent again: publish drops it unless a sender holds it; that sender drops it at renewal (not yet
-  sent), or when it records an answer that is not a success (ACK timeout, AE, ...), and the next claim
-  drops it if the lease ran out, instead of it going back to pending. It used to be resent after the
-  correction, leaving the EHR or PACS on the stale result. An operator retry refuses it.
-- HL7 (v2.5.1 2.9.2, 2.10.3): a resend after no answer (timeout, closed connection, a sender that
-  stopped) carries the same MSH-10, so an engine that filed the first copy can tell the duplicate; only
-  an explicit negative answer (AE/CE/AR/CR, or another MSA-1 that is not a success) moves the entry to a
-  new one. The MSH-10 sent is recorded on the attempt row.
+- An entry of a superseded result (:mod:`msgate.results.supersede`) is never sent again: dropped at
+  renewal, when an answer that is not a success is recorded, or at the next claim; an operator retry
+  refuses it. HL7 control ids: :mod:`msgate.results.control_ids` (same MSH-10 for a resend after no
+  answer); the MSH-10 sent is recorded on the attempt row.
 - Every attempt is an :class:`OutboxAttempt` row, a ``send.attempt`` audit event and a count in
   ``msgate_outbox_deliveries_total`` (kind, outcome). When every entry of
   a study's jobs is delivered (or dropped), ``Study.delivered_at`` is set (retention starts from it).
@@ -45,11 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from msgate import metrics
 from msgate.config import PacsDestination, Settings
 from msgate.errors import CryptoError, MsgateError, Rejected, Transient
+from msgate.results.control_ids import control_id, message_copy
+from msgate.results.supersede import retire, superseded
 from msgate.storage import audit
 from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
@@ -59,8 +56,6 @@ ACTOR = "outbox"
 HL7_DESTINATION = "hl7"
 KIND_ORDER = {"out.seg": 0, "out.pm": 1, "out.sc": 2, "out.sr": 3, "out.oru": 4}
 OPEN_STATES = ("pending", "sending", "dead")
-NEGATIVE_ANSWERS = ("nak", "rejected")  # peer_status of an HL7 attempt answered AE/CE/other, or AR/CR
-SUPERSEDED_DETAIL = "replaced by a later result of the same study before it was delivered"
 
 
 @dataclass(frozen=True)
@@ -230,48 +225,6 @@ def claim(store: Store, policy: Policy, *, now: datetime | None = None, destinat
     return out
 
 
-def superseded(session: Session, job_ids: Sequence[str | None]) -> dict[str, str]:
-    """The jobs of ``job_ids`` superseded by a later job of their study (``Job.supersedes_id`` followed
-    forward, through jobs that queued nothing) that queued results of its own, each mapped to that job:
-    their undelivered objects are out of date and must never be sent or retried."""
-    ids = {job_id for job_id in job_ids if job_id}
-    if not ids:
-        return {}
-    studies = set(session.exec(select(Job.study_id).where(col(Job.id).in_(list(ids)))).all())
-    after: dict[str, list[str]] = defaultdict(list)
-    for job_id, earlier in session.exec(select(Job.id, Job.supersedes_id).where(  # study_id is indexed
-            col(Job.study_id).in_(list(studies)), col(Job.supersedes_id).is_not(None))).all():
-        after[earlier].append(job_id)
-    chains = {origin: _successors(after, origin) for origin in ids}
-    later = {job_id for chain in chains.values() for job_id in chain}
-    queued = set(session.exec(select(OutboxEntry.job_id).where(col(OutboxEntry.job_id).in_(list(later)))
-                              .distinct()).all()) if later else set()
-    return {origin: first for origin, chain in chains.items()
-            if (first := next((j for j in chain if j in queued), None)) is not None}
-
-
-def _successors(after: dict[str, list[str]], origin: str) -> list[str]:
-    out: list[str] = []
-    seen, todo = {origin}, list(after.get(origin, ()))
-    while todo:
-        job_id = todo.pop(0)
-        if job_id not in seen:
-            seen.add(job_id)
-            out.append(job_id)
-            todo.extend(after.get(job_id, ()))
-    return out
-
-
-def retire(session: Session, entry: OutboxEntry, *, actor: str) -> None:
-    """Drop an entry of a superseded job, with a ``superseded`` attempt row and an audited ``outbox.drop``."""
-    entry.state = "dropped"
-    session.add(entry)
-    session.add(OutboxAttempt(entry_id=entry.id, outcome="superseded", detail=SUPERSEDED_DETAIL))
-    audit.append(session, kind="outbox.drop", actor=actor, subject=f"outbox:{entry.id}",
-                 detail={"job_id": entry.job_id, "destination": entry.destination, "reason": "superseded"})
-    session.flush()
-
-
 def _attempt(session: Session, entry: OutboxEntry, result: Attempt) -> None:
     session.add(OutboxAttempt(entry_id=entry.id, outcome=result.outcome[:16], peer_status=result.peer_status[:64],
                               detail=result.detail[:512]))
@@ -379,21 +332,6 @@ def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed],
             record(store, item, result, policy)
     finally:
         sender.close()
-
-
-def control_id(entry_id: str, copy: int) -> str:
-    """The MSH-10 of an entry's ``copy``-th message (20 characters at most, HL7 v2.5.1 ST): the entry id
-    (uuid4 hex) keeps it apart from every other entry's, the copy number from its own earlier ones."""
-    return f"MG{entry_id[:14]}{copy % 10000:04d}"
-
-
-def message_copy(store: Store, entry_id: str) -> int:
-    """1 + the explicit negative answers the entry got (:data:`NEGATIVE_ANSWERS`). A resend after no
-    answer keeps its MSH-10 (HL7 v2.5.1 2.9.2, 2.10.3): it used to get a new one per attempt, so an engine
-    that filed the first copy (its ACK lost) could not recognise the second as a duplicate."""
-    with store.db.session() as session:
-        return 1 + session.exec(select(func.count()).select_from(OutboxAttempt).where(
-            OutboxAttempt.entry_id == entry_id, col(OutboxAttempt.peer_status).in_(NEGATIVE_ANSWERS))).one()
 
 
 def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:

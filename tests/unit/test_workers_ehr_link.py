@@ -201,3 +201,29 @@ def test_a_study_sent_again_for_another_patient_links_that_patient(store: Store)
     assert link.patient_id == second and snap["nfl"]["value"] == 50.0
     with store.db.session() as s:
         assert s.exec(select(AuditEvent).where(AuditEvent.kind == "study.reidentified")).first() is not None
+
+
+def test_the_scheduler_never_records_a_patient_on_a_study_re_identified_meanwhile(store: Store) -> None:
+    """The patient found through the order is recorded after planning, in its own transaction; a corrected
+    instance that re-identified the study in between (patient cleared, new identifiers) got the old
+    patient written back, and every later run used the old patient's EHR."""
+    from unittest import mock
+
+    from msgate.workers.scheduler import Scheduler
+
+    study_id, _ = make_study(store, seed=16, mrn="OLD16")
+    with store.db.session() as s:
+        planned = s.get(Study, study_id)  # the study as the scan planned it
+    with store.db.session() as s:  # meanwhile: re-identified to another MRN, patient cleared
+        study = s.get(Study, study_id)
+        study.dicom_patient_index = store.cipher.blind_index("|NEW16", scope="mrn")
+        study.patient_id = None
+        s.add(study)
+    pid = add_patient(store, mrn="OLD16")
+    Scheduler(store, mock.MagicMock())._remember_patients([(planned, pid)])
+    with store.db.session() as s:
+        assert s.get(Study, study_id).patient_id is None
+        current = s.get(Study, study_id)
+    Scheduler(store, mock.MagicMock())._remember_patients([(current, pid)])  # planned with today's identity
+    with store.db.session() as s:
+        assert s.get(Study, study_id).patient_id == pid

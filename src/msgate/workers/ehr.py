@@ -1,6 +1,6 @@
 """The EHR side of a case: which patient and order a study links to, and its feature snapshot.
 
-Linking (no decryption needed, blind indexes only): the study's own patient (``Study.patient_id``, set
+Linking (blind indexes; one decryption, the PatientID check below): the study's own patient (``Study.patient_id``, set
 when an HL7 identifier matches the DICOM ``IssuerOfPatientID|PatientID``, else that identifier looked up
 directly), and the order with the study's accession number (``Order.accession_index``) when that order
 belongs to the same patient. When the study's identifier links to no patient, an order found by accession
@@ -35,6 +35,7 @@ from msgate.storage.models import Order, Patient, PatientIdentifier, Study
 class EhrLink:
     patient_id: int | None
     order_id: int | None
+    via_order: bool = False  # the patient came from the accession's order (the study's identifier linked none)
 
 
 def link(session: Session, study: Study, cipher: FieldCipher) -> EhrLink:
@@ -54,7 +55,7 @@ def link(session: Session, study: Study, cipher: FieldCipher) -> EhrLink:
                 break
             if patient_id is None and owner is not None and repo_ehr.holds_study_id(session, cipher, owner, study):
                 order, patient_id = candidate, owner  # the accession's order, of the images' own patient
-                break
+                return EhrLink(patient_id, order.id, via_order=True)
     return EhrLink(patient_id, order.id if order is not None else None)
 
 

@@ -98,7 +98,7 @@ def plan(session: Session, store: Store, study: Study, *, model_version: str) ->
     key = idem_key(study.study_uid_index, series_hash(session, chosen), ehr_mod.snapshot_hash(snap), model_version)
     result_flags = [f"ehr_missing:{name}" for name in missing] + (["ehr_deadline"] if required else [])
     flags = {"series": {role: s.id for role, s in chosen.items()}, "patient_id": link.patient_id,
-             "order_id": link.order_id, "ready_ts": ready_at.timestamp(), "ehr_missing": missing,
+             "order_id": link.order_id, "linked_via_order": link.via_order, "ready_ts": ready_at.timestamp(), "ehr_missing": missing,
              "required_missing": required, "result_flags": result_flags}
     return Plan(study.id, key, flags["series"], missing, required, deadline if required else None, flags)
 
@@ -169,15 +169,21 @@ class Scheduler:
         self.watermark = now - WATERMARK_OVERLAP
         return out
 
-    def _remember_patients(self, linked: list[Plan]) -> None:
+    def _remember_patients(self, linked: list[tuple[Study, int]]) -> None:
         """Record the patient a study was linked to through its order (its DICOM identifier linked none):
         a lab value or A08 that arrived after the case ran is matched by ``Study.patient_id``, so such a
         study was never planned again with it. One short transaction per study (the tracker writes study
-        rows too), and only where no patient is recorded yet."""
-        for p in linked:
+        rows too), and only while the study still has no patient and the identity it was planned with (a
+        corrected instance re-identifying it meanwhile must not get the old patient back)."""
+        for study, patient_id in linked:
             with self.store.db.session() as session:
-                session.execute(update(Study).where(col(Study.id) == p.study_id, col(Study.patient_id).is_(None))
-                                .values(patient_id=p.flags["patient_id"]))
+                session.execute(update(Study).where(
+                    col(Study.id) == study.id, col(Study.patient_id).is_(None),
+                    col(Study.dicom_patient_index) == study.dicom_patient_index
+                    if study.dicom_patient_index is not None else col(Study.dicom_patient_index).is_(None),
+                    col(Study.accession_index) == study.accession_index
+                    if study.accession_index is not None else col(Study.accession_index).is_(None),
+                ).values(patient_id=patient_id))
 
     def _ehr_changed(self, session: Session) -> tuple[set[int | None], set[str | None], set[str]]:
         """Patients with new observations, orders or demographics (an ADT^A08 correction, an A40 merge)
@@ -207,8 +213,9 @@ class Scheduler:
         with self.store.db.session() as session:
             studies = self.candidates(session, extra)
             plans = [p for s in studies if (p := plan(session, self.store, s, model_version=version))]
-            unlinked = {s.id for s in studies if s.patient_id is None}
-        self._remember_patients([p for p in plans if p.study_id in unlinked and p.flags.get("patient_id")])
+            linked = {s.id: s for s in studies if s.patient_id is None}
+        self._remember_patients([(linked[p.study_id], p.flags["patient_id"]) for p in plans
+                                 if p.study_id in linked and p.flags.get("linked_via_order")])
         now = utcnow()
         for p in plans:
             if p.wait_until is not None and now < p.wait_until:

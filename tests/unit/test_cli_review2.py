@@ -309,3 +309,16 @@ def test_the_purge_threshold_degrades_disk_health_only_with_local_blobs(tmp_path
                        storage={"blob_backend": "postgres", "min_free_bytes": 2 * 1024**3,
                                 "purge_free_bytes": 5 * 1024**3})
     assert status_probe.disk(pg) == {**status_probe.disk(pg), "health": "ok", "reason": ""}
+
+
+def test_keys_rotate_refuses_another_schema_before_it_changes_the_key_ring(tmp_path: Path) -> None:
+    """`keys rotate` saved a new KEK and only then met the schema check: the operator was told to upgrade
+    the database with the ring already rotated and nothing re-wrapped (each retry added another KEK)."""
+    from msgate.cli import keys_cmd
+
+    settings = _home_at(tmp_path, "0003")
+    before = keyring.load(settings.keyring_path)
+    out = _cli(settings, keys_cmd.app, ["rotate"])
+    assert isinstance(out.exception, ConfigError) and "0003" in str(out.exception), out.output
+    after = keyring.load(settings.keyring_path)
+    assert [k.id for k in after.keks] == [k.id for k in before.keks] and after.active_id == before.active_id

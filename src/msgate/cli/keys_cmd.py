@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from msgate.cli.common import add_row, cell, console, print_json, state
+from msgate.cli.common import add_row, cell, check_schema, console, print_json, state
 from msgate.errors import ConfigError
 from msgate.storage import audit, journal, keyring, rotation
 
@@ -34,6 +34,8 @@ def rotate(
     """Add a new active KEK and re-wrap every data key under it (bodies are not re-encrypted)."""
     st = state(ctx)
     path = st.settings.keyring_path
+    keyring.load(path)  # a missing or unreadable key ring is named first
+    check_schema(st.settings, migrating=False)  # refused before the ring changes, not after
     with keyring.locked(path):
         ring = keyring.load(path)
         if not resume:

@@ -58,11 +58,14 @@ def rewrap_blobs(store: Store, *, batch: int = 500, progress: Progress | None = 
     done = 0
     while True:
         with store.db.session() as session:
+            # locked: a purge committing between this read and the update would get its erased data key
+            # written back (a purged body's backup copy decrypting again)
             blobs = session.exec(select(Blob).where(Blob.kek_id != store.ring.active_id, col(Blob.purged_at).is_(None))
-                                 .limit(batch)).all()
+                                 .limit(batch).with_for_update()).all()
             for blob in blobs:
-                store.blobs.rewrap(blob)
-                session.add(blob)
+                if blob.wrapped_dek:
+                    store.blobs.rewrap(blob)
+                    session.add(blob)
         done += len(blobs)
         if progress and blobs:
             progress(len(blobs))

@@ -630,3 +630,49 @@ def test_an_oru_that_cannot_be_built_does_not_hold_back_the_sr(rstore: Store, mo
     assert "out.sr" in kinds and "out.oru" not in kinds
     assert _state_job(rstore, job_id).flags["oru_error"] == "oru_invalid"
     assert [e.subject for e in events] == [f"job:{job_id}"]
+
+
+def test_a_result_re_run_for_another_patient_withdraws_the_first_one(rstore: Store) -> None:
+    """The PACS corrected the study's patient after its result had gone out, and sent it again: the new
+    result went out as a "correction" under the new patient, retracting values never sent to them, and the
+    first patient's chart kept a result computed from someone else's images. Now the first ORU is sent
+    again withdrawn (OBX-11 W) to the patient and order it named, and the new one is a first result."""
+    from msgate.storage.models import Instance
+
+    first = _job(rstore, with_flair=True)
+    shape = (12, 40, 48)
+    store_result(rstore, job_id=first, result=model_result(shape))
+    assert publish_job(rstore, first) == "queued"
+    _deliver(rstore, first, ("out.sr", "out.oru"))
+    with rstore.db.session() as session:
+        session.get(Job, first).state = "superseded"  # type: ignore[union-attr]
+        bodies = [rstore.blobs.read(session, row.blob_id) for row in session.exec(
+            select(Instance).where(col(Instance.current).is_(True))).all()]
+        old_oru = next(rstore.blobs.read(session, e.blob_id) for e in session.exec(
+            select(OutboxEntry).where(OutboxEntry.job_id == first, OutboxEntry.kind == "hl7")).all()).decode()
+    for body in bodies:  # the corrected study, re-sent under another MRN
+        ds = dcmread(io.BytesIO(body))
+        ds.PatientID = "CORRECTED9"
+        assert not rstore.ingest.store_instance(source=encode(ds)).duplicate
+    second = _job(rstore, supersedes=first, idem="k2")
+    store_result(rstore, job_id=second, result=model_result(shape))
+    assert publish_job(rstore, second) == "queued"
+    with rstore.db.session() as session:
+        orus = [rstore.blobs.read(session, e.blob_id).decode() for e in session.exec(
+            select(OutboxEntry).where(OutboxEntry.job_id == second, OutboxEntry.kind == "hl7")).all()]
+        assert session.exec(select(AuditEvent).where(AuditEvent.kind == "results.withdrawn")).first() is not None
+    withdrawn = next(m for m in orus if "Withdrawn" in m)
+    new = next(m for m in orus if "Withdrawn" not in m)
+
+    def pid(message: str) -> str:
+        return next(line for line in message.split("\r") if line.startswith("PID")).split("|")[3]
+
+    assert pid(withdrawn) == pid(old_oru) != pid(new) and "CORRECTED9" in pid(new)
+    assert {line.split("|")[11] for line in withdrawn.split("\r") if line.startswith("OBX")} == {"W"}
+    assert "Correction: replaces" not in new
+    assert not any(line.split("|")[11] == "D" for line in new.split("\r") if line.startswith("OBX"))
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    parse_message(withdrawn, validation_level=VALIDATION_LEVEL.STRICT,
+                  find_groups=True).validate()  # as valid as the message it withdraws

@@ -160,6 +160,45 @@ def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, s
     ))
 
 
+def _subject(oru: str) -> tuple[str, str, str]:
+    """(PID-3 first identifier with its authority, ORC-2 placer, ORC-3 filler) of an ORU we built."""
+    fields = {line[:3]: line.split("|") for line in oru.replace("\n", "\r").split("\r") if len(line) > 3}
+    pid, orc = fields.get("PID", []), fields.get("ORC", [])
+    ident = pid[3].split("~")[0].split("^") if len(pid) > 3 else [""]
+    return (f"{ident[0]}^{ident[3] if len(ident) > 3 else ''}", orc[2] if len(orc) > 2 else "",
+            orc[3] if len(orc) > 3 else "")
+
+
+def moved(previous_oru: str, current_oru: str) -> bool:
+    """Whether the earlier result went to another patient or order than this one: the study was
+    re-identified (a worklist correction re-sent by the PACS) after its result was delivered."""
+    return _subject(previous_oru) != _subject(current_oru)
+
+
+def wrong_patient_retraction(previous_oru: str, now: str) -> str:
+    """The earlier ORU sent again with every observation's OBX-11 ``W`` (table 0085: "post original as
+    wrong, e.g. transmitted for wrong patient") and OBR-25 ``C``, MSH-7 now, and a note: the EHR of the
+    patient (and order) it named withdraws it. Without it that patient's chart kept a result computed from
+    another patient's images, and the new patient got a "correction" of values never sent to them."""
+    out = []
+    for line in previous_oru.replace("\n", "\r").split("\r"):
+        fields = line.split("|")
+        if line.startswith("MSH") and len(fields) > 6:
+            fields[6] = now
+        elif line.startswith("OBR") and len(fields) > 25:
+            fields[25] = "C"
+        elif line.startswith("OBX") and len(fields) > 11:
+            fields[11] = "W"
+        out.append("|".join(fields))
+        if line.startswith("OBR"):
+            out.append(f"NTE|1|L|{WRONG_SUBJECT}")
+    return "\r".join(x for x in out if x) + "\r"
+
+
+WRONG_SUBJECT = ("Withdrawn: this AI result was sent for the wrong patient or order (the study was corrected "
+                 "and sent again); disregard it")
+
+
 def with_control_id(message: bytes, control_id: str) -> bytes:
     """The same ER7 message with MSH-10 replaced (the field separator is read from MSH-1)."""
     head, sep, rest = message.partition(b"\r")

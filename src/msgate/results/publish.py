@@ -128,12 +128,13 @@ def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:
     nothing."""
     with store.db.session() as session:
         for earlier in predecessors(session, job):
-            blob_id = session.exec(
+            for blob_id in session.exec(
                 select(OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
                 .where(OutboxEntry.job_id == earlier, Blob.kind == kind, _reached())
-            ).first()
-            if blob_id is not None:
-                return store.blobs.read(session, blob_id)
+            ).all():
+                data = store.blobs.read(session, blob_id)
+                if hl7_out.WRONG_SUBJECT.encode() not in data:  # a withdrawal sent to another patient: not it
+                    return data
     return None
 
 
@@ -226,6 +227,15 @@ def publish_job(store: Store, job_id: str) -> str:
         if store.settings.hl7_out is not None:
             oru = _oru(store, session, locked, study, result, sources, sr_uid, published,
                        previous_oru if published else None)
+            if oru is not None and published and previous_oru is not None and hl7_out.moved(
+                    previous_oru.decode("utf-8", "replace"), oru.decode("utf-8", "replace")):
+                # the study was re-identified after its result went out: the earlier patient's (or order's)
+                # result is withdrawn, and this one is a first result for its own patient, not a correction
+                objects.append(Rendered("out.oru", hl7_out.wrong_patient_retraction(
+                    previous_oru.decode("utf-8", "replace"), utcnow().strftime("%Y%m%d%H%M%S")).encode("utf-8")))
+                oru = _oru(store, session, locked, study, result, sources, sr_uid, False, None)
+                audit.append(session, kind="results.withdrawn", actor="publish", subject=f"job:{job_id}",
+                             detail={"reason": "wrong_subject", "predecessors": len(earlier)})
             if oru is not None:
                 objects.append(Rendered("out.oru", oru))
         if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:

@@ -91,6 +91,9 @@ def test_claims_and_leases(store: Store, sched: Scheduler) -> None:
     assert jobs.expire_leases(db) == [job_id]
     [job] = _jobs(store)
     assert job.state == "queued" and job.published_at is None and "lease expired" in (job.error or "")
+    # both ways of losing a worker are counted: the redelivered message's take-over was not (a case that
+    # killed its worker three times showed "lost": 2 when one crash was noticed by the redelivery)
+    assert job.flags["lost"] == 2
 
 
 def test_a_job_no_worker_can_run_fails_after_its_hand_backs(store: Store, sched: Scheduler) -> None:

@@ -105,6 +105,8 @@ def claim(db: Database, job_id: str, *, owner: str, lease_seconds: float, via: s
         if job is None or not _claimable(job, via, task_id):
             return None
         now = utcnow()
+        if job.state == "running":  # taken over from a worker that died (lease out, or its message redelivered)
+            job.flags = _with(job.flags, lost=int(job.flags.get("lost", 0)) + 1)
         job.flags = _with(job.flags, owner=owner, lease_until=time.time() + lease_seconds,
                           claim=via, task_id=task_id if via == "message" else job.flags.get("task_id"))
         job.state, job.started_at, job.attempts, job.error = "running", now, job.attempts + 1, None

@@ -59,6 +59,18 @@ def test_bad_tls_path_is_refused_before_the_role_starts(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def _wait_listening(proc: subprocess.Popen[str] | subprocess.Popen[bytes], port: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -80,13 +92,7 @@ def test_a_stop_signal_to_the_whole_service_stops_it_in_order(tmp_path: Path, ro
     proc = subprocess.Popen([sys.executable, "-m", "msgate", "serve", "--role", role], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        _wait_listening(proc, port)
         time.sleep(1.0)  # the indexer process is up and ready by now
         os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as systemd does
         _, err = proc.communicate(timeout=90)
@@ -103,7 +109,6 @@ def test_a_second_listener_on_the_same_home_stops_before_it_touches_the_journal(
     for a crash's leftovers, indexed and deleted them, and the running one went on acknowledging into
     deleted files: lost at its next restart. The second one now stops first, naming the reason."""
     import signal
-    import time
 
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSGATE_")}
@@ -113,13 +118,7 @@ def test_a_second_listener_on_the_same_home_stops_before_it_touches_the_journal(
                              env={**env, f"MSGATE_{role.upper()}__PORT": str(first_port)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and first.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", first_port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        _wait_listening(first, first_port)
         journal = home / f"{role}-journal"
         segments = sorted(p.name for p in journal.glob("*.jnl"))
         assert segments, "the running listener has its journal segments"

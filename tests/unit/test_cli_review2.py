@@ -322,3 +322,18 @@ def test_keys_rotate_refuses_another_schema_before_it_changes_the_key_ring(tmp_p
     assert isinstance(out.exception, ConfigError) and "0003" in str(out.exception), out.output
     after = keyring.load(settings.keyring_path)
     assert [k.id for k in after.keks] == [k.id for k in before.keks] and after.active_id == before.active_id
+
+
+def test_status_and_db_current_on_a_fresh_home_create_nothing(tmp_path: Path) -> None:
+    """`status` (or `db current`) run first on a fresh embedded home created an empty msgate.db; the home
+    then looked used, and the first `serve` refused to set up its key ring ("run msgate keys init")."""
+    from msgate.cli import status_cmd
+
+    settings = load_settings(home=tmp_path / "fresh", storage={"min_free_bytes": 0, "purge_free_bytes": 0})
+    report = status_cmd.collect(settings)
+    assert report["database"] == {"backend": "sqlite", "health": "down",
+                                  "reason": "schema missing; run msgate db upgrade"}
+    assert _cli(settings, db_cmd.app, ["current"]).output.startswith("empty")
+    assert not (tmp_path / "fresh" / "msgate.db").exists()
+    open_store(settings).close()  # what a first serve does: sets the home up, key ring included
+    assert settings.keyring_path.exists()

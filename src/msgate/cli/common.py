@@ -78,17 +78,24 @@ def schema_mismatch(current: str | None) -> str | None:
             "with this one)")
 
 
+def missing_sqlite(settings: Settings) -> Path | None:
+    """The embedded database file when it does not exist yet. A probe (``status``, ``db current``) must not
+    create it: an empty file made the home look used, so a first ``serve`` no longer set up its key ring."""
+    url = settings.resolved_database_url
+    path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" and not Path(path).exists() else None
+
+
 def check_schema(settings: Settings, *, migrating: bool) -> None:
     """Raise ConfigError (exit 2) unless the database is at this msgate's head revision; ``migrating``
     (serve, ``db upgrade``) accepts an older or empty one and refuses only a newer one. A missing SQLite
     file is not created here: on a fresh home serve decides whether to set it up."""
-    url = settings.resolved_database_url
-    path = url.split("sqlite:///", 1)[1] if url.startswith("sqlite:///") else ""
-    if path and path != ":memory:" and not Path(path).exists():
+    missing = missing_sqlite(settings)
+    if missing is not None:
         if migrating:
             return
-        raise ConfigError(f"no database at {path}; run `msgate db upgrade` (or start `msgate serve`)")
-    db = Database(url)
+        raise ConfigError(f"no database at {missing}; run `msgate db upgrade` (or start `msgate serve`)")
+    db = Database(settings.resolved_database_url)
     try:
         current = db.current_revision()
     finally:

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from msgate.cli.common import check_schema, console, err_console, print_json, say, schema_mismatch, state
+from msgate.cli.common import (check_schema, console, err_console, missing_sqlite, print_json, say, schema_mismatch,
+                               state)
 from msgate.storage import retention
 from msgate.storage.db import Database
 
@@ -28,6 +29,9 @@ def upgrade(ctx: typer.Context, revision: str = "head") -> None:
 @app.command()
 def current(ctx: typer.Context) -> None:
     """Show the database's migration revision, and whether it is this msgate's."""
+    if missing_sqlite(state(ctx).settings) is not None:  # never created by this check
+        say("empty (run `msgate db upgrade`)")
+        return
     db = Database(state(ctx).settings.resolved_database_url)
     try:
         revision = db.current_revision()

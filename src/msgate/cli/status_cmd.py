@@ -16,7 +16,7 @@ from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from msgate.cli import status_probe as probe
-from msgate.cli.common import add_row, cell, console, print_json, state
+from msgate.cli.common import add_row, cell, console, missing_sqlite, print_json, state
 from msgate.cli.serve_cmd import ROLE_RUNNERS, available_roles
 from msgate.config import Settings
 from msgate.errors import MsgateError
@@ -27,6 +27,11 @@ STYLE = {"ok": "green", "degraded": "yellow", "down": "red"}
 
 
 def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
+    missing = missing_sqlite(settings)
+    if missing is not None:  # not created by a probe (a first serve sets up the home)
+        return _finish({"database": {"backend": "sqlite", "health": "down",
+                                     "reason": "schema missing; run msgate db upgrade"},
+                        "keys": probe.keys(settings), "disk": probe.disk(settings)}, critical=True)
     try:  # an unusable URL or database path is "down" too: JSON and exit 2, never a crash
         db = Database(settings.resolved_database_url, **probe.DB_LIMITS)
     except Exception as exc:

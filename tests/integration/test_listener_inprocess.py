@@ -187,3 +187,31 @@ def test_a_study_whose_role_was_not_recorded_still_finishes(store: Store, tmp_pa
     tracker.association_ended("a1", released=True)
     _run_until_seen(tracker, seen)
     assert [(r.run, r.reason, r.roles) for r in seen] == [(1, "released", ("FLAIR",))]
+
+
+def test_a_study_cut_by_an_aborted_association_waits_longer_than_one_quiet_period(store: Store,
+                                                                                   tmp_path: Path) -> None:
+    """A sender that aborts (crashes, a network cut) left its series half sent and retries; after one quiet
+    period the half FLAIR was ready and ran, and the retry then sent a correction. An abort now waits
+    ABORTED_QUIET_FACTOR quiet periods; the retry's first instance ends that wait."""
+    from pynetdicom import AE
+    from pynetdicom.presentation import build_context
+
+    seen: list[ReadyStudy] = []
+    files = write_series(tmp_path / "s", count=4, description="AX FLAIR")
+    first = dataset.parse(files[0].read_bytes())
+    scu = AE(ae_title="ROUTER")
+    scu.requested_contexts = [build_context(first.get("SOPClassUID"), first.transfer_syntax)]
+    quiet = 0.5
+    with _listening(store, quiet=quiet, hook=seen.append) as port:
+        assoc = scu.associate("127.0.0.1", port, ae_title="MSGATE")
+        assert assoc.is_established
+        assert [int(c_store(assoc, f).Status) for f in files[:2]] == [0, 0]
+        assoc.abort()  # half sent
+        time.sleep(quiet * 3)
+        assert seen == []  # not after one quiet period (nor three)
+        assert pynd_send(port, files) == [0, 0, 0, 0]  # the sender's retry, released
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [(r.run, r.reason) for r in seen] == [(1, "released")]

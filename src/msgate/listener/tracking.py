@@ -31,6 +31,10 @@ from msgate.storage.store import Store
 log = logging.getLogger(__name__)
 
 ENDED_REMEMBERED = 4096  # association ids whose end was seen, so a late instance cannot re-register them
+# An aborted association (a sender that crashed, a network cut) usually left its series half sent, and the
+# sender retries: its studies wait this many quiet periods, not one. After one, the model ran on half a
+# FLAIR and the retry then sent a correction.
+ABORTED_QUIET_FACTOR = 6
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class _Active:
     required: tuple[str, ...] = ()
     assocs: set[str] = field(default_factory=set)
     released_pending: bool = False
+    aborted: bool = False  # its last association ended by an abort, and nothing arrived since
 
 
 class Tracker:
@@ -90,6 +95,7 @@ class Tracker:
                 fresh = False
             entry.last = time.monotonic()
             entry.arrivals += 1
+            entry.aborted = False
             if assoc_id not in self._ended:  # an instance answered after its association's end (a retry)
                 entry.assocs.add(assoc_id)  # must not keep the study waiting for that association forever
                 self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
@@ -113,7 +119,8 @@ class Tracker:
                 repo_studies.set_series_role(session, series_id=stored.series_id, role=decision.role.value)
 
     def association_ended(self, assoc_id: str, *, released: bool) -> None:
-        """A release may make its studies ready now; an abort leaves them to the quiet period."""
+        """A release may make its studies ready now; an abort leaves them to a longer quiet period
+        (:data:`ABORTED_QUIET_FACTOR`), ended by any instance that arrives."""
         with self._lock:
             self._ended[assoc_id] = None
             while len(self._ended) > ENDED_REMEMBERED:
@@ -123,6 +130,7 @@ class Tracker:
                 if entry is not None:
                     entry.assocs.discard(assoc_id)
                     entry.released_pending = released and not entry.assocs
+                    entry.aborted = not released
             self._lock.notify_all()
 
     # --- the tracker thread ------------------------------------------------------------------------
@@ -142,9 +150,9 @@ class Tracker:
             with self._lock:
                 self._lock.wait(timeout=min(0.25, self.quiet / 4))
                 now = time.monotonic()
-                due = [(sid, "quiet" if now - e.last >= self.quiet else "released", e.arrivals)
+                due = [(sid, "quiet" if now - e.last >= self._quiet(e) else "released", e.arrivals)
                        for sid, e in self._active.items()
-                       if now - e.last >= self.quiet or (e.released_pending and not e.assocs)]
+                       if now - e.last >= self._quiet(e) or (e.released_pending and not e.assocs)]
                 for sid, _, _ in due:
                     self._active[sid].released_pending = False
             for study_id, reason, seen in due:
@@ -152,6 +160,9 @@ class Tracker:
                     self._evaluate(study_id, reason, seen)
                 except Exception:
                     log.exception("readiness check failed", extra={"study_id": study_id})
+
+    def _quiet(self, entry: _Active) -> float:
+        return self.quiet * ABORTED_QUIET_FACTOR if entry.aborted else self.quiet
 
     def _evaluate(self, study_id: int, reason: str, seen: int) -> None:
         with self.store.db.session() as session:

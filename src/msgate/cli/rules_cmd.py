@@ -2,12 +2,18 @@
 
 Reads each file's header only (no pixel data), applies the configured ``[rules]`` section, and prints
 the role, the route and the rules that decided them. Nothing is stored; file contents are not logged.
+
+A route's awaited roles (``await_roles``) are shown with whether each is present among the files given
+for the same study (StudyInstanceUID): give every series of a study to see whether its release would be
+held for the quiet period. Present means a file whose series role is that role, as the listener counts
+it (``rules.awaited_absent``: QSM magnitude/phase sources are not a QSM).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydicom import dcmread
@@ -28,7 +34,9 @@ def test(
 ) -> None:
     """Show the role and route the rules give each file."""
     cfg = state(ctx).settings.rules
-    docs = []
+    docs: list[dict[str, Any]] = []
+    decided: list[tuple[dict[str, Any], rules.Decision, str]] = []
+    study_roles: dict[str, set[str]] = defaultdict(set)  # by StudyInstanceUID (kept in memory, never shown)
     failed = False
     for path in files:
         try:
@@ -38,19 +46,32 @@ def test(
             failed = True
             docs.append({"file": str(path), "error": type(exc).__name__})
             continue
-        docs.append({"file": str(path), "role": decision.role.value, "role_rule": decision.role_rule,
-                     "route": decision.route, "route_rule": decision.route_rule,
-                     "required_roles": [r.value for r in decision.required_roles]})
+        study = str(ds.get("StudyInstanceUID", ""))
+        study_roles[study].add(decision.role.value)
+        doc = {"file": str(path), "role": decision.role.value, "role_rule": decision.role_rule,
+               "route": decision.route, "route_rule": decision.route_rule,
+               "required_roles": [r.value for r in decision.required_roles]}
+        docs.append(doc)
+        decided.append((doc, decision, study))
+    for doc, decision, study in decided:  # presence needs every file of the study read first
+        doc["await_roles"] = [r.value for r in decision.await_roles]
+        doc["awaited_absent"] = rules.awaited_absent(decision.await_roles, study_roles[study])
     if json_out:
         print_json(docs)
     else:
-        table = Table("file", "role", "role rule", "route", "route rule", "required roles")
+        table = Table("file", "role", "role rule", "route", "route rule", "required roles", "awaited roles")
         for d in docs:
             if "error" in d:
-                add_row(table, d["file"], cell("unreadable", style="red"), d["error"], "", "", "")
+                add_row(table, d["file"], cell("unreadable", style="red"), d["error"], "", "", "", "")
             else:
                 add_row(table, d["file"], str(d["role"]), str(d["role_rule"]), str(d["route"]),
-                        str(d["route_rule"]), ",".join(d["required_roles"]))  # type: ignore[arg-type]
+                        str(d["route_rule"]), ",".join(d["required_roles"]), _awaited(d))
         console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+def _awaited(doc: dict[str, Any]) -> str:
+    """``QSM present`` / ``QSM absent`` per awaited role, as the study's files given here have them."""
+    absent = set(doc["awaited_absent"])
+    return ", ".join(f"{r} {'absent' if r in absent else 'present'}" for r in doc["await_roles"])

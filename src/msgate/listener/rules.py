@@ -13,6 +13,13 @@ scheduled) or ``ignore`` (kept until retention, never scheduled, shown as ignore
 rule wins; with none matching the study is ``store_only``. The study's modality is its first image
 modality: a KO, SR or PR the PACS sent ahead of the images does not make an MR study store-only.
 
+A pipeline rule's ``await_roles`` (default none) are roles the pipeline uses when present, such as
+``["QSM"]``: a study released with every required role but an awaited one absent is not ready at that
+release. It waits for the quiet period and is ``ready`` (reason ``quiet``) without them, or ready at once
+at a later release that finds them present. A router that sends each series on its own association
+otherwise made the study ready at the FLAIR's release, and the QSM's association then ran it again as a
+correction. A role counts as present only as a series of that role (:func:`awaited_absent`).
+
 Both lists live in the ``[rules]`` section of the TOML config (``[[rules.roles]]``,
 ``[[rules.routing]]``); ``msgate rules test FILE...`` shows the decisions for given files.
 """
@@ -20,12 +27,13 @@ Both lists live in the ``[rules]`` section of the TOML config (``[[rules.roles]]
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from msgate.storage.index_dicom import text as _text
 
@@ -105,8 +113,27 @@ class RoutingRule(BaseModel):
     study_description: str | None = Field(None, description="regex on StudyDescription")
     calling_aet: list[str] | None = Field(None, description="any of these calling AE titles")
     required_roles: list[Role] = Field(default_factory=lambda: [Role.FLAIR])
+    await_roles: list[Role] = Field(default_factory=list, description="roles used when present: a release "
+                                    "without them waits for the quiet period (e.g. ['QSM'])")
 
     _rx = field_validator("body_part", "study_description")(_check_regex)
+
+    @model_validator(mode="after")
+    def _check_await_roles(self) -> RoutingRule:
+        """Awaiting only means something for the pipeline and for a role not already required; a role
+        listed twice or also required is a slip in the rules file, so it is refused rather than ignored."""
+        if not self.await_roles:
+            return self
+        if self.action != "pipeline":
+            raise ValueError(f"await_roles applies to pipeline rules only, not to action {self.action!r}")
+        names = [r.value for r in self.await_roles]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"await_roles lists {', '.join(twice)} more than once")
+        both = sorted(set(names) & {r.value for r in self.required_roles})
+        if both:
+            raise ValueError(f"await_roles {', '.join(both)} already in required_roles")
+        return self
 
     def matches(self, f: StudyFields) -> bool:
         if self.modality is not None and f.modality.upper() not in {m.upper() for m in self.modality}:
@@ -156,8 +183,11 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
 ]
 
 DEFAULT_ROUTING: list[RoutingRule] = [
+    # await_roles stays empty by default: a FLAIR-only study is ready at its release. A site whose router
+    # sends each series on its own association sets await_roles = ["QSM"] (one run, with the QSM).
     RoutingRule(name="MR brain to the MS pipeline", action="pipeline", modality=["MR"],
-                body_part=r"^$|head|brain|skull|neuro|cerebr|kopf|cran", required_roles=[Role.FLAIR]),
+                body_part=r"^$|head|brain|skull|neuro|cerebr|kopf|cran", required_roles=[Role.FLAIR],
+                await_roles=[]),
     RoutingRule(name="everything else is stored only", action="store_only", required_roles=[]),
 ]
 
@@ -218,6 +248,18 @@ class Decision:
     route: Route
     route_rule: str
     required_roles: tuple[Role, ...]
+    await_roles: tuple[Role, ...] = ()
+
+
+def awaited_absent(await_roles: Iterable[Role | str], present: Iterable[str]) -> list[str]:
+    """The awaited roles that no series of the study has (``present``: the series roles), sorted.
+
+    Only a series of the role itself counts. "QSM" is a QSM map series: magnitude/phase sources
+    (``QSM_SOURCE``) do not stand in for it, because the model reads a QSM map only
+    (``workers.case.ROLES``) and computes none from sources; a study with the sources alone would run
+    without QSM all the same, so it keeps waiting for the map. A site can await ``QSM_SOURCE`` by name."""
+    have = set(present)
+    return sorted({Role(r).value for r in await_roles} - have)
 
 
 def _float(ds: Any, keyword: str) -> float | None:
@@ -274,4 +316,5 @@ def route(fields: StudyFields, rules: list[RoutingRule]) -> RoutingRule:
 def decide(ds: Any, rules: ListenerRules, calling_aet: str = "") -> Decision:
     role, role_rule = classify(series_fields(ds), rules.roles)
     chosen = route(study_fields(ds, calling_aet), rules.routing)
-    return Decision(role, role_rule, chosen.action, chosen.name, tuple(chosen.required_roles))
+    return Decision(role, role_rule, chosen.action, chosen.name, tuple(chosen.required_roles),
+                    tuple(chosen.await_roles))

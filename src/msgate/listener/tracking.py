@@ -5,6 +5,14 @@ every required role (FLAIR by default) is present; otherwise, once no instance h
 ``quiet_seconds``, it is ``ready`` if the roles are there, else ``stable`` (incomplete). Store-only
 and ignored studies end as ``stored`` / ``ignored``. A later instance reopens a finished study.
 
+A routing rule's ``await_roles`` hold a release back: with every required role present but an awaited
+one (QSM) absent, the study keeps receiving until the quiet period (then ``ready``, reason ``quiet``,
+without it) or until a later release finds it present (``ready`` at once). One run with the QSM instead of
+a FLAIR-only run and a correction when a router sends each series on its own association. The ready
+decision of a study that was held, or that ends without an awaited role, carries a ``study.awaited``
+audit event (roles only). An abort's longer wait (:data:`ABORTED_QUIET_FACTOR`) applies as before: the
+hold ends at the quiet period in force, six of them after an abort.
+
 Decisions run on one tracker thread, woken at once by a release, so readiness follows a release
 within milliseconds. Ready studies go to the scheduler hooks (:meth:`Tracker.add_hook`) after the
 state change is committed (state, ``ready_at``, ``runs`` and a ``study.ready`` audit event).
@@ -23,7 +31,7 @@ from datetime import UTC, datetime
 from sqlmodel import Session
 
 from msgate.listener import rules as rules_mod
-from msgate.storage import repo_studies
+from msgate.storage import audit, repo_studies
 from msgate.storage.index_dicom import HeaderLike, StoredInstance
 from msgate.storage.models import Study
 from msgate.storage.store import Store
@@ -59,6 +67,7 @@ class _Active:
     assocs: set[str] = field(default_factory=set)
     released_pending: bool = False
     aborted: bool = False  # its last association ended by an abort, and nothing arrived since
+    held: bool = False  # a release was held back for awaited roles (routing rule ``await_roles``)
 
 
 class Tracker:
@@ -165,21 +174,39 @@ class Tracker:
         return self.quiet * ABORTED_QUIET_FACTOR if entry.aborted else self.quiet
 
     def _evaluate(self, study_id: int, reason: str, seen: int) -> None:
+        with self._lock:
+            tracked = self._active.get(study_id)
+            held = tracked is not None and tracked.held
         with self.store.db.session() as session:
             rule = self._rule_for(session, study_id)
             roles = self._roles(session, study_id)
-            missing = [r.value for r in rule.required_roles if r.value not in roles] if rule.action == "pipeline" else []
-            if rule.action == "pipeline":
-                state = "ready" if not missing else ("stable" if reason == "quiet" else "")
+            pipeline = rule.action == "pipeline"
+            missing = [r.value for r in rule.required_roles if r.value not in roles] if pipeline else []
+            absent = rules_mod.awaited_absent(rule.await_roles, roles) if pipeline else []
+            if pipeline:
+                if missing:
+                    state = "stable" if reason == "quiet" else ""
+                else:
+                    state = "" if absent and reason == "released" else "ready"
             else:
                 state = "ignored" if rule.action == "ignore" else "stored"
-            if not state:
-                return  # released with roles missing: wait for the quiet period
+            if not state:  # released with roles missing, or awaited ones absent: wait for the quiet period
+                if not missing:
+                    self._hold(study_id, absent)
+                return
             # Instances arrived since the last decision: if that decision's reopen is not committed yet
             # (another thread), reopen here, in the same transaction as the new decision.
             repo_studies.reopen(session, study_id=study_id)
             run = repo_studies.finish(session, study_id=study_id, state=state, reason=reason,
                                       roles=sorted(roles), missing=missing)
+            awaited = run is not None and bool(rule.await_roles) and (held or bool(absent))
+            if awaited:
+                audit.append(session, kind="study.awaited", actor="listener", subject=f"study:{study_id}",
+                             detail={"run": run, "reason": reason, "held": held, "absent": absent,
+                                     "await_roles": sorted(r.value for r in rule.await_roles)})
+        if awaited:
+            log.info("awaited roles absent at the quiet period" if absent else "awaited roles arrived",
+                     extra={"study_id": study_id, "reason": reason, "role": ",".join(absent), "count": len(absent)})
         with self._lock:
             entry = self._active.get(study_id)
             # Only an instance stored since ``seen`` undoes the decision. An association still open but
@@ -199,6 +226,15 @@ class Tracker:
                     hook(ready)
                 except Exception:
                     log.exception("scheduler hook failed", extra={"study_id": study_id})
+
+    def _hold(self, study_id: int, absent: list[str]) -> None:
+        """A release found every required role but not the awaited ones: keep the study receiving; the
+        quiet period (from its last instance) or a later release decides it."""
+        with self._lock:
+            entry = self._active.get(study_id)
+            if entry is not None:
+                entry.held = True
+        log.info("study held for awaited roles", extra={"study_id": study_id, "role": ",".join(absent)})
 
     def _rule_for(self, session: Session, study_id: int) -> rules_mod.RoutingRule:
         """Route the study from its stored attributes (the current rules; recorded in ``study.route``).

@@ -2,7 +2,9 @@
 
 association -> instances -> HL7 messages -> readiness -> job stages -> SR/ORU attempts and
 acknowledgements. Lookups go through the blind indexes; a control id is matched by decrypting the
-recent messages' MSH-10 in memory. The trace itself is audited.
+recent messages' MSH-10 in memory. An order message (ORM/OMI/OMG) is followed to its order rows and on to
+the studies the worker links to them (:func:`msgate.workers.ehr.link`), their jobs and outbox. The trace
+itself is audited.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from rich.table import Table
 from sqlmodel import Session, col, select
 
 from msgate.cli.common import add_row, console, fail, print_json, state
-from msgate.storage import audit
+from msgate.errors import CryptoError
+from msgate.hl7.mapping import _entity, _index, _value  # the mapping's own order keys: the trace cannot drift
+from msgate.hl7.parse import Message, ParseError, Segment, parse
+from msgate.storage import audit, repo_ehr
 from msgate.storage.models import (
     Association,
     Hl7Message,
@@ -24,12 +29,15 @@ from msgate.storage.models import (
     Order,
     OutboxAttempt,
     OutboxEntry,
+    Patient,
     Series,
     Study,
 )
 from msgate.storage.store import Store
+from msgate.workers import ehr
 
 CONTROL_ID_SCAN = 20_000
+ORDER_MESSAGES = frozenset({"ORM", "OMI", "OMG"})  # what hl7/mapping.py maps to orders (ORDER_TYPES)
 
 
 def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study], list[Hl7Message], list[Job]]:
@@ -45,6 +53,83 @@ def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study
     messages = [m for m in session.exec(select(Hl7Message).order_by(col(Hl7Message.id).desc()).limit(CONTROL_ID_SCAN))
                 if store.cipher.decrypt(m.control_id_enc, column="hl7.control_id") == ident]
     return studies, messages, jobs
+
+
+def _order_keys(store: Store, session: Session, msg: Hl7Message) -> list[list[tuple[Any, str]]]:
+    """Per ORC group of the stored message, its (order column, blind index) pairs in the order the mapping
+    tries them. Nothing when the body cannot be read (purged) or parsed."""
+    try:
+        parsed: Message = parse(store.blobs.read(session, msg.blob_id))
+    except (CryptoError, OSError, ParseError):
+        return []
+    groups, segs = [], parsed.segments
+    for i, orc in enumerate(segs):
+        if orc.name != "ORC":
+            continue
+        group = []
+        for seg in segs[i + 1:]:
+            if seg.name == "ORC":
+                break
+            group.append(seg)
+        groups.append(_group_keys(store, orc, group))
+    return groups
+
+
+def _group_keys(store: Store, orc: Segment, group: list[Segment]) -> list[tuple[Any, str]]:
+    """Placer, filler and accession of one ORC group, keyed exactly as ``hl7.mapping._map_order`` keys them."""
+    obr = next((g for g in group if g.name == "OBR"), None)
+    ipc = next((g for g in group if g.name == "IPC"), None)
+    placer = _entity(orc, 2) if _value(orc.get(2)) else _entity(obr, 2)
+    filler = _entity(orc, 3) if _value(orc.get(3)) else _entity(obr, 3)
+    accession = _value(ipc.get(1) if ipc else "") or _value(obr.get(18) if obr else "")
+    keys = [(Order.placer_index, _index(store, placer[0], "placer", placer[1])[0]),
+            (Order.filler_index, _index(store, filler[0], "filler", filler[1])[0]),
+            (Order.accession_index, _index(store, accession, "accession")[0])]
+    return [(column, index) for column, index in keys if index]
+
+
+def _survivor_id(session: Session, patient_id: int | None) -> int | None:
+    patient = session.get(Patient, patient_id) if patient_id is not None else None
+    return repo_ehr.survivor(session, patient).id if patient is not None else None
+
+
+def message_orders(store: Store, session: Session, msg: Hl7Message) -> list[Order]:
+    """The order rows an order message wrote. ``Order.message_id`` names only the last message that touched
+    an order, so a first NW later updated by a status message is found by the numbers it carries, keyed as
+    the mapping keys them (placer, else filler, else accession); another patient's order with the same number
+    is not this message's."""
+    if msg.message_type.upper() not in ORDER_MESSAGES:
+        return []
+    orders = {o.id: o for o in session.exec(select(Order).where(Order.message_id == msg.id)).all()}
+    owner = _survivor_id(session, msg.patient_id)
+    for keys in _order_keys(store, session, msg):
+        for column, index in keys:
+            found = [o for o in session.exec(select(Order).where(col(column) == index).order_by(col(Order.id))).all()
+                     if owner is None or _survivor_id(session, o.patient_id) in (None, owner)]
+            if found:
+                orders.setdefault(found[0].id, found[0])
+                break
+    return [orders[k] for k in sorted(orders, key=lambda k: k or 0)]
+
+
+def order_studies(store: Store, session: Session, order: Order) -> list[Study]:
+    """Studies the worker links to ``order`` (:func:`msgate.workers.ehr.link`: the accession number, of the
+    same patient), or whose jobs ran with it (the link may have moved to a newer order since)."""
+    if not order.accession_index:
+        return []
+    out = []
+    for study in session.exec(select(Study).where(Study.accession_index == order.accession_index)
+                              .order_by(col(Study.id))).all():
+        jobs = session.exec(select(Job).where(Job.study_id == study.id)).all()
+        if (ehr.link(session, study, store.cipher).order_id == order.id
+                or any((job.flags or {}).get("order_id") == order.id for job in jobs)):
+            out.append(study)
+    return out
+
+
+def order_events(order: Order, studies: list[Study]) -> list[dict[str, Any]]:
+    linked = ", ".join(f"study:{s.id}" for s in studies) or "no study linked"
+    return [_event(order.updated_at, "hl7", f"order {order.status or '-'}: {linked}", f"order:{order.id}")]
 
 
 def _event(ts: datetime | None, stage: str, what: str, ref: str = "") -> dict[str, Any]:
@@ -136,6 +221,11 @@ def command(
         if not (studies or messages or jobs):
             fail("nothing found for that id (accession, study UID, job id or HL7 control id)")
         events: list[dict[str, Any]] = []
+        orders = list({o.id: o for msg in messages for o in message_orders(store, session, msg)}.values())
+        for order in orders:
+            linked = order_studies(store, session, order)
+            studies += [s for s in linked if s not in studies]
+            events += order_events(order, linked)
         for study in studies:
             events += study_events(store, session, study)
         for msg in messages:
@@ -143,9 +233,10 @@ def command(
         unique = {(e["time"], e["stage"], e["event"], e["ref"]): e for e in events}
         timeline = sorted(unique.values(), key=lambda e: e["time"] or "")
         audit.append(session, kind="operator.trace", actor=audit.operator(),
-                     subject=",".join(f"study:{s.id}" for s in studies) or "hl7")
+                     subject=",".join(f"study:{s.id}" for s in studies) or "hl7",
+                     detail={"orders": [o.id for o in orders]} if orders else None)
     if json_out:
-        print_json({"studies": [s.id for s in studies], "events": timeline})
+        print_json({"studies": [s.id for s in studies], "orders": [o.id for o in orders], "events": timeline})
         return
     table = Table("time (UTC)", "stage", "event", "ref")
     for e in timeline:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, col, select
 
 from msgate.model.features import FEATURES
@@ -105,6 +105,54 @@ def find_patient(session: Session, cipher: FieldCipher, idents: list[Identifier]
         return None
     patient = session.get(Patient, row.patient_id)
     return survivor(session, patient) if patient is not None else None
+
+
+AUTHORITY_STORED = 64  # PatientIdentifier.authority keeps this many characters; the index keys the whole one
+INDEX_BATCH = 500  # blind indexes per IN (...) statement
+
+
+def identifiers_by_value(session: Session, cipher: FieldCipher, value: str) -> list[PatientIdentifier]:
+    """Patient identifier rows (MR, PI, ... as :func:`id_index` counts them) with this value under any
+    assigning authority, in row order: what an operator who knows the MRN but not the CX-4 the interface
+    engine sent asks for.
+
+    The blind index keys authority and value together, and the authority is stored in clear (it names an
+    issuer, not a person), so the index of ``authority|value`` is computed for each stored authority and
+    those are looked up: nothing decrypted, no plaintext at rest, no new column. An authority longer than
+    the column was stored cut and its index cannot be recomputed from the row; only those rows are
+    decrypted and compared."""
+    value = value.strip()
+    if not value:
+        return []
+    authorities = session.exec(select(PatientIdentifier.authority).distinct()).all()
+    indexes = [id_index(cipher, Identifier(value=value, authority=a)) for a in authorities]
+    rows: dict[int, PatientIdentifier] = {}
+    for start in range(0, len(indexes), INDEX_BATCH):
+        part = indexes[start:start + INDEX_BATCH]
+        rows.update((r.id, r) for r in session.exec(select(PatientIdentifier)
+                                                    .where(col(PatientIdentifier.id_index).in_(part))).all()
+                    if r.id is not None)
+    cut = select(PatientIdentifier).where(func.length(PatientIdentifier.authority) >= AUTHORITY_STORED)
+    for row in session.exec(cut).all():
+        if (row.id is not None and row.id not in rows and row.id_type.strip().upper() in PATIENT_ID_TYPES
+                and (cipher.decrypt(row.value_enc, column="patient_identifier.value") or "").strip() == value):
+            rows[row.id] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def patients_by_value(session: Session, cipher: FieldCipher,
+                      value: str) -> list[tuple[Patient, list[PatientIdentifier]]]:
+    """The (surviving) patients that hold an identifier with this value under any assigning authority,
+    each once with its matching identifier rows, in patient id order."""
+    out: dict[int, tuple[Patient, list[PatientIdentifier]]] = {}
+    for row in identifiers_by_value(session, cipher, value):
+        patient = session.get(Patient, row.patient_id)
+        if patient is None:
+            continue
+        patient = survivor(session, patient)
+        assert patient.id is not None
+        out.setdefault(patient.id, (patient, []))[1].append(row)
+    return [out[k] for k in sorted(out)]
 
 
 def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifier], *, name: str | None = None,

@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection
 from msgate.errors import Transient
 from msgate.listener import dataset
 from msgate.listener.record import decode_record
+from msgate.storage import reencoded
 from msgate.storage.index_dicom import PreparedInstance, StoredInstance
 from msgate.storage.ingest import Received
 from msgate.storage.store import Store
@@ -157,6 +158,7 @@ class Worker:
             else:
                 todo.append((seq, received, next(bodies) if bodies is not None else None))
         tries = 0
+        versions: list[int] = []  # later versions of an instance: compared with the ones they replace, below
         first_error: Exception | None = prepared if isinstance(prepared, Exception) else None
         while todo:
             results = self._attempt(todo, first_error)
@@ -166,6 +168,8 @@ class Worker:
                 if isinstance(result, StoredInstance):
                     answers[seq] = [seq, 1, result.instance_id, result.study_id, result.series_id,
                                     result.duplicate, result.version, result.new_series, result.new_study]
+                    if result.version > 1:
+                        versions.append(result.instance_id)
                     received.header.release()
                 else:  # a body kept for a transient failure is committed again; any other was discarded
                     failed.append((seq, received, body if isinstance(result, Transient) else None, result))
@@ -185,6 +189,8 @@ class Worker:
                     os._exit(0)  # and stop signals are ignored here: never linger as an orphan
                 time.sleep(min(MAX_BACKOFF, 0.1 * 2 ** min(tries, 10)))
             todo = [(seq, received, body) for seq, received, body, _ in failed]
+        if versions:  # decided before the listener hears of them, so before their study can be ready again
+            reencoded.settle(self.store, versions)
         return [answers[seq] for seq, _ in batch]
 
     def _attempt(self, todo: list[tuple[int, Received, PreparedInstance | None]], error: Exception | None

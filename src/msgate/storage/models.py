@@ -190,6 +190,10 @@ class Instance(SQLModel, table=True):
     transfer_syntax: str = Field(max_length=64)
     blob_id: str = Field(foreign_key="blob.id", max_length=32)
     content_hash: str = Field(max_length=64)
+    # What the scheduler's change check hashes for this instance: a new version that only re-encodes the one
+    # it replaced keeps that one's identity (storage.reencoded); a changed one has its content_hash. NULL on a
+    # first version (content_hash) and on a later one not decided yet (taken as changed).
+    change_hash: str | None = Field(default=None, max_length=64)
     version: int = 1
     current: bool = True
     size: int = 0

@@ -69,11 +69,17 @@ class Plan:
 
 
 def series_hash(session: Session, chosen: dict[str, Series]) -> str:
+    """The series part of the idempotency key: each role's series and the identity of its current instances.
+    An instance's identity is its content hash, except for a new version decided to be only another encoding
+    of the one it replaced (a study re-sent compressed): that keeps the earlier identity, so no second run
+    (``Instance.change_hash``, decided by :mod:`msgate.storage.reencoded`; NULL: not decided, the content
+    hash counts)."""
     digest = hashlib.sha256()
     for role in sorted(chosen):
         series = chosen[role]
-        hashes = sorted(session.exec(select(Instance.content_hash).where(
-            Instance.series_id == series.id, col(Instance.current).is_(True))).all())
+        hashes = sorted(change or content for content, change in session.exec(
+            select(Instance.content_hash, Instance.change_hash).where(
+                Instance.series_id == series.id, col(Instance.current).is_(True))).all())
         digest.update(f"{role}|{series.series_uid_index}|{len(hashes)}|".encode())
         for h in hashes:
             digest.update(h.encode())

@@ -91,6 +91,35 @@ def test_a_replayed_journal_does_not_revert_a_corrected_instance(store: Store, t
     assert list(stored_bytes(store).values()) == [[v1, v2]]
 
 
+def test_a_recovered_reencoded_version_keeps_its_identity(store: Store, tmp_path: Path) -> None:
+    """A study re-sent RLE-compressed was acknowledged from the journal and the process died before the
+    indexer decided the new versions: recovery indexed them undecided, so they counted as changed and the
+    study ran again for the same pixels."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    first = write_series(tmp_path / "v1", count=1, description="AX FLAIR")[0]
+    ds = pydicom.dcmread(first)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    second = tmp_path / "rle.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    v1, v2 = first.read_bytes(), second.read_bytes()
+    store.ingest.store_instance(source=v1, assoc_id="assoc1")
+    journal = Journal(store.settings.home / "dicom-journal", store.ring, preallocate=True)
+    journal.append([encode_record(Received(v2, dataset.parse(v2), "SCU", "assoc2"))])
+    _died(journal)
+    store.settings.dicom.port = free_port()
+    ae, _, _ = server.start(store)
+    ae.shutdown()
+    with store.db.session() as session:
+        rows = session.exec(select(Instance).order_by(Instance.version)).all()  # type: ignore[arg-type]
+        kinds = [e.kind for e in session.exec(select(AuditEvent)).all()]
+    assert [(r.version, r.current) for r in rows] == [(1, False), (2, True)]
+    assert rows[1].content_hash != rows[0].content_hash
+    assert rows[1].change_hash == rows[0].content_hash
+    assert "instance.reencoded" in kinds
+
+
 def test_recovered_instances_reopen_a_finished_study(store: Store, tmp_path: Path) -> None:
     """A T1-only study had ended ``stable``; its FLAIR was acknowledged from the journal and the process
     died before indexing it. Recovery indexed the FLAIR but left the study stable: no job ever ran."""

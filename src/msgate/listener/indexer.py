@@ -34,7 +34,7 @@ from msgate.listener import dataset
 from msgate.listener.indexproc import MAX_BATCH, SEQ
 from msgate.listener.record import decode_record
 from msgate.listener.tracking import Tracker
-from msgate.storage import repo_studies
+from msgate.storage import reencoded, repo_studies
 from msgate.storage.index_dicom import StoredInstance
 from msgate.storage.ingest import Received
 from msgate.storage.journal import Journal, read_segment
@@ -298,6 +298,8 @@ class Indexer:
                 if failed:
                     raise failed[0]
                 self._reopen([r for r in results if isinstance(r, StoredInstance) and not r.duplicate])
+                reencoded.settle(self.store, [r.instance_id for r in results
+                                              if isinstance(r, StoredInstance) and r.version > 1], actor="recovery")
             total += len(received)
             path.unlink()
         if total:

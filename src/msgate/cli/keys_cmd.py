@@ -9,11 +9,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from msgate.cli import keys_he_cmd
 from msgate.cli.common import add_row, cell, check_schema, console, print_json, state
 from msgate.errors import ConfigError
 from msgate.storage import audit, journal, keyring, rotation
 
 app = typer.Typer(no_args_is_help=True)
+app.add_typer(keys_he_cmd.app, name="he")  # the CKKS keys of homomorphic mode
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 

@@ -31,6 +31,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -56,6 +57,9 @@ MAX_OPENED = 1 << 20
 """Request ids remembered as decrypted (a few tens of MB); far more than the requests in flight."""
 PROB_DECIMALS = 4
 """Decimals of the probabilities the key service hands back (see :meth:`HeKeys.finalize`)."""
+KEY_ID = re.compile(r"he-[0-9]{14}-[0-9a-f]{8}")
+"""The shape of the key ids :meth:`HeKeys.generate` makes; an operator's id is checked against it before
+it names a file (``keys he retire ../keyring`` must not reach outside the folder)."""
 
 
 def _b64(b: bytes) -> str:
@@ -175,6 +179,7 @@ class HeKeys:
         self._secrets: dict[str, _Secret] = {}
         self._lock = threading.Lock()
         self._opened: OrderedDict[str, None] = OrderedDict()  # request ids already decrypted (newest last)
+        self._in_use: str | None = None  # the active key id of the last request (see _note_active)
 
     # -- keys -----------------------------------------------------------------------------------------
 
@@ -210,6 +215,8 @@ class HeKeys:
         with self._lock:
             self._secrets[key_id] = _Secret(ctx, mac_key)
         _write_public(self.dir / "active", key_id.encode())
+        with self._lock:
+            self._in_use = key_id
         log.info("CKKS key generated", extra={"key_id": key_id, "bytes": len(pub_bytes)})
         return key_id
 
@@ -222,6 +229,31 @@ class HeKeys:
         p = self.dir / "active"
         return p.read_text().strip() if p.exists() else None
 
+    def known_ids(self) -> list[str]:
+        """Every key id with a file here: a secret (the key service's folder) or only a public context
+        (a worker's volume), so that ``keys he list`` shows both and ``keys he retire`` can clean either."""
+        found = set(self.key_ids())
+        if self.public_dir.exists():
+            found |= {p.stem for p in self.public_dir.glob("*.json")} | {p.stem for p in self.public_dir.glob("*.ctx")}
+        return sorted(k for k in found if KEY_ID.fullmatch(k))
+
+    def describe(self, key_id: str) -> dict[str, Any]:
+        """What an operator may see of a key (``keys he list``): its CKKS parameters, creation time, the
+        KEK that wraps its secret file, the public context's SHA-256 and size, and which files exist.
+        Never secret material: not the secret context, not the request MAC key and not the result key
+        (the public metadata holds the latter; it is left out here)."""
+        meta_path, secret_path = self.public_dir / f"{key_id}.json", self.dir / f"{key_id}.secret"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        out: dict[str, Any] = {
+            "key_id": key_id, "active": key_id == self.active_id(), "params": meta.get("params"),
+            "created": meta.get("created"), "public_sha256": meta.get("sha256"), "public_bytes": meta.get("bytes"),
+            "secret_file": secret_path.exists(), "public_file": (self.public_dir / f"{key_id}.ctx").exists(),
+            "kek_id": None, "wrapped": None}
+        if out["secret_file"]:
+            doc = json.loads(secret_path.read_bytes())  # the envelope only: its body stays encrypted
+            out["kek_id"], out["wrapped"] = doc.get("kek_id"), bool(doc.get("kek_id"))
+        return out
+
     def params_of(self, key_id: str) -> he.HeParams:
         meta = json.loads((self.public_dir / f"{key_id}.json").read_text())
         return he.HeParams.from_dict(meta["params"])
@@ -231,6 +263,8 @@ class HeKeys:
         active = self.active_id()
         if active is None or active not in self.key_ids() or self.params_of(active) != params:
             return self.generate(params)
+        with self._lock:
+            self._in_use = active  # the key this process starts with: a later rotation is a change (_note_active)
         return active
 
     def kek_usage(self) -> dict[str, int]:
@@ -320,9 +354,11 @@ class HeKeys:
         ``width`` fixes it: the benchmark)."""
         import tenseal as ts
 
-        key_id = key_id or self.active_id()
-        if key_id is None:
-            raise ConfigError("no CKKS key; start the keys role or run HeKeys.generate")
+        if not key_id:
+            key_id = self.active_id()
+            if key_id is None:
+                raise ConfigError("no CKKS key; start the keys role or run HeKeys.generate")
+            self._note_active(key_id)
         sec = self._secret(key_id)
         params = self.params_of(key_id)
         x = he.with_bias(np.asarray(u, np.float64))
@@ -340,6 +376,25 @@ class HeKeys:
                               digests=tuple(_sha(c) for c in cts))
             packs.append(EncryptedPack(key_id, rid, ids, lay, cts, tag))
         return packs
+
+    def _note_active(self, key_id: str) -> None:
+        """A running key service reads ``active`` at every request, so ``msgate keys he rotate`` (another
+        process) takes effect at the next one without a restart. When the active key changed since the
+        last request: say so in the log, and open the new secret now, so a secret this process cannot
+        read is logged by name here rather than only failing the jobs."""
+        with self._lock:
+            previous, self._in_use = self._in_use, key_id
+        if previous is None or previous == key_id:
+            return
+        try:
+            self.open_secret(key_id)
+        except MsgateError as exc:
+            log.error("CKKS secret key of the new active key cannot be opened",
+                      extra={"role": "keys", "key_id": key_id, "code": exc.code, "reason": str(exc)})
+            with self._lock:
+                self._in_use = previous  # noticed again (and logged again) at the next request
+            raise
+        log.info("CKKS active key changed; new requests use it", extra={"role": "keys", "key_id": key_id})
 
     def open_result(self, res: EncryptedResult) -> np.ndarray:
         """Verify both MACs, decrypt and return the logits [B, n_out]; :class:`TamperedData` otherwise."""

@@ -30,7 +30,7 @@ ALLOWED_FIELDS = frozenset(
         "outbox_id", "case_id", "assoc_id", "conn_id", "reason", "status", "code", "duration_ms",
         "role", "host", "port", "count", "bytes", "kek_id", "state", "attempt", "peer", "calling_aet",
         "msg_type", "version", "uid_hash", "error_type", "ack", "queue", "device", "worker",
-        "destination", "seq", "elapsed_s", "batch", "sop_class", "transfer_syntax", "model_version",
+        "destination", "seq", "elapsed_s", "batch", "sop_class", "transfer_syntax", "model_version", "key_id",
     }
 )
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}

@@ -20,7 +20,7 @@ from msgate.log import setup_logging
 
 app = typer.Typer(name="msgate", help="msgate: hospital-side AI worker for MS (DICOM + HL7 in, SR + ORU out).",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-app.add_typer(keys_cmd.app, name="keys", help="Key ring: init, rotate, status, retire.")
+app.add_typer(keys_cmd.app, name="keys", help="Key ring: init, rotate, status, retire; he: the CKKS keys.")
 app.add_typer(db_cmd.app, name="db", help="Database migrations and retention.")
 app.add_typer(audit_cmd.app, name="audit", help="Audit chain: verify, tail.")
 app.command("serve")(serve_cmd.serve)

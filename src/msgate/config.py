@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import ssl
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,8 +17,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -36,6 +33,7 @@ from pydantic_settings import (
 
 from msgate.errors import ConfigError
 from msgate.config_env import check_variable_names, not_json
+from msgate.config_tls import ClientTlsSettings, Section, TlsSettings, _load_tls, _no_password  # noqa: F401
 from msgate.listener.rules import ListenerRules
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "password", "secret", "example"})
@@ -57,60 +55,6 @@ def _check_ae_title(value: str) -> str:
 
 
 AeTitle = Annotated[str, AfterValidator(_check_ae_title)]
-
-
-class Section(BaseModel):
-    """A settings section; unknown keys are errors, so a typo in the TOML file is named."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class TlsSettings(Section):
-    """Optional TLS for a listener. With ``ca_file`` set, client certificates are required.
-
-    ``enabled`` needs ``cert_file`` and ``key_file``; a file set while ``enabled`` is false is refused (it
-    would otherwise give a plaintext listener that looks configured for TLS). Each file must be readable.
-    """
-
-    enabled: bool = False
-    cert_file: Path | None = Field(None, validate_default=True)
-    key_file: Path | None = Field(None, validate_default=True)
-    ca_file: Path | None = None
-
-    @field_validator("cert_file", "key_file", "ca_file")
-    @classmethod
-    def _usable_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        enabled = info.data.get("enabled", False)
-        if value is None:
-            if enabled and info.field_name != "ca_file":
-                raise ValueError("is required when TLS is enabled")
-            return value
-        if not enabled:
-            raise ValueError("is set while TLS is off (enabled = false), which would leave the listener "
-                             "plaintext; set enabled = true or remove the file setting")
-        if not value.is_file() or not os.access(value, os.R_OK):
-            raise ValueError(f"not a readable file: {value}")
-        if info.field_name == "key_file" and isinstance(info.data.get("cert_file"), Path):
-            _load_tls(lambda ctx: ctx.load_cert_chain(info.data["cert_file"], value, password=_no_password),
-                      f"{value} is not an unencrypted PEM private key that matches cert_file")
-        elif info.field_name != "key_file":
-            _load_tls(lambda ctx: ctx.load_verify_locations(cafile=value),
-                      f"{value} holds no PEM certificate")
-        return value
-
-
-def _no_password() -> bytes:
-    """An encrypted key is refused rather than prompting on a terminal a service does not have."""
-    return b""
-
-
-def _load_tls(load: Any, problem: str) -> None:
-    """Load a TLS file the way the listeners do (ssl.create_default_context), so a file that is readable
-    but not a usable certificate or key is refused here, naming the setting, instead of crashing the role."""
-    try:
-        load(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
-    except ssl.SSLError as exc:
-        raise ValueError(f"{problem} ({exc.reason or exc.strerror or 'unreadable'})") from None
 
 
 def _check_networks(values: list[str]) -> list[str]:
@@ -187,6 +131,8 @@ class PacsDestination(Section):
     host: str = "127.0.0.1"
     port: int = Field(104, ge=1, le=65535)
     ae_title: AeTitle = "PACS"
+    tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings,
+                                   description="DICOM TLS (PS3.15 B.9) to this PACS; off: plaintext")
 
     @field_validator("name")
     @classmethod
@@ -203,6 +149,8 @@ class Hl7Destination(Section):
     port: int = Field(2576, ge=1, le=65535)
     receiving_application: str = Field("EHR", min_length=1, max_length=20, description=HD1)
     receiving_facility: str = Field("HOSPITAL", min_length=1, max_length=20, description=HD1)
+    tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings,
+                                   description="MLLP over TLS to the engine; off: plaintext")
 
 
 class ResultsSettings(Section):

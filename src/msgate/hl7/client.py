@@ -7,6 +7,14 @@ cannot be read are :class:`~msgate.errors.Transient` (retry later); ``AR``/``CR`
 :class:`~msgate.errors.Rejected` (permanent). Only an ACK whose MSA-2 echoes our MSH-10 answers a
 message: ACKs of other messages are skipped until the timeout (then Transient), and an ACK without
 MSA-2 is Transient.
+
+MLLP over TLS (IHE ATNA): with an ``ssl_context``, or ``tls`` settings that are enabled (a fresh context
+per connection), the socket is wrapped right after the TCP connect and the handshake runs under the
+connect timeout. A certificate that does not verify, a host name mismatch, a peer that does not speak
+TLS (it resets, closes or never answers the ClientHello) and a TLS alert later on (a client certificate
+the engine requires) are Transient with code ``tls`` and a message that names the problem
+(:func:`msgate.config_tls.tls_failure`).
+:meth:`MllpClient.for_destination` builds the client for ``[hl7_out]`` with its ``tls`` section.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
+from msgate.config import Hl7Destination
+from msgate.config_tls import SESSION_CLOSED, ClientTlsSettings, tls_failure
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
 from msgate.hl7.msh import HeaderError, read_msh
@@ -44,16 +54,37 @@ def read_ack(raw: bytes) -> AckResult:
     return AckResult(msa.get(1).strip().upper(), msa.get(2).strip(), msa.get(3), error_code)
 
 
+def _io_failure(exc: OSError, *, unanswered_tls: bool = False) -> Transient:
+    """A failed read or write. A TLS alert, or a TLS session the peer closed before its first answer
+    (the engine refused our client certificate, or wanted one), says so."""
+    if isinstance(exc, ssl.SSLError) or (unanswered_tls and isinstance(exc, ConnectionError)):
+        return Transient(tls_failure(exc, handshake=False), code="tls")
+    return Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io")
+
+
 class MllpClient:
     """``send(message)`` returns the :class:`AckResult` of an AA/CA answer, or raises."""
 
     def __init__(self, host: str, port: int, *, timeout: float = 30.0, connect_timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None, max_ack_bytes: int = 1 << 20) -> None:
+                 ssl_context: ssl.SSLContext | None = None, tls: ClientTlsSettings | None = None,
+                 server_hostname: str | None = None, max_ack_bytes: int = 1 << 20) -> None:
         self.host, self.port, self.timeout, self.connect_timeout = host, port, timeout, connect_timeout
         self.ssl_context, self.max_ack_bytes = ssl_context, max_ack_bytes
+        self.tls = tls if tls is not None and tls.enabled else None  # a context from it per connection
+        self.server_hostname = server_hostname or host  # verified and sent as SNI (ClientTlsSettings.server_name)
         self._sock: socket.socket | None = None
         self._deframer = mllp.Deframer(max_ack_bytes)
         self._frames: list[bytes] = []
+        self._unanswered_tls = False  # a TLS connection with nothing received on it yet
+
+    @classmethod
+    def for_destination(cls, dest: Hl7Destination, *, timeout: float = 30.0,
+                        connect_timeout: float = 10.0) -> MllpClient:
+        """The client for an ``[hl7_out]`` destination, with TLS as its ``tls`` section says. The context
+        is made at each connection, so renewed certificate files are read then, and files that no longer
+        load fail that send (Transient ``tls_files``), not the construction."""
+        return cls(dest.host, dest.port, timeout=timeout, connect_timeout=connect_timeout, tls=dest.tls,
+                   server_hostname=dest.tls.server_hostname(dest.host))
 
     def __enter__(self) -> MllpClient:
         return self
@@ -69,19 +100,30 @@ class MllpClient:
                 self._sock = None
                 self._deframer = mllp.Deframer(self.max_ack_bytes)
                 self._frames = []
+                self._unanswered_tls = False
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
+            context = self.ssl_context or (self.tls.context() if self.tls is not None else None)
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
             except OSError as exc:
                 raise Transient(f"cannot connect to the MLLP peer ({type(exc).__name__})", code="connect") from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            if context is not None:
+                sock = self._handshake(sock, context)
+                self._unanswered_tls = True
             sock.settimeout(self.timeout)
             self._sock = sock
         return self._sock
+
+    def _handshake(self, sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+        """TLS on the connected socket, the handshake bounded by the connect timeout (the socket's own)."""
+        try:
+            return context.wrap_socket(sock, server_hostname=self.server_hostname)
+        except OSError as exc:  # wrap_socket closed the socket
+            sock.close()
+            raise Transient(tls_failure(exc, timeout=self.connect_timeout), code="tls") from None
 
     def exchange(self, message: bytes) -> bytes:
         """Send one framed message and return the next frame received (raw ACK bytes)."""
@@ -95,8 +137,9 @@ class MllpClient:
         try:
             sock.sendall(mllp.frame(message))
         except OSError as exc:
+            unanswered = self._unanswered_tls
             self.close()
-            raise Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io") from None
+            raise _io_failure(exc, unanswered_tls=unanswered) from None
 
     def _peer_closed(self, sock: socket.socket) -> bool:
         """The peer closed (or reset) the reused connection since its last answer: an engine that closes
@@ -133,13 +176,17 @@ class MllpClient:
                     sock.settimeout(left)
                 data = sock.recv(65536)
                 if not data:
+                    if self._unanswered_tls:
+                        raise Transient(SESSION_CLOSED, code="tls")
                     raise Transient("peer closed the connection before acknowledging", code="closed")
+                self._unanswered_tls = False
                 self._frames.extend(e.payload for e in self._deframer.feed(data) if e.kind == "frame")
         except (OSError, Transient) as exc:
+            unanswered = self._unanswered_tls
             self.close()
             if isinstance(exc, Transient):
                 raise
-            raise Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io") from None
+            raise _io_failure(exc, unanswered_tls=unanswered) from None
         finally:
             if self._sock is not None:
                 self._sock.settimeout(self.timeout)

@@ -16,12 +16,20 @@ so the peer holds this object from an earlier attempt whose answer was lost); ``
 transport failure are retried; ``0xA9xx`` (data set does not match SOP class), ``0x0122`` (SOP class
 not supported, also used when the peer refused the object's presentation context; Verification is
 always requested so the association survives that) and ``0x0124`` (not authorised) are permanent.
+
+DICOM TLS (PS3.15 B.9): a destination with ``tls.enabled`` is associated over TLS with the context its
+:class:`~msgate.config_tls.ClientTlsSettings` make; the TCP connect and the handshake are bounded by the
+ACSE timeout. pynetdicom reports a failed handshake only as "no connection" (and an alert sent after a
+TLS 1.3 handshake, such as a required client certificate, as an abort), so the context's sockets keep
+the first TLS failure (:class:`_WatchedContext`) and the association error names it: a retryable
+``Transient`` with code ``tls`` and a detail such as "TLS: certificate verify failed (...)".
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +42,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from msgate.config import PacsDestination
+from msgate.config_tls import tls_failure
 from msgate.errors import Rejected, Transient
 
 log = logging.getLogger(__name__)
@@ -76,6 +85,56 @@ class _Checkpoint(threading.Event):
         with self._cond:  # type: ignore[attr-defined]
             self._flag = False  # type: ignore[attr-defined]
             return bool(self._cond.wait_for(lambda: self.parked, timeout))  # type: ignore[attr-defined]
+
+
+class _WatchedSocket(ssl.SSLSocket):
+    """An SSLSocket that leaves its first TLS failure on its :class:`_WatchedContext` (pynetdicom logs
+    the exception and reports only a lost connection): a failed handshake, or a session the peer ended
+    before its first answer (after a TLS 1.3 handshake a refused client certificate shows only so)."""
+
+    answered = False
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError as exc:  # a reset, an EOF or a timeout during the handshake is a TLS failure too
+            self._note(exc, handshake=True)
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            data = super().recv(buflen, flags)
+        except (ssl.SSLError, ConnectionError) as exc:
+            if not self.answered:
+                self._note(exc, handshake=False)
+            raise
+        if not data and not self.answered:
+            self._note(ssl.SSLEOFError(), handshake=False)
+        self.answered = self.answered or bool(data)
+        return data
+
+    def _note(self, exc: OSError, *, handshake: bool) -> None:
+        context = self.context
+        if isinstance(context, _WatchedContext) and context.failure is None:
+            context.failure = tls_failure(exc, timeout=context.handshake_timeout, handshake=handshake)
+
+
+class _WatchedContext(ssl.SSLContext):
+    """A client context whose sockets record the first TLS failure, as operator text, in ``failure``."""
+
+    failure: str | None = None
+    handshake_timeout: float | None = None
+    sslsocket_class = _WatchedSocket
+
+
+def _tls_args(dest: PacsDestination, timeout: float) -> tuple[_WatchedContext, str] | None:
+    """``tls_args`` for ``AE.associate``: a fresh context per association (renewed files are read)."""
+    if not dest.tls.enabled:
+        return None
+    context = _WatchedContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.handshake_timeout = timeout
+    dest.tls.configure(context)
+    return context, dest.tls.server_hostname(dest.host)
 
 
 class NotPaused(RuntimeError):
@@ -136,11 +195,15 @@ class Sender:
     def open(self, sop_classes: Sequence[str]) -> None:
         ae = AE(ae_title=self.calling_aet)
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = self.timeouts
+        ae.connection_timeout = self.timeouts[0]  # TCP connect and TLS handshake (None: could wait forever)
         for uid in dict.fromkeys(sop_classes):
             ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_requested_context(VERIFICATION)  # keeps the association up when every storage context is refused
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        tls = _tls_args(self.dest, self.timeouts[0])
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls)
         if not assoc.is_established:
+            if tls is not None and tls[0].failure is not None:
+                raise Transient(tls[0].failure, code="tls")
             reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
             raise Transient(f"association {reason}", code=f"assoc_{reason.replace(' ', '_')}")
         self.assoc = steady(assoc)

@@ -343,7 +343,7 @@ def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
         for item in items:
             record(store, item, Attempt("retry", "", "no HL7 destination configured"), policy)
         return
-    with MllpClient(dest.host, dest.port, timeout=policy.hl7_timeout) as client:
+    with MllpClient.for_destination(dest, timeout=policy.hl7_timeout) as client:
         for claimed in items:
             item = renew(store, claimed, policy)
             if item is None:

@@ -134,6 +134,10 @@ def test_association_rejected_is_retried(tmp: Path) -> None:
         outbox.run_once(store, FAST)
         assert _entries(store)[0].state == "pending"
         assert _history(store, entry)[0][:2] == ("retry", "assoc_rejected")
+        # the PACS's A-ASSOCIATE-RJ says why: the operator fixes the AE title instead of waiting
+        assert _history(store, entry)[0][2] == ("association rejected (rejected permanent, service user: "
+                                                "Called AE title not recognised)")
+        assert _entries(store)[0].last_error == _history(store, entry)[0][2]
     finally:
         scp.stop()
         store.close()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
 from msgate.config import PacsDestination
@@ -137,6 +137,26 @@ def _tls_args(dest: PacsDestination, timeout: float) -> tuple[_WatchedContext, s
     return context, dest.tls.server_hostname(dest.host)
 
 
+class _Rejection:
+    """An ``EVT_ACSE_RECV`` handler that keeps the peer's A-ASSOCIATE-RJ as operator text: pynetdicom logs
+    the result, source and reason and reports only ``is_rejected``, so ``outbox list`` said "association
+    rejected" and the operator could not tell a calling AE title the PACS does not know (fix the PACS's
+    list) from a PACS that is busy (wait)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __call__(self, event: evt.Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if self.text or getattr(primitive, "result", None) not in (0x01, 0x02):
+            return
+        try:
+            self.text = f"{primitive.result_str.lower()}, {primitive.source_str.lower()}: {primitive.reason_str}"
+        except (KeyError, TypeError, ValueError):  # codes the standard does not define
+            self.text = (f"result {primitive.result}, source {primitive.result_source}, "
+                         f"reason {primitive.diagnostic}")
+
+
 class NotPaused(RuntimeError):
     """The association's reactor did not park in time: the C-STORE was not sent."""
 
@@ -200,12 +220,15 @@ class Sender:
             ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_requested_context(VERIFICATION)  # keeps the association up when every storage context is refused
         tls = _tls_args(self.dest, self.timeouts[0])
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls)
+        rejection = _Rejection()
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, tls_args=tls,
+                             evt_handlers=[(evt.EVT_ACSE_RECV, rejection)])
         if not assoc.is_established:
             if tls is not None and tls[0].failure is not None:
                 raise Transient(tls[0].failure, code="tls")
             reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-            raise Transient(f"association {reason}", code=f"assoc_{reason.replace(' ', '_')}")
+            why = f" ({rejection.text})" if assoc.is_rejected and rejection.text else ""
+            raise Transient(f"association {reason}{why}", code=f"assoc_{reason.replace(' ', '_')}")
         self.assoc = steady(assoc)
 
     def send(self, encoded: bytes) -> Outcome:

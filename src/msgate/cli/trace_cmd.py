@@ -18,8 +18,8 @@ from sqlmodel import Session, col, select
 
 from msgate.cli.common import add_row, console, fail, print_json, state
 from msgate.errors import CryptoError
-from msgate.hl7.mapping import _entity, _index, _value  # the mapping's own order keys: the trace cannot drift
-from msgate.hl7.parse import Message, ParseError, Segment, parse
+from msgate.hl7.mapping import order_groups, order_index  # the mapping's own order keys: the trace cannot drift
+from msgate.hl7.parse import Message, ParseError, parse
 from msgate.storage import audit, repo_ehr
 from msgate.storage.models import (
     Association,
@@ -62,30 +62,13 @@ def _order_keys(store: Store, session: Session, msg: Hl7Message) -> list[list[tu
         parsed: Message = parse(store.blobs.read(session, msg.blob_id))
     except (CryptoError, OSError, ParseError):
         return []
-    groups, segs = [], parsed.segments
-    for i, orc in enumerate(segs):
-        if orc.name != "ORC":
-            continue
-        group = []
-        for seg in segs[i + 1:]:
-            if seg.name == "ORC":
-                break
-            group.append(seg)
-        groups.append(_group_keys(store, orc, group))
-    return groups
-
-
-def _group_keys(store: Store, orc: Segment, group: list[Segment]) -> list[tuple[Any, str]]:
-    """Placer, filler and accession of one ORC group, keyed exactly as ``hl7.mapping._map_order`` keys them."""
-    obr = next((g for g in group if g.name == "OBR"), None)
-    ipc = next((g for g in group if g.name == "IPC"), None)
-    placer = _entity(orc, 2) if _value(orc.get(2)) else _entity(obr, 2)
-    filler = _entity(orc, 3) if _value(orc.get(3)) else _entity(obr, 3)
-    accession = _value(ipc.get(1) if ipc else "") or _value(obr.get(18) if obr else "")
-    keys = [(Order.placer_index, _index(store, placer[0], "placer", placer[1])[0]),
-            (Order.filler_index, _index(store, filler[0], "filler", filler[1])[0]),
-            (Order.accession_index, _index(store, accession, "accession")[0])]
-    return [(column, index) for column, index in keys if index]
+    out = []
+    for group in order_groups(parsed.segments):
+        keys = [(Order.placer_index, order_index(store, group.placer[0], "placer", group.placer[1])),
+                (Order.filler_index, order_index(store, group.filler[0], "filler", group.filler[1])),
+                (Order.accession_index, order_index(store, group.accession, "accession"))]
+        out.append([(column, index) for column, index in keys if index])
+    return out
 
 
 def _survivor_id(session: Session, patient_id: int | None) -> int | None:

@@ -210,20 +210,27 @@ def _entity(seg: Segment | None, n: int) -> tuple[str, str]:
     return _value(seg.get(n)), _value(seg.get(n, 2) or seg.get(n, 3))
 
 
-def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
-    session, store = tx.session, tx.store
-    pid = msg.first("PID")
-    patient = _patient_from_pid(tx, pid, outcome, demographics=False) if pid is not None else None
-    repo_ehr.link_studies(session, tx.patients)  # the order's studies are read below
-    orcs = msg.all("ORC")
-    if not orcs:
-        raise MappingError("no_order_segment")
-    segs = msg.segments
-    for i, orc in enumerate(segs):
+@dataclass(frozen=True)
+class OrderGroup:
+    """One ORC group of an order message and the numbers the mapping keys its order by."""
+
+    orc: Segment
+    obr: Segment | None
+    placer: tuple[str, str]  # (entity identifier, namespace)
+    filler: tuple[str, str]
+    accession: str
+
+
+def order_groups(segments: Sequence[Segment]) -> list[OrderGroup]:
+    """Each ORC with the segments up to the next ORC: placer and filler from ORC, else OBR; the accession
+    from IPC-1, else OBR-18. ``msgate trace`` reads a stored order message through this too, so it finds
+    the orders the mapping wrote."""
+    groups = []
+    for i, orc in enumerate(segments):
         if orc.name != "ORC":
             continue
         group = []
-        for seg in segs[i + 1:]:
+        for seg in segments[i + 1:]:
             if seg.name == "ORC":
                 break
             group.append(seg)
@@ -232,8 +239,26 @@ def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
         placer = _entity(orc, 2) if _value(orc.get(2)) else _entity(obr, 2)
         filler = _entity(orc, 3) if _value(orc.get(3)) else _entity(obr, 3)
         accession = _value(ipc.get(1) if ipc else "") or _value(obr.get(18) if obr else "")
-        _upsert_order(session, store, patient, placer, filler, accession, orc, obr, message_id,
-                      zone=sender_offset(msg.msh.get(7)))
+        groups.append(OrderGroup(orc, obr, placer, filler, accession))
+    return groups
+
+
+def order_index(store: Store, value: str, scope: str, namespace: str = "") -> str | None:
+    """The blind index an order number is stored under (``order.placer_index`` etc.)."""
+    return _index(store, value, scope, namespace)[0]
+
+
+def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
+    session, store = tx.session, tx.store
+    pid = msg.first("PID")
+    patient = _patient_from_pid(tx, pid, outcome, demographics=False) if pid is not None else None
+    repo_ehr.link_studies(session, tx.patients)  # the order's studies are read below
+    orcs = msg.all("ORC")
+    if not orcs:
+        raise MappingError("no_order_segment")
+    for group in order_groups(msg.segments):
+        _upsert_order(session, store, patient, group.placer, group.filler, group.accession, group.orc, group.obr,
+                      message_id, zone=sender_offset(msg.msh.get(7)))
 
 
 def _upsert_order(session: Session, store: Store, patient: Patient | None, placer: tuple[str, str],

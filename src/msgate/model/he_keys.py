@@ -355,10 +355,7 @@ class HeKeys:
         import tenseal as ts
 
         if not key_id:
-            key_id = self.active_id()
-            if key_id is None:
-                raise ConfigError("no CKKS key; start the keys role or run HeKeys.generate")
-            self._note_active(key_id)
+            key_id = self.active_for_request()
         sec = self._secret(key_id)
         params = self.params_of(key_id)
         x = he.with_bias(np.asarray(u, np.float64))
@@ -376,6 +373,15 @@ class HeKeys:
                               digests=tuple(_sha(c) for c in cts))
             packs.append(EncryptedPack(key_id, rid, ids, lay, cts, tag))
         return packs
+
+    def active_for_request(self) -> str:
+        """The active key id for a new request, read once per request (its audit and its packs must name the
+        same key), noting a change since the last request (:meth:`_note_active`)."""
+        key_id = self.active_id()
+        if key_id is None:
+            raise ConfigError("no CKKS key; start the keys role or run HeKeys.generate")
+        self._note_active(key_id)
+        return key_id
 
     def _note_active(self, key_id: str) -> None:
         """A running key service reads ``active`` at every request, so ``msgate keys he rotate`` (another

@@ -218,8 +218,8 @@ class JobSource:
     def encrypt(self, keys: HeKeys, job_ids: list[str], *, model: str,
                 max_batch: int | None = None) -> list[EncryptedPack]:
         spec = self.spec_of(model)
-        key_id = keys.active_id()  # read once: the audit names the key the packs are encrypted under, even
-        # when `keys he rotate` changes the active key between the two calls (retire counts jobs by it)
+        key_id = keys.active_for_request()  # read once: the audit names the key the packs are encrypted under,
+        # even when `keys he rotate` changes the active key between the two calls (retire counts jobs by it)
         u = job_inputs(self.store, job_ids, spec, actor=self.actor, key_id=key_id, issued=self.issued)
         packs = keys.encrypt(u, job_ids, widths=spec.widths, max_batch=max_batch, key_id=key_id)
         with self._lock:

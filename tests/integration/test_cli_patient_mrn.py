@@ -107,7 +107,7 @@ def test_an_mrn_of_several_patients_lists_them_and_exits_2(store: Store, setting
     alpha, beta = patient_named(store, "ALPHA^ANN"), patient_named(store, "BETA^BEA")
     out = cli(settings, "patients", "show", "|MRN300", "--json")
     assert out.exit_code == 2, out.output
-    assert "give AUTHORITY|MRN or the internal id" in out.stderr and "2 patients" in out.stderr
+    assert "give AUTHORITY|MRN or id:N" in out.stderr and "2 patients" in out.stderr
     candidates = json.loads(out.stdout)["candidates"]
     assert candidates == [
         {"id": alpha, "authorities": [{"authority": "HOSP_A", "type": "MR"}], "name": "ALPHA^ANN",
@@ -127,3 +127,24 @@ def test_an_mrn_of_several_patients_lists_them_and_exits_2(store: Store, setting
     assert "MRN300" not in details and "ALPHA" not in details  # internal ids only in the audit chain
     assert show(settings, "HOSP_B|MRN300")["id"] == beta  # the authority the list named picks one
     assert show(settings, str(alpha))["name"] == "ALPHA^ANN"  # and so does the internal id
+    assert show(settings, f"id:{alpha}")["name"] == "ALPHA^ANN"
+
+
+def test_a_numeric_mrn_that_is_another_patients_internal_id_is_not_shown_as_that_patient(
+        store: Store, settings: Settings) -> None:
+    """Most MRNs are digits. A bare ``2`` was taken as internal id 2 first: the operator asked for the patient
+    holding MRN 2 and was shown (and audited as viewing) another patient."""
+    ids = [store.ingest.store_hl7(raw=r, header=read_msh(r).header()).message_id for r in (
+        adt("N1", "2^^^HOSP_A^MR", "FIRST^PAT"), adt("N2", "1^^^HOSP_A^MR", "SECOND^PAT"),
+        adt("N3", "77^^^HOSP_A^MR", "THIRD^PAT"))]
+    map_messages(store, ids, acks=dict.fromkeys(ids, "AA"))
+    first, second = patient_named(store, "FIRST^PAT"), patient_named(store, "SECOND^PAT")
+    assert (first, second) == (1, 2)  # MRN 2 belongs to patient 1; internal id 2 is the holder of MRN 1
+    out = cli(settings, "patients", "show", "2", "--json")
+    assert out.exit_code == 2, out.output
+    assert "an MRN and an internal id" in out.stderr and "id:N" in out.stderr
+    assert [c["id"] for c in json.loads(out.stdout)["candidates"]] == [first, second]
+    assert show(settings, "|2")["name"] == "FIRST^PAT"  # the MRN
+    assert show(settings, "id:2")["name"] == "SECOND^PAT"  # the internal id
+    assert show(settings, "77")["name"] == "THIRD^PAT"  # an MRN that is no internal id: no question asked
+    assert show(settings, "3")["name"] == "THIRD^PAT"  # an internal id that is no MRN

@@ -26,18 +26,29 @@ Match = tuple[Patient, list[PatientIdentifier]]  # a patient and, for an MRN alo
 
 
 def _find(store: Any, session: Any, ident: str) -> list[Match]:
-    """The patients ``ident`` names: an internal id, ``AUTHORITY|MRN`` (that identifier), or ``|MRN`` / a bare
-    MRN, which matches the MRN under every assigning authority: operators know the MRN, rarely the CX-4
-    string the interface engine sent."""
-    if ident.isdigit():
-        patient = session.get(Patient, int(ident))
-        if patient is not None:
-            return [(repo_ehr.survivor(session, patient), [])]
+    """The patients ``ident`` names: ``id:N`` (an internal id), ``AUTHORITY|MRN`` (that identifier), ``|MRN``
+    (the MRN under every assigning authority: operators know the MRN, rarely the CX-4 string the interface
+    engine sent), or a bare value: an MRN, and an internal id too when it is all digits. Most MRNs are
+    digits: a bare ``100234`` used to show internal patient 100234, whoever held MRN 100234; when it names
+    two patients both are listed and the operator chooses."""
+    if ident.lower().startswith("id:"):
+        return _by_internal_id(session, ident[3:].strip())
     authority, _, value = ident.rpartition("|")
-    if not authority:
-        return repo_ehr.patients_by_value(session, store.cipher, value)
-    found = repo_ehr.find_patient(session, store.cipher, [Identifier(value=value, authority=authority)])
-    return [(found, [])] if found is not None else []
+    if authority:
+        found = repo_ehr.find_patient(session, store.cipher, [Identifier(value=value, authority=authority)])
+        return [(found, [])] if found is not None else []
+    matches = repo_ehr.patients_by_value(session, store.cipher, value)
+    if "|" in ident:
+        return matches
+    by_id = _by_internal_id(session, ident)
+    return matches + [m for m in by_id if m[0].id not in {p.id for p, _ in matches}]
+
+
+def _by_internal_id(session: Any, text: str) -> list[Match]:
+    if not text.isdigit():
+        return []
+    patient = session.get(Patient, int(text))
+    return [(repo_ehr.survivor(session, patient), [])] if patient is not None else []
 
 
 def _count(session: Any, table: Any, patient_id: int | None) -> int:
@@ -82,15 +93,16 @@ def _details(store: Any, session: Any, patient: Patient, when: datetime) -> dict
 @app.command("show")
 def show(
     ctx: typer.Context,
-    ident: Annotated[str, typer.Argument(help="internal patient id, AUTHORITY|MRN, or |MRN (that MRN under any "
-                                              "assigning authority)")],
+    ident: Annotated[str, typer.Argument(help="id:N (internal patient id), AUTHORITY|MRN, |MRN (that MRN under any "
+                                              "assigning authority), or a bare MRN or internal id")],
     at: Annotated[str | None, typer.Option("--at", help="snapshot date (YYYY-MM-DD); default now")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show one patient and the EHR feature snapshot at a date. The access is audited (phi.view).
 
-    ``|MRN`` matches the MRN under every assigning authority; when several patients hold it, they are listed
-    (also audited) and the command exits 2 asking for ``AUTHORITY|MRN`` or the internal id."""
+    ``|MRN`` matches the MRN under every assigning authority; when several patients hold it (or a bare number
+    is one patient's MRN and another's internal id), they are listed (also audited) and the command exits 2
+    asking for ``AUTHORITY|MRN`` or ``id:N``."""
     store = state(ctx).store()
     try:
         when = datetime.fromisoformat(at).replace(tzinfo=UTC) if at else datetime.now(UTC)
@@ -115,8 +127,8 @@ def show(
                          detail={"view": "patients.show", "at": when.isoformat()})
     if candidates:
         _print_candidates(candidates, as_json)
-        fail(f"{len(candidates)} patients hold this MRN under different assigning authorities: "
-             "give AUTHORITY|MRN or the internal id", code=2)
+        fail(f"{len(candidates)} patients match {'this MRN' if '|' in ident else 'this value'} (an MRN under "
+             "different assigning authorities, or an MRN and an internal id): give AUTHORITY|MRN or id:N", code=2)
         return
     if as_json:
         print_json(data)

@@ -144,6 +144,16 @@ class ClientTlsSettings(Section):
                   f"{value} is not an unencrypted PEM private key that matches cert_file")
         return value
 
+    @field_validator("check_hostname")
+    @classmethod
+    def _name_check_off_needs_own_ca(cls, value: bool, info: ValidationInfo) -> bool:
+        """Without the name check, only the CA decides: with the system trust store that would accept any
+        publicly trusted certificate, for any name, as the PACS or the engine."""
+        if not value and info.data.get("enabled") and info.data.get("ca_file") is None and "ca_file" in info.data:
+            raise ValueError("false needs ca_file (the private CA that signs the peer's certificate): with the "
+                             "system trust store any public certificate for any name would be accepted")
+        return value
+
     @field_validator("server_name")
     @classmethod
     def _host_name(cls, value: str | None) -> str | None:

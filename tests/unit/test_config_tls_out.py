@@ -108,8 +108,19 @@ def test_the_context_verifies_the_peer_from_tls_1_2(files: dict[str, str]) -> No
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.cert_store_stats()["x509"] == 1  # ca_file only, not the system store
-    relaxed = ClientTlsSettings(enabled=True, check_hostname=False).context()  # the system trust store
+    relaxed = ClientTlsSettings(enabled=True, ca_file=Path(files["ca_file"]), check_hostname=False).context()
     assert relaxed.verify_mode == ssl.CERT_REQUIRED and not relaxed.check_hostname
+    system = ClientTlsSettings(enabled=True).context()  # no ca_file: the system trust store, names checked
+    assert system.check_hostname and system.cert_store_stats()["x509_ca"] >= 0
+
+
+def test_no_name_check_without_a_private_ca_is_refused() -> None:
+    """check_hostname = false with the system trust store accepted any publicly trusted certificate, for any
+    name, as the PACS or the engine."""
+    message = _refused(hl7_out={"host": "engine", "tls": {"enabled": True, "check_hostname": False}})
+    assert "MSGATE_HL7_OUT__TLS__CHECK_HOSTNAME: " in message and "needs ca_file" in message
+    message = _refused(pacs=[{"host": "pacs", "tls": {"enabled": True, "check_hostname": False}}])
+    assert "MSGATE_PACS__TLS__CHECK_HOSTNAME: " in message
 
 
 def test_files_gone_since_start_are_a_transient_tls_failure(files: dict[str, str]) -> None:

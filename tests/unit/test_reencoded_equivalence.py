@@ -323,7 +323,7 @@ def test_migration_0005_counts_earlier_versions_as_changed(sched_store: Store) -
     changed_key = _series_hash(store, study_id)
     _downgrade(store, "0004")  # the column dropped: the schema before this revision
     assert store.db.current_revision() == "0004"
-    store.db.upgrade("head")
+    store.db.upgrade("0005")
     assert store.db.current_revision() == "0005"
     with store.db.session() as session:
         rows = session.exec(select(Instance).where(Instance.study_id == study_id)).all()

@@ -33,7 +33,7 @@ GROUPS = (
     ("messages_cmd", "messages", "HL7 messages received by the feed."),
     ("patients_cmd", "patients", "Patients and their EHR feature snapshot."),
     ("jobs_cmd", "jobs", "Inference jobs: list, show, retry, cancel."),
-    ("outbox_cmd", "outbox", "Result deliveries: list, retry, drop."),
+    ("outbox_cmd", "outbox", "Result deliveries: list, show, retry, drop."),
     ("synth", "synth", "Synthetic MS cohort as DICOM + HL7 files."),
     ("train_cmd", "train", "Train the models on the synthetic cohort or the store."),
     ("evaluate_cmd", "evaluate", "Evaluation reports with plots."),

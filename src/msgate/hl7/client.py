@@ -8,6 +8,14 @@ cannot be read are :class:`~msgate.errors.Transient` (retry later); ``AR``/``CR`
 message: ACKs of other messages are skipped until the timeout (then Transient), and an ACK without
 MSA-2 is Transient.
 
+Why an engine refused (or warned about) a message is read from the ACK (:func:`read_ack`): its coded
+parts (MSA-1, ERR-3 HL7 error code, ERR-4 severity, ERR-5 application error code, ERR-2 location; ERR-1
+code and location from v2.3-style engines; MSA-6 before v2.5) are sanitised (:func:`code_part`) and may
+go into exception messages and plaintext columns; its free text (MSA-3, the text components of ERR-3,
+ERR-5, ERR-1 and MSA-6, ERR-7, ERR-8) can name the patient ("Patient DOE^JOHN not found"), so it never
+does: :meth:`AckResult.peer_text` is for the caller to store encrypted. :class:`PeerRejected` and
+:class:`PeerNak` carry the parsed ACK.
+
 MLLP over TLS (IHE ATNA): with an ``ssl_context``, or ``tls`` settings that are enabled (a fresh context
 per connection), the socket is wrapped right after the TCP connect and the handshake runs under the
 connect timeout. A certificate that does not verify, a host name mismatch, a peer that does not speak
@@ -19,10 +27,11 @@ the engine requires) are Transient with code ``tls`` and a message that names th
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from msgate.config import Hl7Destination
@@ -30,15 +39,106 @@ from msgate.config_tls import SESSION_CLOSED, ClientTlsSettings, tls_failure
 from msgate.errors import Rejected, Transient
 from msgate.hl7 import mllp
 from msgate.hl7.msh import HeaderError, read_msh
-from msgate.hl7.parse import parse
+from msgate.hl7.parse import Message, Segment, component_of, parse, unescape
+
+
+CODE_CHARS = re.compile(r"[^A-Za-z0-9._\-^&]")
+CODE_LIMIT = 32  # characters kept of one coded part
+MAX_ERRORS = 5  # ERR segments (or v2.3 ERR-1 repetitions) read from one ACK
+TEXT_LIMIT = 2000  # characters kept of one free-text field
+
+
+def code_part(value: str, limit: int = CODE_LIMIT) -> str:
+    """A coded value (an ACK code, an error code, a severity, a location) safe for plaintext: characters
+    other than ``A-Z a-z 0-9 . _ - ^ &`` are removed (no spaces, so no names in "code" fields written as
+    words) and the result is cut to ``limit``."""
+    return CODE_CHARS.sub("", value)[:limit]
+
+
+@dataclass(frozen=True)
+class AckError:
+    """One ERR segment, or one ERR-1 repetition of a v2.3-style engine (HL7 v2.5.1 2.15.5).
+
+    The coded parts are sanitised with :func:`code_part`; ``texts`` holds (field, text) pairs that may
+    contain PHI and are kept out of ``repr``."""
+
+    hl7_code: str = ""  # ERR-3.1 (HL7 table 0357), or ERR-1.4.1
+    severity: str = ""  # ERR-4 (table 0516): E, F, W, I
+    app_code: str = ""  # ERR-5.1
+    location: str = ""  # ERR-2 (ERL), or ERR-1.1-3: segment^sequence^field...
+    texts: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def summary(self) -> str:
+        parts = (("ERR-3", self.hl7_code), ("ERR-4", self.severity), ("ERR-5", self.app_code),
+                 ("ERR-2", self.location))
+        return ", ".join(f"{name} {value}" for name, value in parts if value)
 
 
 @dataclass(frozen=True)
 class AckResult:
     code: str
     control_id: str
-    text: str = ""
-    error_code: str = ""
+    text: str = field(default="", repr=False)  # MSA-3: free text, may name the patient
+    error_code: str = ""  # the first error's HL7 (or v2.3) error code, sanitised
+    errors: tuple[AckError, ...] = ()
+    condition: str = ""  # MSA-6.1 (error condition, HL7 v2.1-2.4), sanitised
+    condition_text: str = field(default="", repr=False)  # MSA-6.2
+
+    @property
+    def success(self) -> bool:
+        return self.code in ("AA", "CA")
+
+    def summary(self) -> str:
+        """The coded parts only (safe for logs, exception messages and plaintext columns):
+        ``AR; ERR-3 204, ERR-4 E, ERR-5 NOTFOUND, ERR-2 PID^1^3``."""
+        parts = [self.code or "no MSA-1 code"]
+        if self.condition:
+            parts.append(f"MSA-6 {self.condition}")
+        parts += [s for s in (e.summary() for e in self.errors) if s]
+        return "; ".join(parts)
+
+    def peer_text(self) -> str:
+        """The engine's free-text explanation, one ``FIELD: text`` line each (MSA-3, MSA-6.2, then each
+        error's ERR-3.2, ERR-5.2, ERR-7, ERR-8, or ERR-1.4.2); "" when there is none. May hold PHI: store
+        it encrypted, never log it."""
+        lines = [("MSA-3", self.text), ("MSA-6.2", self.condition_text)]
+        lines += [pair for error in self.errors for pair in error.texts]
+        return "\n".join(f"{name}: {text}" for name, text in lines if text)
+
+
+def _text(value: str) -> str:
+    return " ".join(value.split())[:TEXT_LIMIT]  # one line: an engine's \.br\ or CR LF in ERR-8
+
+
+def _free(seg: Segment, n: int) -> str:
+    """A free-text field (ST/TX) whole: engines rarely escape a ``^`` in "Patient DOE^JOHN not found"."""
+    return _text(unescape(seg.raw(n), seg.enc))
+
+
+def _location(seg: Segment, n: int, components: int, rep: int = 0) -> str:
+    parts = [seg.get(n, c, rep=rep) for c in range(1, components + 1)]
+    while parts and not parts[-1]:
+        parts.pop()
+    return code_part("^".join(parts))
+
+
+def _errors(msg: Message) -> tuple[AckError, ...]:
+    """ERR segments, v2.5 (ERR-2..8) or v2.3 (ERR-1 ELD, repeating); at most :data:`MAX_ERRORS`."""
+    out: list[AckError] = []
+    for seg in msg.all("ERR"):
+        if any(seg.raw(n) for n in (3, 4, 5, 7, 8)):  # v2.5; ERR-1 only where ERR-3 or ERR-2 is empty
+            texts = (("ERR-3.2", _text(seg.get(3, 2))) if seg.raw(3) else ("ERR-1.4.2", _text(seg.get(1, 4, 2))),
+                     ("ERR-5.2", _text(seg.get(5, 2))), ("ERR-7", _free(seg, 7)), ("ERR-8", _free(seg, 8)))
+            out.append(AckError(code_part(seg.get(3, 1) or seg.get(1, 4, 1)),
+                                code_part(seg.get(4, 1).strip().upper(), 1), code_part(seg.get(5, 1)),
+                                _location(seg, 2, 6) or _location(seg, 1, 3),
+                                tuple((name, text) for name, text in texts if text)))
+        else:  # v2.3: ERR-1 = segment ^ sequence ^ field ^ code&text&system, one repetition per error
+            for rep in range(len(seg.reps(1))):
+                text = _text(component_of(seg.reps(1)[rep], seg.enc, 4, 2))
+                out.append(AckError(code_part(seg.get(1, 4, 1, rep=rep)), location=_location(seg, 1, 3, rep),
+                                    texts=(("ERR-1.4.2", text),) if text else ()))
+    return tuple(e for e in out if e.summary() or e.texts)[:MAX_ERRORS]
 
 
 def read_ack(raw: bytes) -> AckResult:
@@ -49,9 +149,26 @@ def read_ack(raw: bytes) -> AckResult:
     msa = msg.first("MSA")
     if msa is None:
         raise Transient("acknowledgement without MSA", code="bad_ack")
-    err = msg.first("ERR")
-    error_code = (err.get(3, 1) or err.get(1, 4, 1)) if err is not None else ""
-    return AckResult(msa.get(1).strip().upper(), msa.get(2).strip(), msa.get(3), error_code)
+    errors = _errors(msg)
+    return AckResult(code_part(msa.get(1).strip().upper(), 8), msa.get(2).strip(), _free(msa, 3),
+                     next((e.hl7_code for e in errors if e.hl7_code), ""), errors,
+                     code_part(msa.get(6, 1)), _text(msa.get(6, 2)))
+
+
+class PeerRejected(Rejected):
+    """``AR``/``CR``: the message names the ACK's coded parts only; ``ack`` is the parsed answer."""
+
+    def __init__(self, ack: AckResult) -> None:
+        super().__init__(f"peer rejected the message ({ack.summary()})", code="rejected")
+        self.ack = ack
+
+
+class PeerNak(Transient):
+    """``AE``/``CE`` (or an MSA-1 that is no known code): retried; ``ack`` is the parsed answer."""
+
+    def __init__(self, ack: AckResult) -> None:
+        super().__init__(f"peer did not accept the message ({ack.summary()})", code="nak")
+        self.ack = ack
 
 
 def _io_failure(exc: OSError, *, unanswered_tls: bool = False) -> Transient:
@@ -63,7 +180,8 @@ def _io_failure(exc: OSError, *, unanswered_tls: bool = False) -> Transient:
 
 
 class MllpClient:
-    """``send(message)`` returns the :class:`AckResult` of an AA/CA answer, or raises."""
+    """``send(message)`` returns the :class:`AckResult` of an AA/CA answer (with its ERR warnings, if any),
+    or raises (:class:`PeerRejected`, :class:`PeerNak` or another Transient)."""
 
     def __init__(self, host: str, port: int, *, timeout: float = 30.0, connect_timeout: float = 10.0,
                  ssl_context: ssl.SSLContext | None = None, tls: ClientTlsSettings | None = None,
@@ -213,8 +331,8 @@ class MllpClient:
             if not ack.control_id:  # MSA-2 is required (HL7 v2 2.14.8): no proof of which message it answers
                 self.close()
                 raise Transient("acknowledgement without MSA-2 (control id)", code="ack_mismatch")
-        if ack.code in ("AA", "CA"):
+        if ack.success:
             return ack
         if ack.code in ("AR", "CR"):
-            raise Rejected(f"peer rejected the message ({ack.code} {ack.error_code})".strip(), code="rejected")
-        raise Transient(f"peer answered {ack.code or 'nothing usable'} ({ack.error_code})", code="nak")
+            raise PeerRejected(ack)
+        raise PeerNak(ack)

@@ -37,8 +37,9 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlmodel import Session, col, select
 
@@ -50,6 +51,9 @@ from msgate.results.supersede import retire, superseded
 from msgate.storage import audit
 from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
+
+if TYPE_CHECKING:
+    from msgate.hl7.client import AckResult
 
 log = logging.getLogger(__name__)
 ACTOR = "outbox"
@@ -87,11 +91,15 @@ def backoff(attempts: int, policy: Policy, rng: random.Random | None = None) -> 
 
 @dataclass(frozen=True)
 class Attempt:
-    """What one send gave: ``delivered``, ``retry`` or ``dead``, with the peer's answer."""
+    """What one send gave: ``delivered``, ``retry`` or ``dead``, with the peer's answer.
+
+    ``detail`` is plaintext (no PHI: ids and coded values); ``peer_text`` is the peer's free-text
+    explanation (an engine's MSA-3 and ERR-8 can name the patient), stored encrypted by :func:`record`."""
 
     outcome: str
     peer_status: str = ""
     detail: str = ""
+    peer_text: str = field(default="", repr=False)
 
 
 # --- enqueue --------------------------------------------------------------------------------------
@@ -225,9 +233,12 @@ def claim(store: Store, policy: Policy, *, now: datetime | None = None, destinat
     return out
 
 
-def _attempt(session: Session, entry: OutboxEntry, result: Attempt) -> None:
+PEER_TEXT_COLUMN = "outbox_attempt.peer_text"  # the field cipher's associated data for peer_text_enc
+
+
+def _attempt(session: Session, entry: OutboxEntry, result: Attempt, peer_text_enc: bytes | None = None) -> None:
     session.add(OutboxAttempt(entry_id=entry.id, outcome=result.outcome[:16], peer_status=result.peer_status[:64],
-                              detail=result.detail[:512]))
+                              detail=result.detail[:512], peer_text_enc=peer_text_enc))
     audit.append(session, kind="send.attempt", actor=ACTOR, subject=f"outbox:{entry.id}",
                  detail={"job_id": entry.job_id, "destination": entry.destination, "kind": entry.kind,
                          "attempt": entry.attempts, "outcome": result.outcome, "peer_status": result.peer_status})
@@ -251,7 +262,7 @@ def record(store: Store, claimed: Claimed, result: Attempt, policy: Policy, *, n
         entry.attempts += 1
         outcome = result.outcome
         if outcome == "retry" and now - _window_start(session, entry) > timedelta(seconds=policy.max_age):
-            outcome, result = "dead", Attempt("expired", result.peer_status, f"max age reached; {result.detail}")
+            outcome, result = "dead", replace(result, outcome="expired", detail=f"max age reached; {result.detail}")
         if outcome == "delivered":
             entry.state, entry.delivered_at, entry.last_error = "delivered", now, None
         elif outcome == "dead":
@@ -260,7 +271,8 @@ def record(store: Store, claimed: Claimed, result: Attempt, policy: Policy, *, n
             entry.state, entry.last_error = "pending", result.detail[:512]
             entry.next_attempt_at = now + timedelta(seconds=backoff(entry.attempts, policy))
         session.add(entry)
-        _attempt(session, entry, result)
+        text = result.peer_text[:4096] or None
+        _attempt(session, entry, result, store.cipher.encrypt(text, column=PEER_TEXT_COLUMN))
         # superseded while in flight (publish keeps an entry whose answer is awaited): no retry, no dead
         # letter to requeue; the row locks order this against publish's retirement of the job's entries
         if outcome != "delivered" and entry.job_id in superseded(session, [entry.job_id]):
@@ -356,12 +368,28 @@ def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
                 continue
             try:
                 ack = client.send(message)
-                result = Attempt("delivered", ack.code, f"MSH-10 {msh10}")
+                result = _accepted(ack, msh10)
             except Rejected as exc:
-                result = Attempt("dead", exc.code, f"MSH-10 {msh10}: {exc}")
+                result = Attempt("dead", exc.code, f"MSH-10 {msh10}: {exc}", _peer_text(exc))
             except Transient as exc:
-                result = Attempt("retry", exc.code, f"MSH-10 {msh10}: {exc}")
+                result = Attempt("retry", exc.code, f"MSH-10 {msh10}: {exc}", _peer_text(exc))
             record(store, item, result, policy)
+
+
+def _accepted(ack: AckResult, msh10: str) -> Attempt:
+    """Delivered. An AA/CA that carries ERR segments (warnings, ERR-4 ``W``/``I``) keeps their codes in the
+    detail and its text encrypted; the outcome is the same."""
+    if not (ack.errors or ack.condition):
+        return Attempt("delivered", ack.code, f"MSH-10 {msh10}")
+    return Attempt("delivered", ack.code, f"MSH-10 {msh10}: peer accepted the message ({ack.summary()})",
+                   ack.peer_text())
+
+
+def _peer_text(exc: MsgateError) -> str:
+    """The engine's explanation of an AR/AE (:class:`~msgate.hl7.client.PeerRejected`/``PeerNak``), if any."""
+    from msgate.hl7.client import PeerNak, PeerRejected
+
+    return exc.ack.peer_text() if isinstance(exc, PeerRejected | PeerNak) else ""
 
 
 def deliver(store: Store, items: Sequence[Claimed], policy: Policy) -> None:

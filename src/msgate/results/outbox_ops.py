@@ -1,8 +1,11 @@
-"""Operator views and actions on the results outbox (``msgate outbox list|retry|drop``, ``msgate trace``).
+"""Operator views and actions on the results outbox (``msgate outbox list|show|retry|drop``, ``msgate trace``).
 
 Every action is recorded as an attempt row (``requeued``/``dropped``) and audited with the operator's
 name; a retry restarts the entry's max-age window (see :mod:`msgate.results.outbox`) and is refused for
 an entry whose result was superseded by a queued correction.
+
+An attempt's peer text (the engine's MSA-3/ERR-8 explanation, encrypted) is decrypted only by
+:func:`peer_texts` for ``outbox show``, which audits it; the summaries say only whether there is one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from msgate.results.outbox import _mark_study, superseded
+from msgate.results.outbox import PEER_TEXT_COLUMN, _mark_study, superseded
 from msgate.storage import audit
 from msgate.storage.models import OutboxAttempt, OutboxEntry, utcnow
 from msgate.storage.store import Store
@@ -102,6 +105,18 @@ def summary(entry: OutboxEntry, attempts: Sequence[OutboxAttempt], blob_kind: st
         "destination": entry.destination, "state": entry.state, "attempts": entry.attempts,
         "next_attempt_at": entry.next_attempt_at, "created_at": entry.created_at,
         "delivered_at": entry.delivered_at, "last_error": entry.last_error,
-        "history": [{"at": a.started_at, "outcome": a.outcome, "peer_status": a.peer_status, "detail": a.detail}
+        "history": [{"at": a.started_at, "outcome": a.outcome, "peer_status": a.peer_status, "detail": a.detail,
+                     "has_peer_text": a.peer_text_enc is not None}
                     for a in attempts],
     }
+
+
+def peer_texts(store: Store, attempts: Sequence[OutboxAttempt]) -> dict[int, str]:
+    """Attempt id -> the peer's free-text explanation, decrypted (it may name the patient: the caller
+    audits the display as ``phi.view``)."""
+    out: dict[int, str] = {}
+    for attempt in attempts:
+        text = store.cipher.decrypt(attempt.peer_text_enc, column=PEER_TEXT_COLUMN)
+        if text is not None and attempt.id is not None:
+            out[attempt.id] = text
+    return out

@@ -304,6 +304,9 @@ class OutboxEntry(SQLModel, table=True):
 
 
 class OutboxAttempt(SQLModel, table=True):
+    """One send attempt. ``detail`` holds coded parts only (MSH-10, ACK and ERR codes); the engine's free
+    text, which may name the patient, is in ``peer_text_enc`` (column ``outbox_attempt.peer_text``)."""
+
     __tablename__ = "outbox_attempt"
     id: int | None = Field(default=None, primary_key=True)
     entry_id: str = Field(foreign_key="outbox.id", max_length=32, index=True)
@@ -311,6 +314,7 @@ class OutboxAttempt(SQLModel, table=True):
     outcome: str = Field(max_length=16)
     peer_status: str = Field(default="", max_length=64)
     detail: str = Field(default="", max_length=512)
+    peer_text_enc: bytes | None = _bin()
 
 
 class AuditEvent(SQLModel, table=True):

@@ -19,7 +19,7 @@ from msgate.cli import outbox_cmd
 from msgate.cli.common import State
 from msgate.hl7 import mllp
 from msgate.hl7.client import MllpClient
-from msgate.results import outbox, outbox_ops
+from msgate.results import control_ids, outbox, outbox_ops
 from msgate.results.publish import publish_job
 from msgate.storage.models import AuditEvent, Job, OutboxEntry, Series, Study, utcnow
 from msgate.storage.store import Store, open_store
@@ -214,14 +214,14 @@ def test_a_resend_after_no_answer_keeps_its_msh10_and_a_negative_answer_moves_it
     seen = []
     steps = [("retry", "io"), ("retry", "closed"), ("retry", "nak"), ("retry", "bad_ack"), ("dead", "rejected")]
     for outcome, status in steps:
-        seen.append(outbox.control_id(oru, outbox.message_copy(rstore, oru)))
+        seen.append(control_ids.control_id(oru, control_ids.message_copy(rstore, oru)))
         claimed = outbox.claim(rstore, POLICY, now=utcnow() + timedelta(days=1))
         outbox.record(rstore, claimed[0], outbox.Attempt(outcome, status, f"MSH-10 {seen[-1]}"), POLICY)
     outbox_ops.requeue(rstore, [oru], actor="cli:test")  # the operator fixed the engine's routing
-    seen.append(outbox.control_id(oru, outbox.message_copy(rstore, oru)))
+    seen.append(control_ids.control_id(oru, control_ids.message_copy(rstore, oru)))
     assert seen[0] == seen[1] == seen[2] != seen[3] == seen[4] != seen[5]
     assert len(set(seen)) == 3 and all(len(i) <= 20 for i in seen)
-    assert seen[0] != outbox.control_id(_queue(rstore, _job(rstore, idem="k2"), ("out.oru",))[0], 1)
+    assert seen[0] != control_ids.control_id(_queue(rstore, _job(rstore, idem="k2"), ("out.oru",))[0], 1)
 
 
 # --- 2. the client and a peer that closes after each ACK ------------------------------------------

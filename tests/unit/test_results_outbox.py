@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from msgate.cli import outbox_cmd
 from msgate.cli.common import State
-from msgate.results import codes, outbox, outbox_ops
+from msgate.results import codes, outbox, outbox_ops, outbox_send
 from msgate.results.publish import publish_job
 from msgate.storage.models import AuditEvent, Blob, Job, OutboxAttempt, OutboxEntry, Series, Study, utcnow
 from msgate.storage.store import Store, open_store
@@ -224,7 +224,7 @@ def test_an_unexpected_error_mid_batch_retries_the_unanswered_entries(rstore: St
         outbox.renew(store, items[1], policy)
         raise KeyError("a bug")
 
-    monkeypatch.setattr(outbox, "deliver_dicom", boom)
+    monkeypatch.setattr(outbox_send, "deliver_dicom", boom)
     outbox.deliver(rstore, [c for c in outbox.claim(rstore, POLICY) if c.id in for_a], POLICY)
     states = sorted((_state(rstore, i).state, _state(rstore, i).attempts) for i in for_a)
     assert states == [("delivered", 1), ("pending", 1), ("pending", 1)]

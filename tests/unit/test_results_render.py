@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from msgate.config import load_settings
 from msgate.model.types import ModelResult
-from msgate.results import codes, heatmap, hl7_out, outbox, payload
+from msgate.results import codes, control_ids, heatmap, hl7_out, outbox, payload
 from msgate.results.identity import Identity
 from msgate.results.publish import RenderOptions, render
 from msgate.results.seg import build_seg, frame_map
@@ -305,7 +305,7 @@ def test_control_id_rewrite_keeps_the_rest() -> None:
     msg = b"MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|OLD|P|2.5.1\rPID|1\r"
     out = hl7_out.with_control_id(msg, "NEW1")
     assert out == msg.replace(b"|OLD|", b"|NEW1|")
-    ids = {outbox.control_id("0123456789abcdef0123456789abcdef", n) for n in range(1, 50)}
+    ids = {control_ids.control_id("0123456789abcdef0123456789abcdef", n) for n in range(1, 50)}
     assert len(ids) == 49 and all(len(i) <= 20 for i in ids)
 
 

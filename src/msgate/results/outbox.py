@@ -39,21 +39,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlmodel import Session, col, select
 
 from msgate import metrics
-from msgate.config import PacsDestination, Settings
-from msgate.errors import CryptoError, MsgateError, Rejected, Transient
-from msgate.results.control_ids import control_id, message_copy
+from msgate.config import Settings
+from msgate.errors import Transient
 from msgate.results.supersede import retire, superseded
 from msgate.storage import audit
 from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
-
-if TYPE_CHECKING:
-    from msgate.hl7.client import AckResult
 
 log = logging.getLogger(__name__)
 ACTOR = "outbox"
@@ -302,94 +297,7 @@ def _mark_study(session: Session, entry: OutboxEntry, now: datetime) -> None:
                      detail={"job_id": job.id})
 
 
-# --- delivery -------------------------------------------------------------------------------------
-
-
-def _read(store: Store, blob_id: str) -> bytes:
-    with store.db.session() as session:
-        return store.blobs.read(session, blob_id)
-
-
-def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed], policy: Policy) -> None:
-    """One association for the batch; each object's own status decides its outcome."""
-    from msgate.results.dicom_send import Sender, sop_class_of
-
-    payloads = []
-    for item in items:
-        try:
-            payloads.append((item, _read(store, item.blob_id)))
-        except CryptoError as exc:
-            record(store, item, Attempt("dead", exc.code, "the stored object cannot be decrypted"), policy)
-    if not payloads:
-        return
-    sender = Sender(dest, calling_aet=store.settings.dicom.ae_title, dimse_timeout=policy.dimse_timeout)
-    try:
-        sender.open([sop_class_of(data) for _, data in payloads])
-    except MsgateError as exc:
-        for item, _ in payloads:
-            record(store, item, Attempt("retry", exc.code, str(exc)), policy)
-        return
-    try:
-        for claimed, data in payloads:
-            item = renew(store, claimed, policy)
-            if item is None:
-                continue
-            out = sender.send(data)
-            if out.delivered:
-                result = Attempt("delivered", out.detail, "stored by the peer")
-            elif out.permanent:
-                result = Attempt("dead", out.detail, "permanent C-STORE failure status")
-            else:
-                result = Attempt("retry", out.detail if out.status is not None else "none", out.detail)
-            record(store, item, result, policy)
-    finally:
-        sender.close()
-
-
-def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
-    from msgate.hl7.client import MllpClient
-    from msgate.results.hl7_out import with_control_id
-
-    dest = store.settings.hl7_out
-    if dest is None:
-        for item in items:
-            record(store, item, Attempt("retry", "", "no HL7 destination configured"), policy)
-        return
-    with MllpClient.for_destination(dest, timeout=policy.hl7_timeout) as client:
-        for claimed in items:
-            item = renew(store, claimed, policy)
-            if item is None:
-                continue
-            msh10 = control_id(item.id, message_copy(store, item.id))
-            try:
-                message = with_control_id(_read(store, item.blob_id), msh10)
-            except CryptoError as exc:
-                record(store, item, Attempt("dead", exc.code, "the stored message cannot be decrypted"), policy)
-                continue
-            try:
-                ack = client.send(message)
-                result = _accepted(ack, msh10)
-            except Rejected as exc:
-                result = Attempt("dead", exc.code, f"MSH-10 {msh10}: {exc}", _peer_text(exc))
-            except Transient as exc:
-                result = Attempt("retry", exc.code, f"MSH-10 {msh10}: {exc}", _peer_text(exc))
-            record(store, item, result, policy)
-
-
-def _accepted(ack: AckResult, msh10: str) -> Attempt:
-    """Delivered. An AA/CA that carries ERR segments (warnings, ERR-4 ``W``/``I``) keeps their codes in the
-    detail and its text encrypted; the outcome is the same."""
-    if not (ack.errors or ack.condition):
-        return Attempt("delivered", ack.code, f"MSH-10 {msh10}")
-    return Attempt("delivered", ack.code, f"MSH-10 {msh10}: peer accepted the message ({ack.summary()})",
-                   ack.peer_text())
-
-
-def _peer_text(exc: MsgateError) -> str:
-    """The engine's explanation of an AR/AE (:class:`~msgate.hl7.client.PeerRejected`/``PeerNak``), if any."""
-    from msgate.hl7.client import PeerNak, PeerRejected
-
-    return exc.ack.peer_text() if isinstance(exc, PeerRejected | PeerNak) else ""
+# --- delivery (the per-destination senders: msgate.results.outbox_send) -------------------------
 
 
 def deliver(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
@@ -398,14 +306,15 @@ def deliver(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
     for item in sorted(items, key=lambda i: (i.created_at, KIND_ORDER.get(i.blob_kind, 9))):
         groups[item.destination].append(item)
     pacs = {d.name: d for d in store.settings.pacs}
+    from msgate.results import outbox_send  # it builds on this module's record/renew (imported when sending)
 
     def one(dest_name: str, batch: list[Claimed]) -> None:
         _renewed.claims = {}
         try:
             if dest_name == HL7_DESTINATION:
-                deliver_hl7(store, batch, policy)
+                outbox_send.deliver_hl7(store, batch, policy)
             elif dest_name in pacs:
-                deliver_dicom(store, pacs[dest_name], batch, policy)
+                outbox_send.deliver_dicom(store, pacs[dest_name], batch, policy)
             else:
                 for item in batch:
                     record(store, item, Attempt("retry", "", "destination not configured"), policy)

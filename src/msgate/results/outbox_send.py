@@ -1,0 +1,106 @@
+"""The outbox's senders, one per kind of destination: C-STORE to a PACS and ORU^R01 over MLLP to the
+interface engine. Each sends a claimed batch over one association (or one MLLP connection), renews each
+entry's lease just before its send and records the peer's answer (:func:`msgate.results.outbox.record`).
+The queue itself (claims, leases, backoff, dead letters) is :mod:`msgate.results.outbox`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from msgate.config import PacsDestination
+from msgate.errors import CryptoError, MsgateError, Rejected, Transient
+from msgate.results.control_ids import control_id, message_copy
+from msgate.results.outbox import Attempt, Claimed, Policy, record, renew
+from msgate.storage.store import Store
+
+if TYPE_CHECKING:
+    from msgate.hl7.client import AckResult
+
+
+def _read(store: Store, blob_id: str) -> bytes:
+    with store.db.session() as session:
+        return store.blobs.read(session, blob_id)
+
+
+def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed], policy: Policy) -> None:
+    """One association for the batch; each object's own status decides its outcome."""
+    from msgate.results.dicom_send import Sender, sop_class_of
+
+    payloads = []
+    for item in items:
+        try:
+            payloads.append((item, _read(store, item.blob_id)))
+        except CryptoError as exc:
+            record(store, item, Attempt("dead", exc.code, "the stored object cannot be decrypted"), policy)
+    if not payloads:
+        return
+    sender = Sender(dest, calling_aet=store.settings.dicom.ae_title, dimse_timeout=policy.dimse_timeout)
+    try:
+        sender.open([sop_class_of(data) for _, data in payloads])
+    except MsgateError as exc:
+        for item, _ in payloads:
+            record(store, item, Attempt("retry", exc.code, str(exc)), policy)
+        return
+    try:
+        for claimed, data in payloads:
+            item = renew(store, claimed, policy)
+            if item is None:
+                continue
+            out = sender.send(data)
+            if out.delivered:
+                result = Attempt("delivered", out.detail, "stored by the peer")
+            elif out.permanent:
+                result = Attempt("dead", out.detail, "permanent C-STORE failure status")
+            else:
+                result = Attempt("retry", out.detail if out.status is not None else "none", out.detail)
+            record(store, item, result, policy)
+    finally:
+        sender.close()
+
+
+def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
+    from msgate.hl7.client import MllpClient
+    from msgate.results.hl7_out import with_control_id
+
+    dest = store.settings.hl7_out
+    if dest is None:
+        for item in items:
+            record(store, item, Attempt("retry", "", "no HL7 destination configured"), policy)
+        return
+    with MllpClient.for_destination(dest, timeout=policy.hl7_timeout) as client:
+        for claimed in items:
+            item = renew(store, claimed, policy)
+            if item is None:
+                continue
+            msh10 = control_id(item.id, message_copy(store, item.id))
+            try:
+                message = with_control_id(_read(store, item.blob_id), msh10)
+            except CryptoError as exc:
+                record(store, item, Attempt("dead", exc.code, "the stored message cannot be decrypted"), policy)
+                continue
+            try:
+                ack = client.send(message)
+                result = _accepted(ack, msh10)
+            except Rejected as exc:
+                result = Attempt("dead", exc.code, f"MSH-10 {msh10}: {exc}", _peer_text(exc))
+            except Transient as exc:
+                result = Attempt("retry", exc.code, f"MSH-10 {msh10}: {exc}", _peer_text(exc))
+            record(store, item, result, policy)
+
+
+def _accepted(ack: AckResult, msh10: str) -> Attempt:
+    """Delivered. An AA/CA that carries ERR segments (warnings, ERR-4 ``W``/``I``) keeps their codes in the
+    detail and its text encrypted; the outcome is the same."""
+    if not (ack.errors or ack.condition):
+        return Attempt("delivered", ack.code, f"MSH-10 {msh10}")
+    return Attempt("delivered", ack.code, f"MSH-10 {msh10}: peer accepted the message ({ack.summary()})",
+                   ack.peer_text())
+
+
+def _peer_text(exc: MsgateError) -> str:
+    """The engine's explanation of an AR/AE (:class:`~msgate.hl7.client.PeerRejected`/``PeerNak``), if any."""
+    from msgate.hl7.client import PeerNak, PeerRejected
+
+    return exc.ack.peer_text() if isinstance(exc, PeerRejected | PeerNak) else ""

@@ -124,8 +124,10 @@ class Database:
         except (OperationalError, DatabaseUnavailable):
             return False
 
-    def upgrade(self, revision: str = "head") -> None:
-        """Run alembic migrations up to ``revision`` (``msgate db upgrade``, and on first start)."""
+    def upgrade(self, revision: str = "head", *, audit_key: bytes | None = None) -> None:
+        """Run alembic migrations up to ``revision`` (``msgate db upgrade``, and on first start), then, given
+        the audit key (``audit.chain_key`` of the key ring), key the audit chain: a database written before
+        the chain was keyed gets its ``audit.keyed`` record once (``audit.key_chain``)."""
         from alembic import command
         from alembic.config import Config
 
@@ -137,6 +139,11 @@ class Database:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
+        if audit_key is not None:
+            from msgate.storage import audit
+
+            with self.session() as session:
+                audit.key_chain(session, audit_key)
 
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext

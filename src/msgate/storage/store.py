@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from msgate.config import Settings
 from msgate.errors import ConfigError
-from msgate.storage import crypto, keyring
+from msgate.storage import audit, crypto, keyring
 from msgate.storage.blobs import Blobs, make_bodies
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.db import Database
@@ -80,12 +80,15 @@ def field_cipher(db: Database, ring: keyring.KeyRing) -> FieldCipher:
 
 
 def open_store(settings: Settings, *, migrate: bool = True, create_keys: bool = True) -> Store:
-    """Open (and on first start migrate) the store described by ``settings``."""
+    """Open (and on first start migrate) the store described by ``settings``. Its engine carries the audit
+    key, and migrating keys an audit chain written before the chain was keyed."""
     settings.home.mkdir(parents=True, exist_ok=True)
     ring = load_or_create_ring(settings, create=create_keys)
     db = Database(settings.resolved_database_url)
+    audit_key = audit.chain_key(ring.index_key)
+    audit.use_key(db.engine, audit_key)  # every append on this engine is keyed, with no key in the call
     if migrate:
-        db.upgrade()
+        db.upgrade(audit_key=audit_key)
     cipher = field_cipher(db, ring)
     if settings.storage.blob_backend == "postgres" and db.is_sqlite:
         raise ConfigError("MSGATE_STORAGE__BLOB_BACKEND=postgres needs MSGATE_DATABASE_URL=postgresql+psycopg://...")

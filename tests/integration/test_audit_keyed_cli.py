@@ -89,6 +89,8 @@ def test_an_upgraded_database_verifies_keyed_from_its_marker_and_head_exports_th
     path, env = home
     settings = an_old_database(path, env, 3)
     assert run(path, env, "db", "upgrade").returncode == 0
+    keyed = run(path, env, "audit", "verify")  # db upgrade keyed it (a restore followed by verify, before serve)
+    assert keyed.returncode == 0 and "4 records, keyed from seq 4" in keyed.stdout, keyed.stdout + keyed.stderr
     serve_migrates(settings)
     assert run(path, env, "keys", "rotate").returncode == 0  # an audited operator action: record 5, keyed
     intact = run(path, env, "audit", "verify")

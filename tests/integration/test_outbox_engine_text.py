@@ -282,7 +282,7 @@ def test_migration_0006_adds_the_encrypted_column_and_removes_it_on_downgrade(st
     assert store.db.current_revision() == "0005" and "peer_text_enc" not in _columns(store)
     with store.db.connect() as conn:  # the attempt recorded under 0006 keeps its coded detail
         assert "AE; ERR-3 207" in conn.execute(text("SELECT detail FROM outbox_attempt")).scalar_one()
-    store.db.upgrade("head")
+    store.db.upgrade("0006")
     assert store.db.current_revision() == "0006" and "peer_text_enc" in _columns(store)
     (attempt,) = _attempts(store, entry_id)
     assert attempt.peer_text_enc is None  # what the downgrade dropped is gone; nothing in the clear instead

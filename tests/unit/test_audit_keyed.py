@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlmodel import col, func, select
 
 from msgate.config import Settings
+from msgate.errors import ConfigError
 from msgate.storage import audit, keyring
 from msgate.storage.db import MIGRATIONS, Database
 from msgate.storage.models import AuditEvent, AuditHead
@@ -155,14 +156,43 @@ def test_an_old_database_is_keyed_once_from_its_next_record(settings: Settings, 
         again.close()
 
 
-def test_a_process_started_before_serve_keys_the_chain_appends_keyed_after(settings: Settings) -> None:
-    """`msgate db upgrade` (no key), a role or CLI command appends (SHA-256: the chain is not keyed yet),
-    serve starts and keys it; the next append of that same process must be keyed, not SHA-256 on top of
-    the keyed record."""
+def test_the_keying_revision_refuses_to_run_without_the_key(settings: Settings) -> None:
+    """Migration 0007 keys the chain in the upgrade's transaction; without the key ring it would leave the
+    database at that revision with an unkeyed chain (then no later start keys it), so it refuses."""
     _old_database(settings, 2)
     db = Database(settings.resolved_database_url)
-    db.upgrade()
-    db.dispose()
+    try:
+        with pytest.raises(ConfigError, match="keys the audit chain and needs the key ring"):
+            db.upgrade()
+        assert db.current_revision() == _previous_revision()  # nothing of the failed upgrade stays
+    finally:
+        db.dispose()
+
+
+def test_a_chain_stripped_of_its_keyed_part_is_not_keyed_again_at_the_next_start(old_store: Store) -> None:
+    """The keyed part removed and the chain rehashed unkeyed: a later serve start (migrate) used to key it
+    again from a later seq, and verify passed after it."""
+    _events(old_store, 1)
+    settings = old_store.settings
+    with old_store.db.session() as s:
+        marker = s.exec(select(AuditEvent).where(AuditEvent.kind == audit.MARKER)).one()
+        marker.kind, marker.detail = "test.old", {}
+        s.add(marker)
+    _rehash(old_store.db, marker.seq, _sha)
+    assert not _verify(old_store).ok
+    again = open_store(settings)  # serve's next start
+    try:
+        result = _verify(again)
+        assert not result.ok and result.keyed_from is None, result
+    finally:
+        again.close()
+
+
+def test_a_process_started_before_serve_keys_the_chain_appends_keyed_after(settings: Settings) -> None:
+    """A role or CLI command opened before the upgrade appends (SHA-256: the chain is not keyed yet), serve
+    starts and keys it; the next append of that same process must be keyed, not SHA-256 on top of the
+    keyed record."""
+    _old_database(settings, 2)
     early = open_store(settings, migrate=False)
     try:
         _events(early, 1)

@@ -8,7 +8,7 @@ import typer
 
 from msgate.cli.common import (check_schema, console, err_console, missing_sqlite, print_json, say, schema_mismatch,
                                state)
-from msgate.storage import retention
+from msgate.storage import audit, keyring, retention
 from msgate.storage.db import Database
 
 app = typer.Typer(no_args_is_help=True)
@@ -21,9 +21,12 @@ def upgrade(ctx: typer.Context, revision: str = "head") -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     check_schema(settings, migrating=True)  # a newer msgate's schema: alembic only said "Can't locate revision"
     db = Database(settings.resolved_database_url)
-    db.upgrade(revision)
-    console.print(f"database at revision {db.current_revision()}")
-    db.dispose()
+    try:  # revision 0007 keys the audit chain with the key ring's audit key; without a ring it refuses
+        key = audit.chain_key(keyring.load(settings.keyring_path).index_key) if settings.keyring_path.exists() else None
+        db.upgrade(revision, audit_key=key)
+        console.print(f"database at revision {db.current_revision()}")
+    finally:
+        db.dispose()
 
 
 @app.command()

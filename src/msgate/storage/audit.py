@@ -5,7 +5,7 @@ blind-index key, which the database never holds: someone with write access to th
 edit a record, but no longer recompute the hashes after it (an unkeyed SHA-256 chain let them, and
 :func:`verify` then passed). The keyed part starts at record 1 of a chain this code created (record 1
 links to :func:`keyed_genesis` instead of zeros) or, in a database written before, at the one
-``audit.keyed`` record the migrate step appends (:func:`key_chain`); the records before it stay
+``audit.keyed`` record migration 0007 appends (:func:`key_chain`); the records before it stay
 ``sha256(hash_{n-1} | event)`` and are verified as such. The key is bound to each engine
 (:func:`use_key`, from ``open_store``), so callers of :func:`append` pass no key, and a process that
 opens two stores hashes each with its own.
@@ -100,6 +100,13 @@ def use_key(engine: Engine, key: bytes) -> None:
         _CHAINS[engine] = _Chain(key=key)
 
 
+def key_of(engine: Engine) -> bytes | None:
+    """The audit key bound to ``engine`` (:func:`use_key`), if any."""
+    with _CHAINS_LOCK:
+        chain = _CHAINS.get(engine)
+    return chain.key if chain is not None else None
+
+
 def _chain(session: Session) -> _Chain:
     bind = session.get_bind()
     engine = getattr(bind, "engine", bind)  # a session bound to a connection
@@ -125,7 +132,7 @@ def _link(session: Session, head: AuditHead) -> tuple[bytes | None, str]:
 
     Where the keyed part starts is looked up once per engine, then cached: a keyed chain stays keyed. An
     unkeyed chain that is not empty (written before this release, no serve started since) stays SHA-256
-    until the migrate step keys it, and is looked up again at each append until then (under the head
+    until migration 0007 keys it, and is looked up again at each append until then (under the head
     lock, so the first append after :func:`key_chain` commits is keyed)."""
     chain = _chain(session)
     if head.seq == 0:  # empty: keyed from its first record on when this process holds the key
@@ -212,13 +219,10 @@ def append_many(session: Session, events: Sequence[tuple[str, str, str, dict[str
 
 
 def key_chain(session: Session, key: bytes) -> int | None:
-    """The migrate step: key a chain written before this release by appending its ``audit.keyed`` record
-    (HMAC, as is every record after it). Idempotent; returns where the keyed part starts, None for an
-    empty chain (its first record is keyed). The head lock serialises roles that start together.
-
-    A database writer who removes the keyed part and rehashes the chain unkeyed makes the next call key it
-    again from a later seq: :func:`verify` fails until then, and the warning logged here and the
-    ``keyed_from`` of ``msgate audit head`` (exported elsewhere) show it after."""
+    """Migration 0007: key a chain written before it by appending its ``audit.keyed`` record (HMAC, as is
+    every record after it). Idempotent; returns where the keyed part starts, None for an empty chain (its
+    first record is keyed). It runs once, in the upgrade's transaction: a database past that revision
+    whose keyed part was removed is never keyed again, so :func:`verify` keeps failing."""
     head = session.exec(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
     if head.seq == 0:
         return None

@@ -125,25 +125,23 @@ class Database:
             return False
 
     def upgrade(self, revision: str = "head", *, audit_key: bytes | None = None) -> None:
-        """Run alembic migrations up to ``revision`` (``msgate db upgrade``, and on first start), then, given
-        the audit key (``audit.chain_key`` of the key ring), key the audit chain: a database written before
-        the chain was keyed gets its ``audit.keyed`` record once (``audit.key_chain``)."""
+        """Run alembic migrations up to ``revision`` (``msgate db upgrade``, and on first start). Revision
+        0007 keys the audit chain and needs the audit key: ``audit_key``, else the one bound to this engine
+        (``audit.use_key``, as ``open_store`` does)."""
         from alembic import command
         from alembic.config import Config
 
+        from msgate.storage import audit
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["audit_key"] = audit_key or audit.key_of(self.engine)
         with self.connect() as conn, conn.begin():
             if not self.is_sqlite:  # roles started together on PostgreSQL: one migrates, the others then
                 # find it done (they raced to create the same tables: "unexpected IntegrityError", exit 1)
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
-        if audit_key is not None:
-            from msgate.storage import audit
-
-            with self.session() as session:
-                audit.key_chain(session, audit_key)
 
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext

@@ -33,7 +33,7 @@ from pydantic_settings import (
 
 from msgate.errors import ConfigError
 from msgate.config_env import check_variable_names, not_json
-from msgate.config_tls import ClientTlsSettings, Section, TlsSettings, _load_tls, _no_password  # noqa: F401
+from msgate.config_tls import ClientTlsSettings, Section, TlsSettings  # noqa: F401  (TlsSettings: imported from here)
 from msgate.listener.rules import ListenerRules
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "password", "secret", "example"})

@@ -23,7 +23,7 @@ import typer
 from rich.table import Table
 
 from msgate.cli.common import add_row, cell, check_schema, console, print_json, state
-from msgate.errors import ConfigError, KeyNotFound
+from msgate.errors import ConfigError
 from msgate.storage import audit, keyring
 
 if TYPE_CHECKING:
@@ -175,10 +175,7 @@ def retire(
     st = state(ctx)
     settings = st.settings
     keys = _keys(settings.home)
-    if key_id not in keys.known_ids():
-        raise KeyNotFound(f"no CKKS key {key_id!r} in {keys.dir}; `msgate keys he list` shows the key ids")
-    if key_id == keys.active_id():
-        raise ConfigError(f"{key_id} is the active CKKS key; run `msgate keys he rotate` first, then retire it")
+    keys.check_retirable(key_id)  # before the jobs are counted: an unknown id or the active key ends here
     store = st.store()  # refuses a database at another schema revision
     with store.db.session() as session:
         using = unfinished_jobs(session, [key_id])[key_id]

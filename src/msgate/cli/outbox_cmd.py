@@ -121,12 +121,7 @@ def _resolve(ctx: typer.Context, ids: list[str], dead: bool, job: str | None) ->
         if job is not None:  # a prefix, as `outbox list` shows it: the full id only selected nothing
             query = query.where(OutboxEntry.job_id == job_id_of(session, job))
         found = set(session.exec(query).all()) if (dead or job is not None) else set()
-        for prefix in ids:
-            like = col(OutboxEntry.id).startswith(prefix, autoescape=True)  # "%" is not a wildcard
-            matches = session.exec(select(OutboxEntry.id).where(like)).all()
-            if len(matches) != 1:
-                fail(f"{prefix!r} matches {len(matches)} outbox entries")
-            found.add(matches[0])
+        found.update(_one(session, prefix).id for prefix in ids)
     if not found:
         fail("no outbox entry matches --dead/--job" if dead or job is not None
              else "nothing selected: give entry ids, --dead or --job")

@@ -18,7 +18,7 @@ from sqlmodel import Session, col, select
 
 from msgate.cli.common import add_row, console, fail, print_json, state
 from msgate.errors import CryptoError
-from msgate.hl7.mapping import order_groups, order_index  # the mapping's own order keys: the trace cannot drift
+from msgate.hl7.mapping import ORDER_TYPES, order_groups, order_index  # the mapping's own order keys
 from msgate.hl7.parse import Message, ParseError, parse
 from msgate.storage import audit, repo_ehr
 from msgate.storage.models import (
@@ -37,7 +37,7 @@ from msgate.storage.store import Store
 from msgate.workers import ehr
 
 CONTROL_ID_SCAN = 20_000
-ORDER_MESSAGES = frozenset({"ORM", "OMI", "OMG"})  # what hl7/mapping.py maps to orders (ORDER_TYPES)
+ORDER_MESSAGES = frozenset(mtype for mtype, _ in ORDER_TYPES)  # what hl7/mapping.py maps to orders
 
 
 def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study], list[Hl7Message], list[Job]]:

@@ -195,12 +195,10 @@ def _map_adt(tx: Tx, msg: Message, trigger: str, outcome: Outcome) -> None:
 
 
 def _index(store: Store, value: str, scope: str, namespace: str = "") -> tuple[str | None, bytes | None]:
-    """The blind index (number and its assigning namespace: placer 1001 of HIS_A is not 1001 of HIS_B)
-    and the encrypted number."""
+    """The blind index (:func:`order_index`) and the encrypted number."""
     if not value:
         return None, None
-    key = f"{value}|{namespace}" if namespace else value
-    return store.cipher.blind_index(key, scope=scope), store.cipher.encrypt(value, column=f"order.{scope}")
+    return order_index(store, value, scope, namespace), store.cipher.encrypt(value, column=f"order.{scope}")
 
 
 def _entity(seg: Segment | None, n: int) -> tuple[str, str]:
@@ -244,8 +242,11 @@ def order_groups(segments: Sequence[Segment]) -> list[OrderGroup]:
 
 
 def order_index(store: Store, value: str, scope: str, namespace: str = "") -> str | None:
-    """The blind index an order number is stored under (``order.placer_index`` etc.)."""
-    return _index(store, value, scope, namespace)[0]
+    """The blind index an order number is stored under (``order.placer_index`` etc.): the number and its
+    assigning namespace (placer 1001 of HIS_A is not 1001 of HIS_B)."""
+    if not value:
+        return None
+    return store.cipher.blind_index(f"{value}|{namespace}" if namespace else value, scope=scope)
 
 
 def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:

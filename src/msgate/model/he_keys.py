@@ -297,9 +297,15 @@ class HeKeys:
             done += 1
         return done
 
-    def retire(self, key_id: str) -> None:
+    def check_retirable(self, key_id: str) -> None:
+        """A key this folder holds (the id is never joined into a path otherwise) that is not the active one."""
+        if key_id not in self.known_ids():
+            raise KeyNotFound(f"no CKKS key {key_id!r} in {self.dir}; `msgate keys he list` shows the key ids")
         if key_id == self.active_id():
-            raise ConfigError("cannot retire the active CKKS key; rotate first")
+            raise ConfigError(f"{key_id} is the active CKKS key; run `msgate keys he rotate` first, then retire it")
+
+    def retire(self, key_id: str) -> None:
+        self.check_retirable(key_id)
         for p in (self.dir / f"{key_id}.secret", self.public_dir / f"{key_id}.ctx", self.public_dir / f"{key_id}.json"):
             p.unlink(missing_ok=True)
         self._secrets.pop(key_id, None)

@@ -7,16 +7,15 @@ The queue itself (claims, leases, backoff, dead letters) is :mod:`msgate.results
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from msgate.config import PacsDestination
 from msgate.errors import CryptoError, MsgateError, Rejected, Transient
+from msgate.hl7.client import AckResult, MllpClient, PeerNak, PeerRejected
 from msgate.results.control_ids import control_id, message_copy
+from msgate.results.dicom_send import Sender, sop_class_of
+from msgate.results.hl7_out import with_control_id
 from msgate.results.outbox import Attempt, Claimed, Policy, record, renew
 from msgate.storage.store import Store
-
-if TYPE_CHECKING:
-    from msgate.hl7.client import AckResult
 
 
 def _read(store: Store, blob_id: str) -> bytes:
@@ -26,8 +25,6 @@ def _read(store: Store, blob_id: str) -> bytes:
 
 def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed], policy: Policy) -> None:
     """One association for the batch; each object's own status decides its outcome."""
-    from msgate.results.dicom_send import Sender, sop_class_of
-
     payloads = []
     for item in items:
         try:
@@ -61,9 +58,6 @@ def deliver_dicom(store: Store, dest: PacsDestination, items: Sequence[Claimed],
 
 
 def deliver_hl7(store: Store, items: Sequence[Claimed], policy: Policy) -> None:
-    from msgate.hl7.client import MllpClient
-    from msgate.results.hl7_out import with_control_id
-
     dest = store.settings.hl7_out
     if dest is None:
         for item in items:
@@ -101,6 +95,4 @@ def _accepted(ack: AckResult, msh10: str) -> Attempt:
 
 def _peer_text(exc: MsgateError) -> str:
     """The engine's explanation of an AR/AE (:class:`~msgate.hl7.client.PeerRejected`/``PeerNak``), if any."""
-    from msgate.hl7.client import PeerNak, PeerRejected
-
     return exc.ack.peer_text() if isinstance(exc, PeerRejected | PeerNak) else ""

@@ -229,7 +229,7 @@ def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient,
     for ident in idents:
         index = id_index(cipher, ident)
         indexes.append(index)
-        session.add(PatientIdentifier(patient_id=patient.id, id_index=index, authority=ident.authority[:64],
+        session.add(PatientIdentifier(patient_id=patient.id, id_index=index, authority=ident.authority[:AUTHORITY_STORED],
                                       id_type=ident.id_type[:16] or "MR",
                                       value_enc=cipher.encrypt(ident.value, column="patient_identifier.value")))
     session.flush()

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -25,7 +21,6 @@ from alembic.config import Config
 from sqlalchemy import inspect, text
 from sqlmodel import select, update
 
-from msgate.hl7 import mllp
 from msgate.results import outbox, outbox_ops
 from msgate.results.hl7_out import OrderNumbers, render_oru
 from msgate.storage import keyring
@@ -34,6 +29,7 @@ from msgate.storage.models import AuditEvent, Job, OutboxAttempt, OutboxEntry, S
 from msgate.storage.store import Store, open_store
 from tests.conftest import make_settings
 from tests.integration.pacs_peers import flair_series, model_result
+from tests.integration.test_outbox_review_mllp import Engine
 
 pytestmark = [pytest.mark.integration]
 FAST = outbox.Policy(base_delay=0.2, max_delay=1.0, lease=3.0, poll=0.1, hl7_timeout=2.0)
@@ -47,51 +43,6 @@ AE = HEADER + "MSA|AE|{cid}|Patient DOE^JOHN locked, try later\rERR||PID^1^5|207
 AA_WARNING = HEADER + "MSA|AA|{cid}\rERR|||0^Message accepted|W|W17^Name differs: DOE^L\r"
 V23_AR = ("MSH|^~\\&|ENGINE|HOSP|MSGATE|HOSP|20251201120000||ACK|A{cid}|P|2.3\rMSA|AR|{cid}|Patient DOE^JOHN unknown\r"
           "ERR|PID^1^3^204&Unknown patient DOE JOHN&HL70357\r")
-
-
-@dataclass
-class Engine:
-    """An interface engine on a real socket: each message gets the next ACK template of ``script``
-    (``{cid}`` is the message's MSH-10), then ``AA``."""
-
-    script: list[str]
-    received: list[bytes] = field(default_factory=list)
-    srv: socket.socket = field(default_factory=socket.socket)
-    stopping: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> Engine:
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(8)
-        self.srv.settimeout(0.1)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self.srv.getsockname()[1])
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        deframer = mllp.Deframer(1 << 20)
-        conn.settimeout(10)
-        with conn, suppress(OSError):
-            while data := conn.recv(65536):
-                for frame in [e.payload for e in deframer.feed(data) if e.kind == "frame"]:
-                    self.received.append(frame)
-                    cid = frame.split(b"\r")[0].split(b"|")[9].decode()
-                    template = self.script.pop(0) if self.script else HEADER + "MSA|AA|{cid}\r"
-                    conn.sendall(mllp.frame(template.format(cid=cid).encode()))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.srv.close()
 
 
 @pytest.fixture

@@ -29,8 +29,9 @@ FAST = outbox.Policy(base_delay=0.2, max_delay=1.0, lease=3.0, poll=0.1, hl7_tim
 @dataclass
 class Engine:
     """An interface engine: answers each message with the next action of ``script`` (then ``AA``):
-    an MSA-1 code, or ``silent`` (files it, never answers). ``close_after_ack``: one message per
-    connection (a Mirth TCP listener with "keep connection open" off)."""
+    an MSA-1 code, a whole ACK template (``{cid}`` is the message's MSH-10), or ``silent`` (files it,
+    never answers). ``close_after_ack``: one message per connection (a Mirth TCP listener with "keep
+    connection open" off)."""
 
     script: list[str]
     close_after_ack: bool = False
@@ -73,8 +74,11 @@ class Engine:
                     if action == "silent":
                         continue
                     cid = frame.split(b"\r")[0].split(b"|")[9]
-                    conn.sendall(mllp.frame(b"MSH|^~\\&|ENGINE|H|MSGATE|H|2025||ACK^R01|A" + cid + b"|P|2.5.1\r"
-                                            + b"MSA|" + action.encode() + b"|" + cid + b"\r"))
+                    if "{cid}" in action:
+                        conn.sendall(mllp.frame(action.format(cid=cid.decode()).encode()))
+                    else:
+                        conn.sendall(mllp.frame(b"MSH|^~\\&|ENGINE|H|MSGATE|H|2025||ACK^R01|A" + cid + b"|P|2.5.1\r"
+                                                + b"MSA|" + action.encode() + b"|" + cid + b"\r"))
                     if self.close_after_ack:
                         return
 

@@ -38,6 +38,7 @@ from msgate.model.lesions.presets import Preset, get_preset, with_rim_recipe
 SETS = {  # name: (seed offset from the training seed or absolute test seed, first subject, n, enrich, mix)
     "train": (1, 1, 120, 0.35, {"ms": 0.85, "csvd": 0.15}),
     "val": (3, 1, 100, None, None),
+    "val2": (5, 1, 300, None, None),  # a larger validation cohort (2026-12-07): val resolves only about +-0.04 PR-AUC
     "test": (1000, 1, 200, None, None),
     "pool": (1, 121, 360, None, {"ms": 0.85, "csvd": 0.15}),
 }

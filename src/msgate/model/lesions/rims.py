@@ -27,11 +27,12 @@ class AsymmetricRimNet(nn.Module):
     """QSM encoder conditioned on FLAIR through spatial FiLM at each of three scales.
 
     The defaults are the design; the other options (FLAIR context in the head, FiLM init, FLAIR width,
-    FiLM before the batch norm, cross-attention at the last scale) are the validation sweep's variants."""
+    FiLM before the batch norm, cross-attention at the last scale, FLAIR-guided attention pooling) are the
+    validation sweep's variants."""
 
     def __init__(self, widths: tuple[int, int, int] = (16, 32, 48), proj_dim: int = 32, bounded: bool = False,
                  context: bool = False, film_zero: bool = True, flair_scale: float = 0.5,
-                 pre_norm: bool = False, xattn_tokens: int = 0) -> None:
+                 pre_norm: bool = False, xattn_tokens: int = 0, attn_pool: bool = False) -> None:
         super().__init__()
         self.bounded, self.context, self.pre_norm = bounded, context, pre_norm
         fw = tuple(max(4, int(w * flair_scale)) for w in widths)
@@ -42,6 +43,11 @@ class AsymmetricRimNet(nn.Module):
         for film in self.films if film_zero else ():
             nn.init.zeros_(film.weight)
             nn.init.zeros_(film.bias)
+        self.attn: nn.Module | None = None
+        if attn_pool:  # FLAIR says where to look: a spatial softmax over the last scale replaces QSM's mean pool
+            self.attn = nn.Conv3d(fw[-1], 1, 1)
+            nn.init.zeros_(self.attn.weight)  # starts as the mean pool, i.e. as the design
+            nn.init.zeros_(self.attn.bias)
         self.xattn: nn.Module | None = None
         if xattn_tokens:  # QSM tokens of the last scale attend to FLAIR tokens (MONAI CrossAttentionBlock)
             from monai.networks.blocks import CrossAttentionBlock
@@ -83,6 +89,10 @@ class AsymmetricRimNet(nn.Module):
             tf = f.flatten(2).transpose(1, 2) + self.pos_f
             tq = tq + self.xattn(self.norm_q(tq), context=tf)
             q = tq.transpose(1, 2).reshape(q.shape)
+        if film and self.attn is not None:
+            w = torch.softmax(self.attn(f).flatten(2), dim=2)  # (n, 1, voxels)
+            pooled = torch.cat([(q.flatten(2) * w).sum(2), q.amax(dim=(2, 3, 4))], dim=1)
+            return pooled, self._pool(f)
         return self._pool(q), self._pool(f)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +136,9 @@ _ASYMMETRIC: dict[str, dict[str, object]] = {  # architecture name: AsymmetricRi
     "asymmetric_wide_flair": {"bounded": True, "flair_scale": 1.0},  # FLAIR stream as wide as the QSM one
     "asymmetric_pre_norm": {"bounded": True, "pre_norm": True},  # FiLM before the QSM batch norm
     "asymmetric_xattn": {"bounded": True, "xattn_tokens": 4 ** 3},  # + cross-attention (16^3 patches only)
+    # 2026-12-07 sweep (larger validation cohort): full-width FLAIR stream whose last scale also chooses where
+    # the QSM features are pooled (attention pooling, zero-initialised: starts as the mean pool)
+    "asymmetric_attn_pool": {"bounded": True, "flair_scale": 1.0, "attn_pool": True},
 }
 ARCHS = (*_ASYMMETRIC, "stacked")
 

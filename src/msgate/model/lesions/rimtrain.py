@@ -36,8 +36,9 @@ VARIANTS: dict[str, tuple[str, bool]] = {  # name: (architecture, pretrained)
 SWEEP: dict[str, tuple[str, bool]] = {  # conditioning variants compared on the validation split only
     **{f"{arch}_nopretrain": (arch, False)
        for arch in ("asymmetric_context", "asymmetric_film_init", "asymmetric_wide_flair", "asymmetric_pre_norm",
-                    "asymmetric_xattn")},
+                    "asymmetric_xattn", "asymmetric_attn_pool")},
     "asymmetric_wide_flair": ("asymmetric_wide_flair", True),  # the closest of them, with pretraining
+    "asymmetric_attn_pool": ("asymmetric_attn_pool", True),  # 2026-12-07: wide FLAIR + FLAIR-guided pooling
 }
 ALL_VARIANTS = {**VARIANTS, **SWEEP}
 

@@ -3,9 +3,11 @@
 **Roles** (:class:`RoleRule`) are tried in order; the first rule whose every given condition matches
 decides the series role. Conditions are case-insensitive regular expressions searched in
 SeriesDescription (``text``), SequenceName, ImageType and ScanningSequence (both as ``A\\B`` strings),
-and an InversionTime range in ms. When no rule matches, the rules are tried once more with ``text`` =
-SeriesDescription + ' | ' + ProtocolName: GE writes the exam's protocol ("MS BRAIN SWAN") on every
-series, so the description decides first. A series that no rule matches either way is ``OTHER``.
+an InversionTime range in ms, and a minimum number of inversion times (InversionTimes, Enhanced MR). When
+no rule matches, the rules are tried once more with ``text`` = SeriesDescription + ' | ' + ProtocolName:
+GE writes the exam's protocol ("MS BRAIN SWAN") on every series, so the description decides first. A
+series that no rule matches either way is ``OTHER``. A double inversion recovery is ``DIR``, which the
+model does not read: it is never taken as the FLAIR.
 
 **Routing** (:class:`RoutingRule`) decides per study what happens once it is complete: ``pipeline``
 (hand to the MS model when the rule's required roles are present), ``store_only`` (kept, never
@@ -47,6 +49,7 @@ class Role(str, Enum):
     T1 = "T1"
     T2 = "T2"
     SWI = "SWI"
+    DIR = "DIR"  # double inversion recovery (cortical lesions): the model does not read it; never its FLAIR
     DERIVED = "DERIVED"  # reformats, projections, maps the pipeline does not use
     OTHER = "OTHER"
 
@@ -82,6 +85,8 @@ class RoleRule(BaseModel):
     scanning_sequence: str | None = None
     inversion_time_min: float | None = None
     inversion_time_max: float | None = None
+    inversion_count_min: int | None = Field(None, ge=1, description="at least this many inversion times "
+                                            "(InversionTimes (0018,9079), Enhanced MR): 2 for a double IR")
 
     _rx = field_validator("text", "sequence_name", "image_type", "scanning_sequence")(_check_regex)
 
@@ -98,7 +103,7 @@ class RoleRule(BaseModel):
                 return False
             if self.inversion_time_max is not None and ti > self.inversion_time_max:
                 return False
-        return True
+        return self.inversion_count_min is None or f.inversion_count >= self.inversion_count_min
 
 
 class RoutingRule(BaseModel):
@@ -149,6 +154,12 @@ _FLAIR = r"flair|dark[-_ ]?fluid|\btirm\b.*\bfl|fluid[-_ ]?att"
 # "T1" then FLAIR / dark-fluid / TIRM in the same name ([^|]: not across the ' | ' before ProtocolName).
 _T1_FLAIR = (r"(?<![a-z0-9])t1w?(?![0-9])[^|]*?(flair|dark[-_ ]?fluid|tirm)"
              r"|(flair|dark[-_ ]?fluid)[-_ ]?t1(?![0-9])")
+# Double inversion recovery: Siemens t2_spc_dir / DIR_SPACE, GE 3D DIR CUBE, Philips 3D_DIR, "double IR",
+# "dbl_ir", "2IR". "dir" is a word of its own ("direction", "dircos", "indirect" are not), never a count of
+# diffusion directions ("DTI 30 dir", "64dir") nor a phase-encoding direction ("phase dir AP").
+_DIR = (r"^(?!.*(dti|dwi|diff|tensor|phase[-_ ]?dir))"
+        r".*((?<![a-z0-9])(?<![0-9][-_ ])dir(?![a-z])|double[-_ ]?(inv|ir(?![a-z]))|dbl[-_ ]?ir(?![a-z])"
+        r"|(?<![a-z0-9])2[-_]?ir(?![a-z]))")
 _W = r"(?<![a-z])(mag|magnitude|pha|phase)(?![a-z])"
 _SOURCE = rf"(qsm|swi|swan|susc|gre).*{_W}|{_W}.*(qsm|swi|swan|gre)"
 
@@ -163,6 +174,9 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
     RoleRule(role=Role.QSM_SOURCE, name="GRE phase image", image_type=r"\b(P|PHASE)\b", scanning_sequence=r"GR"),
     RoleRule(role=Role.SWI, name="SWI", text=r"(?<![a-z])(swi|swan|swip)|susceptibility|venobold"),
     RoleRule(role=Role.SWI, name="SWI image type", image_type=r"\bSWI\b"),
+    # DIR before every FLAIR rule: it is a long-TI spin-echo IR (TI ~3000 ms) and, as a 3D series with more
+    # frames than the 2D FLAIR of the same MS protocol, it was chosen as the model's FLAIR.
+    RoleRule(role=Role.DIR, name="double inversion recovery by name", text=_DIR),
     # T1 FLAIR before FLAIR: GE "Sag T1 FLAIR" / "Ax T1 FLAIR Post", Philips "T1W_FLAIR", Siemens
     # "t1_tirm_tra_dark-fluid" are T1-weighted (TI 750-1000 ms) and were taken as the model's FLAIR. A
     # FLAIR-named series with such a short TI is one too: CSF is nulled at TI >= ~1500 ms.
@@ -175,6 +189,7 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
     # parameters: a labelled series is trusted over its TI, an unlabelled one is judged by it.
     RoleRule(role=Role.T1, name="T1 by name",
              text=r"mp-?rage|mp2rage|bravo|spgr|t1w|(?<![a-z0-9])t1|(?<![a-z])tfe(?![a-z])|(?<![a-z])vibe"),
+    RoleRule(role=Role.DIR, name="two inversion times", inversion_count_min=2),
     RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"\bIR\b",
              inversion_time_min=1500, inversion_time_max=3500),
     RoleRule(role=Role.T1, name="short-TI inversion recovery gradient echo", scanning_sequence=r"\bIR\b.*\bGR\b|"
@@ -214,6 +229,7 @@ class SeriesFields:
     inversion_time: float | None = None
     modality: str = ""
     sop_class: str = ""
+    inversion_count: int = 0
 
 
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "DOC", "REG", "PLAN",
@@ -272,13 +288,37 @@ def _float(ds: Any, keyword: str) -> float | None:
         return None
 
 
+def _inversion_count(ds: Any) -> int:
+    """How many inversion times the header lists: InversionTimes (0018,9079) at the top level or in the
+    MR Modifier Sequence of the shared or first per-frame functional group (Enhanced MR, PS3.3 C.8.13.5.2).
+    A double inversion recovery lists two; MR Image Storage has InversionTime only (0 here)."""
+    places: list[Any] = [ds]
+    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            items = ds.get(group) or []
+            places.extend(list(items[0].get("MRModifierSequence") or [])[:1] if items else [])
+        except Exception:  # pydicom decodes lazily and raises many types for a damaged sequence
+            continue
+    count = 0
+    for place in places:
+        try:
+            value = place.get("InversionTimes")
+        except Exception:
+            continue
+        if value is not None and value != "":
+            many = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+            count = max(count, len(value) if many else 1)
+    return count
+
+
 def series_fields(ds: Any) -> SeriesFields:
     """Read the role inputs from a pydicom header (``ds`` is ``pydicom.Dataset``)."""
     seq = _text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
     return SeriesFields(text=_text(ds, "SeriesDescription"), protocol=_text(ds, "ProtocolName"),
                         sequence_name=seq, image_type=_text(ds, "ImageType"),
                         scanning_sequence=_text(ds, "ScanningSequence"), inversion_time=_float(ds, "InversionTime"),
-                        modality=_text(ds, "Modality"), sop_class=_text(ds, "SOPClassUID"))
+                        modality=_text(ds, "Modality"), sop_class=_text(ds, "SOPClassUID"),
+                        inversion_count=_inversion_count(ds))
 
 
 def study_fields(ds: Any, calling_aet: str = "") -> StudyFields:

@@ -226,6 +226,18 @@ class WorkerSettings(Section):
         """How long a claimed job stays leased to its worker."""
         return self.hard_time_limit + self.lease_margin_seconds
 
+    @field_validator("required_ehr_fields")
+    @classmethod
+    def _known_features(cls, value: list[str]) -> list[str]:
+        """A name outside the feature schema is never missing, so the scheduler would never wait for it."""
+        from msgate.model.features import FEATURES  # plain data, no torch: light roles load it too
+
+        names = [spec.name for spec in FEATURES]
+        unknown = [name for name in value if name not in names]
+        if unknown:
+            raise ValueError(f"unknown EHR feature {unknown[0]!r}; valid: {', '.join(names)}")
+        return value
+
     @field_validator("visibility_timeout")
     @classmethod
     def _visibility_after_hard_limit(cls, value: float, info: Any) -> float:

@@ -1,6 +1,8 @@
 """``msgate status [--json] [--watch] [--role R] [--quiet]``: the whole system's health at a glance.
 
-Exit code 0 healthy, 1 degraded, 2 down, so it can feed monitoring and compose health checks.
+Exit code 0 healthy, 1 degraded, 2 down, so it can feed monitoring and compose health checks. Besides the
+roles' heartbeats it looks at what they produce: jobs failing in the last hour, and ready studies that never
+got a job (the scheduler cannot load its model), are degraded.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ LEVEL = {"ok": 0, "degraded": 1, "down": 2}
 STYLE = {"ok": "green", "degraded": "yellow", "down": "red"}
 
 
-def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
+def collect(settings: Settings, only_role: str | None = None, *, job_failures: int = probe.JOB_FAILURES,
+            job_failure_ratio: float = probe.JOB_FAILURE_RATIO) -> dict[str, Any]:
     missing = missing_sqlite(settings)
     if missing is not None:  # not created by a probe (a first serve sets up the home)
         return _finish({"database": {"backend": "sqlite", "health": "down",
@@ -43,7 +46,7 @@ def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
         if report["database"]["health"] == "down":
             return _finish(report, critical=True)
         try:
-            _probe_system(db, settings, only_role, report)
+            _probe_system(db, settings, only_role, report, (job_failures, job_failure_ratio))
         except (MsgateError, SQLAlchemyError) as exc:  # the database went away or broke mid-probe
             report["database"] = probe.failed("database", exc) | {"backend": report["database"]["backend"]}
             return _finish(report, critical=True)
@@ -52,22 +55,24 @@ def collect(settings: Settings, only_role: str | None = None) -> dict[str, Any]:
         db.dispose()
 
 
-def _probe_system(db: Database, settings: Settings, only_role: str | None, report: dict[str, Any]) -> None:
-    """Roles (with their ports), broker, jobs and outbox, added to ``report``."""
-    expected = (only_role,) if only_role else tuple(r for r in probe.PIPELINE_ROLES if r in available_roles())
+def _probe_system(db: Database, settings: Settings, only_role: str | None, report: dict[str, Any],
+                  job_limits: tuple[int, float] = (probe.JOB_FAILURES, probe.JOB_FAILURE_RATIO)) -> None:
+    """Roles (with their ports), broker, jobs, studies and outbox, added to ``report``."""
+    expected = (only_role,) if only_role else probe.required_roles(settings, available_roles())
     ports = {"dicom": (settings.dicom.host, settings.dicom.port),
              "hl7": (settings.hl7.host, settings.hl7.port)}
     report["roles"] = probe.roles(db, expected, ports)
     if only_role in (None, "scheduler", "worker", "publish"):
         report["broker"] = probe.broker(settings)
     if only_role is None:
-        report["jobs"] = probe.jobs(db)
+        report["jobs"] = probe.jobs(db, fail_count=job_limits[0], fail_ratio=job_limits[1])
+        report["studies"] = probe.studies(db, settings)
         report["outbox"] = probe.outbox(db)
 
 
 def _finish(report: dict[str, Any], critical: bool = False) -> dict[str, Any]:
     """Database or key ring down, or nothing running: down. A role, the broker (ingest still acknowledges,
-    jobs wait) or the outbox in trouble: degraded."""
+    jobs wait), failing jobs, studies left without a job or the outbox in trouble: degraded."""
     levels = [LEVEL[part["health"]] for name, part in report.items()
               if isinstance(part, dict) and "health" in part and name not in ("broker", "roles")]
     roles = report.get("roles", {})
@@ -98,9 +103,18 @@ def render(report: dict[str, Any]) -> Group:
         jobs = report["jobs"]
         counts = ", ".join(f"{k} {v}" for k, v in sorted(jobs["last_hour"].items())) or "none"
         timing = f"p50 {jobs['p50_s']:.1f}s p95 {jobs['p95_s']:.1f}s" if jobs["p50_s"] is not None else ""
-        add_row(parts, "jobs (1 h)", "", f"{counts} {timing}".strip())
+        add_row(parts, "jobs (1 h)", _h(jobs["health"]) if "health" in jobs else "", f"{counts} {timing}".strip())
+        if jobs.get("reason"):
+            add_row(parts, "", "", cell(jobs["reason"], style="yellow"))
         for failure in jobs["recent_failures"]:
             add_row(parts, "", "", cell(f"job {failure['job']}: {failure['reason']}", style="red"))
+    if "studies" in report:
+        studies = report["studies"]
+        waiting = f"{studies['stuck']} ready without a job, oldest {studies['oldest_s']:.0f}s" if studies["stuck"] \
+            else "none left without a job"
+        add_row(parts, "studies", _h(studies["health"]), waiting)
+        if studies["reason"]:
+            add_row(parts, "", "", cell(studies["reason"], style="yellow"))
     if "outbox" in report:
         out = report["outbox"]
         add_row(parts, "outbox", _h(out["health"]),
@@ -126,8 +140,13 @@ def command(
     watch: Annotated[bool, typer.Option("--watch", help="refresh every 2 s until Ctrl-C")] = False,
     role: Annotated[str | None, typer.Option("--role", help="check only this role (container health checks)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing; exit code only")] = False,
+    job_failures: Annotated[int, typer.Option("--job-failures", min=1, help="degraded at this many jobs failed in "
+                                              "the last hour ...")] = probe.JOB_FAILURES,
+    job_failure_ratio: Annotated[float, typer.Option("--job-failure-ratio", min=0.0, max=1.0, help="... that are "
+                                                     "at least this share of the jobs finished in it")
+                                 ] = probe.JOB_FAILURE_RATIO,
 ) -> None:
-    """Health of every role, the broker, the database and disk; queues, jobs, outbox, keys.
+    """Health of every role, the broker, the database and disk; queues, jobs, studies, outbox, keys.
 
     Exit code: 0 healthy, 1 degraded, 2 down.
     """
@@ -135,15 +154,19 @@ def command(
         raise typer.BadParameter(f"unknown role {role!r}; valid roles: {', '.join(ROLE_RUNNERS)}",
                                  param_hint="'--role'")
     settings = state(ctx).settings
+
+    def now() -> dict[str, Any]:
+        return collect(settings, role, job_failures=job_failures, job_failure_ratio=job_failure_ratio)
+
     if watch:
-        with Live(render(collect(settings, role)), console=console, refresh_per_second=1) as live:
+        with Live(render(now()), console=console, refresh_per_second=1) as live:
             try:
                 while True:
                     time.sleep(2)
-                    live.update(render(collect(settings, role)))
+                    live.update(render(now()))
             except KeyboardInterrupt:
                 pass
-    report = collect(settings, role)
+    report = now()
     if json_out:
         print_json(report)
     elif not quiet:

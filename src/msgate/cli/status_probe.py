@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col, func, select
+from sqlmodel import col, exists, func, select
 
 from msgate.cli.common import head_revision, schema_mismatch
 from msgate.config import Settings
@@ -20,10 +20,14 @@ from msgate.errors import MsgateError
 from msgate.storage import heartbeat, keyring
 from msgate.storage.blobs import free_bytes
 from msgate.storage.db import Database
-from msgate.storage.models import Job, OutboxEntry, utcnow
+from msgate.storage.models import Job, OutboxEntry, Series, Study, utcnow
 
 QUEUES = ("gpu", "publish")
 PIPELINE_ROLES = ("dicom", "hl7", "scheduler", "worker", "publish")
+HE_ROLES = ("keys",)  # required as well while settings.he.enabled
+JOB_FAILURES = 3  # failed jobs in the window, at least this many ...
+JOB_FAILURE_RATIO = 0.5  # ... and at least this share of the jobs that finished in it: degraded
+SCHEDULER_SLACK_S = 60.0  # beyond deadline + scan period: a slow scan, the status query's own delay
 STALE_AFTER_S = heartbeat.INTERVAL_S * 4
 OUTBOX_STALE_S = 900.0
 SCHEMA_MISSING = "schema missing; run msgate db upgrade"
@@ -82,6 +86,13 @@ def disk(settings: Settings) -> dict[str, Any]:
         reason = ""
     return {"health": "degraded" if reason else "ok", "free_gb": round(free / 1e9, 2),
             "floor_gb": round(floor / 1e9, 2), "reason": reason}
+
+
+def required_roles(settings: Settings, available: list[str]) -> tuple[str, ...]:
+    """The roles a running system needs, of those this build has: the pipeline, and the key service in
+    homomorphic mode (without it every HE job fails)."""
+    wanted = PIPELINE_ROLES + (HE_ROLES if settings.he.enabled else ())
+    return tuple(role for role in wanted if role in available)
 
 
 def roles(db: Database, expected: tuple[str, ...],
@@ -167,20 +178,50 @@ def celery_ping(url: str) -> list[str]:
     return sorted(replies)
 
 
-def jobs(db: Database, hours: float = 1.0) -> dict[str, Any]:
+def jobs(db: Database, hours: float = 1.0, *, fail_count: int = JOB_FAILURES,
+         fail_ratio: float = JOB_FAILURE_RATIO) -> dict[str, Any]:
+    """Jobs created in the window by state, time to result, and the jobs that finished in it: at least
+    ``fail_count`` failures that are at least ``fail_ratio`` of the finished jobs are degraded (the model
+    or the data path is broken while every role's heartbeat is fine)."""
     since = utcnow() - timedelta(hours=hours)
+    ended = func.coalesce(col(Job.finished_at), col(Job.created_at))  # the worker sets finished_at; else created
     with db.session() as session:
         counts = dict(session.exec(select(Job.state, func.count()).where(Job.created_at >= since)
                                    .group_by(Job.state)).all())
         done = session.exec(select(Job.created_at, Job.finished_at).where(
             Job.state == "done", col(Job.finished_at).is_not(None), Job.created_at >= since)).all()
-        failures = session.exec(select(Job.id, Job.error).where(Job.state == "failed")
-                                .order_by(col(Job.finished_at).desc()).limit(3)).all()
+        finished = dict(session.exec(select(Job.state, func.count()).where(
+            col(Job.state).in_(("done", "failed")), ended >= since).group_by(Job.state)).all())
+        failures = session.exec(select(Job.id, Job.error).where(Job.state == "failed", ended >= since)
+                                .order_by(ended.desc()).limit(3)).all()
     durations = sorted((f - c).total_seconds() for c, f in done if f is not None)
     p50 = statistics.median(durations) if durations else None
     p95 = durations[max(0, int(round(0.95 * len(durations))) - 1)] if durations else None
-    return {"last_hour": counts, "p50_s": p50, "p95_s": p95,
+    failed, total = finished.get("failed", 0), finished.get("failed", 0) + finished.get("done", 0)
+    failing = failed >= fail_count and failed >= fail_ratio * total
+    return {"health": "degraded" if failing else "ok", "last_hour": counts, "p50_s": p50, "p95_s": p95,
+            "failed": failed, "finished": total,
+            "reason": f"{failed} of {total} jobs finished in the last {hours:g} h failed" if failing else "",
             "recent_failures": [{"job": jid[:8], "reason": (err or "")[:120]} for jid, err in failures]}
+
+
+def studies(db: Database, settings: Settings) -> dict[str, Any]:
+    """Ready studies with a FLAIR series and no job at all, ready for longer than the scheduler can explain
+    (the EHR deadline, a scan period and :data:`SCHEDULER_SLACK_S`): the scheduler is not running, or it
+    cannot load the model and creates no jobs. Degraded; one that waits for its EHR is not counted."""
+    wk = settings.workers
+    wait_s = wk.ehr_deadline_seconds + wk.scan_seconds + SCHEDULER_SLACK_S
+    now = utcnow()
+    has_flair = exists().where(col(Series.study_id) == col(Study.id), col(Series.role) == "FLAIR")
+    has_job = exists().where(col(Job.study_id) == col(Study.id))
+    with db.session() as session:
+        stuck, oldest = session.exec(select(func.count(), func.min(Study.ready_at)).where(
+            Study.state == "ready", col(Study.ready_at) <= now - timedelta(seconds=wait_s), has_flair,
+            ~has_job)).one()
+    age = (now - oldest).total_seconds() if oldest else 0.0
+    reason = (f"{stuck} ready studies with a FLAIR series have no job after {wait_s:.0f}s: is the scheduler "
+              "running, and can it load the model?") if stuck else ""
+    return {"health": "degraded" if stuck else "ok", "stuck": stuck, "oldest_s": round(age, 1), "reason": reason}
 
 
 def outbox(db: Database) -> dict[str, Any]:

@@ -1,14 +1,17 @@
-"""``msgate trace ID``: the timeline of one accession, study UID, job id or HL7 control id.
+"""``msgate trace ID``: the timeline of one accession, study UID, job id, outbox entry or HL7 control id.
 
 association -> instances -> HL7 messages -> readiness -> job stages -> SR/ORU attempts and
 acknowledgements. Lookups go through the blind indexes; a control id is matched by decrypting the
-recent messages' MSH-10 in memory. An order message (ORM/OMI/OMG) is followed to its order rows and on to
+recent messages' MSH-10 in memory. An outbox entry is named by its id or a prefix of it (as ``outbox list``
+shows it), or by the MSH-10 of an ORU the outbox sent (:func:`msgate.results.control_ids.control_id`), and
+followed to its job and study. An order message (ORM/OMI/OMG) is followed to its order rows and on to
 the studies the worker links to them (:func:`msgate.workers.ehr.link`), their jobs and outbox. The trace
 itself is audited.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -37,6 +40,8 @@ from msgate.storage.store import Store
 from msgate.workers import ehr
 
 CONTROL_ID_SCAN = 20_000
+MIN_PREFIX = 6  # job and outbox entry ids (uuid4 hex) are matched by prefix from this length on
+OUTBOUND_CONTROL_ID = re.compile(r"MG([0-9a-f]{14})\d{4}", re.IGNORECASE)  # results/control_ids.control_id
 ORDER_MESSAGES = frozenset(mtype for mtype, _ in ORDER_TYPES)  # what hl7/mapping.py maps to orders
 
 
@@ -45,7 +50,8 @@ def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study
     idx = store.cipher.blind_index
     studies = list(session.exec(select(Study).where(Study.study_uid_index == idx(ident, scope="study"))).all())
     studies += session.exec(select(Study).where(Study.accession_index == idx(ident, scope="accession"))).all()
-    jobs = list(session.exec(select(Job).where(col(Job.id).startswith(ident.lower()))).all()) if len(ident) >= 6 else []
+    jobs = (list(session.exec(select(Job).where(col(Job.id).startswith(ident.lower()))).all())
+            if len(ident) >= MIN_PREFIX else [])
     for job in jobs:
         study = session.get(Study, job.study_id)
         if study is not None and study not in studies:
@@ -53,6 +59,47 @@ def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study
     messages = [m for m in session.exec(select(Hl7Message).order_by(col(Hl7Message.id).desc()).limit(CONTROL_ID_SCAN))
                 if store.cipher.decrypt(m.control_id_enc, column="hl7.control_id") == ident]
     return studies, messages, jobs
+
+
+def find_entries(session: Session, ident: str) -> list[OutboxEntry]:
+    """Outbox entries ``ident`` names: an entry id, a prefix of one (:data:`MIN_PREFIX` characters at least),
+    or the MSH-10 of an ORU sent for one (``MG`` + its first 14 characters + the copy number). A prefix may
+    name several (the caller asks for more of it)."""
+    outbound = OUTBOUND_CONTROL_ID.fullmatch(ident)
+    prefix = (outbound.group(1) if outbound else ident).lower()
+    if len(prefix) < MIN_PREFIX:
+        return []
+    exact = session.get(OutboxEntry, prefix)
+    if exact is not None:
+        return [exact]
+    return list(session.exec(select(OutboxEntry).where(col(OutboxEntry.id).startswith(prefix, autoescape=True))
+                             .order_by(col(OutboxEntry.created_at))).all())
+
+
+def entry_candidates(entries: list[OutboxEntry], json_out: bool) -> None:
+    """The entries an ambiguous prefix names (ids, jobs, destinations, states: no PHI), then exit 2."""
+    docs = [{"id": e.id, "job_id": e.job_id, "kind": e.kind, "destination": e.destination, "state": e.state,
+             "created_at": e.created_at.isoformat()} for e in entries]
+    if json_out:
+        print_json(docs)
+    else:
+        table = Table("id", "job", "kind", "destination", "state", "created (UTC)")
+        for d in docs:
+            add_row(table, d["id"][:16], (d["job_id"] or "")[:12], d["kind"], d["destination"], d["state"],
+                    when(d["created_at"]))
+        console.print(table)
+    fail(f"that id matches several ({len(entries)}) outbox entries; give more of the entry id", code=2)
+
+
+def entry_studies(session: Session, entries: list[OutboxEntry]) -> list[Study]:
+    """The studies of the entries' jobs."""
+    out: list[Study] = []
+    for entry in entries:
+        job = session.get(Job, entry.job_id) if entry.job_id else None
+        study = session.get(Study, job.study_id) if job is not None else None
+        if study is not None and study not in out:
+            out.append(study)
+    return out
 
 
 def _order_keys(store: Store, session: Session, msg: Hl7Message) -> list[list[tuple[Any, str]]]:
@@ -182,28 +229,50 @@ def job_events(session: Session, job: Job) -> list[dict[str, Any]]:
     if job.error:
         events.append(_event(job.finished_at, "job", f"error: {job.error}", ref))
     for entry in session.exec(select(OutboxEntry).where(OutboxEntry.job_id == job.id)):
-        out_ref = f"outbox:{entry.id[:8]}"
-        events.append(_event(entry.created_at, "result", f"{entry.kind} to {entry.destination} queued", out_ref))
-        for attempt in session.exec(select(OutboxAttempt).where(OutboxAttempt.entry_id == entry.id)):
-            events.append(_event(attempt.started_at, "result", f"attempt {attempt.outcome}: "
-                                 f"{attempt.peer_status} {attempt.detail}".strip(), out_ref))
-        if entry.delivered_at:
-            events.append(_event(entry.delivered_at, "result", f"{entry.kind} delivered", out_ref))
+        events.extend(entry_events(session, entry))
     return events
+
+
+def entry_events(session: Session, entry: OutboxEntry) -> list[dict[str, Any]]:
+    out_ref = f"outbox:{entry.id[:8]}"
+    events = [_event(entry.created_at, "result", f"{entry.kind} to {entry.destination} queued", out_ref)]
+    for attempt in session.exec(select(OutboxAttempt).where(OutboxAttempt.entry_id == entry.id)):
+        events.append(_event(attempt.started_at, "result", f"attempt {attempt.outcome}: "
+                             f"{attempt.peer_status} {attempt.detail}".strip(), out_ref))
+    if entry.delivered_at:
+        events.append(_event(entry.delivered_at, "result", f"{entry.kind} delivered", out_ref))
+    return events
+
+
+def resolve(store: Store, session: Session, ident: str,
+            json_out: bool) -> tuple[list[Study], list[Hl7Message], list[OutboxEntry]]:
+    """The studies, HL7 messages and outbox entries ``ident`` names (an entry's job's study among the
+    studies); nothing found exits 1, a prefix of several entries lists them and exits 2."""
+    studies, messages, jobs = find_studies(store, session, ident)
+    entries = find_entries(session, ident)
+    if len(entries) > 1:
+        entry_candidates(entries, json_out)
+    if not (studies or messages or jobs or entries):
+        fail("nothing found for that id (accession, study UID, job id, outbox entry or HL7 control id)")
+    studies += [s for s in entry_studies(session, entries) if s not in studies]
+    return studies, messages, entries
 
 
 def command(
     ctx: typer.Context,
-    ident: Annotated[str, typer.Argument(metavar="ID", help="accession, study UID, job id (prefix) or HL7 control id")],
+    ident: Annotated[str, typer.Argument(metavar="ID", help="accession, study UID, job id (prefix), outbox entry id "
+                                         "(prefix) or HL7 control id (received, or of an ORU msgate sent)")],
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Timeline of one accession, study, job or HL7 message, from association to acknowledgements."""
+    """Timeline of one accession, study, job, outbox entry or HL7 message, from association to acknowledgements.
+
+    A prefix that names several outbox entries lists them and exits 2."""
     store = state(ctx).store()
     with store.db.session() as session:
-        studies, messages, jobs = find_studies(store, session, ident)
-        if not (studies or messages or jobs):
-            fail("nothing found for that id (accession, study UID, job id or HL7 control id)")
+        studies, messages, entries = resolve(store, session, ident, json_out)
         events: list[dict[str, Any]] = []
+        for entry in entries:  # also an entry whose job is gone, or that has none
+            events += entry_events(session, entry)
         orders = list({o.id: o for msg in messages for o in message_orders(store, session, msg)}.values())
         for order in orders:
             linked = order_studies(store, session, order)
@@ -215,11 +284,15 @@ def command(
             events += message_events(msg)
         unique = {(e["time"], e["stage"], e["event"], e["ref"]): e for e in events}
         timeline = sorted(unique.values(), key=lambda e: e["time"] or "")
-        audit.append(session, kind="operator.trace", actor=audit.operator(),
-                     subject=",".join(f"study:{s.id}" for s in studies) or "hl7",
-                     detail={"orders": [o.id for o in orders]} if orders else None)
+        detail: dict[str, Any] = {"orders": [o.id for o in orders]} if orders else {}
+        if entries:
+            detail["outbox"] = [e.id for e in entries]
+        subject = (",".join(f"study:{s.id}" for s in studies)
+                   or ",".join(f"outbox:{e.id}" for e in entries) or "hl7")
+        audit.append(session, kind="operator.trace", actor=audit.operator(), subject=subject, detail=detail or None)
     if json_out:
-        print_json({"studies": [s.id for s in studies], "orders": [o.id for o in orders], "events": timeline})
+        print_json({"studies": [s.id for s in studies], "orders": [o.id for o in orders],
+                    "outbox": [e.id for e in entries], "events": timeline})
         return
     table = Table("time (UTC)", "stage", "event", "ref")
     for e in timeline:

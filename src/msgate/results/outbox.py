@@ -361,6 +361,19 @@ def _lane(store: Store, stop: threading.Event, policy: Policy, destination: str 
             stop.wait(policy.poll)
 
 
+def warn_unrouted(settings: Settings) -> list[str]:
+    """Warn at start about results that will go nowhere: ``enqueue`` skips an object without a destination,
+    so its study is never marked delivered (and retention never purges it). Returns the warnings."""
+    missing = []
+    if not settings.pacs:
+        missing.append("no PACS destination (MSGATE_PACS): SR, SEG, parametric maps and key images are not sent")
+    if settings.hl7_out is None:
+        missing.append("no interface engine (MSGATE_HL7_OUT): ORU^R01 results are not sent")
+    for text in missing:
+        log.warning(text + "; results are kept in the store only", extra={"reason": "unrouted"})
+    return missing
+
+
 def run(store: Store, stop: threading.Event, policy: Policy | None = None, *, consume: bool = True) -> None:
     """The ``publish`` role: consume ``msgate.publish`` tasks and deliver until ``stop`` is set.
 
@@ -372,6 +385,7 @@ def run(store: Store, stop: threading.Event, policy: Policy | None = None, *, co
     policy = policy or Policy.from_settings(store.settings)
     settings = store.settings
     names = [d.name for d in settings.pacs] + ([HL7_DESTINATION] if settings.hl7_out is not None else [])
+    warn_unrouted(settings)
     lanes = [threading.Thread(target=_lane, args=(store, stop, policy, name, ()), name=f"outbox-{name}", daemon=True)
              for name in names]
     lanes.append(threading.Thread(target=_lane, args=(store, stop, policy, None, names), name="outbox-other",

@@ -187,6 +187,8 @@ class StorageSettings(Section):
     min_free_bytes: int = Field(2 * 1024**3, ge=0, description="below this, ingest answers out-of-resources")
     retention_days: float = Field(30.0, ge=0, description="purge source images this long after delivery")
     purge_free_bytes: int = Field(5 * 1024**3, ge=0, description="below this free space, purge delivered studies, oldest first")
+    purge_interval_s: float = Field(3600.0, ge=0, description="the scheduler role applies retention this often (free "
+                                    "space is checked every min(this, 60) s); 0: only `msgate db purge`")
 
 
 class MetricsSettings(Section):
@@ -247,6 +249,17 @@ class WorkerSettings(Section):
         return value
 
 
+class AuditSettings(Section):
+    """Anchors of the audit chain (msgate.storage.audit_anchor): its head, recorded outside the database by
+    every process that runs the scheduler role, so records cut off its end are seen by ``audit verify``."""
+
+    anchor_interval_s: float = Field(300.0, ge=0, description="seconds between anchors (the head is anchored "
+                                     "again only once it moved), one more at a clean stop; 0: no anchors")
+    anchor_file: str | None = Field(None, description="JSON lines file the anchors are appended to (fsynced); "
+                                    "None: home/audit-anchors.jsonl, a relative path is under home; empty: "
+                                    "log line only")
+
+
 class HeSettings(Section):
     """Homomorphic mode (``MSGATE_HE__ENABLED``): EHR features stay under CKKS on the GPU workers.
 
@@ -296,6 +309,7 @@ class Settings(BaseSettings):
     workers: WorkerSettings = WorkerSettings()
     rules: ListenerRules = ListenerRules()  # series roles and routing, see msgate.listener.rules
     he: HeSettings = HeSettings()
+    audit: AuditSettings = AuditSettings()
 
     @field_validator("pacs")
     @classmethod

@@ -31,6 +31,8 @@ ALLOWED_FIELDS = frozenset(
         "role", "host", "port", "count", "bytes", "kek_id", "state", "attempt", "peer", "calling_aet",
         "msg_type", "version", "uid_hash", "error_type", "ack", "queue", "device", "worker",
         "destination", "seq", "elapsed_s", "batch", "sop_class", "transfer_syntax", "model_version", "key_id",
+        "event", "hash", "keyed_from",  # the audit chain anchor (msgate.storage.audit_anchor): no PHI
+        "studies", "blobs", "by_age", "by_space", "engine_texts",  # retention.purged counts
     }
 )
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}

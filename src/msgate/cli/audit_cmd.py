@@ -1,33 +1,86 @@
-"""``msgate audit verify|head|tail``: check the keyed hash chain, export its tip, read recent events."""
+"""``msgate audit verify|head|tail``: check the keyed hash chain (and its anchors), export its tip, read recent
+events."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from msgate.cli.common import add_row, console, fail, print_json, state
-from msgate.storage import audit
+from msgate.config import Settings
+from msgate.storage import audit, audit_anchor, audit_anchor_check
+from msgate.storage.audit_anchor import Anchor
 
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.command()
-def verify(ctx: typer.Context, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Verify the whole chain; exit 1 and name the first bad record if it was tampered with."""
-    store = state(ctx).store()
+def verify(
+    ctx: typer.Context,
+    anchors: Annotated[list[Path] | None, typer.Option(
+        "--anchors", help="check the chain against the heads in FILE (repeatable): audit-anchors.jsonl, "
+        "`audit head --json` outputs, or a JSON log with audit.anchor lines; default: the configured "
+        "audit.anchor_file if it exists")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Verify the whole chain; exit 1 and name the first bad record if it was tampered with, or the first
+    anchor the chain no longer has (records cut off its end, a rewritten record)."""
+    st = state(ctx)
+    sources, loaded = _anchors(st.settings, anchors)
+    store = st.store()
     with store.db.session() as session:
         result = audit.verify(session)
+        against = audit_anchor_check.check(session, loaded, [str(p) for p in sources]) if sources else None
+    first = against.findings[0] if against is not None and against.findings else None
     if json_out:
-        print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
-                    "reason": result.reason, "keyed_from": result.keyed_from})
-        raise typer.Exit(0 if result.ok else 1)
+        bad_seq = result.first_bad_seq if not result.ok else (first.seq if first else None)
+        reason = result.reason if not result.ok else (first.reason if first else "")
+        doc: dict[str, object] = {"ok": result.ok and first is None, "checked": result.checked,
+                                  "first_bad_seq": bad_seq, "reason": reason, "keyed_from": result.keyed_from}
+        if against is not None:
+            doc["anchors"] = against.as_json()
+        print_json(doc)
+        raise typer.Exit(0 if doc["ok"] else 1)
+    _report(result, against)
+
+
+def _report(result: audit.Verification, against: audit_anchor_check.AnchorCheck | None) -> None:
+    """The text verdict: one line on stdout, and the first problem on stderr with exit 1."""
     if not result.ok:
         where = f"at record {result.first_bad_seq}" if result.first_bad_seq is not None else "(not keyed)"
         fail(f"audit chain broken {where}: {result.reason}")
     keyed = f", keyed from seq {result.keyed_from}" if result.keyed_from is not None else ", not keyed"
-    console.print(f"audit chain intact: {result.checked} records{keyed}")
+    if against is None:
+        typer.echo(f"audit chain intact: {result.checked} records{keyed}; not checked against anchors "
+                   "(no anchor file given or configured)")
+        return
+    checked = f"checked against {against.checked} anchors from {', '.join(against.sources)}"
+    if against.findings:
+        typer.echo(f"audit chain: {result.checked} records{keyed}; {checked}")
+        more = f" ({len(against.findings) - 1} more findings)" if len(against.findings) > 1 else ""
+        fail(f"audit chain does not match its anchors: {against.findings[0].reason}{more}")
+    typer.echo(f"audit chain intact: {result.checked} records{keyed}; {checked}")
+
+
+def _anchors(settings: Settings, given: list[Path] | None) -> tuple[list[Path], list[Anchor]]:
+    """The anchor files to check against and their anchors: those given, else the configured file if it
+    exists (it may still be empty). A file that cannot be read or is garbled ends the command (exit 2)."""
+    if given:
+        paths, required = list(given), True
+    else:
+        path = audit_anchor.anchor_path(settings)
+        paths, required = ([path] if path is not None and path.exists() else []), False
+    loaded: list[Anchor] = []
+    for path in paths:
+        try:
+            loaded += audit_anchor_check.read(path, required=required)
+        except audit_anchor_check.AnchorFileError as exc:
+            hint = "" if required else " (the configured audit.anchor_file; MSGATE_AUDIT__ANCHOR_FILE=\"\" skips it)"
+            fail(f"{exc}{hint}", code=2)
+    return paths, loaded
 
 
 @app.command()
@@ -39,9 +92,10 @@ def head(
 ) -> None:
     """Print the chain's tip (seq, hash) and where its keyed part starts, to ship to a log host or SIEM.
 
-    The database holds the only copy of the head: someone with write access can delete the newest records
-    and move the head back, and ``verify`` still passes. A head recorded elsewhere shows it (``--seq`` of
-    it must still print the same hash), and so does a ``keyed_from`` that changed. No PHI: not audited."""
+    Someone with write access to the database can delete the newest records and move the head back: the
+    chain alone still verifies. A head recorded elsewhere shows it: the scheduler's anchors, or this output
+    (``verify --anchors FILE`` reads it; ``--seq`` of it must still print the same hash). No PHI: not
+    audited."""
     store = state(ctx).store()
     with store.db.session() as session:
         tip = audit.current_head(session, seq)

@@ -52,7 +52,8 @@ def purge(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would be purged")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Apply retention: purge source images of delivered studies (index rows and audit stay)."""
+    """Apply retention now: purge source images and engine texts of delivered studies (index rows and audit
+    stay). The scheduler role also does it every ``storage.purge_interval_s``; a running purge is waited for."""
     store = state(ctx).store()
     report = retention.purge(store, dry_run=dry_run)
     if json_out:
@@ -60,4 +61,5 @@ def purge(
         return
     verb = "would purge" if dry_run else "purged"
     console.print(f"{verb} {len(report.studies)} studies, {report.blobs} blobs, {report.bytes / 1e6:.1f} MB "
-                  f"({report.by_age} by age, {report.by_space} by free space)")
+                  f"({report.by_age} by age, {report.by_space} by free space); {report.engine_texts} engine texts "
+                  f"{'would be ' if dry_run else ''}erased")

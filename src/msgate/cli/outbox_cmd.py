@@ -75,8 +75,10 @@ def _show_doc(store: Store, session: Session, entry: OutboxEntry) -> dict[str, A
     blob = session.get(Blob, entry.blob_id)
     doc = outbox.summary(entry, attempts, blob.kind if blob is not None else "")
     texts = outbox.peer_texts(store, attempts)
+    erased = outbox.erased_texts(session, entry, attempts)  # nothing decrypted: not a PHI view
     for item, attempt in zip(doc["history"], attempts, strict=True):
         item["peer_text"] = texts.get(attempt.id or 0)
+        item["peer_text_erased"] = attempt.id in erased
     if texts:
         audit.append(session, kind="phi.view", actor=audit.operator(), subject=f"outbox:{entry.id}",
                      detail={"view": "outbox.show", "attempt_ids": sorted(texts), "count": len(texts)})
@@ -106,6 +108,8 @@ def show(
         say(f"{_when(item['at'])}  {item['outcome']:<11} {item['peer_status'] or '-':<10} {item['detail']}")
         for line in (item["peer_text"] or "").splitlines():
             say(f"{'':21}peer: {line}")
+        if item["peer_text_erased"]:
+            say(f"{'':21}peer: (engine text erased by retention)")
 
 
 def _when(value: datetime | None) -> str:

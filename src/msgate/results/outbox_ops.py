@@ -6,6 +6,8 @@ an entry whose result was superseded by a queued correction.
 
 An attempt's peer text (the engine's MSA-3/ERR-8 explanation, encrypted) is decrypted only by
 :func:`peer_texts` for ``outbox show``, which audits it; the summaries say only whether there is one.
+Retention erases it with the study's images (:mod:`msgate.storage.retention`); :func:`erased_texts` names
+the attempts whose text it erased, from its audit events.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from sqlmodel import Session, col, select
 
 from msgate.results.outbox import PEER_TEXT_COLUMN, _mark_study, superseded
 from msgate.storage import audit
-from msgate.storage.models import OutboxAttempt, OutboxEntry, utcnow
+from msgate.storage.models import AuditEvent, Job, OutboxAttempt, OutboxEntry, utcnow
+from msgate.storage.retention import TEXT_EVENTS
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -120,3 +123,17 @@ def peer_texts(store: Store, attempts: Sequence[OutboxAttempt]) -> dict[int, str
         if text is not None and attempt.id is not None:
             out[attempt.id] = text
     return out
+
+
+def erased_texts(session: Session, entry: OutboxEntry, attempts: Sequence[OutboxAttempt]) -> set[int]:
+    """Ids of the attempts whose engine text retention erased: the ``attempt_ids`` of the retention audit
+    events of the entry's study (no text now says nothing of whether the engine sent one)."""
+    if entry.job_id is None or all(a.peer_text_enc is not None for a in attempts):
+        return set()
+    study_id = session.exec(select(Job.study_id).where(Job.id == entry.job_id)).first()
+    if study_id is None:
+        return set()
+    details = session.exec(select(AuditEvent.detail).where(AuditEvent.subject == f"study:{study_id}",
+                                                           col(AuditEvent.kind).in_(TEXT_EVENTS))).all()
+    named = {int(i) for detail in details for i in (detail or {}).get("attempt_ids", [])}
+    return {a.id for a in attempts if a.id is not None and a.id in named and a.peer_text_enc is None}

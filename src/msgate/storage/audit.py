@@ -13,8 +13,8 @@ opens two stores hashes each with its own.
 The chain tip lives in ``audit_head``, locked by each append (``SELECT ... FOR UPDATE``; SQLite
 serialises writers anyway), so concurrent writers cannot fork the chain. :func:`verify` names the
 first record that was edited, deleted or reordered, and notices a deleted tail through the head; a
-deleted tail that also moved the head back is only seen against a head exported elsewhere
-(``msgate audit head``). Details hold internal ids only, never PHI.
+deleted tail that also moved the head back is seen against the head recorded outside the database
+(:mod:`msgate.storage.audit_anchor`). Details hold internal ids only, never PHI.
 """
 
 from __future__ import annotations

@@ -7,24 +7,39 @@ with its results not yet delivered): a study reopened by new instances keeps its
 - by free space: while free space under the blob folder is under ``storage.purge_free_bytes``, oldest
   delivery first (local blob backend only: with PostgreSQL blob bodies, the space is the database's).
 Purging deletes blob bodies, erases their wrapped data keys (a backup copy of a body can no longer be
-decrypted) and marks the rows; index rows and the audit trail stay.
+decrypted) and marks the rows; index rows and the audit trail stay. It also erases the interface engine's
+encrypted free text of the study's outbox attempts (``outbox_attempt.peer_text_enc``, which may name the
+patient); the purge's audit event names those attempts, for ``outbox show``. A study purged by an msgate
+that kept that text has it erased by the next purge (audit ``retention.erase``).
+
+One purge at a time (:func:`exclusive`, across processes): ``msgate db purge`` waits for a running one,
+the scheduler role's runs (:mod:`msgate.storage.retention_schedule`) skip while another holds it. Each
+study is purged in its own transaction under its row lock, so a purge never holds writers back for long.
 """
 
 from __future__ import annotations
 
+import fcntl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_
+from sqlalchemy import and_, exists, make_url, or_, text, update
 from sqlalchemy.orm import aliased
-from sqlmodel import col, func, select
+from sqlmodel import Session, col, func, select
 
 from msgate.storage import audit
 from msgate.storage.blobs import free_bytes
-from msgate.storage.models import Blob, Instance, Job, Study, utcnow
+from msgate.storage.db import Database
+from msgate.storage.models import Blob, Instance, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.repo_studies import FINAL_STATES
 from msgate.storage.store import Store
+
+PURGE_LOCK = 0x6D736761_7465_03  # pg_advisory_lock key of retention purges ("msgate" 3)
+TEXT_EVENTS = ("retention.purge", "retention.erase")  # audit kinds whose ``attempt_ids`` had their text erased
 
 
 @dataclass
@@ -35,6 +50,8 @@ class PurgeReport:
     bytes: int = 0
     by_age: int = 0
     by_space: int = 0
+    engine_texts: int = 0  # outbox attempts whose engine text was erased
+    skipped: bool = False  # another purge was running (``wait`` False)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -74,18 +91,35 @@ def _candidates(store: Store) -> list[tuple[int, Any, int]]:
     return [(int(sid), delivered, int(size)) for sid, delivered, size in rows]  # type: ignore[arg-type]
 
 
-def purge(store: Store, *, dry_run: bool = False) -> PurgeReport:
-    settings = store.settings.storage
+def purge(store: Store, *, dry_run: bool = False, wait: bool = True,
+          stop: threading.Event | None = None) -> PurgeReport:
+    """Apply both policies once. ``wait`` False: skip at once while another purge runs (``skipped``);
+    ``stop`` set: stop between two studies. A dry run changes nothing and takes no lock."""
     report = PurgeReport(dry_run=dry_run)
+    if dry_run:
+        _purge_all(store, report, stop)
+        return report
+    with exclusive(store.db, wait=wait) as held:
+        if held:
+            _purge_all(store, report, stop)
+        else:
+            report.skipped = True
+    return report
+
+
+def _purge_all(store: Store, report: PurgeReport, stop: threading.Event | None) -> None:
+    settings = store.settings.storage
     cutoff = utcnow() - timedelta(days=settings.retention_days)
     # by free space only where purging frees that space: PostgreSQL blob bodies live on the database's
     # disk, which msgate cannot measure, so measuring MSGATE_HOME purged every delivered study there
     free = free_bytes(store.settings.blob_dir) if settings.blob_backend == "local" else float("inf")
     for study_id, delivered, size in _candidates(store):
+        if stop is not None and stop.is_set():
+            return
         by_age = delivered <= cutoff
         if not by_age and free >= settings.purge_free_bytes:
             continue
-        purged = _purge_study(store, study_id, dry_run)
+        purged = _purge_study(store, study_id, report.dry_run)
         if purged is None:  # changed since the candidates were listed (new instances, a new run)
             continue
         if by_age:
@@ -95,13 +129,21 @@ def purge(store: Store, *, dry_run: bool = False) -> PurgeReport:
             free += size
         report.studies.append(study_id)
         report.bytes += size
-        report.blobs += purged
-    return report
+        report.blobs += purged.blobs
+        report.engine_texts += purged.engine_texts
+    for study_id in _purged_with_texts(store):
+        report.engine_texts += _erase_kept_texts(store, study_id, report.dry_run)
 
 
-def _purge_study(store: Store, study_id: int, dry_run: bool) -> int | None:
-    """Purge one study's bodies; None when it is no longer eligible, re-checked under the study's row
-    lock, so an instance acknowledged since the candidates were listed is never purged."""
+@dataclass(frozen=True)
+class Purged:
+    blobs: int
+    engine_texts: int
+
+
+def _purge_study(store: Store, study_id: int, dry_run: bool) -> Purged | None:
+    """Purge one study's bodies and engine texts; None when it is no longer eligible, re-checked under the
+    study's row lock, so an instance acknowledged since the candidates were listed is never purged."""
     with store.db.session() as session:
         study = session.exec(select(Study).where(Study.id == study_id, *_eligible()).with_for_update()).first()
         if study is None:
@@ -111,12 +153,94 @@ def _purge_study(store: Store, study_id: int, dry_run: bool) -> int | None:
             .where(Instance.study_id == study_id, col(Blob.purged_at).is_(None),
                    col(Instance.received_at) <= study.delivered_at)
         ).all()
+        texts = _texts_of(session, study_id)
         if dry_run:
-            return len(blobs)
+            return Purged(len(blobs), len(texts))
         for blob in blobs:
             store.blobs.purge(session, blob)
+        _erase(session, texts)
         study.purged_at = utcnow()
         session.add(study)
         audit.append(session, kind="retention.purge", actor="retention", subject=f"study:{study_id}",
-                     detail={"blobs": len(blobs)})
-        return len(blobs)
+                     detail={"blobs": len(blobs), "engine_texts": len(texts), "attempt_ids": texts})
+        return Purged(len(blobs), len(texts))
+
+
+def _texts_of(session: Session, study_id: int) -> list[int]:
+    """The ids of the study's outbox attempts that still hold the engine's encrypted text."""
+    ids = session.exec(
+        select(OutboxAttempt.id).join(OutboxEntry, col(OutboxEntry.id) == col(OutboxAttempt.entry_id))
+        .join(Job, col(Job.id) == col(OutboxEntry.job_id))
+        .where(Job.study_id == study_id, col(OutboxAttempt.peer_text_enc).is_not(None))).all()
+    return sorted(i for i in ids if i is not None)
+
+
+def _erase(session: Session, attempt_ids: list[int]) -> None:
+    if attempt_ids:
+        session.execute(update(OutboxAttempt).where(col(OutboxAttempt.id).in_(attempt_ids))  # type: ignore[arg-type]
+                        .values(peer_text_enc=None))
+
+
+def _purged_with_texts(store: Store) -> list[int]:
+    """Purged studies whose attempts still hold engine text (purged by an msgate that kept it)."""
+    with store.db.session() as session:
+        return [int(i) for i in session.exec(
+            select(Job.study_id).distinct().join(OutboxEntry, col(OutboxEntry.job_id) == col(Job.id))
+            .join(OutboxAttempt, col(OutboxAttempt.entry_id) == col(OutboxEntry.id))
+            .join(Study, col(Study.id) == col(Job.study_id))
+            .where(col(Study.purged_at).is_not(None), col(OutboxAttempt.peer_text_enc).is_not(None))).all()]
+
+
+def _erase_kept_texts(store: Store, study_id: int, dry_run: bool) -> int:
+    with store.db.session() as session:
+        study = session.exec(select(Study).where(Study.id == study_id, col(Study.purged_at).is_not(None))
+                             .with_for_update()).first()
+        texts = _texts_of(session, study_id) if study is not None else []
+        if texts and not dry_run:
+            _erase(session, texts)
+            audit.append(session, kind="retention.erase", actor="retention", subject=f"study:{study_id}",
+                         detail={"engine_texts": len(texts), "attempt_ids": texts})
+        return len(texts)
+
+
+@contextmanager
+def exclusive(db: Database, *, wait: bool) -> Iterator[bool]:
+    """Held by one purge at a time, across processes; yields whether it is held (``wait`` False: False
+    at once while another holds it). PostgreSQL: a session advisory lock on a connection of its own, not
+    left idle in a transaction while the purge runs. SQLite (one host): an ``flock`` on a file beside the
+    database; each study's own ``BEGIN IMMEDIATE`` transaction is too short to guard a whole purge."""
+    if db.is_sqlite:
+        with _file_lock(db.url, wait=wait) as held:
+            yield held
+        return
+    with db.connect() as conn:
+        call = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+        held = conn.execute(text(f"SELECT {call}(:key)"), {"key": PURGE_LOCK}).scalar() is not False
+        conn.commit()
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": PURGE_LOCK})
+                    conn.commit()
+                except Exception:  # a broken connection: the server ended the session, and its lock
+                    conn.invalidate()
+
+
+@contextmanager
+def _file_lock(url: str, *, wait: bool) -> Iterator[bool]:
+    path = make_url(url).database
+    if not path or path == ":memory:":  # a private database: nobody else can purge it
+        yield True
+        return
+    with open(f"{path}-purge.lock", "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

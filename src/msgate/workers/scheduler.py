@@ -35,6 +35,7 @@ from sqlalchemy import and_, exists, or_, update
 from sqlmodel import Session, col, select
 
 from msgate.config import Settings
+from msgate.storage import audit_anchor
 from msgate.storage.models import (Instance, Job, Observation, Order, Patient, PatientIdentifier, Series, Study,
                                    utcnow)
 from msgate.storage.store import Store
@@ -296,11 +297,14 @@ def _drain(timeout: float) -> set[int]:
 
 def run(store: Store, stop: threading.Event) -> None:
     """The ``scheduler`` role: scan and reconcile until ``stop`` is set."""
+    from msgate.storage import retention_schedule
     from msgate.workers.celery_app import build_app
 
     sched = Scheduler(store, build_app(store.settings))
+    anchors = audit_anchor.Anchorer.for_settings(store.db, store.settings)
     period = store.settings.workers.scan_seconds
     log.info("scheduler started", extra={"model_version": sched.model_version})
+    retention = retention_schedule.start(store, stop)  # storage.purge_interval_s, in a thread of its own
     next_reconcile = 0.0
     extra: set[int] = set()
     while not stop.is_set():
@@ -311,7 +315,11 @@ def run(store: Store, stop: threading.Event) -> None:
                 next_reconcile = time.monotonic() + period
         except Exception:
             log.exception("scheduler pass failed")
+        anchors.tick()
         extra = _drain(period)
+    anchors.close()
+    if retention is not None:
+        retention.join(timeout=30)  # a running purge stops after its current study
     log.info("scheduler stopped")
 
 

@@ -142,6 +142,9 @@ class PacsDestination(Section):
         return value
 
 
+HL7_DELIMITERS = "|^~\\&"  # the ORU's encoding characters: escaped in text, refused in codes
+
+
 class Hl7Destination(Section):
     """The interface engine that receives ORU^R01 over MLLP."""
 
@@ -149,8 +152,38 @@ class Hl7Destination(Section):
     port: int = Field(2576, ge=1, le=65535)
     receiving_application: str = Field("EHR", min_length=1, max_length=20, description=HD1)
     receiving_facility: str = Field("HOSPITAL", min_length=1, max_length=20, description=HD1)
+    processing_id: str = Field("P", description="MSH-11 of the ORU: P production, T training, D debugging "
+                                                "(table 0103), optionally ^ processing mode (table 0207)")
+    service_code: str = Field("MSAI", min_length=1, max_length=20, description="OBR-4.1 (CE.1)")
+    service_text: str = Field("MS MRI AI analysis", description="OBR-4.2 (CE.2)")
+    service_coding_system: str = Field("L", min_length=1, max_length=20,
+                                       description="OBR-4.3 (CE.3; table 0396: L local, 99zzz, ...)")
     tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings,
                                    description="MLLP over TLS to the engine; off: plaintext")
+
+    @field_validator("processing_id")
+    @classmethod
+    def _processing_id(cls, value: str) -> str:
+        parts = value.strip().upper().split("^")
+        mode = parts[1] if len(parts) == 2 else "T"  # not sent: current processing
+        if parts[0] not in ("P", "T", "D") or len(parts) > 2 or mode not in ("A", "I", "R", "T"):
+            raise ValueError("a processing id is P, T or D (HL7 table 0103), optionally ^A, ^I, ^R or ^T "
+                             "(processing mode, table 0207)")
+        return "^".join(parts)
+
+    @field_validator("service_code", "service_coding_system")
+    @classmethod
+    def _no_delimiters(cls, value: str) -> str:
+        if any(char in value for char in HL7_DELIMITERS) or not value.isprintable():
+            raise ValueError("may not contain HL7 delimiters (| ^ ~ \\ &) or control characters")
+        return value
+
+    @field_validator("service_text")
+    @classmethod
+    def _text_fits(cls, value: str) -> str:
+        if len(value) + 2 * sum(value.count(char) for char in HL7_DELIMITERS) > 199:  # each escaped as \X\
+            raise ValueError("longer than OBR-4.2 allows (199 characters, HL7 delimiters counted escaped)")
+        return value
 
 
 class ResultsSettings(Section):

@@ -41,11 +41,11 @@ def settings_of(home: Path, env: dict[str, str]) -> Settings:
 
 
 def an_old_database(home: Path, env: dict[str, str], n: int) -> Settings:
-    """What the release before this one left: a schema revision back, ``n`` unkeyed (SHA-256) records."""
+    """What the release before keying left: the schema before 0007, ``n`` unkeyed (SHA-256) records."""
     assert run(home, env, "keys", "init").returncode == 0
     settings = settings_of(home, env)
     script = ScriptDirectory(str(MIGRATIONS))
-    previous = script.get_revision(script.get_current_head()).down_revision
+    previous = script.get_revision("0007").down_revision  # the revision before the keying one
     db = Database(settings.resolved_database_url)
     try:
         db.upgrade(str(previous))

@@ -1,5 +1,8 @@
 """Results delivered to real peers: DCMTK storescp and Orthanc get SR, SEG, PM and SC; a python-hl7 MLLP
-receiver gets the ORU. Everything received is read back (dsrdump, dciodvfy, highdicom, hl7apy)."""
+receiver gets the ORU. Everything received is read back (dsrdump, dciodvfy, highdicom, hl7apy).
+
+The images carry no IssuerOfPatientID (as most scanners send them) and ``dicom.default_issuer`` is HOSP; the
+HL7 feed sent the order ``PL-R-1^EPIC`` for patient ``MRN-R-1^^^HOSP``: the ORU on the wire names both so."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 from sqlmodel import select
 
+from msgate.hl7.mapping import map_messages
+from msgate.hl7.msh import read_msh
 from msgate.model.types import ModelResult
 from msgate.results import codes, outbox
 from msgate.results.publish import publish_job
@@ -39,6 +44,10 @@ from tests.integration.pacs_peers import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.peer]
+ORDER = ("MSH|^~\\&|RIS|HOSP|||20261119||OMI^O23^OMI_O23|O-R-1|P|2.5.1\r"
+         "PID|1||MRN-R-1^^^HOSP^MR||RESULTS^TEST||19800202|F\r"
+         "ORC|NW|PL-R-1^EPIC|FL-R-1^RIS^1.2.3.4^ISO\rOBR|1|PL-R-1^EPIC|FL-R-1^RIS^1.2.3.4^ISO|MR^MRI brain\r"
+         "IPC|ACC-R-1|RP1|1.2.3|SPS1|MR\r")
 SOP = {"sr": "1.2.840.10008.5.1.4.1.1.88.34", "seg": "1.2.840.10008.5.1.4.1.1.66.4",
        "pm": "1.2.840.10008.5.1.4.1.1.30", "sc": "1.2.840.10008.5.1.4.1.1.7"}
 
@@ -80,15 +89,19 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Delivered]:
     orthanc = start_orthanc(tmp / "orthanc")
     mllp = start_mllp_receiver()
     sources = flair_series(n=12, rows=40, cols=48, seed=11)
+    for ds in sources:
+        del ds.IssuerOfPatientID
     subprocess.run(["storescu", "-aec", orthanc.ae_title, "127.0.0.1", str(orthanc.dicom_port),
                     *[str(_write(tmp / "flair", ds)) for ds in sources]], check=True, timeout=60,
                    env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, capture_output=True)
     settings = make_settings(tmp / "home", "sqlite", pacs=[
         {"name": "storescp", "host": "127.0.0.1", "port": scp.port, "ae_title": scp.ae_title},
         {"name": "orthanc", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.ae_title},
-    ], hl7_out={"host": "127.0.0.1", "port": mllp.port})
+    ], hl7_out={"host": "127.0.0.1", "port": mllp.port}, dicom={"default_issuer": "HOSP"})
     store = open_store(settings)
     study_id = _ingest_flair(store, sources)
+    stored = store.ingest.store_hl7(raw=ORDER.encode(), header=read_msh(ORDER.encode()).header())
+    assert map_messages(store, [stored.message_id])[stored.message_id].state == "mapped"
     with store.db.session() as session:
         job = Job(study_id=study_id, idem_key="peers", state="done")
         session.add(job)
@@ -183,6 +196,17 @@ def test_mllp_receiver_gets_a_strictly_valid_oru(delivered: Delivered) -> None:
     assert sr.SOPInstanceUID in er7
     obr = next(line for line in er7.split("\r") if line.startswith("OBR")).split("|")
     assert obr[18] == delivered.sources[0].AccessionNumber
+
+
+def test_the_oru_names_the_linked_patient_and_the_order_as_the_feed_sent_them(delivered: Delivered) -> None:
+    """PID-3 said ``MRN-R-1^^^^MR`` (no authority, though the study was linked to HOSP|MRN-R-1) and ORC-2
+    ``PL-R-1`` (the EHR keys its orders by number and namespace)."""
+    er7 = delivered.mllp.messages[0].replace("\n", "\r")
+    seg = {line[:3]: line.split("|") for line in er7.split("\r") if line}
+    assert seg["PID"][3] == "MRN-R-1^^^HOSP^MR"
+    assert (seg["ORC"][2], seg["ORC"][3]) == ("PL-R-1^EPIC", "FL-R-1^RIS^1.2.3.4^ISO")
+    assert (seg["OBR"][2], seg["OBR"][3]) == ("PL-R-1^EPIC", "FL-R-1^RIS^1.2.3.4^ISO")
+    assert (seg["MSH"][10], seg["OBR"][4]) == ("P", "MSAI^MS MRI AI analysis^L")
 
 
 def test_several_destinations_at_once_never_hit_the_scu_race(tmp_path: Path) -> None:

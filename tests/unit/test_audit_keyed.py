@@ -74,14 +74,15 @@ def _verify(store: Store) -> audit.Verification:
 
 
 def _previous_revision() -> str:
+    """The revision before the keying one (0007), whatever revisions came after it."""
     script = ScriptDirectory(str(MIGRATIONS))
-    down = script.get_revision(script.get_current_head()).down_revision
+    down = script.get_revision("0007").down_revision
     assert isinstance(down, str)
     return down
 
 
 def _old_database(settings: Settings, n: int) -> None:
-    """A database the release before this one wrote: one schema revision back, ``n`` SHA-256 records
+    """A database the release before keying wrote: the schema before revision 0007, ``n`` SHA-256 records
     appended by a process whose engine has no audit key."""
     if not settings.keyring_path.exists():
         keyring.init(settings.keyring_path)

@@ -6,8 +6,9 @@ mapped inside a savepoint, so one bad message ends in the operator-visible ``err
 
 - ADT A01/A04/A05/A08/A28/A31: patient create/update from PID (PID-3 identifiers with assigning
   authority, PID-5 name, PID-7 birth date, PID-8 sex; all encrypted). A40: merge (PID survives, MRG-1 retires).
-- ORM^O01, OMI^O23, OMG^O19: orders from ORC/OBR (placer ORC-2/OBR-2, filler ORC-3/OBR-3, accession
-  IPC-1 or OBR-18, linked to DICOM (0008,0050) by the same blind index as the DICOM ingest).
+- ORM^O01, OMI^O23, OMG^O19: orders from ORC/OBR (placer ORC-2/OBR-2, filler ORC-3/OBR-3, each with its
+  namespace EI.2-EI.4 for the ORU, accession IPC-1 or OBR-18, linked to DICOM (0008,0050) by the same
+  blind index as the DICOM ingest).
 - ORU^R01: one observation per OBX; the feature is found by code (``model/features.py``), the value is
   converted to the feature's unit; OBX-11 ``C`` replaces, ``X``/``W``/``D`` withdraw
   (:mod:`msgate.hl7.observations`).
@@ -20,6 +21,7 @@ identifiers name are looked up together and remembered, and observations are wri
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -208,6 +210,22 @@ def _entity(seg: Segment | None, n: int) -> tuple[str, str]:
     return _value(seg.get(n)), _value(seg.get(n, 2) or seg.get(n, 3))
 
 
+def _entity_authority(seg: Segment | None, n: int) -> tuple[str, ...]:
+    """EI.2-EI.4 of an EI field (namespace ID, universal ID, universal ID type), trailing empty ones left
+    out: what the ORU sends back with the number (ORC-2/3, OBR-2/3)."""
+    if seg is None:
+        return ()
+    parts = [_value(seg.get(n, c)) for c in (2, 3, 4)]
+    while parts and not parts[-1]:
+        parts.pop()
+    return tuple(parts)
+
+
+def _authority_enc(store: Store, parts: tuple[str, ...], scope: str) -> bytes | None:
+    """``order.placer_authority_enc`` / ``filler_authority_enc``: the parts as a JSON list, encrypted."""
+    return store.cipher.encrypt(json.dumps(list(parts)), column=f"order.{scope}_authority") if parts else None
+
+
 @dataclass(frozen=True)
 class OrderGroup:
     """One ORC group of an order message and the numbers the mapping keys its order by."""
@@ -217,6 +235,8 @@ class OrderGroup:
     placer: tuple[str, str]  # (entity identifier, namespace)
     filler: tuple[str, str]
     accession: str
+    placer_authority: tuple[str, ...] = ()  # EI.2-EI.4 as sent (:func:`_entity_authority`)
+    filler_authority: tuple[str, ...] = ()
 
 
 def order_groups(segments: Sequence[Segment]) -> list[OrderGroup]:
@@ -234,10 +254,11 @@ def order_groups(segments: Sequence[Segment]) -> list[OrderGroup]:
             group.append(seg)
         obr = next((s for s in group if s.name == "OBR"), None)
         ipc = next((s for s in group if s.name == "IPC"), None)
-        placer = _entity(orc, 2) if _value(orc.get(2)) else _entity(obr, 2)
-        filler = _entity(orc, 3) if _value(orc.get(3)) else _entity(obr, 3)
+        placer_seg = orc if _value(orc.get(2)) else obr
+        filler_seg = orc if _value(orc.get(3)) else obr
         accession = _value(ipc.get(1) if ipc else "") or _value(obr.get(18) if obr else "")
-        groups.append(OrderGroup(orc, obr, placer, filler, accession))
+        groups.append(OrderGroup(orc, obr, _entity(placer_seg, 2), _entity(filler_seg, 3), accession,
+                                 _entity_authority(placer_seg, 2), _entity_authority(filler_seg, 3)))
     return groups
 
 
@@ -258,13 +279,12 @@ def _map_order(tx: Tx, msg: Message, message_id: int, outcome: Outcome) -> None:
     if not orcs:
         raise MappingError("no_order_segment")
     for group in order_groups(msg.segments):
-        _upsert_order(session, store, patient, group.placer, group.filler, group.accession, group.orc, group.obr,
-                      message_id, zone=sender_offset(msg.msh.get(7)))
+        _upsert_order(session, store, patient, group, message_id, zone=sender_offset(msg.msh.get(7)))
 
 
-def _upsert_order(session: Session, store: Store, patient: Patient | None, placer: tuple[str, str],
-                  filler: tuple[str, str], accession: str, orc: Segment, obr: Segment | None, message_id: int,
+def _upsert_order(session: Session, store: Store, patient: Patient | None, group: OrderGroup, message_id: int,
                   *, zone: timezone) -> None:
+    placer, filler, accession, orc, obr = group.placer, group.filler, group.accession, group.orc, group.obr
     placer_i, placer_e = _index(store, placer[0], "placer", placer[1])
     filler_i, filler_e = _index(store, filler[0], "filler", filler[1])
     acc_i, acc_e = _index(store, accession, "accession")
@@ -280,6 +300,10 @@ def _upsert_order(session: Session, store: Store, patient: Patient | None, place
     order.patient_id = patient.id if patient is not None else order.patient_id
     order.placer_index, order.placer_enc = placer_i or order.placer_index, placer_e or order.placer_enc
     order.filler_index, order.filler_enc = filler_i or order.filler_index, filler_e or order.filler_enc
+    if placer_e:  # a namespace goes with the number it came with (a new number without one clears it)
+        order.placer_authority_enc = _authority_enc(store, group.placer_authority, "placer")
+    if filler_e:
+        order.filler_authority_enc = _authority_enc(store, group.filler_authority, "filler")
     order.accession_index, order.accession_enc = acc_i or order.accession_index, acc_e or order.accession_enc
     order.status = (orc.get(1) or orc.get(5))[:8]
     order.procedure_code = (obr.get(4) if obr else "")[:64]

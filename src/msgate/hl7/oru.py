@@ -1,8 +1,10 @@
 """ORU^R01 v2.5.1 builder for model results, strictly validated with hl7apy before it leaves.
 
-Segments: MSH, PID, ORC, OBR (accession in OBR-18 per IHE Radiology, placer OBR-2, filler OBR-3,
-OBR-25 result status), one OBX per finding (NM/CE/ST, UCUM units as CE, OBX-11 ``P`` until a clinician
-verifies, OBX-17 method = algorithm name and version), an OBX with status ``D`` for each observation an
+Segments: MSH (MSH-11 processing id as configured), PID (PID-3 with its assigning authority and identifier
+type), ORC, OBR (accession in OBR-18 per IHE Radiology, placer ORC-2/OBR-2 and filler ORC-3/OBR-3 as whole
+EIs: number, namespace, universal id and its type, OBR-4 the configured service, OBR-25 result status),
+one OBX per finding (NM/CE/ST, UCUM units as CE, OBX-11 ``P`` until a clinician verifies, OBX-17
+method = algorithm name and version), an OBX with status ``D`` for each observation an
 earlier ORU for the order carried and this one does not, an ST OBX with the SR SOP Instance UID, and an
 NTE disclaimer. Every segment, the last included, ends with CR. Every text value is escaped here (``\\ | ^ & ~``, HL7 v2.5.1 §2.7) before it is placed in a
 component: hl7apy itself escapes only ``|`` and ``~``, so an ``^`` in an MRN used to split it into two
@@ -54,7 +56,7 @@ class OruInput:
     patient_id: str
     patient_authority: str  # DICOM Issuer of Patient ID (a local name or an OID)
     accession: str
-    placer_number: str
+    placer_number: str  # EI.1
     filler_number: str
     sr_sop_instance_uid: str
     model_name: str
@@ -74,6 +76,11 @@ class OruInput:
     authority_universal_id: str = ""  # DICOM Issuer of Patient ID Qualifiers: Universal Entity ID
     authority_universal_type: str = ""  # and its type (ISO, DNS, URI, ...)
     retracted: tuple[Retraction, ...] = ()
+    placer_authority: tuple[str, ...] = ()  # EI.2-EI.4 of the placer: namespace, universal id, its type
+    filler_authority: tuple[str, ...] = ()
+    patient_id_type: str = "MR"  # CX.5 (table 0203)
+    processing_id: str = "P"  # MSH-11 (table 0103, optionally ^ processing mode, table 0207)
+    service_system: str = "L"  # OBR-4.3
 
 
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
@@ -115,6 +122,20 @@ def hd(name: str, universal_id: str = "", universal_type: str = "") -> str:
     return esc(name)
 
 
+def ei(entity: str, authority: tuple[str, ...] = ()) -> str:
+    """An EI (``entity^namespace^universal id^type``), escaped, without trailing empty components. A
+    namespace longer than EI.2 allows (an IS of 20 characters) goes into EI.3 as a local (``L``) identifier,
+    or is left out beside a universal id, as :func:`hd` does: the ORU stays valid."""
+    namespace, universal_id, universal_type = (tuple(part.strip() for part in authority) + ("", "", ""))[:3]
+    if len(namespace) > _HD_NAMESPACE_MAX:
+        namespace, universal_id, universal_type = ("", universal_id, universal_type) if universal_id else \
+            ("", namespace, "L")
+    parts = [esc(part) for part in (entity, namespace, universal_id, universal_type)]
+    while len(parts) > 1 and not parts[-1]:
+        parts.pop()
+    return "^".join(parts)
+
+
 def _ts(value: datetime | None = None) -> str:
     """HL7 DTM: an aware time in UTC with its offset (``+0000``); a naive one (a DICOM study time whose
     offset the source did not give) as it is, without an offset."""
@@ -135,7 +156,7 @@ def build_oru(result: OruInput) -> str:
         msg.msh.msh_7 = _ts()
         msg.msh.msh_9 = "ORU^R01^ORU_R01"
         msg.msh.msh_10 = result.control_id
-        msg.msh.msh_11 = "P"
+        msg.msh.msh_11 = result.processing_id
         msg.msh.msh_12 = "2.5.1"
         msg.msh.msh_15 = "AL"
         msg.msh.msh_16 = "NE"
@@ -153,16 +174,17 @@ def _body(msg: Message, r: OruInput) -> None:
     patient = pr.add_group("ORU_R01_PATIENT")
     patient.pid.pid_1 = "1"
     authority = hd(r.patient_authority, r.authority_universal_id, r.authority_universal_type)
-    patient.pid.pid_3 = f"{esc(r.patient_id)}^^^{authority}^MR"
+    patient.pid.pid_3 = f"{esc(r.patient_id)}^^^{authority}^{esc(r.patient_id_type or 'MR')}"
     patient.pid.pid_5 = xpn(r.patient_name) or "UNKNOWN"
     oo = pr.add_group("ORU_R01_ORDER_OBSERVATION")
     oo.orc.orc_1 = "RE"
-    oo.orc.orc_2 = esc(r.placer_number)
-    oo.orc.orc_3 = esc(r.filler_number)
+    placer, filler = ei(r.placer_number, r.placer_authority), ei(r.filler_number, r.filler_authority)
+    oo.orc.orc_2 = placer
+    oo.orc.orc_3 = filler
     oo.obr.obr_1 = "1"
-    oo.obr.obr_2 = esc(r.placer_number)
-    oo.obr.obr_3 = esc(r.filler_number)
-    oo.obr.obr_4 = f"{r.service_code}^{r.service_text}^L"
+    oo.obr.obr_2 = placer
+    oo.obr.obr_3 = filler
+    oo.obr.obr_4 = f"{esc(r.service_code)}^{esc(r.service_text)}^{esc(r.service_system)}"
     oo.obr.obr_7 = _ts(r.observed_at)
     oo.obr.obr_18 = esc(r.accession)
     oo.obr.obr_22 = _ts()

@@ -8,29 +8,46 @@ first copy), a new one only after an explicit negative answer (AE/AR/CE/CR).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 from pydicom.dataset import Dataset
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from msgate.config import Settings
+from msgate.config import Hl7Destination, Settings
 from msgate.hl7.oru import Finding, OruInput, Retraction, build_oru
 from msgate.model.types import ModelResult
 from msgate.results import codes
 from msgate.results.identity import HE_PARAMETER
 from msgate.results.notes import flag_notes
+from msgate.storage import repo_ehr
 from msgate.storage.crypto import FieldCipher
-from msgate.storage.models import Order, Study
+from msgate.storage.models import Order, Patient, PatientIdentifier, Study
 
 PLACEHOLDER_CONTROL_ID = "MSGATE-UNSENT"
 
 
 @dataclass(frozen=True)
+class LinkedId:
+    """The identifier of the EHR patient the study is linked to, as the HL7 feed stored it (PID-3)."""
+
+    value: str
+    authority: str  # CX.4 as stored (its namespace, or its universal id when the feed sent only that)
+    id_type: str = "MR"  # CX.5
+
+
+@dataclass(frozen=True)
 class OrderNumbers:
+    """Whom and which order the ORU names: placer and filler (EI.1, and EI.2-EI.4 as the order feed sent
+    them), the accession, and the linked patient's identifier (None: PID-3 from the images)."""
+
     placer: str
     filler: str
     accession: str
+    placer_authority: tuple[str, ...] = ()
+    filler_authority: tuple[str, ...] = ()
+    patient: LinkedId | None = None
 
 
 def _cwe(concept: codes.CodedConcept) -> str:
@@ -82,17 +99,65 @@ def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source
     """Placer/filler of the order the job was linked to (``job.flags["order_id"]``, the order of this
     patient that shares the study's accession, chosen by ``workers.ehr.link``); without one, the same
     choice made now. Never another patient's order with the same accession (counters restart, several
-    facilities): the EHR would file the result against that patient. The accession from the images."""
-    from msgate.workers.ehr import link  # the worker's rule, so the ORU names the order the model used
+    facilities): the EHR would file the result against that patient. The accession from the images.
+    The patient: the order's (the images' own, as the link chose it), else the study's linked patient."""
+    from msgate.workers.ehr import EhrLink, link  # the worker's rule: the ORU names the order the model used
 
     accession = str(source.get("AccessionNumber", "") or "")
     order = session.get(Order, order_id) if order_id is not None else None
+    linked: EhrLink | None = None
     if order is None:
-        linked = link(session, study, cipher).order_id
-        order = session.get(Order, linked) if linked is not None else None
+        linked = link(session, study, cipher)
+        order = session.get(Order, linked.order_id) if linked.order_id is not None else None
+    owner = order.patient_id if order is not None and order.patient_id is not None else None
+    if owner is None:
+        owner = (linked or link(session, study, cipher)).patient_id
+    patient = _linked_id(session, cipher, study, owner, str(source.get("PatientID", "") or "").strip())
     placer = cipher.decrypt(order.placer_enc, column="order.placer") if order and order.placer_enc else None
     filler = cipher.decrypt(order.filler_enc, column="order.filler") if order and order.filler_enc else None
-    return OrderNumbers(placer or accession, filler or accession, accession)
+    return OrderNumbers(placer or accession, filler or accession, accession,
+                        _authority(cipher, order.placer_authority_enc, "placer") if order and placer else (),
+                        _authority(cipher, order.filler_authority_enc, "filler") if order and filler else (),
+                        patient)
+
+
+def _authority(cipher: FieldCipher, token: bytes | None, scope: str) -> tuple[str, ...]:
+    """EI.2-EI.4 stored with an order number (``hl7.mapping``); () for an order stored before revision 0008
+    (and for a value that does not decode as the list the mapping writes)."""
+    raw = cipher.decrypt(token, column=f"order.{scope}_authority") if token else None
+    try:
+        parts = json.loads(raw) if raw else []
+    except ValueError:
+        return ()
+    return tuple(str(p) for p in parts[:3]) if isinstance(parts, list) else ()
+
+
+def _linked_id(session: Session, cipher: FieldCipher, study: Study, patient_id: int | None,
+               dicom_id: str) -> LinkedId | None:
+    """The patient's identifier that links it to the study: the one the study's DICOM identifier is indexed
+    under (``IssuerOfPatientID`` or ``dicom.default_issuer`` with PatientID), else a patient identifier
+    (MR first) whose value is the images' PatientID, under whatever authority the feed sent (the link made
+    through the accession's order). None when the patient has neither, or its authority was stored cut
+    (``repo_ehr.AUTHORITY_STORED``): PID-3 then comes from the images."""
+    patient = session.get(Patient, patient_id) if patient_id is not None else None
+    if patient is None:
+        return None
+    patient = repo_ehr.survivor(session, patient)
+    query = select(PatientIdentifier).where(PatientIdentifier.patient_id == patient.id)
+    rows = [(r, (cipher.decrypt(r.value_enc, column="patient_identifier.value") or "").strip())
+            for r in session.exec(query.order_by(col(PatientIdentifier.id))).all()
+            if len(r.authority) < repo_ehr.AUTHORITY_STORED]
+    exact = [(r, v) for r, v in rows if study.dicom_patient_index and r.id_index == study.dicom_patient_index]
+    by_value = sorted(((r, v) for r, v in rows if dicom_id and v == dicom_id
+                       and _id_type(r.id_type) in repo_ehr.PATIENT_ID_TYPES),
+                      key=lambda pair: _id_type(pair[0].id_type) != "MR")
+    return next((LinkedId(v, r.authority, _id_type(r.id_type)) for r, v in exact + by_value if v), None)
+
+
+def _id_type(stored: str) -> str:
+    """CX.5 of a stored identifier type: ``MR`` when none was sent (or ``MRN``, not a table 0203 code)."""
+    kind = stored.strip().upper()
+    return "MR" if kind in ("", "MRN") else kind
 
 
 def retractions(previous_oru: str, current: tuple[Finding, ...]) -> tuple[Retraction, ...]:
@@ -139,40 +204,60 @@ def render_oru(result: ModelResult, *, source: Dataset, numbers: OrderNumbers, s
                settings: Settings, previous_oru: str | None = None) -> str:
     """``previous_oru``: the ORU the EHR last received for this order (a correction retracts what it
     carried and this result does not)."""
-    dest = settings.hl7_out
+    dest = settings.hl7_out or Hl7Destination()
     name = source.get("PatientName")
-    qualifiers = (source.get("IssuerOfPatientIDQualifiersSequence") or [None])[0]
     found = findings(result)
     return build_oru(OruInput(
-        patient_id=str(source.get("PatientID", "") or ""), patient_authority=str(source.get("IssuerOfPatientID", "") or ""),
-        authority_universal_id=str(qualifiers.get("UniversalEntityID", "") or "") if qualifiers else "",
-        authority_universal_type=str(qualifiers.get("UniversalEntityIDType", "") or "") if qualifiers else "",
+        **_pid3(source, numbers.patient, settings.dicom.default_issuer),
         retracted=retractions(previous_oru, found) if previous_oru else (),
         accession=numbers.accession, placer_number=numbers.placer, filler_number=numbers.filler,
+        placer_authority=numbers.placer_authority, filler_authority=numbers.filler_authority,
         sr_sop_instance_uid=sr_uid, model_name=result.model_name, model_version=result.model_version,
         control_id=PLACEHOLDER_CONTROL_ID, findings=found, status="P",
         notes=((CORRECTION,) if correction else ()) + ((HE_PARAMETER,) if "he" in result.flags else ())
         + flag_notes(result),
         patient_name=str(name) if name else "", observed_at=exam_time(source),
         sending_application=settings.hl7.sending_application, sending_facility=settings.hl7.sending_facility,
-        receiving_application=dest.receiving_application if dest else "EHR",
-        receiving_facility=dest.receiving_facility if dest else "HOSPITAL",
+        receiving_application=dest.receiving_application, receiving_facility=dest.receiving_facility,
+        processing_id=dest.processing_id, service_code=dest.service_code, service_text=dest.service_text,
+        service_system=dest.service_coding_system,
     ))
 
 
-def _subject(oru: str) -> tuple[str, str, str]:
-    """(PID-3 first identifier with its authority, ORC-2 placer, ORC-3 filler) of an ORU we built."""
+def _pid3(source: Dataset, linked: LinkedId | None, default_issuer: str) -> dict[str, str]:
+    """PID-3's parts: the linked EHR patient's identifier as stored; without one, the images' PatientID
+    with IssuerOfPatientID (and its qualifiers), or ``dicom.default_issuer`` when the images name no issuer
+    (the authority the study was indexed and linked under)."""
+    if linked is not None:
+        return {"patient_id": linked.value, "patient_authority": linked.authority,
+                "patient_id_type": linked.id_type}
+    qualifiers = (source.get("IssuerOfPatientIDQualifiersSequence") or [None])[0]
+    issuer = str(source.get("IssuerOfPatientID", "") or "").strip()
+    universal_id = str(qualifiers.get("UniversalEntityID", "") or "") if qualifiers else ""
+    universal_type = str(qualifiers.get("UniversalEntityIDType", "") or "") if qualifiers else ""
+    return {"patient_id": str(source.get("PatientID", "") or ""),
+            "patient_authority": issuer or ("" if universal_id.strip() else default_issuer.strip()),
+            "authority_universal_id": universal_id, "authority_universal_type": universal_type}
+
+
+def _subject(oru: str) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
+    """(PID-3 first identifier, ORC-2 placer, ORC-3 filler) of an ORU we built, each as (the number, what
+    qualifies it: CX.4 assigning authority, EI.2-EI.4 namespace)."""
     fields = {line[:3]: line.split("|") for line in oru.replace("\n", "\r").split("\r") if len(line) > 3}
     pid, orc = fields.get("PID", []), fields.get("ORC", [])
     ident = pid[3].split("~")[0].split("^") if len(pid) > 3 else [""]
-    return (f"{ident[0]}^{ident[3] if len(ident) > 3 else ''}", orc[2] if len(orc) > 2 else "",
-            orc[3] if len(orc) > 3 else "")
+    placer, filler = (orc[n].split("^", 1) if len(orc) > n else [""] for n in (2, 3))
+    return ((ident[0], ident[3] if len(ident) > 3 else ""), (placer[0], "^".join(placer[1:])),
+            (filler[0], "^".join(filler[1:])))
 
 
 def moved(previous_oru: str, current_oru: str) -> bool:
     """Whether the earlier result went to another patient or order than this one: the study was
-    re-identified (a worklist correction re-sent by the PACS) after its result was delivered."""
-    return _subject(previous_oru) != _subject(current_oru)
+    re-identified (a worklist correction re-sent by the PACS) after its result was delivered. An authority
+    or namespace counts only where both messages carry one: an ORU sent before msgate sent them (or before
+    the study was linked to its EHR patient) names the same patient and order by the same numbers."""
+    return any(a[0] != b[0] or (a[1] and b[1] and a[1] != b[1])
+               for a, b in zip(_subject(previous_oru), _subject(current_oru), strict=True))
 
 
 def wrong_patient_retraction(previous_oru: str, now: str) -> str:

@@ -234,8 +234,12 @@ class Order(SQLModel, table=True):
     accession_enc: bytes | None = _bin()
     placer_index: str | None = Field(default=None, max_length=64, index=True)
     placer_enc: bytes | None = _bin()
+    # EI.2-EI.4 (namespace, universal id, its type) of the placer / filler number, as the order feed sent
+    # them (a JSON list, encrypted), sent back in ORC-2/3 and OBR-2/3; NULL for orders stored before 0008
+    placer_authority_enc: bytes | None = _bin()
     filler_index: str | None = Field(default=None, max_length=64, index=True)
     filler_enc: bytes | None = _bin()
+    filler_authority_enc: bytes | None = _bin()
     status: str = Field(default="", max_length=8)
     procedure_code: str = Field(default="", max_length=64)
     ordered_at: datetime | None = _ts()

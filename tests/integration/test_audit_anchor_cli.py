@@ -178,8 +178,8 @@ def test_the_scheduler_anchors_the_head_and_verify_finds_the_cut_tail(home: tupl
         assert found.returncode == 1 and "truncated: anchored record seq 4" in " ".join(found.stderr.split())
 
 
-def test_a_rewrite_is_found_against_shipped_heads_and_a_garbled_file_exits_2(home: tuple[Path, dict[str, str]],
-                                                                             tmp_path: Path) -> None:
+def test_a_rewrite_is_found_against_shipped_heads_and_a_garbled_line_is_named(home: tuple[Path, dict[str, str]],
+                                                                              tmp_path: Path) -> None:
     path, env = home
     settings = a_chain(path, env, 3)
     heads = tmp_path / "heads.json"
@@ -202,9 +202,13 @@ def test_a_rewrite_is_found_against_shipped_heads_and_a_garbled_file_exits_2(hom
 
     torn = tmp_path / "torn.jsonl"
     torn.write_text(heads.read_text() + '{"event": "audit.anchor", "seq": 5, "ha')
-    garbled = run(path, env, "audit", "verify", "--anchors", str(torn))
-    assert garbled.returncode == 2 and "Traceback" not in garbled.stderr
-    assert "is not a JSON anchor" in " ".join(garbled.stderr.split())
+    garbled = run(path, env, "audit", "verify", "--anchors", str(torn))  # the torn line named, the rest checked
+    said = " ".join(garbled.stderr.split())
+    assert garbled.returncode == 1 and "Traceback" not in said, garbled.stdout + garbled.stderr
+    assert "is not a JSON anchor" in said and "rewritten: record seq 3" in said
+    torn.write_text('{"event": "audit.anchor", "seq": 5, "ha')  # nothing but a torn line: nothing to check
+    only_torn = run(path, env, "audit", "verify", "--anchors", str(torn))
+    assert only_torn.returncode == 2 and "is not a JSON anchor" in " ".join(only_torn.stderr.split())
     missing = run(path, env, "audit", "verify", "--anchors", str(tmp_path / "nowhere.jsonl"))
     assert missing.returncode == 2 and "cannot read the anchors file" in " ".join(missing.stderr.split())
     (path / "audit-anchors.jsonl").write_text("not json, but it names audit.anchor\n")

@@ -120,3 +120,23 @@ def test_an_entry_without_a_job_is_traced_on_its_own(store: Store, settings: Set
     data = trace(settings, "0dd111")
     assert data["studies"] == [] and data["outbox"] == ["0dd" + "1" * 29]
     assert [e["event"] for e in data["events"]] == ["hl7 to hl7 queued"]
+
+
+def test_a_job_id_that_also_prefixes_several_entries_traces_the_job(store: Store, settings: Settings) -> None:
+    """A job id (or its prefix) that other entries' ids happen to start with names the job: trace shows it
+    instead of listing those entries and exiting 2. The entries are only listed when nothing else matched."""
+    study_id, job_id, entry = feed(store)
+    prefix = job_id[:12]
+    with store.db.session() as session:
+        for n in (1, 2):
+            session.add(OutboxEntry(id=f"{prefix}{n}" + "0" * 19, job_id=None, kind="hl7", destination="hl7",
+                                    blob_id=entry.blob_id, state="dead"))
+    for ident in (job_id, prefix):
+        data = trace(settings, ident)
+        assert data["studies"] == [study_id] and data["outbox"] == [], data
+        seen = {(e["stage"], e["event"], e["ref"]) for e in data["events"]}
+        assert ("job", "job created (model test-1)", f"job:{job_id[:8]}") in seen
+        assert ("result", "hl7 delivered", f"outbox:{entry.id[:8]}") in seen  # the job's own entry
+    text = cli(settings, "trace", prefix)
+    assert text.exit_code == 0, text.output
+    assert "also starts 2 outbox entries" in " ".join(text.output.split())

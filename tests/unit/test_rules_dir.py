@@ -65,6 +65,36 @@ def test_words_with_dir_inside_are_not_dir(name: str) -> None:
     assert _role(_ds(name, ti=2500.0)) == "FLAIR"
 
 
+@pytest.mark.parametrize("name", [
+    "AX FLAIR dir-RL", "3D FLAIR (dir LR)", "anat-FLAIR_dir-AP", "sag_flair_dir_PA", "AX T2 FLAIR dir: R>>L",
+    "Ax FLAIR PE dir A-P", "3D FLAIR dir=SI", "t2_tirm_tra_dark-fluid_dir-RL", "FLAIR DIR HF",
+])
+def test_a_flair_named_with_its_phase_encoding_direction_stays_flair(name: str) -> None:
+    """ReproIn's ``dir-AP`` and the like name the phase-encoding direction, not a double IR: the study's
+    only FLAIR was DIR and the study never ran."""
+    assert _role(_ds(name, ti=2500.0)) == "FLAIR"
+    assert _role(_ds(name, ti=None)) == "FLAIR"
+
+
+@pytest.mark.parametrize(("name", "role"), [
+    ("anat-T1w_dir-AP", "T1"), ("MPRAGE dir-RL", "T1"), ("AX T2 TSE (dir LR)", "T2"), ("anat-T2w_dir-PA", "T2"),
+    ("anat-DIR_dir-AP", "DIR"), ("3D DIR dir-LR", "DIR"), ("Sag 3D dir-AP", "DIR"), ("DIR_LR", "DIR"),
+])
+def test_a_direction_suffix_yields_to_the_contrast_the_name_gives(name: str, role: str) -> None:
+    """A ``dir`` with a direction is DIR only when the name gives no other contrast: a bare "DIR_LR" (a
+    long-TI IR) would otherwise be taken for a FLAIR."""
+    assert _role(_ds(name, ti=None, scanning=("SE",))) == role
+    if role == "DIR":
+        assert _role(_ds(name, ti=3000.0)) == "DIR"
+
+
+@pytest.mark.parametrize("name", ["3D FLAIR DIR", "DIR FLAIR sag", "dark-fluid dir 3D"])
+def test_a_flair_name_with_a_plain_dir_token_is_dir(name: str) -> None:
+    """No direction follows: taken as a double IR. A DIR fed to the model as its FLAIR is a wrong result; a
+    FLAIR taken as DIR leaves the study waiting for a FLAIR, where a site rule can name it."""
+    assert _role(_ds(name, ti=2500.0)) == "DIR"
+
+
 @pytest.mark.parametrize("name", ["DTI 30 dir", "ep2d_diff_64dir", "DWI 6 dir", "dti_30dir_b1000"])
 def test_diffusion_directions_are_not_dir(name: str) -> None:
     assert _role(_ds(name, ti=None, scanning=("EP",))) == "OTHER"
@@ -90,6 +120,22 @@ def test_two_inversion_times_make_an_unnamed_series_dir() -> None:
     assert _role(per_frame) == "DIR"
     top = _ds("Sag 3D IR", ti=None, InversionTimes=[3000.0, 450.0])
     assert _role(top) == "DIR"
+
+
+def test_an_unnamed_gradient_echo_with_two_inversion_times_is_not_dir() -> None:
+    """An MP2RAGE (GR\\IR) lists two inversion times too: it is a T1 by its TI, never a DIR."""
+    mp2rage = _ds("", ti=700.0, scanning=("GR", "IR"), InversionTimes=[700.0, 2500.0])
+    assert _role(mp2rage) == "T1"
+    assert _role(_ds("Sag 3D", ti=None, scanning=("GR", "IR"), InversionTimes=[700.0, 2500.0])) != "DIR"
+    enhanced = _enhanced("Sag 3D IR", [700.0, 2500.0])
+    del enhanced.ScanningSequence  # Enhanced MR: EchoPulseSequence says gradient or spin echo
+    enhanced.EchoPulseSequence = "GRADIENT"
+    assert series_fields(enhanced).scanning_sequence == "GR"
+    assert _role(enhanced) != "DIR"
+    enhanced.EchoPulseSequence = "SPIN"
+    assert _role(enhanced) == "DIR"
+    del enhanced.EchoPulseSequence
+    assert _role(enhanced) == "DIR"  # neither attribute: the inversion count decides
 
 
 def test_a_named_series_is_trusted_over_its_inversion_count() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from msgate.cli.common import add_row, console, fail, print_json, state
+from msgate.cli.common import add_row, console, err_console, fail, print_json, state
 from msgate.config import Settings
 from msgate.storage import audit, audit_anchor, audit_anchor_check
 from msgate.storage.audit_anchor import Anchor
@@ -29,11 +29,13 @@ def verify(
     """Verify the whole chain; exit 1 and name the first bad record if it was tampered with, or the first
     anchor the chain no longer has (records cut off its end, a rewritten record)."""
     st = state(ctx)
-    sources, loaded = _anchors(st.settings, anchors)
+    sources, loaded, garbled = _anchors(st.settings, anchors)
     store = st.store()
     with store.db.session() as session:
         result = audit.verify(session)
-        against = audit_anchor_check.check(session, loaded, [str(p) for p in sources]) if sources else None
+        against = (audit_anchor_check.check(session, loaded, [str(p) for p in sources], garbled)
+                   if sources else None)
+    _warn_garbled(garbled)
     first = against.findings[0] if against is not None and against.findings else None
     if json_out:
         bad_seq = result.first_bad_seq if not result.ok else (first.seq if first else None)
@@ -58,6 +60,9 @@ def _report(result: audit.Verification, against: audit_anchor_check.AnchorCheck 
                    "(no anchor file given or configured)")
         return
     checked = f"checked against {against.checked} anchors from {', '.join(against.sources)}"
+    if against.garbled:
+        n = len(against.garbled)
+        checked += f"; {n} garbled anchor line{'s' if n > 1 else ''} skipped (see the warnings)"
     if against.findings:
         typer.echo(f"audit chain: {result.checked} records{keyed}; {checked}")
         more = f" ({len(against.findings) - 1} more findings)" if len(against.findings) > 1 else ""
@@ -65,22 +70,42 @@ def _report(result: audit.Verification, against: audit_anchor_check.AnchorCheck 
     typer.echo(f"audit chain intact: {result.checked} records{keyed}; {checked}")
 
 
-def _anchors(settings: Settings, given: list[Path] | None) -> tuple[list[Path], list[Anchor]]:
-    """The anchor files to check against and their anchors: those given, else the configured file if it
-    exists (it may still be empty). A file that cannot be read or is garbled ends the command (exit 2)."""
+def _anchors(settings: Settings, given: list[Path] | None) -> tuple[list[Path], list[Anchor],
+                                                                    list[audit_anchor_check.Garbled]]:
+    """The anchor files to check against, their anchors and their garbled lines: those given, else the
+    configured file if it exists (it may still be empty). A garbled line (a write cut short) is skipped
+    and named; a file that cannot be read, or holds no anchor but garbled lines (or, given by name, none
+    at all), ends the command (exit 2)."""
     if given:
         paths, required = list(given), True
     else:
         path = audit_anchor.anchor_path(settings)
         paths, required = ([path] if path is not None and path.exists() else []), False
     loaded: list[Anchor] = []
+    garbled: list[audit_anchor_check.Garbled] = []
     for path in paths:
         try:
-            loaded += audit_anchor_check.read(path, required=required)
+            found = audit_anchor_check.read(path, required=required)
         except audit_anchor_check.AnchorFileError as exc:
             hint = "" if required else " (the configured audit.anchor_file; MSGATE_AUDIT__ANCHOR_FILE=\"\" skips it)"
             fail(f"{exc}{hint}", code=2)
-    return paths, loaded
+            raise  # not reached: fail() exits
+        loaded += found.anchors
+        garbled += found.garbled
+    return paths, loaded, garbled
+
+
+_GARBLED_SHOWN = 10
+
+
+def _warn_garbled(garbled: list[audit_anchor_check.Garbled]) -> None:
+    """One warning on stderr per garbled line (the first few), whatever the verdict: an anchor lost there
+    is not checked."""
+    for item in garbled[:_GARBLED_SHOWN]:
+        err_console.print(f"warning: {item.text}; skipped", markup=False, highlight=False)
+    if len(garbled) > _GARBLED_SHOWN:
+        err_console.print(f"warning: {len(garbled) - _GARBLED_SHOWN} more garbled anchor lines skipped",
+                          markup=False, highlight=False)
 
 
 @app.command()

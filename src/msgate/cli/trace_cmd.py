@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 from sqlmodel import Session, col, select
 
-from msgate.cli.common import add_row, console, fail, print_json, state
+from msgate.cli.common import add_row, console, err_console, fail, print_json, state
 from msgate.errors import CryptoError
 from msgate.hl7.mapping import ORDER_TYPES, order_groups, order_index  # the mapping's own order keys
 from msgate.hl7.parse import Message, ParseError, parse
@@ -247,11 +247,17 @@ def entry_events(session: Session, entry: OutboxEntry) -> list[dict[str, Any]]:
 def resolve(store: Store, session: Session, ident: str,
             json_out: bool) -> tuple[list[Study], list[Hl7Message], list[OutboxEntry]]:
     """The studies, HL7 messages and outbox entries ``ident`` names (an entry's job's study among the
-    studies); nothing found exits 1, a prefix of several entries lists them and exits 2."""
+    studies); nothing found exits 1. A prefix of several entries lists them and exits 2 when that is all it
+    names (or it is the MSH-10 of an ORU msgate sent); an id that also names a study, job or message traces
+    that, with a note on the entries."""
     studies, messages, jobs = find_studies(store, session, ident)
     entries = find_entries(session, ident)
     if len(entries) > 1:
-        entry_candidates(entries, json_out)
+        if OUTBOUND_CONTROL_ID.fullmatch(ident) or not (studies or messages or jobs):
+            entry_candidates(entries, json_out)
+        err_console.print(f"note: that id also starts {len(entries)} outbox entries; give more of an entry id "
+                          "to trace one", markup=False, highlight=False)
+        entries = []
     if not (studies or messages or jobs or entries):
         fail("nothing found for that id (accession, study UID, job id, outbox entry or HL7 control id)")
     studies += [s for s in entry_studies(session, entries) if s not in studies]
@@ -266,7 +272,7 @@ def command(
 ) -> None:
     """Timeline of one accession, study, job, outbox entry or HL7 message, from association to acknowledgements.
 
-    A prefix that names several outbox entries lists them and exits 2."""
+    A prefix that names several outbox entries, and nothing else, lists them and exits 2."""
     store = state(ctx).store()
     with store.db.session() as session:
         studies, messages, entries = resolve(store, session, ident, json_out)

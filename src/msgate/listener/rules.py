@@ -2,12 +2,13 @@
 
 **Roles** (:class:`RoleRule`) are tried in order; the first rule whose every given condition matches
 decides the series role. Conditions are case-insensitive regular expressions searched in
-SeriesDescription (``text``), SequenceName, ImageType and ScanningSequence (both as ``A\\B`` strings),
-an InversionTime range in ms, and a minimum number of inversion times (InversionTimes, Enhanced MR). When
-no rule matches, the rules are tried once more with ``text`` = SeriesDescription + ' | ' + ProtocolName:
-GE writes the exam's protocol ("MS BRAIN SWAN") on every series, so the description decides first. A
-series that no rule matches either way is ``OTHER``. A double inversion recovery is ``DIR``, which the
-model does not read: it is never taken as the FLAIR.
+SeriesDescription (``text``), SequenceName, ImageType and ScanningSequence (both as ``A\\B`` strings;
+an Enhanced MR header's EchoPulseSequence stands in for the latter), an InversionTime range in ms, and a
+minimum number of inversion times (InversionTimes, Enhanced MR). When no rule matches, the rules are
+tried once more with ``text`` = SeriesDescription + ' | ' + ProtocolName: GE writes the exam's protocol
+("MS BRAIN SWAN") on every series, so the description decides first. A series that no rule matches
+either way is ``OTHER``. A double inversion recovery is ``DIR``, which the model does not read: it is
+never taken as the FLAIR.
 
 **Routing** (:class:`RoutingRule`) decides per study what happens once it is complete: ``pipeline``
 (hand to the MS model when the rule's required roles are present), ``store_only`` (kept, never
@@ -156,10 +157,21 @@ _T1_FLAIR = (r"(?<![a-z0-9])t1w?(?![0-9])[^|]*?(flair|dark[-_ ]?fluid|tirm)"
              r"|(flair|dark[-_ ]?fluid)[-_ ]?t1(?![0-9])")
 # Double inversion recovery: Siemens t2_spc_dir / DIR_SPACE, GE 3D DIR CUBE, Philips 3D_DIR, "double IR",
 # "dbl_ir", "2IR". "dir" is a word of its own ("direction", "dircos", "indirect" are not), never a count of
-# diffusion directions ("DTI 30 dir", "64dir") nor a phase-encoding direction ("phase dir AP").
-_DIR = (r"^(?!.*(dti|dwi|diff|tensor|phase[-_ ]?dir))"
-        r".*((?<![a-z0-9])(?<![0-9][-_ ])dir(?![a-z])|double[-_ ]?(inv|ir(?![a-z]))|dbl[-_ ]?ir(?![a-z])"
+# diffusion directions ("DTI 30 dir", "64dir") nor a phase-encoding direction ("phase dir AP", and a "dir"
+# followed by one: ReproIn's "anat-FLAIR_dir-AP", "FLAIR (dir LR)", "dir: R>>L"). A plain "dir" in a name
+# that also says FLAIR is still DIR: a DIR given to the model as its FLAIR is a wrong result, a FLAIR taken
+# for a DIR leaves the study waiting for its FLAIR, in sight.
+_DIR_TOKEN = r"(?<![a-z0-9])(?<![0-9][-_ ])dir(?![a-z])"
+_DIRECTION = (r"[-_ :=(]*((ap|pa|lr|rl|si|is|hf|fh)(?![a-z0-9])"
+              r"|[aplrsihf] ?(>>?|->|-|to) ?[aplrsihf](?![a-z0-9]))")
+_NOT_DIFFUSION = r"^(?!.*(dti|dwi|diff|tensor|phase[-_ ]?dir))"
+_DIR = (rf"{_NOT_DIFFUSION}"
+        rf".*({_DIR_TOKEN}(?!{_DIRECTION})|double[-_ ]?(inv|ir(?![a-z]))|dbl[-_ ]?ir(?![a-z])"
         r"|(?<![a-z0-9])2[-_]?ir(?![a-z]))")
+_T2 = r"t2w|(?<![a-z0-9])t2|(?<![a-z])(tse|fse)(?![a-z])"
+# "dir" with a direction in a name that names no FLAIR, T1 (rules before) or T2 ("DIR_LR", "Sag 3D dir-AP"):
+# still DIR, never a long-TI IR's FLAIR.
+_DIR_WITH_DIRECTION = rf"^(?!.*({_T2})){_NOT_DIFFUSION}.*{_DIR_TOKEN}"
 _W = r"(?<![a-z])(mag|magnitude|pha|phase)(?![a-z])"
 _SOURCE = rf"(qsm|swi|swan|susc|gre).*{_W}|{_W}.*(qsm|swi|swan|gre)"
 
@@ -189,12 +201,14 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
     # parameters: a labelled series is trusted over its TI, an unlabelled one is judged by it.
     RoleRule(role=Role.T1, name="T1 by name",
              text=r"mp-?rage|mp2rage|bravo|spgr|t1w|(?<![a-z0-9])t1|(?<![a-z])tfe(?![a-z])|(?<![a-z])vibe"),
-    RoleRule(role=Role.DIR, name="two inversion times", inversion_count_min=2),
+    RoleRule(role=Role.DIR, name="dir with a direction, no contrast named", text=_DIR_WITH_DIRECTION),
+    # An MP2RAGE (GR\IR) lists two inversion times too: only a spin-echo or unstated sequence is a DIR.
+    RoleRule(role=Role.DIR, name="two inversion times", inversion_count_min=2, scanning_sequence=r"^(?!.*\bGR\b)"),
     RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"\bIR\b",
              inversion_time_min=1500, inversion_time_max=3500),
     RoleRule(role=Role.T1, name="short-TI inversion recovery gradient echo", scanning_sequence=r"\bIR\b.*\bGR\b|"
              r"\bGR\b.*\bIR\b", inversion_time_min=300, inversion_time_max=1300),
-    RoleRule(role=Role.T2, name="T2 by name", text=r"t2w|(?<![a-z0-9])t2|(?<![a-z])(tse|fse)(?![a-z])"),
+    RoleRule(role=Role.T2, name="T2 by name", text=_T2),
 ]
 
 DEFAULT_ROUTING: list[RoutingRule] = [
@@ -311,12 +325,21 @@ def _inversion_count(ds: Any) -> int:
     return count
 
 
+_ECHO_PULSE = {"SPIN": "SE", "GRADIENT": "GR", "BOTH": "SE\\GR"}
+
+
+def _scanning_sequence(ds: Any) -> str:
+    """ScanningSequence; an Enhanced MR header has none, its EchoPulseSequence (0018,9008: SPIN, GRADIENT,
+    BOTH) stands in as SE, GR or SE\\GR, so that a rule can tell a gradient echo (an MP2RAGE) from a DIR."""
+    return _text(ds, "ScanningSequence") or _ECHO_PULSE.get(_text(ds, "EchoPulseSequence").strip().upper(), "")
+
+
 def series_fields(ds: Any) -> SeriesFields:
     """Read the role inputs from a pydicom header (``ds`` is ``pydicom.Dataset``)."""
     seq = _text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
     return SeriesFields(text=_text(ds, "SeriesDescription"), protocol=_text(ds, "ProtocolName"),
                         sequence_name=seq, image_type=_text(ds, "ImageType"),
-                        scanning_sequence=_text(ds, "ScanningSequence"), inversion_time=_float(ds, "InversionTime"),
+                        scanning_sequence=_scanning_sequence(ds), inversion_time=_float(ds, "InversionTime"),
                         modality=_text(ds, "Modality"), sop_class=_text(ds, "SOPClassUID"),
                         inversion_count=_inversion_count(ds))
 

@@ -13,6 +13,7 @@ A head that did not move since the last anchor is not recorded again. No PHI: se
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -60,12 +61,16 @@ def anchor_path(settings: Settings) -> Path | None:
 
 
 def append_line(path: Path, anchor: Anchor) -> None:
-    """Append one anchor line and fsync it (and the folder, when the file is new)."""
+    """Append one anchor line and fsync it (and the folder, when the file is new). A file that does not end
+    with a newline (a write cut short) gets one first, so the anchor starts a line of its own. A write that
+    does not take the whole line raises ``OSError`` (what did land is a torn line; verify names it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
     try:
-        os.write(fd, (anchor.line() + "\n").encode())
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        _write_all(fd, ("\n" if torn else "") + anchor.line() + "\n")
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -75,6 +80,16 @@ def append_line(path: Path, anchor: Anchor) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _write_all(fd: int, text: str) -> None:
+    """``os.write`` until all of ``text`` is written: a write may take less than it is given."""
+    data = memoryview(text.encode())
+    while data:
+        written = os.write(fd, data)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "the anchor file took no more bytes")
+        data = data[written:]
 
 
 def last_written(path: Path) -> Anchor | None:
@@ -135,8 +150,9 @@ class Anchorer:
             try:
                 append_line(self.path, anchor)
             except OSError as exc:
-                log.warning("audit anchor not written to its file", extra={"error_type": type(exc).__name__,
-                                                                            "reason": exc.strerror})
+                log.warning("audit anchor not written to its file: the next tick tries again", extra={
+                    "error_type": type(exc).__name__, "reason": exc.strerror})
+                return anchor  # self.last unchanged: the next tick records this head again, in the file too
         self.last = anchor
         return anchor
 

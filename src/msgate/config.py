@@ -115,6 +115,13 @@ class Hl7Settings(Section):
 
     _nets = field_validator("allowed_networks")(_check_networks)
 
+    @field_validator("sending_application", "sending_facility")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():  # placed in MSH-3/4 of ACKs and ORUs as they are: a line break ended MSH
+            raise ValueError("may not contain control characters (a line break ends the MSH segment)")
+        return value
+
     @field_validator("processing_ids")
     @classmethod
     def _processing_ids(cls, value: list[str]) -> list[str]:
@@ -181,8 +188,17 @@ class Hl7Destination(Section):
     @field_validator("service_text")
     @classmethod
     def _text_fits(cls, value: str) -> str:
+        if not value.isprintable():  # a CR or LF ended OBR, and the rest of the text became a bogus segment
+            raise ValueError("may not contain control characters (a line break ends the ORU's segment)")
         if len(value) + 2 * sum(value.count(char) for char in HL7_DELIMITERS) > 199:  # each escaped as \X\
             raise ValueError("longer than OBR-4.2 allows (199 characters, HL7 delimiters counted escaped)")
+        return value
+
+    @field_validator("receiving_application", "receiving_facility")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():  # placed in MSH-5/6 as they are: a line break ended MSH
+            raise ValueError("may not contain control characters (a line break ends the ORU's MSH segment)")
         return value
 
 

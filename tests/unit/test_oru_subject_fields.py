@@ -315,3 +315,171 @@ def test_an_oru_sent_before_authorities_and_namespaces_is_the_same_subject() -> 
     other_mrn = _render(_source(PatientID="MRN-R-2", IssuerOfPatientID=None), hl7_out.OrderNumbers(
         "12345", "F1", "ACC-R-1"))
     assert hl7_out.moved(before, other_mrn)
+
+
+# --- review 2026-12-11: the same patient written two ways; escaped lengths; control characters -----------
+
+
+def _qualified(universal_id: str = "1.2.3.4", universal_type: str = "ISO", **attrs: object) -> Dataset:
+    qualifier = Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = universal_id, universal_type
+    return _source(IssuerOfPatientIDQualifiersSequence=[qualifier], **attrs)
+
+
+def test_an_oru_sent_with_the_images_qualifiers_then_linked_is_the_same_patient() -> None:
+    """The first ORU went out before the ADT with ``HOSP&1.2.3.4&ISO`` (IssuerOfPatientID and its
+    qualifiers); the correction after linking names the EHR identifier, stored as ``HOSP`` (or, when the
+    feed sent HD.2 only, ``1.2.3.4``). Taken as moved, the patient's own result was withdrawn from their
+    chart as "sent for the wrong patient"."""
+    before = _render(_qualified())
+    assert _seg(before, "PID")[3] == "MRN-R-1^^^HOSP&1.2.3.4&ISO^MR"
+    for stored in ("HOSP", "1.2.3.4"):
+        after = _render(_qualified(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1",
+                                                           patient=hl7_out.LinkedId("MRN-R-1", stored)))
+        assert not hl7_out.moved(before, after), stored
+        assert not hl7_out.moved(after, before), stored
+    # an issuer name too long for HD.1 is left out beside the qualifiers, and goes into HD.2 as a local name
+    # when the EHR identifier is sent: an ISO universal id and a local name are not compared
+    long_name = "RADIOLOGY-NORTH-CAMPUS"
+    first = _render(_qualified(IssuerOfPatientID=long_name))
+    linked = _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1",
+                                                     patient=hl7_out.LinkedId("MRN-R-1", long_name)))
+    assert (_seg(first, "PID")[3], _seg(linked, "PID")[3]) == \
+        ("MRN-R-1^^^&1.2.3.4&ISO^MR", f"MRN-R-1^^^&{long_name}&L^MR")
+    assert not hl7_out.moved(first, linked)
+
+
+def test_another_authority_in_the_same_part_is_still_a_move() -> None:
+    before = _render(_qualified())
+    for other in (_render(_qualified("1.2.3.5")),  # HD.2 vs HD.2 of the same type
+                  _render(_qualified(IssuerOfPatientID="CLINIC")),  # HD.1 vs HD.1
+                  _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1",
+                                                          patient=hl7_out.LinkedId("MRN-R-1", "CLINIC"))),
+                  _render(_qualified(PatientID="MRN-R-2"))):
+        assert hl7_out.moved(before, other)
+        assert hl7_out.moved(other, before)
+    ns = _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1",
+                                                 placer_authority=("EPIC", "1.2.3", "ISO")))
+    assert not hl7_out.moved(ns, _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1",
+                                                                         placer_authority=("EPIC",))))
+    assert hl7_out.moved(ns, _render(_source(), hl7_out.OrderNumbers(
+        "P1", "F1", "ACC-R-1", placer_authority=("", "1.2.4", "ISO"))))  # EI.3 vs EI.3
+
+
+def test_the_patient_and_order_the_jobs_named_decide_over_the_text() -> None:
+    """Where both jobs know the EHR patient (and order) their ORU named, those decide: the same patient
+    written two ways is not moved, another patient whose identifier reads the same (two facilities' MRN-R-1
+    sent without an authority) is."""
+    before = _render(_qualified())
+    after = _render(_qualified(PatientID="MRN-R-2"))
+    same, other = hl7_out.Subject(patient=7, order=3), hl7_out.Subject(patient=8, order=3)
+    assert hl7_out.moved(before, after) and not hl7_out.moved(before, after, same, same)
+    assert hl7_out.moved(before, before, same, other)
+    assert hl7_out.moved(before, before, same, hl7_out.Subject(patient=7, order=4))  # another order
+    unknown = hl7_out.Subject(patient=None, order=None)  # not linked when it was sent: the text decides
+    assert hl7_out.moved(before, after, unknown, same) and not hl7_out.moved(before, before, unknown, same)
+
+
+def test_a_job_subject_resolves_a_merged_patient_to_its_survivor(hstore: Store) -> None:
+    from msgate.storage.models import Patient
+
+    with hstore.db.session() as session:
+        survivor, retired = Patient(), Patient()
+        session.add_all([survivor, retired])
+        session.flush()
+        retired.merged_into_id = survivor.id
+        session.add(retired)
+        session.flush()
+        assert hl7_out.job_subject(session, {"patient_id": retired.id, "order_id": 5}) == \
+            hl7_out.Subject(patient=survivor.id, order=5)
+        # what the ORU named when it was rendered beats what the job was planned with
+        assert hl7_out.job_subject(session, {"patient_id": 99, "order_id": None,
+                                             "oru_subject": {"patient": retired.id, "order": None}}) == \
+            hl7_out.Subject(patient=survivor.id, order=None)
+        assert hl7_out.job_subject(session, {}) == hl7_out.Subject()
+        assert hl7_out.job_subject(session, {"patient_id": 12345}) == hl7_out.Subject(patient=12345)
+
+
+def test_escaped_lengths_decide_where_a_namespace_goes() -> None:
+    """A 19-character namespace with ``&`` is 21 characters escaped: it failed STRICT (MaxLengthReached) and
+    the whole ORU was left out. Now it goes into EI.3 as a local identifier, as an over-long one does."""
+    ns = "A&" + "B" * 17
+    er7 = _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1", placer_authority=(ns,)))
+    assert _seg(er7, "ORC")[2] == f"P1^^A\\T\\{'B' * 17}^L"
+    beside = _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1",
+                                                     placer_authority=(ns, "1.2.3", "ISO")))
+    assert _seg(beside, "ORC")[2] == "P1^^1.2.3^ISO"
+    fits = "A&" + "B" * 16  # 20 escaped
+    assert _seg(_render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1", placer_authority=(fits,))),
+                "ORC")[2] == f"P1^A\\T\\{'B' * 16}"
+    issuer = _render(_source(IssuerOfPatientID=ns))
+    assert _seg(issuer, "PID")[3] == f"MRN-R-1^^^&A\\T\\{'B' * 17}&L^MR"
+
+
+def test_an_over_long_universal_id_or_type_is_left_out_and_the_oru_stays_valid() -> None:
+    """EI.3/HD.2 are ST (199 characters), EI.4/HD.3 ID from table 0301 (6 characters: ``Random``)."""
+    long_uid = "urn:" + "x" * 196
+    numbers = hl7_out.OrderNumbers("P1", "F1", "ACC-R-1", placer_authority=("EPIC", long_uid, "URI"),
+                                   filler_authority=("", long_uid, "URI"))
+    er7 = _render(_source(), numbers)
+    assert (_seg(er7, "ORC")[2], _seg(er7, "ORC")[3]) == ("P1^EPIC", "F1")  # as orders before 0008
+    escaped_over = "1.2&" + "3" * 194  # 198 characters, 200 escaped
+    assert _seg(_render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1", placer_authority=(
+        "EPIC", escaped_over, "L"))), "ORC")[2] == "P1^EPIC"
+    typed = _render(_source(), hl7_out.OrderNumbers("P1", "F1", "ACC-R-1", placer_authority=(
+        "EPIC", "1.2.3", "NOT-A-TYPE"), filler_authority=("RIS", "1.2.4", "Random")))
+    assert (_seg(typed, "ORC")[2], _seg(typed, "ORC")[3]) == ("P1^EPIC^1.2.3", "F1^RIS^1.2.4^Random")
+    # PID-3: a universal id too long beside the issuer is left out; a type that is not one is not sent
+    assert _seg(_render(_qualified(long_uid, "URI")), "PID")[3] == "MRN-R-1^^^HOSP^MR"
+    assert _seg(_render(_qualified("1.2.3.4", "NOTATYPE")), "PID")[3] == "MRN-R-1^^^HOSP&1.2.3.4&L^MR"
+
+
+def test_a_patient_authority_that_fits_nowhere_refuses_the_oru_instead_of_dropping_it() -> None:
+    """Without the images' issuer, qualifiers whose universal id is too long for HD.2 are the only
+    authority: sent without it, an engine could file the result under another facility's MRN-R-1."""
+    from msgate.errors import Rejected
+
+    with pytest.raises(Rejected) as refused:
+        _render(_qualified("urn:" + "x" * 196, "URI", IssuerOfPatientID=None))
+    assert refused.value.code == "oru_invalid"
+
+
+@pytest.mark.parametrize("where", ["patient_name", "patient_id", "placer", "namespace", "accession"])
+def test_a_line_break_in_a_value_is_escaped_not_a_segment_end(where: str) -> None:
+    """msgate's own HL7 parser reads ``\\X0D\\`` and ``\\.br\\`` into values, and DICOM text may carry a CR
+    or LF: placed as they were, they ended the segment and the rest became a bogus one."""
+    from msgate.hl7.parse import parse
+
+    source = _source(**{"patient_name": {"PatientName": "DOE\r\nZZZ|1^X"},
+                        "patient_id": {"PatientID": "MRN\r1"}, "accession": {"AccessionNumber": "ACC\n1"}}
+                     .get(where, {}))
+    numbers = hl7_out.OrderNumbers("P\n1" if where == "placer" else "P1", "F1", source.AccessionNumber,
+                                   placer_authority=("EP\rIC",) if where == "namespace" else ())
+    er7 = _render(source, numbers)
+    lines = er7.split("\r")
+    assert [line[:3] for line in lines if line][:4] == ["MSH", "PID", "ORC", "OBR"]
+    assert "\n" not in er7 and all(line[:3].isalpha() and line[3] == "|" for line in lines if line)
+    assert "\\X0D\\" in er7 or "\\X0A\\" in er7  # hexadecimal data (v2.5.1 §2.7.4), not \E\X0D\E\
+    assert "\\E\\X0" not in er7 and er7.isascii() and "UNICODE" not in er7  # no stand-in left
+    parsed = parse(er7.encode())
+    pid, orc, obr = parsed.first("PID"), parsed.first("ORC"), parsed.first("OBR")
+    assert pid is not None and orc is not None and obr is not None
+    got = {"patient_name": pid.get(5, 1), "patient_id": pid.get(3, 1), "placer": orc.get(2, 1),
+           "namespace": orc.get(2, 2), "accession": obr.get(18)}[where]
+    assert got == {"patient_name": "DOE\r\nZZZ|1", "patient_id": "MRN\r1", "placer": "P\n1",
+                   "namespace": "EP\rIC", "accession": "ACC\n1"}[where]
+
+
+@pytest.mark.parametrize("key", ["service_text", "receiving_application", "receiving_facility"])
+@pytest.mark.parametrize("bad", ["MRI\rOBX|1|ST", "MRI\nAI", "MRI\x0bAI", "MRI\x1cAI"])
+def test_control_characters_in_oru_text_settings_are_refused(key: str, bad: str) -> None:
+    with pytest.raises(ConfigError, match=f"MSGATE_HL7_OUT__{key.upper()}"):
+        load_settings(home=Path("/nonexistent"), hl7_out={"port": 2576, key: bad})
+
+
+@pytest.mark.parametrize("key", ["sending_application", "sending_facility"])
+@pytest.mark.parametrize("bad", ["MSGATE\rOBX|1|ST", "MS\nGATE", "MS\x1cGATE"])
+def test_control_characters_in_the_sending_identity_are_refused(key: str, bad: str) -> None:
+    """MSH-3/4 of the ORU (and of every ACK) are set as they are: a line break would end MSH."""
+    with pytest.raises(ConfigError, match=f"MSGATE_HL7__{key.upper()}"):
+        load_settings(home=Path("/nonexistent"), hl7={key: bad})

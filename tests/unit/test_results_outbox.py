@@ -676,3 +676,131 @@ def test_a_result_re_run_for_another_patient_withdraws_the_first_one(rstore: Sto
 
     parse_message(withdrawn, validation_level=VALIDATION_LEVEL.STRICT,
                   find_groups=True).validate()  # as valid as the message it withdraws
+
+
+def _publish_and_deliver(store: Store, job_id: str, shape: tuple[int, int, int] = (12, 40, 48)) -> str:
+    """Publish the job, mark its SR and ORU delivered, supersede it; its ORU."""
+    store_result(store, job_id=job_id, result=model_result(shape))
+    assert publish_job(store, job_id) == "queued"
+    _deliver(store, job_id, ("out.sr", "out.oru"))
+    with store.db.session() as session:
+        session.get(Job, job_id).state = "superseded"  # type: ignore[union-attr]
+    [oru] = _orus(store, job_id)
+    return oru
+
+
+def _orus(store: Store, job_id: str) -> list[str]:
+    with store.db.session() as session:
+        return [store.blobs.read(session, e.blob_id).decode() for e in session.exec(
+            select(OutboxEntry).where(OutboxEntry.job_id == job_id, OutboxEntry.kind == "hl7")).all()]
+
+
+def _pid3(message: str) -> str:
+    return next(line for line in message.split("\r") if line.startswith("PID")).split("|")[3]
+
+
+def _planned(store: Store, job_id: str) -> None:
+    """The flags the scheduler plans a job with (``workers.scheduler.plan``): the EHR link as it is now."""
+    from msgate.workers import ehr
+
+    with store.db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        link = ehr.link(session, study, store.cipher)
+        job.flags = {**job.flags, "patient_id": link.patient_id, "order_id": link.order_id}
+        session.add(job)
+
+
+def _withdrawals(store: Store) -> int:
+    with store.db.session() as session:
+        return len(session.exec(select(AuditEvent).where(AuditEvent.kind == "results.withdrawn")).all())
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned-flags", "no-flags"])
+def test_a_result_sent_before_the_adt_with_the_images_qualifiers_is_corrected_not_withdrawn(
+        rstore: Store, planned: bool) -> None:
+    """Review 2026-12-11: the first ORU went out before the ADT, PID-3 from the images with
+    IssuerOfPatientID and its qualifiers (``HOSP&1.2.3.4&ISO``); after the ADT linked the study, the
+    correction named the EHR identifier as stored (``HOSP``). The whole CX.4 texts differed, so the patient's
+    own result was withdrawn from their chart as "sent for the wrong patient"."""
+    from pydicom.dataset import Dataset
+
+    from msgate.hl7.mapping import map_messages
+    from msgate.hl7.msh import read_msh
+    from msgate.results import hl7_out
+
+    qualifier = Dataset()
+    qualifier.UniversalEntityID, qualifier.UniversalEntityIDType = "1.2.3.4", "ISO"
+    for ds in flair_series(n=12, rows=40, cols=48, seed=5, study_uid="1.2.826.0.1.3680043.8.498.1"):
+        ds.IssuerOfPatientIDQualifiersSequence = [qualifier]
+        rstore.ingest.store_instance(source=encode(ds))
+    first = _job(rstore)
+    if planned:
+        _planned(rstore, first)
+    old = _publish_and_deliver(rstore, first)
+    assert _pid3(old) == "MRN-R-1^^^HOSP&1.2.3.4&ISO^MR"
+    adt = ("MSH|^~\\&|ADT|HOSP|||20261120||ADT^A04|A1|P|2.5.1\r"
+           "PID|1||MRN-R-1^^^HOSP&1.2.3.4&ISO^MR||RESULTS^TEST||19800202|F\r").encode()
+    stored = rstore.ingest.store_hl7(raw=adt, header=read_msh(adt).header())
+    assert map_messages(rstore, [stored.message_id])[stored.message_id].state == "mapped"
+    second = _job(rstore, supersedes=first, idem="k2")
+    if planned:
+        _planned(rstore, second)
+        assert _state_job(rstore, second).flags["patient_id"] is not None  # linked now
+    store_result(rstore, job_id=second, result=model_result((12, 40, 48)))
+    assert publish_job(rstore, second) == "queued"
+    [new] = _orus(rstore, second)
+    assert _pid3(new) == "MRN-R-1^^^HOSP^MR"
+    assert "Withdrawn" not in new and hl7_out.CORRECTION in new
+    assert _withdrawals(rstore) == 0
+
+
+@pytest.mark.parametrize("case", ["another", "merged"])
+def test_the_ehr_patient_the_earlier_oru_named_decides_a_move(rstore: Store, case: str) -> None:
+    """The images name nobody the EHR knows by identifier, so both ORUs carry the images' PID-3; the
+    study was linked to patient A when the first result went out. Linked now to another patient B, the
+    first result is withdrawn (by text, a correction of A's result went to B); A merged into B is the
+    same patient (a correction)."""
+    from msgate.results import hl7_out
+    from msgate.storage.models import Patient
+
+    first = _job(rstore, with_flair=True)
+    with rstore.db.session() as session:
+        a, b = Patient(), Patient()
+        session.add_all([a, b])
+        session.flush()
+        a_id, b_id = a.id, b.id
+        job = session.get(Job, first)
+        assert job is not None
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        study.patient_id = a_id
+        session.add(study)
+    _planned(rstore, first)
+    old = _publish_and_deliver(rstore, first)
+    with rstore.db.session() as session:
+        job = session.get(Job, first)
+        assert job is not None
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        study.patient_id = b_id
+        session.add(study)
+        if case == "merged":
+            retired = session.get(Patient, a_id)
+            assert retired is not None
+            retired.merged_into_id = b_id
+            session.add(retired)
+    second = _job(rstore, supersedes=first, idem="k2")
+    _planned(rstore, second)
+    store_result(rstore, job_id=second, result=model_result((12, 40, 48)))
+    assert publish_job(rstore, second) == "queued"
+    orus = _orus(rstore, second)
+    assert all(_pid3(m) == _pid3(old) for m in orus)  # the text alone says: the same patient
+    if case == "another":
+        assert len(orus) == 2 and _withdrawals(rstore) == 1
+        [new] = [m for m in orus if "Withdrawn" not in m]
+        assert hl7_out.CORRECTION not in new
+    else:
+        assert len(orus) == 1 and _withdrawals(rstore) == 0 and hl7_out.CORRECTION in orus[0]

@@ -8,7 +8,8 @@ method = algorithm name and version), an OBX with status ``D`` for each observat
 earlier ORU for the order carried and this one does not, an ST OBX with the SR SOP Instance UID, and an
 NTE disclaimer. Every segment, the last included, ends with CR. Every text value is escaped here (``\\ | ^ & ~``, HL7 v2.5.1 §2.7) before it is placed in a
 component: hl7apy itself escapes only ``|`` and ``~``, so an ``^`` in an MRN used to split it into two
-components (another patient), and an ``&`` in an order number made the message invalid.
+components (another patient), and an ``&`` in an order number made the message invalid. Control
+characters go out as hexadecimal data (``\\X0D\\``): a CR or LF in a value ended its segment.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Literal
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
+from hl7apy.parser import parse_message
 
 from msgate.errors import Rejected
 
@@ -84,13 +86,35 @@ class OruInput:
 
 
 _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\"))
+# A C0 control character (CR, LF, the MLLP frame bytes...) goes out as hexadecimal data (\X0D\, v2.5.1
+# §2.7.4). hl7apy escapes the escape character of every sequence but \H\ \N\ \F\ \S\ \T\ \R\ \E\ (it wrote
+# \E\X0D\E\, the literal text "\X0D\"), so esc() leaves a stand-in, one of the 32 Unicode noncharacters
+# U+FDD0-U+FDEF (never interchanged), and build_oru() writes the sequence into the text hl7apy made.
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_STAND_IN = re.compile(r"[\ufdd0-\ufdef]")
+_STAND_IN_BASE = 0xFDD0
 
 
 def esc(text: str) -> str:
-    """One component's text with the HL7 delimiters escaped (the default encoding characters)."""
+    """One component's text with the HL7 delimiters escaped (the default encoding characters), and each
+    control character as hexadecimal data (a stand-in until :func:`build_oru` writes it): a CR or LF placed
+    as it is ended the segment, and the rest of the value became a bogus segment. Such text reaches the ORU
+    from DICOM values and from the HL7 feed, whose ``\\X0D\\`` and ``\\.br\\`` msgate's parser reads into the
+    values it stores (and reads this form back to the same value)."""
+    text = _STAND_IN.sub("\ufffd", text)  # a noncharacter in the input is not text: the replacement character
     for char, sequence in _ESCAPES:
         text = text.replace(char, sequence)
-    return text
+    return _CONTROL.sub(lambda m: chr(_STAND_IN_BASE + ord(m.group())), text)
+
+
+def _hex_data(er7: str) -> str:
+    """The ER7 text with :func:`esc`'s stand-ins written as ``\\Xhh\\``."""
+    return _STAND_IN.sub(lambda m: f"\\X{ord(m.group()) - _STAND_IN_BASE:02X}\\", er7)
+
+
+def _width(escaped: str) -> int:
+    """The length of :func:`esc`'s text as sent (a stand-in is the five characters of ``\\Xhh\\``)."""
+    return len(escaped) + 4 * len(_STAND_IN.findall(escaped))
 
 
 def xpn(dicom_name: str) -> str:
@@ -102,35 +126,58 @@ def xpn(dicom_name: str) -> str:
 
 
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
-_HD_NAMESPACE_MAX = 20  # HD.1 is an IS of at most 20 characters (v2.5.1 table of data types)
+_HD_NAMESPACE_MAX = 20  # HD.1 / EI.2: an IS of at most 20 characters (v2.5.1 table of data types)
+_ST_MAX = 199  # HD.2 / EI.3 (and CX.1, EI.1): an ST, as hl7apy checks it
+_TYPE_MAX = 6  # HD.3 / EI.4: an ID of table 0301, at most 6 characters ("Random"; hl7apy checks none)
+
+
+def _authority(name: str, universal_id: str, universal_type: str) -> tuple[str, str, str]:
+    """Namespace, universal id and its type, escaped, each where it fits: lengths are those of the escaped
+    text (what the receiver and hl7apy's STRICT check count; a 19-character namespace with an ``&`` is 21).
+    A type longer than table 0301 allows is not one (as if none was sent). A universal id too long for
+    HD.2/EI.3 is left out beside a namespace. A namespace too long for HD.1/EI.2 goes into HD.2/EI.3 as a
+    local (``L``) identifier, or is left out beside a universal id. A part that fits nowhere with nothing
+    beside it is kept, and strict validation refuses the message (the caller decides what that means)."""
+    name, universal_id, universal_type = (esc(part.strip()) for part in (name, universal_id, universal_type))
+    if _width(universal_type) > _TYPE_MAX:
+        universal_type = ""
+    if _width(universal_id) > _ST_MAX and name:
+        universal_id, universal_type = "", ""
+    if _width(name) > _HD_NAMESPACE_MAX:
+        if universal_id:
+            name = ""  # the universal id names the authority; a name too long for HD.1 is left out
+        elif _width(name) <= _ST_MAX:
+            name, universal_id, universal_type = "", name, "L"
+    return name, universal_id, universal_type
 
 
 def hd(name: str, universal_id: str = "", universal_type: str = "") -> str:
     """An assigning authority as HD subcomponents (``namespace&universal id&type``, escaped). An OID goes
     into HD.2 with type ISO; a name longer than HD.1 allows goes into HD.2 as a local (``L``) identifier
-    instead of being cut (a cut name would no longer match the EHR's authority)."""
+    instead of being cut (a cut name would no longer match the EHR's authority); lengths as
+    :func:`_authority` fits them. The only authority of a patient identifier is never dropped: one that fits
+    nowhere refuses the ORU (sent without it, an engine could file the result under another facility's
+    patient with the same number)."""
     name, universal_id, universal_type = name.strip(), universal_id.strip(), universal_type.strip()
     if not universal_id and _OID.match(name):
         name, universal_id, universal_type = "", name, "ISO"
-    if len(name) > _HD_NAMESPACE_MAX:
-        if universal_id:
-            name = ""  # the universal id names the authority; a name too long for HD.1 is left out
-        else:
-            name, universal_id, universal_type = "", name, "L"
+    name, universal_id, universal_type = _authority(name, universal_id, universal_type)
     if universal_id:
-        return f"{esc(name)}&{esc(universal_id)}&{esc(universal_type or 'L')}"
-    return esc(name)
+        return f"{name}&{universal_id}&{universal_type or 'L'}"
+    return name
 
 
 def ei(entity: str, authority: tuple[str, ...] = ()) -> str:
-    """An EI (``entity^namespace^universal id^type``), escaped, without trailing empty components. A
-    namespace longer than EI.2 allows (an IS of 20 characters) goes into EI.3 as a local (``L``) identifier,
-    or is left out beside a universal id, as :func:`hd` does: the ORU stays valid."""
-    namespace, universal_id, universal_type = (tuple(part.strip() for part in authority) + ("", "", ""))[:3]
-    if len(namespace) > _HD_NAMESPACE_MAX:
-        namespace, universal_id, universal_type = ("", universal_id, universal_type) if universal_id else \
-            ("", namespace, "L")
-    parts = [esc(part) for part in (entity, namespace, universal_id, universal_type)]
+    """An EI (``entity^namespace^universal id^type``), escaped, without trailing empty components; the
+    namespace, universal id and type placed as :func:`_authority` fits them, and a part that fits nowhere
+    left out: the ORU stays valid, the number going out alone as for an order stored before revision
+    0008 (PID-3 names the patient)."""
+    namespace, universal_id, universal_type = _authority(*(tuple(authority) + ("", "", ""))[:3])
+    if _width(universal_id) > _ST_MAX:
+        universal_id, universal_type = "", ""
+    if _width(namespace) > _HD_NAMESPACE_MAX:  # too long for EI.3 as well
+        namespace = ""
+    parts = [esc(entity), namespace, universal_id, universal_type]
     while len(parts) > 1 and not parts[-1]:
         parts.pop()
     return "^".join(parts)
@@ -161,10 +208,14 @@ def build_oru(result: OruInput) -> str:
         msg.msh.msh_15 = "AL"
         msg.msh.msh_16 = "NE"
         _body(msg, result)
-        if not str(msg.to_er7()).isascii():  # sent as UTF-8: say so (empty MSH-18 means ASCII)
+        if not _hex_data(str(msg.to_er7())).isascii():  # sent as UTF-8: say so (empty MSH-18 means ASCII)
             msg.msh.msh_18 = "UNICODE UTF-8"
         msg.validate()
-        return str(msg.to_er7()).replace("\n", "\r") + "\r"  # every segment ends with CR (v2.5.1 §2.5)
+        made = str(msg.to_er7())
+        er7 = _hex_data(made).replace("\n", "\r") + "\r"  # every segment ends with CR (v2.5.1 §2.5)
+        if _STAND_IN.search(made):  # hexadecimal data written in: validated again as it is sent
+            parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
+        return er7
     except HL7apyException as exc:
         raise Rejected(f"ORU failed strict validation ({type(exc).__name__})", code="oru_invalid") from None
 

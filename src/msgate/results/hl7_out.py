@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlmodel import Session, col, select
@@ -38,6 +39,20 @@ class LinkedId:
 
 
 @dataclass(frozen=True)
+class Subject:
+    """The EHR patient and order an ORU named, by row id (internal ids, never PHI): the order the numbers
+    came from and its patient, else the patient the study was linked to. None where there was none (the
+    ORU then named them by the images' identifiers alone)."""
+
+    patient: int | None = None
+    order: int | None = None
+
+    def as_flags(self) -> dict[str, int | None]:
+        """What ``job.flags["oru_subject"]`` records for a later run's :func:`moved`."""
+        return {"patient": self.patient, "order": self.order}
+
+
+@dataclass(frozen=True)
 class OrderNumbers:
     """Whom and which order the ORU names: placer and filler (EI.1, and EI.2-EI.4 as the order feed sent
     them), the accession, and the linked patient's identifier (None: PID-3 from the images)."""
@@ -48,6 +63,7 @@ class OrderNumbers:
     placer_authority: tuple[str, ...] = ()
     filler_authority: tuple[str, ...] = ()
     patient: LinkedId | None = None
+    subject: Subject = Subject()  # the EHR rows it names, for :func:`moved`
 
 
 def _cwe(concept: codes.CodedConcept) -> str:
@@ -118,7 +134,7 @@ def order_numbers(session: Session, cipher: FieldCipher, *, study: Study, source
     return OrderNumbers(placer or accession, filler or accession, accession,
                         _authority(cipher, order.placer_authority_enc, "placer") if order and placer else (),
                         _authority(cipher, order.filler_authority_enc, "filler") if order and filler else (),
-                        patient)
+                        patient, Subject(owner, order.id if order is not None else None))
 
 
 def _authority(cipher: FieldCipher, token: bytes | None, scope: str) -> tuple[str, ...]:
@@ -240,24 +256,66 @@ def _pid3(source: Dataset, linked: LinkedId | None, default_issuer: str) -> dict
             "authority_universal_id": universal_id, "authority_universal_type": universal_type}
 
 
-def _subject(oru: str) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
+def _subject(oru: str) -> tuple[tuple[str, list[str]], tuple[str, list[str]], tuple[str, list[str]]]:
     """(PID-3 first identifier, ORC-2 placer, ORC-3 filler) of an ORU we built, each as (the number, what
-    qualifies it: CX.4 assigning authority, EI.2-EI.4 namespace)."""
+    qualifies it: CX.4's HD parts, EI.2-EI.4; escaped text, so ``&`` and ``^`` are the delimiters)."""
     fields = {line[:3]: line.split("|") for line in oru.replace("\n", "\r").split("\r") if len(line) > 3}
     pid, orc = fields.get("PID", []), fields.get("ORC", [])
     ident = pid[3].split("~")[0].split("^") if len(pid) > 3 else [""]
-    placer, filler = (orc[n].split("^", 1) if len(orc) > n else [""] for n in (2, 3))
-    return ((ident[0], ident[3] if len(ident) > 3 else ""), (placer[0], "^".join(placer[1:])),
-            (filler[0], "^".join(filler[1:])))
+    placer, filler = (orc[n].split("^") if len(orc) > n else [""] for n in (2, 3))
+    return ((ident[0], ident[3].split("&") if len(ident) > 3 else []), (placer[0], placer[1:4]),
+            (filler[0], filler[1:4]))
 
 
-def moved(previous_oru: str, current_oru: str) -> bool:
+def _authority_differs(a: list[str], b: list[str]) -> bool:
+    """Whether two assigning authorities (HD: namespace, universal id, its type; or EI.2-EI.4) name
+    different ones: a namespace against a namespace, a universal id against one of the same type (an OID
+    and a local name are not compared). A part only one side has says nothing: an ORU built from the
+    images' IssuerOfPatientID and its qualifiers says ``HOSP&1.2.3.4&ISO``, one that names the linked EHR
+    identifier ``HOSP`` (the feed's HD.1, stored alone), and they are the same patient."""
+    (ns_a, uid_a, type_a), (ns_b, uid_b, type_b) = ((parts + ["", "", ""])[:3] for parts in (a, b))
+    if ns_a and ns_b and ns_a != ns_b:
+        return True
+    return bool(uid_a and uid_b and uid_a != uid_b and (type_a or "L").upper() == (type_b or "L").upper())
+
+
+def job_subject(session: Session, flags: dict[str, Any]) -> Subject:
+    """The EHR patient and order a job's ORU named: ``flags["oru_subject"]`` as the publish recorded it,
+    else (a job published before it was recorded) the link it was planned with (``patient_id``,
+    ``order_id``); a merged patient as its survivor."""
+    named = flags.get("oru_subject")
+    if not isinstance(named, dict):
+        named = {"patient": flags.get("patient_id"), "order": flags.get("order_id")}
+    patient_id, order_id = named.get("patient"), named.get("order")
+    patient = session.get(Patient, patient_id) if isinstance(patient_id, int) else None
+    if patient is not None:
+        patient_id = repo_ehr.survivor(session, patient).id
+    return Subject(patient_id if isinstance(patient_id, int) else None,
+                   order_id if isinstance(order_id, int) else None)
+
+
+def moved(previous_oru: str, current_oru: str, previous: Subject = Subject(),
+          current: Subject = Subject()) -> bool:
     """Whether the earlier result went to another patient or order than this one: the study was
-    re-identified (a worklist correction re-sent by the PACS) after its result was delivered. An authority
-    or namespace counts only where both messages carry one: an ORU sent before msgate sent them (or before
-    the study was linked to its EHR patient) names the same patient and order by the same numbers."""
-    return any(a[0] != b[0] or (a[1] and b[1] and a[1] != b[1])
-               for a, b in zip(_subject(previous_oru), _subject(current_oru), strict=True))
+    re-identified (a worklist correction re-sent by the PACS) after its result was delivered.
+
+    Decided by identity where both runs know it (``previous`` and ``current``, :func:`job_subject`: the
+    EHR patient, merged ones as their survivor, and the order), not by how the ORU wrote it: an ORU sent
+    before the study was linked to its EHR patient names the images' identifier and authority, and the
+    correction the EHR's. Where either does not, by the numbers (PID-3.1, ORC-2.1, ORC-3.1) and their
+    authority or namespace part by part (:func:`_authority_differs`): an ORU sent before msgate sent them
+    (or before the study was linked to its patient) names the same patient and order by the same numbers."""
+    (pid_a, *orders_a), (pid_b, *orders_b) = _subject(previous_oru), _subject(current_oru)
+    if previous.patient is not None and current.patient is not None:
+        patient_moved = previous.patient != current.patient
+    else:
+        patient_moved = pid_a[0] != pid_b[0] or _authority_differs(pid_a[1], pid_b[1])
+    if previous.order is not None and current.order is not None:
+        order_moved = previous.order != current.order
+    else:
+        order_moved = any(a[0] != b[0] or _authority_differs(a[1], b[1])
+                          for a, b in zip(orders_a, orders_b, strict=True))
+    return patient_moved or order_moved
 
 
 def wrong_patient_retraction(previous_oru: str, now: str) -> str:

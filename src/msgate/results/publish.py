@@ -126,6 +126,12 @@ def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:
     its destination (:func:`_reached`; walks ``supersedes_id``). One never tried is dropped by this
     publish and never reaches anyone: naming it as the predecessor would point the PACS or the EHR at
     nothing."""
+    found = previous_sent_by(store, job, kind)
+    return found[1] if found is not None else None
+
+
+def previous_sent_by(store: Store, job: Job, kind: str) -> tuple[str, bytes] | None:
+    """:func:`previous_sent` with the id of the job that sent it (whose flags say whom its ORU named)."""
     with store.db.session() as session:
         for earlier in predecessors(session, job):
             for blob_id in session.exec(
@@ -134,7 +140,7 @@ def previous_sent(store: Store, job: Job, kind: str) -> bytes | None:
             ).all():
                 data = store.blobs.read(session, blob_id)
                 if hl7_out.WRONG_SUBJECT.encode() not in data:  # a withdrawal sent to another patient: not it
-                    return data
+                    return earlier, data
     return None
 
 
@@ -163,15 +169,23 @@ def _oru(store: Store, session: Session, job: Job, study: Study, result: ModelRe
     try:
         numbers = hl7_out.order_numbers(session, store.cipher, study=study, source=sources.first,
                                         order_id=job.flags.get("order_id"))
-        return hl7_out.render_oru(result, source=sources.first, numbers=numbers, sr_uid=sr_uid,
-                                  correction=correction, settings=store.settings,
-                                  previous_oru=previous.decode("utf-8", "replace") if previous else None).encode("utf-8")
+        oru = hl7_out.render_oru(result, source=sources.first, numbers=numbers, sr_uid=sr_uid,
+                                 correction=correction, settings=store.settings,
+                                 previous_oru=previous.decode("utf-8", "replace") if previous else None).encode("utf-8")
+        job.flags = {**job.flags, "oru_subject": numbers.subject.as_flags()}  # whom it named (hl7_out.moved)
+        return oru
     except Rejected as exc:
         log.error("ORU left out: it cannot be built for this result", extra={"job_id": job.id, "reason": exc.code})
         job.flags = {**job.flags, "oru_error": exc.code}
         audit.append(session, kind="results.oru_refused", actor="publish", subject=f"job:{job.id}",
                      detail={"reason": exc.code})
         return None
+
+
+def _named(session: Session, job_id: str) -> hl7_out.Subject:
+    """Whom the ORU of an earlier job named (:func:`hl7_out.job_subject`); unknown for a job row gone."""
+    earlier = session.get(Job, job_id)
+    return hl7_out.job_subject(session, earlier.flags or {}) if earlier is not None else hl7_out.Subject()
 
 
 def _retire_predecessors(session: Session, job_ids: list[str]) -> int:
@@ -208,7 +222,8 @@ def publish_job(store: Store, job_id: str) -> str:
         raise Rejected("the job has no stored result", code="no_result")
     sources = load_sources(store, job)
     previous = previous_sr(store, job)
-    previous_oru = previous_sent(store, job, "out.oru")
+    sent_oru = previous_sent_by(store, job, "out.oru")
+    previous_oru = sent_oru[1] if sent_oru is not None else None
     objects, sr_uid = render(result, sources, options=RenderOptions.from_settings(store.settings),
                              previous=[previous] if previous is not None else None)
     with store.db.session() as session:
@@ -227,8 +242,9 @@ def publish_job(store: Store, job_id: str) -> str:
         if store.settings.hl7_out is not None:
             oru = _oru(store, session, locked, study, result, sources, sr_uid, published,
                        previous_oru if published else None)
-            if oru is not None and published and previous_oru is not None and hl7_out.moved(
-                    previous_oru.decode("utf-8", "replace"), oru.decode("utf-8", "replace")):
+            if oru is not None and published and sent_oru is not None and hl7_out.moved(
+                    sent_oru[1].decode("utf-8", "replace"), oru.decode("utf-8", "replace"),
+                    _named(session, sent_oru[0]), hl7_out.job_subject(session, locked.flags)):
                 # the study was re-identified after its result went out: the earlier patient's (or order's)
                 # result is withdrawn, and this one is a first result for its own patient, not a correction
                 objects.append(Rendered("out.oru", hl7_out.wrong_patient_retraction(

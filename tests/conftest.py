@@ -3,6 +3,7 @@ machine's real PostgreSQL with PostgreSQL blobs). Each PostgreSQL test gets its 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -70,3 +71,21 @@ def store(settings: Settings) -> Iterator[Store]:
     st = open_store(settings)
     yield st
     st.close()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs the whole CLI (``msgate.cli.app``) installs msgate's log handler on the root logger,
+    on CliRunner's stream, which is closed once the test ends; later tests in the same process then print
+    "--- Logging error ---" into whatever stream is current (another CliRunner's output). Put the root
+    logger's msgate handlers and level back after each test."""
+    root = logging.getLogger()
+    before, level = [h for h in root.handlers if getattr(h, "_msgate", False)], root.level
+    yield
+    for handler in [h for h in root.handlers if getattr(h, "_msgate", False)]:
+        if handler not in before:  # msgate's own handlers only: pytest's capture handlers come and go per phase
+            root.removeHandler(handler)
+    for handler in before:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

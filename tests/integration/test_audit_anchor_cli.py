@@ -5,8 +5,6 @@ database access (and, for the rewrite, the key ring) would."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -16,14 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete
-from sqlmodel import col, select
 
 from msgate.config import Settings, load_settings
 from msgate.storage import audit, keyring
 from msgate.storage.db import Database
-from msgate.storage.models import AuditEvent, AuditHead
 from msgate.storage.store import open_store
+from tests import audit_forgery as forgery
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +77,7 @@ def cut(settings: Settings, keep: int) -> None:
     db = Database(settings.resolved_database_url)
     try:
         with db.session() as s:
-            s.execute(delete(AuditEvent).where(col(AuditEvent.seq) > keep))
-            kept = s.exec(select(AuditEvent).where(AuditEvent.seq == keep)).one()
-            head = s.get(AuditHead, 1)
-            assert head is not None
-            head.seq, head.hash = kept.seq, kept.hash
-            s.add(head)
+            forgery.cut(s, keep)
     finally:
         db.dispose()
 
@@ -98,19 +89,7 @@ def rewrite_with_key(settings: Settings, seq: int) -> None:
         key = audit.key_of(store.db.engine)
         assert key is not None
         with store.db.session() as s:
-            rows = s.exec(select(AuditEvent).where(AuditEvent.seq >= seq).order_by(col(AuditEvent.seq))).all()
-            prev = rows[0].prev_hash
-            rows[0].actor = "cli:mallory"
-            for row in rows:
-                body = audit.canonical(seq=row.seq, ts=row.ts, kind=row.kind, actor=row.actor, subject=row.subject,
-                                       detail=row.detail)
-                row.prev_hash = prev
-                row.hash = prev = hmac.new(key, prev.encode() + b"|" + body, hashlib.sha256).hexdigest()
-                s.add(row)
-            head = s.get(AuditHead, 1)
-            assert head is not None
-            head.hash = prev
-            s.add(head)
+            forgery.rewrite(s, seq, key=key, actor="cli:mallory")
     finally:
         store.close()
 

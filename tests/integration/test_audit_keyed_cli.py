@@ -3,7 +3,6 @@ and the machine's PostgreSQL. The database is changed the way a writer without t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,13 +11,14 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlmodel import col, select
+from sqlmodel import select
 
 from msgate.config import Settings, load_settings
 from msgate.storage import audit
 from msgate.storage.db import MIGRATIONS, Database
 from msgate.storage.models import AuditEvent, AuditHead
 from msgate.storage.store import open_store
+from tests import audit_forgery as forgery
 
 pytestmark = pytest.mark.integration
 
@@ -67,19 +67,7 @@ def rewrite_unkeyed(settings: Settings, seq: int) -> None:
     db = Database(settings.resolved_database_url)
     try:
         with db.session() as s:
-            rows = s.exec(select(AuditEvent).where(AuditEvent.seq >= seq).order_by(col(AuditEvent.seq))).all()
-            prev = rows[0].prev_hash
-            rows[0].actor = "mallory"
-            for row in rows:
-                body = audit.canonical(seq=row.seq, ts=row.ts, kind=row.kind, actor=row.actor, subject=row.subject,
-                                       detail=row.detail)
-                row.prev_hash, row.hash = prev, hashlib.sha256(prev.encode() + b"|" + body).hexdigest()
-                prev = row.hash
-                s.add(row)
-            head = s.get(AuditHead, 1)
-            assert head is not None
-            head.hash = prev
-            s.add(head)
+            forgery.rewrite(s, seq, key=None)
     finally:
         db.dispose()
 

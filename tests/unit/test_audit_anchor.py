@@ -8,8 +8,6 @@ Before, the head of the chain lived only in the database: a writer deleted the n
 from __future__ import annotations
 
 import errno
-import hashlib
-import hmac
 import io
 import json
 import logging
@@ -17,8 +15,6 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete
-from sqlmodel import col, select
 from typer.testing import CliRunner, Result
 
 from msgate.cli.app import app
@@ -27,8 +23,8 @@ from msgate.log import SafeFormatter
 from msgate.storage import audit, audit_anchor, audit_anchor_check
 from msgate.storage.audit_anchor import Anchor, Anchorer
 from msgate.storage.audit_anchor_check import AnchorFileError
-from msgate.storage.models import AuditEvent, AuditHead
 from msgate.storage.store import Store
+from tests import audit_forgery as forgery
 
 
 class Clock:
@@ -64,12 +60,7 @@ def _check(store: Store, anchors: list[Anchor]) -> audit_anchor_check.AnchorChec
 def _cut(store: Store, keep: int) -> None:
     """The attack: delete every record after ``keep`` and move the head back to it; nothing else changes."""
     with store.db.session() as s:
-        s.execute(delete(AuditEvent).where(col(AuditEvent.seq) > keep))
-        kept = s.exec(select(AuditEvent).where(AuditEvent.seq == keep)).one()
-        head = s.get(AuditHead, 1)
-        assert head is not None
-        head.seq, head.hash = kept.seq, kept.hash
-        s.add(head)
+        forgery.cut(s, keep)
 
 
 def _rewrite_with_key(store: Store, from_seq: int) -> None:
@@ -78,19 +69,7 @@ def _rewrite_with_key(store: Store, from_seq: int) -> None:
     key = audit.key_of(store.db.engine)
     assert key is not None
     with store.db.session() as s:
-        rows = s.exec(select(AuditEvent).where(AuditEvent.seq >= from_seq).order_by(col(AuditEvent.seq))).all()
-        prev = rows[0].prev_hash
-        rows[0].subject = "x:forged"
-        for row in rows:
-            body = audit.canonical(seq=row.seq, ts=row.ts, kind=row.kind, actor=row.actor, subject=row.subject,
-                                   detail=row.detail)
-            row.prev_hash = prev
-            row.hash = prev = hmac.new(key, prev.encode() + b"|" + body, hashlib.sha256).hexdigest()
-            s.add(row)
-        head = s.get(AuditHead, 1)
-        assert head is not None
-        head.hash = prev
-        s.add(head)
+        forgery.rewrite(s, from_seq, key=key)
 
 
 # --- recording anchors ------------------------------------------------------------------------------

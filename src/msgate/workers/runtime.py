@@ -4,7 +4,9 @@ The model module (``workers.model_module``, default ``msgate.model.predict``) pr
 ``load_model()`` and ``predict(cases) -> list[ModelResult]``; optionally ``preprocess(case) -> case``
 (the MONAI transforms, timed separately), ``MODEL_VERSION``/``model_version()`` and ``MODEL_NAME``.
 ``load_model`` gets ``device=`` when its signature takes it; ``READS_EHR = False`` keeps the case
-loader off the EHR (as HE mode always does). CUDA is used when available, else CPU.
+loader off the EHR (as HE mode always does). CUDA is used when available, else CPU. ``cuda:N`` is
+resolved by the worker role (:func:`msgate.workers.worker.child_devices`): it serves that GPU from a
+child that sees only it, whose Runtime gets ``cuda``.
 """
 
 from __future__ import annotations

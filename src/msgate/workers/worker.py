@@ -2,7 +2,12 @@
 
 The solo pool runs tasks in the worker's own process: CUDA is initialised once, never in a forked
 child (pytorch/pytorch#40403). The model is loaded and warmed up before the first message is taken.
-With several GPUs the role starts one child process per device (``spawn``, ``CUDA_VISIBLE_DEVICES``).
+With several GPUs the role starts one child process per device (``spawn``, ``CUDA_VISIBLE_DEVICES``);
+``MSGATE_WORKERS__DEVICE=cuda:N`` starts one child, on the N-th device this process sees (with one device
+visible, ``cuda:0`` is served in this process). A child sees only its own GPU, so its device is always
+``cuda`` (``cuda:N`` there would name an ordinal it does not have).
+``cuda:N`` with N at or past the visible device count is refused at start (:class:`ConfigError`); in a
+container that reserves one host GPU (compose's ``MSGATE_WORKER_GPU``) that GPU is ``cuda:0``.
 Embedded mode (no ``MSGATE_BROKER_URL``) runs the same worker on the durable SQLite transport.
 
 Time limits: the solo pool applies neither of Celery's limits. The watchdog in :mod:`msgate.workers.tasks`
@@ -21,6 +26,7 @@ import threading
 from typing import Any
 
 from msgate.config import Settings
+from msgate.errors import ConfigError
 from msgate.storage.store import Store, open_store
 from msgate.workers import celery_app, runtime
 
@@ -33,6 +39,46 @@ def gpu_count(settings: Settings) -> int:
     import torch
 
     return int(torch.cuda.device_count())
+
+
+def cuda_ordinal(device: str) -> int | None:
+    """N of ``cuda:N``; None for ``auto``, ``cpu`` and a bare ``cuda``."""
+    kind, sep, ordinal = device.partition(":")
+    return int(ordinal) if kind == "cuda" and sep else None
+
+
+def visible_id(ordinal: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` that shows a child only the ``ordinal``-th device this process sees:
+    the ordinal, or this process's own entry for it when ``CUDA_VISIBLE_DEVICES`` already narrows the
+    host's devices (``2,3``: ordinal 1 is host GPU 3)."""
+    inherited = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return inherited[ordinal] if ordinal < len(inherited) else str(ordinal)
+
+
+def child_devices(settings: Settings) -> list[str] | None:
+    """The ``CUDA_VISIBLE_DEVICES`` of each per-GPU child, or None for one worker in this process (CPU, or
+    one GPU, which ``cuda:0`` names as well). Raises :class:`ConfigError` for a ``cuda:N`` this process
+    cannot see."""
+    wanted = settings.workers.device
+    count = gpu_count(settings)
+    ordinal = cuda_ordinal(wanted)
+    if ordinal is None:
+        return [visible_id(i) for i in range(count)] if count > 1 else None
+    if ordinal >= count:
+        log.error("MSGATE_WORKERS__DEVICE names a GPU this process cannot see", extra={"device": wanted,
+                                                                                       "count": count})
+        seen = f"cuda:0 to cuda:{count - 1}" if count else "none"
+        raise ConfigError(f"MSGATE_WORKERS__DEVICE={wanted} names a GPU this process cannot see: {count} "
+                          f"CUDA device(s) visible ({seen}). In a container that reserves one GPU "
+                          "(compose: MSGATE_WORKER_GPU picks the host GPU) it is cuda:0; use auto, cuda or "
+                          "cuda:0 there")
+    return None if count == 1 else [visible_id(ordinal)]
+
+
+def _on_own_gpu(settings: Settings) -> Settings:
+    """A per-GPU child's settings: its only device is ``cuda`` (never the parent's ``cuda:N`` or ``auto``)."""
+    workers = settings.workers.model_copy(update={"device": "cuda"})
+    return settings.model_copy(update={"workers": workers})
 
 
 def start_controller(store: Store, *, queues: tuple[str, ...] = (celery_app.GPU_QUEUE,),
@@ -81,8 +127,10 @@ def serve_one(store: Store, stop: threading.Event) -> None:
         raise RuntimeError("the worker's Celery consumer stopped")
 
 
-def _child(settings: Settings, device_index: int) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(device_index)
+def _child(settings: Settings, visible: str) -> None:
+    """One per-GPU worker process: ``visible`` is its ``CUDA_VISIBLE_DEVICES`` (set before CUDA starts)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    settings = _on_own_gpu(settings)
     from msgate.log import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
@@ -95,16 +143,21 @@ def _child(settings: Settings, device_index: int) -> None:
 
 
 def run(store: Store, stop: threading.Event) -> None:
-    """One solo worker in this process, or one child per GPU when there are several."""
-    n = gpu_count(store.settings)
-    if n <= 1:
+    """One solo worker in this process, or one child per GPU when there are several, or one child on
+    the GPU that ``cuda:N`` names."""
+    devices = child_devices(store.settings)
+    if devices is None:
         serve_one(store, stop)
         return
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_child, args=(store.settings, i), name=f"gpu-worker-{i}") for i in range(n)]
+    children = [ctx.Process(target=_child, args=(store.settings, visible), name=f"gpu-worker-{visible}")
+                for visible in devices]
     for child in children:
         child.start()
-    log.info("GPU workers started", extra={"count": n})
+    from msgate.storage import heartbeat
+
+    heartbeat.set_info("worker", device="cuda", pool="solo", cuda_visible_devices=",".join(devices))
+    log.info("GPU workers started", extra={"count": len(devices), "device": store.settings.workers.device})
     while not stop.is_set() and all(c.is_alive() for c in children):
         stop.wait(1.0)
     for child in children:

@@ -6,7 +6,11 @@ Only ``AA`` and ``CA`` are success. ``AE``/``CE``, a timeout, a dropped connecti
 cannot be read are :class:`~msgate.errors.Transient` (retry later); ``AR``/``CR`` are
 :class:`~msgate.errors.Rejected` (permanent). Only an ACK whose MSA-2 echoes our MSH-10 answers a
 message: ACKs of other messages are skipped until the timeout (then Transient), and an ACK without
-MSA-2 is Transient.
+MSA-2 is Transient (code ``ack_mismatch``). When the timeout runs out after the engine answered this
+message only with ACKs for control ids msgate never sent on the connection (an ACK template that fills
+MSA-2 from the engine's own MSH-10), it is :class:`AckMismatch` (code ``ack_mismatch``, a warning logged):
+the engine answers, so "no answer" would send the analyst the wrong way. ACKs of messages sent earlier
+on the connection (a late or repeated ACK, an application ACK after its commit ACK) are not counted.
 
 Why an engine refused (or warned about) a message is read from the ACK (:func:`read_ack`): its coded
 parts (MSA-1, ERR-3 HL7 error code, ERR-4 severity, ERR-5 application error code, ERR-2 location; ERR-1
@@ -27,6 +31,7 @@ the engine requires) are Transient with code ``tls`` and a message that names th
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import ssl
@@ -41,6 +46,7 @@ from msgate.hl7 import mllp
 from msgate.hl7.msh import HeaderError, read_msh
 from msgate.hl7.parse import Message, Segment, component_of, parse, unescape
 
+log = logging.getLogger(__name__)
 
 CODE_CHARS = re.compile(r"[^A-Za-z0-9._\-^&]")
 CODE_LIMIT = 32  # characters kept of one coded part
@@ -171,12 +177,47 @@ class PeerNak(Transient):
         self.ack = ack
 
 
+class AckTimeout(Transient):
+    """No frame arrived within the timeout (code ``io``, as any failed exchange)."""
+
+
+class AckMismatch(Transient):
+    """The timeout ran out, and every ACK the engine sent meanwhile named another control id in MSA-2."""
+
+    def __init__(self, count: int, codes: str, own_id: bool, timeout: float) -> None:
+        hint = "; MSA-2 equal to the ACK's own MSH-10 (the ACK template fills MSA-2 from it)" * own_id
+        super().__init__(f"the engine answered {codes} for another message control id: {count} ACK(s) whose "
+                         f"MSA-2 is not this message's MSH-10, none that is, within {timeout:g} s{hint}",
+                         code="ack_mismatch")
+        self.count = count
+
+
 def _io_failure(exc: OSError, *, unanswered_tls: bool = False) -> Transient:
     """A failed read or write. A TLS alert, or a TLS session the peer closed before its first answer
     (the engine refused our client certificate, or wanted one), says so."""
     if isinstance(exc, ssl.SSLError) or (unanswered_tls and isinstance(exc, ConnectionError)):
         return Transient(tls_failure(exc, handshake=False), code="tls")
-    return Transient(f"MLLP exchange failed ({type(exc).__name__})", code="io")
+    kind = AckTimeout if isinstance(exc, TimeoutError) else Transient
+    return kind(f"MLLP exchange failed ({type(exc).__name__})", code="io")
+
+
+@dataclass
+class _Foreign:
+    """ACKs for control ids this connection never sent, while one message waits (no values kept)."""
+
+    count: int = 0
+    codes: list[str] = field(default_factory=list)
+    own_id: bool = False  # one had MSA-2 equal to its own MSH-10
+
+    def add(self, ack: AckResult, frame: bytes) -> None:
+        self.count += 1
+        code = ack.code or "no MSA-1 code"
+        if code not in self.codes:
+            self.codes.append(code)
+        try:
+            self.own_id = self.own_id or read_msh(frame).control_id == ack.control_id
+        except HeaderError:
+            pass
 
 
 class MllpClient:
@@ -194,6 +235,7 @@ class MllpClient:
         self._deframer = mllp.Deframer(max_ack_bytes)
         self._frames: list[bytes] = []
         self._unanswered_tls = False  # a TLS connection with nothing received on it yet
+        self._sent: set[str] = set()  # MSH-10s sent on this connection: their late ACKs are no mismatch
 
     @classmethod
     def for_destination(cls, dest: Hl7Destination, *, timeout: float = 30.0,
@@ -219,6 +261,7 @@ class MllpClient:
                 self._deframer = mllp.Deframer(self.max_ack_bytes)
                 self._frames = []
                 self._unanswered_tls = False
+                self._sent = set()
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
@@ -323,16 +366,34 @@ class MllpClient:
             raise Rejected("outbound message has no MSH-10 control id", code="bad_message")
         self._frames.clear()  # answers that arrived for earlier messages
         self._send(raw)
+        self._sent.add(control_id)
         deadline = time.monotonic() + self.timeout
+        foreign = _Foreign()
         while True:
-            ack = read_ack(self._next_frame(deadline))
+            try:
+                frame = self._next_frame(deadline)
+            except AckTimeout:
+                if not foreign.count:
+                    raise
+                raise self._mismatch(foreign) from None
+            ack = read_ack(frame)
             if ack.control_id == control_id:
                 break
             if not ack.control_id:  # MSA-2 is required (HL7 v2 2.14.8): no proof of which message it answers
                 self.close()
                 raise Transient("acknowledgement without MSA-2 (control id)", code="ack_mismatch")
+            if ack.control_id not in self._sent:
+                foreign.add(ack, frame)
         if ack.success:
             return ack
         if ack.code in ("AR", "CR"):
             raise PeerRejected(ack)
         raise PeerNak(ack)
+
+    def _mismatch(self, foreign: _Foreign) -> AckMismatch:
+        """The engine answered, but never for this message: logged (coded parts only, no MSA-2 value)."""
+        codes = "/".join(foreign.codes)
+        log.warning("the engine acknowledged only other control ids (MSA-2 is not the MSH-10 sent); check "
+                    "its ACK template", extra={"code": "ack_mismatch", "count": foreign.count, "ack": codes,
+                                               "host": self.host, "port": self.port})
+        return AckMismatch(foreign.count, codes, foreign.own_id, self.timeout)

@@ -1,8 +1,13 @@
 """ORU^R01 observations: one row per OBX (feature by code, value converted to the feature's unit), and the
 writes of a mapping transaction, applied in message order with a few statements per batch.
 
-A result for the same patient, code, code system and observation time as an earlier one replaces it
-(OBX-11 ``C`` or a resend), or withdraws it (``X``/``W``/``D``). :class:`ObservationWriter` keeps the
+A result for the same patient, code, code system, OBX-4 sub-ID and observation time as an earlier one
+replaces it (OBX-11 ``C`` or a resend), or withdraws it (``X``/``W``/``D``). A ``C``/``X``/``W``/``D`` with
+neither OBX-14 nor OBR-7 has only its own MSH-7 as a time, which never is the original's: it applies to the
+newest value of that patient, code, code system and sub-ID observed no later than its MSH-7 (for a ``C``, the
+newest not withdrawn; a withdrawal sent twice withdraws the same value twice, not the one before it).
+One that matches nothing is a finding (``retraction_unmatched``/``correction_unmatched`` at OBX-11): it is
+stored as a row of its own (withdrawn for ``X``/``W``/``D``). :class:`ObservationWriter` keeps the
 transaction's writes in memory and applies them at :meth:`~ObservationWriter.flush`: one select of the
 values already stored for the batch's patients and codes, then one ``executemany`` per kind of write, with
 exactly the outcome of applying each message in turn (a message's rows do not see each other, as before).
@@ -11,7 +16,8 @@ exactly the outcome of applying each message in turn (a message's rows do not se
 from __future__ import annotations
 
 import math
-
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, insert, select, update
@@ -24,6 +30,7 @@ from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Observation, utcnow
 
 WITHDRAW = {"X", "W", "D"}
+AMEND = WITHDRAW | {"C"}  # refers to a value sent before: one that matches nothing is a finding
 SYSTEM_ALIASES = {"LOINC": "LN", "LN": "LN", "L": "L", "99LOCAL": "L", "LOCAL": "L"}
 REPLACED = ("value_enc", "value_type", "unit", "status", "feature", "message_id")
 _BY_CODE: dict[tuple[str, str], FeatureSpec] = {}
@@ -32,10 +39,38 @@ for _spec in FEATURES:
         _BY_CODE[(_code.upper(), _system.upper())] = _spec
 
 Key = tuple[int, str, str, Any, str]  # patient id, code, code system, observed at, OBX-4 sub-ID
+Group = tuple[int, str, str, str]  # patient id, code, code system, OBX-4 sub-ID
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 class Findings(Protocol):
     findings: list[dict[str, str]]
+
+
+@dataclass
+class Source:
+    """Where a row came from, for matching and findings (kept out of the written columns)."""
+
+    findings: list[dict[str, str]] | None = None  # the message's findings
+    n: int = 0  # the OBX's position in the message
+    timed: bool = True  # observed at OBX-14 or OBR-7 (else at MSH-7 of its own message)
+
+
+@dataclass(slots=True)
+class _Value:
+    """A stored row, or a row an earlier message of this flush adds, that a C/X/W/D may apply to."""
+
+    key: Key
+    rank: tuple[int, int]  # stored rows by id, then this flush's rows in order
+    oid: int | None = None
+    stored_withdrawn: bool = False
+    row: dict[str, Any] | None = None
+
+    def withdrawn(self, changes: dict[int, dict[str, Any]]) -> bool:
+        if self.row is not None:
+            return bool(self.row["withdrawn"])
+        assert self.oid is not None
+        return bool(changes.get(self.oid, {}).get("withdrawn", self.stored_withdrawn))
 
 
 def feature_for(code: str, system: str, alt_code: str = "", alt_system: str = "") -> tuple[FeatureSpec | None, str,
@@ -120,12 +155,14 @@ def message_rows(cipher: FieldCipher, msg: Message, *, patient_id: int, message_
                 outcome.findings.append({"code": "invalid_timestamp", "location": f"OBX^{n}^14",
                                          "severity": "W"})
             observed = observed or (parse_ts(obr.get(7)) if obr else None)
+            timed = observed is not None
             if observed is None:
                 sent = sent or parse_ts(msg.msh.get(7))
                 observed = sent
             row = observation_row(cipher, seg, observed=observed, patient_id=patient_id, message_id=message_id,
                                   outcome=outcome, n=n)
             if row is not None:
+                row["_source"] = Source(outcome.findings, n, timed)
                 rows.append(row)
     return _number_repeats(rows)
 
@@ -160,7 +197,7 @@ class ObservationWriter:
         if not self.messages:
             return
         messages, self.messages = self.messages, []
-        existing = self._existing(messages)
+        existing, values = self._existing(messages)
         fresh: dict[Key, dict[str, Any]] = {}  # inserted by this flush (not in the database yet)
         inserts: list[dict[str, Any]] = []
         changes: dict[int, dict[str, Any]] = {}  # stored row id -> columns to set
@@ -168,25 +205,43 @@ class ObservationWriter:
         for rows in messages:
             added: list[tuple[Key, dict[str, Any]]] = []
             for row in rows:
-                key = (row["patient_id"], row["code"], row["code_system"], row["observed_at"], row["sub_id"])
-                _apply(row, key, fresh, existing, changes, added, now)
+                source = row.pop("_source", None) or Source()
+                empty = bool(row.pop("_empty", False))
+                key = _key(row)
+                if source.timed or row["status"] not in AMEND:
+                    target, oid = fresh.get(key), existing.get(key)
+                else:  # timed by its own MSH-7: the newest value observed by then
+                    target, oid = _newest(values.get(_group(key), []), row["observed_at"], changes,
+                                          skip_withdrawn=row["status"] == "C")
+                if target is None and oid is None and row["status"] in AMEND and source.findings is not None:
+                    source.findings.append({"code": "correction_unmatched" if row["status"] == "C"
+                                            else "retraction_unmatched", "location": f"OBX^{source.n}^11",
+                                            "severity": "W"})
+                _apply(row, target, oid, empty, changes, added, now)
             for key, row in added:
                 fresh[key] = row
                 inserts.append(row)
+                values.setdefault(_group(key), []).append(_Value(key, (1, len(inserts)), row=row))
         self._write(inserts, changes)
 
-    def _existing(self, messages: list[list[dict[str, Any]]]) -> dict[Key, int]:
+    def _existing(self, messages: list[list[dict[str, Any]]]) -> tuple[dict[Key, int],
+                                                                         dict[Group, list[_Value]]]:
+        """The stored row of each key (the latest by id: the one replaced), and every stored row by group."""
         table = Observation.__table__  # type: ignore[attr-defined]
         patients = {r["patient_id"] for rows in messages for r in rows}
         codes = {r["code"] for rows in messages for r in rows}
         found: dict[Key, int] = {}
-        for oid, pid, code, system, observed, sub_id in self.session.execute(
+        values: dict[Group, list[_Value]] = {}
+        for oid, pid, code, system, observed, sub_id, withdrawn in self.session.execute(
                 select(table.c.id, table.c.patient_id, table.c.code, table.c.code_system, table.c.observed_at,
-                       table.c.sub_id)
+                       table.c.sub_id, table.c.withdrawn)
                 .where(table.c.patient_id.in_(patients), table.c.code.in_(codes))
                 .order_by(table.c.id)).all():
-            found[(pid, code, system, observed, sub_id)] = oid  # the latest stored row of a key is the one replaced
-        return found
+            key = (pid, code, system, observed, sub_id)
+            found[key] = oid  # the latest stored row of a key is the one replaced
+            values.setdefault(_group(key), []).append(_Value(key, (0, oid), oid=oid,
+                                                             stored_withdrawn=bool(withdrawn)))
+        return found, values
 
     def _write(self, inserts: list[dict[str, Any]], changes: dict[int, dict[str, Any]]) -> None:
         table = Observation.__table__  # type: ignore[attr-defined]
@@ -200,31 +255,57 @@ class ObservationWriter:
             self.session.execute(insert(table), inserts)  # Core executemany
 
 
-def _apply(row: dict[str, Any], key: Key, fresh: dict[Key, dict[str, Any]], existing: dict[Key, int],
+def _key(row: dict[str, Any]) -> Key:
+    return row["patient_id"], row["code"], row["code_system"], row["observed_at"], row["sub_id"]
+
+
+def _group(key: Key) -> Group:
+    return key[0], key[1], key[2], key[4]
+
+
+def _newest(values: list[_Value], sent: datetime | None, changes: dict[int, dict[str, Any]], *,
+            skip_withdrawn: bool) -> tuple[dict[str, Any] | None, int | None]:
+    """The newest value observed no later than ``sent`` (a correction is not about a value observed after
+    it was sent), as (this flush's row, None) or (None, stored row id). A ``C`` skips withdrawn values; a
+    withdrawal does not, so that the same retraction sent twice (an engine's resend under a new MSH-10)
+    withdraws the newest value again instead of the one before it."""
+    best: _Value | None = None
+    for value in values:
+        observed = value.key[3] or _EARLIEST
+        if (sent is not None and observed > sent) or (skip_withdrawn and value.withdrawn(changes)):
+            continue
+        if best is None or (observed, value.rank) > (best.key[3] or _EARLIEST, best.rank):
+            best = value
+    if best is None:
+        return None, None
+    return best.row, best.oid
+
+
+def _apply(row: dict[str, Any], target: dict[str, Any] | None, oid: int | None, empty: bool,
            changes: dict[int, dict[str, Any]], added: list[tuple[Key, dict[str, Any]]], now: Any) -> None:
-    """One row against what earlier messages left: replace or withdraw it, else a new row. A row without
-    a value (status changed to final, ``U``; pending, ``I``) changes only the status of the row it
-    matches: it used to replace that row's value with nothing."""
+    """One row against the value it matched (``target``, a row an earlier message of this batch added, or
+    the stored row ``oid``): replace or withdraw it, else a new row. A row without a value (status changed
+    to final, ``U``; pending, ``I``) changes only the status of the row it matches: it used to replace that
+    row's value with nothing."""
     withdraw = row["status"] in WITHDRAW
-    if row["feature"] is None and not withdraw and (fresh.get(key) is not None or existing.get(key) is not None) \
-            and row.pop("_empty", False):
-        if (target := fresh.get(key)) is not None:
+    if target is not None:
+        oid = None
+    if row["feature"] is None and not withdraw and empty and (target is not None or oid is not None):
+        if target is not None:
             target.update(status=row["status"], updated_at=now)
         else:
-            changes.setdefault(existing[key], {}).update(status=row["status"], updated_at=now)
+            assert oid is not None
+            changes.setdefault(oid, {}).update(status=row["status"], updated_at=now)
         return
-    row.pop("_empty", None)
-    target = fresh.get(key)
     if target is not None:  # a row an earlier message of this batch added
         if withdraw:
             target.update(withdrawn=True, status=row["status"], updated_at=now)
         else:
             target.update({k: row[k] for k in REPLACED}, withdrawn=False, updated_at=now)
         return
-    oid = existing.get(key)
     if oid is None:
         row["withdrawn"] = withdraw
-        added.append((key, row))
+        added.append((_key(row), row))
     elif withdraw:
         changes.setdefault(oid, {}).update(withdrawn=True, status=row["status"], updated_at=now)
     else:

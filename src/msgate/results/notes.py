@@ -9,7 +9,8 @@ from __future__ import annotations
 from msgate.model.types import ModelResult
 
 _TEXT = {
-    "review": "Flagged for review: low calibrated confidence or high uncertainty.",
+    "review": "Flagged for review: low calibrated confidence, high uncertainty, or an input problem named in "
+              "these notes.",
     "qsm_absent": "QSM absent: paramagnetic rim lesions not assessable.",
     "t1_absent": "T1 absent: computed from FLAIR (and QSM) only.",
     "ehr_deadline": "Required EHR data did not arrive before the deadline: computed with it masked.",

@@ -72,7 +72,8 @@ class KeyRing:
     def without(self, kek_id: str) -> KeyRing:
         if kek_id == self.active_id:
             raise ConfigError("cannot retire the active key; rotate first")
-        self.get(kek_id)
+        if not self.has(kek_id):  # a mistyped id, not a lost key: no backup to restore
+            raise KeyNotFound(f"no key {kek_id!r} in the key ring; `msgate keys status` lists its key ids")
         return KeyRing(
             keks=tuple(k for k in self.keks if k.id != kek_id),
             active_id=self.active_id, index_key=self.index_key, path=self.path,

@@ -140,6 +140,9 @@ class PacsDestination(Section):
     ae_title: AeTitle = "PACS"
     tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings,
                                    description="DICOM TLS (PS3.15 B.9) to this PACS; off: plaintext")
+    iocm_rejection: bool = Field(False, description="with a correction, also send an IHE IOCM rejection note "
+                                 "(KOS, DCM 113001) for the superseded SEG, map and key images; only for a PACS "
+                                 "that honours IOCM")
 
     @field_validator("name")
     @classmethod

@@ -25,10 +25,27 @@ BANNER = "NOT FOR DIAGNOSIS - unverified AI output"
 MIN_COLUMNS = 512
 
 
+def pm_description(replaces: str | None = None) -> str:
+    """The map's Series Description (LO, at most 64 characters); a correction names the result it replaces
+    (:func:`msgate.results.seg.series_description`)."""
+    if replaces is None:
+        return "MS AI saliency map (unverified)"
+    return f"MS AI saliency map (unverified, replaces {replaces})"
+
+
+def key_images_description(replaces: str | None = None) -> str:
+    """The key images' Series Description; in a correction "unverified" gives way to the time replaced (the
+    64 characters of LO), "not for diagnosis" stays (the burned-in banner says both)."""
+    if replaces is None:
+        return "MS AI key images (unverified, not for diagnosis)"
+    return f"MS AI key images (not for diagnosis, replaces {replaces})"
+
+
 def build_pm(result: ModelResult, sources: FlairSources | Sequence[Dataset], ident: Identity, *, series_uid: str,
-             sop_uid: str, series_number: int = 9802) -> hd.pm.ParametricMap | None:
+             sop_uid: str, series_number: int = 9802,
+             replaces: str | None = None) -> hd.pm.ParametricMap | None:
     """The map on the source planes (as the SEG: see :func:`msgate.results.seg.on_sources`), or None
-    without a heatmap or over several multi-frame sources."""
+    without a heatmap or over several multi-frame sources. ``replaces``: see :func:`pm_description`."""
     if result.heatmap is None:
         return None
     placed = on_sources(check_grid(result, sources), np.clip(result.heatmap, 0.0, 1.0).astype(np.float32))
@@ -46,7 +63,7 @@ def build_pm(result: ModelResult, sources: FlairSources | Sequence[Dataset], ide
         software_versions=ident.software_versions, device_serial_number=ident.device_serial_number,
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
         content_label="GRADCAM", content_description="Grad-CAM saliency (AI, unverified)",
-        series_description="MS AI saliency map (unverified)",
+        series_description=pm_description(replaces),
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0,
                                                          window_explanation="saliency 0..1")],
     )
@@ -122,8 +139,10 @@ def render_key_image(flair: np.ndarray, heat: np.ndarray | None, labels: np.ndar
 
 
 def build_key_images(result: ModelResult, sources: FlairSources | Sequence[Dataset], ident: Identity, *,
-                     series_uid: str, sop_uids: Sequence[str], series_number: int = 9803) -> list[hd.sc.SCImage]:
-    """Key images on the chosen slices that have a source image (an interpolated slice has none)."""
+                     series_uid: str, sop_uids: Sequence[str], series_number: int = 9803,
+                     replaces: str | None = None) -> list[hd.sc.SCImage]:
+    """Key images on the chosen slices that have a source image (an interpolated slice has none).
+    ``replaces``: see :func:`key_images_description`."""
     src = check_grid(result, sources)
     labels = np.asarray(result.lesion_mask)
     picked = key_slices(result, len(sop_uids), among=src.present)
@@ -145,7 +164,7 @@ def build_key_images(result: ModelResult, sources: FlairSources | Sequence[Datas
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
         copy_patient_study(sc, ref)
-        sc.SeriesDescription = "MS AI key images (unverified, not for diagnosis)"
+        sc.SeriesDescription = key_images_description(replaces)
         sc.BurnedInAnnotation = "YES"
         sc.Laterality = None  # Type 2C, present and empty (unpaired structure)
         sc.ImageComments = BANNER

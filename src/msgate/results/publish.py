@@ -7,16 +7,22 @@ supersedes an earlier published one renders a new SR whose Predecessor Documents
 earlier SR, and an ORU for the same order numbers with a correction note (OBR-25/OBX-11 stay ``P``:
 the result is still unverified AI output).
 
-Objects go into the original study, one new series each (SR 9800, SEG 9801, PM 9802, SC 9803); UIDs
-are generated once here and stored in the encrypted blobs, so every resend reuses them.
+Objects go into the original study, one new series each (SR 9800, SEG 9801, PM 9802, SC 9803), dated
+(Series Date and Time) when rendered; UIDs are generated once here and stored in the encrypted blobs, so
+every resend reuses them. A correction's series (a job whose predecessor's DICOM objects may have
+reached a PACS) say in their Series Description which result they replace, by its series date and time
+(:func:`replaced_at`), e.g. "MS lesions (AI, unverified, replaces 2026-12-07 14:03)"; the superseded ones
+stay in the PACS as they were. A PACS with ``iocm_rejection`` also gets an IOCM rejection note for the
+superseded SEG, map and key images it may hold (:mod:`msgate.results.rejection`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 
 import highdicom as hd
@@ -27,7 +33,7 @@ from sqlmodel import Session, col, select
 
 from msgate.errors import Rejected
 from msgate.model.types import ModelResult
-from msgate.results import heatmap, hl7_out, source_headers
+from msgate.results import heatmap, hl7_out, rejection, source_headers
 from msgate.results import seg as seg_mod
 from msgate.results import sr as sr_mod
 from msgate.results.identity import Identity
@@ -72,33 +78,59 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def render(result: ModelResult, sources: FlairSources | list[Dataset], *, options: RenderOptions = RenderOptions(),
-           previous: list[Dataset] | None = None) -> tuple[list[Rendered], str]:
+           previous: list[Dataset] | None = None, replaces: str | None = None,
+           rendered_at: datetime | None = None) -> tuple[list[Rendered], str]:
     """The DICOM objects of one result (SEG first) on its source planes (a list: sorted single-frame
-    images, one per slice); returns them and the SR SOP Instance UID."""
+    images, one per slice); returns them and the SR SOP Instance UID. ``replaces``: the series date and
+    time of the result this one corrects at the PACS (:func:`replaced_at`), named in every Series
+    Description; ``rendered_at``: their Series Date and Time (publish: now in ``site_timezone``, the
+    zone of the site's DICOM dates; default: the host's local time)."""
     sources = FlairSources.of(sources)
     for source in sources.datasets:
         source_headers.normalise(source)
     ident = Identity.of(result)
+    now = rendered_at or datetime.now()
     seg = _optional("SEG", lambda: seg_mod.build_seg(result, sources, ident, series_uid=hd.UID(),
-                                                      sop_uid=hd.UID())) if options.seg else None
+                                                      sop_uid=hd.UID(), replaces=replaces)) if options.seg else None
     sr_uid = hd.UID()
     report = sr_mod.build_sr(result, sources, seg, ident, series_uid=hd.UID(), sop_uid=sr_uid, previous=previous or ())
+    if replaces is not None:  # build_sr's "MS AI report (unverified)", naming what it replaces
+        report.SeriesDescription = f"MS AI report (unverified, replaces {replaces})"
     objects = []
     if seg is not None:
-        objects.append(Rendered("out.seg", _encode(seg.dataset)))
+        objects.append(Rendered("out.seg", _encode(_dated(seg.dataset, now))))
     if options.parametric_map:
         pm = _optional("parametric map", lambda: heatmap.build_pm(result, sources, ident, series_uid=hd.UID(),
-                                                                   sop_uid=hd.UID()))
+                                                                   sop_uid=hd.UID(), replaces=replaces))
         if pm is not None:
-            objects.append(Rendered("out.pm", _encode(pm)))
+            objects.append(Rendered("out.pm", _encode(_dated(pm, now))))
     if options.key_images > 0:
         series = hd.UID()
         images = _optional("key images", lambda: heatmap.build_key_images(
-            result, sources, ident, series_uid=series, sop_uids=[hd.UID() for _ in range(options.key_images)]))
+            result, sources, ident, series_uid=series, sop_uids=[hd.UID() for _ in range(options.key_images)],
+            replaces=replaces))
         for sc in images or []:
-            objects.append(Rendered("out.sc", _encode(sc)))
-    objects.append(Rendered("out.sr", _encode(report)))
+            objects.append(Rendered("out.sc", _encode(_dated(sc, now))))
+    objects.append(Rendered("out.sr", _encode(_dated(report, now))))
     return objects, sr_uid
+
+
+def _dated(ds: Dataset, when: datetime) -> Dataset:
+    """Series Date and Time: when this result was rendered, the same for all its series (a correction
+    names them)."""
+    ds.SeriesDate, ds.SeriesTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    return ds
+
+
+def when_rendered(ds: Dataset) -> str:
+    """A result object's series date and time as a correction names it (``YYYY-MM-DD HH:MM``, 16
+    characters: each Series Description stays within LO's 64); an object from before series were dated
+    gives its Instance Creation date and time; "earlier result" when it has neither."""
+    for date_tag, time_tag in (("SeriesDate", "SeriesTime"), ("InstanceCreationDate", "InstanceCreationTime")):
+        date, time = str(ds.get(date_tag) or ""), str(ds.get(time_tag) or "")
+        if len(date) == 8 and date.isdigit() and len(time) >= 4 and time[:4].isdigit():
+            return f"{date[:4]}-{date[4:6]}-{date[6:8]} {time[:2]}:{time[2:4]}"
+    return "earlier result"
 
 
 def _optional(what: str, build: Callable[[], T]) -> T | None:
@@ -142,6 +174,67 @@ def previous_sent_by(store: Store, job: Job, kind: str) -> tuple[str, bytes] | N
                 if hl7_out.WRONG_SUBJECT.encode() not in data:  # a withdrawal sent to another patient: not it
                     return earlier, data
     return None
+
+
+def replaced_at(store: Store, job: Job) -> str | None:
+    """What a correction's Series Descriptions name (:func:`when_rendered`): the nearest superseded job
+    whose DICOM objects may have reached a PACS (:func:`_reached`); None when none did (for the PACS
+    this is a first result). Read from that job's SR, else from one of its image objects."""
+    with store.db.session() as session:
+        for earlier in predecessors(session, job):
+            rows = session.exec(
+                select(Blob.kind, OutboxEntry.blob_id).join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+                .where(OutboxEntry.job_id == earlier, OutboxEntry.kind == "dicom", _reached())
+            ).all()
+            ranked = sorted((kind != "out.sr", blob_id) for kind, blob_id in rows if kind != rejection.KIND)
+            if ranked:
+                raw = store.blobs.read(session, ranked[0][1])
+                return when_rendered(dcmread(io.BytesIO(raw), stop_before_pixels=True))
+    return None
+
+
+def _rejected_at(store: Store, session: Session, earlier: Sequence[str], destination: str) -> list[Dataset]:
+    """Headers of the superseded SEG, map and key images that may have reached ``destination``
+    (:func:`_reached`), nearest job first; the walk stops after a job whose own rejection note was
+    delivered there (what it superseded is rejected there already)."""
+    out: list[Dataset] = []
+    for job_id in earlier:
+        rows = session.exec(
+            select(Blob.kind, OutboxEntry.blob_id, OutboxEntry.state)
+            .join(Blob, col(Blob.id) == col(OutboxEntry.blob_id))
+            .where(OutboxEntry.job_id == job_id, OutboxEntry.destination == destination, _reached())
+            .order_by(col(OutboxEntry.created_at), col(OutboxEntry.id))
+        ).all()
+        for kind, blob_id, _state in rows:
+            if kind in rejection.REJECTED:
+                out.append(dcmread(io.BytesIO(store.blobs.read(session, blob_id)), stop_before_pixels=True))
+        if any(kind == rejection.KIND and state == "delivered" for kind, _blob, state in rows):
+            break
+    return out
+
+
+def _reject_superseded(store: Store, session: Session, job_id: str, earlier: Sequence[str],
+                       source: Dataset) -> int:
+    """Queue an IOCM rejection note for each PACS with ``iocm_rejection`` that may hold superseded image
+    objects (:mod:`msgate.results.rejection`); returns how many. A note that cannot be built is left
+    out, logged: the correction itself still goes out."""
+    count = 0
+    for dest in store.settings.pacs:
+        if not dest.iocm_rejection:
+            continue
+        rejected = _rejected_at(store, session, earlier, dest.name)
+        if not rejected:
+            continue
+        try:
+            note = rejection.build_note(rejected, source, series_uid=hd.UID(), sop_uid=hd.UID())
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("rejection note left out: it cannot be built for these objects",
+                        extra={"job_id": job_id, "destination": dest.name, "error_type": type(exc).__name__})
+            continue
+        rejection.enqueue_note(store, session, job_id=job_id, destination=dest.name, data=_encode(note),
+                               count=len(rejected))
+        count += 1
+    return count
 
 
 def previous_sr(store: Store, job: Job) -> Dataset | None:
@@ -225,7 +318,8 @@ def publish_job(store: Store, job_id: str) -> str:
     sent_oru = previous_sent_by(store, job, "out.oru")
     previous_oru = sent_oru[1] if sent_oru is not None else None
     objects, sr_uid = render(result, sources, options=RenderOptions.from_settings(store.settings),
-                             previous=[previous] if previous is not None else None)
+                             previous=[previous] if previous is not None else None,
+                             replaces=replaced_at(store, job), rendered_at=datetime.now(store.settings.site_zone))
     with store.db.session() as session:
         # the job row's lock orders concurrent runs of this job (a redelivered or re-handed-off task) and a
         # successor superseding it while it rendered: the checks below then see what the other committed
@@ -257,8 +351,10 @@ def publish_job(store: Store, job_id: str) -> str:
         if session.exec(select(OutboxEntry.id).where(OutboxEntry.job_id == job_id)).first() is not None:
             return "already"  # a concurrent run won
         queued = enqueue(store, session, job_id=job_id, objects=objects)
+        notes = 0
         if queued and earlier:
             _retire_predecessors(session, earlier)
+            notes = _reject_superseded(store, session, job_id, earlier, sources.first)
         if queued:
             study.delivered_at = None  # new results are pending for this study
             session.add(study)
@@ -267,6 +363,7 @@ def publish_job(store: Store, job_id: str) -> str:
         session.add(locked)
         audit.append(session, kind="results.rendered", actor="publish", subject=f"job:{job_id}",
                      detail={"objects": [o.kind for o in objects], "entries": len(queued),
-                             "correction": published, "model_version": result.model_version})
-    log.info("results queued", extra={"job_id": job_id, "count": len(queued)})
+                             "correction": published, "model_version": result.model_version,
+                             "rejection_notes": notes})
+    log.info("results queued", extra={"job_id": job_id, "count": len(queued) + notes})
     return "queued"

@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 OTHER_LABEL = "MS lesion, other"
 
 
+def series_description(replaces: str | None = None) -> str:
+    """The SEG's Series Description (LO, at most 64 characters); a correction names the result it
+    replaces by that result's series date and time (:func:`msgate.results.publish.replaced_at`)."""
+    if replaces is None:
+        return "MS lesions (AI, unverified)"
+    return f"MS lesions (AI, unverified, replaces {replaces})"
+
+
 @dataclass
 class SegResult:
     """The SEG and, by lesion label, its segment number, tracking UID and SEG frame numbers."""
@@ -116,9 +124,9 @@ def _description(number: int, lesion: LesionFinding | None,
 
 
 def build_seg(result: ModelResult, sources: FlairSources | Sequence[Dataset], ident: Identity, *, series_uid: str,
-              sop_uid: str, series_number: int = 9801) -> SegResult | None:
+              sop_uid: str, series_number: int = 9801, replaces: str | None = None) -> SegResult | None:
     """The SEG, or None when the mask is empty on the source planes (a SEG needs at least one segment)
-    or the sources are several multi-frame images."""
+    or the sources are several multi-frame images. ``replaces``: see :func:`series_description`."""
     src = check_grid(result, sources)
     labels = np.asarray(result.lesion_mask)
     if not (labels > 0).any():
@@ -141,7 +149,7 @@ def build_seg(result: ModelResult, sources: FlairSources | Sequence[Dataset], id
         segment_descriptions=descriptions, series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=1, manufacturer=ident.manufacturer,
         manufacturer_model_name=ident.model_name, software_versions=ident.software_versions,
-        device_serial_number=ident.device_serial_number, series_description="MS lesions (AI, unverified)",
+        device_serial_number=ident.device_serial_number, series_description=series_description(replaces),
         content_label="LESIONS", omit_empty_frames=True, coding_schemes=[codes.scheme_identification()],
     )
     out = SegResult(seg)

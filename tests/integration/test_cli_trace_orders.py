@@ -125,3 +125,23 @@ def test_another_patients_order_with_the_same_accession_reaches_no_study(store: 
     assert [e["event"] for e in data["events"] if e["ref"] == f"order:{other}"] == ["order NW: no study linked"]
     assert not any(e["ref"].startswith("job:") for e in data["events"])
     assert trace(settings, "ACC900")["studies"] == [study_id]  # the accession itself still finds the study
+
+
+def test_a_control_id_past_the_scan_window_says_so_and_scan_0_finds_it(settings: Settings, store: Store) -> None:
+    """Control ids have no blind index: trace decrypts the newest ``--scan`` messages. An older message used to
+    get a plain "nothing found", as if it never arrived; the answer now says how far it looked."""
+    raws = [hl7(f"OLD-{i}", "ADT^A08^ADT_A01", "EVN|A08|20250101", f"PID|1||MRN91{i}^^^HOSP^MR||RHO^RIA") for i in
+            range(3)]
+    for raw in raws:
+        store.ingest.store_hl7(raw=raw, header=read_msh(raw).header())
+    env = {"MSGATE_HOME": str(settings.home), "MSGATE_STORAGE__MIN_FREE_BYTES": "0",
+           "MSGATE_STORAGE__PURGE_FREE_BYTES": "0"}
+    if settings.database_url:
+        env |= {"MSGATE_DATABASE_URL": settings.database_url, "MSGATE_STORAGE__BLOB_BACKEND": "postgres"}
+    missed = CliRunner().invoke(app, ["trace", "OLD-0", "--scan", "2"], env=env)
+    said = " ".join(missed.output.split())
+    assert missed.exit_code == 1 and "newest 2 of 3 messages only: --scan 0 searches them all" in said, said
+    assert CliRunner().invoke(app, ["trace", "OLD-2", "--scan", "2"], env=env).exit_code == 0  # inside the window
+    found = CliRunner().invoke(app, ["trace", "OLD-0", "--scan", "0", "--json"], env=env)
+    assert found.exit_code == 0, found.output
+    assert any(e["stage"] == "hl7" for e in json.loads(found.stdout)["events"])

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from msgate.cli.common import add_row, console, err_console, fail, print_json, state
 from msgate.errors import CryptoError
@@ -39,14 +39,16 @@ from msgate.storage.models import (
 from msgate.storage.store import Store
 from msgate.workers import ehr
 
-CONTROL_ID_SCAN = 20_000
+CONTROL_ID_SCAN = 20_000  # control ids are encrypted with no blind index: the newest N are decrypted
 MIN_PREFIX = 6  # job and outbox entry ids (uuid4 hex) are matched by prefix from this length on
 OUTBOUND_CONTROL_ID = re.compile(r"MG([0-9a-f]{14})\d{4}", re.IGNORECASE)  # results/control_ids.control_id
 ORDER_MESSAGES = frozenset(mtype for mtype, _ in ORDER_TYPES)  # what hl7/mapping.py maps to orders
 
 
-def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study], list[Hl7Message], list[Job]]:
-    """Resolve ``ident`` as a study UID, accession, job id or HL7 control id."""
+def find_studies(store: Store, session: Session, ident: str,
+                 scan: int = CONTROL_ID_SCAN) -> tuple[list[Study], list[Hl7Message], list[Job]]:
+    """Resolve ``ident`` as a study UID, accession, job id or HL7 control id (among the newest ``scan``
+    messages; 0: all)."""
     idx = store.cipher.blind_index
     studies = list(session.exec(select(Study).where(Study.study_uid_index == idx(ident, scope="study"))).all())
     studies += session.exec(select(Study).where(Study.accession_index == idx(ident, scope="accession"))).all()
@@ -56,7 +58,8 @@ def find_studies(store: Store, session: Session, ident: str) -> tuple[list[Study
         study = session.get(Study, job.study_id)
         if study is not None and study not in studies:
             studies.append(study)
-    messages = [m for m in session.exec(select(Hl7Message).order_by(col(Hl7Message.id).desc()).limit(CONTROL_ID_SCAN))
+    newest = select(Hl7Message).order_by(col(Hl7Message.id).desc())
+    messages = [m for m in session.exec(newest.limit(scan) if scan else newest)
                 if store.cipher.decrypt(m.control_id_enc, column="hl7.control_id") == ident]
     return studies, messages, jobs
 
@@ -244,13 +247,13 @@ def entry_events(session: Session, entry: OutboxEntry) -> list[dict[str, Any]]:
     return events
 
 
-def resolve(store: Store, session: Session, ident: str,
-            json_out: bool) -> tuple[list[Study], list[Hl7Message], list[OutboxEntry]]:
+def resolve(store: Store, session: Session, ident: str, json_out: bool,
+            scan: int = CONTROL_ID_SCAN) -> tuple[list[Study], list[Hl7Message], list[OutboxEntry]]:
     """The studies, HL7 messages and outbox entries ``ident`` names (an entry's job's study among the
     studies); nothing found exits 1. A prefix of several entries lists them and exits 2 when that is all it
     names (or it is the MSH-10 of an ORU msgate sent); an id that also names a study, job or message traces
     that, with a note on the entries."""
-    studies, messages, jobs = find_studies(store, session, ident)
+    studies, messages, jobs = find_studies(store, session, ident, scan)
     entries = find_entries(session, ident)
     if len(entries) > 1:
         if OUTBOUND_CONTROL_ID.fullmatch(ident) or not (studies or messages or jobs):
@@ -259,7 +262,10 @@ def resolve(store: Store, session: Session, ident: str,
                           "to trace one", markup=False, highlight=False)
         entries = []
     if not (studies or messages or jobs or entries):
-        fail("nothing found for that id (accession, study UID, job id, outbox entry or HL7 control id)")
+        total = session.exec(select(func.count()).select_from(Hl7Message)).one()
+        searched = (f"; HL7 control ids of the newest {scan} of {total} messages only: --scan 0 searches them all"
+                    if scan and total > scan else "")
+        fail(f"nothing found for that id (accession, study UID, job id, outbox entry or HL7 control id{searched})")
     studies += [s for s in entry_studies(session, entries) if s not in studies]
     return studies, messages, entries
 
@@ -269,13 +275,15 @@ def command(
     ident: Annotated[str, typer.Argument(metavar="ID", help="accession, study UID, job id (prefix), outbox entry id "
                                          "(prefix) or HL7 control id (received, or of an ORU msgate sent)")],
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    scan: Annotated[int, typer.Option("--scan", min=0, help="HL7 control ids are looked for among the newest N "
+                                      "messages received (decrypted one by one); 0: all of them")] = CONTROL_ID_SCAN,
 ) -> None:
     """Timeline of one accession, study, job, outbox entry or HL7 message, from association to acknowledgements.
 
     A prefix that names several outbox entries, and nothing else, lists them and exits 2."""
     store = state(ctx).store()
     with store.db.session() as session:
-        studies, messages, entries = resolve(store, session, ident, json_out)
+        studies, messages, entries = resolve(store, session, ident, json_out, scan)
         events: list[dict[str, Any]] = []
         for entry in entries:  # also an entry whose job is gone, or that has none
             events += entry_events(session, entry)

@@ -40,7 +40,7 @@ MESSAGES = [
     adt("A2", "MRN300^^^&1.2.840.99&ISO^MR", "BETA^BEA", "19900202"),  # authority from CX-4.2 (a universal id)
     adt("A3", "MRN200^^^&1.2.840.77&ISO^MR", "GAMMA^GIL"),  # known only under an OID the operator never sees
     adt("A4", "MRN400^^^HOSP_A^MR~MRN400^^^RIS^MR", "DELTA^DOT"),  # one patient, the MRN under two authorities
-    adt("A5", "MRN500^^^HOSP_A^AN", "EPSILON^EVE"),  # an account number: not an MRN
+    adt("A5", "E500^^^HOSP_A^MR~MRN500^^^HOSP_A^AN", "EPSILON^EVE"),  # account number MRN500: not an MRN
     adt("A6", "MRN500^^^HOSP_B^MR", "ZETA^ZOE"),
     adt("A7", f"MRN600^^^{LONG_AUTHORITY}^MR", "ETA^EDA"),  # the authority column keeps 64 characters of it
     adt("A8", "MRN700", "THETA^TIM"),  # no authority at all: |MRN matched only these before

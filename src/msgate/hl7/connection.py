@@ -216,6 +216,7 @@ MAPPING_ERRORS = {  # mapping_error -> HL7 table 0357 code and the location it n
     "merge_without_mrg": (100, "MRG"),
     "no_order_segment": (100, "ORC"),
     "missing_trigger_event": (201, "MSH^1^9^1^2"),
+    "identifier_conflict": (205, "PID^1^3"),  # 205 duplicate key: PID-3 names two patients, or a second MR
 }
 
 

@@ -5,7 +5,7 @@ mapped inside a savepoint, so one bad message ends in the operator-visible ``err
 (``Hl7Message.mapping_state``/``mapping_error``, a code without PHI) and the others still commit.
 
 - ADT A01/A04/A05/A08/A28/A31: patient create/update from PID (PID-3 identifiers with assigning
-  authority, PID-5 name, PID-7 birth date, PID-8 sex; all encrypted). A40: merge (PID survives, MRG-1 retires).
+  authority, PID-5 name, PID-7 birth date, PID-8 sex; all encrypted). Merges, A47: :mod:`.identity_events`.
 - ORM^O01, OMI^O23, OMG^O19: orders from ORC/OBR (placer ORC-2/OBR-2, filler ORC-3/OBR-3, each with its
   namespace EI.2-EI.4 for the ORU, accession IPC-1 or OBR-18, linked to DICOM (0008,0050) by the same
   blind index as the DICOM ingest).
@@ -39,7 +39,6 @@ from msgate.storage.store import Store
 log = logging.getLogger(__name__)
 
 PATIENT_TRIGGERS = {"A01", "A04", "A05", "A08", "A28", "A31"}
-MERGE_TRIGGERS = {"A40", "A34", "A39"}
 ORDER_TYPES = {("ORM", "O01"), ("OMI", "O23"), ("OMG", "O19")}
 NULL = '""'  # the explicit null (HL7 v2.5.1 §2.5.3): delete the stored value; "" in a field, never data
 ONLY_TRIGGER = {"ORM": "O01", "ORU": "R01"}  # the one event of each before v2.5: implied when none is sent
@@ -148,7 +147,7 @@ def _value(text: str) -> str:
 
 def _patient_from_pid(tx: Tx, pid: Segment, outcome: Outcome, *, demographics: bool = True) -> Patient:
     idents = pid_identifiers(pid)
-    if not idents:
+    if not any(map(repo_ehr.is_patient_identifier, idents)):  # only patient identifiers find a patient
         raise MappingError("no_patient_identifier")
     cleared = frozenset(column for column, n in (("name", 5), ("birth_date", 7), ("sex", 8))
                         if pid.raw(n).strip() == NULL)
@@ -165,27 +164,10 @@ def _patient_from_pid(tx: Tx, pid: Segment, outcome: Outcome, *, demographics: b
     return patient
 
 
-def _map_adt(tx: Tx, msg: Message, trigger: str, outcome: Outcome) -> None:
-    session, store = tx.session, tx.store
-    if trigger in MERGE_TRIGGERS:
-        pairs = 0
-        segs = msg.segments
-        for i, seg in enumerate(segs):
-            if seg.name != "PID":
-                continue
-            mrg = next((s for s in segs[i + 1:] if s.name in ("MRG", "PID")), None)
-            surviving = _patient_from_pid(tx, seg, outcome)
-            if mrg is None or mrg.name != "MRG":
-                raise MappingError("merge_without_mrg")
-            retired_ids = identifiers(mrg, 1)
-            tx.flush()  # a merge moves stored observations and studies: write the pending ones first
-            for retired in repo_ehr.find_patients(session, store.cipher, retired_ids):  # MRG-1 may name several
-                repo_ehr.merge(session, survivor_patient=surviving, retired=retired)
-            repo_ehr.add_identifiers(session, store.cipher, surviving, retired_ids)
-            tx.merged()
-            pairs += 1
-        if not pairs:
-            raise MappingError("no_patient_segment")
+def _map_adt(tx: Tx, msg: Message, trigger: str, outcome: Outcome, message_id: int) -> None:
+    from msgate.hl7 import identity_events  # imported here: it builds on this module's PID helpers
+
+    if identity_events.apply(tx, msg, trigger, outcome, message_id):
         return
     if trigger not in PATIENT_TRIGGERS:
         outcome.state = "skipped"
@@ -353,7 +335,7 @@ def map_parsed(tx: Tx, msg: Message, message_id: int) -> Outcome:
         raise MappingError("missing_trigger_event")
     trigger = trigger or ONLY_TRIGGER.get(mtype, "")
     if mtype == "ADT":
-        _map_adt(tx, msg, trigger, outcome)
+        _map_adt(tx, msg, trigger, outcome, message_id)
     elif (mtype, trigger) in ORDER_TYPES:
         _map_order(tx, msg, message_id, outcome)
     elif (mtype, trigger) == ("ORU", "R01"):
@@ -446,7 +428,7 @@ def _map_one(tx: Tx, parsed: Message | Outcome, message_id: int) -> Outcome:
         return parsed
     try:
         return map_parsed(tx, parsed, message_id)
-    except MappingError as exc:
+    except (MappingError, repo_ehr.IdentifierConflict) as exc:  # codes without PHI
         return Outcome(state="error", error=str(exc))
     except Exception as exc:  # the mapping edge: keep the row in an operator-visible error state
         log.exception("mapping failed", extra={"message_id": message_id})

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, update
 from sqlmodel import Session, col, select
 
+from msgate.errors import Rejected
 from msgate.model.features import FEATURES
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Observation, Order, Patient, PatientIdentifier, Study, utcnow
@@ -30,10 +31,22 @@ class KnownPatients:
     absent: set[str] = field(default_factory=set)
     links: list[tuple[str, int]] = field(default_factory=list)  # new identifiers whose studies wait for a patient
     loaded: list[Patient] = field(default_factory=list)  # held, so the session's (weak) identity map keeps them
+    held: dict[int, list[PatientIdentifier]] = field(default_factory=dict)  # a patient's identifier rows
 
     def clear(self) -> None:
         self.ids.clear()
         self.absent.clear()
+        self.held.clear()
+
+
+class IdentifierConflict(Rejected):
+    """A message's patient identifiers name two patients, or would give the patient found a second
+    identifier of one type under an authority it holds another one of: nothing of it is written."""
+
+    code = "identifier_conflict"
+
+    def __init__(self) -> None:
+        super().__init__(self.code)
 
 
 @dataclass(frozen=True)
@@ -43,15 +56,64 @@ class Identifier:
     id_type: str = "MR"
 
 
-PATIENT_ID_TYPES = frozenset({"", "MR", "PI", "PT", "PN", "MRN"})  # table 0203: identify the patient
+PATIENT_ID_TYPES = frozenset({"", "MR", "MRN", "MRT", "PI", "PT", "PE", "PN"})
+"""The identifier types (CX-5, HL7 v2.5.1 table 0203) indexed by authority and value alone, as DICOM's
+IssuerOfPatientID|PatientID link them: medical record number MR (MRN, as engines often send it; an empty
+CX-5 is read as MR), temporary MRT, patient internal PI and external PT, living subject enterprise number
+PE, person number PN. Other types are indexed with their type too (account 2002 is not MRN 2002)."""
+
+NON_PATIENT_ID_TYPES = frozenset({
+    "SS", "SSN", "DL", "PPN", "VS",  # social security, driver's licence, passport, visa: shared placeholders
+    "AN", "ANC", "AND", "ANT", "VN", "BA", "BC", "PEN", "TAX",  # accounts, visits, bank and pension numbers
+    "GI", "GN", "SN", "MB", "MA", "MC", "MCD", "MCN", "NH", "WC", "WCN",  # guarantor, insurance, health plan
+    "EI", "EN", "DN", "DEA", "NPI", "NP", "PRN", "MD", "LN", "SL", "UPIN", "RI", "XX", "FI", "CC", "GL",  # staff, orgs
+})
+"""The identifier types that never find a patient: they are stored for the patient they came with (per
+patient, so two people may hold the same placeholder SSN) and never used to find one or to conflict. Every
+other type finds its patient: the patient types above, and also national or jurisdictional person numbers
+(NI, NNxxx, JHN: the only identifier some regions send) and local codes (an Australian feed's ``A``)."""
+
+_RETYPED = frozenset({"MRT", "PE"})  # rows stored before these were patient types carry the other-type index
+
+
+def is_patient_identifier(ident: Identifier) -> bool:
+    """Whether ``ident`` may find a patient (any type but :data:`NON_PATIENT_ID_TYPES`)."""
+    return ident.id_type.strip().upper() not in NON_PATIENT_ID_TYPES
 
 
 def id_index(cipher: FieldCipher, ident: Identifier) -> str:
-    """Patient identifiers (MR, PI, ...) by authority and value, as DICOM's Issuer/PatientID link them;
-    any other type (an account AN, a visit VN, a licence) also by its type: account 2002 is not MRN 2002."""
+    """Patient identifiers (:data:`PATIENT_ID_TYPES`) by authority and value, as DICOM's Issuer/PatientID
+    link them; any other type also by its type (the index its rows had before :func:`_held_index`)."""
     id_type = ident.id_type.strip().upper()
     suffix = "" if id_type in PATIENT_ID_TYPES else f"|{id_type}"
     return cipher.blind_index(f"{ident.authority}|{ident.value}{suffix}", scope="mrn")
+
+
+def _held_index(cipher: FieldCipher, ident: Identifier, patient_id: int) -> str:
+    """A row's index for an identifier of another type: per patient, so two patients may each hold the same
+    SSN (``id_index`` is unique), and no lookup by value can find either of them through it."""
+    key = f"{ident.authority}|{ident.value}|{ident.id_type.strip().upper()}|{patient_id}"
+    return cipher.blind_index(key, scope="mrn_held")
+
+
+def _lookup(cipher: FieldCipher, idents: list[Identifier]) -> dict[str, str]:
+    """The indexes that find the patient of ``idents``, each mapped to its identifier's :func:`id_index`:
+    those of the patient identifiers, and for MRT/PE also the index rows stored before had."""
+    out: dict[str, str] = {}
+    for ident in idents:
+        if is_patient_identifier(ident):
+            index = id_index(cipher, ident)
+            out[index] = index
+            if ident.id_type.strip().upper() in _RETYPED:
+                out[cipher.blind_index(f"{ident.authority}|{ident.value}|{ident.id_type.strip().upper()}",
+                                       scope="mrn")] = index
+    return out
+
+
+def _slot(id_type: str, authority: str) -> tuple[str, str]:
+    """What a patient holds one identifier of: its type (MR for an empty CX-5 and MRN) under an authority."""
+    kind = id_type.strip().upper()[:16]
+    return ("MR" if kind in ("", "MRN") else kind), authority[:AUTHORITY_STORED]
 
 
 def survivor(session: Session, patient: Patient) -> Patient:
@@ -82,10 +144,11 @@ def holds_study_id(session: Session, cipher: FieldCipher, patient_id: int, study
 
 
 def find_patients(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> list[Patient]:
-    """Every (surviving) patient that any of ``idents`` names, in identifier order, each once."""
-    if not idents:
+    """Every (surviving) patient that the patient identifiers among ``idents`` name, in row order, each
+    once."""
+    indexes = list(_lookup(cipher, idents))
+    if not indexes:
         return []
-    indexes = [id_index(cipher, i) for i in idents]
     out: dict[int, Patient] = {}
     for row in session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes))
                             .order_by(col(PatientIdentifier.id))).all():
@@ -158,17 +221,31 @@ def patients_by_value(session: Session, cipher: FieldCipher,
 def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifier], *, name: str | None = None,
                    birth_date: str | None = None, sex: str | None = None, clear: frozenset[str] = frozenset(),
                    update_demographics: bool = True, known: KnownPatients | None = None) -> Patient:
-    """Find the patient by any identifier or create one; set the demographics given; add new identifiers.
+    """Find the patient by its patient identifiers (not :data:`NON_PATIENT_ID_TYPES`) or create one; set the
+    demographics given; add the identifiers it does not hold yet (those of other types too, which never
+    find it).
+
+    Raises :class:`IdentifierConflict` before writing anything when the patient identifiers name more than
+    one patient, or one new to the patient found is of a type and authority under which it holds another
+    identifier that ``idents`` do not list (a second MR at the same hospital: two people, one record).
 
     ``clear`` names demographics to delete (``name``, ``birth_date``, ``sex``): the HL7 explicit null ``""``.
 
     With ``update_demographics=False`` (orders and results) an existing patient's demographics are left to
-    ADT, which owns them; a new patient still gets them. ``known`` saves the lookup when it knows every
+    ADT, which owns them; a new patient still gets them. ``known`` saves the lookups when it knows every
     identifier and they name at most one patient, not merged; it is kept up to date here.
     """
-    by_index = {id_index(cipher, i): i for i in idents}
-    patient, stored = _find_by_index(session, list(by_index), known)
+    lookup = _lookup(cipher, idents)
+    patient, found = _find_by_index(session, list(lookup), known)
+    stored = {lookup[index] for index in found}
+    new: dict[str, Identifier] = {}
+    for ident in idents:
+        if is_patient_identifier(ident) and (index := id_index(cipher, ident)) not in stored:
+            new.setdefault(index, ident)
+    others = [i for i in idents if not is_patient_identifier(i)]
     created = patient is None
+    if patient is not None and new:
+        _check_slots(_held(session, patient, known), list(new.values()), set(lookup))
     if patient is None:
         patient = Patient()
     if created or update_demographics:
@@ -184,18 +261,24 @@ def upsert_patient(session: Session, cipher: FieldCipher, idents: list[Identifie
         patient.updated_at = utcnow()
         session.add(patient)
         session.flush()
-    missing = [i for index, i in by_index.items() if index not in stored]
+        if created and known is not None and patient.id is not None:
+            known.held[patient.id] = []
+    missing = [*new.values(), *_not_held(session, cipher, patient, others, known)]
     if missing:
         _insert_identifiers(session, cipher, patient, missing, known=known)
     if known is not None and patient.id is not None:  # only what the rows say (a conflict is looked up again)
-        known.ids.update({index: patient.id for index in by_index if stored.get(index, patient.id) == patient.id})
-        known.absent.difference_update(by_index)
+        known.ids.update({index: patient.id for index in lookup
+                          if found.get(index, patient.id) == patient.id})
+        known.absent.difference_update(lookup)
     return patient
 
 
 def _find_by_index(session: Session, indexes: list[str],
                    known: KnownPatients | None) -> tuple[Patient | None, dict[str, int]]:
-    """The (surviving) patient of these identifier indexes, and the stored ones with their rows' patient."""
+    """The (surviving) patient of these identifier indexes, and the stored ones with their rows' patient.
+    Raises :class:`IdentifierConflict` when they name more than one patient."""
+    if not indexes:
+        return None, {}
     if known is not None and all(i in known.ids or i in known.absent for i in indexes):
         stored = {i: known.ids[i] for i in indexes if i in known.ids}
         if not stored:
@@ -204,39 +287,106 @@ def _find_by_index(session: Session, indexes: list[str],
             patient = session.get(Patient, next(iter(stored.values())))
             if patient is not None and patient.merged_into_id is None:
                 return patient, stored
-    rows = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes))).all()
-    found = session.get(Patient, rows[0].patient_id) if rows else None
-    return (survivor(session, found) if found is not None else None), {r.id_index: r.patient_id for r in rows}
+    rows = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes))
+                        .order_by(col(PatientIdentifier.id))).all()
+    patients: dict[int | None, Patient] = {}
+    for row in rows:
+        found = session.get(Patient, row.patient_id)
+        if found is not None:
+            found = survivor(session, found)
+            patients.setdefault(found.id, found)
+    if len(patients) > 1:
+        raise IdentifierConflict()
+    return next(iter(patients.values()), None), {r.id_index: r.patient_id for r in rows}
+
+
+def _held(session: Session, patient: Patient, known: KnownPatients | None) -> list[PatientIdentifier]:
+    """The patient's identifier rows (remembered in ``known`` for the rest of the transaction)."""
+    assert patient.id is not None
+    if known is not None and patient.id in known.held:
+        return known.held[patient.id]
+    rows = list(session.exec(select(PatientIdentifier).where(PatientIdentifier.patient_id == patient.id)
+                             .order_by(col(PatientIdentifier.id))).all())
+    if known is not None:
+        known.held[patient.id] = rows
+    return rows
+
+
+def _check_slots(rows: list[PatientIdentifier], new: list[Identifier], listed: set[str]) -> None:
+    """:class:`IdentifierConflict` when a new patient identifier's type and authority (:func:`_slot`) hold
+    another patient identifier of this patient that the message does not list."""
+    taken: dict[tuple[str, str], set[str]] = {}
+    for row in rows:
+        if row.id_type.strip().upper() in PATIENT_ID_TYPES:
+            taken.setdefault(_slot(row.id_type, row.authority), set()).add(row.id_index)
+    for ident in new:
+        if taken.get(_slot(ident.id_type, ident.authority), set()) - listed:
+            raise IdentifierConflict()
+
+
+def _not_held(session: Session, cipher: FieldCipher, patient: Patient, others: list[Identifier],
+              known: KnownPatients | None) -> list[Identifier]:
+    """The identifiers of other types among ``others`` that the patient does not hold yet, each once. A row
+    is recognised by its index (:func:`_held_index`, or :func:`id_index` for rows stored before), else, for
+    one that came with a merged patient, by its decrypted value."""
+    if not others:
+        return []
+    assert patient.id is not None
+    rows = _held(session, patient, known)
+    out: dict[tuple[str, str, str], Identifier] = {}
+    for ident in others:
+        slot = _slot(ident.id_type, ident.authority)
+        same = [r for r in rows if _slot(r.id_type, r.authority) == slot]
+        indexes = {id_index(cipher, ident), _held_index(cipher, ident, patient.id)}
+        if any(r.id_index in indexes for r in same) or any(
+                (cipher.decrypt(r.value_enc, column="patient_identifier.value") or "") == ident.value
+                for r in same):
+            continue
+        out.setdefault((*slot, ident.value), ident)
+    return list(out.values())
 
 
 def patients_by_index(session: Session, cipher: FieldCipher, idents: list[Identifier]) -> KnownPatients:
-    """What is stored for ``idents``, in one query (the patients are loaded into the session too)."""
-    indexes = list({id_index(cipher, i) for i in idents})
+    """What is stored for the patient identifiers among ``idents``, in one query (the patients are loaded
+    into the session too; with identifiers of other types in ``idents``, their identifier rows as well)."""
+    indexes = list(_lookup(cipher, idents))
     if not indexes:
         return KnownPatients()
     pairs = dict(session.execute(select(PatientIdentifier.id_index, PatientIdentifier.patient_id)
                                  .where(col(PatientIdentifier.id_index).in_(indexes))).all())
     ids = set(pairs.values())
     loaded = list(session.exec(select(Patient).where(col(Patient.id).in_(ids))).all()) if ids else []
-    return KnownPatients(ids=pairs, absent=set(indexes) - set(pairs), loaded=loaded)
+    known = KnownPatients(ids=pairs, absent=set(indexes) - set(pairs), loaded=loaded)
+    if ids and not all(is_patient_identifier(i) for i in idents):
+        known.held = {pid: [] for pid in ids}
+        for row in session.exec(select(PatientIdentifier).where(col(PatientIdentifier.patient_id).in_(ids))
+                                .order_by(col(PatientIdentifier.id))).all():
+            known.held[row.patient_id].append(row)
+    return known
 
 
 def _insert_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier], *,
                         known: KnownPatients | None = None) -> None:
-    """Add identifiers; DICOM studies filed under them get the patient now, or at :func:`link_studies`."""
+    """Add identifiers; DICOM studies filed under the patient identifiers get the patient now, or at
+    :func:`link_studies`."""
     assert patient.id is not None
-    indexes = []
+    rows, links = [], []
     for ident in idents:
-        index = id_index(cipher, ident)
-        indexes.append(index)
-        session.add(PatientIdentifier(patient_id=patient.id, id_index=index, authority=ident.authority[:AUTHORITY_STORED],
-                                      id_type=ident.id_type[:16] or "MR",
+        linked = is_patient_identifier(ident)
+        index = id_index(cipher, ident) if linked else _held_index(cipher, ident, patient.id)
+        rows.append(PatientIdentifier(patient_id=patient.id, id_index=index,
+                                      authority=ident.authority[:AUTHORITY_STORED], id_type=ident.id_type[:16] or "MR",
                                       value_enc=cipher.encrypt(ident.value, column="patient_identifier.value")))
+        if linked:
+            links.append((index, patient.id))
+    session.add_all(rows)
     session.flush()
     if known is not None:
-        known.links.extend((index, patient.id) for index in indexes)
-    else:
-        _link(session, [(index, patient.id) for index in indexes])
+        known.links.extend(links)
+        if patient.id in known.held:
+            known.held[patient.id].extend(rows)
+    elif links:
+        _link(session, links)
 
 
 def link_studies(session: Session, known: KnownPatients) -> None:
@@ -258,19 +408,41 @@ def _link(session: Session, links: list[tuple[str, int]]) -> None:
 
 
 def add_identifiers(session: Session, cipher: FieldCipher, patient: Patient, idents: list[Identifier]) -> None:
-    """Point these identifiers at ``patient`` (creating the missing ones), e.g. after a merge."""
+    """Point these patient identifiers at ``patient`` (creating the missing ones), e.g. after a merge; those
+    of other types are added to it where it does not hold them (they never move between patients)."""
     assert patient.id is not None
-    missing = []
+    missing: dict[str, Identifier] = {}
     for ident in idents:
-        existing = session.exec(select(PatientIdentifier).where(
-            PatientIdentifier.id_index == id_index(cipher, ident))).first()
+        if not is_patient_identifier(ident):
+            continue
+        existing = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(
+            list(_lookup(cipher, [ident])))).order_by(col(PatientIdentifier.id))).first()
         if existing is None:
-            missing.append(ident)
+            missing.setdefault(id_index(cipher, ident), ident)
         elif existing.patient_id != patient.id:
             existing.patient_id = patient.id
             session.add(existing)
-    if missing:
-        _insert_identifiers(session, cipher, patient, missing)
+    others = _not_held(session, cipher, patient, [i for i in idents if not is_patient_identifier(i)], None)
+    if missing or others:
+        _insert_identifiers(session, cipher, patient, [*missing.values(), *others])
+
+
+def replace_identifiers(session: Session, cipher: FieldCipher, patient: Patient, *, old: list[Identifier],
+                        new: list[Identifier]) -> int:
+    """ADT^A47: the patient identifiers ``old`` (MRG-1) of ``patient`` are replaced by ``new`` (PID-3): its
+    rows of ``old`` that ``new`` does not name again are deleted, then ``new`` is added
+    (:func:`add_identifiers`). Returns how many rows were deleted. The caller has made sure that ``new``
+    names no other patient (that is a merge)."""
+    indexes = list(_lookup(cipher, old))
+    keep = set(_lookup(cipher, new))
+    rows = session.exec(select(PatientIdentifier).where(col(PatientIdentifier.id_index).in_(indexes),
+                                                        PatientIdentifier.patient_id == patient.id)).all()
+    gone = [row for row in rows if row.id_index not in keep]
+    for row in gone:
+        session.delete(row)
+    session.flush()
+    add_identifiers(session, cipher, patient, new)
+    return len(gone)
 
 
 def merge(session: Session, *, survivor_patient: Patient, retired: Patient) -> None:

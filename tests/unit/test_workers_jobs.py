@@ -319,3 +319,74 @@ def test_a_released_job_waits_for_its_own_retry_before_the_reconciler_resends_it
         released = datetime.fromisoformat(job.flags["released_at"])
         job.flags = {**job.flags, "released_at": (released - timedelta(seconds=10)).isoformat()}
     assert jobs.unpublished(store.db, older_than=0, backoff_max=300) == [job_id]  # the retry looks lost
+
+
+def test_a_reverted_demographics_correction_runs_the_case_again(store: Store, sched: Scheduler) -> None:
+    """A wrong ADT^A08 (job2 supersedes job1), then an A08 that puts the original values back: the snapshot
+    equals job1's again. The key was found on the superseded job1 and nothing ran, so the result computed from
+    the wrong demographics stayed current in the EHR and the PACS."""
+    from msgate.storage import repo_ehr
+
+    double.make_study(store, seed=15)
+    double.add_patient(store, mrn="MRN00015", sex="F", birth="19800101")
+    [first] = sched.scan()
+    for birth, sex in (("19500101", "M"), ("19800101", "F")):
+        with store.db.session() as session:
+            repo_ehr.upsert_patient(session, store.cipher, [repo_ehr.Identifier("MRN00015")], birth_date=birth,
+                                    sex=sex, update_demographics=True)
+        [created] = sched.scan()
+    second, third = [j for j in _jobs(store) if j.id != first]
+    assert created == third.id and third.supersedes_id == second.id and second.supersedes_id == first
+    assert [j.state for j in _jobs(store)] == ["superseded", "superseded", "queued"]
+    assert third.content_key == _jobs(store)[0].content_key != second.content_key
+    assert sched.scan() == []  # the same content as the newest job: nothing
+
+
+def test_a_withdrawn_lab_value_runs_the_case_again(store: Store, sched: Scheduler) -> None:
+    """A lab value posted to the wrong patient (job2), then withdrawn (OBX-11 W): the case runs again
+    without it, superseding the job that used it."""
+    from msgate.storage.models import Observation, utcnow
+
+    double.make_study(store, seed=16)
+    double.add_patient(store, mrn="MRN00016")
+    [first] = sched.scan()
+    double.add_patient(store, mrn="MRN00016", nfl=42.0)
+    [second] = sched.scan()
+    with store.db.session() as session:
+        [obs] = session.exec(select(Observation)).all()
+        obs.withdrawn, obs.status, obs.updated_at = True, "W", utcnow()
+        session.add(obs)
+    [third] = sched.scan()
+    rows = {j.id: j for j in _jobs(store)}
+    assert rows[third].supersedes_id == second and rows[second].state == "superseded"
+    assert rows[first].state == "superseded" and rows[third].state == "queued"
+    assert rows[third].flags["ehr_missing"] == rows[first].flags["ehr_missing"] and "nfl" in rows[third].flags[
+        "ehr_missing"]
+
+
+def test_a_study_made_ready_again_without_change_is_planned_once(store: Store, sched: Scheduler,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PACS re-sends the same study (ready again after its job was created, the same key): it was planned
+    again on every scan (a decrypted EHR snapshot and a series hash each time) for the whole window."""
+    from msgate.workers import scheduler as scheduler_mod
+
+    study_id, _ = double.make_study(store, seed=17)
+    [first] = sched.scan()
+    calls: list[int] = []
+    real = scheduler_mod.plan
+
+    def counting(session: object, st: object, study: object, **kw: object) -> object:
+        calls.append(study.id)  # type: ignore[attr-defined]
+        return real(session, st, study, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scheduler_mod, "plan", counting)
+    double.mark_ready(store, study_id)
+    for _ in range(5):
+        assert sched.scan() == []
+    assert calls == [study_id]
+    [job] = _jobs(store)
+    assert job.id == first and job.state == "queued"
+    double.mark_ready(store, study_id)  # ready once more (another re-send): planned once more
+    for _ in range(3):
+        assert sched.scan() == []
+    assert calls == [study_id, study_id]

@@ -248,7 +248,8 @@ class Order(SQLModel, table=True):
 
 
 class Observation(SQLModel, table=True):
-    """One result value. ``value_enc`` is encrypted; corrections replace, X/W withdraw."""
+    """One result value. ``value_enc`` is encrypted; a correction (C) replaces it and X/W/D withdraw it, in
+    place (``observed_at`` stays that of the original; matching: :mod:`msgate.hl7.observations`)."""
 
     id: int | None = Field(default=None, primary_key=True)
     patient_id: int = Field(foreign_key="patient.id", index=True)
@@ -267,11 +268,19 @@ class Observation(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
-    """One inference run. ``idem_key`` = study UID + series-set hash + EHR hash + model version."""
+    """One inference run. ``content_key`` = study UID + series-set hash + EHR hash + model version (what the
+    case was planned with); ``idem_key`` = that content key + the job it supersedes, unique: one job per
+    content per place in the study's chain, so two schedulers never create two jobs for one change, and a
+    content that comes back after a correction (a corrected correction) still gets its job. Jobs stored
+    before revision 0009 have ``content_key`` = ``idem_key``. ``planned_ready_at``: the latest
+    ``Study.ready_at`` at which the study was planned again to this job's content (nothing to run), so the
+    scheduler does not plan it again until the study is ready again."""
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     study_id: int = Field(foreign_key="study.id", index=True)
     idem_key: str = Field(max_length=64, unique=True)
+    content_key: str | None = Field(default=None, max_length=64)
+    planned_ready_at: datetime | None = _ts()
     state: str = Field(default="queued", max_length=16, index=True)
     model_version: str = Field(default="", max_length=64)
     flags: dict[str, Any] = _json()

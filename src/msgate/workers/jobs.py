@@ -20,12 +20,14 @@ whose model version is not the job's hands it back (:func:`hand_back`) without c
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -36,6 +38,7 @@ from msgate.storage.models import Job, Result, utcnow
 ACTIVE = ("queued", "running")
 SUPERSEDABLE = ("queued", "running", "done", "failed")
 FINAL = ("done", "failed", "superseded", "cancelled")
+CREATE_LOCK = 0x6D736A62  # pg_advisory_xact_lock(class, study id) held while a study's job is created ("msjb")
 
 
 @dataclass(frozen=True)
@@ -60,21 +63,45 @@ def _with(flags: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return out
 
 
+def chain_key(content_key: str, supersedes_id: str | None) -> str:
+    """The unique ``Job.idem_key``: the content key and the job it supersedes (none: the study's first)."""
+    return hashlib.sha256(f"{content_key}|{supersedes_id or ''}".encode()).hexdigest()
+
+
 def create(db: Database, *, study_id: int, idem_key: str, model_version: str, flags: dict[str, Any],
-           actor: str = "scheduler") -> Job | None:
-    """Insert a queued job unless one with ``idem_key`` exists; supersede the study's older jobs."""
+           actor: str = "scheduler", ready_at: datetime | None = None) -> Job | None:
+    """Insert a queued job for the content key ``idem_key`` (the plan's key) unless the study's newest job
+    has that content; it supersedes the study's older jobs. Only the newest job counts: a content that
+    comes back after a correction (an A08 reverted, a lab value withdrawn, the original series re-sent)
+    runs again, and its result replaces the one computed from the wrong data.
+
+    When the newest job has that content, nothing is created and ``ready_at`` (the ``Study.ready_at`` the
+    plan was made for) is recorded on it as ``planned_ready_at``: the scheduler then does not plan the
+    study again until it is ready again (a study re-sent unchanged was planned on every scan).
+
+    Creates for one study are serialized (PostgreSQL: a transaction advisory lock on the study id, not its
+    row, which the indexer locks while it holds the audit head; SQLite: ``BEGIN IMMEDIATE`` serializes every
+    writer), so the newest job read here is the newest there is: two schedulers never create two jobs for
+    one change, nor two active jobs for two changes. The unique ``Job.idem_key`` (content + superseded job)
+    stays the backstop."""
     try:
         with db.session() as session:
-            if session.exec(select(Job.id).where(Job.idem_key == idem_key)).first() is not None:
+            if not db.is_sqlite:
+                session.execute(text("SELECT pg_advisory_xact_lock(CAST(:cls AS integer), CAST(:study AS integer))"),
+                                {"cls": CREATE_LOCK, "study": study_id})
+            # the chain links to the study's newest job whatever its state: a cancelled or superseded one
+            # in between used to break it (no correction note, the old result's entries left pending)
+            newest = session.exec(select(Job).where(Job.study_id == study_id)
+                                  .order_by(col(Job.created_at).desc(), col(Job.id))).first()
+            if newest is not None and newest.content_key == idem_key:
+                if ready_at is not None and (newest.planned_ready_at is None or newest.planned_ready_at < ready_at):
+                    session.execute(update(Job).where(col(Job.id) == newest.id).values(planned_ready_at=ready_at))
                 return None
             older = session.exec(select(Job).where(Job.study_id == study_id, col(Job.state).in_(SUPERSEDABLE))
                                  .order_by(col(Job.created_at).desc()).with_for_update()).all()
-            # the chain links to the study's newest job whatever its state: a cancelled or superseded one
-            # in between used to break it (no correction note, the old result's entries left pending)
-            newest = session.exec(select(Job.id).where(Job.study_id == study_id)
-                                  .order_by(col(Job.created_at).desc())).first()
-            job = Job(study_id=study_id, idem_key=idem_key, model_version=model_version[:64], flags=flags,
-                      supersedes_id=newest)
+            previous = newest.id if newest is not None else None
+            job = Job(study_id=study_id, idem_key=chain_key(idem_key, previous), content_key=idem_key,
+                      model_version=model_version[:64], flags=flags, supersedes_id=previous)
             for old in older:
                 old.state, old.finished_at = "superseded", old.finished_at or utcnow()
                 session.add(old)
@@ -85,7 +112,7 @@ def create(db: Database, *, study_id: int, idem_key: str, model_version: str, fl
                                  "superseded": [o.id for o in older]})
             return job
     except IntegrityError:
-        return None  # another scheduler created the same key first
+        return None  # another scheduler created this content in this place of the chain first
 
 
 def mark_published(db: Database, job_id: str) -> None:

@@ -7,11 +7,14 @@ at the study date and the idempotency key
 
     sha256(study UID index | series-set hash | EHR snapshot hash | model version).
 
-A key that already has a job does nothing (a study or message sent again runs once). A new key
-creates a job that supersedes the study's earlier ones (a changed series set or a corrected value:
-the new result goes out as a correction). While a required EHR field (``workers.required_ehr_fields``)
-is missing the case waits, up to ``ehr_deadline_seconds`` after the study became ready; then it runs
-with the missing fields masked and flagged (``ehr_deadline``, ``ehr_missing:<name>``).
+A key equal to the study's newest job's does nothing (a study or message sent again runs once), and
+the study is not planned again until it is ready again (``Job.planned_ready_at``). Any other key creates
+a job that supersedes the study's earlier ones (a changed series set or a corrected value: the new result
+goes out as a correction), also a key an older, superseded job had: a correction that was itself corrected
+(an A08 reverted, a lab value withdrawn, the original series re-sent) runs the case again. While a
+required EHR field (``workers.required_ehr_fields``) is missing the case waits, up to
+``ehr_deadline_seconds`` after the study became ready; then it runs with the missing fields masked and
+flagged (``ehr_deadline``, ``ehr_missing:<name>``).
 
 Transactional outbox for tasks: the job row is committed first, then the task is sent and
 ``published_at`` set. The reconciler re-sends committed jobs that never reached the broker, returns
@@ -67,6 +70,7 @@ class Plan:
     required_missing: list[str]
     wait_until: datetime | None
     flags: dict[str, Any] = field(default_factory=dict)
+    ready_at: datetime | None = None  # the Study.ready_at this plan was made for
 
 
 def series_hash(session: Session, chosen: dict[str, Series]) -> str:
@@ -107,7 +111,8 @@ def plan(session: Session, store: Store, study: Study, *, model_version: str) ->
     flags = {"series": {role: s.id for role, s in chosen.items()}, "patient_id": link.patient_id,
              "order_id": link.order_id, "linked_via_order": link.via_order, "ready_ts": ready_at.timestamp(), "ehr_missing": missing,
              "required_missing": required, "result_flags": result_flags}
-    return Plan(study.id, key, flags["series"], missing, required, deadline if required else None, flags)
+    return Plan(study.id, key, flags["series"], missing, required, deadline if required else None, flags,
+                ready_at=study.ready_at)
 
 
 class Scheduler:
@@ -164,12 +169,15 @@ class Scheduler:
         latest: dict[int, Job] = {}
         if studies:
             for job in session.exec(select(Job).where(col(Job.study_id).in_(list(studies)))
-                                    .order_by(col(Job.created_at))).all():
-                latest[job.study_id] = job
+                                    .order_by(col(Job.created_at), col(Job.id).desc())).all():
+                latest[job.study_id] = job  # the newest, as jobs.create orders them
         out = []
         for sid, study in studies.items():
             job = latest.get(sid)  # type: ignore[arg-type]
-            fresh = job is None or (study.ready_at is not None and job.created_at < study.ready_at)
+            # ready again since its newest job was created, and not yet planned at that readiness (a study
+            # re-sent unchanged keeps its job; jobs.create records the plan as ``planned_ready_at``)
+            fresh = job is None or (study.ready_at is not None and job.created_at < study.ready_at
+                                    and (job.planned_ready_at is None or job.planned_ready_at < study.ready_at))
             if (fresh or sid in extra or study.patient_id in changed[0] or study.accession_index in changed[1]
                     or study.dicom_patient_index in changed[2]):
                 out.append(study)
@@ -228,7 +236,7 @@ class Scheduler:
             if p.wait_until is not None and now < p.wait_until:
                 continue  # waiting for the HL7 feed
             job = jobs.create(self.store.db, study_id=p.study_id, idem_key=p.idem_key,
-                              model_version=version, flags=p.flags)
+                              model_version=version, flags=p.flags, ready_at=p.ready_at)
             if job is not None:
                 log.info("job created", extra={"job_id": job.id, "study_id": p.study_id,
                                                "count": len(p.required_missing)})

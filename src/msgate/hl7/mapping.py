@@ -10,8 +10,9 @@ mapped inside a savepoint, so one bad message ends in the operator-visible ``err
   namespace EI.2-EI.4 for the ORU, accession IPC-1 or OBR-18, linked to DICOM (0008,0050) by the same
   blind index as the DICOM ingest).
 - ORU^R01: one observation per OBX; the feature is found by code (``model/features.py``), the value is
-  converted to the feature's unit; OBX-11 ``C`` replaces, ``X``/``W``/``D`` withdraw
-  (:mod:`msgate.hl7.observations`).
+  converted to the feature's unit; OBX-11 ``C`` replaces, ``X``/``W``/``D`` withdraw the value of the same
+  observation time (OBX-14, else OBR-7) or, without either, the newest value of that code observed by the
+  message's MSH-7 (:mod:`msgate.hl7.observations`).
 
 A batch is one transaction (:class:`Tx`): its messages' rows are read in one select, the patients their
 identifiers name are looked up together and remembered, and observations are written with a few

@@ -546,8 +546,8 @@ def test_sixty_small_lesions_get_sixty_segments_in_bounded_memory() -> None:
 
 def test_a_flair_from_two_multiframe_instances_still_gets_no_seg(sources: list[Dataset],
                                                                  result: ModelResult) -> None:
-    """One SEG takes one multi-frame source (PS3.3 C.8.20.2): over two, no SEG and no lesion groups,
-    rather than a SEG on the wrong frames."""
+    """One SEG takes one multi-frame source (PS3.3 C.8.20.2): over two, no SEG (the SR's lesion
+    groups point at each lesion's centroid), rather than a SEG on the wrong frames."""
     from highdicom.legacy import LegacyConvertedEnhancedMRImage
 
     from msgate.results.sources import FlairSources, SourceSlice

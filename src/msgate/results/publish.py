@@ -52,7 +52,7 @@ PUBLISHABLE = ("done",)
 class RenderOptions:
     key_images: int = 3  # 0 turns the Secondary Capture key images off
     parametric_map: bool = True
-    seg: bool = True  # off: the SR carries the findings without a referenced Segmentation
+    seg: bool = True  # off: no SEG; each lesion's SR group points at its centroid instead of a segment
 
     @classmethod
     def from_settings(cls, settings: object) -> RenderOptions:

@@ -7,10 +7,13 @@ Content tree:
 - one image-level group (TID 1501) with the EDSS class and MS-vs-cSVD qualitative evaluations and the
   EDSS estimate, class probabilities, confidence, uncertainty, P(MS), lesion count, total lesion volume
   and Rim+ count measurements, referencing every source FLAIR image;
-- one volumetric ROI group (TID 1411) per lesion with a SEG segment, referencing that lesion's own
-  segment (the region measured; by segment number only: DCMTK warns when an IMAGE item carries both
-  frame and segment numbers), with the segment's tracking id ``Lesion <label>`` and tracking UID,
-  location, volume, Rim+ probability and rim status;
+- one volumetric ROI group (TID 1411) per lesion, with tracking id ``Lesion <label>`` and a tracking
+  UID, location (finding site), volume, Rim+ probability and rim status (the last two when QSM was
+  present). A lesion with a SEG segment references that segment (the region measured; by segment
+  number only: DCMTK warns when an IMAGE item carries both frame and segment numbers) and shares its
+  tracking UID; without a SEG (``MSGATE_RESULTS__SEG=false``, or none could be built) or without a
+  segment of its own, the group's region is an SCOORD3D POINT at the lesion's centroid in the FLAIR's
+  Frame of Reference (:mod:`msgate.results.lesion_roi`);
 - a TEXT comment: unverified AI output, not for diagnosis.
 
 Every group carries the algorithm identification. VerificationFlag stays UNVERIFIED; the
@@ -21,18 +24,22 @@ original study); a superseding SR lists the previous one in the Predecessor Docu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pcodes
 
-from msgate.model.types import ModelResult
+from msgate.model.types import LesionFinding, ModelResult
 from msgate.results import codes
 from msgate.results.identity import Identity
+from msgate.results.lesion_roi import lesion_roi
 from msgate.results.notes import flag_notes
 from msgate.results.seg import SegResult
 from msgate.results.sources import FlairSources
+
+log = logging.getLogger(__name__)
 
 DISCLAIMER = "Unverified AI output, not for diagnosis. Results require review by a qualified clinician."
 PARTIAL_FLAGS = ("qsm_absent", "ehr_missing")
@@ -74,32 +81,45 @@ def image_group(result: ModelResult, sources: FlairSources | Sequence[Dataset],
     )
 
 
-def lesion_groups(result: ModelResult, seg: SegResult | None, series_uid: str,
-                  ident: Identity) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    if seg is None:
-        return []
+def _lesion_group(lesion: LesionFinding, tracking_uid: str, ident: Identity,
+                  **roi: object) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """One lesion's TID 1411 group; ``roi``: the region keyword (referenced segment, volume surface or
+    image regions)."""
+    measurements = [_m(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML, ident)]
+    evaluations = []
+    if lesion.rim_probability is not None:
+        measurements.append(_m(codes.RIM_PROBABILITY, lesion.rim_probability, codes.UNIT_ONE, ident))
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            codes.RIM_STATUS, codes.PRESENT if lesion.rim_positive else codes.ABSENT))
+    sites = [hd.sr.FindingSite(codes.LOCATION[lesion.location])] if lesion.location in codes.LOCATION else None
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"Lesion {lesion.label}"),
+        finding_type=codes.LESION, algorithm_id=ident.algorithm, measurements=measurements,
+        qualitative_evaluations=evaluations or None, finding_sites=sites,
+        **roi,  # type: ignore[arg-type]
+    )
+
+
+def lesion_groups(result: ModelResult, sources: FlairSources | Sequence[Dataset], seg: SegResult | None,
+                  series_uid: str, ident: Identity) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """One group per lesion, in ``result.lesions`` order: on its SEG segment, or (no SEG, or no segment for
+    it) on a point (:mod:`msgate.results.lesion_roi`)."""
+    src = FlairSources.of(sources)
     groups = []
     for lesion in result.lesions:
-        number = seg.lesion_segment.get(lesion.label)
-        if number is None:
+        if seg is not None and (number := seg.lesion_segment.get(lesion.label)) is not None:
+            groups.append(_lesion_group(
+                lesion, seg.lesion_tracking_uid[lesion.label], ident,
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
+                    segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(series_uid))))
             continue
-        measurements = [_m(codes.VOLUME, lesion.volume_ml, codes.UNIT_ML, ident)]
-        evaluations = []
-        if lesion.rim_probability is not None:
-            measurements.append(_m(codes.RIM_PROBABILITY, lesion.rim_probability, codes.UNIT_ONE, ident))
-            evaluations.append(hd.sr.QualitativeEvaluation(
-                codes.RIM_STATUS, codes.PRESENT if lesion.rim_positive else codes.ABSENT))
-        sites = [hd.sr.FindingSite(codes.LOCATION[lesion.location])] if lesion.location in codes.LOCATION else None
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=seg.lesion_tracking_uid[lesion.label],
-                                                          identifier=f"Lesion {lesion.label}"),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.dataset.SOPClassUID, sop_instance_uid=seg.dataset.SOPInstanceUID,
-                segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
-            finding_type=codes.LESION, algorithm_id=ident.algorithm, measurements=measurements,
-            qualitative_evaluations=evaluations or None, finding_sites=sites,
-        ))
+        roi = lesion_roi(lesion, result.lesion_mask, src, series_uid)
+        if roi is None:
+            log.warning("SR: a lesion has no region to reference (no usable centroid, no voxel on a source plane)",
+                        extra={"lesion": lesion.label})
+            continue
+        groups.append(_lesion_group(lesion, hd.UID(), ident, **roi.kwargs()))
     return groups
 
 
@@ -112,7 +132,7 @@ def measurement_report(result: ModelResult, sources: FlairSources | Sequence[Dat
             model_name=f"{ident.model_name} {ident.model_version}"[:64], serial_number=ident.device_serial_number),
     )
     groups: list[object] = [image_group(result, sources, ident)]
-    groups += lesion_groups(result, seg, str(FlairSources.of(sources).first.SeriesInstanceUID), ident)
+    groups += lesion_groups(result, sources, seg, str(FlairSources.of(sources).first.SeriesInstanceUID), ident)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.PROCEDURE_MRI_HEAD, imaging_measurements=groups,  # type: ignore[arg-type]

@@ -130,7 +130,7 @@ def test_an_unnamed_gradient_echo_with_two_inversion_times_is_not_dir() -> None:
     enhanced = _enhanced("Sag 3D IR", [700.0, 2500.0])
     del enhanced.ScanningSequence  # Enhanced MR: EchoPulseSequence says gradient or spin echo
     enhanced.EchoPulseSequence = "GRADIENT"
-    assert series_fields(enhanced).scanning_sequence == "GR"
+    assert series_fields(enhanced).scanning_sequence == "GR\\IR"  # InversionRecovery YES adds IR
     assert _role(enhanced) != "DIR"
     enhanced.EchoPulseSequence = "SPIN"
     assert _role(enhanced) == "DIR"

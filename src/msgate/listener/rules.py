@@ -3,8 +3,10 @@
 **Roles** (:class:`RoleRule`) are tried in order; the first rule whose every given condition matches
 decides the series role. Conditions are case-insensitive regular expressions searched in
 SeriesDescription (``text``), SequenceName, ImageType and ScanningSequence (both as ``A\\B`` strings;
-an Enhanced MR header's EchoPulseSequence stands in for the latter), an InversionTime range in ms, and a
-minimum number of inversion times (InversionTimes, Enhanced MR). When no rule matches, the rules are
+an Enhanced MR header's EchoPulseSequence stands in for the latter, with ``IR`` when its InversionRecovery
+is YES), an InversionTime range in ms (Enhanced MR: the first InversionTimes value) and a minimum number
+of inversion times (InversionTimes, Enhanced MR). Enhanced and Legacy Converted Enhanced MR headers are
+read in their functional groups (:mod:`msgate.listener.enhanced_fields`). When no rule matches, the rules are
 tried once more with ``text`` = SeriesDescription + ' | ' + ProtocolName: GE writes the exam's protocol
 ("MS BRAIN SWAN") on every series, so the description decides first. A series that no rule matches
 either way is ``OTHER``. A double inversion recovery is ``DIR``, which the model does not read: it is
@@ -38,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from msgate.listener import enhanced_fields as enhanced
 from msgate.storage.index_dicom import text as _text
 
 
@@ -151,10 +154,12 @@ class RoutingRule(BaseModel):
         return self.study_description is None or bool(_rx(self.study_description).search(f.study_description))
 
 
-_FLAIR = r"flair|dark[-_ ]?fluid|\btirm\b.*\bfl|fluid[-_ ]?att"
+# Siemens abbreviates dark-fluid "da-fl" (t2_spc_da-fl_sag_p2_iso, its 3D FLAIR's default name).
+_DARK_FLUID = r"dark[-_ ]?fluid|(?<![a-z])da[-_ ]?fl(?![a-z])"
+_FLAIR = rf"flair|{_DARK_FLUID}|\btirm\b.*\bfl|fluid[-_ ]?att"
 # "T1" then FLAIR / dark-fluid / TIRM in the same name ([^|]: not across the ' | ' before ProtocolName).
-_T1_FLAIR = (r"(?<![a-z0-9])t1w?(?![0-9])[^|]*?(flair|dark[-_ ]?fluid|tirm)"
-             r"|(flair|dark[-_ ]?fluid)[-_ ]?t1(?![0-9])")
+_T1_FLAIR = (rf"(?<![a-z0-9])t1w?(?![0-9])[^|]*?(flair|{_DARK_FLUID}|tirm)"
+             rf"|(flair|{_DARK_FLUID})[-_ ]?t1(?![0-9])")
 # Double inversion recovery: Siemens t2_spc_dir / DIR_SPACE, GE 3D DIR CUBE, Philips 3D_DIR, "double IR",
 # "dbl_ir", "2IR". "dir" is a word of its own ("direction", "dircos", "indirect" are not), never a count of
 # diffusion directions ("DTI 30 dir", "64dir") nor a phase-encoding direction ("phase dir AP", and a "dir"
@@ -204,7 +209,10 @@ DEFAULT_ROLE_RULES: list[RoleRule] = [
     RoleRule(role=Role.DIR, name="dir with a direction, no contrast named", text=_DIR_WITH_DIRECTION),
     # An MP2RAGE (GR\IR) lists two inversion times too: only a spin-echo or unstated sequence is a DIR.
     RoleRule(role=Role.DIR, name="two inversion times", inversion_count_min=2, scanning_sequence=r"^(?!.*\bGR\b)"),
-    RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"\bIR\b",
+    RoleRule(role=Role.T1, name="two inversion times, gradient echo (MP2RAGE)", inversion_count_min=2,
+             scanning_sequence=r"\bGR\b"),
+    # A FLAIR is a spin echo: a gradient-echo IR with a long TI (an MP2RAGE's second inversion) is not one.
+    RoleRule(role=Role.FLAIR, name="long-TI inversion recovery T2", scanning_sequence=r"^(?!.*\bGR\b).*\bIR\b",
              inversion_time_min=1500, inversion_time_max=3500),
     RoleRule(role=Role.T1, name="short-TI inversion recovery gradient echo", scanning_sequence=r"\bIR\b.*\bGR\b|"
              r"\bGR\b.*\bIR\b", inversion_time_min=300, inversion_time_max=1300),
@@ -292,56 +300,16 @@ def awaited_absent(await_roles: Iterable[Role | str], present: Iterable[str]) ->
     return sorted({Role(r).value for r in await_roles} - have)
 
 
-def _float(ds: Any, keyword: str) -> float | None:
-    try:
-        value = ds.get(keyword)
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            value = value[0] if value else None
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _inversion_count(ds: Any) -> int:
-    """How many inversion times the header lists: InversionTimes (0018,9079) at the top level or in the
-    MR Modifier Sequence of the shared or first per-frame functional group (Enhanced MR, PS3.3 C.8.13.5.2).
-    A double inversion recovery lists two; MR Image Storage has InversionTime only (0 here)."""
-    places: list[Any] = [ds]
-    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        try:
-            items = ds.get(group) or []
-            places.extend(list(items[0].get("MRModifierSequence") or [])[:1] if items else [])
-        except Exception:  # pydicom decodes lazily and raises many types for a damaged sequence
-            continue
-    count = 0
-    for place in places:
-        try:
-            value = place.get("InversionTimes")
-        except Exception:
-            continue
-        if value is not None and value != "":
-            many = isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
-            count = max(count, len(value) if many else 1)
-    return count
-
-
-_ECHO_PULSE = {"SPIN": "SE", "GRADIENT": "GR", "BOTH": "SE\\GR"}
-
-
-def _scanning_sequence(ds: Any) -> str:
-    """ScanningSequence; an Enhanced MR header has none, its EchoPulseSequence (0018,9008: SPIN, GRADIENT,
-    BOTH) stands in as SE, GR or SE\\GR, so that a rule can tell a gradient echo (an MP2RAGE) from a DIR."""
-    return _text(ds, "ScanningSequence") or _ECHO_PULSE.get(_text(ds, "EchoPulseSequence").strip().upper(), "")
-
-
 def series_fields(ds: Any) -> SeriesFields:
-    """Read the role inputs from a pydicom header (``ds`` is ``pydicom.Dataset``)."""
-    seq = _text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
+    """Read the role inputs from a pydicom header (``ds`` is ``pydicom.Dataset``). An Enhanced MR or Legacy
+    Converted Enhanced MR header keeps the scanning sequence and inversion time in its functional groups
+    (:mod:`msgate.listener.enhanced_fields`): read at the top level only, its FLAIR was a T2."""
+    seq = enhanced.converted_text(ds, "SequenceName") or _text(ds, "PulseSequenceName")
     return SeriesFields(text=_text(ds, "SeriesDescription"), protocol=_text(ds, "ProtocolName"),
                         sequence_name=seq, image_type=_text(ds, "ImageType"),
-                        scanning_sequence=_scanning_sequence(ds), inversion_time=_float(ds, "InversionTime"),
-                        modality=_text(ds, "Modality"), sop_class=_text(ds, "SOPClassUID"),
-                        inversion_count=_inversion_count(ds))
+                        scanning_sequence=enhanced.scanning_sequence(ds),
+                        inversion_time=enhanced.inversion_time(ds), modality=_text(ds, "Modality"),
+                        sop_class=_text(ds, "SOPClassUID"), inversion_count=enhanced.inversion_count(ds))
 
 
 def study_fields(ds: Any, calling_aet: str = "") -> StudyFields:

@@ -238,7 +238,10 @@ class StorageSettings(Section):
     chunk_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
     min_free_bytes: int = Field(2 * 1024**3, ge=0, description="below this, ingest answers out-of-resources")
     retention_days: float = Field(30.0, ge=0, description="purge source images this long after delivery")
-    purge_free_bytes: int = Field(5 * 1024**3, ge=0, description="below this free space, purge delivered studies, oldest first")
+    unused_retention_days: float | None = Field(None, ge=0, description="studies with no result to deliver: this "
+                                                "long after their last instance (unset: retention_days)")
+    purge_free_bytes: int = Field(5 * 1024**3, ge=0, description="below this free space, purge finished studies, "
+                                  "those with no result to deliver first, oldest first")
     purge_interval_s: float = Field(3600.0, ge=0, description="the scheduler role applies retention this often (free "
                                     "space is checked every min(this, 60) s); 0: only `msgate db purge`")
 

@@ -73,3 +73,5 @@ def test_a_3d_dir_is_not_the_flair_the_model_gets(tmp_path: Path) -> None:
     assert decided.exit_code == 0, decided.output
     assert [(d["role"], d["role_rule"]) for d in json.loads(decided.output)] == [
         ("DIR", "double inversion recovery by name"), ("FLAIR", "FLAIR by name")]
+    assert [d["inversion_time"] for d in json.loads(decided.output)] == [3000.0, 2500.0]  # what the rules read
+    assert [rules_cmd._sequence(d) for d in json.loads(decided.output)] == ["SE\\IR, TI 3000 ms", "SE\\IR, TI 2500 ms"]

@@ -110,6 +110,10 @@ def roles(db: Database, expected: tuple[str, ...],
             info.update(beat.info)
         if live:
             info["health"] = "ok"
+            if info.get("quarantined"):  # the dicom role: acknowledged instances it could not index
+                info["health"] = "degraded"
+                info["reason"] = (f"{info['quarantined']} received instances are quarantined (not indexed); "
+                                  "see msgate studies quarantine")
             if role in (ports or {}):
                 _check_port(info, live, *(ports or {})[role])
         else:

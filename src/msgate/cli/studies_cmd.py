@@ -1,4 +1,4 @@
-"""``msgate studies list|show``: operator views of received studies.
+"""``msgate studies list|show|quarantine``: operator views of received studies.
 
 PHI (accession, patient id, study date, series descriptions) is decrypted only for display, and
 every display is recorded in the audit chain (``phi.view``, actor = :func:`audit.operator`: the OS account
@@ -118,3 +118,27 @@ def show(
         add_row(assoc, a["id"][:12], a["calling_aet"], a["peer"], a["outcome"], a["instances"], a["failures"],
                 a["started_at"])
     console.print(assoc)
+
+
+@app.command()
+def quarantine(
+    ctx: typer.Context,
+    reindex: Annotated[bool, typer.Option("--reindex", help="index them now (stop the dicom role first)")] = False,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Received instances that could not be indexed (kept encrypted); --reindex after fixing the cause."""
+    from msgate.listener import indexer
+    from msgate.listener import quarantine as held
+
+    store = state(ctx).store()
+    docs = [r.doc() for r in indexer.reindex_quarantined(store, actor=audit.operator())] if reindex \
+        else [e.doc() for e in held.entries(store.settings.home)]
+    if json_out:
+        print_json(docs)
+    else:
+        for d in docs:
+            say(" ".join(f"{k} {v}" for k, v in d.items() if v not in (None, "", [])))
+        if not docs:
+            say("the quarantine is empty")
+    if reindex and any(d["error"] for d in docs):
+        raise typer.Exit(1)

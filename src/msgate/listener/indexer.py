@@ -10,8 +10,11 @@ instances, so a study is only judged ready on release once everything it receive
 
 The child retries a batch that fails for a transient reason (the database away, a disk error) with
 capped backoff for as long as that lasts, committing the bodies it already wrote; any other failure is
-given up after a few tries: it stays in the journal, and on restart :meth:`Indexer.recover` indexes what
-is left before the port opens. A child that dies is started again and sent what it had not answered. The bytes waiting
+tried a few times, then moved to the journal's encrypted quarantine (:mod:`msgate.listener.quarantine`) and
+counted as handled. On restart :meth:`Indexer.recover` indexes what is left before the port opens, and
+quarantines what cannot be indexed instead of stopping there: one such record kept the role from ever
+starting again. :func:`reindex_quarantined` indexes quarantined records after a fix. A child that dies
+is started again and sent what it had not answered. The bytes waiting
 here are bounded (:meth:`reserve`), so a stalled index slows senders down (and finally answers 0xA700)
 instead of growing memory without limit.
 """
@@ -29,12 +32,12 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from msgate import childproc
-from msgate.errors import Transient
-from msgate.listener import dataset
+from msgate.errors import HomeInUse, Transient
+from msgate.listener import dataset, quarantine
 from msgate.listener.indexproc import MAX_BATCH, SEQ
 from msgate.listener.record import decode_record
 from msgate.listener.tracking import Tracker
-from msgate.storage import reencoded, repo_studies
+from msgate.storage import audit, heartbeat, reencoded, repo_studies
 from msgate.storage.index_dicom import StoredInstance
 from msgate.storage.ingest import Received
 from msgate.storage.journal import Journal, read_segment
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RECOVERY_TRIES = 3  # a failure that is not transient, tried this often at a start before it is quarantined
+RECOVERY_PAUSE_S = 0.5
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Indexer:
         self._follower: threading.Thread | None = None
         self._closing = False
         self.restarts = 0
+        self.quarantined = 0  # records in the quarantine: reported with the role's heartbeat (status: degraded)
 
     # --- called by the intake and the handlers ------------------------------------------------------
 
@@ -231,7 +237,12 @@ class Indexer:
             elif answer[1] == 1:
                 self._stored(entry.received, StoredInstance(*answer[2:]))  # type: ignore[arg-type]
                 done[entry.segment] = done.get(entry.segment, 0) + 1
-            else:  # given up: left in the journal, indexed again at the next start
+            elif answer[1] == 3:  # quarantined (durable, audited): handled, so its segment can go
+                self.release(len(entry.received.data), entry.received.assoc_id)
+                done[entry.segment] = done.get(entry.segment, 0) + 1
+                self.quarantined += 1
+                heartbeat.set_info("dicom", quarantined=self.quarantined)
+            else:  # not even quarantined: left in the journal, indexed again at the next start
                 self.release(len(entry.received.data), entry.received.assoc_id)
         self._flush(done)
 
@@ -284,35 +295,125 @@ class Indexer:
     # --- at start ------------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Index the segments a crash left (an instance stored already is a duplicate, not stored twice)."""
+        """Index the segments a crash left (an instance stored already is a duplicate, not stored twice).
+
+        A record that still fails after :data:`RECOVERY_TRIES` for a reason that is not transient is
+        quarantined and recovery goes on (it raised here, on every start: the port never opened again).
+        A transient failure (the database away) raises: the records stay for the next start."""
         total = 0
         for path in self.journal.leftovers():
-            received = []
-            for raw in read_segment(path, self.store.ring):
-                aet, assoc_id, data = decode_record(raw)
-                received.append(Received(data, dataset.parse(data), aet, assoc_id))
-            for start in range(0, len(received), MAX_BATCH):
-                chunk = received[start:start + MAX_BATCH]
-                results = self.store.ingest.index_received(chunk, actor="recovery")
-                failed = [r for r in results if isinstance(r, Exception)]
-                if failed:
-                    raise failed[0]
-                self._reopen([r for r in results if isinstance(r, StoredInstance) and not r.duplicate])
-                reencoded.settle(self.store, [r.instance_id for r in results
-                                              if isinstance(r, StoredInstance) and r.version > 1], actor="recovery")
-            total += len(received)
+            raws = read_segment(path, self.store.ring)
+            for start in range(0, len(raws), MAX_BATCH):
+                chunk = raws[start:start + MAX_BATCH]
+                results = index_journaled(self.store, chunk, actor="recovery")
+                for raw, result in zip(chunk, results, strict=True):
+                    if isinstance(result, Exception):
+                        quarantine.put(self.store, raw, reason=quarantine.reason_of(result), actor="recovery",
+                                       segment=path.name)
+            total += len(raws)
             path.unlink()
         if total:
             log.info("journaled instances indexed after a restart", extra={"count": total})
+        self.quarantined = quarantine.count(self.store.settings.home)
+        heartbeat.set_info("dicom", quarantined=self.quarantined or None)
+        if self.quarantined:
+            log.error("received instances wait in the quarantine; fix the cause, then run msgate studies "
+                      "quarantine --reindex", extra={"count": self.quarantined, "role": "dicom"})
         return total
 
-    def _reopen(self, stored: list[StoredInstance]) -> None:
-        """New instances for a study that had finished (ready, stable) before the crash: it is receiving
-        again, so the restarted tracker (``load_open``) decides it anew, as a live instance would."""
-        studies = sorted({s.study_id for s in stored if not s.new_study})
-        if not studies:
-            return
-        with self.store.db.session() as session:
-            for study_id in studies:
-                if repo_studies.reopen(session, study_id=study_id, actor="recovery"):
-                    log.info("study reopened", extra={"study_id": study_id})
+
+def index_journaled(store: Store, raws: list[bytes], *, actor: str, tries: int = RECOVERY_TRIES
+                    ) -> list[StoredInstance | Exception]:
+    """Index journal records outside the listener (recovery, re-indexing from the quarantine); one result
+    each. A failure that is not transient is tried ``tries`` times, then returned; a transient one raises
+    (after what was stored is followed up: reopened studies, re-encoded versions)."""
+    results: list[StoredInstance | Exception] = [Exception("not tried")] * len(raws)
+    items: dict[int, Received] = {}
+    for n, raw in enumerate(raws):
+        try:
+            aet, assoc_id, data = decode_record(raw)
+            items[n] = Received(data, dataset.parse(data), aet, assoc_id)
+        except Exception as exc:  # noqa: BLE001 - not an instance (it was parsed when received): quarantined
+            results[n] = exc
+    todo = sorted(items)
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(RECOVERY_PAUSE_S * attempt)
+        for n, result in zip(todo, store.ingest.index_received([items[n] for n in todo], actor=actor), strict=True):
+            results[n] = result
+        todo = [n for n in todo if isinstance(results[n], Exception)]
+        if not todo or any(isinstance(results[n], Transient) for n in todo):
+            break
+    stored = [r for r in results if isinstance(r, StoredInstance)]
+    _reopen(store, [r for r in stored if not r.duplicate], actor)
+    reencoded.settle(store, [r.instance_id for r in stored if r.version > 1], actor=actor)
+    for n in todo:
+        if isinstance(results[n], Transient):
+            raise results[n]
+    return results
+
+
+def _reopen(store: Store, stored: list[StoredInstance], actor: str) -> None:
+    """New instances for a study that had finished (ready, stable) before: it is receiving again, so the
+    tracker of the next start (``load_open``) decides it anew, as a live instance would."""
+    studies = sorted({s.study_id for s in stored if not s.new_study})
+    if not studies:
+        return
+    with store.db.session() as session:
+        for study_id in studies:
+            if repo_studies.reopen(session, study_id=study_id, actor=actor):
+                log.info("study reopened", extra={"study_id": study_id})
+
+
+@dataclass(frozen=True)
+class Reindexed:
+    id: str
+    instance_ids: list[int]
+    error: str | None  # None: indexed, and removed from the quarantine
+
+    def doc(self) -> dict[str, object]:
+        return {"id": self.id, "instance_ids": self.instance_ids, "error": self.error}
+
+
+def reindex_quarantined(store: Store, ids: list[str] | None = None, *, actor: str | None = None) -> list[Reindexed]:
+    """Index quarantined records (all, or those ``ids``) after the cause was fixed; each one indexed is
+    audited ``instance.reindexed`` and only then removed from the quarantine. One that fails again stays.
+
+    Only with the dicom role stopped on this home (its journal lock is taken here, else
+    :class:`HomeInUse`): its next start decides the studies these instances went into."""
+    home, actor = store.settings.home, actor or audit.operator()
+    try:
+        lock = Journal(home / quarantine.JOURNAL_FOLDER, store.ring)
+    except HomeInUse:
+        raise HomeInUse("the dicom role is running on this home: stop it, re-index the quarantine, then start it "
+                        "again (its start decides the studies)") from None
+    out: list[Reindexed] = []
+    try:
+        wanted = quarantine.entries(home)
+        if ids is not None:
+            known = {e.id for e in wanted}
+            out += [Reindexed(qid, [], "not in the quarantine") for qid in ids if qid not in known]
+            wanted = [e for e in wanted if e.id in set(ids)]
+        for entry in wanted:
+            raws = read_segment(entry.path, store.ring)
+            if not raws:  # its write was cut short: put() never returned, the journal kept the record
+                quarantine.remove(home, entry.id)
+                out.append(Reindexed(entry.id, [], "empty (removed)"))
+                continue
+            results = index_journaled(store, raws, actor=actor, tries=1)
+            failed = [r for r in results if isinstance(r, Exception)]
+            if failed:
+                out.append(Reindexed(entry.id, [], quarantine.reason_of(failed[0])))
+                continue
+            stored = [r for r in results if isinstance(r, StoredInstance)]
+            instance_ids = [r.instance_id for r in stored]
+            with store.db.session() as session:
+                audit.append(session, kind="instance.reindexed", actor=actor, subject=f"quarantine:{entry.id}",
+                             detail={"instance_ids": instance_ids, "study_ids": sorted({r.study_id for r in stored})})
+            quarantine.remove(home, entry.id)
+            out.append(Reindexed(entry.id, instance_ids, None))
+    finally:
+        lock.close()
+    if out:
+        log.info("quarantine re-indexed", extra={"count": sum(r.error is None for r in out), "role": "dicom"})
+    return out

@@ -13,10 +13,13 @@ Messages (``multiprocessing.connection`` framing), listener to here:
 
 Here to the listener: ``{"ready": true}`` once the store is open, then ``{"r": [...]}`` per batch, in the
 order received: ``[seq, 1, instance_id, study_id, series_id, duplicate, version, new_series, new_study]``
-(indexed), ``[seq, 0, reason]`` (given up after retries of a failure that is not transient: it stays
-in the journal and is indexed at the next start; transient ones, a database outage, are retried while they last) or ``[seq, 2]`` (an association end, everything before it answered). The listener owns the journal:
-a segment is deleted there once every record in it is answered as indexed. If this process dies, the
-listener starts another and sends again what was not answered (a record stored twice is a duplicate).
+(indexed), ``[seq, 3, quarantine id]`` (a failure that is not transient, after :data:`MAX_TRIES`, or an
+instance that cannot be parsed: moved to the encrypted quarantine, :mod:`msgate.listener.quarantine`, and
+audited; transient ones, a database outage, are retried while they last), ``[seq, 0, reason]`` (that
+quarantine could not be written: the record stays in the journal for the next start) or ``[seq, 2]`` (an
+association end, everything before it answered). The listener owns the journal: a segment is deleted there
+once every record in it is answered as indexed or quarantined. If this process dies, the listener starts
+another and sends again what was not answered (a record stored twice is a duplicate).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import time
 from multiprocessing.connection import Connection
 
 from msgate.errors import Transient
-from msgate.listener import dataset
-from msgate.listener.record import decode_record
+from msgate.listener import dataset, quarantine
+from msgate.listener.record import decode_record, encode_record
 from msgate.storage import reencoded
 from msgate.storage.index_dicom import PreparedInstance, StoredInstance
 from msgate.storage.ingest import Received
@@ -146,15 +149,15 @@ class Worker:
         with capped backoff for as long as it lasts: giving up left acknowledged instances out of the
         index until the next start while their study went ready without them. The retry commits the
         bodies already written (a COMMIT that did reach the server finds its rows: duplicates). Any
-        other failure is given up after :data:`MAX_TRIES`: it stays in the journal for the next start."""
+        other failure is quarantined after :data:`MAX_TRIES` (:meth:`_quarantine`)."""
         answers: dict[int, list[object]] = {}
         todo: list[tuple[int, Received, PreparedInstance | None]] = []
         bodies = iter(prepared) if isinstance(prepared, list) else None
         for seq, received in batch:
             if received is None:
                 answers[seq] = [seq, 2]
-            elif received.header is None:
-                answers[seq] = [seq, 0, "unparsable"]
+            elif received.header is None:  # the listener parsed it, so this cannot change: quarantined now
+                answers[seq] = self._quarantine(seq, received, "unparsable")
             else:
                 todo.append((seq, received, next(bodies) if bodies is not None else None))
         tries = 0
@@ -167,7 +170,8 @@ class Worker:
             for (seq, received, body), result in zip(todo, results, strict=True):
                 if isinstance(result, StoredInstance):
                     answers[seq] = [seq, 1, result.instance_id, result.study_id, result.series_id,
-                                    result.duplicate, result.version, result.new_series, result.new_study]
+                                    result.duplicate, result.version, result.new_series, result.new_study,
+                                    result.moved_from]
                     if result.version > 1:
                         versions.append(result.instance_id)
                     received.header.release()
@@ -176,10 +180,10 @@ class Worker:
             tries += 1
             permanent = [f for f in failed if not isinstance(f[3], Transient)]
             if permanent and tries >= MAX_TRIES:
-                log.error("instances not indexed; they stay in the journal until the next start",
+                log.error("instances not indexed after retries; quarantined",
                           extra={"reason": _reason(permanent[0][3]), "count": len(permanent)})
-                for seq, _, _, error in permanent:
-                    answers[seq] = [seq, 0, type(error).__name__]
+                for seq, received, _, error in permanent:
+                    answers[seq] = self._quarantine(seq, received, quarantine.reason_of(error))
                 failed = [f for f in failed if isinstance(f[3], Transient)]
             if failed:
                 log.warning("indexing failed; retrying", extra={"reason": _reason(failed[0][3]), "count": tries,
@@ -192,6 +196,17 @@ class Worker:
         if versions:  # decided before the listener hears of them, so before their study can be ready again
             reencoded.settle(self.store, versions)
         return [answers[seq] for seq, _ in batch]
+
+    def _quarantine(self, seq: int, received: Received, reason: str) -> list[object]:
+        """Move a record that cannot be indexed to the quarantine: its journal segment can then go, and
+        the next start no longer stops on it. If that fails too, it stays in the journal."""
+        try:
+            qid = quarantine.put(self.store, encode_record(received), reason=reason, actor="listener")
+        except Exception as exc:  # noqa: BLE001 - the journal still holds it
+            log.error("instance not quarantined; it stays in the journal until the next start",
+                      extra={"reason": _reason(exc), "assoc_id": received.assoc_id})
+            return [seq, 0, reason]
+        return [seq, 3, qid]
 
     def _attempt(self, todo: list[tuple[int, Received, PreparedInstance | None]], error: Exception | None
                  ) -> list[StoredInstance | Exception]:

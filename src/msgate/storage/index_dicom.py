@@ -12,6 +12,7 @@ Rows are locked in a fixed order (study, series, audit head) so concurrent write
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ from msgate.storage import audit
 from msgate.storage.blobs import BlobRecord
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Blob, Instance, Series, Study, utcnow
+
+log = logging.getLogger(__name__)
+INTEGER_RANGE = (-(1 << 31), (1 << 31) - 1)  # the INTEGER columns (32 bits), and the range DICOM allows IS
 
 
 class HeaderLike(Protocol):
@@ -210,7 +214,9 @@ class BatchIndexer:
                  "sop_class_uid": item.header.get("SOPClassUID")[:64],
                  "transfer_syntax": item.header.transfer_syntax[:64], "blob_id": item.blob.id,
                  "content_hash": item.digest, "version": version, "current": True, "size": item.blob.size,
-                 "instance_number": _int(item.header.get("InstanceNumber")), "calling_aet": item.calling_aet[:16],
+                 "instance_number": _int(item.header.get("InstanceNumber"), column="instance_number",
+                                         study_id=study_id, series_id=series_id),
+                 "calling_aet": item.calling_aet[:16],
                  "assoc_id": item.assoc_id, "received_at": now}
                 for item, study_id, series_id, version, _, _ in plans]
         ids = conn.execute(_INSTANCE, rows).scalars().all()
@@ -312,7 +318,8 @@ def new_series(ds: Dataset, cipher: FieldCipher, *, uid_index: str, study_id: in
     return Series(
         study_id=study_id, series_uid_index=uid_index,
         series_uid_enc=enc(text(ds, "SeriesInstanceUID"), column="series.series_uid"),
-        modality=text(ds, "Modality")[:16], series_number=_int(text(ds, "SeriesNumber")),
+        modality=text(ds, "Modality")[:16],
+        series_number=_int(text(ds, "SeriesNumber"), column="series_number", study_id=study_id),
         description_enc=enc(text(ds, "SeriesDescription") or None, column="series.description"),
         protocol_enc=enc(text(ds, "ProtocolName") or None, column="series.protocol"),
         sequence_name=text(ds, "SequenceName")[:64], image_type=text(ds, "ImageType")[:128],
@@ -340,11 +347,21 @@ def _blob_row(blob: Blob | BlobRecord) -> dict[str, Any]:
             "created_at": blob.created_at or utcnow()}
 
 
-def _int(value: str) -> int | None:
+def _int(value: str | None, *, column: str, **ids: int) -> int | None:
+    """An IS value for an INTEGER column: None when absent, unreadable or outside :data:`INTEGER_RANGE`.
+
+    IS text may carry more digits than the column holds (a timestamp used as a number, ``3000000000``):
+    PostgreSQL refused the row (DataError), SQLite a 20-digit one, and the acknowledged instance could
+    never be indexed. The warning names the column and the internal ids (``ids``), never the value."""
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    if number is not None and not INTEGER_RANGE[0] <= number <= INTEGER_RANGE[1]:
+        log.warning("number outside the INTEGER range stored as NULL",
+                    extra={"reason": f"{column} out of range", **ids})
+        return None
+    return number
 
 
 def _float(value: Any) -> float | None:

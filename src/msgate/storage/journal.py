@@ -236,10 +236,11 @@ JOURNAL_DIRS = ("dicom-journal", "hl7-journal")
 
 
 def key_usage(home: Path) -> dict[str, int]:
-    """How many journal segments (DICOM and HL7 commit journals under ``home``) each KEK wraps."""
+    """How many journal segments (DICOM and HL7 commit journals under ``home``, and the quarantine in
+    their subfolders) each KEK wraps."""
     usage: dict[str, int] = {}
     for name in JOURNAL_DIRS:
-        for path in (home / name).glob("*.jnl"):
+        for path in (home / name).rglob("*.jnl"):
             kid = segment_key_id(path)
             if kid is not None:
                 usage[kid] = usage.get(kid, 0) + 1

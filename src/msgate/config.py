@@ -327,6 +327,8 @@ class HeSettings(Section):
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: list[int] = Field(default_factory=lambda: [42, 32, 32, 32, 32, 48])
     global_scale_bits: int = 32
+    rpc_timeout_seconds: float = Field(60.0, gt=0, description="how long a worker waits for the keys role; "
+                                       "also each request's deadline, after which the keys role drops it")
 
     @model_validator(mode="after")
     def _secure(self) -> HeSettings:

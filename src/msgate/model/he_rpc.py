@@ -8,14 +8,25 @@ Two operations, both answered by the trusted side only:
 - ``finalize``: an encrypted result -> verified, decrypted, calibrated and rounded outcomes.
 
 There is deliberately no operation that takes plaintext EHR values from a worker.
+
+Each request carries its deadline (``expires_at``: sent time + the client's timeout, wall clock). The
+key service drops a request that waited past it (the keys role was away) unserved and unanswered: the
+worker has given up on it and retried the job. An ``encrypt_jobs`` request also names the attempt of
+each job it was made for (:func:`for_attempts`); the key service refuses one whose attempt is not the
+job's current one (``he_stale``). Before both, such a request was served when the keys role came back,
+used up the retried attempt's single encryption, and the request the worker waited on was refused
+``he_replay``: the job failed for good.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from msgate.errors import MsgateError, Rejected, TamperedData, Transient
@@ -34,6 +45,33 @@ TRANSIENT_CODES = frozenset({"transient", "db_unavailable", "he_timeout", "he_br
 TAMPER_CODES = ("he_request_mac", "he_result_mac", "he_parse", "tampered")
 PAUSE_S = (0.5, 30.0)
 """First and longest pause of the keys role before it connects to the broker again."""
+_ATTEMPTS: contextvars.ContextVar[Mapping[str, int] | None] = contextvars.ContextVar("msgate_he_attempts",
+                                                                                     default=None)
+
+
+@contextmanager
+def for_attempts(attempts: Mapping[str, int]) -> Iterator[None]:
+    """Bind the ``encrypt_jobs`` requests made inside to these job attempts (job id -> the ``attempts``
+    of the worker's claim): the key service encrypts a job's inputs only for its current attempt."""
+    token = _ATTEMPTS.set({str(k): int(v) for k, v in attempts.items()})
+    try:
+        yield
+    finally:
+        _ATTEMPTS.reset(token)
+
+
+def bound_attempts() -> dict[str, int]:
+    """The attempts :func:`for_attempts` bound here ({} outside it)."""
+    return dict(_ATTEMPTS.get() or {})
+
+
+def expired_by(req: Mapping[str, Any], now: float | None = None) -> float | None:
+    """Seconds a request is past its deadline; None while in time, or when it has none (an older worker's)."""
+    deadline = req.get("expires_at")
+    if not isinstance(deadline, int | float) or isinstance(deadline, bool):
+        return None
+    late = (time.time() if now is None else now) - float(deadline)
+    return late if late > 0 else None
 
 
 def broker_errors() -> tuple[type[BaseException], ...]:
@@ -66,9 +104,11 @@ def broker_connection(settings: Any) -> Any:
 class BrokerKeyClient:
     """The worker's side of the RPC: the worker process never holds the CKKS secret key or EHR values."""
 
-    def __init__(self, settings: Any, *, timeout: float = 60.0) -> None:
+    def __init__(self, settings: Any, *, timeout: float | None = None) -> None:
         self.settings = settings
-        self.timeout = timeout
+        if timeout is None:  # MSGATE_HE__RPC_TIMEOUT_SECONDS
+            timeout = getattr(getattr(settings, "he", None), "rpc_timeout_seconds", 60.0)
+        self.timeout = float(timeout)
         self.reply_to = f"msgate.he-reply.{uuid.uuid4().hex}"  # one reply queue per client (process)
         self._lock = threading.Lock()
 
@@ -93,7 +133,8 @@ class BrokerKeyClient:
         deadline = time.monotonic() + self.timeout
         with self._lock, broker_connection(self.settings) as conn, conn.SimpleQueue(self.reply_to) as replies:
             with conn.SimpleQueue(REQUEST_QUEUE) as q:
-                q.put({**req, "corr": corr, "reply_to": self.reply_to})
+                q.put({**req, "corr": corr, "reply_to": self.reply_to,  # wall clock: the keys role's host
+                       "expires_at": time.time() + self.timeout})
             while True:  # a late answer to an earlier, timed-out call is dropped
                 try:
                     msg = replies.get(block=True, timeout=max(0.1, deadline - time.monotonic()))
@@ -107,7 +148,13 @@ class BrokerKeyClient:
 
     def encrypt_jobs(self, job_ids: list[str], *, model: str, max_batch: int | None = None) -> list[EncryptedPack]:
         """Packs built by the key service from storage: the worker sends job ids, never EHR values."""
-        body = self._call({"op": "encrypt_jobs", "job_ids": list(job_ids), "model": model, "max_batch": max_batch})
+        req: dict[str, Any] = {"op": "encrypt_jobs", "job_ids": list(job_ids), "model": model,
+                               "max_batch": max_batch}
+        bound = _ATTEMPTS.get() or {}
+        attempts = {str(j): bound[str(j)] for j in job_ids if str(j) in bound}
+        if attempts:  # the attempts this worker holds: one left from an earlier attempt is refused (he_stale)
+            req["attempts"] = attempts
+        body = self._call(req)
         return [EncryptedPack.from_wire(p) for p in body["packs"]]
 
     def finalize(self, res: EncryptedResult, *, t_edss: float = 1.0, t_ms: float = 1.0) -> list[dict[str, Any]]:
@@ -122,8 +169,10 @@ def handle(keys: HeKeys, req: dict[str, Any], jobs: JobSource | None = None) -> 
         if req.get("op") == "encrypt_jobs":
             if jobs is None:
                 return {"error": "this key service has no store for encrypt_jobs", "code": "he_no_store"}
+            attempts = req.get("attempts")
             packs = jobs.encrypt(keys, [str(j) for j in req["job_ids"]], model=str(req.get("model")),
-                                 max_batch=req.get("max_batch"))
+                                 max_batch=req.get("max_batch"),
+                                 attempts={str(k): int(v) for k, v in attempts.items()} if attempts else None)
             return {"packs": [p.to_wire() for p in packs]}
         if req.get("op") == "finalize":
             res = EncryptedResult.from_wire(req["result"])
@@ -179,6 +228,14 @@ def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threadin
 
 def _answer(conn: Any, keys: HeKeys, msg: Any, jobs: JobSource | None) -> None:
     req = msg.payload
+    late = expired_by(req)
+    if late is not None:  # the worker gave up on it (and retried its jobs): nothing is read, used or answered
+        msg.ack()
+        job_ids = req.get("job_ids")
+        log.warning("HE request expired in the queue; dropped unserved",
+                    extra={"status": req.get("op"), "code": "he_expired", "elapsed_s": round(late, 1),
+                           "count": len(job_ids) if isinstance(job_ids, list) else None})
+        return
     t0 = time.perf_counter()
     reply = handle(keys, req, jobs)
     with conn.SimpleQueue(str(req.get("reply_to", ""))) as out:

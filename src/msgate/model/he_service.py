@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,10 +70,15 @@ def model_spec(ckpt: Any) -> ModelSpec:
 
 
 def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None,
-             issued: dict[str, int] | None = None) -> list[tuple[int, Any]]:
+             issued: dict[str, int] | None = None,
+             attempts: Mapping[str, int] | None = None) -> list[tuple[int, Any]]:
     """(study id, EHR link) per job; one audit event per job, committed before anything is read. With
     ``issued`` (job id -> the attempt its inputs were last encrypted for): only a running job, once per
-    attempt, so a worker cannot have the same patient's inputs encrypted again and again."""
+    attempt, so a worker cannot have the same patient's inputs encrypted again and again. ``attempts``
+    (job id -> the attempt the request was made for; absent from an older worker's requests): a request
+    for another attempt than the job's current one is refused ``he_stale``, before anything is recorded,
+    so a request left in the queue from an earlier attempt cannot use up the current attempt's one
+    encryption (and make the request its worker waits on a ``he_replay``)."""
     from msgate.storage import audit
     from msgate.storage.models import Job, Study
     from msgate.workers import ehr as ehr_mod
@@ -87,6 +92,10 @@ def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None
                 raise Rejected(f"no job {jid} (or its study) for HE encryption", code="he_no_job")
             if issued is not None:
                 assert job is not None
+                wanted = attempts.get(jid) if attempts is not None else None
+                if wanted is not None and wanted != job.attempts:
+                    raise Rejected(f"job {jid}: the request was made for attempt {wanted}, the job is on "
+                                   f"attempt {job.attempts}: stale, no HE inputs", code="he_stale")
                 if job.state != "running":
                     raise Rejected(f"job {jid} is {job.state}, not running: no HE inputs", code="he_job_state")
                 if issued.get(jid) == job.attempts:
@@ -101,15 +110,15 @@ def _resolve(store: Store, job_ids: list[str], *, actor: str, key_id: str | None
     return [(study_id, link) for study_id, link, _ in out]
 
 
-def job_inputs(store: Store, job_ids: list[str], spec: ModelSpec, *, actor: str,
-               key_id: str | None = None, issued: dict[str, int] | None = None) -> np.ndarray:
+def job_inputs(store: Store, job_ids: list[str], spec: ModelSpec, *, actor: str, key_id: str | None = None,
+               issued: dict[str, int] | None = None, attempts: Mapping[str, int] | None = None) -> np.ndarray:
     """Standardised model EHR inputs of jobs, [len(job_ids), 2 * n_columns], built on the trusted side."""
     from msgate.model.patient.ehr import raw_columns
     from msgate.storage.models import Study
     from msgate.workers import ehr as ehr_mod
 
     rows = []
-    resolved = _resolve(store, job_ids, actor=actor, key_id=key_id, issued=issued)
+    resolved = _resolve(store, job_ids, actor=actor, key_id=key_id, issued=issued, attempts=attempts)
     with store.db.session() as session:
         for study_id, link in resolved:
             study = session.get(Study, study_id)
@@ -215,12 +224,13 @@ class JobSource:
         with self._lock:
             return self._by_request.get(request_id)
 
-    def encrypt(self, keys: HeKeys, job_ids: list[str], *, model: str,
-                max_batch: int | None = None) -> list[EncryptedPack]:
+    def encrypt(self, keys: HeKeys, job_ids: list[str], *, model: str, max_batch: int | None = None,
+                attempts: Mapping[str, int] | None = None) -> list[EncryptedPack]:
         spec = self.spec_of(model)
         key_id = keys.active_for_request()  # read once: the audit names the key the packs are encrypted under,
         # even when `keys he rotate` changes the active key between the two calls (retire counts jobs by it)
-        u = job_inputs(self.store, job_ids, spec, actor=self.actor, key_id=key_id, issued=self.issued)
+        u = job_inputs(self.store, job_ids, spec, actor=self.actor, key_id=key_id, issued=self.issued,
+                       attempts=attempts)
         packs = keys.encrypt(u, job_ids, widths=spec.widths, max_batch=max_batch, key_id=key_id)
         with self._lock:
             for p in packs:

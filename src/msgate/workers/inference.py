@@ -13,6 +13,7 @@ A job planned for another model version than this worker's is handed back, unrun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -156,7 +157,8 @@ def _predict(rt: Runtime, items: list[Item]) -> None:
         return
     t0 = time.perf_counter()
     try:
-        results = rt.predict([i.case for i in ready])  # type: ignore[misc]
+        with _attempts_bound(rt, ready):
+            results = rt.predict([i.case for i in ready])  # type: ignore[misc]
     except Transient:
         raise  # e.g. the HE key service did not answer: the batch is released and retried, not failed
     except Exception as exc:
@@ -185,6 +187,16 @@ def _predict(rt: Runtime, items: list[Item]) -> None:
         item.result = result
         item.stages["inference_ms"] = elapsed
         item.stages["batch"] = len(ready)
+
+
+def _attempts_bound(rt: Runtime, items: list[Item]) -> contextlib.AbstractContextManager[None]:
+    """HE mode: the key service encrypts a job's inputs only for the attempt this worker's claim holds, so
+    a request left in its queue from an earlier attempt cannot use up this one's (``he_stale``)."""
+    if not rt.settings.he.enabled:
+        return contextlib.nullcontext()
+    from msgate.model.he_rpc import for_attempts
+
+    return for_attempts({i.claim.job_id: i.claim.attempts for i in items})
 
 
 def _store_and_finish(rt: Runtime, items: list[Item], handoff: Handoff) -> None:

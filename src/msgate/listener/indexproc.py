@@ -12,7 +12,7 @@ Messages (``multiprocessing.connection`` framing), listener to here:
 * ``S``: index what is queued, answer it, exit.
 
 Here to the listener: ``{"ready": true}`` once the store is open, then ``{"r": [...]}`` per batch, in the
-order received: ``[seq, 1, instance_id, study_id, series_id, duplicate, version, new_series, new_study]``
+order received: ``[seq, 1, instance_id, study_id, series_id, duplicate, version, new_series, new_study, moved_from]``
 (indexed), ``[seq, 3, quarantine id]`` (a failure that is not transient, after :data:`MAX_TRIES`, or an
 instance that cannot be parsed: moved to the encrypted quarantine, :mod:`msgate.listener.quarantine`, and
 audited; transient ones, a database outage, are retried while they last), ``[seq, 0, reason]`` (that

@@ -5,6 +5,10 @@ every required role (FLAIR by default) is present; otherwise, once no instance h
 ``quiet_seconds``, it is ``ready`` if the roles are there, else ``stable`` (incomplete). Store-only
 and ignored studies end as ``stored`` / ``ignored``. A later instance reopens a finished study.
 
+An instance that moved its series from another study (a PACS merge or split, ``StoredInstance.moved_from``)
+counts as an arrival for that study too: it is decided again without the series (the indexer reopened it),
+on the same release or quiet period.
+
 A routing rule's ``await_roles`` hold a release back: with every required role present but an awaited
 one (QSM) absent, the study keeps receiving until the quiet period (then ``ready``, reason ``quiet``,
 without it) or until a later release finds it present (``ready`` at once). One run with the QSM instead of
@@ -93,21 +97,11 @@ class Tracker:
         The study is tracked first: if recording its role or route fails (database unavailable), the
         readiness decision classifies the series from their rows, and the study still finishes."""
         with self._lock:
-            entry = self._active.get(stored.study_id)
-            if entry is None and stored.duplicate:
+            if stored.duplicate and stored.study_id not in self._active:
                 return  # a re-send of what the study already has does not reopen it
-            if entry is None:
-                entry = _Active(last=time.monotonic())
-                self._active[stored.study_id] = entry
-                fresh = True
-            else:
-                fresh = False
-            entry.last = time.monotonic()
-            entry.arrivals += 1
-            entry.aborted = False
-            if assoc_id not in self._ended:  # an instance answered after its association's end (a retry)
-                entry.assocs.add(assoc_id)  # must not keep the study waiting for that association forever
-                self._by_assoc.setdefault(assoc_id, set()).add(stored.study_id)
+            fresh = self._arrived(stored.study_id, assoc_id)
+            if stored.moved_from is not None:  # the study its series left: decided again without it
+                self._arrived(stored.moved_from, assoc_id)
         if stored.new_series or stored.new_study:
             try:
                 self._classify(stored, header, calling_aet)
@@ -118,6 +112,20 @@ class Tracker:
             with self.store.db.session() as session:
                 if repo_studies.reopen(session, study_id=stored.study_id):
                     log.info("study reopened", extra={"study_id": stored.study_id})
+
+    def _arrived(self, study_id: int, assoc_id: str) -> bool:
+        """Track an arrival for ``study_id`` (under the lock); True when it was not being tracked."""
+        entry = self._active.get(study_id)
+        fresh = entry is None
+        if entry is None:
+            entry = self._active[study_id] = _Active(last=time.monotonic())
+        entry.last = time.monotonic()
+        entry.arrivals += 1
+        entry.aborted = False
+        if assoc_id not in self._ended:  # an instance answered after its association's end (a retry)
+            entry.assocs.add(assoc_id)  # must not keep the study waiting for that association forever
+            self._by_assoc.setdefault(assoc_id, set()).add(study_id)
+        return fresh
 
     def _classify(self, stored: StoredInstance, header: HeaderLike, calling_aet: str) -> None:
         decision = rules_mod.decide(header.dataset(), self.rules, calling_aet)

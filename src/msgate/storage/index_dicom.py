@@ -8,20 +8,27 @@ gets one ``ingest.instance`` event per instance through one head update (:func:`
 The pydicom header is parsed only for an instance that creates a study or series.
 
 Rows are locked in a fixed order (study, series, audit head) so concurrent writers cannot deadlock.
+
+A series UID is unique over the index, and one series belongs to one study. An instance that names a
+series of another study (the PACS merged two studies or moved a series to the right one: same Series and
+SOP Instance UIDs, another Study Instance UID) moves the whole series there, with all its instance rows
+and counts (:meth:`BatchIndexer._move`, audited ``series.moved``), and reopens the study it left so that
+study is decided again. It used to be filed under the old study's series: the new study had no series
+and never ran.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from sqlalchemy import insert, select, update
 from sqlmodel import Session, col
 
-from msgate.storage import audit
+from msgate.storage import audit, repo_studies
 from msgate.storage.blobs import BlobRecord
 from msgate.storage.crypto import FieldCipher
 from msgate.storage.models import Blob, Instance, Series, Study, utcnow
@@ -46,6 +53,7 @@ class StoredInstance:
     version: int
     new_series: bool
     new_study: bool
+    moved_from: int | None = None  # the study its series left when this instance moved it (a PACS merge)
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,12 @@ class BatchIndexer:
     def __init__(self, session: Session, cipher: FieldCipher, default_issuer: str = "") -> None:
         self.session, self.cipher, self.default_issuer = session, cipher, default_issuer
         self.studies: dict[str, tuple[int, bool]] = {}  # uid index -> (id, created here)
-        self.series: dict[str, tuple[int, bool]] = {}
+        self.series: dict[str, int] = {}  # uid index -> id
+        self.owner: dict[int, int] = {}  # series id -> the study it belongs to now
         self.study_counts: dict[int, _Counts] = {}
         self.series_counts: dict[int, _Counts] = {}
+        self.moves: list[tuple[str, str, str, dict[str, Any]]] = []  # this round's series.moved events
+        self.left: set[int] = set()  # studies a series left in this round
 
     def run(self, items: Sequence[PreparedInstance], *, actor: str) -> tuple[list[StoredInstance], list[str]]:
         """(one result per item, blob ids whose bodies are duplicates and can be discarded).
@@ -121,6 +132,7 @@ class BatchIndexer:
                                    and seen[1] != i.digest and i.assoc_id])
         now = utcnow()
         plans: list[tuple[PreparedInstance, int, int, int, bool, bool] | StoredInstance] = []
+        moved: dict[int, int] = {}  # plan -> the study its instance moved its series from
         dropped: list[str] = []
         for item in items:
             seen = current.get(item.sop_index)
@@ -134,7 +146,9 @@ class BatchIndexer:
                 dropped.append(item.blob.id)
                 continue
             study_id, new_study = self._study(item.header, item.calling_aet)
-            series_id, new_series = self._series(item.header, study_id)
+            series_id, new_series, moved_from = self._series(item.header, study_id, actor)
+            if moved_from is not None:
+                moved[len(plans)] = moved_from
             version = 1
             if seen is not None:
                 self.session.execute(update(Instance).where(col(Instance.id) == seen[0]).values(current=False))
@@ -146,14 +160,21 @@ class BatchIndexer:
             current[item.sop_index] = (-1, item.digest, version, study_id, series_id)
             bodiless.pop(item.sop_index, None)
             plans.append((item, study_id, series_id, version, new_study, new_series))
+        # an instance planned before a later one of this round moved its series goes with the series
+        plans = [p if isinstance(p, StoredInstance) else (p[0], self.owner[p[2]], p[2], p[3], p[4], p[5])
+                 for p in plans]
         stored = self._insert([p for p in plans if not isinstance(p, StoredInstance)], now)
         results = [p if isinstance(p, StoredInstance) else next(stored) for p in plans]
+        results = [replace(r, moved_from=moved[n]) if n in moved else r for n, r in enumerate(results)]
         self._update_counts()
-        audit.append_many(self.session, [
+        audit.append_many(self.session, [*self.moves, *[
             ("ingest.instance", actor, f"instance:{r.instance_id}",
              {"study_id": r.study_id, "series_id": r.series_id, "version": r.version, "blob_id": item.blob.id,
               "calling_aet": item.calling_aet})
-            for r, item in zip(results, items, strict=True) if not r.duplicate])
+            for r, item in zip(results, items, strict=True) if not r.duplicate]])
+        for study_id in sorted(self.left):  # decided again without the series (the tracker, or the next start)
+            repo_studies.reopen(self.session, study_id=study_id, actor=actor)
+        self.moves, self.left = [], set()
         return results, dropped
 
     def _reidentify(self, study_id: int, header: HeaderLike, actor: str) -> None:
@@ -242,8 +263,9 @@ class BatchIndexer:
             known = [m for m in study.modalities.split(",") if m]
             study.modalities = ",".join(known + sorted(counts.modalities - set(known)))[:64]
             study.instance_count += counts.instances
-            study.last_received_at = counts.last
-            study.purged_at = None  # stored bodies again: retention must purge them after the next delivery
+            if counts.last is not None:  # received here, not only left by a series that moved
+                study.last_received_at = counts.last
+                study.purged_at = None  # stored bodies again: retention must purge them after the next delivery
             self.session.add(study)
         self.session.flush()
         self.series_counts.clear()  # applied: a later round of this batch counts only its own instances
@@ -266,21 +288,55 @@ class BatchIndexer:
         self.studies[uid_index] = (study.id, True)
         return study.id, True
 
-    def _series(self, header: HeaderLike, study_id: int) -> tuple[int, bool]:
+    def _series(self, header: HeaderLike, study_id: int, actor: str) -> tuple[int, bool, int | None]:
+        """(series id, created here, the study it left when this instance moved it to ``study_id``)."""
         uid_index = self.cipher.blind_index(header.get("SeriesInstanceUID"), scope="series")
         if uid_index in self.series:
-            return self.series[uid_index][0], False
-        found = self.session.execute(select(Series.id).where(Series.series_uid_index == uid_index)  # type: ignore[call-overload]
-                                     .with_for_update()).first()
+            series_id = self.series[uid_index]
+            return series_id, False, self._move(series_id, study_id, actor)
+        found = self.session.execute(select(Series.id, Series.study_id)  # type: ignore[call-overload]
+                                     .where(col(Series.series_uid_index) == uid_index)).first()
         if found is not None:
-            self.series[uid_index] = (int(found[0]), False)
-            return int(found[0]), False
+            series_id = int(found[0])
+            if int(found[1]) != study_id:  # the study it leaves is locked before the series (the fixed order)
+                self.session.get(Study, int(found[1]), with_for_update=True)
+            owner = self.session.execute(select(Series.study_id)  # type: ignore[call-overload]
+                                         .where(col(Series.id) == series_id).with_for_update()).scalar_one()
+            self.series[uid_index], self.owner[series_id] = series_id, int(owner)
+            return series_id, False, self._move(series_id, study_id, actor)
         series = new_series(header.dataset(), self.cipher, uid_index=uid_index, study_id=study_id)
         self.session.add(series)
         self.session.flush()
         assert series.id is not None
-        self.series[uid_index] = (series.id, True)
-        return series.id, True
+        self.series[uid_index], self.owner[series.id] = series.id, study_id
+        return series.id, True, None
+
+    def _move(self, series_id: int, study_id: int, actor: str) -> int | None:
+        """Move a series that belongs to another study to ``study_id``; returns the study it left, or None.
+
+        A PACS that merges or splits studies keeps the Series and SOP Instance UIDs and changes the Study
+        Instance UID, and moves whole series, so the series goes with every instance row (all versions:
+        retention of the study it left must not purge the bodies it now serves) and its counts: its
+        instances leave that study's count and join this one's (the series keeps its own counts)."""
+        old = self.owner[series_id]
+        if old == study_id:
+            return None
+        row = self.session.execute(select(Series.instance_count, Series.frame_count)  # type: ignore[call-overload]
+                                   .where(col(Series.id) == series_id)).one()
+        pending = self.series_counts.get(series_id, _Counts())  # counted in this round, not yet written
+        instances, frames = int(row[0]) + pending.instances, int(row[1]) + pending.frames
+        self.session.execute(update(Series).where(col(Series.id) == series_id).values(study_id=study_id))
+        self.session.execute(update(Instance).where(col(Instance.series_id) == series_id).values(study_id=study_id))
+        self.study_counts.setdefault(old, _Counts()).instances -= instances
+        self.study_counts.setdefault(study_id, _Counts()).instances += instances
+        self.owner[series_id] = study_id
+        self.left.add(old)
+        self.left.discard(study_id)  # moved back within the batch: that study is receiving anyway
+        self.moves.append(("series.moved", actor, f"series:{series_id}",
+                           {"from_study_id": old, "to_study_id": study_id, "instances": instances, "frames": frames}))
+        log.info("series moved to another study", extra={"series_id": series_id, "study_id": study_id,
+                                                          "count": instances})
+        return old
 
 
 def new_study(ds: Dataset, cipher: FieldCipher, *, uid_index: str, calling_aet: str, default_issuer: str = "") -> Study:

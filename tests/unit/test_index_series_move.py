@@ -162,3 +162,24 @@ def test_one_batch_that_names_the_series_under_both_studies_files_it_under_the_l
     assert (a.instance_count, b.instance_count, flair.instance_count) == (2, 5, 5)
     [moved] = _moves(store)
     assert moved.detail["instances"] == 4  # the 3 stored before and the one counted earlier in this batch
+
+
+def test_a_job_of_the_study_a_series_left_does_not_read_it(store: Store) -> None:
+    """A job planned for study A before the PACS moved its T1 to study B must not read the T1 (now B's) and
+    publish it under A's accession: it ends empty_series instead."""
+    from msgate.errors import Rejected
+    from msgate.workers import case
+
+    exam = _Exam()
+    _send(store, exam, assoc="first")
+    _, series, _ = _index(store)
+    t1_id, flair_id = series[exam.t1].id, series[exam.flair].id
+    assert t1_id is not None and flair_id is not None
+    a_id = _index(store)[0][exam.a].id
+    assert a_id is not None
+    read, _ = case._instances(store, {"FLAIR": flair_id, "T1": t1_id}, a_id, with_ehr=False)
+    assert (len(read["FLAIR"]), len(read["T1"])) == (3, 2)
+    store.ingest.store_instance(source=exam.slice(exam.t1, 0, study=exam.b), assoc_id="split")
+    with pytest.raises(Rejected) as raised:
+        case._instances(store, {"FLAIR": flair_id, "T1": t1_id}, a_id, with_ehr=False)
+    assert raised.value.code == "empty_series"

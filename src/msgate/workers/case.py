@@ -56,10 +56,11 @@ def _instances(store: Store, series: dict[str, int], study_id: int,
             raise Rejected("the study was deleted", code="no_study")
         link = ehr_mod.link(session, study, store.cipher) if with_ehr else None
         for role, series_id in series.items():
-            rows = session.exec(select(Instance.id, Instance.blob_id).where(
-                Instance.series_id == series_id, col(Instance.current).is_(True)).order_by(col(Instance.id))).all()
+            rows = session.exec(select(Instance.id, Instance.blob_id).where(  # a series the PACS moved to another
+                Instance.series_id == series_id, Instance.study_id == study_id,  # study is that study's now
+                col(Instance.current).is_(True)).order_by(col(Instance.id))).all()
             if not rows:
-                raise Rejected(f"series {role} has no stored instances", code="empty_series")
+                raise Rejected(f"series {role} has no stored instances in this study", code="empty_series")
             out[role] = [(int(iid), str(bid)) for iid, bid in rows]  # type: ignore[arg-type]
     return out, link
 

@@ -25,7 +25,13 @@ presentation data values are assembled directly:
   connection to close (Sta13), nothing the peer sends is taken for a PDU: it is dropped unread, at most
   :data:`DISCARD_MAX` bytes, then the connection is closed; a refusal is logged once per connection;
 - an A-RELEASE-RQ first calls ``before_release`` (the listener waits there until the association's
-  instances are indexed), then goes to pynetdicom, which answers it.
+  instances are indexed), then goes to pynetdicom, which answers it;
+- a peer silent for the socket's timeout (the network timeout, set once per connection by the server)
+  in the middle of a PDU, or not reading a C-STORE-RSP for as long, is taken as gone (Evt17: the
+  connection is closed and the association ends, its slot freed) and logged once. pynetdicom's own
+  network timeout is only checked between PDUs, so without it such a peer (switched off, cable pulled,
+  a NAT that dropped the flow) held the association for good. The partial message is never stored or
+  acknowledged; what was acknowledged before is already in the journal.
 """
 
 from __future__ import annotations
@@ -147,10 +153,14 @@ class DataPhase:
                 if n == 0:
                     break
                 got += n
-        except (OSError, TimeoutError):
+        except TimeoutError:
+            log.error("association aborted: peer stalled mid-PDU",
+                      extra={"peer": _peer(self.dul.assoc), "reason": _silent_for(sock)})
+            got = -2
+        except OSError:
             got = -1
         if got != size:
-            if not (quiet_eof and got == 0):
+            if got != -2 and not (quiet_eof and got == 0):
                 log.error("connection closed before the entire PDU was received")
             self.dul.event_queue.put("Evt17")
             return None
@@ -249,8 +259,17 @@ class DataPhase:
         try:
             for pdu in pdata.command_pdus(context_id, rsp, max_pdu):
                 self.dul.socket.socket.sendall(pdu)
+        except TimeoutError:
+            log.error("association aborted: peer stopped reading (C-STORE-RSP not delivered)",
+                      extra={"peer": _peer(self.dul.assoc)})
+            self.dul.event_queue.put("Evt17")
         except OSError:
             self.dul.event_queue.put("Evt17")
+
+
+def _silent_for(sock: socket.socket) -> str:
+    timeout = sock.gettimeout()
+    return f"no data for {timeout:g} s (network timeout)" if timeout else "timed out"
 
 
 def _peer(assoc: Any) -> str:

@@ -17,6 +17,11 @@ association negotiation; a caller outside them gets A-ASSOCIATE-RJ (rejected-per
 user, calling AE title not recognised / no reason given). Both empty is an open listener, which is
 logged as a warning at start. ``tls.enabled`` wraps the listener in TLS (``cert_file``/``key_file``);
 with ``ca_file`` set, client certificates are required and verified.
+
+Timeouts: a TLS handshake runs in the connection's own thread and must complete within ``acse_timeout``
+(else the connection is closed and logged with its peer address), so a silent connection holds up no
+other sender. Every connection's socket has ``network_timeout`` as its timeout: a peer silent that long
+in the middle of a PDU is aborted and its association slot freed.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -191,13 +198,90 @@ def add_ready_hook(hook: ReadyHook) -> None:
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, without its full ``gc.collect()`` in the middle of transfers.
+    """pynetdicom's server, with the TLS handshake off the accept thread, a timeout on every connection,
+    and without its full ``gc.collect()`` in the middle of transfers.
+
+    pynetdicom wraps each accepted socket in TLS inside its single accept thread, with a blocking
+    handshake: one TCP connection that never sent its ClientHello (a port scanner, a probe that holds
+    the connection, a flow a firewall dropped) held up every later association, with no timeout and no
+    log. Here the accept thread only accepts; the handshake runs in the connection's own thread (the one
+    pynetdicom starts for each request anyway) within the ACSE timeout, and a connection that does not
+    complete it is closed and logged with its peer address. The ACSE timeout, not the network timeout:
+    it is the time an acceptor gives a new connection to open its association (PS3.8 ARTIM, which
+    pynetdicom sets to it), and the handshake is the first part of that. Access control is unchanged:
+    client certificates are verified in the handshake, AE titles and source networks at negotiation.
+
+    Every connection then gets the network timeout as its socket timeout, set once: a peer silent for that
+    long inside a PDU (pynetdicom checks its own network timeout only between PDUs) ends the association
+    instead of holding its thread and one of ``max_associations`` for good (:mod:`.dataphase`).
 
     pynetdicom runs a full collection every 60 turns of its accept loop, to reap the cycles that ended
     associations leave. In the listener a full collection holds the GIL for tens of milliseconds (106-121 ms
     measured during 4-association transfers), and every association waits for it. Here it runs only once no
     association is active; the interpreter's own generational collections still run as usual.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._handshakes: set[ssl.SSLSocket] = set()  # handshakes in progress, cut short at server_close
+        self._handshakes_lock = threading.Lock()
+        self._closing = False
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept, and with TLS only wrap: the handshake waits for the connection's thread."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            return
+        request.settimeout(self.ae.network_timeout)
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, address: Any) -> bool:
+        """The TLS handshake within the ACSE timeout; False (connection closed, logged) when it fails."""
+        timeout = self.ae.acse_timeout
+        with self._handshakes_lock:
+            if self._closing:
+                self.shutdown_request(sock)
+                return False
+            self._handshakes.add(sock)
+        started = time.monotonic()
+        try:
+            sock.settimeout(timeout)
+            sock.do_handshake()
+            return True
+        except TimeoutError:
+            level, reason = logging.WARNING, f"timed out after {timeout:g} s"
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+            level, reason = logging.DEBUG, "closed by the peer"  # e.g. a TCP port probe (msgate status)
+        except ssl.SSLError as exc:
+            level, reason = logging.WARNING, str(exc.reason or type(exc).__name__)  # OpenSSL's code only
+        except (OSError, ValueError) as exc:
+            level, reason = logging.WARNING, type(exc).__name__
+        finally:
+            with self._handshakes_lock:
+                self._handshakes.discard(sock)
+        if not self._closing:
+            log.log(level, "TLS handshake not completed: connection closed",
+                    extra={"peer": str(address[0]), "reason": reason,
+                           "elapsed_s": round(time.monotonic() - started, 1)})
+        self.shutdown_request(sock)
+        return False
+
+    def server_close(self) -> None:
+        """Cut short the handshakes still waiting, then close (pynetdicom joins the connection threads)."""
+        with self._handshakes_lock:
+            self._closing = True
+            waiting = list(self._handshakes)
+        for sock in waiting:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes the handshake (TLS layer bypassed)
+            except OSError:
+                pass
+        super().server_close()
 
     def service_actions(self) -> None:
         self._gc[0] += 1

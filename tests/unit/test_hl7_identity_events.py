@@ -126,7 +126,7 @@ def test_a_secondary_identifier_in_mrg_merges_nobody(store: Store) -> None:
         assert all(p.merged_into_id is None for p in s.exec(select(Patient)).all())
 
 
-@pytest.mark.parametrize("kind", ["SS", "DL", "AN", "VN", "PPN", "BA", "NH"])
+@pytest.mark.parametrize("kind", ["SS", "DL", "AN", "VN", "PPN", "BA", "MC"])
 def test_no_secondary_type_finds_a_patient(store: Store, kind: str) -> None:
     """Another MRN with Jane's secondary identifier is another patient; the secondary identifier alone names
     nobody (``no_patient_identifier``, the AE's ERR names PID-3) and Jane stays as she is."""
@@ -143,7 +143,7 @@ def test_no_secondary_type_finds_a_patient(store: Store, kind: str) -> None:
                             (other.patient_id, kind)])
 
 
-@pytest.mark.parametrize("kind", ["MR", "MRT", "PI", "PT", "PE", "", "JHN", "NNSWE", "NI", "A"])
+@pytest.mark.parametrize("kind", ["MR", "MRT", "PI", "PT", "PE", "", "JHN", "NNSWE", "NI", "NH", "A"])
 def test_patient_types_find_their_patient(store: Store, kind: str) -> None:
     [first] = put(store, adt("A04", "A1", f"P1^^^AUTH^{kind}"))
     [again] = put(store, oru("R1", "MRN1").replace("MRN1^^^HOSP^MR", f"P1^^^AUTH^{kind}"))

@@ -65,13 +65,14 @@ PE, person number PN. Other types are indexed with their type too (account 2002 
 NON_PATIENT_ID_TYPES = frozenset({
     "SS", "SSN", "DL", "PPN", "VS",  # social security, driver's licence, passport, visa: shared placeholders
     "AN", "ANC", "AND", "ANT", "VN", "BA", "BC", "PEN", "TAX",  # accounts, visits, bank and pension numbers
-    "GI", "GN", "SN", "MB", "MA", "MC", "MCD", "MCN", "NH", "WC", "WCN",  # guarantor, insurance, health plan
+    "GI", "GN", "SN", "MB", "MA", "MC", "MCD", "MCN", "WC", "WCN",  # guarantor, insurance
     "EI", "EN", "DN", "DEA", "NPI", "NP", "PRN", "MD", "LN", "SL", "UPIN", "RI", "XX", "FI", "CC", "GL",  # staff, orgs
 })
 """The identifier types that never find a patient: they are stored for the patient they came with (per
 patient, so two people may hold the same placeholder SSN) and never used to find one or to conflict. Every
 other type finds its patient: the patient types above, and also national or jurisdictional person numbers
-(NI, NNxxx, JHN: the only identifier some regions send) and local codes (an Australian feed's ``A``)."""
+(NI, NNxxx, JHN, and NH as the NHS sends the NHS number: the only identifier some regions send) and local
+codes (an Australian feed's ``A``)."""
 
 _RETYPED = frozenset({"MRT", "PE"})  # rows stored before these were patient types carry the other-type index
 

@@ -329,6 +329,8 @@ class HeSettings(Section):
     global_scale_bits: int = 32
     rpc_timeout_seconds: float = Field(60.0, gt=0, description="how long a worker waits for the keys role; "
                                        "also each request's deadline, after which the keys role drops it")
+    clock_skew_seconds: float = Field(300.0, ge=0, description="how far the keys host's clock may run ahead of "
+                                      "a worker's before its requests count as past their deadline")
 
     @model_validator(mode="after")
     def _secure(self) -> HeSettings:

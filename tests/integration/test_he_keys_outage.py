@@ -39,7 +39,7 @@ def test_a_job_survives_a_keys_role_away_longer_than_the_timeout(tmp_path: Path)
                              he={"enabled": True, "rpc_timeout_seconds": TIMEOUT_S})
     store = open_store(settings)
     env = {**settings_env(settings, cfg), "MSGATE_HE__ENABLED": "true",
-           "MSGATE_HE__RPC_TIMEOUT_SECONDS": str(TIMEOUT_S)}
+           "MSGATE_HE__RPC_TIMEOUT_SECONDS": str(TIMEOUT_S), "MSGATE_HE__CLOCK_SKEW_SECONDS": "0"}
     rig = Rig(settings, store, env, Scheduler(store, build_app(settings)))
     try:
         HeKeys(settings.home, store.ring).ensure(settings.he.params())  # the keys role ran once, then stopped

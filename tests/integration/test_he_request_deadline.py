@@ -44,7 +44,7 @@ def _handled(caplog: pytest.LogCaptureFixture) -> bool:
 
 
 def test_an_expired_request_is_dropped_unserved(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True},
+    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True, "clock_skew_seconds": 0},
                              workers={"model_module": "test_workers_double", "ehr_deadline_seconds": 0,
                                       "required_ehr_fields": []})
     store = open_store(settings)
@@ -96,7 +96,7 @@ def test_an_expired_request_is_dropped_unserved(tmp_path: Path, caplog: pytest.L
 def test_a_request_of_an_earlier_attempt_is_refused_over_the_broker(tmp_path: Path) -> None:
     from msgate.model.he_rpc import for_attempts
 
-    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True},
+    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True, "clock_skew_seconds": 0},
                              workers={"model_module": "test_workers_double", "ehr_deadline_seconds": 0,
                                       "required_ehr_fields": []})
     store = open_store(settings)

@@ -155,3 +155,15 @@ def test_the_worker_binds_its_claims_attempts_while_it_predicts(tmp_path: Path) 
         assert bound_attempts() == {}  # unbound again outside the worker's predict
     finally:
         store.close()
+
+
+def test_a_keys_host_clock_ahead_of_the_worker_does_not_drop_its_requests() -> None:
+    """The deadline is the worker's wall clock: a keys host a minute ahead used to drop every request."""
+    from msgate.config import HeSettings
+    from msgate.model.he_rpc import expired_by
+
+    allowance = HeSettings().clock_skew_seconds
+    req = {"op": "encrypt_jobs", "expires_at": 1000.0}
+    assert expired_by(req, now=1060.0, skew=allowance) is None  # 60 s of skew: served
+    assert expired_by(req, now=1000.0 + allowance + 40.0, skew=allowance) == 40.0
+    assert expired_by(req, now=1060.0) == 60.0  # no allowance: the old behaviour

@@ -10,7 +10,8 @@ Two operations, both answered by the trusted side only:
 There is deliberately no operation that takes plaintext EHR values from a worker.
 
 Each request carries its deadline (``expires_at``: sent time + the client's timeout, wall clock). The
-key service drops a request that waited past it (the keys role was away) unserved and unanswered: the
+key service drops a request that waited past it and a clock-skew allowance (``clock_skew_seconds``; the
+keys role was away) unserved and unanswered: the
 worker has given up on it and retried the job. An ``encrypt_jobs`` request also names the attempt of
 each job it was made for (:func:`for_attempts`); the key service refuses one whose attempt is not the
 job's current one (``he_stale``). Before both, such a request was served when the keys role came back,
@@ -65,12 +66,18 @@ def bound_attempts() -> dict[str, int]:
     return dict(_ATTEMPTS.get() or {})
 
 
-def expired_by(req: Mapping[str, Any], now: float | None = None) -> float | None:
-    """Seconds a request is past its deadline; None while in time, or when it has none (an older worker's)."""
+def expired_by(req: Mapping[str, Any], now: float | None = None, *, skew: float = 0.0) -> float | None:
+    """Seconds a request is past its deadline and ``skew``, the clock-skew allowance; None while in time,
+    or when it has none (an older worker's).
+
+    The deadline is the worker's wall clock. A request of an earlier attempt is refused ``he_stale``
+    however late it is, so the allowance (``MSGATE_HE__CLOCK_SKEW_SECONDS``, 300) costs at most some work
+    for a request nobody waits on; without it a keys host a minute ahead of a worker dropped every request
+    of that worker, and every HE job failed."""
     deadline = req.get("expires_at")
     if not isinstance(deadline, int | float) or isinstance(deadline, bool):
         return None
-    late = (time.time() if now is None else now) - float(deadline)
+    late = (time.time() if now is None else now) - float(deadline) - skew
     return late if late > 0 else None
 
 
@@ -212,7 +219,7 @@ def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threadin
                             wait = pause[0]
                             continue
                         wait = pause[0]
-                        _answer(conn, keys, msg, jobs)
+                        _answer(conn, keys, msg, jobs, skew=settings.he.clock_skew_seconds)
                 finally:
                     try:
                         requests.close()
@@ -226,9 +233,9 @@ def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threadin
             wait = min(wait * 2, pause[1])
 
 
-def _answer(conn: Any, keys: HeKeys, msg: Any, jobs: JobSource | None) -> None:
+def _answer(conn: Any, keys: HeKeys, msg: Any, jobs: JobSource | None, *, skew: float = 0.0) -> None:
     req = msg.payload
-    late = expired_by(req)
+    late = expired_by(req, skew=skew)
     if late is not None:  # the worker gave up on it (and retried its jobs): nothing is read, used or answered
         msg.ack()
         job_ids = req.get("job_ids")

@@ -222,6 +222,36 @@ def test_the_scheduler_follows_a_replaced_checkpoint(tmp_path: Path, monkeypatch
         store.close()
 
 
+def test_two_schedulers_on_two_checkpoints_do_not_supersede_each_other_for_ever(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """Each re-planned the other's queued job as planned for another version, and since only the newest job
+    counts, each scan made one more job. A job another scheduler planned after this one took its version is
+    left; a restart (or a replaced checkpoint) still takes the jobs queued before it."""
+    version = tmp_path / "version.txt"
+    version.write_text("double-1")
+    monkeypatch.setenv("MSGATE_TEST_VERSION_FILE", str(version))
+    workers = {"model_module": "test_workers_review_fixes", "ehr_deadline_seconds": 0,
+               "required_ehr_fields": []}
+    store = open_store(make_settings(tmp_path / "home", "sqlite", workers=workers))
+    try:
+        double.make_study(store, seed=7)
+        one = Scheduler(store, build_app(store.settings))
+        [first] = one.scan()
+        version.write_text("double-2")
+        two = Scheduler(store, build_app(store.settings))  # started after the job: it takes it
+        [second] = two.scan()
+        version.write_text("double-1")
+        one._stamp = None  # as if its checkpoint files were untouched: it keeps double-1
+        made = [job for _ in range(3) for sched, v in ((one, "double-1"), (two, "double-2"))
+                for job in (version.write_text(v), sched.scan())[1]]
+        assert made == [], made
+        states = {j: getattr(jobs.state_of(store.db, j), "state", None) for j in (first, second)}
+        assert states == {first: "superseded", second: "queued"}
+    finally:
+        store.close()
+
+
 def test_worker_runs_a_job_of_its_own_version_in_process(tmp_path: Path) -> None:
     """``inference.run`` itself: a job of another version is handed back unclaimed (attempts unchanged,
     published_at cleared so the reconciler re-sends it after a backoff) and never batched."""

@@ -358,12 +358,16 @@ def expire_leases(db: Database, *, max_attempts: int | None = None) -> list[str]
     return out
 
 
-def stale_version_studies(db: Database, *, model_version: str, limit: int = 500) -> set[int]:
+def stale_version_studies(db: Database, *, model_version: str, created_before: datetime | None = None,
+                          limit: int = 500) -> set[int]:
     """Studies with a queued job planned for another model version than ``model_version`` (the
-    checkpoint was replaced since): the scheduler plans them again, which supersedes that job."""
+    checkpoint was replaced since), created before ``created_before`` (when the caller took its version):
+    the scheduler plans them again, which supersedes that job."""
+    query = select(Job.study_id).where(Job.state == "queued", Job.model_version != model_version[:64])
+    if created_before is not None:
+        query = query.where(col(Job.created_at) < created_before)
     with db.session() as session:
-        rows = session.exec(select(Job.study_id).where(Job.state == "queued",
-                                                       Job.model_version != model_version[:64]).limit(limit)).all()
+        rows = session.exec(query.limit(limit)).all()
     return set(rows)
 
 

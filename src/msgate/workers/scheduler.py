@@ -124,6 +124,7 @@ class Scheduler:
         self.model_version: str | None = None
         self._stamp: tuple[object, ...] | None = None
         self.model_version = self._model_version()
+        self.version_since = utcnow()  # when this scheduler began planning with its model version
         wk = self.settings.workers
         self.watermark = utcnow() - timedelta(seconds=wk.lookback_seconds)
         self.catch_up = True  # the first scan also takes ready studies that never got a job
@@ -218,13 +219,19 @@ class Scheduler:
     def scan(self, extra: set[int] | None = None) -> list[str]:
         """Create the jobs that are due; returns their ids (published or left to the reconciler)."""
         created: list[str] = []
-        self.model_version = self._model_version()
-        if self.model_version is None:
+        version = self._model_version()
+        if version != self.model_version:
+            self.version_since = utcnow()
+        self.model_version = version
+        if version is None:
             return created
-        version = self.model_version
-        # a job still queued for another version (planned before the checkpoint was replaced) is planned
-        # again: the new job supersedes it, and no worker runs a job under a version it was not keyed with
-        extra = (extra or set()) | jobs.stale_version_studies(self.store.db, model_version=version)
+        # a job still queued for another version, planned before this scheduler took its version (the
+        # checkpoint was replaced, or it started with another one), is planned again: the new job supersedes
+        # it, and no worker runs a job under a version it was not keyed with. A job another scheduler planned
+        # since, with its own version, is left: two schedulers on two checkpoints superseded each other's
+        # jobs on every scan, one new job each time
+        extra = (extra or set()) | jobs.stale_version_studies(self.store.db, model_version=version,
+                                                              created_before=self.version_since)
         with self.store.db.session() as session:
             studies = self.candidates(session, extra)
             plans = [p for s in studies if (p := plan(session, self.store, s, model_version=version))]

@@ -47,14 +47,14 @@ from msgate.config import Settings
 from msgate.errors import Transient
 from msgate.results.supersede import retire, superseded
 from msgate.storage import audit
-from msgate.storage.models import Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
+from msgate.storage.models import OUTBOX_OPEN_STATES, Blob, Job, OutboxAttempt, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store
 
 log = logging.getLogger(__name__)
 ACTOR = "outbox"
 HL7_DESTINATION = "hl7"
 KIND_ORDER = {"out.seg": 0, "out.pm": 1, "out.sc": 2, "out.sr": 3, "out.oru": 4}
-OPEN_STATES = ("pending", "sending", "dead")
+OPEN_STATES = OUTBOX_OPEN_STATES
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,15 @@ class Rendered:
     data: bytes
 
 
-def enqueue(store: Store, session: Session, *, job_id: str, objects: Sequence[Rendered]) -> list[OutboxEntry]:
-    """Encrypt each object once and add one entry per destination, inside the caller's transaction."""
+def enqueue(store: Store, session: Session, *, job_id: str, objects: Sequence[Rendered],
+            pacs: Sequence[str] | None = None) -> list[OutboxEntry]:
+    """Encrypt each object once and add one entry per destination, inside the caller's transaction: the
+    ORU to the interface engine, DICOM objects to every PACS, or to the ``pacs`` named."""
     settings = store.settings
     entries = []
     for obj in objects:
-        destinations = [HL7_DESTINATION] if obj.kind == "out.oru" else [d.name for d in settings.pacs]
+        destinations = ([HL7_DESTINATION] if obj.kind == "out.oru"
+                        else list(pacs) if pacs is not None else [d.name for d in settings.pacs])
         if obj.kind == "out.oru" and settings.hl7_out is None:
             destinations = []
         if not destinations:

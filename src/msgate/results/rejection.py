@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pcodes
 from sqlmodel import Session
 
+from msgate.results import outbox
 from msgate.results.identity import DEVICE_UID, MANUFACTURER, copy_patient_study
 from msgate.storage import audit
 from msgate.storage.models import OutboxEntry
@@ -63,15 +64,9 @@ def build_note(rejected: Sequence[Dataset], source: Dataset, *, series_uid: str,
 
 def enqueue_note(store: Store, session: Session, *, job_id: str, destination: str, data: bytes,
                  count: int) -> OutboxEntry:
-    """One outbox entry for ``destination`` only (``outbox.enqueue`` sends an object to every PACS)."""
-    blob = store.blobs.put(session, kind=KIND, source=data)
-    session.flush()
-    entry = OutboxEntry(job_id=job_id, kind="dicom", destination=destination[:64], blob_id=blob.id)
-    session.add(entry)
-    session.flush()
-    audit.append(session, kind="outbox.enqueued", actor="outbox", subject=f"outbox:{entry.id}",
-                 detail={"job_id": job_id, "destination": entry.destination, "kind": entry.kind,
-                         "blob_id": entry.blob_id})
+    """One outbox entry, for ``destination`` only (the other PACS do not honour IOCM)."""
+    [entry] = outbox.enqueue(store, session, job_id=job_id, objects=[outbox.Rendered(KIND, data)],
+                             pacs=[destination])
     audit.append(session, kind="results.rejection_note", actor="publish", subject=f"job:{job_id}",
                  detail={"destination": entry.destination, "instances": count})
     return entry

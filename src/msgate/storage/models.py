@@ -301,6 +301,10 @@ class Result(SQLModel, table=True):
     created_at: datetime = _created()
 
 
+OUTBOX_OPEN_STATES = ("pending", "sending", "dead")
+"""Outbox entry states of a result still to deliver (a dead letter waits for an operator)."""
+
+
 class OutboxEntry(SQLModel, table=True):
     __tablename__ = "outbox"
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)

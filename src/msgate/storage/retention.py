@@ -49,13 +49,14 @@ from sqlmodel import Session, col, func, select
 from msgate.storage import audit
 from msgate.storage.blobs import free_bytes
 from msgate.storage.db import Database
-from msgate.storage.models import AuditEvent, Blob, Instance, Job, OutboxAttempt, OutboxEntry, Study, utcnow
+from msgate.storage.models import (OUTBOX_OPEN_STATES, AuditEvent, Blob, Instance, Job, OutboxAttempt, OutboxEntry,
+                                   Study, utcnow)
 from msgate.storage.repo_studies import FINAL_STATES
 from msgate.storage.store import Store
 
 PURGE_LOCK = 0x6D736761_7465_03  # pg_advisory_lock key of retention purges ("msgate" 3)
 TEXT_EVENTS = ("retention.purge", "retention.erase")  # audit kinds whose ``attempt_ids`` had their text erased
-UNDELIVERED = ("pending", "sending", "dead")  # outbox entry states of a result still to deliver (outbox.OPEN_STATES)
+UNDELIVERED = OUTBOX_OPEN_STATES  # outbox entry states of a result still to deliver
 DECISIONS = tuple(sorted(f"study.{state}" for state in FINAL_STATES))  # the tracker's audit kinds (repo_studies)
 
 

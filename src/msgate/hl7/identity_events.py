@@ -14,7 +14,7 @@ msgate stores but does not apply.
   changes): msgate keeps no links, accounts or visits, so they are stored and ``skipped`` with the W
   finding ``identity_event_not_applied``, which a plain ``skipped`` (an A03) does not have.
 
-Only patient identifiers (any type but ``repo_ehr.NON_PATIENT_ID_TYPES``) find the patients either side. Identifiers that
+Only patient identifiers (any type but ``patient_ids.NON_PATIENT_ID_TYPES``) find the patients either side. Identifiers that
 name two patients end the message in ``error`` / ``identifier_conflict`` with nothing written. Each merge
 and identifier change is audited (``patient.merged``, ``patient.identifiers_changed``; internal ids only).
 """

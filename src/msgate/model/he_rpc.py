@@ -205,6 +205,7 @@ def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threadin
     ended this loop, and with it the keys role and every role of its ``serve`` process; now it connects
     again after a pause that grows from ``pause[0]`` to ``pause[1]`` seconds."""
     errors, wait = broker_errors(), pause[0]
+    skew = getattr(getattr(settings, "he", None), "clock_skew_seconds", 300.0)  # HeSettings' default
     while not stop.is_set():
         try:
             with broker_connection(settings) as conn:
@@ -219,7 +220,7 @@ def serve(keys: HeKeys, settings: Any, stop: threading.Event, *, ready: threadin
                             wait = pause[0]
                             continue
                         wait = pause[0]
-                        _answer(conn, keys, msg, jobs, skew=settings.he.clock_skew_seconds)
+                        _answer(conn, keys, msg, jobs, skew=skew)
                 finally:
                     try:
                         requests.close()

@@ -19,6 +19,7 @@ import test_workers_double as double
 from conftest import make_settings
 from sqlmodel import select
 
+from msgate.config import Settings
 from msgate.errors import Rejected, Transient
 from msgate.model import he
 from msgate.model.he_keys import HeKeys
@@ -43,10 +44,15 @@ def _handled(caplog: pytest.LogCaptureFixture) -> bool:
     return any(r.getMessage().startswith(("HE request served", "HE request expired")) for r in caplog.records)
 
 
+def _settings(tmp_path: Path) -> Settings:
+    """HE on, no clock-skew allowance (a request is late once past its deadline), cases planned at once."""
+    return make_settings(tmp_path / "home", "sqlite", he={"enabled": True, "clock_skew_seconds": 0},
+                         workers={"model_module": "test_workers_double", "ehr_deadline_seconds": 0,
+                                  "required_ehr_fields": []})
+
+
 def test_an_expired_request_is_dropped_unserved(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True, "clock_skew_seconds": 0},
-                             workers={"model_module": "test_workers_double", "ehr_deadline_seconds": 0,
-                                      "required_ehr_fields": []})
+    settings = _settings(tmp_path)
     store = open_store(settings)
     stop, ready = threading.Event(), threading.Event()
     thread: threading.Thread | None = None
@@ -96,9 +102,7 @@ def test_an_expired_request_is_dropped_unserved(tmp_path: Path, caplog: pytest.L
 def test_a_request_of_an_earlier_attempt_is_refused_over_the_broker(tmp_path: Path) -> None:
     from msgate.model.he_rpc import for_attempts
 
-    settings = make_settings(tmp_path / "home", "sqlite", he={"enabled": True, "clock_skew_seconds": 0},
-                             workers={"model_module": "test_workers_double", "ehr_deadline_seconds": 0,
-                                      "required_ehr_fields": []})
+    settings = _settings(tmp_path)
     store = open_store(settings)
     stop, ready = threading.Event(), threading.Event()
     thread: threading.Thread | None = None

@@ -8,10 +8,7 @@ de-duplicate, and nothing pointed the interface analyst at the ACKs msgate had d
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +16,13 @@ import pytest
 from sqlmodel import select, update
 
 from msgate.errors import Transient
-from msgate.hl7 import mllp
 from msgate.hl7.client import MllpClient
 from msgate.results import outbox, outbox_ops, outbox_send
 from msgate.results.hl7_out import OrderNumbers, render_oru
 from msgate.storage.models import Job, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store, open_store
 from tests.conftest import make_settings
+from tests.integration.mllp_peer import MllpPeer, control_id
 from tests.integration.pacs_peers import flair_series, model_result
 
 pytestmark = [pytest.mark.integration]
@@ -34,7 +31,7 @@ PATIENT = ("RESULTS", "MRN-R-1")  # the source series' name and id (pacs_peers.f
 
 
 @dataclass
-class ForeignAckEngine:
+class ForeignAckEngine(MllpPeer):
     """Answers each message with ``AA`` whose MSA-2 is the engine's own MSH-10 (``ENG<n>``); the first
     ``honest`` messages get a correct ACK (MSA-2 = their MSH-10); ``repeat_first`` answers every later
     message with the first one's ACK again (a duplicated late ACK); ``silent_at`` are not answered."""
@@ -42,52 +39,17 @@ class ForeignAckEngine:
     honest: int = 0
     repeat_first: bool = False
     silent_at: set[int] = field(default_factory=set)  # message numbers (1, 2, ...) never answered
-    received: list[bytes] = field(default_factory=list)
-    srv: socket.socket = field(default_factory=socket.socket)
-    stopping: threading.Event = field(default_factory=threading.Event)
+    first: bytes = b""
 
-    def start(self) -> ForeignAckEngine:
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(8)
-        self.srv.settimeout(0.1)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self.srv.getsockname()[1])
-
-    def control_ids(self) -> list[str]:
-        return [m.split(b"\r")[0].split(b"|")[9].decode() for m in self.received]
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        deframer = mllp.Deframer(1 << 20)
-        conn.settimeout(10)
-        first = b""
-        with conn, suppress(OSError):
-            while data := conn.recv(65536):
-                for frame in [e.payload for e in deframer.feed(data) if e.kind == "frame"]:
-                    self.received.append(frame)
-                    if len(self.received) in self.silent_at:
-                        continue
-                    own = f"ENG{len(self.received)}".encode()
-                    cid = frame.split(b"\r")[0].split(b"|")[9]
-                    first = first or cid
-                    msa2 = cid if len(self.received) <= self.honest else first if self.repeat_first else own
-                    conn.sendall(mllp.frame(b"MSH|^~\\&|ENGINE|H|MSGATE|H|2026||ACK^R01^ACK|" + own
-                                            + b"|P|2.5.1\rMSA|AA|" + msa2 + b"\r"))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.srv.close()
+    def answer(self, message: bytes) -> bytes | None:
+        n = len(self.received)
+        if n in self.silent_at:
+            return None
+        own = f"ENG{n}".encode()
+        cid = control_id(message)
+        self.first = self.first or cid
+        msa2 = cid if n <= self.honest else self.first if self.repeat_first else own
+        return b"MSH|^~\\&|ENGINE|H|MSGATE|H|2026||ACK^R01^ACK|" + own + b"|P|2.5.1\rMSA|AA|" + msa2 + b"\r"
 
 
 @pytest.fixture

@@ -3,23 +3,21 @@ the MSH-10 of the resend, and an ORU superseded while its ACK is awaited."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlmodel import select, update
 
-from msgate.hl7 import mllp
 from msgate.results import outbox, outbox_ops
 from msgate.results.hl7_out import OrderNumbers, render_oru
 from msgate.storage.models import Job, OutboxEntry, Study, utcnow
 from msgate.storage.store import Store, open_store
 from tests.conftest import make_settings
+from tests.integration.mllp_peer import MllpPeer, control_id
 from tests.integration.pacs_peers import flair_series, model_result, wait_until
 
 pytestmark = [pytest.mark.integration]
@@ -27,64 +25,22 @@ FAST = outbox.Policy(base_delay=0.2, max_delay=1.0, lease=3.0, poll=0.1, hl7_tim
 
 
 @dataclass
-class Engine:
+class Engine(MllpPeer):
     """An interface engine: answers each message with the next action of ``script`` (then ``AA``):
     an MSA-1 code, a whole ACK template (``{cid}`` is the message's MSH-10), or ``silent`` (files it,
-    never answers). ``close_after_ack``: one message per connection (a Mirth TCP listener with "keep
-    connection open" off)."""
+    never answers)."""
 
     script: list[str]
-    close_after_ack: bool = False
-    received: list[bytes] = field(default_factory=list)
-    connections: int = 0
-    srv: socket.socket = field(default_factory=socket.socket)
-    stopping: threading.Event = field(default_factory=threading.Event)
 
-    def start(self) -> Engine:
-        self.srv.bind(("127.0.0.1", 0))
-        self.srv.listen(8)
-        self.srv.settimeout(0.1)
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    @property
-    def port(self) -> int:
-        return int(self.srv.getsockname()[1])
-
-    def control_ids(self) -> list[str]:
-        return [m.split(b"\r")[0].split(b"|")[9].decode() for m in self.received]
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:  # the accept timeout, or stop() closed the socket
-                continue
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        deframer = mllp.Deframer(1 << 20)
-        conn.settimeout(10)
-        with conn, suppress(OSError):
-            while data := conn.recv(65536):
-                for frame in [e.payload for e in deframer.feed(data) if e.kind == "frame"]:
-                    self.received.append(frame)
-                    action = self.script.pop(0) if self.script else "AA"
-                    if action == "silent":
-                        continue
-                    cid = frame.split(b"\r")[0].split(b"|")[9]
-                    if "{cid}" in action:
-                        conn.sendall(mllp.frame(action.format(cid=cid.decode()).encode()))
-                    else:
-                        conn.sendall(mllp.frame(b"MSH|^~\\&|ENGINE|H|MSGATE|H|2025||ACK^R01|A" + cid + b"|P|2.5.1\r"
-                                                + b"MSA|" + action.encode() + b"|" + cid + b"\r"))
-                    if self.close_after_ack:
-                        return
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.srv.close()
+    def answer(self, message: bytes) -> bytes | None:
+        action = self.script.pop(0) if self.script else "AA"
+        if action == "silent":
+            return None
+        cid = control_id(message)
+        if "{cid}" in action:
+            return action.format(cid=cid.decode()).encode()
+        return (b"MSH|^~\\&|ENGINE|H|MSGATE|H|2025||ACK^R01|A" + cid + b"|P|2.5.1\r"
+                + b"MSA|" + action.encode() + b"|" + cid + b"\r")
 
 
 @pytest.fixture

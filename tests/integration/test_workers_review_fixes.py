@@ -29,7 +29,7 @@ from conftest import make_settings
 from test_workers_queue import Rig, make_rig
 
 from msgate.model.types import Case, ModelResult
-from msgate.storage.store import open_store
+from msgate.storage.store import Store, open_store
 from msgate.workers import jobs
 from msgate.workers.celery_app import build_app
 from msgate.workers.results_io import read_result
@@ -193,16 +193,21 @@ def test_a_job_for_another_model_version_is_handed_back(rig_factory: Callable[..
     assert result is not None and result.model_version == "double-1" == rig.jobs()[0].model_version
 
 
-def test_the_scheduler_follows_a_replaced_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scheduler read the model version once at start: after a checkpoint was replaced it kept
-    planning (and keying) jobs with the old version. It now re-reads it on each scan, and a job still
-    queued for the old version is planned again for the new one (the old job is superseded)."""
+def _versioned_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Store]:
+    """A store whose model version is read from a file (``double-1``; rewrite it to replace the checkpoint)."""
     version = tmp_path / "version.txt"
     version.write_text("double-1")
     monkeypatch.setenv("MSGATE_TEST_VERSION_FILE", str(version))
     workers = {"model_module": "test_workers_review_fixes", "ehr_deadline_seconds": 0,
                "required_ehr_fields": []}
-    store = open_store(make_settings(tmp_path / "home", "sqlite", workers=workers))
+    return version, open_store(make_settings(tmp_path / "home", "sqlite", workers=workers))
+
+
+def test_the_scheduler_follows_a_replaced_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler read the model version once at start: after a checkpoint was replaced it kept
+    planning (and keying) jobs with the old version. It now re-reads it on each scan, and a job still
+    queued for the old version is planned again for the new one (the old job is superseded)."""
+    version, store = _versioned_store(tmp_path, monkeypatch)
     try:
         sched = Scheduler(store, build_app(store.settings))
         double.make_study(store, seed=4)
@@ -228,12 +233,7 @@ def test_two_schedulers_on_two_checkpoints_do_not_supersede_each_other_for_ever(
     """Each re-planned the other's queued job as planned for another version, and since only the newest job
     counts, each scan made one more job. A job another scheduler planned after this one took its version is
     left; a restart (or a replaced checkpoint) still takes the jobs queued before it."""
-    version = tmp_path / "version.txt"
-    version.write_text("double-1")
-    monkeypatch.setenv("MSGATE_TEST_VERSION_FILE", str(version))
-    workers = {"model_module": "test_workers_review_fixes", "ehr_deadline_seconds": 0,
-               "required_ehr_fields": []}
-    store = open_store(make_settings(tmp_path / "home", "sqlite", workers=workers))
+    version, store = _versioned_store(tmp_path, monkeypatch)
     try:
         double.make_study(store, seed=7)
         one = Scheduler(store, build_app(store.settings))
